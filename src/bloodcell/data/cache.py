@@ -1,0 +1,189 @@
+"""Preprocessing cache: every image decoded, converted to RGB and resized once into a uint8 array on disk.
+
+Layout: `<cache_root>/arrays/<key>/images.npy` (N, S, S, 3 uint8, memory-mappable) and `manifest.json`.
+The key hashes the inventory fingerprint (paths + content hashes), size and interpolation, so any changed,
+added or removed source gives a new key and a rebuild. A build happens in a temporary folder that is renamed
+into place only once complete, with the manifest written last: a killed build is never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell import io
+from bloodcell.data.discover import Inventory, default_cache_dir
+from bloodcell.data.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, UnreadableImage, load_array
+from bloodcell.errors import DataError
+from bloodcell.progress import progress_bar
+
+CACHE_VERSION = 1
+_CHUNK = 64
+
+
+@dataclass
+class ImageCache:
+    """Images of an inventory as one (N, S, S, 3) uint8 array, in inventory order."""
+
+    path: Path
+    images: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    relpaths: list[str]
+    size: int
+    interpolation: str
+    build_seconds: float | None = None  # None when reused
+
+    @property
+    def reused(self) -> bool:
+        return self.build_seconds is None
+
+
+def cache_key(inv: Inventory, size: int, interpolation: str) -> str:
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{inv.fingerprint()}|{size}|{interpolation}".encode()).hexdigest()
+    return f"{size}-{interpolation}-{h[:24]}"
+
+
+# Worker state: each process opens the output memmap once.
+_worker_out: np.ndarray | None = None
+
+
+def _init_worker(npy_path: str) -> None:
+    global _worker_out
+    _worker_out = np.load(npy_path, mmap_mode="r+")
+
+
+def _fill_chunk(args: tuple[int, list[str], int, str, int]) -> tuple[int, list[tuple[int, str]]]:
+    start, paths, size, interpolation, max_pixels = args
+    failures = []
+    for offset, path in enumerate(paths):
+        try:
+            _worker_out[start + offset] = load_array(path, size, interpolation, max_pixels)
+        except (UnreadableImage, OSError) as exc:
+            failures.append((start + offset, f"{path}: {exc}"))
+    _worker_out.flush()
+    return len(paths), failures
+
+
+def load_cache(inv: Inventory, size: int = 224, interpolation: str = "nearest", cache_root: str | os.PathLike | None = None) -> ImageCache | None:
+    """The cache for this inventory if a complete, matching one exists, else None."""
+    folder = Path(cache_root or default_cache_dir()) / "arrays" / cache_key(inv, size, interpolation)
+    manifest_path = folder / "manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        images = np.load(folder / "images.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return None
+    expected = [r.relpath for r in inv.records]
+    if (
+        manifest.get("version") != CACHE_VERSION
+        or manifest.get("complete") is not True
+        or manifest.get("relpaths") != expected
+        or manifest.get("sha256") != [r.sha256 for r in inv.records]
+        or images.shape != (len(expected), size, size, 3)
+    ):
+        return None
+    return ImageCache(folder, images, np.asarray(inv.labels, dtype=np.int64), list(inv.class_names), expected, size, interpolation)
+
+
+def build_cache(
+    inv: Inventory,
+    size: int = 224,
+    interpolation: str = "nearest",
+    cache_root: str | os.PathLike | None = None,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    force: bool = False,
+) -> ImageCache:
+    """Return the cache for `inv`, building it (in parallel, with a progress bar) unless a valid one exists."""
+    if interpolation not in INTERPOLATIONS:
+        raise DataError(f"unknown interpolation '{interpolation}'; choose one of {sorted(INTERPOLATIONS)}")
+    if size < 8:
+        raise DataError(f"image size {size} is too small (minimum 8 px)")
+    if not force:
+        found = load_cache(inv, size, interpolation, cache_root)
+        if found is not None:
+            return found
+    if not inv.records:
+        raise DataError(f"no readable images in {inv.root} to cache")
+
+    arrays_dir = Path(cache_root or default_cache_dir()) / "arrays"
+    final = arrays_dir / cache_key(inv, size, interpolation)
+    arrays_dir.mkdir(parents=True, exist_ok=True)
+    _remove_stale_builds(arrays_dir)
+    tmp = arrays_dir / f".build-{os.getpid()}-{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    n = len(inv.records)
+    npy = tmp / "images.npy"
+    np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+
+    paths = [str(inv.path(i)) for i in range(n)]
+    jobs = [(s, paths[s : s + _CHUNK], size, interpolation, max_pixels) for s in range(0, n, _CHUNK)]
+    failures: list[tuple[int, str]] = []
+    t0 = time.perf_counter()
+    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
+    try:
+        with progress_bar(n, f"caching {n} images at {size}px", enabled=progress) as advance:
+            if n_workers > 1:
+                with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(npy),)) as pool:
+                    for done, bad in pool.map(_fill_chunk, jobs):
+                        failures.extend(bad)
+                        advance(done)
+            else:
+                _init_worker(str(npy))
+                for job in jobs:
+                    done, bad = _fill_chunk(job)
+                    failures.extend(bad)
+                    advance(done)
+        if failures:
+            # The inventory said these decode; they changed or vanished since the scan.
+            raise DataError(f"{len(failures)} image(s) changed since the dataset was scanned, e.g. {failures[0][1]}; scan again")
+        seconds = time.perf_counter() - t0
+        io.write_json(
+            tmp / "manifest.json",
+            {
+                "version": CACHE_VERSION,
+                "complete": True,
+                "root": str(inv.root),
+                "fingerprint": inv.fingerprint(),
+                "size": size,
+                "interpolation": interpolation,
+                "class_names": inv.class_names,
+                "relpaths": [r.relpath for r in inv.records],
+                "sha256": [r.sha256 for r in inv.records],
+                "size_bytes": [r.size_bytes for r in inv.records],
+                "mtime_ns": [r.mtime_ns for r in inv.records],
+                "build_seconds": round(seconds, 3),
+            },
+        )
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    cache = load_cache(inv, size, interpolation, cache_root)
+    assert cache is not None, "cache just built does not validate"
+    cache.build_seconds = seconds
+    return cache
+
+
+def _remove_stale_builds(arrays_dir: Path, older_than_s: float = 3600) -> None:
+    """Temporary folders of killed builds (an hour old) are deleted; they were never trusted."""
+    now = time.time()
+    for p in arrays_dir.glob(".build-*"):
+        try:
+            if now - p.stat().st_mtime > older_than_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass

@@ -1,0 +1,363 @@
+"""Find, validate and fingerprint the images of a class-per-folder dataset (ImageFolder / PBC layout).
+
+`scan(root)` walks `root/<class>/**`, decodes every image once (in parallel), hashes its bytes and returns an
+`Inventory`: readable images in dataset order (class, then path), files skipped with a reason, and groups of
+byte-identical files. Per-file results are cached by (size, mtime) so a second scan only stats the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import stat
+from collections import Counter, defaultdict
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from bloodcell import io
+from bloodcell.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, is_image_name, open_rgb
+from bloodcell.errors import DataError
+from bloodcell.progress import progress_bar
+
+SCAN_VERSION = 1
+# Below this many files a process pool costs more than it saves.
+_PARALLEL_MIN_FILES = 256
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One readable image. `relpath` is relative to the dataset root, '/'-separated."""
+
+    relpath: str
+    label: str
+    sha256: str
+    width: int
+    height: int
+    mode: str
+    size_bytes: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass
+class Inventory:
+    root: Path
+    class_names: list[str]
+    records: list[ImageRecord]
+    skipped: list[Skipped]
+    files: int
+    ignored: list[Skipped] = field(default_factory=list)  # files at the root, outside any class folder
+    empty_classes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def labels(self) -> list[int]:
+        index = {name: i for i, name in enumerate(self.class_names)}
+        return [index[r.label] for r in self.records]
+
+    def path(self, i: int) -> Path:
+        return self.root / self.records[i].relpath
+
+    def duplicate_groups(self) -> list[list[int]]:
+        """Indices of byte-identical images, groups of two or more, in dataset order."""
+        by_hash: dict[str, list[int]] = defaultdict(list)
+        for i, r in enumerate(self.records):
+            by_hash[r.sha256].append(i)
+        return [g for g in by_hash.values() if len(g) > 1]
+
+    def conflicting_groups(self) -> list[list[int]]:
+        """Duplicate groups whose members carry more than one label."""
+        return [g for g in self.duplicate_groups() if len({self.records[i].label for i in g}) > 1]
+
+    def fingerprint(self) -> str:
+        """sha256 over (path, content hash) of every readable image: changes when any image changes."""
+        h = hashlib.sha256()
+        for r in self.records:
+            h.update(f"{r.relpath}\0{r.label}\0{r.sha256}\n".encode())
+        return h.hexdigest()
+
+    def summary(self) -> dict:
+        names = lambda group: [self.records[i].relpath for i in group]  # noqa: E731
+        counts = Counter(r.label for r in self.records)
+        return {
+            "root": str(self.root),
+            "files": self.files,
+            "images": len(self.records),
+            "unreadable": [asdict(s) for s in self.skipped],
+            "ignored": [asdict(s) for s in self.ignored],
+            "classes": {name: counts.get(name, 0) for name in self.class_names},
+            "empty_classes": self.empty_classes,
+            "duplicate_groups": [names(g) for g in self.duplicate_groups()],
+            "conflicting_groups": [names(g) for g in self.conflicting_groups()],
+            "sizes": dict(Counter(f"{r.width}x{r.height}" for r in self.records).most_common()),
+            "modes": dict(Counter(r.mode for r in self.records).most_common()),
+            "fingerprint": self.fingerprint(),
+            "warnings": self.warnings,
+        }
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BLOODCELL_CACHE", Path.home() / ".cache" / "bloodcell"))
+
+
+def _probe(args: tuple[str, str, int]) -> tuple[str, dict | str]:
+    """Hash and fully decode one file. Returns (path, record fields) or (path, reason)."""
+    path, _, max_pixels = args
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except PermissionError:
+        return path, "permission denied"
+    except FileNotFoundError:
+        return path, "broken symbolic link or file vanished"
+    except OSError as exc:
+        return path, f"cannot read: {exc.strerror or exc}"
+    try:
+        from PIL import Image  # noqa: F401  (imported here so worker processes import it once)
+
+        img = open_rgb(data, max_pixels=max_pixels)
+        del img
+        with Image.open(_bytes_io(data)) as header:
+            width, height, mode = header.size[0], header.size[1], header.mode
+    except UnreadableImage as exc:
+        return path, str(exc)
+    return path, {
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "width": width,
+        "height": height,
+        "mode": mode,
+        "size_bytes": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+    }
+
+
+def _bytes_io(data: bytes):
+    import io as _io
+
+    return _io.BytesIO(data)
+
+
+def _walk_files(class_dir: Path, root: Path, warnings: list[str]) -> Iterable[Path]:
+    """Every file below class_dir, following symlinked folders once (symlink loops are reported, not followed)."""
+    seen: set[tuple[int, int]] = set()
+    stack = [class_dir]
+    while stack:
+        folder = stack.pop()
+        try:
+            st = folder.stat()
+        except OSError as exc:
+            warnings.append(f"{folder.relative_to(root).as_posix()}: cannot open folder ({exc.strerror or exc})")
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            warnings.append(f"{folder.relative_to(root).as_posix()}: symbolic link loop, not followed")
+            continue
+        seen.add(key)
+        try:
+            entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        except PermissionError:
+            warnings.append(f"{folder.relative_to(root).as_posix()}: permission denied, folder skipped")
+            continue
+        for entry in entries:
+            p = Path(entry.path)
+            try:
+                is_dir = entry.is_dir(follow_symlinks=True)
+            except OSError:
+                is_dir = False
+            if is_dir:
+                stack.append(p)
+            else:
+                yield p
+
+
+def _load_scan_cache(cache_file: Path | None) -> dict:
+    if cache_file is None or not cache_file.exists():
+        return {}
+    try:
+        data = json.loads(cache_file.read_text())
+        return data["entries"] if data.get("version") == SCAN_VERSION else {}
+    except (OSError, ValueError, KeyError):
+        return {}  # a damaged cache is only a slower scan
+
+
+def scan(
+    root: str | os.PathLike,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    workers: int | None = None,
+    progress: bool = True,
+    cache_dir: str | os.PathLike | None = "default",
+) -> Inventory:
+    """Walk `root/<class>/...`, validate every file and return the Inventory.
+
+    Raises DataError (one line, naming the path) when root is missing, is not a folder or holds no class folders.
+    Unreadable files and empty class folders are reported in the Inventory, never raised.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"dataset folder not found: {root}")
+    if not root.is_dir():
+        raise DataError(f"dataset path is not a folder: {root}")
+    root = root.resolve()
+    warnings: list[str] = []
+    skipped: list[Skipped] = []
+    ignored: list[Skipped] = []
+    files = 0
+    class_dirs: list[Path] = []
+    try:
+        top = sorted(os.scandir(root), key=lambda e: e.name)
+    except PermissionError:
+        raise DataError(f"permission denied reading dataset folder: {root}") from None
+    for entry in top:
+        if entry.is_dir(follow_symlinks=True):
+            if entry.name.startswith(".") or entry.name == "__MACOSX":
+                warnings.append(f"{entry.name}/: hidden folder ignored")
+            else:
+                class_dirs.append(Path(entry.path))
+        else:
+            files += 1
+            ignored.append(Skipped(entry.name, "file at dataset root, not inside a class folder"))
+    if not class_dirs:
+        raise DataError(f"no class folders in {root} (expected one sub-folder of images per class)")
+
+    to_probe: list[tuple[Path, str]] = []
+    for class_dir in class_dirs:
+        for p in _walk_files(class_dir, root, warnings):
+            files += 1
+            rel = p.relative_to(root).as_posix()
+            if not is_image_name(p):
+                skipped.append(Skipped(rel, f"not an image file type ({p.suffix or 'no extension'})"))
+            else:
+                to_probe.append((p, class_dir.name))
+
+    cache_file = None
+    if cache_dir is not None:
+        base = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
+        cache_file = base / "scans" / (hashlib.sha256(str(root).encode()).hexdigest()[:20] + ".json")
+    cached = _load_scan_cache(cache_file)
+    results: dict[str, dict | str] = {}
+    todo: list[tuple[str, str, int]] = []
+    for p, _ in to_probe:
+        key = str(p)
+        hit = cached.get(key)
+        if hit is not None:
+            try:
+                st = p.stat()
+            except OSError:
+                st = None
+            if (
+                st is not None
+                and hit.get("size_bytes") == st.st_size
+                and hit.get("mtime_ns") == st.st_mtime_ns
+                and hit.get("max_pixels") == max_pixels
+            ):
+                results[key] = hit["result"]
+                continue
+        todo.append((key, "", max_pixels))
+
+    n_workers = workers or os.cpu_count() or 1
+    with progress_bar(len(todo), f"checking {len(todo)} images", enabled=progress) as advance:
+        if len(todo) >= _PARALLEL_MIN_FILES and n_workers > 1:
+            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+                for path, res in pool.map(_probe, todo, chunksize=64):
+                    results[path] = res
+                    advance()
+        else:
+            for item in todo:
+                path, res = _probe(item)
+                results[path] = res
+                advance()
+
+    records: list[ImageRecord] = []
+    new_cache: dict[str, dict] = {}
+    for p, label in to_probe:
+        key = str(p)
+        res = results[key]
+        rel = p.relative_to(root).as_posix()
+        if isinstance(res, str):
+            skipped.append(Skipped(rel, res))
+            try:
+                st = p.stat()
+                new_cache[key] = {"size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "max_pixels": max_pixels, "result": res}
+            except OSError:
+                pass
+        else:
+            records.append(ImageRecord(relpath=rel, label=label, **res))
+            new_cache[key] = {"size_bytes": res["size_bytes"], "mtime_ns": res["mtime_ns"], "max_pixels": max_pixels, "result": res}
+    if cache_file is not None and todo:
+        try:
+            io.write_json(cache_file, {"version": SCAN_VERSION, "root": str(root), "entries": new_cache})
+        except OSError as exc:
+            warnings.append(f"could not write scan cache {cache_file}: {exc}")
+
+    records.sort(key=lambda r: (r.label, r.relpath))
+    skipped.sort(key=lambda s: s.path)
+    present = {r.label for r in records}
+    empty = [d.name for d in class_dirs if d.name not in present]
+    for name in empty:
+        warnings.append(f"{name}/: class folder has no readable images; class left out")
+    return Inventory(
+        root=root,
+        class_names=sorted(present),
+        records=records,
+        skipped=skipped,
+        files=files,
+        ignored=ignored,
+        empty_classes=empty,
+        warnings=warnings,
+    )
+
+
+def require_trainable(inv: Inventory) -> None:
+    """Raise DataError unless the inventory can train a classifier (two or more classes with images)."""
+    if not inv.records:
+        raise DataError(f"no readable images in {inv.root}")
+    if len(inv.class_names) < 2:
+        only = inv.class_names[0] if inv.class_names else "none"
+        raise DataError(f"only one class with images in {inv.root} ({only}); a classifier needs at least two")
+
+
+def print_summary(report: dict) -> None:
+    """Human-readable tables of a summary() dict."""
+    from rich.console import Console
+    from rich.table import Table
+
+    out = Console()
+    table = Table(title=f"{report['root']}: {report['images']:,} images in {len(report['classes'])} classes")
+    table.add_column("class")
+    table.add_column("images", justify="right")
+    for name, n in report["classes"].items():
+        table.add_row(name, f"{n:,}")
+    out.print(table)
+    out.print(f"files seen: {report['files']:,}   sizes: {_top(report['sizes'])}   modes: {_top(report['modes'])}")
+    for s in report["ignored"]:
+        out.print(f"ignored {s['path']}: {s['reason']}", markup=False)
+    if report["unreadable"]:
+        out.print(f"[yellow]skipped {len(report['unreadable'])} file(s):")
+        for s in report["unreadable"][:50]:
+            out.print(f"  {s['path']}: {s['reason']}", markup=False)
+        if len(report["unreadable"]) > 50:
+            out.print(f"  ... and {len(report['unreadable']) - 50} more (see --json)")
+    out.print(
+        f"duplicate groups (byte-identical): {len(report['duplicate_groups'])}; "
+        f"with conflicting labels: {len(report['conflicting_groups'])}"
+    )
+    for g in report["conflicting_groups"]:
+        out.print(f"  [red]conflict:[/red] {' == '.join(g)}")
+    for w in report["warnings"]:
+        out.print(f"[yellow]warning:[/yellow] {w}", markup=True)
+
+
+def _top(counter: dict, k: int = 3) -> str:
+    items = list(counter.items())
+    text = ", ".join(f"{key} ({n:,})" for key, n in items[:k])
+    return text + (f", +{len(items) - k} more" if len(items) > k else "")

@@ -1,0 +1,67 @@
+"""Dataset figures: class distribution per split (paper Fig. 2) and sample images per class (Fig. 1)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from bloodcell import io  # noqa: E402
+from bloodcell.data.discover import Inventory  # noqa: E402
+from bloodcell.data.images import load_array  # noqa: E402
+from bloodcell.data.split import Split  # noqa: E402
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    path = Path(path)
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_class_distribution(split: Split, path: str | Path) -> Path:
+    counts = split.class_counts()
+    names = split.class_names
+    x = np.arange(len(names))
+    width = 0.27
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
+    for k, (part, colour) in enumerate([("train", "#4C72B0"), ("val", "#DD8452"), ("test", "#55A868")]):
+        values = [counts[part][n] for n in names]
+        bars = ax.bar(x + (k - 1) * width, values, width, label=f"{part} ({sum(values):,})", color=colour)
+        ax.bar_label(bars, fontsize=7, padding=1)
+    ax.set_xticks(x, names, rotation=30, ha="right")
+    ax.set_ylabel("images")
+    cfg = split.config
+    ax.set_title(
+        f"Class distribution per split (test {cfg.test_size:.0%}, val {cfg.val_size:.0%} of train, "
+        f"seed {cfg.seed}, dedup {'on' if cfg.dedup else 'off'}, shuffle {'on' if cfg.shuffle else 'off'})",
+        fontsize=9,
+    )
+    ax.legend()
+    return save_figure(fig, path)
+
+
+def plot_sample_grid(inv: Inventory, path: str | Path, per_class: int = 6, seed: int = 0, size: int = 128) -> Path:
+    rng = np.random.default_rng(seed)
+    by_class: dict[str, list[int]] = {name: [] for name in inv.class_names}
+    for i, r in enumerate(inv.records):
+        by_class[r.label].append(i)
+    rows = len(inv.class_names)
+    fig, axes = plt.subplots(rows, per_class, figsize=(1.4 * per_class, 1.5 * rows), squeeze=False, layout="constrained")
+    for r, name in enumerate(inv.class_names):
+        members = by_class[name]
+        picks = rng.choice(members, size=min(per_class, len(members)), replace=False) if members else []
+        for c in range(per_class):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(picks):
+                ax.imshow(load_array(inv.path(int(picks[c])), size, "bilinear"))
+            if c == 0:
+                ax.set_title(f"{name} ({len(members):,})", fontsize=8, loc="left")
+    fig.suptitle(f"Sample images per class: {inv.root.name}", fontsize=10)
+    return save_figure(fig, path)

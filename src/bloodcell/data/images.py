@@ -1,0 +1,110 @@
+"""Decoding one image safely: any format PIL reads, any mode, converted to 8-bit RGB.
+
+Everything that can go wrong with a single file becomes an `UnreadableImage` carrying a short reason,
+so callers can skip it and report it instead of crashing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageFile
+
+# Suffixes we treat as images; anything else inside a class folder is reported, never decoded.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"})
+# A PBC original is 360x363 (~0.13 MP); 40 MP is far beyond any single-cell image but below what would
+# exhaust memory, so anything larger is treated as a possible decompression bomb.
+DEFAULT_MAX_PIXELS = 40_000_000
+INTERPOLATIONS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "area": Image.Resampling.BOX,
+}
+
+# A truncated JPEG must fail, not decode with grey padding.
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+
+
+class UnreadableImage(Exception):
+    """One file cannot be used as an image; str(exc) is the reason shown to the user."""
+
+
+def is_image_name(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Transparency is flattened onto white (a smear's background is light)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        # PIL's convert('RGB') clips these to 0..255 instead of scaling; scale by the type's range.
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        if img.mode == "I" and arr.max() <= 255:
+            top = 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
+
+
+def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode fully and return an RGB image, or raise UnreadableImage with a one-line reason."""
+    try:
+        if isinstance(source, (bytes, bytearray)):
+            if len(source) == 0:
+                raise UnreadableImage("empty file (0 bytes)")
+            fh = io.BytesIO(source)
+        else:
+            path = Path(source)
+            if path.stat().st_size == 0:
+                raise UnreadableImage("empty file (0 bytes)")
+            fh = open(path, "rb")
+        with fh:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(fh)
+                w, h = img.size
+                if w * h > max_pixels:
+                    raise UnreadableImage(f"too many pixels ({w}x{h} > {max_pixels:,}); possible decompression bomb")
+                img.load()  # full decode: catches truncated and corrupt data
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            return _to_rgb(img)
+    except UnreadableImage:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UnreadableImage(f"too many pixels; possible decompression bomb ({exc})") from None
+    except Image.UnidentifiedImageError:
+        raise UnreadableImage("not an image (unrecognised content)") from None
+    except OSError as exc:
+        msg = str(exc) or type(exc).__name__
+        if "truncated" in msg.lower() or "premature end" in msg.lower():
+            raise UnreadableImage(f"truncated image data ({msg})") from None
+        raise UnreadableImage(f"cannot decode: {msg}") from None
+    except (ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
+        raise UnreadableImage(f"cannot decode: {exc}") from None
+
+
+def load_array(
+    source: str | Path | bytes,
+    size: int | None = None,
+    interpolation: str = "nearest",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> np.ndarray:
+    """Decode to a uint8 (H, W, 3) array, resized to size x size when `size` is given."""
+    img = open_rgb(source, max_pixels=max_pixels)
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), INTERPOLATIONS[interpolation])
+    return np.asarray(img, dtype=np.uint8)

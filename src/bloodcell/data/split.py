@@ -1,0 +1,208 @@
+"""Seeded, stratified, leak-free splits: train / validation / test, and k folds for cross-validation.
+
+Leak-free (`dedup=True`, the default): byte-identical images form one group that always lands on one side of
+every split, and groups whose copies carry different labels are dropped (and reported), because no label for
+them can be trusted.
+
+Two order switches, because the paper's "shuffling" can mean either:
+- `shuffle` (here): the training part is shuffled (seeded) before the validation part is carved out, and the
+  carving is stratified. With `shuffle=False` the training part keeps dataset order (class, then file name) and
+  validation is its last `val_size` fraction, as Keras `validation_split` does (so validation is then mostly
+  the last classes alphabetically).
+- `epoch_shuffle` (a training option, `train.epoch_shuffle`): batches are reshuffled every epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+
+from bloodcell import io
+from bloodcell.data.discover import Inventory
+from bloodcell.errors import DataError
+
+SPLIT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    seed: int = 42
+    test_size: float = 0.3
+    val_size: float = 0.2
+    dedup: bool = True
+    shuffle: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("test_size", "val_size"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise DataError(f"split.{name} must be in [0, 1), got {v}")
+
+
+@dataclass
+class Split:
+    """Indices into the inventory's records for each part. `train` is in training order."""
+
+    config: SplitConfig
+    class_names: list[str]
+    relpaths: list[str]
+    labels: list[int]
+    train: list[int]
+    val: list[int]
+    test: list[int]
+    dropped: list[dict] = field(default_factory=list)  # {path, reason}
+    fold: int | None = None
+
+    def part(self, name: str) -> list[int]:
+        return {"train": self.train, "val": self.val, "test": self.test}[name]
+
+    def class_counts(self) -> dict[str, dict[str, int]]:
+        out = {}
+        for part in ("train", "val", "test"):
+            c = Counter(self.labels[i] for i in self.part(part))
+            out[part] = {name: c.get(k, 0) for k, name in enumerate(self.class_names)}
+        return out
+
+    def to_dict(self) -> dict:
+        names = lambda idx: [self.relpaths[i] for i in idx]  # noqa: E731
+        return {
+            "version": SPLIT_VERSION,
+            "config": asdict(self.config),
+            "fold": self.fold,
+            "class_names": self.class_names,
+            "counts": self.class_counts(),
+            "train": names(self.train),
+            "val": names(self.val),
+            "test": names(self.test),
+            "dropped": self.dropped,
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        io.write_json(path, self.to_dict())
+
+
+def _groups(inv: Inventory, dedup: bool) -> tuple[list[list[int]], list[dict]]:
+    """Groups of record indices that must stay together, and the records dropped for conflicting labels."""
+    if not dedup:
+        return [[i] for i in range(len(inv.records))], []
+    by_hash: dict[str, list[int]] = {}
+    for i, r in enumerate(inv.records):
+        by_hash.setdefault(r.sha256, []).append(i)
+    groups, dropped = [], []
+    for members in by_hash.values():
+        labels = {inv.records[i].label for i in members}
+        if len(labels) > 1:
+            others = ", ".join(inv.records[j].relpath for j in members)
+            dropped += [{"path": inv.records[i].relpath, "reason": f"identical images with different labels: {others}"} for i in members]
+        else:
+            groups.append(members)
+    groups.sort(key=lambda g: g[0])  # dataset order of each group's first member
+    return groups, dropped
+
+
+def _stratified_cut(group_ids: list[int], group_labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split groups into (keep, cut) with ~fraction of groups per class in `cut`, seeded."""
+    if fraction == 0 or not group_ids:
+        return list(group_ids), []
+    counts = Counter(group_labels)
+    n_cut = math.ceil(fraction * len(group_ids))
+    # scikit-learn's stratification needs >= 2 members per class and a cut at least one per class;
+    # when that fails (tiny data), fall back to a plain seeded cut rather than refuse.
+    stratify = group_labels if min(counts.values()) >= 2 and min(n_cut, len(group_ids) - n_cut) >= len(counts) else None
+    keep, cut = train_test_split(group_ids, test_size=fraction, random_state=seed, stratify=stratify)
+    return list(keep), list(cut)
+
+
+def make_split(inv: Inventory, config: SplitConfig | None = None) -> Split:
+    """Split `inv` into train / val / test as `config` says (see module docstring)."""
+    config = config or SplitConfig()
+    labels = inv.labels
+    if len(inv.class_names) < 2:
+        raise DataError(f"only one class with images in {inv.root}; a classifier needs at least two")
+    groups, dropped = _groups(inv, config.dedup)
+    group_labels = [labels[g[0]] for g in groups]
+    gids = list(range(len(groups)))
+    rest, test = _stratified_cut(gids, group_labels, config.test_size, config.seed)
+    if config.shuffle:
+        rng = np.random.default_rng(config.seed)
+        rest = [rest[i] for i in rng.permutation(len(rest))]
+        train, val = _stratified_cut(rest, [group_labels[g] for g in rest], config.val_size, config.seed + 1)
+        # keep the seeded shuffled order for training
+        val_set = set(val)
+        train = [g for g in rest if g not in val_set]
+    else:
+        rest = sorted(rest)  # dataset order: class, then file name
+        n_val = math.floor(config.val_size * len(rest) + 0.5)
+        train, val = rest[: len(rest) - n_val], rest[len(rest) - n_val :]
+    expand = lambda gs: [i for g in gs for i in groups[g]]  # noqa: E731
+    split = Split(
+        config=config,
+        class_names=list(inv.class_names),
+        relpaths=[r.relpath for r in inv.records],
+        labels=labels,
+        train=expand(train),
+        val=sorted(expand(val)),
+        test=sorted(expand(test)),
+        dropped=dropped,
+    )
+    if not split.train:
+        raise DataError(f"the split of {inv.root} leaves no training images ({len(inv.records)} images in all)")
+    return split
+
+
+def make_folds(inv: Inventory, split: Split, k: int = 5) -> list[Split]:
+    """k stratified, group-aware folds over train + val of `split`; each fold keeps the same test part."""
+    if k < 2:
+        raise DataError(f"cv.folds must be at least 2, got {k}")
+    pool = sorted(split.train + split.val)
+    labels = np.asarray([split.labels[i] for i in pool])
+    sha = [inv.records[i].sha256 for i in pool] if split.config.dedup else list(range(len(pool)))
+    _, group_ids = np.unique(np.asarray(sha, dtype=object).astype(str), return_inverse=True)
+    smallest = min(Counter(labels.tolist()).values())
+    if smallest < k:
+        raise DataError(f"cannot make {k} stratified folds: the smallest class has {smallest} training images")
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=split.config.seed)
+    folds = []
+    rng = np.random.default_rng(split.config.seed)
+    for f, (tr, va) in enumerate(cv.split(np.zeros(len(pool)), labels, group_ids)):
+        train = [pool[i] for i in tr]
+        if split.config.shuffle:
+            train = [train[i] for i in rng.permutation(len(train))]
+        folds.append(
+            Split(split.config, split.class_names, split.relpaths, split.labels, train, sorted(pool[i] for i in va), list(split.test), split.dropped, fold=f)
+        )
+    return folds
+
+
+def load_split(path: str | os.PathLike, inv: Inventory) -> Split:
+    """Rebuild a saved split against `inv`; every listed file must still be in the inventory."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read split file {path}: {exc}") from None
+    index = {r.relpath: i for i, r in enumerate(inv.records)}
+    parts = {}
+    for part in ("train", "val", "test"):
+        missing = [p for p in data.get(part, []) if p not in index]
+        if missing:
+            raise DataError(f"split file {path}: {len(missing)} {part} image(s) no longer in {inv.root}, e.g. {missing[0]}")
+        parts[part] = [index[p] for p in data[part]]
+    if data.get("class_names") != inv.class_names:
+        raise DataError(f"split file {path} has classes {data.get('class_names')}, the dataset has {inv.class_names}")
+    return Split(
+        config=SplitConfig(**data["config"]),
+        class_names=list(inv.class_names),
+        relpaths=[r.relpath for r in inv.records],
+        labels=inv.labels,
+        dropped=data.get("dropped", []),
+        fold=data.get("fold"),
+        **parts,
+    )

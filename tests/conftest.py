@@ -1,0 +1,52 @@
+"""Shared fixtures: generated image trees and the locations of the real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "pbc-sample"
+PBC = Path(os.environ.get("BLOODCELL_PBC", REPO.parent / "shared" / "data" / "pbc"))
+
+os.environ.setdefault("BLOODCELL_PROGRESS", "0")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Every test gets its own cache root: no test reads another's (or the user's) cache."""
+    monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 36), mode: str = "RGB", fmt: str | None = None) -> Path:
+    """A random image (unique content) of the given mode; the format follows the suffix unless given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = size
+    if mode == "I;16":
+        img = Image.fromarray(rng.integers(0, 65536, (h, w), dtype=np.uint16))
+    else:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).convert(mode)
+    img.save(path, format=fmt)
+    return path
+
+
+def make_tree(root: Path, counts: dict[str, int], seed: int = 0, size=(40, 36), suffix: str = ".png") -> Path:
+    rng = np.random.default_rng(seed)
+    for name, n in counts.items():
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for k in range(n):
+            write_image(root / name / f"{name}_{k:04d}{suffix}", rng, size)
+    return root
+
+
+@pytest.fixture
+def tree(tmp_path) -> Path:
+    return make_tree(tmp_path / "ds", {"alpha": 12, "beta": 9, "gamma": 7})
+
+
+def needs_pbc():
+    return pytest.mark.skipif(not PBC.is_dir(), reason=f"real PBC data not found at {PBC}")
