@@ -1,0 +1,115 @@
+"""Everything a run needs from its data, in one object: images (uint8, cached), labels, parts, provenance.
+
+A folder dataset is scanned, split (or the run's saved split.json reused) and cached at the input size;
+a MedMNIST .npz brings its own parts. Nothing else in the pipeline touches files or splits.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell.config import RunConfig
+from bloodcell.data.cache import build_cache
+from bloodcell.data.discover import require_trainable, scan
+from bloodcell.data.medmnist import load_npz
+from bloodcell.data.split import Split, SplitConfig, load_split, make_folds, make_split
+from bloodcell.errors import ConfigError
+
+
+@dataclass
+class PreparedData:
+    images: np.ndarray  # (N, S, S, 3) uint8, possibly a read-only memmap
+    labels: np.ndarray  # (N,) int64
+    class_names: list[str]
+    relpaths: list[str]
+    parts: dict[str, np.ndarray]  # train (in training order) / val / test -> indices into images
+    source: dict = field(default_factory=dict)  # provenance: root, fingerprint, counts, skipped...
+    split: Split | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def _split_config(cfg: RunConfig) -> SplitConfig:
+    s = cfg.data.split
+    return SplitConfig(seed=cfg.split_seed, test_size=s.test_size, val_size=s.val_size, dedup=s.dedup, shuffle=s.shuffle)
+
+
+def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None, fold: int | None = None, progress: bool = True) -> PreparedData:
+    """Load, validate, split and cache the data of `cfg` (see module docstring).
+
+    `split_file`: reuse this saved split when it exists (a resumed or re-evaluated run keeps its images).
+    `fold`: with cv.folds, train/val come from fold `fold` of the training pool; test stays the same.
+    """
+    if cfg.data.npz:
+        return _prepare_npz(cfg)
+    if not cfg.data.root:
+        raise ConfigError("data.root is not set: pass --data DIR or set data.root in the config")
+    inv = scan(cfg.data.root, max_pixels=cfg.data.max_pixels, progress=progress)
+    require_trainable(inv)
+    if split_file is not None and Path(split_file).exists():
+        split = load_split(split_file, inv)
+    else:
+        split = make_split(inv, _split_config(cfg))
+        if fold is not None:
+            split = make_folds(inv, split, cfg.cv.folds or 5)[fold]
+    cache = build_cache(inv, cfg.data.input_size, cfg.data.interpolation, max_pixels=cfg.data.max_pixels, progress=progress)
+    summary = inv.summary()
+    source = {
+        "kind": "folder",
+        "root": str(inv.root),
+        "fingerprint": summary["fingerprint"],
+        "files": summary["files"],
+        "images": summary["images"],
+        "classes": summary["classes"],
+        "unreadable": summary["unreadable"],
+        "duplicate_groups": len(summary["duplicate_groups"]),
+        "conflicting_groups": summary["conflicting_groups"],
+        "dropped_by_split": split.dropped,
+        "cache": str(cache.path),
+    }
+    return PreparedData(
+        images=cache.images,
+        labels=np.asarray(inv.labels, dtype=np.int64),
+        class_names=list(inv.class_names),
+        relpaths=[r.relpath for r in inv.records],
+        parts={p: np.asarray(split.part(p), dtype=np.int64) for p in ("train", "val", "test")},
+        source=source,
+        split=split,
+    )
+
+
+def _prepare_npz(cfg: RunConfig) -> PreparedData:
+    ds = load_npz(cfg.data.npz)
+    images = ds.images
+    size = cfg.data.input_size
+    if images.shape[1:3] != (size, size):
+        import torch
+        import torch.nn.functional as F
+
+        mode = {"nearest": "nearest", "bilinear": "bilinear", "bicubic": "bicubic"}.get(cfg.data.interpolation, "bilinear")
+        t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        t = F.interpolate(t, size=(size, size), mode=mode)
+        images = t.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    parts = dict(ds.parts)
+    if cfg.data.split.shuffle:
+        rng = np.random.default_rng(cfg.split_seed)
+        parts["train"] = parts["train"][rng.permutation(len(parts["train"]))]
+    import hashlib
+
+    fp = hashlib.sha256(ds.images.tobytes() + ds.labels.tobytes()).hexdigest()
+    counts = np.bincount(ds.labels, minlength=len(ds.class_names))
+    return PreparedData(
+        images=images,
+        labels=ds.labels,
+        class_names=ds.class_names,
+        relpaths=ds.relpaths,
+        parts=parts,
+        source={"kind": "npz", "root": str(cfg.data.npz), "fingerprint": fp, "images": int(len(ds.labels)),
+                "classes": {n: int(c) for n, c in zip(ds.class_names, counts)}},
+    )

@@ -1,0 +1,175 @@
+"""Evaluate a trained run: predictions on train / val / test, metrics.json, predictions.csv and figures.
+
+Temperature scaling is fitted on the validation part and stored in model.json together with the review
+threshold (the lowest calibrated confidence at which validation predictions were at least 99 % right), so
+inference can flag uncertain cells.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bloodcell import __version__, io
+from bloodcell.config import RunConfig
+from bloodcell.data.prepare import PreparedData
+from bloodcell.evaluate.calibration import apply_temperature, fit_temperature, softmax
+from bloodcell.evaluate.metrics import classification_metrics, expected_calibration_error
+from bloodcell.evaluate.plots import (
+    plot_confident_mistakes,
+    plot_confusion_matrix,
+    plot_prediction_grid,
+    plot_reliability_diagram,
+    plot_training_curves,
+)
+from bloodcell.progress import progress_bar
+
+REVIEW_TARGET_ACCURACY = 0.99
+
+
+@torch.inference_mode()
+def predict_logits(model: torch.nn.Module, images: np.ndarray, index: np.ndarray, batch_size: int = 128, device: str | None = None, progress: bool = False, desc: str = "predicting") -> np.ndarray:
+    """Logits (N, K) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the model's mean/std."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = model.to(device).eval()
+    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1) * 255
+    out = []
+    with progress_bar(len(index), desc, enabled=progress) as advance:
+        for start in range(0, len(index), batch_size):
+            idx = np.sort(index[start : start + batch_size])
+            order = np.argsort(np.argsort(index[start : start + batch_size]))  # back to the caller's order
+            x = torch.from_numpy(np.asarray(images[idx])).to(device).permute(0, 3, 1, 2).float()
+            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+            out.append(model(x).float().cpu().numpy()[order])
+            advance(len(idx))
+    return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
+
+
+def choose_review_threshold(probs: np.ndarray, y_true: np.ndarray, target: float = REVIEW_TARGET_ACCURACY) -> float:
+    """Lowest confidence t such that predictions with confidence >= t are at least `target` accurate."""
+    if len(y_true) == 0:
+        return 0.9
+    conf, correct = probs.max(1), probs.argmax(1) == y_true
+    for t in np.round(np.arange(0.30, 0.995, 0.01), 2):
+        kept = conf >= t
+        if kept.sum() >= max(10, 0.05 * len(y_true)) and correct[kept].mean() >= target:
+            return float(t)
+    return 0.99
+
+
+def environment() -> dict:
+    env = {
+        "machine": platform.machine(),
+        "processor": _cpu_name(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "bloodcell": __version__,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        import lightning, timm  # noqa: E401
+
+        env["lightning"], env["timm"] = lightning.__version__, timm.__version__
+    except ImportError:
+        pass
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _write_predictions(path: Path, data: PreparedData, index: np.ndarray, probs: np.ndarray) -> None:
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "true", "pred", "confidence"] + [f"p_{c}" for c in data.class_names])
+    for i, p in zip(index, probs):
+        w.writerow([data.relpaths[i], data.class_names[data.labels[i]], data.class_names[int(p.argmax())], f"{p.max():.6f}"] + [f"{v:.6f}" for v in p])
+    io.write_text(path, buf.getvalue())
+
+
+def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData, model: torch.nn.Module, *, progress: bool = True, extra: dict | None = None) -> dict:
+    """Write metrics.json, predictions.csv and figures/ into run_dir; return the metrics dict."""
+    run_dir = Path(run_dir)
+    t0 = time.perf_counter()
+    names = data.class_names
+    parts = {k: np.asarray(v) for k, v in data.parts.items()}
+    logits = {k: predict_logits(model, data.images, idx, progress=progress, desc=f"evaluating {k}") for k, idx in parts.items() if len(idx)}
+    y = {k: data.labels[idx] for k, idx in parts.items()}
+
+    temperature = fit_temperature(logits["val"], y["val"]) if "val" in logits and len(np.unique(y["val"])) > 1 else 1.0
+    metrics: dict = {"temperature": temperature}
+    if "test" in logits:
+        raw = softmax(logits["test"])
+        cal = apply_temperature(logits["test"], temperature)
+        test = classification_metrics(y["test"], raw, names, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)
+        test["ece_calibrated"] = expected_calibration_error(cal, y["test"])
+        metrics["test"] = test
+        _write_predictions(run_dir / "predictions.csv", data, parts["test"], raw)
+    for part in ("train", "val"):
+        if part in logits:
+            metrics[part] = classification_metrics(y[part], softmax(logits[part]), names, n_bootstrap=0)
+    val_cal = apply_temperature(logits["val"], temperature) if "val" in logits else None
+    review = cfg.eval.review_threshold or (choose_review_threshold(val_cal, y["val"]) if val_cal is not None else 0.9)
+    metrics["review_threshold"] = review
+    if "test" in logits:
+        cal = apply_temperature(logits["test"], temperature)
+        flagged = cal.max(1) < review
+        metrics["test"]["review_fraction"] = float(flagged.mean())
+        metrics["test"]["accuracy_unflagged"] = float((cal.argmax(1) == y["test"])[~flagged].mean()) if (~flagged).any() else None
+    metrics["provenance"] = {
+        "data": data.source.get("root"),
+        "data_fingerprint": data.source.get("fingerprint"),
+        "split_seed": cfg.split_seed,
+        "seed": cfg.seed,
+        "sizes": {k: int(len(v)) for k, v in parts.items()},
+        "model": cfg.model.name,
+        "pretrained": cfg.model.pretrained or "none (trained from scratch)",
+        "input_size": cfg.data.input_size,
+        "environment": environment(),
+        **(extra or {}),
+    }
+    io.write_json(run_dir / "metrics.json", metrics)
+
+    # store calibration with the model, for predict / serve
+    model_json = run_dir / "model.json"
+    if model_json.exists():
+        meta = json.loads(model_json.read_text())
+        meta.update(temperature=temperature, review_threshold=review, test_metrics={k: metrics.get("test", {}).get(k) for k in ("accuracy", "f1_macro", "f1_weighted", "ece", "ece_calibrated")})
+        io.write_json(model_json, meta)
+
+    figures = run_dir / "figures"
+    if (run_dir / "history.csv").exists():
+        plot_training_curves(run_dir / "history.csv", figures / "curves.png", title=f"{cfg.model.name}: training curves")
+    if "test" in logits:
+        test = metrics["test"]
+        plot_confusion_matrix(np.asarray(test["confusion_matrix"]), names, figures / "confusion.png", normalize="both", title=f"{cfg.model.name}: test confusion matrix")
+        plot_reliability_diagram(softmax(logits["test"]), y["test"], figures / "reliability.png", probs_calibrated=apply_temperature(logits["test"], temperature), title=f"{cfg.model.name}: reliability (T={temperature:.2f})")
+        if cfg.eval.grid_images:
+            rng = np.random.default_rng(cfg.seed)
+            pick = np.sort(rng.choice(len(parts["test"]), size=min(cfg.eval.grid_images, len(parts["test"])), replace=False))
+            imgs = np.asarray(data.images[parts["test"][pick]])
+            probs = softmax(logits["test"][pick])
+            plot_prediction_grid(imgs, y["test"][pick], probs.argmax(1), probs, names, figures / "predictions.png", n=len(pick))
+        probs = softmax(logits["test"])
+        wrong = np.flatnonzero(probs.argmax(1) != y["test"])
+        top = wrong[np.argsort(-probs[wrong].max(1))][:12]
+        plot_confident_mistakes(np.asarray(data.images[parts["test"][top]]) if len(top) else np.zeros((0, 8, 8, 3), np.uint8), y["test"][top], probs[top], names, figures / "mistakes.png", n=12)
+    metrics["provenance"]["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
+    return metrics

@@ -1,0 +1,123 @@
+"""One experiment = one config: a single run, or one run per fold and/or seed, with their aggregate.
+
+A run directory holds config.yaml, split.json, history.csv, metrics.json, predictions.csv, model.safetensors
++ model.json, figures/ and status.json. status.json says `complete` only once everything is written; a run
+found complete is skipped, an incomplete one is resumed from its last epoch checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+import traceback
+from pathlib import Path
+
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+from bloodcell import io
+from bloodcell.config import RunConfig, save_config
+from bloodcell.data.prepare import prepare_data
+from bloodcell.evaluate.stats import mean_sd_ci
+from bloodcell.errors import ConfigError
+
+AGGREGATE_KEYS = ["train.accuracy", "test.accuracy", "test.precision_weighted", "test.recall_weighted", "test.f1_weighted", "test.f1_macro", "test.ece", "test.ece_calibrated"]
+
+
+def read_status(run_dir: str | os.PathLike) -> dict:
+    try:
+        return json.loads((Path(run_dir) / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def is_complete(run_dir: str | os.PathLike) -> bool:
+    return read_status(run_dir).get("state") == "complete" and (Path(run_dir) / "metrics.json").exists()
+
+
+def _set_status(run_dir: Path, state: str, **fields) -> None:
+    if rank_zero_only.rank == 0:
+        io.write_json(run_dir / "status.json", {"state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields})
+
+
+def lookup(metrics: dict, dotted: str):
+    node = metrics
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = None, resume: bool = True, progress: bool = True) -> dict:
+    """Train and evaluate one run in run_dir; return its metrics. Skips a complete run, resumes an incomplete one."""
+    from bloodcell.evaluate.run import evaluate_run
+    from bloodcell.train.fit import fit
+
+    run_dir = Path(run_dir)
+    if is_complete(run_dir):
+        return json.loads((run_dir / "metrics.json").read_text())
+    config_file = run_dir / "config.yaml"
+    if config_file.exists() and resume:
+        from bloodcell.config import load_config
+
+        saved = load_config(config_file)
+        if saved.model_dump() != cfg.model_dump():
+            raise ConfigError(f"{run_dir} holds a run of a different config; choose another --out or delete it")
+    t0 = time.perf_counter()
+    data = prepare_data(cfg, split_file=run_dir / "split.json", fold=fold, progress=progress)
+    if rank_zero_only.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, config_file)
+        if data.split is not None and not (run_dir / "split.json").exists():
+            data.split.save(run_dir / "split.json")
+        _set_status(run_dir, "running", started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    model = fit(cfg, data, run_dir, resume=resume, progress=progress)
+    if model is None:  # a non-zero DDP rank: rank 0 evaluates and writes
+        return {}
+    train_seconds = time.perf_counter() - t0
+    metrics = evaluate_run(run_dir, cfg, data, model, progress=progress, extra={"train_seconds": round(train_seconds, 2), "fold": fold})
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final model is model.safetensors
+    _set_status(run_dir, "complete", seconds=round(time.perf_counter() - t0, 2))
+    return metrics
+
+
+def aggregate(metrics_list: list[dict], labels: list[str]) -> dict:
+    out = {"runs": labels, "per_run": {}, "summary": {}}
+    for key in AGGREGATE_KEYS:
+        values = [lookup(m, key) for m in metrics_list]
+        out["per_run"][key] = values
+        present = [v for v in values if v is not None]
+        if present:
+            out["summary"][key] = mean_sd_ci(present)
+    return out
+
+
+def run_config(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = True, progress: bool = True) -> dict:
+    """Run `cfg` in out_dir: directly, or one sub-run per seed (seed-S/) and fold (fold-K/), plus aggregate.json."""
+    out_dir = Path(out_dir)
+    seeds = cfg.seeds or [cfg.seed]
+    folds = list(range(cfg.cv.folds)) if cfg.cv.folds else [None]
+    if len(seeds) == 1 and folds == [None]:
+        return run_one(cfg.model_copy(update={"seed": seeds[0], "seeds": None}), out_dir, resume=resume, progress=progress)
+    if rank_zero_only.rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out_dir / "config.yaml")
+    results, labels = [], []
+    for seed in seeds:
+        for fold in folds:
+            sub = cfg.model_copy(update={"seed": seed, "seeds": None}, deep=True)
+            parts = ([f"seed-{seed}"] if len(seeds) > 1 else []) + ([f"fold-{fold}"] if fold is not None else [])
+            run_dir = out_dir.joinpath(*parts)
+            results.append(run_one(sub, run_dir, fold=fold, resume=resume, progress=progress))
+            labels.append("/".join(parts))
+    if rank_zero_only.rank != 0:
+        return {}
+    agg = aggregate(results, labels)
+    io.write_json(out_dir / "aggregate.json", agg)
+    return agg
+
+
+def failure_record(exc: BaseException) -> dict:
+    return {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)}

@@ -1,0 +1,119 @@
+"""Lightning checkpoints stored as safetensors + JSON instead of pickles.
+
+Lightning decides when to checkpoint and what goes in (weights, optimizer and scheduler state, loop progress,
+callback state); this plugin decides the format. Tensors go to `<path>.safetensors`; the rest of the nested
+dict goes to `<path>` as JSON, with each tensor replaced by a reference. The JSON is written last and records
+the sha256 of the tensor file, so a torn pair (a crash between the two writes) is detected, never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning.fabric.plugins import CheckpointIO
+from safetensors.torch import load_file, save_file
+
+from bloodcell import io
+from bloodcell.errors import ModelError
+
+FORMAT = "bloodcell-lightning-checkpoint/1"
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = f"t{len(tensors)}"
+        tensors[key] = obj.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) for k in obj):
+            return {"__dict__": {k: _encode(v, tensors) for k, v in obj.items()}}
+        return {"__items__": [[_encode(k, tensors), _encode(v, tensors)] for k, v in obj.items()]}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return {"__float__": repr(obj)}
+    if isinstance(obj, np.generic):
+        return _encode(obj.item(), tensors)
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"checkpoint value of type {type(obj).__name__} cannot be stored without pickle")
+
+
+def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if "__tensor__" in obj:
+        return tensors[obj["__tensor__"]]
+    if "__dict__" in obj:
+        return {k: _decode(v, tensors) for k, v in obj["__dict__"].items()}
+    if "__items__" in obj:
+        return {_decode(k, tensors): _decode(v, tensors) for k, v in obj["__items__"]}
+    if "__tuple__" in obj:
+        return tuple(_decode(v, tensors) for v in obj["__tuple__"])
+    if "__float__" in obj:
+        return float(obj["__float__"])
+    raise ModelError(f"unknown entry in checkpoint: {sorted(obj)}")
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class SafetensorsCheckpointIO(CheckpointIO):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        tensors: dict[str, torch.Tensor] = {}
+        tree = _encode(checkpoint, tensors)
+        tensor_file = path.with_name(path.name + ".safetensors")
+        with io.atomic_path(tensor_file) as tmp:
+            save_file(tensors, str(tmp))
+        io.write_text(path, json.dumps({"format": FORMAT, "tensors_sha256": _sha256(tensor_file), "tree": tree}))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        return read_checkpoint(path, map_location)
+
+    def remove_checkpoint(self, path) -> None:
+        path = Path(path)
+        for p in (path, path.with_name(path.name + ".safetensors")):
+            if p.exists():
+                p.unlink()
+
+
+def read_checkpoint(path, map_location=None) -> dict[str, Any]:
+    path = Path(path)
+    tensor_file = path.with_name(path.name + ".safetensors")
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise ModelError(f"{path} is not a bloodcell training checkpoint")
+    if not tensor_file.exists() or _sha256(tensor_file) != meta.get("tensors_sha256"):
+        raise ModelError(f"checkpoint {path} is incomplete: {tensor_file.name} is missing or does not match")
+    tensors = load_file(str(tensor_file), device=str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu")
+    return _decode(meta["tree"], tensors)
+
+
+def checkpoint_is_valid(path: str | os.PathLike) -> bool:
+    try:
+        read_checkpoint(path)
+        return True
+    except ModelError:
+        return False

@@ -1,0 +1,228 @@
+"""Train one model on prepared data with Lightning: devices, precision, DDP, checkpoints, resume.
+
+`fit(cfg, data, run_dir)` leaves in `run_dir`: history.csv, model.safetensors + model.json (final weights) and,
+while running, checkpoints/last.ckpt (+ .safetensors) written at the end of every epoch. With `resume=True` it
+continues from that checkpoint, so kill -9 loses at most the epoch in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import os
+import warnings
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from bloodcell import io
+from bloodcell.config import RunConfig, dump_config
+from bloodcell.data.prepare import PreparedData
+from bloodcell.errors import ConfigError
+from bloodcell.models import create_model
+from bloodcell.models.checkpoint import save_checkpoint
+from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, checkpoint_is_valid
+from bloodcell.train.module import Classifier, epoch_seed
+from bloodcell.train.smote import smote_oversample
+
+HISTORY_COLUMNS = ["epoch", "stage", "objective", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
+
+
+class EpochBatches(Sampler):
+    """Batches of indices: a (seed, epoch) permutation when shuffling, sharded across DDP ranks."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world_size, self.epoch = rank, world_size, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> np.ndarray:
+        order = np.random.default_rng(epoch_seed(self.seed, self.epoch, 7)).permutation(self.n) if self.shuffle else np.arange(self.n)
+        if self.world_size > 1:  # equal shares for every rank (DDP needs the same number of steps)
+            per_rank = -(-self.n // self.world_size)
+            order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
+        return order
+
+    def __iter__(self):
+        order = self._indices()
+        for start in range(0, len(order), self.batch_size):
+            yield order[start : start + self.batch_size].tolist()
+
+    def __len__(self) -> int:
+        per_rank = -(-self.n // self.world_size)
+        return -(-per_rank // self.batch_size)
+
+
+class ArrayBatches(Dataset):
+    """Item i of the sampler is a list of positions; returns (uint8 images (B,H,W,3) or their indices, labels)."""
+
+    def __init__(self, images: np.ndarray | None, labels: np.ndarray, index: np.ndarray):
+        self.images, self.labels, self.index = images, labels, np.asarray(index)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, positions):
+        idx = self.index[np.asarray(positions)]
+        y = torch.from_numpy(self.labels[idx].astype(np.int64))
+        if self.images is None:  # images live on the device; send indices only
+            return torch.from_numpy(idx.astype(np.int64)), y
+        order = np.argsort(idx, kind="stable")  # sorted reads are faster from a memmap
+        x = np.empty((len(idx),) + self.images.shape[1:], dtype=np.uint8)
+        x[order] = self.images[idx[order]]
+        return torch.from_numpy(x), y
+
+
+def resolve_precision(cfg: RunConfig, accelerator: str) -> str:
+    p = cfg.train.precision
+    if p != "auto":
+        return {"32": "32-true"}.get(p, p)
+    if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+def resolve_accelerator(cfg: RunConfig) -> str:
+    a = cfg.train.accelerator
+    if a == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if a in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"train.accelerator is '{a}' but no CUDA device is available")
+    return "gpu" if a == "cuda" else a
+
+
+def class_weights_for(labels: np.ndarray, num_classes: int) -> torch.Tensor:
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    weights = np.where(counts > 0, counts.sum() / (num_classes * np.maximum(counts, 1)), 0.0)
+    return torch.tensor(weights, dtype=torch.float32)
+
+
+def _write_history(run_dir: Path, rows: list[dict]) -> None:
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=HISTORY_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: ("" if row.get(k) is None else row.get(k)) for k in HISTORY_COLUMNS})
+    io.write_text(run_dir / "history.csv", buf.getvalue())
+
+
+class _HistoryWriter(L.Callback):
+    """history.csv after every epoch (rank 0), so progress is visible while a run is going."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        if trainer.is_global_zero:
+            _write_history(self.run_dir, module.history)
+
+
+def build_model(cfg: RunConfig, num_classes: int):
+    pretrained = cfg.model.pretrained if cfg.model.pretrained not in (None,) else False
+    return create_model(cfg.model.name, num_classes=num_classes, pretrained=pretrained, input_size=cfg.data.input_size, **cfg.model.kwargs)
+
+
+def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True):
+    """Train `cfg.model` on `data`; return the trained model (on CPU, eval mode) or None on non-zero DDP ranks."""
+    run_dir = Path(run_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    accelerator = resolve_accelerator(cfg)
+    train_idx, val_idx = data.parts["train"], data.parts["val"]
+    if len(train_idx) == 0:
+        raise ConfigError("the training part is empty")
+    images, labels = data.images, data.labels
+    if cfg.smote.enabled:
+        x, y = smote_oversample(np.asarray(images[np.sort(train_idx)]), labels[np.sort(train_idx)], cfg.smote, data.num_classes, cfg.seed)
+        # training images become an in-memory array: originals then synthetic ones; val stays on the cache
+        val_x = np.asarray(images[val_idx]) if len(val_idx) else np.empty((0,) + images.shape[1:], np.uint8)
+        images = np.concatenate([x, val_x])
+        labels = np.concatenate([y, labels[val_idx]])
+        rng = np.random.default_rng(cfg.seed)
+        train_idx = rng.permutation(len(x)) if cfg.data.split.shuffle else np.arange(len(x))
+        val_idx = np.arange(len(x), len(x) + len(val_x))
+
+    model = build_model(cfg, data.num_classes)
+    weights = class_weights_for(labels[train_idx], data.num_classes) if cfg.train.class_weights == "balanced" else None
+    on_device = cfg.train.device_cache == "on" or (
+        cfg.train.device_cache == "auto" and accelerator == "gpu" and images.nbytes < 0.4 * torch.cuda.get_device_properties(0).total_memory
+    )
+    module = Classifier(model, cfg, weights, device_images=images if on_device else None)
+
+    devices = cfg.train.devices
+    world = (devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1) * cfg.train.num_nodes
+    rank = rank_zero_only.rank if world > 1 else 0
+    workers = cfg.train.workers if cfg.train.workers is not None else 0
+    loader_args = dict(batch_size=None, num_workers=workers, persistent_workers=workers > 0, pin_memory=accelerator == "gpu" and not on_device)
+    train_loader = DataLoader(
+        ArrayBatches(None if on_device else images, labels, train_idx),
+        sampler=EpochBatches(len(train_idx), cfg.train.batch_size, cfg.train.epoch_shuffle, cfg.seed, rank, world),
+        **loader_args,
+    )
+    val_loader = (
+        DataLoader(ArrayBatches(None if on_device else images, labels, val_idx), sampler=EpochBatches(len(val_idx), max(cfg.train.batch_size, 64), False, cfg.seed, rank, world), **loader_args)
+        if len(val_idx)
+        else None
+    )
+
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_last=False, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
+        _HistoryWriter(run_dir),
+    ]
+    if progress and rank == 0:
+        callbacks.append(TQDMProgressBar(leave=True))
+    if cfg.train.early_stopping_patience and val_loader is not None:
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.train.early_stopping_patience, mode="min"))
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy,
+        precision=resolve_precision(cfg, accelerator),
+        max_epochs=cfg.train.epochs,
+        callbacks=callbacks,
+        plugins=[SafetensorsCheckpointIO()],
+        logger=False,
+        enable_progress_bar=progress and rank == 0,
+        enable_model_summary=False,
+        deterministic=accelerator == "cpu",
+        use_distributed_sampler=False,  # EpochBatches shards by rank itself, keeping (seed, epoch) order
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+    )
+    if cfg.train.compile:
+        module.model = torch.compile(module.model)
+    ckpt_path = ckpt_dir / "last.ckpt"
+    resume_from = str(ckpt_path) if resume and checkpoint_is_valid(ckpt_path) else None
+    if rank == 0 and trainer.is_global_zero:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*predict_dataloader.*|.*val_dataloader.*|.*LeafSpec.*")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+    if not trainer.is_global_zero:
+        return None
+    _write_history(run_dir, module.history)
+    final = module.model
+    if cfg.train.compile:
+        final = getattr(final, "_orig_mod", final)
+    final = final.to("cpu").eval()
+    save_checkpoint(
+        final,
+        run_dir,
+        {
+            "class_names": data.class_names,
+            "training_config": cfg.model_dump(mode="json"),
+            "epochs_trained": len(module.history),
+            "data_fingerprint": data.source.get("fingerprint"),
+            "split_seed": cfg.split_seed,
+        },
+    )
+    return final

@@ -1,0 +1,224 @@
+"""The LightningModule: uint8 batches in, normalised (and augmented) on the device, cross-entropy or SupCon loss.
+
+Staged schedules: `train.stages` is a list of stages run back to back; at a stage boundary the optimizer and
+schedule are rebuilt (the paper's hybrid "re-compiled and trained 5 more epochs") and the stage's freezing is
+applied. Randomness is re-seeded from (seed, epoch) at every epoch start, so a run resumed from the checkpoint
+of epoch k repeats the uninterrupted run exactly on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from bloodcell.config import RunConfig, StageConfig
+from bloodcell.models.losses import supcon_loss
+from bloodcell.train.augment import augment_batch
+
+
+def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
+    return int(np.random.SeedSequence([seed, epoch, salt]).generate_state(1)[0])
+
+
+class Classifier(L.LightningModule):
+    def __init__(self, model: torch.nn.Module, cfg: RunConfig, class_weights: torch.Tensor | None = None, device_images: np.ndarray | None = None):
+        super().__init__()
+        self.model = model
+        self.cfg = cfg
+        self.stages = cfg.train.resolved_stages()
+        self.register_buffer("mean", torch.tensor(model.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(model.std).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(model.num_classes), persistent=False)
+        self.use_class_weights = class_weights is not None
+        self.stage_index = 0
+        self.history: list[dict] = []
+        self._epoch_t0 = 0.0
+        self._host_images = device_images  # uploaded to the device in setup when device caching is on
+        self.device_images: torch.Tensor | None = None
+        self._aug_gen = torch.Generator()
+        self._sums: dict[str, list[float]] = {}
+
+    # ------------------------------------------------------------------ stages
+
+    def stage_for_epoch(self, epoch: int) -> int:
+        end = 0
+        for i, s in enumerate(self.stages):
+            end += s.epochs
+            if epoch < end:
+                return i
+        return len(self.stages) - 1
+
+    @property
+    def stage(self) -> StageConfig:
+        return self.stages[self.stage_index]
+
+    def _apply_freezing(self) -> None:
+        s, t = self.stage, self.cfg.train
+        self.model.unfreeze()
+        if s.freeze_encoder:
+            for name, p in self.model.named_parameters():
+                p.requires_grad = name.startswith("head.")
+            return
+        blocks = s.freeze_blocks if s.freeze_blocks is not None else t.freeze_blocks
+        prefixes = s.freeze_prefixes if s.freeze_prefixes is not None else t.freeze_prefixes
+        if blocks or prefixes:
+            self.model.freeze(blocks=blocks or None, prefixes=prefixes or None)
+
+    def configure_optimizers(self):
+        self._apply_freezing()
+        s, t = self.stage, self.cfg.train
+        name, lr = s.optimizer or t.optimizer, s.lr or t.lr
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = {"fused": True} if torch.cuda.is_available() and self.device.type == "cuda" else {}
+        if name == "adam":
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay, **fused)
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay, **fused)
+        elif name == "sgd":
+            opt = torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay, **fused)
+        else:  # Keras' RMSprop defaults: rho 0.9, eps 1e-7
+            opt = torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7, weight_decay=t.weight_decay)
+        schedule = s.schedule or t.schedule
+        warmup = min(t.warmup_epochs, s.epochs - 1) if self.stage_index == 0 else 0
+        if schedule == "none" and not warmup:
+            return opt
+
+        def factor(epoch_in_stage: int) -> float:
+            if epoch_in_stage < warmup:
+                return (epoch_in_stage + 1) / (warmup + 1)
+            if schedule == "step":
+                return t.gamma ** ((epoch_in_stage - warmup) // t.step_size)
+            if schedule == "cosine":
+                span = max(1, s.epochs - warmup)
+                return 0.5 * (1 + math.cos(math.pi * (epoch_in_stage - warmup) / span))
+            return 1.0
+
+        # A closure is not picklable, but schedulers are stored as their state dict (last_epoch, base_lrs) only.
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+    # ------------------------------------------------------------------ data on the device
+
+    def setup(self, stage: str) -> None:
+        if self._host_images is not None and self.device_images is None:
+            self.device_images = torch.from_numpy(np.ascontiguousarray(self._host_images)).to(self.device)
+
+    def _images(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = batch
+        if self.device_images is not None and x.ndim == 1:  # a batch of indices: gather on the device
+            x = self.device_images.index_select(0, x.to(self.device_images.device))
+        return x, y
+
+    def preprocess(self, x: torch.Tensor, augment: bool) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W), augmented when asked."""
+        x = x.permute(0, 3, 1, 2).float()
+        if augment:
+            x = augment_batch(x / 255.0, self.cfg.augment, self._aug_gen) * 255.0
+        x = (x - self.mean) / self.std
+        if self.cfg.train.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    # ------------------------------------------------------------------ steps
+
+    def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(
+            logits.float(), y, weight=self.class_weights if self.use_class_weights else None, label_smoothing=self.cfg.train.label_smoothing
+        )
+
+    def _log_step(self, split: str, loss: torch.Tensor, correct: int | None, n: int) -> None:
+        acc = self._sums.setdefault(split, [0.0, 0.0, 0.0])
+        acc[0] += float(loss.detach()) * n
+        acc[1] += 0.0 if correct is None else float(correct)
+        acc[2] += n
+
+    def training_step(self, batch, batch_idx):
+        x, y = self._images(batch)
+        if self.stage.objective == "supcon":
+            views = torch.cat([self.preprocess(x, augment=True), self.preprocess(x, augment=True)])
+            loss = supcon_loss(self.model.embed(views).float(), torch.cat([y, y]), self.cfg.train.supcon_temperature)
+            correct = None
+        else:
+            logits = self.model(self.preprocess(x, augment=self.cfg.augment.enabled))
+            loss = self._ce(logits, y)
+            correct = int((logits.argmax(1) == y).sum())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss is {float(loss)} at epoch {self.current_epoch}, step {batch_idx}; "
+                f"lower train.lr (now {self.stage.lr or self.cfg.train.lr})"
+            )
+        self._log_step("train", loss, correct, len(y))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = self._images(batch)
+        xp = self.preprocess(x, augment=False)
+        if self.stage.objective == "supcon":
+            loss = supcon_loss(self.model.embed(xp).float(), y, self.cfg.train.supcon_temperature)
+            correct = None
+        else:
+            logits = self.model(xp)
+            loss = self._ce(logits, y)
+            correct = int((logits.argmax(1) == y).sum())
+        self._log_step("val", loss, correct, len(y))
+        # Lightning's early stopping and checkpoint callbacks read this
+        self.log("val_loss", loss, batch_size=len(y), on_epoch=True, prog_bar=False, sync_dist=True)
+
+    # ------------------------------------------------------------------ epoch bookkeeping
+
+    def on_train_epoch_start(self) -> None:
+        epoch = self.current_epoch
+        wanted = self.stage_for_epoch(epoch)
+        if wanted != self.stage_index:
+            self.stage_index = wanted
+            self.trainer.strategy.setup_optimizers(self.trainer)  # new stage: fresh optimizer and schedule
+        rank = self.global_rank
+        torch.manual_seed(epoch_seed(self.cfg.seed, epoch, 1 + rank))
+        self._aug_gen.manual_seed(epoch_seed(self.cfg.seed, epoch, 1000 + rank))
+        self._sums = {}
+        self._epoch_t0 = time.perf_counter()
+
+    def on_validation_epoch_start(self) -> None:
+        self._sums.pop("val", None)
+
+    def _reduced(self, split: str) -> tuple[float | None, float | None]:
+        s = self._sums.get(split)
+        if not s:
+            return None, None
+        t = torch.tensor(s, dtype=torch.float64, device=self.device)
+        t = self.trainer.strategy.reduce(t, reduce_op="sum") if self.trainer.world_size > 1 else t
+        loss_sum, correct, n = (float(v) for v in t)
+        objective_has_acc = self.stage.objective == "ce"
+        return loss_sum / n, (correct / n if objective_has_acc else None)
+
+    def on_train_epoch_end(self) -> None:
+        train_loss, train_acc = self._reduced("train")
+        val_loss, val_acc = self._reduced("val")
+        row = {
+            "epoch": self.current_epoch + 1,
+            "stage": self.stage_index + 1,
+            "objective": self.stage.objective,
+            "train_loss": train_loss,
+            "train_acc": train_acc,
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - self._epoch_t0, 3),
+        }
+        self.history.append(row)
+        for key in ("train_loss", "train_acc", "val_acc"):
+            if row[key] is not None:
+                self.log(key, row[key], prog_bar=True, rank_zero_only=True)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["bloodcell"] = {"stage_index": self.stage_index, "history": self.history}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("bloodcell", {})
+        self.stage_index = int(state.get("stage_index", 0))
+        self.history = list(state.get("history", []))
