@@ -1,0 +1,161 @@
+"""Checkpoints: `model.safetensors` (weights) + `model.json` (how to rebuild the model).
+
+Weights are never unpickled: `.pt`/`.pth`/`.ckpt`/pickle files are refused outright.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bloodcell.errors import ModelError
+from bloodcell.io import write_bytes, write_json
+from bloodcell.models.base import BloodcellModel
+
+WEIGHTS_FILE = "model.safetensors"
+METADATA_FILE = "model.json"
+FORMAT = "bloodcell-checkpoint"
+FORMAT_VERSION = 1
+_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar"}
+
+
+def save_checkpoint(model: BloodcellModel, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write `directory/model.safetensors` and `directory/model.json` atomically; return directory.
+
+    metadata: anything JSON-able to keep beside the weights (class_names, epoch, metrics...).
+    The facts needed to rebuild the model (name, classes, input size, normalisation, options)
+    are filled in from the model itself and win over same-named keys in `metadata`.
+    """
+    from safetensors.torch import save
+
+    from bloodcell import __version__
+
+    directory = Path(directory)
+    meta: dict[str, Any] = dict(metadata or {})
+    class_names = meta.get("class_names")
+    if class_names is not None:
+        class_names = [str(c) for c in class_names]
+        if len(class_names) != model.num_classes:
+            raise ModelError(
+                f"cannot save '{model.model_name}' to {directory}: {len(class_names)} class_names "
+                f"for a model with {model.num_classes} classes"
+            )
+    meta.update(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        model_name=model.model_name,
+        num_classes=model.num_classes,
+        class_names=class_names,
+        input_size=model.input_size,
+        mean=list(model.mean),
+        std=list(model.std),
+        model_kwargs=dict(model.model_kwargs),
+        bloodcell_version=__version__,
+    )
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    # the header repeats the model name so a model.json swapped in from elsewhere is caught
+    header = {"model_name": model.model_name, "num_classes": str(model.num_classes)}
+    write_bytes(directory / WEIGHTS_FILE, save(state, metadata=header))
+    write_json(directory / METADATA_FILE, meta)
+    return directory
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    """(weights file, metadata file) for a checkpoint folder or its .safetensors file."""
+    if path.suffix.lower() in _PICKLE_SUFFIXES:
+        raise ModelError(
+            f"refusing to load {path}: pickle-based files can run code when loaded; "
+            f"bloodcell checkpoints are a folder with {WEIGHTS_FILE} + {METADATA_FILE}"
+        )
+    if path.is_dir():
+        return path / WEIGHTS_FILE, path / METADATA_FILE
+    if path.suffix == ".safetensors":
+        beside = path.with_suffix(".json")
+        return path, beside if beside.is_file() else path.parent / METADATA_FILE
+    if not path.exists():
+        raise ModelError(f"checkpoint not found: {path}")
+    raise ModelError(f"{path} is not a checkpoint: expected a folder with {WEIGHTS_FILE} + {METADATA_FILE}")
+
+
+def read_metadata(path: str | os.PathLike) -> dict:
+    """The model.json of a checkpoint (folder or .safetensors path), checked for the basics."""
+    _, meta_path = _locate(Path(path))
+    if not meta_path.is_file():
+        raise ModelError(f"checkpoint metadata not found: {meta_path} (written by save_checkpoint)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"checkpoint metadata {meta_path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or "model_name" not in meta or "num_classes" not in meta:
+        raise ModelError(f"checkpoint metadata {meta_path} lacks model_name / num_classes")
+    names = meta.get("class_names")
+    if names is not None and len(names) != meta["num_classes"]:
+        raise ModelError(
+            f"checkpoint metadata {meta_path} lists {len(names)} class_names but num_classes is {meta['num_classes']}"
+        )
+    return meta
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[BloodcellModel, dict]:
+    """Rebuild the model named in model.json, load its weights strictly; return (model, metadata).
+
+    The model comes back in eval mode on `map_location`.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from bloodcell.models.registry import create_model
+
+    weights_path, _ = _locate(Path(path))
+    meta = read_metadata(path)
+    if not weights_path.is_file():
+        raise ModelError(f"checkpoint weights not found: {weights_path}")
+    try:
+        with safe_open(str(weights_path), framework="pt") as fh:
+            header = fh.metadata() or {}
+        state = load_file(str(weights_path), device="cpu")
+    except Exception as exc:  # safetensors has its own error types for broken headers/data
+        raise ModelError(f"checkpoint weights {weights_path} are truncated or corrupt ({exc})") from None
+
+    name = meta["model_name"]
+    saved_from = header.get("model_name")
+    if saved_from and saved_from != name:
+        raise ModelError(
+            f"{weights_path.parent / METADATA_FILE} names model '{name}' but {weights_path.name} "
+            f"holds weights of '{saved_from}'"
+        )
+    model = create_model(
+        name,
+        num_classes=meta["num_classes"],
+        input_size=meta.get("input_size"),
+        **(meta.get("model_kwargs") or {}),
+    )
+    _check_fit(model, state, weights_path, meta)
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval(), meta
+
+
+def _check_fit(model: BloodcellModel, state: dict, weights_path: Path, meta: dict) -> None:
+    """Explain, in one line, why weights do not fit the model rebuilt from model.json."""
+    expected = model.state_dict()
+    logits_layer = [n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    logits_weight = f"head.{logits_layer}.weight"
+    if logits_weight in state and state[logits_weight].shape[0] != model.num_classes:
+        raise ModelError(
+            f"checkpoint {weights_path.parent}: model.json says {model.num_classes} classes but "
+            f"the weights have {state[logits_weight].shape[0]} outputs"
+        )
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [k for k in expected if k in state and state[k].shape != expected[k].shape]
+    if missing or unexpected or wrong:
+        examples = (missing + unexpected + wrong)[:2]
+        raise ModelError(
+            f"weights {weights_path} do not fit model '{model.model_name}' named in model.json: "
+            f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of other shape "
+            f"(e.g. {', '.join(examples)})"
+        )

@@ -1,0 +1,45 @@
+"""The paper's plain Sequential CNN: conv blocks then dense layers."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from bloodcell.models.base import BloodcellModel, group_by_prefix, make_head
+
+
+def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
+    """Conv3x3 (same padding) -> BatchNorm -> ReLU -> MaxPool 2x2: halves the map."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class SequentialCNN(BloodcellModel):
+    """4 conv blocks (32-64-128-128 filters) -> global average pooling -> dense head.
+
+    Global average pooling instead of Keras' Flatten keeps the model valid at any input size
+    >= 16 px (four 2x2 poolings) and keeps the dense layer small.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        input_size: int,
+        widths: tuple[int, ...] = (32, 64, 128, 128),
+        head_hidden: int = 256,
+        head_dropout: float = 0.5,
+    ) -> None:
+        super().__init__(num_classes, num_features=widths[-1], input_size=input_size)
+        channels = (3, *widths)
+        self.features = nn.Sequential(*[conv_block(a, b) for a, b in zip(channels, channels[1:])])
+        self.head = make_head(widths[-1], num_classes, head_hidden, head_dropout)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x).mean(dim=(2, 3))
+
+    def backbone_blocks(self) -> list[list[str]]:
+        return group_by_prefix(self, [[f"features.{i}"] for i in range(len(self.features))])

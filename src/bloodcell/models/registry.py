@@ -1,0 +1,168 @@
+"""Model registry: names -> builder functions plus what the paper and the CLI need to know."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+from bloodcell.errors import ModelError
+
+_REGISTRY: dict[str, "ModelSpec"] = {}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build one model and what it needs."""
+
+    name: str
+    builder: Callable[..., Any]
+    paper_row: str
+    default_input_size: int
+    min_input_size: int
+    input_multiple: int
+    timm_backbones: tuple[str, ...]
+    head: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What `bloodcell models` shows for one model (params counted for 8 classes)."""
+
+    name: str
+    paper_row: str
+    params: int
+    input_size: int
+    min_input_size: int
+    input_multiple: int
+    pretrained_available: bool
+    timm_backbones: tuple[str, ...]
+    head: str
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["timm_backbones"] = list(self.timm_backbones)
+        return out
+
+
+def register_model(
+    name: str,
+    *,
+    paper_row: str,
+    default_input_size: int = 224,
+    min_input_size: int = 32,
+    input_multiple: int = 1,
+    timm_backbones: tuple[str, ...] = (),
+    head: str = "",
+) -> Callable:
+    """Decorator: register `builder(num_classes, input_size, pretrained, **options)` as `name`."""
+
+    def decorate(builder: Callable) -> Callable:
+        if name in _REGISTRY:
+            raise ValueError(f"model name '{name}' registered twice")
+        _REGISTRY[name] = ModelSpec(
+            name=name,
+            builder=builder,
+            paper_row=paper_row,
+            default_input_size=default_input_size,
+            min_input_size=min_input_size,
+            input_multiple=input_multiple,
+            timm_backbones=tuple(timm_backbones),
+            head=head,
+        )
+        return builder
+
+    return decorate
+
+
+def _specs() -> dict[str, ModelSpec]:
+    import bloodcell.models.zoo  # noqa: F401  (registers the built-in models on first use)
+
+    return _REGISTRY
+
+
+def get_spec(name: str) -> ModelSpec:
+    specs = _specs()
+    if name not in specs:
+        raise ModelError(f"unknown model '{name}'; known models: {', '.join(specs)}")
+    return specs[name]
+
+
+def list_models() -> list[str]:
+    """Registered model names, in registration (paper table) order."""
+    return list(_specs())
+
+
+def check_input_size(spec: ModelSpec, input_size: Any) -> int:
+    """Return a valid square input size for `spec` or raise ModelError."""
+    if isinstance(input_size, bool) or not isinstance(input_size, int):
+        raise ModelError(f"model '{spec.name}': input_size must be an integer (pixels), got {input_size!r}")
+    if input_size < spec.min_input_size:
+        raise ModelError(
+            f"model '{spec.name}' needs input_size >= {spec.min_input_size} px, got {input_size}"
+        )
+    if input_size % spec.input_multiple:
+        raise ModelError(
+            f"model '{spec.name}' needs input_size to be a multiple of {spec.input_multiple} px "
+            f"(its decoder joins encoder maps of matching size), got {input_size}"
+        )
+    return input_size
+
+
+def create_model(
+    name: str,
+    num_classes: int = 8,
+    pretrained: Any = False,
+    input_size: int | None = None,
+    **kwargs: Any,
+):
+    """Build a registered model.
+
+    pretrained: False; True for timm's published ImageNet weights (needs internet or a warm
+    cache); or a path to a local weights file (safetensors, or a state dict read with
+    `torch.load(weights_only=True)`) whose keys are timm's names for the backbone.
+    kwargs: model options (e.g. `head_hidden`, `head_dropout`), see docs/models.md.
+    """
+    spec = get_spec(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ModelError(f"model '{name}': num_classes must be a positive integer, got {num_classes!r}")
+    input_size = check_input_size(spec, spec.default_input_size if input_size is None else input_size)
+    options = inspect.signature(spec.builder).parameters
+    accepts_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in options.values())
+    known = [k for k in options if k not in ("num_classes", "input_size", "pretrained")]
+    unknown = [k for k in kwargs if k not in known]
+    if unknown and not accepts_any:
+        raise ModelError(
+            f"model '{name}' has no option {', '.join(map(repr, unknown))}; "
+            f"its options: {', '.join(known) or 'none'}"
+        )
+    model = spec.builder(num_classes=num_classes, input_size=input_size, pretrained=pretrained, **kwargs)
+    model.model_name = name
+    model.model_kwargs = dict(kwargs)
+    return model
+
+
+def count_params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def model_info(name: str) -> ModelInfo:
+    """Facts about a model; builds it once (no weights) to count its parameters for 8 classes."""
+    import timm
+
+    spec = get_spec(name)
+    model = create_model(name, num_classes=8)
+    available = bool(spec.timm_backbones) and all(timm.is_model_pretrained(b) for b in spec.timm_backbones)
+    return ModelInfo(
+        name=name,
+        paper_row=spec.paper_row,
+        params=count_params(model),
+        input_size=spec.default_input_size,
+        min_input_size=spec.min_input_size,
+        input_multiple=spec.input_multiple,
+        pretrained_available=available,
+        timm_backbones=spec.timm_backbones,
+        head=spec.head,
+    )
