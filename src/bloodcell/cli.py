@@ -102,6 +102,78 @@ def data_figures(
         typer.echo(str(p))
 
 
+# --------------------------------------------------------------------------- train / evaluate
+
+
+@app.command("train")
+@user_errors
+def train_cmd(
+    config: Path = typer.Argument(..., help="Run config (YAML), e.g. configs/train/cnn.yaml."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sets data.root)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last checkpoint."),
+) -> None:
+    """Train a model (one run, or one per seed / fold) and evaluate it on the test part."""
+    from bloodcell.config import load_config
+    from bloodcell.study.experiment import run_config
+
+    extra = list(overrides) + ([f"data.root={data}"] if data else [])
+    cfg = load_config(config, extra)
+    out = out or Path("runs") / (cfg.name or config.stem)
+    from lightning.fabric.utilities.rank_zero import rank_zero_only
+
+    # DDP children re-run this command after rank 0 has created the run directory
+    if not resume and rank_zero_only.rank == 0 and (out / "config.yaml").exists():
+        from bloodcell.study.experiment import is_complete
+
+        if not is_complete(out) and not (cfg.seeds or cfg.cv.folds):
+            raise BloodcellError(f"{out} holds an unfinished run: add --resume to continue it, or choose another --out")
+    result = run_config(cfg, out, resume=True)
+    if not result:
+        return  # a non-zero DDP rank
+    _print_result(out, result)
+
+
+@app.command("evaluate")
+@user_errors
+def evaluate_cmd(
+    run_dir: Path = typer.Argument(..., help="A finished run directory (holds config.yaml and model.safetensors)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder, if it moved since training."),
+) -> None:
+    """Re-evaluate a trained run on its own test part: metrics.json, predictions.csv, figures."""
+    from bloodcell.config import load_config
+    from bloodcell.data.prepare import prepare_data
+    from bloodcell.evaluate.run import evaluate_run
+    from bloodcell.models.checkpoint import load_checkpoint
+
+    if not (run_dir / "config.yaml").exists():
+        raise BloodcellError(f"{run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(run_dir / "config.yaml", [f"data.root={data}"] if data else [])
+    model, _ = load_checkpoint(run_dir)
+    prepared = prepare_data(cfg, split_file=run_dir / "split.json")
+    metrics = evaluate_run(run_dir, cfg, prepared, model)
+    _print_result(run_dir, metrics)
+
+
+def _print_result(out: Path, result: dict) -> None:
+    from rich.console import Console
+
+    c = Console()
+    if "summary" in result:
+        for key, s in result["summary"].items():
+            ci = s.get("ci95")
+            ci_text = f"  95% CI [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else ""
+            c.print(f"{key:28s} {s['mean']:.4f} +- {s['sd']:.4f} (n={s['n']}){ci_text}")
+    else:
+        t = result.get("test", {})
+        if t:
+            lo, hi = (t.get("ci95") or {}).get("accuracy", [float("nan")] * 2)
+            c.print(f"test accuracy {t['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), macro F1 {t['f1_macro']:.4f}, "
+                    f"ECE {t['ece']:.4f} -> {t['ece_calibrated']:.4f} calibrated; train accuracy {result['train']['accuracy']:.4f}")
+    c.print(f"run directory: {out}")
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()
 

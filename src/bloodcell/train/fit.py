@@ -17,7 +17,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProgressBar
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bloodcell import io
@@ -177,7 +177,7 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         _HistoryWriter(run_dir),
     ]
     if progress and rank == 0:
-        callbacks.append(TQDMProgressBar(leave=True))
+        callbacks.append(RichProgressBar(leave=True))
     if cfg.train.early_stopping_patience and val_loader is not None:
         callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.train.early_stopping_patience, mode="min"))
     trainer = L.Trainer(
