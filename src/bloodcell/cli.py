@@ -173,6 +173,49 @@ def _print_result(out: Path, result: dict) -> None:
                     f"ECE {t['ece']:.4f} -> {t['ece_calibrated']:.4f} calibrated; train accuracy {result['train']['accuracy']:.4f}")
     c.print(f"run directory: {out}")
 
+# --------------------------------------------------------------------------- models
+
+
+@app.command("models")
+@user_errors
+def models(
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON list instead of a table."),
+) -> None:
+    """List the model zoo: paper row, parameters (8 classes), input sizes, ImageNet weights."""
+    from bloodcell.models import list_models, model_info
+
+    infos = [model_info(name) for name in list_models()]  # builds each model once to count params
+    if as_json:
+        keys = ("name", "params", "input_size", "min_input_size", "paper_row", "pretrained_available")
+        typer.echo(json.dumps([{k: getattr(info, k) for k in keys} for info in infos], indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="bloodcell models")
+    for column, justify in (
+        ("name", "left"),
+        ("paper row", "left"),
+        ("params", "right"),
+        ("input size", "right"),
+        ("min size", "right"),
+        ("ImageNet", "center"),
+    ):
+        table.add_column(column, justify=justify)
+    for info in infos:
+        min_size = str(info.min_input_size)
+        if info.input_multiple > 1:
+            min_size += f" (x{info.input_multiple})"
+        table.add_row(
+            info.name,
+            info.paper_row,
+            f"{info.params:,}",
+            str(info.input_size),
+            min_size,
+            "yes" if info.pretrained_available else "no",
+        )
+    Console().print(table)
+
 
 def main() -> None:  # pragma: no cover - entry point
     app()
