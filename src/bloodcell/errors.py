@@ -15,3 +15,7 @@ class ConfigError(BloodcellError):
 
 class ModelError(BloodcellError):
     """A model name, weight file or checkpoint cannot be used."""
+
+
+class TrainingDiverged(BloodcellError):
+    """The loss became NaN or infinite; the last good epoch checkpoint is kept."""

@@ -113,17 +113,6 @@ def _write_history(run_dir: Path, rows: list[dict]) -> None:
     io.write_text(run_dir / "history.csv", buf.getvalue())
 
 
-class _HistoryWriter(L.Callback):
-    """history.csv after every epoch (rank 0), so progress is visible while a run is going."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = run_dir
-
-    def on_train_epoch_end(self, trainer, module) -> None:
-        if trainer.is_global_zero:
-            _write_history(self.run_dir, module.history)
-
-
 def build_model(cfg: RunConfig, num_classes: int):
     pretrained = cfg.model.pretrained if cfg.model.pretrained not in (None,) else False
     return create_model(cfg.model.name, num_classes=num_classes, pretrained=pretrained, input_size=cfg.data.input_size, **cfg.model.kwargs)
@@ -154,6 +143,7 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         cfg.train.device_cache == "auto" and accelerator == "gpu" and images.nbytes < 0.4 * torch.cuda.get_device_properties(0).total_memory
     )
     module = Classifier(model, cfg, weights, device_images=images if on_device else None)
+    module.on_history = lambda rows: _write_history(run_dir, rows)  # history.csv after every epoch
 
     devices = cfg.train.devices
     world = (devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1) * cfg.train.num_nodes
@@ -174,7 +164,6 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_last=False, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
-        _HistoryWriter(run_dir),
     ]
     if progress and rank == 0:
         callbacks.append(RichProgressBar(leave=True))
@@ -204,7 +193,7 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
     if rank == 0 and trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*|.*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*predict_dataloader.*|.*val_dataloader.*|.*LeafSpec.*")
         trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
     if not trainer.is_global_zero:

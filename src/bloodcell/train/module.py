@@ -2,7 +2,7 @@
 
 Staged schedules: `train.stages` is a list of stages run back to back; at a stage boundary the optimizer and
 schedule are rebuilt (the paper's hybrid "re-compiled and trained 5 more epochs") and the stage's freezing is
-applied. Randomness is re-seeded from (seed, epoch) at every epoch start, so a run resumed from the checkpoint
+applied. Randomness is re-seeded from (seed, epoch, batch) at every batch, so a run resumed from the checkpoint
 of epoch k repeats the uninterrupted run exactly on CPU.
 """
 
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from bloodcell.config import RunConfig, StageConfig
+from bloodcell.errors import TrainingDiverged
 from bloodcell.models.losses import supcon_loss
 from bloodcell.train.augment import augment_batch
 
@@ -42,6 +43,7 @@ class Classifier(L.LightningModule):
         self.device_images: torch.Tensor | None = None
         self._aug_gen = torch.Generator()
         self._sums: dict[str, list[float]] = {}
+        self.on_history = None  # called with the history after each epoch on rank 0 (fit writes history.csv)
 
     # ------------------------------------------------------------------ stages
 
@@ -137,6 +139,13 @@ class Classifier(L.LightningModule):
         acc[1] += 0.0 if correct is None else float(correct)
         acc[2] += n
 
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        # Every batch draws from generators seeded by (seed, epoch, batch, rank) alone, so its dropout masks and
+        # augmentations do not depend on what ran before it: a resumed run repeats the uninterrupted one exactly.
+        key = (self.current_epoch << 20) + batch_idx
+        torch.manual_seed(epoch_seed(self.cfg.seed, key, 1 + self.global_rank))
+        self._aug_gen.manual_seed(epoch_seed(self.cfg.seed, key, 1000 + self.global_rank))
+
     def training_step(self, batch, batch_idx):
         x, y = self._images(batch)
         if self.stage.objective == "supcon":
@@ -148,9 +157,9 @@ class Classifier(L.LightningModule):
             loss = self._ce(logits, y)
             correct = int((logits.argmax(1) == y).sum())
         if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss is {float(loss)} at epoch {self.current_epoch}, step {batch_idx}; "
-                f"lower train.lr (now {self.stage.lr or self.cfg.train.lr})"
+            raise TrainingDiverged(
+                f"training loss is {float(loss.detach())} at epoch {self.current_epoch + 1}, step {batch_idx}; "
+                f"lower train.lr (now {self.stage.lr or self.cfg.train.lr}); the last good epoch checkpoint is kept"
             )
         self._log_step("train", loss, correct, len(y))
         return loss
@@ -177,9 +186,6 @@ class Classifier(L.LightningModule):
         if wanted != self.stage_index:
             self.stage_index = wanted
             self.trainer.strategy.setup_optimizers(self.trainer)  # new stage: fresh optimizer and schedule
-        rank = self.global_rank
-        torch.manual_seed(epoch_seed(self.cfg.seed, epoch, 1 + rank))
-        self._aug_gen.manual_seed(epoch_seed(self.cfg.seed, epoch, 1000 + rank))
         self._sums = {}
         self._epoch_t0 = time.perf_counter()
 
@@ -211,6 +217,8 @@ class Classifier(L.LightningModule):
             "seconds": round(time.perf_counter() - self._epoch_t0, 3),
         }
         self.history.append(row)
+        if self.on_history is not None and self.trainer.is_global_zero:
+            self.on_history(self.history)
         for key in ("train_loss", "train_acc", "val_acc"):
             if row[key] is not None:
                 self.log(key, row[key], prog_bar=True, rank_zero_only=True)
