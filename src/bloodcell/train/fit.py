@@ -26,6 +26,7 @@ from bloodcell.data.prepare import PreparedData
 from bloodcell.errors import ConfigError
 from bloodcell.models import create_model
 from bloodcell.models.checkpoint import save_checkpoint
+from bloodcell.progress import enabled_by_default
 from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, checkpoint_is_valid
 from bloodcell.train.module import Classifier, epoch_seed
 from bloodcell.train.smote import smote_oversample
@@ -121,6 +122,7 @@ def build_model(cfg: RunConfig, num_classes: int):
 def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True):
     """Train `cfg.model` on `data`; return the trained model (on CPU, eval mode) or None on non-zero DDP ranks."""
     run_dir = Path(run_dir)
+    progress = progress and enabled_by_default()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     accelerator = resolve_accelerator(cfg)
     train_idx, val_idx = data.parts["train"], data.parts["val"]
