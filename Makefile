@@ -17,9 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BLOODCELL) data inspect examples/pbc-sample
-	$(BLOODCELL) data figures examples/pbc-sample --out $(DEMO_OUT)/figures
-	@echo "demo output: $(DEMO_OUT)/figures"
+	$(BLOODCELL) study configs/demo.yaml --out $(DEMO_OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -156,6 +156,28 @@ def evaluate_cmd(
     _print_result(run_dir, metrics)
 
 
+def _print_study_summary(summary: dict) -> None:
+    """Test accuracy per run and per-class recall of the best run: what a person wants to see first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    best = max(summary.get("results", []), key=lambda r: r["accuracy"], default=None)
+    if best is None:
+        return
+    table = Table(title="test accuracy per run")
+    table.add_column("run")
+    table.add_column("test acc %", justify="right")
+    for r in summary["results"]:
+        table.add_row(r["run"], f"{100 * r['accuracy']:.1f}")
+    Console().print(table)
+    per_class = Table(title=f"best run {best['run']}: recall per class")
+    per_class.add_column("class")
+    per_class.add_column("recall %", justify="right")
+    for name, v in best["per_class_recall"].items():
+        per_class.add_row(name, f"{100 * v:.0f}")
+    Console().print(per_class)
+
+
 def _print_result(out: Path, result: dict) -> None:
     from rich.console import Console
 
@@ -172,6 +194,31 @@ def _print_result(out: Path, result: dict) -> None:
             c.print(f"test accuracy {t['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), macro F1 {t['f1_macro']:.4f}, "
                     f"ECE {t['ece']:.4f} -> {t['ece_calibrated']:.4f} calibrated; train accuracy {result['train']['accuracy']:.4f}")
     c.print(f"run directory: {out}")
+
+
+# --------------------------------------------------------------------------- study
+
+
+@app.command("study")
+@user_errors
+def study_cmd(
+    config: Path = typer.Argument(..., help="Study config (YAML), e.g. configs/paper.yaml or configs/demo.yaml."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sets data.root of every run)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default runs/<study name>)."),
+    only: List[str] = typer.Option([], "--only", help="Run only these experiments (repeatable)."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),
+) -> None:
+    """Run many experiments (model x protocol x seed), resumably, and write report.md + report.html."""
+    from bloodcell.study.runner import run_study
+    from bloodcell.study.spec import load_study
+
+    spec, _ = load_study(config)
+    out = out or Path("runs") / spec.name
+    summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides), only=list(only) or None)
+    typer.echo(f"runs complete: {summary['complete']} of {summary['runs']}" + (f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""))
+    _print_study_summary(summary)
+    typer.echo(f"report: {summary['report']}")
+    typer.echo(f"        {Path(summary['report']).with_suffix('.md')}")
 
 # --------------------------------------------------------------------------- models
 

@@ -25,8 +25,16 @@ def save_figure(fig, path: str | Path) -> Path:
 
 
 def plot_class_distribution(split: Split, path: str | Path) -> Path:
-    counts = split.class_counts()
-    names = split.class_names
+    cfg = split.config
+    title = (
+        f"Class distribution per split (test {cfg.test_size:.0%}, val {cfg.val_size:.0%} of train, "
+        f"seed {cfg.seed}, dedup {'on' if cfg.dedup else 'off'}, shuffle {'on' if cfg.shuffle else 'off'})"
+    )
+    return plot_part_counts(split.class_counts(), split.class_names, path, title)
+
+
+def plot_part_counts(counts: dict[str, dict[str, int]], names: list[str], path: str | Path, title: str) -> Path:
+    """Grouped bars: images per class in each of train / val / test (paper Fig. 2)."""
     x = np.arange(len(names))
     width = 0.27
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
@@ -36,12 +44,7 @@ def plot_class_distribution(split: Split, path: str | Path) -> Path:
         ax.bar_label(bars, fontsize=7, padding=1)
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("images")
-    cfg = split.config
-    ax.set_title(
-        f"Class distribution per split (test {cfg.test_size:.0%}, val {cfg.val_size:.0%} of train, "
-        f"seed {cfg.seed}, dedup {'on' if cfg.dedup else 'off'}, shuffle {'on' if cfg.shuffle else 'off'})",
-        fontsize=9,
-    )
+    ax.set_title(title, fontsize=9)
     ax.legend()
     return save_figure(fig, path)
 

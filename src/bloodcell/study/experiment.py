@@ -33,7 +33,9 @@ def read_status(run_dir: str | os.PathLike) -> dict:
 
 
 def is_complete(run_dir: str | os.PathLike) -> bool:
-    return read_status(run_dir).get("state") == "complete" and (Path(run_dir) / "metrics.json").exists()
+    run_dir = Path(run_dir)
+    done = (run_dir / "metrics.json").exists() or (run_dir / "aggregate.json").exists()
+    return read_status(run_dir).get("state") == "complete" and done
 
 
 def _set_status(run_dir: Path, state: str, **fields) -> None:
@@ -56,7 +58,7 @@ def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = No
     from bloodcell.train.fit import fit
 
     run_dir = Path(run_dir)
-    if is_complete(run_dir):
+    if is_complete(run_dir) and (run_dir / "metrics.json").exists():
         return json.loads((run_dir / "metrics.json").read_text())
     config_file = run_dir / "config.yaml"
     if config_file.exists() and resume:
@@ -116,6 +118,7 @@ def run_config(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Tru
         return {}
     agg = aggregate(results, labels)
     io.write_json(out_dir / "aggregate.json", agg)
+    _set_status(out_dir, "complete")
     return agg
 
 

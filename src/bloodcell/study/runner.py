@@ -1,0 +1,98 @@
+"""Run a study: every (experiment, protocol, seed) in turn, resumable, one failure never stopping the rest."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from bloodcell import io
+from bloodcell.progress import console, enabled_by_default
+from bloodcell.study.experiment import failure_record, is_complete, read_status, run_config
+from bloodcell.study.spec import RunSpec, StudySpec, expand_runs, load_study
+
+
+def run_dir_for(out: Path, run: RunSpec) -> Path:
+    return out / "runs" / run.experiment.name / run.protocol / f"seed-{run.seed}"
+
+
+def git_commit() -> str | None:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_study(
+    config: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    data: str | None = None,
+    overrides: list[str] | None = None,
+    only: list[str] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Run every run of the study config into out/runs/..., then write out/report.md and out/report.html."""
+    from bloodcell.study.report import write_report
+
+    spec, base_dir = load_study(config)
+    extra = list(overrides or []) + ([f"data.root={data}"] if data else [])
+    runs = expand_runs(spec, base_dir, extra, only)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_text(out / "study.yaml", Path(config).read_text())
+    t_start = time.perf_counter()
+    results: dict[str, dict] = {}
+    show = progress and enabled_by_default()
+    columns = [TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    with Progress(*columns, console=console(), disable=not show) as bar:
+        task = bar.add_task("runs", total=len(runs), name=spec.name)
+        for run in runs:
+            run_dir = run_dir_for(out, run)
+            if is_complete(run_dir):
+                results[run.key] = {"state": "complete", "skipped": True}
+                bar.advance(task)
+                continue
+            console().print(f"[bold]{run.key}[/bold] ({run.config.model.name}, {run.config.data.input_size}px, {run.config.train.epochs} epochs)") if show else None
+            t0 = time.perf_counter()
+            try:
+                run_config(run.config, run_dir, resume=True, progress=show)
+                results[run.key] = {"state": "complete", "seconds": round(time.perf_counter() - t0, 1)}
+            except Exception as exc:  # noqa: BLE001 - one failed run must not sink the study
+                record = {"state": "failed", **failure_record(exc), "seconds": round(time.perf_counter() - t0, 1)}
+                run_dir.mkdir(parents=True, exist_ok=True)
+                io.write_json(run_dir / "status.json", record)
+                results[run.key] = record
+                console().print(f"[red]run {run.key} failed:[/red] {record['error']}")
+            bar.advance(task)
+    summary = {
+        "study": spec.name,
+        "runs": len(runs),
+        "complete": sum(1 for r in runs if is_complete(run_dir_for(out, r))),
+        "failed": [k for k, v in results.items() if v["state"] == "failed"],
+        "wall_seconds_this_invocation": round(time.perf_counter() - t_start, 1),
+        "git_commit": git_commit(),
+    }
+    summary["results"] = []
+    for r in runs:
+        m = run_state(out, r).get("metrics", {})
+        if "test" in m:
+            summary["results"].append({"run": r.key, "accuracy": m["test"]["accuracy"], "per_class_recall": {k: v["recall"] for k, v in m["test"]["per_class"].items()}})
+    io.write_json(out / "study_status.json", summary)
+    report = write_report(spec, runs, out, summary)
+    summary["report"] = str(report)
+    return summary
+
+
+def run_state(out: Path, run: RunSpec) -> dict:
+    d = run_dir_for(out, run)
+    status = read_status(d)
+    if status.get("state") == "complete":
+        metrics_file = d / "metrics.json" if (d / "metrics.json").exists() else d / "aggregate.json"
+        status["metrics"] = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+    return status
