@@ -1,0 +1,146 @@
+"""Studies: a tiny study writes both reports with every section; kill -9 and re-run skips finished runs; a failing run is reported."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+from bloodcell.errors import ConfigError
+from bloodcell.study.spec import expand_runs, load_study
+
+from conftest import REPO, SAMPLE
+from test_train import BLOODCELL, cli_env
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_study(tmp_path: Path, extra_experiments: list[dict] | None = None, seeds=(1, 2)) -> Path:
+    spec = {
+        "name": "tiny",
+        "scale": "sample, 16-32 px, 1-2 epochs",
+        "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 20, "grid_images": 4}},
+        "seeds": list(seeds),
+        "protocols": {
+            "no_shuffle": {"title": "Without shuffling", "table": 2, "set": {"data.split.shuffle": False, "train.epoch_shuffle": False}},
+            "shuffle": {"title": "With shuffling", "table": 3, "set": {"data.split.shuffle": True}},
+        },
+        "experiments": [
+            {"name": "cnn", "row": "CNN", "config": str(REPO / "configs/train/cnn.yaml"), "set": {"data.input_size": 16, "train.epochs": 2, "train.batch_size": 32},
+             "protocols": ["no_shuffle", "shuffle"], "paper": {"no_shuffle": [97.15, 86.60], "shuffle": [95.76, 91.08]}},
+            {"name": "mobilenetv2", "row": "MobileNet-V2", "config": str(REPO / "configs/train/mobilenetv2.yaml"),
+             "set": {"data.input_size": 32, "train.epochs": 1, "smote.enabled": False, "augment.enabled": False},
+             "protocols": ["no_shuffle", "shuffle"], "paper": {"no_shuffle": [89.13, 85.39], "shuffle": [90.54, 85.61]}},
+        ] + (extra_experiments or []),
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_tiny_study_writes_both_reports_with_every_section(tmp_path):
+    cfg = tiny_study(tmp_path)
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["study", str(cfg), "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert "runs complete: 8 of 8" in result.output and "recall per class" in result.output
+    md = (out / "report.md").read_text()
+    for section in ("## Dataset", "## Table 2: Without shuffling", "## Table 3: With shuffling", "## Effect of shuffling", "## Per run", "## Environment"):
+        assert section in md, section
+    assert "| CNN | " in md and "97.15" in md and "86.60" in md  # the paper's numbers beside ours
+    assert "± " in md  # two seeds: mean ± sd
+    assert "McNemar" in md and ("beyond noise" in md or "within noise" in md)
+    assert "trained from scratch" in md
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5 and "<table>" in html
+    assert "src='figures" not in html and 'src="figures' not in html  # self-contained
+    for run in ("cnn/no_shuffle/seed-1", "cnn/shuffle/seed-2", "mobilenetv2/shuffle/seed-1"):
+        assert json.loads((out / "runs" / run / "status.json").read_text())["state"] == "complete"
+    # the two protocols share the test part for a seed, so McNemar compares the same images
+    a = json.loads((out / "runs/cnn/no_shuffle/seed-1/split.json").read_text())["test"]
+    b = json.loads((out / "runs/cnn/shuffle/seed-1/split.json").read_text())["test"]
+    assert a == b
+
+
+def _complete_runs(out: Path) -> list[Path]:
+    found = []
+    for status in (out / "runs").glob("*/*/seed-*/status.json"):
+        try:
+            if json.loads(status.read_text())["state"] == "complete":
+                found.append(status.parent)
+        except (ValueError, OSError):
+            pass
+    return found
+
+
+def test_killed_study_resumes_without_redoing_finished_runs(tmp_path):
+    cfg = tiny_study(tmp_path, seeds=(1,))
+    out = tmp_path / "study"
+    proc = subprocess.Popen(BLOODCELL + ["study", str(cfg), "--out", str(out)], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while len(_complete_runs(out)) < 2:
+        assert proc.poll() is None, "study ended before it could be killed"
+        assert time.time() - t0 < 240
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = _complete_runs(out)
+    stamps = {d: (d / "metrics.json").stat().st_mtime_ns for d in finished}
+    result = runner.invoke(app, ["study", str(cfg), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "runs complete: 4 of 4" in result.output
+    for d, stamp in stamps.items():
+        assert (d / "metrics.json").stat().st_mtime_ns == stamp, f"{d} was redone"
+
+
+def test_a_failing_run_is_reported_and_the_rest_go_on(tmp_path):
+    broken = {"name": "broken", "row": "Broken", "set": {"model.name": "no-such-model", "data.input_size": 16}, "protocols": ["shuffle"]}
+    cfg = tiny_study(tmp_path, [broken], seeds=(1,))
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["study", str(cfg), "--out", str(out), "--only", "cnn", "--only", "broken"])
+    assert result.exit_code == 0, result.output
+    assert "runs complete: 2 of 3" in result.output and "failed: broken/shuffle/seed-1" in result.output
+    status = json.loads((out / "runs/broken/shuffle/seed-1/status.json").read_text())
+    assert status["state"] == "failed" and "no-such-model" in status["error"]
+    md = (out / "report.md").read_text()
+    assert "Broken (not run / failed)" in md and "no-such-model" in md
+
+
+def test_study_config_errors_name_the_problem(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "experiments": [{"name": "a", "protocols": ["nope"]}]}))
+    with pytest.raises(ConfigError, match="unknown protocol 'nope'"):
+        load_study(bad)
+    bad.write_text(yaml.safe_dump({"name": "x", "experimentz": []}))
+    with pytest.raises(ConfigError, match="unknown key 'experimentz'"):
+        load_study(bad)
+    spec, base = load_study(tiny_study(tmp_path))
+    with pytest.raises(ConfigError, match="--only: unknown experiment"):
+        expand_runs(spec, base, only=["resnet"])
+
+
+@pytest.mark.parametrize("name", ["paper.yaml", "paper-cpu.yaml", "demo.yaml"])
+def test_shipped_study_configs_expand(name):
+    spec, base = load_study(REPO / "configs" / name)
+    runs = expand_runs(spec, base, [f"data.root={SAMPLE}"])
+    assert runs and all(r.config.data.root for r in runs)
+    if name.startswith("paper"):
+        rows = {r.experiment.row for r in runs}
+        assert len(rows) == 11 + 1  # the 11 models of Tables 2-3 and Table 1's CNN with 5-fold CV
+        assert {r.protocol for r in runs} == {"no_shuffle", "shuffle", "cv"}
