@@ -59,7 +59,7 @@ def test_tiny_study_writes_both_reports_with_every_section(tmp_path):
     out = tmp_path / "study"
     result = runner.invoke(app, ["study", str(cfg), "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "runs complete: 8 of 8" in result.output and "recall per class" in result.output
+    assert "runs complete: 8 of 8" in result.output and "recall %" in result.output
     md = (out / "report.md").read_text()
     for section in ("## Dataset", "## Table 2: Without shuffling", "## Table 3: With shuffling", "## Effect of shuffling", "## Per run", "## Environment"):
         assert section in md, section

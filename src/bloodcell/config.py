@@ -158,7 +158,7 @@ class RunConfig(_Strict):
 
 
 def _format_validation_error(exc: ValidationError, source: str) -> str:
-    first = exc.errors()[0]
+    first = sorted(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")[0]  # a typo explains most
     key = ".".join(str(p) for p in first["loc"]) or "(top level)"
     if first["type"] == "extra_forbidden":
         return f"{source}: unknown key '{key}'"

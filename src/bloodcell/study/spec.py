@@ -89,7 +89,7 @@ def load_study(path: str | os.PathLike) -> tuple[StudySpec, Path]:
     try:
         spec = StudySpec.model_validate(raw or {})
     except ValidationError as exc:
-        e = exc.errors()[0]
+        e = sorted(exc.errors(), key=lambda err: err["type"] != "extra_forbidden")[0]  # a typo explains most
         key = ".".join(str(p) for p in e["loc"])
         msg = f"unknown key '{key}'" if e["type"] == "extra_forbidden" else f"{key}: {e['msg']}"
         raise ConfigError(f"{path}: {msg}") from None
