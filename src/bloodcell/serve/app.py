@@ -19,6 +19,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
 from bloodcell.data.images import DEFAULT_MAX_PIXELS
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
@@ -58,11 +63,6 @@ def create_app(
     max_files: int = DEFAULT_MAX_FILES,
 ):
     """A FastAPI app serving `predictor` (a bloodcell.infer.Predictor) with the given limits."""
-    from fastapi import FastAPI, HTTPException, Request
-    from fastapi.responses import HTMLResponse, Response
-    from fastapi.staticfiles import StaticFiles
-    from starlette.concurrency import run_in_threadpool
-
     from bloodcell import __version__
 
     app = FastAPI(
@@ -137,7 +137,6 @@ def create_app(
 
 async def _read_body(request, limit: int, mb: float) -> bytes:
     """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
-    from fastapi import HTTPException
 
     too_big = HTTPException(413, f"upload too large: more than {mb:g} MB in one request (server limit --max-upload-mb {mb:g})")
     declared = request.headers.get("content-length", "")
@@ -153,7 +152,6 @@ async def _read_body(request, limit: int, mb: float) -> bytes:
 
 def _parse_multipart(content_type: str, body: bytes, fields: tuple[str, ...], max_files: int) -> list[tuple[str, bytes]]:
     """(file name, content) of every part named in `fields`, in order; all in memory."""
-    from fastapi import HTTPException
     from python_multipart.multipart import MultipartParser, parse_options_header
 
     kind, params = parse_options_header(content_type)
