@@ -135,7 +135,10 @@ function card(pred, file, index) {
   return el("article", {
     class: pred.review ? "cell-card needs-review" : "cell-card",
     dataset: { label: pred.label, name: pred.path, confidence: String(pred.confidence), review: String(pred.review) },
-  }, thumb, el("div", { class: "card-body" }, head, el("div", { class: "file-name", title: pred.path }, pred.path), bars, camButton));
+  },
+  el("div", { class: "card-top" }, thumb,
+    el("div", { class: "card-body" }, head, el("div", { class: "file-name", title: pred.path }, pred.path), camButton)),
+  bars);
 }
 
 function summary(result) {
