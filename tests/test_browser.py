@@ -39,9 +39,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory) -> Predictor:
-    torch.set_num_threads(1)
     torch.manual_seed(1)
     model = create_model("cnn", num_classes=8, input_size=32)
     with torch.no_grad():

@@ -61,10 +61,10 @@ class Predictor:
     temperature: float = DEFAULT_TEMPERATURE
     review_threshold: float = DEFAULT_REVIEW_THRESHOLD
     interpolation: str = DEFAULT_INTERPOLATION
-    metadata: dict = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict, repr=False)
     source: str = ""
-    model: Any = None  # a BloodcellModel (PyTorch) ...
-    session: Any = None  # ... or an onnxruntime.InferenceSession
+    model: Any = field(default=None, repr=False)  # a BloodcellModel (PyTorch) ...
+    session: Any = field(default=None, repr=False)  # ... or an onnxruntime.InferenceSession
     max_pixels: int = DEFAULT_MAX_PIXELS
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     _lock: Any = field(default_factory=threading.Lock, repr=False)

@@ -138,7 +138,7 @@ def create_app(
 async def _read_body(request, limit: int, mb: float) -> bytes:
     """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
 
-    too_big = HTTPException(413, f"upload too large: more than {mb:g} MB in one request (server limit --max-upload-mb {mb:g})")
+    too_big = HTTPException(413, f"upload too large: more than {mb:.4g} MB in one request (server limit --max-upload-mb {mb:.4g})")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
