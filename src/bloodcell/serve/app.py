@@ -152,7 +152,10 @@ async def _read_body(request, limit: int, mb: float) -> bytes:
 
 def _parse_multipart(content_type: str, body: bytes, fields: tuple[str, ...], max_files: int) -> list[tuple[str, bytes]]:
     """(file name, content) of every part named in `fields`, in order; all in memory."""
-    from python_multipart.multipart import MultipartParser, parse_options_header
+    try:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+    except ImportError:  # python-multipart < 0.0.13 names its module `multipart`
+        from multipart.multipart import MultipartParser, parse_options_header
 
     kind, params = parse_options_header(content_type)
     if kind != b"multipart/form-data" or not params.get(b"boundary"):
