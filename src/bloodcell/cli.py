@@ -264,6 +264,123 @@ def models(
     Console().print(table)
 
 
+# --------------------------------------------------------------------------- predict / export / explain / serve
+
+_MODEL_HELP = "Run directory, its model.safetensors, or an exported .onnx (default: the model bundled with bloodcell)."
+
+
+@app.command("predict")
+@user_errors
+def predict_cmd(
+    paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively for images)."),
+    model: Optional[Path] = typer.Option(None, "--model", help=_MODEL_HELP),
+    fmt: str = typer.Option("table", "--format", help="table, csv (one row per image) or json."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the output to this file (atomically) instead of stdout."),
+    threshold: Optional[float] = typer.Option(
+        None, "--threshold", help="Review threshold: flag cells whose calibrated confidence is below it (default: the model's)."
+    ),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+) -> None:
+    """Classify cell images: class, probabilities and review flag per image, plus the differential count."""
+    from bloodcell.infer import Predictor
+    from bloodcell.infer.report import FORMATS, tables, to_csv, to_json
+
+    if fmt not in FORMATS:
+        raise BloodcellError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    predictor = Predictor.load(model, review_threshold=threshold)
+    result = predictor.predict_paths(paths, batch_size=batch_size, progress=True)
+    if not result["predictions"]:
+        bad = result["unreadable"]
+        raise BloodcellError(f"no readable image among {len(bad)} file(s); first: {bad[0]['path']}: {bad[0]['reason']}")
+    if fmt == "table":
+        import io
+
+        from rich.console import Console
+
+        console = Console() if out is None else Console(file=io.StringIO(), record=True, width=120)
+        for item in tables(result, predictor.review_threshold):
+            console.print(item)
+        text = console.export_text() if out is not None else ""
+    else:
+        text = to_json(result) if fmt == "json" else to_csv(result)
+        if fmt == "csv":
+            for u in result["unreadable"]:
+                typer.echo(f"unreadable: {u['path']}: {u['reason']}", err=True)
+        if out is None:
+            typer.echo(text, nl=False)
+    if out is not None:
+        from bloodcell.io import write_text
+
+        write_text(out, text)
+        typer.echo(f"wrote {out} ({len(result['predictions'])} cells, {len(result['unreadable'])} unreadable)", err=True)
+
+
+@app.command("export")
+@user_errors
+def export_cmd(
+    run_dir: Path = typer.Argument(..., help="Run directory (model.safetensors + model.json)."),
+    onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file; metadata goes beside it as <file>.onnx.json."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    check: List[Path] = typer.Option([], "--check-image", help="Image(s) for the parity check (default: the embedded sample)."),
+) -> None:
+    """Export a trained model to ONNX (dynamic batch) and check it against PyTorch with onnxruntime."""
+    from bloodcell.infer.export import PARITY_TOLERANCE, export_onnx
+
+    report = export_onnx(run_dir, onnx, opset=opset, check_images=check or None)
+    typer.echo(f"wrote {report.path} and {report.sidecar} ({report.exporter} exporter, opset {opset})")
+    typer.echo(
+        f"largest absolute logit difference vs PyTorch on {report.images} {report.image_source}: "
+        f"{report.max_abs_diff:.3g} (tolerance {PARITY_TOLERANCE:g})"
+    )
+
+
+@app.command("explain")
+@user_errors
+def explain_cmd(
+    images: List[Path] = typer.Argument(..., help="Image files and/or folders."),
+    model: Optional[Path] = typer.Option(None, "--model", help="Run directory (a PyTorch model; not .onnx). Default: the bundled model."),
+    out: Path = typer.Option(..., "--out", help="Folder for the Grad-CAM PNGs (<image>.gradcam.png)."),
+) -> None:
+    """Grad-CAM overlays: which part of each image drove the predicted class."""
+    from bloodcell.infer import Predictor
+    from bloodcell.infer.explain import explain_paths
+
+    predictor = Predictor.load(model)
+    skipped: list = []
+    written = explain_paths(predictor, images, out, skipped=skipped)
+    for u in skipped:
+        typer.echo(f"unreadable: {u['path']}: {u['reason']}", err=True)
+    if not written:
+        raise BloodcellError("no readable image to explain")
+    for path in written:
+        typer.echo(str(path))
+
+
+@app.command("serve")
+@user_errors
+def serve_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", help=_MODEL_HELP),
+    host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes the server to the network."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest request body (all files together), MB."),
+    max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Larger images are refused (decompression bombs)."),
+    max_files: int = typer.Option(500, "--max-files", min=1, help="Most images in one request."),
+) -> None:
+    """Serve the model: web page at /, JSON API at /predict and /explain, docs at /docs."""
+    import uvicorn
+
+    from bloodcell.data.images import DEFAULT_MAX_PIXELS
+    from bloodcell.infer import Predictor
+    from bloodcell.serve.app import create_app
+
+    predictor = Predictor.load(model, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    app_ = create_app(predictor, int(max_upload_mb * 1024 * 1024), max_pixels or DEFAULT_MAX_PIXELS, max_files)
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        typer.echo(f"warning: binding {host}: anyone who can reach this machine can upload images; no authentication", err=True)
+    typer.echo(f"bloodcell: model {predictor.model_name} ({predictor.backend}) on http://{host}:{port}/", err=True)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()
 

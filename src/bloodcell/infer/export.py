@@ -1,0 +1,141 @@
+"""Export a trained model to ONNX and prove the export computes what PyTorch computes.
+
+The .onnx file takes the normalised image batch `input` (float32, N x 3 x S x S, N free) and returns
+`logits` (N x K). Preprocessing, temperature and class names live in the sidecar `<file>.onnx.json`
+(model.json plus an `onnx` section), which `Predictor.load("<file>.onnx")` reads.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from bloodcell.errors import ModelError
+from bloodcell.io import atomic_path, write_json
+
+PARITY_TOLERANCE = 1e-4
+SAMPLE_DIR = Path(__file__).resolve().parents[3] / "examples" / "pbc-sample"  # in a source checkout
+
+
+@dataclass
+class ExportReport:
+    path: Path
+    sidecar: Path
+    max_abs_diff: float
+    images: int  # how many images the parity check ran on
+    image_source: str  # "sample images", "given images" or "random images"
+    exporter: str
+
+
+def export_onnx(
+    model: str | os.PathLike,
+    out: str | os.PathLike,
+    opset: int = 17,
+    check_images: Sequence[str | os.PathLike] | None = None,
+    tolerance: float = PARITY_TOLERANCE,
+) -> ExportReport:
+    """Export the run / model directory `model` to `out` (.onnx) plus `out.onnx.json`.
+
+    The parity check runs PyTorch and onnxruntime on `check_images` (default: up to 8 images of the
+    embedded sample, else seeded random pixels), at batch 1 and at the full batch, and raises
+    ModelError when a logit differs by more than `tolerance`. Nothing is written unless it passes.
+    """
+    import torch
+
+    from bloodcell.infer.predictor import Predictor, _onnx_session, onnx_sidecar
+
+    out = Path(out)
+    if out.suffix.lower() != ".onnx":
+        raise ModelError(f"export target {out} must end in .onnx")
+    if Path(model).suffix.lower() == ".onnx":
+        raise ModelError(f"{model} is already an ONNX model: export takes a run directory")
+    predictor = Predictor.load(model)
+    net = predictor.model.eval()
+    images, source = _check_batch(predictor, check_images)
+    x = predictor.normalise(images)
+    size = predictor.input_size
+    dummy = torch.zeros(1, 3, size, size)
+
+    with atomic_path(out) as tmp:
+        exporter = _export(net, dummy, tmp, opset)
+        session = _onnx_session(tmp)
+        name = session.get_inputs()[0].name
+        with torch.inference_mode():
+            expected = net(torch.from_numpy(x)).float().numpy()
+        got_full = session.run(None, {name: x})[0]
+        got_single = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
+        if got_full.shape != expected.shape:
+            raise ModelError(f"ONNX export of {model} gives logits of shape {got_full.shape}, PyTorch {expected.shape}")
+        diff = float(max(np.abs(got_full - expected).max(), np.abs(got_single - expected).max()))
+        if not np.isfinite(diff) or diff > tolerance:
+            raise ModelError(
+                f"ONNX export of {model} differs from PyTorch by up to {diff:.3g} on {len(x)} {source} "
+                f"(tolerance {tolerance:g}); nothing written"
+            )
+        meta = dict(predictor.metadata)
+        meta["onnx"] = {
+            "exported_from": str(model),
+            "opset": opset,
+            "exporter": exporter,
+            "input": name,
+            "input_layout": "N x 3 x H x W float32, normalised with mean/std",
+            "output": session.get_outputs()[0].name,
+            "max_abs_diff": diff,
+            "checked_on": f"{len(x)} {source}",
+        }
+    sidecar = onnx_sidecar(out)
+    write_json(sidecar, meta)
+    return ExportReport(out, sidecar, diff, len(x), source, exporter)
+
+
+def _export(net, dummy, path: Path, opset: int) -> str:
+    """torch.onnx.export with a dynamic batch axis; the dynamo exporter when onnxscript is installed."""
+    import torch
+
+    common = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
+    if importlib.util.find_spec("onnxscript") is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                batch = torch.export.Dim("batch", min=1)
+                torch.onnx.export(net, (dummy,), str(path), dynamo=True, external_data=False,
+                                  dynamic_shapes=({0: batch},), **common)
+            return "dynamo"
+        except Exception:  # fall back to the TorchScript exporter below
+            pass
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
+            torch.onnx.export(
+                net, (dummy,), str(path), dynamo=False,
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **common,
+            )
+    except Exception as exc:
+        raise ModelError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return "torchscript"
+
+
+def _check_batch(predictor, check_images) -> tuple[np.ndarray, str]:
+    from bloodcell.data.images import UnreadableImage
+
+    if check_images:
+        arrays = []
+        for p in check_images:
+            try:
+                arrays.append(predictor.decode(p))
+            except (UnreadableImage, OSError) as exc:
+                raise ModelError(f"cannot use {p} to check the export: {exc}") from None
+        return np.stack(arrays), "given images"
+    if SAMPLE_DIR.is_dir():
+        files = [sorted(d.glob("*.jpg"))[0] for d in sorted(SAMPLE_DIR.iterdir()) if d.is_dir() and any(d.glob("*.jpg"))]
+        if files:
+            return np.stack([predictor.decode(f) for f in files[:8]]), "sample images"
+    rng = np.random.default_rng(0)
+    s = predictor.input_size
+    return rng.integers(0, 256, (4, s, s, 3), dtype=np.uint8), "random images"

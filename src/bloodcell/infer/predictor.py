@@ -1,0 +1,355 @@
+"""Use a trained classifier: load it once, classify image files, folders or uploaded bytes.
+
+`Predictor.load(model)` takes a run / model directory (model.safetensors + model.json), the
+.safetensors file itself, an exported `.onnx` file (with its `.onnx.json` sidecar), or None for the
+model bundled with the package. Every prediction goes through the same steps as training:
+
+    decode (open_rgb: any format, any mode -> RGB; truncated / bomb / non-image -> "unreadable")
+    -> resize to the model's input size (interpolation recorded at training, else bilinear)
+    -> normalise with the model's mean/std -> logits -> softmax(logits / temperature)
+
+and a cell is flagged for review when its calibrated top probability is below the review threshold
+stored with the model (see bloodcell.evaluate.run.choose_review_threshold).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from bloodcell.data.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    INTERPOLATIONS,
+    UnreadableImage,
+    is_image_name,
+    load_array,
+)
+from bloodcell.errors import DataError, ModelError
+
+DEFAULT_TEMPERATURE = 1.0
+DEFAULT_REVIEW_THRESHOLD = 0.9
+DEFAULT_INTERPOLATION = "bilinear"
+ONNX_SIDECAR_SUFFIX = ".json"  # model.onnx -> model.onnx.json
+BUNDLED_MODEL = ("assets", "default_model")
+
+# The white cells of a differential count; platelets, erythroblasts (nucleated red cells) and
+# anything else a model may know are counted but left out of the "% of WBC" column.
+WBC_CLASSES = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+# Cells that do not belong in normal peripheral blood: their presence is spelled out in `flags`.
+FLAG_CLASSES = {
+    "ig": "immature granulocytes",
+    "erythroblast": "erythroblasts (nucleated red cells)",
+}
+
+
+@dataclass
+class Predictor:
+    """A loaded classifier plus everything needed to preprocess and calibrate its inputs."""
+
+    class_names: list[str]
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    temperature: float = DEFAULT_TEMPERATURE
+    review_threshold: float = DEFAULT_REVIEW_THRESHOLD
+    interpolation: str = DEFAULT_INTERPOLATION
+    metadata: dict = field(default_factory=dict, repr=False)
+    source: str = ""
+    model: Any = field(default=None, repr=False)  # a BloodcellModel (PyTorch) ...
+    session: Any = field(default=None, repr=False)  # ... or an onnxruntime.InferenceSession
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    _lock: Any = field(default_factory=threading.Lock, repr=False)
+
+    # ------------------------------------------------------------------ loading
+
+    @classmethod
+    def load(
+        cls,
+        model: str | os.PathLike | None = None,
+        *,
+        review_threshold: float | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> "Predictor":
+        """Load a run directory, a .safetensors file, an .onnx file or (None) the bundled model.
+
+        review_threshold: overrides the threshold stored with the model (0 < t <= 1).
+        """
+        if model is None:
+            path = bundled_model_dir()
+        else:
+            path = Path(model)
+            if not path.exists():
+                raise ModelError(f"model not found: {path} (pass a run directory, its model.safetensors, or an .onnx file)")
+        if path.is_dir() and not (path / "model.safetensors").exists() and (path / "model.onnx").is_file():
+            path = path / "model.onnx"  # a folder holding only an exported model
+
+        if path.suffix.lower() == ".onnx":
+            meta = _read_onnx_sidecar(path)
+            session = _onnx_session(path)
+            predictor = cls._from_metadata(meta, str(path), session=session)
+        else:
+            from bloodcell.models.checkpoint import load_checkpoint
+
+            net, meta = load_checkpoint(path)
+            predictor = cls._from_metadata(meta, str(path), model=net)
+        predictor.max_pixels = int(max_pixels)
+        if review_threshold is not None:
+            predictor.review_threshold = _check_threshold(review_threshold, "--threshold")
+        return predictor
+
+    @classmethod
+    def _from_metadata(cls, meta: dict, source: str, model: Any = None, session: Any = None) -> "Predictor":
+        try:
+            num_classes = int(meta["num_classes"])
+            names = meta.get("class_names") or [f"class_{i}" for i in range(num_classes)]
+            input_size = int(meta["input_size"])
+            mean = tuple(float(v) for v in meta.get("mean") or (0.485, 0.456, 0.406))
+            std = tuple(float(v) for v in meta.get("std") or (0.229, 0.224, 0.225))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"model metadata of {source} lacks or mangles {exc}: re-export or re-train it") from None
+        if len(names) != num_classes or len(mean) != 3 or len(std) != 3:
+            raise ModelError(f"model metadata of {source} is inconsistent: {len(names)} class names for {num_classes} classes")
+        temperature = meta.get("temperature")
+        temperature = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
+        if not np.isfinite(temperature) or temperature <= 0:
+            raise ModelError(f"model metadata of {source}: temperature must be > 0, got {temperature}")
+        threshold = meta.get("review_threshold")
+        threshold = DEFAULT_REVIEW_THRESHOLD if threshold is None else _check_threshold(threshold, f"review_threshold in {source}")
+        interpolation = ((meta.get("training_config") or {}).get("data") or {}).get("interpolation") or DEFAULT_INTERPOLATION
+        if interpolation not in INTERPOLATIONS:
+            raise ModelError(f"model metadata of {source}: unknown interpolation '{interpolation}'")
+        return cls(
+            class_names=[str(c) for c in names],
+            input_size=input_size,
+            mean=mean,
+            std=std,
+            temperature=temperature,
+            review_threshold=threshold,
+            interpolation=interpolation,
+            metadata=dict(meta),
+            source=source,
+            model=model,
+            session=session,
+        )
+
+    @property
+    def model_name(self) -> str:
+        return str(self.metadata.get("model_name", "unknown"))
+
+    @property
+    def backend(self) -> str:
+        return "onnxruntime" if self.session is not None else "pytorch"
+
+    # ------------------------------------------------------------------ the pipeline
+
+    def decode(self, source: str | os.PathLike | bytes, max_pixels: int | None = None) -> np.ndarray:
+        """One image -> uint8 (input_size, input_size, 3); raises UnreadableImage with a reason."""
+        return load_array(source, self.input_size, self.interpolation, max_pixels or self.max_pixels)
+
+    def normalise(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalised exactly as in training."""
+        x = np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2)
+        mean = np.asarray(self.mean, dtype=np.float32).reshape(1, 3, 1, 1) * 255
+        std = np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255
+        return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Raw logits (N, K) float32 of uint8 images (N, input_size, input_size, 3)."""
+        x = self.normalise(images)
+        if self.session is not None:
+            name = self.session.get_inputs()[0].name
+            return np.asarray(self.session.run(None, {name: x})[0], dtype=np.float32)
+        import torch
+
+        with self._lock, torch.inference_mode():
+            return self.model(torch.from_numpy(x)).float().numpy()
+
+    def probabilities(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities (N, K) float64: softmax(logits / temperature)."""
+        from bloodcell.evaluate.calibration import apply_temperature
+
+        return apply_temperature(self.logits(images), self.temperature)
+
+    # ------------------------------------------------------------------ public API
+
+    def predict_paths(
+        self, paths: str | os.PathLike | Sequence[str | os.PathLike], batch_size: int = 32, progress: bool = True
+    ) -> dict:
+        """Classify image files and folders (searched recursively for image files); see `summarize`."""
+        files = collect_images(paths)
+        return self._predict([(str(p), p) for p in files], batch_size, progress)
+
+    def predict_images(
+        self, images: Iterable[tuple[str, bytes]], batch_size: int = 32, max_pixels: int | None = None
+    ) -> dict:
+        """Classify in-memory images given as (name, bytes); the name is only echoed back."""
+        return self._predict(list(images), batch_size, progress=False, max_pixels=max_pixels)
+
+    def _predict(self, items: list[tuple[str, Any]], batch_size: int, progress: bool, max_pixels: int | None = None) -> dict:
+        from bloodcell.progress import progress_bar
+
+        if batch_size < 1:
+            raise DataError(f"batch size must be >= 1, got {batch_size}")
+        names: list[str] = []
+        probs: list[np.ndarray] = []
+        unreadable: list[dict] = []
+
+        def decode(item):
+            name, source = item
+            try:
+                return name, self.decode(source, max_pixels), None
+            except UnreadableImage as exc:
+                return name, None, str(exc)
+            except OSError as exc:  # vanished or unreadable on disk
+                return name, None, f"cannot read file: {exc.strerror or exc}"
+
+        # decode a window of images in parallel (PIL releases the GIL), then run the model on it;
+        # the window bounds memory for folders of any size
+        window = batch_size * max(1, self.workers) * 2
+        with progress_bar(len(items), "classifying", enabled=progress) as advance, ThreadPoolExecutor(self.workers) as pool:
+            for start in range(0, len(items), window):
+                decoded = list(pool.map(decode, items[start : start + window]))
+                ok = [(n, a) for n, a, err in decoded if err is None]
+                unreadable += [{"path": n, "reason": err} for n, _, err in decoded if err is not None]
+                for b in range(0, len(ok), batch_size):
+                    chunk = ok[b : b + batch_size]
+                    probs.append(self.probabilities(np.stack([a for _, a in chunk])))
+                    names += [n for n, _ in chunk]
+                    advance(len(chunk))
+                advance(len(decoded) - len(ok))
+        p = np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)))
+        return summarize(names, p, self.class_names, self.review_threshold, unreadable)
+
+
+# ---------------------------------------------------------------------- results
+
+
+def summarize(
+    names: Sequence[str], probs: np.ndarray, class_names: Sequence[str], review_threshold: float, unreadable: list[dict] | None = None
+) -> dict:
+    """The result object of `predict_*` (documented in docs/inference.md)."""
+    probs = np.asarray(probs, dtype=np.float64).reshape(len(names), len(class_names))
+    predictions = []
+    counts = {c: 0 for c in class_names}
+    for name, p in zip(names, probs):
+        top = int(p.argmax())
+        label = class_names[top]
+        counts[label] += 1
+        predictions.append(
+            {
+                "path": name,
+                "label": label,
+                "probabilities": {c: round(float(v), 6) for c, v in zip(class_names, p)},
+                "confidence": round(float(p[top]), 6),
+                "review": bool(p[top] < review_threshold),
+            }
+        )
+    total = len(predictions)
+    wbc = [c for c in class_names if c in WBC_CLASSES]
+    wbc_total = sum(counts[c] for c in wbc)
+    percent = {c: _pct(counts[c], total) for c in class_names}
+    wbc_percent = {c: _pct(counts[c], wbc_total) for c in wbc}
+    flags = [
+        f"{text} present: {counts[c]} of {total} cells ({100.0 * counts[c] / total:.1f}%)"
+        for c, text in FLAG_CLASSES.items()
+        if counts.get(c)
+    ]
+    return {
+        "predictions": predictions,
+        "counts": counts,
+        "percent": percent,
+        "wbc_percent": wbc_percent,
+        "flags": flags,
+        "unreadable": list(unreadable or []),
+    }
+
+
+def _pct(n: int, total: int) -> float:
+    return round(100.0 * n / total, 2) if total else 0.0
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Files given explicitly (any name: content decides) plus image files found under folders."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p) and not p.name.startswith("."))
+            if not found:
+                raise DataError(f"no image files found in {path} (looked for {' '.join(sorted(IMAGE_SUFFIXES))})")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise DataError(f"image or folder not found: {path}")
+    if not files:
+        raise DataError("no images given")
+    return files
+
+
+def bundled_model_dir() -> Path:
+    """The model shipped inside the package (bloodcell/assets/default_model), if this install has one."""
+    from importlib import resources
+
+    node = resources.files("bloodcell").joinpath(*BUNDLED_MODEL)
+    try:
+        path = Path(os.fspath(node))  # a regular install: a real folder
+    except TypeError:
+        path = None
+    if path is None or not path.is_dir() or not any((path / f).is_file() for f in ("model.json", "model.onnx.json")):
+        raise ModelError("no bundled model in this install: pass --model RUN_DIR")
+    return path
+
+
+def _check_threshold(value: Any, what: str) -> float:
+    try:
+        t = float(value)
+    except (TypeError, ValueError):
+        raise ModelError(f"{what} must be a number between 0 and 1, got {value!r}") from None
+    if not 0.0 < t <= 1.0:
+        raise ModelError(f"{what} must be in (0, 1], got {t}")
+    return t
+
+
+def onnx_sidecar(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ONNX_SIDECAR_SUFFIX)
+
+
+def _read_onnx_sidecar(path: Path) -> dict:
+    sidecar = onnx_sidecar(path)
+    if not sidecar.is_file():
+        raise ModelError(f"{path}: metadata sidecar {sidecar} not found (written by 'bloodcell export')")
+    try:
+        meta = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{sidecar} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or "num_classes" not in meta or "input_size" not in meta:
+        raise ModelError(f"{sidecar} lacks num_classes / input_size")
+    return meta
+
+
+def _onnx_session(path: Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load ONNX model {path}: {first}") from None

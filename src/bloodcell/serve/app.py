@@ -1,0 +1,220 @@
+"""HTTP API and single-page UI around a Predictor (FastAPI).
+
+    POST /predict   multipart field `files` (one or more images) -> the result object of Predictor
+    POST /explain   multipart field `file` (or `files`), one image -> PNG Grad-CAM overlay
+    GET  /health    status, model name, classes, limits
+    GET  /          the page (static/index.html); /static/* its script and style; /docs OpenAPI
+
+Uploads are parsed in memory, never written to disk, and nothing a client sends becomes a file
+path: file names are only echoed back. Content is judged by decoding it, never by name or type.
+
+Status codes: 413 body over max_upload_bytes or more than max_files files; 422 no `files` field,
+or no readable image among the uploads (the message names each file and why); 400 malformed
+multipart body; 501 /explain on an ONNX model. When at least one upload is readable the answer is
+200 and the others are listed under `unreadable`.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from bloodcell.data.images import DEFAULT_MAX_PIXELS
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
+DEFAULT_MAX_FILES = 500
+_MULTIPART_SCHEMA = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "required": ["files"],
+                "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
+            }
+        }
+    },
+}
+_EXPLAIN_SCHEMA = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}
+        }
+    },
+}
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'",
+    "X-Content-Type-Options": "nosniff",
+    "Cache-Control": "no-cache",
+}
+
+
+def create_app(
+    predictor,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_files: int = DEFAULT_MAX_FILES,
+):
+    """A FastAPI app serving `predictor` (a bloodcell.infer.Predictor) with the given limits."""
+    from bloodcell import __version__
+
+    app = FastAPI(
+        title="bloodcell",
+        version=__version__,
+        description="Classify images of single peripheral blood cells. "
+        f"Model: {predictor.model_name} ({len(predictor.class_names)} classes).",
+    )
+    mb = max_upload_bytes / (1024 * 1024)
+
+    async def read_uploads(request: Request, fields: tuple[str, ...]) -> list[tuple[str, bytes]]:
+        body = await _read_body(request, max_upload_bytes, mb)
+        files = _parse_multipart(request.headers.get("content-type", ""), body, fields, max_files)
+        if not files:
+            raise HTTPException(422, f"no files: send images as multipart/form-data in the field '{fields[0]}'")
+        return files
+
+    @app.get("/health")
+    def health() -> dict:
+        """Liveness plus what the page needs to know about the model and the limits."""
+        return {
+            "status": "ok",
+            "model": predictor.model_name,
+            "backend": predictor.backend,
+            "classes": predictor.class_names,
+            "input_size": predictor.input_size,
+            "temperature": predictor.temperature,
+            "review_threshold": predictor.review_threshold,
+            "explain": predictor.model is not None,
+            "max_upload_bytes": max_upload_bytes,
+            "max_files": max_files,
+            "max_pixels": max_pixels,
+            "version": __version__,
+        }
+
+    @app.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA})
+    async def predict(request: Request) -> dict:
+        """Classify one or more images (multipart field `files`); see docs/inference.md for the result."""
+        files = await read_uploads(request, ("files",))
+        result = await run_in_threadpool(predictor.predict_images, files, 32, max_pixels)
+        if not result["predictions"]:
+            bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in result["unreadable"])
+            raise HTTPException(422, f"no readable image in the upload: {bad}")
+        return result
+
+    @app.post("/explain", openapi_extra={"requestBody": _EXPLAIN_SCHEMA}, response_class=Response,
+              responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay (PNG)"}})
+    async def explain(request: Request) -> Response:
+        """Grad-CAM overlay of one image (multipart field `file`) as a PNG."""
+        from bloodcell.data.images import UnreadableImage
+        from bloodcell.infer.explain import explain_bytes
+
+        if predictor.model is None:
+            raise HTTPException(501, "Grad-CAM needs the PyTorch model: start the server with --model RUN_DIR, not an .onnx file")
+        files = await read_uploads(request, ("file", "files"))
+        if len(files) != 1:
+            raise HTTPException(422, f"/explain takes exactly one image, got {len(files)}")
+        name, data = files[0]
+        try:
+            png = await run_in_threadpool(explain_bytes, predictor, data, max_pixels)
+        except UnreadableImage as exc:
+            raise HTTPException(422, f"'{name}': {exc}") from None
+        return Response(png, media_type="image/png")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def page() -> HTMLResponse:
+        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+
+
+async def _read_body(request, limit: int, mb: float) -> bytes:
+    """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
+
+    too_big = HTTPException(413, f"upload too large: more than {mb:.4g} MB in one request (server limit --max-upload-mb {mb:.4g})")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    buf = bytearray()
+    async for chunk in request.stream():
+        buf += chunk
+        if len(buf) > limit:
+            raise too_big
+    return bytes(buf)
+
+
+def _parse_multipart(content_type: str, body: bytes, fields: tuple[str, ...], max_files: int) -> list[tuple[str, bytes]]:
+    """(file name, content) of every part named in `fields`, in order; all in memory."""
+    try:
+        from python_multipart.multipart import MultipartParser, parse_options_header
+    except ImportError:  # python-multipart < 0.0.13 names its module `multipart`
+        from multipart.multipart import MultipartParser, parse_options_header
+
+    kind, params = parse_options_header(content_type)
+    if kind != b"multipart/form-data" or not params.get(b"boundary"):
+        return []
+    parts: list[dict] = []
+    field_name = bytearray()
+    field_value = bytearray()
+
+    def on_part_begin():
+        if len(parts) >= max_files + 16:  # stop early; the exact count is checked below
+            raise _TooMany()
+        parts.append({"headers": {}, "data": bytearray()})
+
+    def on_header_field(data, start, end):
+        field_name.extend(data[start:end])
+
+    def on_header_value(data, start, end):
+        field_value.extend(data[start:end])
+
+    def on_header_end():
+        parts[-1]["headers"][bytes(field_name).lower()] = bytes(field_value)
+        field_name.clear()
+        field_value.clear()
+
+    def on_part_data(data, start, end):
+        parts[-1]["data"].extend(data[start:end])
+
+    callbacks = dict(
+        on_part_begin=on_part_begin,
+        on_header_field=on_header_field,
+        on_header_value=on_header_value,
+        on_header_end=on_header_end,
+        on_part_data=on_part_data,
+    )
+    try:
+        parser = MultipartParser(params[b"boundary"], callbacks)
+        parser.write(body)
+        parser.finalize()
+    except _TooMany:
+        raise HTTPException(413, f"too many files in one request (server limit {max_files})") from None
+    except Exception as exc:  # python-multipart's MultipartParseError and friends
+        raise HTTPException(400, f"malformed multipart body: {exc}") from None
+    files = []
+    for part in parts:
+        _, disp = parse_options_header(part["headers"].get(b"content-disposition", b""))
+        name = disp.get(b"name", b"").decode("utf-8", "replace")
+        if name not in fields:
+            continue
+        filename = _clean_name(disp.get(b"filename", b"").decode("utf-8", "replace")) or f"upload-{len(files) + 1}"
+        files.append((filename, bytes(part["data"])))
+    if len(files) > max_files:
+        raise HTTPException(413, f"too many files: {len(files)} in one request (server limit {max_files})")
+    return files
+
+
+class _TooMany(Exception):
+    pass
+
+
+def _clean_name(name: str) -> str:
+    """A file name fit to echo back: no control characters, at most 200 characters. Never a path."""
+    return re.sub(r"[\x00-\x1f\x7f]", "", name).strip()[:200]

@@ -1,0 +1,206 @@
+"""Tests for bloodcell.serve: the HTTP API (FastAPI TestClient), its limits and the page."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+
+from bloodcell.infer import Predictor
+from bloodcell.models import create_model, save_checkpoint
+from bloodcell.serve.app import _clean_name, create_app
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "examples" / "pbc-sample"
+NAMES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+TWO = [sorted((SAMPLE / "neutrophil").glob("*.jpg"))[0], sorted((SAMPLE / "lymphocyte").glob("*.jpg"))[0]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def predictor(tmp_path_factory) -> Predictor:
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=8, input_size=32)
+    with torch.no_grad():
+        model.head[-1].weight.mul_(25)
+    run = save_checkpoint(model, tmp_path_factory.mktemp("serve") / "run", {"class_names": NAMES, "temperature": 1.3, "review_threshold": 0.6})
+    return Predictor.load(run)
+
+
+@pytest.fixture(scope="module")
+def client(predictor) -> TestClient:
+    return TestClient(create_app(predictor, max_upload_bytes=200_000, max_pixels=1_000_000, max_files=5))
+
+
+def upload(*items, field="files"):
+    return [(field, (name, data, "application/octet-stream")) for name, data in items]
+
+
+def sample(path: Path) -> tuple[str, bytes]:
+    return path.name, path.read_bytes()
+
+
+def png_bytes(w: int, h: int) -> bytes:
+    """A flat-colour PNG: many pixels in few bytes."""
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (200, 180, 210)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_health(client, predictor):
+    r = client.get("/health")
+    assert r.status_code == 200
+    h = r.json()
+    assert h["status"] == "ok" and h["model"] == "cnn" and h["classes"] == NAMES
+    assert h["explain"] is True and h["review_threshold"] == 0.6 and h["max_upload_bytes"] == 200_000
+
+
+def test_predict_two_sample_images(client, predictor):
+    r = client.post("/predict", files=upload(*map(sample, TWO)))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want = predictor.predict_paths(TWO, progress=False)
+    assert [p["path"] for p in got["predictions"]] == [f.name for f in TWO]
+    assert [p["label"] for p in got["predictions"]] == [p["label"] for p in want["predictions"]]
+    for g, w in zip(got["predictions"], want["predictions"]):
+        assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
+    assert got["counts"] == want["counts"] and got["wbc_percent"] == want["wbc_percent"] and got["unreadable"] == []
+
+
+def test_content_is_sniffed_not_the_name(client):
+    name, data = sample(TWO[0])
+    r = client.post("/predict", files=[("files", ("cell.txt", data, "text/plain"))])
+    assert r.status_code == 200 and r.json()["predictions"][0]["path"] == "cell.txt"
+
+
+@pytest.mark.parametrize(
+    "name, data, reason",
+    [
+        ("notes.jpg", b"just some text, not a picture", "not an image"),
+        ("cut.jpg", TWO[0].read_bytes()[:1500], "truncated"),
+        ("empty.png", b"", "empty file"),
+    ],
+)
+def test_single_bad_upload_is_422_naming_the_file(client, name, data, reason):
+    r = client.post("/predict", files=upload((name, data)))
+    assert r.status_code == 422
+    detail = r.json()["detail"]
+    assert name in detail and reason in detail
+
+
+def test_bad_upload_beside_good_ones_is_listed(client):
+    r = client.post("/predict", files=upload(sample(TWO[0]), ("notes.jpg", b"text")))
+    assert r.status_code == 200
+    body = r.json()
+    assert [p["path"] for p in body["predictions"]] == [TWO[0].name]
+    assert body["unreadable"] == [{"path": "notes.jpg", "reason": "not an image (unrecognised content)"}]
+
+
+def test_oversize_upload_is_413(client):
+    r = client.post("/predict", files=upload(("big.png", b"\0" * 250_000)))
+    assert r.status_code == 413
+    assert "upload too large" in r.json()["detail"] and "MB" in r.json()["detail"]
+
+
+def test_oversize_without_content_length_is_413(client):
+    def chunks():
+        for _ in range(30):
+            yield b"x" * 10_000
+
+    r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=abc"})
+    assert r.status_code == 413
+
+
+def test_too_many_pixels_is_422(client):
+    data = png_bytes(1100, 1000)
+    assert len(data) < 200_000  # under the byte limit: the pixel limit must be what stops it
+    r = client.post("/predict", files=upload(("huge.png", data)))
+    assert r.status_code == 422
+    assert "huge.png" in r.json()["detail"] and "too many pixels" in r.json()["detail"]
+
+
+def test_too_many_files_is_413(client):
+    r = client.post("/predict", files=upload(*[sample(TWO[0])] * 6))
+    assert r.status_code == 413 and "too many files" in r.json()["detail"]
+
+
+def test_missing_files_field_is_422(client):
+    r = client.post("/predict", files=upload(sample(TWO[0]), field="image"))
+    assert r.status_code == 422 and "'files'" in r.json()["detail"]
+    r = client.post("/predict")
+    assert r.status_code == 422
+    r = client.post("/predict", data={"files": "not a file"})
+    assert r.status_code == 422
+
+
+def test_malformed_multipart_is_400(client):
+    headers = {"content-type": "multipart/form-data; boundary=abc"}
+    r = client.post("/predict", content=b"garbage\r\n\r\n", headers=headers)
+    assert r.status_code == 400 and "malformed multipart body" in r.json()["detail"]
+    r = client.post("/predict", content=b"--abc\r\nbad header line\r\n\r\nxx\r\n--abc--\r\n", headers=headers)
+    assert r.status_code == 400
+
+
+def test_file_names_are_only_echoed(client, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    name, data = sample(TWO[0])
+    r = client.post("/predict", files=upload(("../../evil.jpg", data)))
+    assert r.status_code == 200
+    assert r.json()["predictions"][0]["path"] == "../../evil.jpg"
+    assert list(tmp_path.iterdir()) == [] and not (tmp_path.parent.parent / "evil.jpg").exists()
+    assert _clean_name(" a\x00b\x1f\x7fc.jpg\n") == "abc.jpg" and len(_clean_name("x" * 500)) == 200
+
+
+def test_explain_returns_png(client):
+    r = client.post("/explain", files=upload(sample(TWO[0]), field="file"))
+    assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+    img = Image.open(io.BytesIO(r.content))
+    assert img.format == "PNG" and img.width >= 400
+    bad = client.post("/explain", files=upload(("x.jpg", b"nope"), field="file"))
+    assert bad.status_code == 422 and "x.jpg" in bad.json()["detail"]
+    two = client.post("/explain", files=upload(*map(sample, TWO), field="file"))
+    assert two.status_code == 422 and "exactly one" in two.json()["detail"]
+
+
+def test_explain_on_onnx_model_is_501(predictor, tmp_path):
+    from bloodcell.infer.export import export_onnx
+
+    report = export_onnx(predictor.source, tmp_path / "m.onnx")
+    onnx_client = TestClient(create_app(Predictor.load(report.path)))
+    assert onnx_client.get("/health").json()["explain"] is False
+    r = onnx_client.post("/explain", files=upload(sample(TWO[0]), field="file"))
+    assert r.status_code == 501 and "PyTorch" in r.json()["detail"]
+    assert onnx_client.post("/predict", files=upload(sample(TWO[0]))).status_code == 200
+
+
+def test_page_and_static_assets(client):
+    r = client.get("/")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert 'id="file-input"' in r.text and "/static/app.js" in r.text
+    assert "default-src 'self'" in r.headers["content-security-policy"]
+    assert "http://" not in r.text and "https://" not in r.text  # no external assets
+    for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
+        a = client.get(f"/static/{asset}")
+        assert a.status_code == 200 and kind in a.headers["content-type"]
+        assert "http://" not in a.text and "https://" not in a.text
+    assert client.get("/static/../app.py").status_code == 404
+
+
+def test_openapi_documents_the_endpoints(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/predict", "/explain", "/health"} <= set(spec["paths"])
+    body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert body["required"] == ["files"]
+    assert client.get("/docs").status_code == 200
