@@ -22,5 +22,12 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+bench: $(STAMP)
+	$(PY) benchmarks/cache_build.py examples/pbc-sample
+	$(PY) benchmarks/inference.py --arch cnn --size 64
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
