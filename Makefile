@@ -6,7 +6,7 @@ BLOODCELL := $(VENV)/bin/bloodcell
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast bench clean default-model
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Retrain the bundled model on the full PBC dataset (PBC=path), then copy it into the package.
+PBC ?= ../shared/data/pbc
+default-model: $(STAMP)
+	$(BLOODCELL) train configs/default-model.yaml --data $(PBC) --out runs/default-model --resume
+	$(PY) tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

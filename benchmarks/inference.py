@@ -29,16 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def time_batches(fn, batch: np.ndarray, warmup: int, iters: int, min_seconds: float) -> tuple[float, float]:
     """(images per second, median milliseconds per batch)."""
     for _ in range(warmup):
@@ -68,6 +58,7 @@ def main() -> None:
     import torch
 
     from bloodcell import __version__
+    from bloodcell.evaluate.run import cpu_name
     from bloodcell.infer import Predictor
     from bloodcell.infer.export import export_onnx
     from bloodcell.models import create_model, save_checkpoint

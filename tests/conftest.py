@@ -16,6 +16,34 @@ PBC = Path(os.environ.get("BLOODCELL_PBC", REPO.parent / "shared" / "data" / "pb
 os.environ.setdefault("BLOODCELL_PROGRESS", "0")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """CI has two busy cores: one torch thread per process is faster there, and runs stay comparable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CLASS_NAMES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+
+
+def toy_run(directory: Path, seed: int = 0, size: int = 32) -> Path:
+    """An untrained cnn with sharpened logits saved as a run directory (temperature 1.3, review below 0.6)."""
+    import torch
+
+    from bloodcell.models import create_model
+    from bloodcell.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(seed)
+    model = create_model("cnn", num_classes=8, input_size=size)
+    with torch.no_grad():
+        model.head[-1].weight.mul_(25)
+    return save_checkpoint(model, directory, {"class_names": CLASS_NAMES, "temperature": 1.3, "review_threshold": 0.6})
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache root: no test reads another's (or the user's) cache."""

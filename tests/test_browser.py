@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from bloodcell.infer import Predictor
-from bloodcell.models import create_model, save_checkpoint
+from conftest import CLASS_NAMES, toy_run
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
-NAMES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+NAMES = CLASS_NAMES
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
@@ -39,22 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory) -> Predictor:
-    torch.manual_seed(1)
-    model = create_model("cnn", num_classes=8, input_size=32)
-    with torch.no_grad():
-        model.head[-1].weight.mul_(25)
-    run = save_checkpoint(model, tmp_path_factory.mktemp("browser") / "run", {"class_names": NAMES, "temperature": 1.3, "review_threshold": 0.6})
-    return Predictor.load(run)
+    return Predictor.load(toy_run(tmp_path_factory.mktemp("run") / "run", seed=1))
 
 
 @pytest.fixture(scope="module")

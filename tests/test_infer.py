@@ -45,14 +45,6 @@ def make_run(directory: Path, seed: int = 0, scale: float = 25.0, force: str | N
     return save_checkpoint(model, directory, metadata)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return make_run(tmp_path_factory.mktemp("infer") / "run")

@@ -34,15 +34,6 @@ TABLE2_ROWS = {
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small CPU tensors: a second thread only adds sync cost, and on a busy 2-core machine
-    spinning OpenMP threads made single steps 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def min_batch(name: str, batch: int = 2) -> torch.Tensor:
     size = get_spec(name).min_input_size

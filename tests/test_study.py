@@ -23,14 +23,6 @@ from test_train import BLOODCELL, cli_env
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_study(tmp_path: Path, extra_experiments: list[dict] | None = None, seeds=(1, 2)) -> Path:
     spec = {
         "name": "tiny",

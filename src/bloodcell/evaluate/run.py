@@ -69,7 +69,7 @@ def choose_review_threshold(probs: np.ndarray, y_true: np.ndarray, target: float
 def environment() -> dict:
     env = {
         "machine": platform.machine(),
-        "processor": _cpu_name(),
+        "processor": cpu_name(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -85,7 +85,7 @@ def environment() -> dict:
     return env
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

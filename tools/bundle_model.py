@@ -1,0 +1,52 @@
+"""Copy a finished run's model into the package as the bundled default model.
+
+    .venv/bin/python tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model
+
+Copies model.safetensors and model.json (which already carry classes, input size, normalisation, temperature,
+review threshold, training config and test metrics) and adds where the model came from. Refuses an unfinished run.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+from bloodcell import io
+from bloodcell.models.checkpoint import load_checkpoint
+
+
+def main() -> None:
+    run, dest = Path(sys.argv[1]), Path(sys.argv[2])
+    status = json.loads((run / "status.json").read_text())
+    if status.get("state") != "complete":
+        sys.exit(f"error: {run} is not a finished run (status {status.get('state')})")
+    load_checkpoint(run)  # refuses a broken or mismatched pair before it ships
+    metrics = json.loads((run / "metrics.json").read_text())
+    meta = json.loads((run / "model.json").read_text())
+    test = metrics["test"]
+    meta["bundled"] = {
+        "trained_on": "PBC (Acevedo et al. 2020), training part of the default split",
+        "split": {"seed": metrics["provenance"]["split_seed"], "test_size": 0.3, "val_size": 0.2, "dedup": True},
+        "data_fingerprint": metrics["provenance"]["data_fingerprint"],
+        "test_accuracy": test["accuracy"],
+        "test_accuracy_ci95": test["ci95"]["accuracy"],
+        "test_f1_macro": test["f1_macro"],
+        "test_ece": test["ece"],
+        "test_ece_calibrated": test["ece_calibrated"],
+        "test_n": test["n"],
+        "per_class_recall": {k: v["recall"] for k, v in test["per_class"].items()},
+        "machine": metrics["provenance"]["environment"],
+        "train_seconds": metrics["provenance"].get("train_seconds"),
+        "retrain": "make default-model PBC=/path/to/PBC_dataset_normal_DIB",
+    }
+    dest.mkdir(parents=True, exist_ok=True)
+    with io.atomic_path(dest / "model.safetensors") as tmp:
+        shutil.copyfile(run / "model.safetensors", tmp)
+    io.write_json(dest / "model.json", meta)
+    print(f"bundled {meta['model_name']} ({(dest / 'model.safetensors').stat().st_size / 1e6:.1f} MB), test accuracy {test['accuracy']:.4f}, into {dest}")
+
+
+if __name__ == "__main__":
+    main()
