@@ -1,0 +1,51 @@
+"""The model shipped inside the package: loads offline, is small, and classifies the unseen embedded sample."""
+
+from __future__ import annotations
+
+import json
+import math
+from importlib import resources
+
+from typer.testing import CliRunner
+
+from bloodcell.cli import app
+from bloodcell.infer import Predictor
+
+from conftest import SAMPLE
+
+BUNDLE = resources.files("bloodcell") / "assets" / "default_model"
+
+
+def test_bundled_model_is_small_and_documented():
+    weights = BUNDLE / "model.safetensors"
+    assert weights.is_file() and weights.stat().st_size <= 20 * 1024 * 1024
+    meta = json.loads((BUNDLE / "model.json").read_text())
+    b = meta["bundled"]
+    assert b["split"]["seed"] == 42 and b["test_n"] > 5000  # scored on the full PBC test part
+    assert 0 < meta["temperature"] < 10 and 0 < meta["review_threshold"] < 1
+    assert meta["class_names"] == sorted(p.name for p in SAMPLE.iterdir() if p.is_dir())
+
+
+def test_bundled_model_classifies_the_unseen_sample():
+    """The 200 sample images come from the test part of the split the model was trained with (tools/make_sample.py).
+
+    Expected accuracy on this class-balanced sample is the mean of the model's per-class test recalls; the threshold
+    is that minus 3.1 binomial standard errors for 200 images (a 1-in-1000 chance of failing for a correct model).
+    """
+    meta = json.loads((BUNDLE / "model.json").read_text())
+    recalls = meta["bundled"]["per_class_recall"]
+    expected = sum(recalls.values()) / len(recalls)
+    threshold = expected - 3.1 * math.sqrt(expected * (1 - expected) / 200)
+    result = Predictor.load(None).predict_paths([SAMPLE], progress=False)
+    preds = result["predictions"]
+    assert len(preds) == 200 and result["unreadable"] == []
+    correct = sum(p["label"] == p["path"].replace("\\", "/").split("/")[-2] for p in preds)
+    assert correct / 200 >= threshold, f"{correct}/200 below {threshold:.3f} (expected {expected:.3f})"
+
+
+def test_predict_works_without_a_model_argument(tmp_path):
+    out = tmp_path / "result.json"
+    result = CliRunner().invoke(app, ["predict", str(SAMPLE / "platelet"), "--format", "json", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert sum(data["counts"].values()) == 25 and abs(sum(data["percent"].values()) - 100) < 1e-6
