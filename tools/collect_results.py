@@ -1,0 +1,32 @@
+"""Copy a study's report and small per-run artefacts (no weights, no checkpoints) into docs/results/NAME/.
+
+    .venv/bin/python tools/collect_results.py /path/to/study docs/results/paper-cpu
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+KEEP = {"config.yaml", "metrics.json", "history.csv", "status.json", "aggregate.json"}
+
+
+def main() -> None:
+    src, dst = Path(sys.argv[1]), Path(sys.argv[2])
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("report.md", "report.html", "study.yaml", "study_status.json"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+    if (src / "figures").exists():
+        shutil.copytree(src / "figures", dst / "figures", dirs_exist_ok=True)
+    for f in (src / "runs").rglob("*"):
+        rel = f.relative_to(src)
+        if f.is_file() and (f.name in KEEP or (f.suffix == ".png" and f.parent.name == "figures")) and "checkpoints" not in rel.parts:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / rel)
+    print(f"copied {src} -> {dst}")
+
+
+if __name__ == "__main__":
+    main()
