@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io as _io
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -30,6 +31,13 @@ from bloodcell.progress import enabled_by_default
 from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, checkpoint_is_valid
 from bloodcell.train.module import Classifier, epoch_seed
 from bloodcell.train.smote import smote_oversample
+
+class _NoAdverts(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:  # Lightning's start-up "Tip: ... litlogger" line
+        return "litlogger" not in record.getMessage()
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoAdverts())
 
 HISTORY_COLUMNS = ["epoch", "stage", "objective", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "seconds"]
 
