@@ -155,9 +155,33 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
     module = Classifier(model, cfg, weights, device_images=images if on_device else None)
     module.on_history = lambda rows: _write_history(run_dir, rows)  # history.csv after every epoch
 
-    devices = cfg.train.devices
-    world = (devices if isinstance(devices, int) else len(devices) if isinstance(devices, list) else 1) * cfg.train.num_nodes
-    rank = rank_zero_only.rank if world > 1 else 0
+    ckpt_dir = run_dir / "checkpoints"
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_last=False, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
+    ]
+    if progress and rank_zero_only.rank == 0:
+        callbacks.append(RichProgressBar(leave=True))
+    if cfg.train.early_stopping_patience and len(val_idx):
+        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.train.early_stopping_patience, mode="min"))
+    trainer = L.Trainer(
+        accelerator=accelerator,
+        devices=cfg.train.devices,
+        num_nodes=cfg.train.num_nodes,
+        strategy=cfg.train.strategy,
+        precision=resolve_precision(cfg, accelerator),
+        max_epochs=cfg.train.epochs,
+        callbacks=callbacks,
+        plugins=[SafetensorsCheckpointIO()],
+        logger=False,
+        enable_progress_bar=progress and rank_zero_only.rank == 0,
+        enable_model_summary=False,
+        deterministic=accelerator == "cpu",
+        use_distributed_sampler=False,  # EpochBatches shards by rank itself, keeping (seed, epoch) order
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+    )
+    # The trainer knows the real world size and this process's rank (also with devices="auto" on many GPUs).
+    rank, world = trainer.global_rank, trainer.world_size
     workers = cfg.train.workers if cfg.train.workers is not None else 0
     loader_args = dict(batch_size=None, num_workers=workers, persistent_workers=workers > 0, pin_memory=accelerator == "gpu" and not on_device)
     train_loader = DataLoader(
@@ -170,37 +194,11 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         if len(val_idx)
         else None
     )
-
-    ckpt_dir = run_dir / "checkpoints"
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_last=False, save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
-    ]
-    if progress and rank == 0:
-        callbacks.append(RichProgressBar(leave=True))
-    if cfg.train.early_stopping_patience and val_loader is not None:
-        callbacks.append(EarlyStopping(monitor="val_loss", patience=cfg.train.early_stopping_patience, mode="min"))
-    trainer = L.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        num_nodes=cfg.train.num_nodes,
-        strategy=cfg.train.strategy,
-        precision=resolve_precision(cfg, accelerator),
-        max_epochs=cfg.train.epochs,
-        callbacks=callbacks,
-        plugins=[SafetensorsCheckpointIO()],
-        logger=False,
-        enable_progress_bar=progress and rank == 0,
-        enable_model_summary=False,
-        deterministic=accelerator == "cpu",
-        use_distributed_sampler=False,  # EpochBatches shards by rank itself, keeping (seed, epoch) order
-        num_sanity_val_steps=0,
-        default_root_dir=str(run_dir),
-    )
     if cfg.train.compile:
         module.model = torch.compile(module.model)
     ckpt_path = ckpt_dir / "last.ckpt"
     resume_from = str(ckpt_path) if resume and checkpoint_is_valid(ckpt_path) else None
-    if rank == 0 and trainer.is_global_zero:
+    if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*|.*exists and is not empty.*")
