@@ -101,6 +101,16 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path):
         assert (d / "metrics.json").stat().st_mtime_ns == stamp, f"{d} was redone"
 
 
+def test_report_only_trains_nothing(tmp_path):
+    cfg = tiny_study(tmp_path, seeds=(1,))
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["study", str(cfg), "--out", str(out), "--report-only"])
+    assert result.exit_code == 0, result.output
+    assert "runs complete: 0 of 4" in result.output and not (out / "runs").exists()
+    md = (out / "report.md").read_text()
+    assert "CNN (not run / failed)" in md and "## Environment" in md
+
+
 def test_a_failing_run_is_reported_and_the_rest_go_on(tmp_path):
     broken = {"name": "broken", "row": "Broken", "set": {"model.name": "no-such-model", "data.input_size": 16}, "protocols": ["shuffle"]}
     cfg = tiny_study(tmp_path, [broken], seeds=(1,))

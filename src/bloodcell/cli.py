@@ -207,6 +207,7 @@ def study_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default runs/<study name>)."),
     only: List[str] = typer.Option([], "--only", help="Run only these experiments (repeatable)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),
+    report_only: bool = typer.Option(False, "--report-only", help="Train nothing: write the report from the runs already in --out."),
 ) -> None:
     """Run many experiments (model x protocol x seed), resumably, and write report.md + report.html."""
     from bloodcell.study.runner import run_study
@@ -214,7 +215,7 @@ def study_cmd(
 
     spec, _ = load_study(config)
     out = out or Path("runs") / spec.name
-    summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides), only=list(only) or None)
+    summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides), only=list(only) or None, report_only=report_only)
     typer.echo(f"runs complete: {summary['complete']} of {summary['runs']}" + (f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""))
     _print_study_summary(summary)
     typer.echo(f"report: {summary['report']}")

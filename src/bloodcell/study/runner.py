@@ -36,8 +36,12 @@ def run_study(
     overrides: list[str] | None = None,
     only: list[str] | None = None,
     progress: bool = True,
+    report_only: bool = False,
 ) -> dict:
-    """Run every run of the study config into out/runs/..., then write out/report.md and out/report.html."""
+    """Run every run of the study config into out/runs/..., then write out/report.md and out/report.html.
+
+    `report_only`: train nothing; write the report from the runs already in `out` (e.g. while a study is paused).
+    """
     from bloodcell.study.report import write_report
 
     spec, base_dir = load_study(config)
@@ -45,14 +49,15 @@ def run_study(
     runs = expand_runs(spec, base_dir, extra, only)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    io.write_text(out / "study.yaml", Path(config).read_text())
+    if not report_only:
+        io.write_text(out / "study.yaml", Path(config).read_text())
     t_start = time.perf_counter()
     results: dict[str, dict] = {}
     show = progress and enabled_by_default()
     columns = [TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console(), disable=not show) as bar:
         task = bar.add_task("runs", total=len(runs), name=spec.name)
-        for run in runs:
+        for run in [] if report_only else runs:
             run_dir = run_dir_for(out, run)
             if is_complete(run_dir):
                 results[run.key] = {"state": "complete", "skipped": True}
