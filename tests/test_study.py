@@ -108,7 +108,7 @@ def test_report_only_trains_nothing(tmp_path):
     assert result.exit_code == 0, result.output
     assert "runs complete: 0 of 4" in result.output and not (out / "runs").exists()
     md = (out / "report.md").read_text()
-    assert "CNN (not run / failed)" in md and "## Environment" in md
+    assert "CNN (not run yet)" in md and "## Environment" in md
 
 
 def test_a_failing_run_is_reported_and_the_rest_go_on(tmp_path):
@@ -121,7 +121,7 @@ def test_a_failing_run_is_reported_and_the_rest_go_on(tmp_path):
     status = json.loads((out / "runs/broken/shuffle/seed-1/status.json").read_text())
     assert status["state"] == "failed" and "no-such-model" in status["error"]
     md = (out / "report.md").read_text()
-    assert "Broken (not run / failed)" in md and "no-such-model" in md
+    assert "Broken (failed)" in md and "no-such-model" in md
 
 
 def test_study_config_errors_name_the_problem(tmp_path):

@@ -182,7 +182,7 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
         doc.p("**Every model was trained from scratch** (no ImageNet weights); the paper's transfer models used ImageNet weights.")
 
     _dataset_section(doc, out, prov)
-    _paper_tables(doc, spec, by)
+    _paper_tables(doc, spec, by, out)
     _shuffle_section(doc, spec, by, out)
     _per_run_section(doc, spec, by, out)
     _environment_section(doc, out, runs, prov, summary)
@@ -223,7 +223,15 @@ def _dataset_section(doc: Doc, out: Path, prov: dict) -> None:
         doc.img(fig, "Class distribution in the training, validation and test parts (paper Fig. 2)")
 
 
-def _paper_tables(doc: Doc, spec: StudySpec, by: dict) -> None:
+def _missing(out: Path, entries: list) -> str:
+    """Why a row has no numbers: '(failed)', '(interrupted)' or '(not run yet)'."""
+    states = {read_status(run_dir_for(out, r)).get("state") for r, _ in entries}
+    if "failed" in states:
+        return " (failed)"
+    return " (interrupted)" if "running" in states else " (not run yet)"
+
+
+def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
     tables = sorted({p.table for p in spec.protocols.values() if p.table})
     for t in tables:
         protos = [name for name, p in spec.protocols.items() if p.table == t]
@@ -244,7 +252,7 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict) -> None:
                 tr = [_value(m, "train.accuracy") for m in ms]
                 te = [_value(m, "test.accuracy") for m in ms]
                 single = lookup(ms[0], "test.ci95.accuracy") if len(ms) == 1 else None
-                state = "" if ms else " (not run / failed)"
+                state = "" if ms else _missing(out, entries)
                 rows.append([
                     (exp.row or exp.name) + state,
                     _mean_sd(tr), _mean_sd(te), _ci(te, single),
