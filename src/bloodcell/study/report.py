@@ -274,6 +274,10 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
             doc.p("Ours: mean ± sd over seeds (one value when n=1). Precision / recall / F1 are weighted, as in the paper.")
 
 
+def _p(p: float) -> str:
+    return "< 1e-16" if p < 1e-16 else f"{p:.3g}"  # below double precision's resolution near 1
+
+
 def _shuffle_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
     pairs = [(e, "no_shuffle", "shuffle") for e in spec.experiments if {"no_shuffle", "shuffle"} <= set(e.protocols)]
     if not pairs:
@@ -301,8 +305,8 @@ def _shuffle_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 pvals.append(mcnemar_test(pa[1], pa[2], pb[2])["p_value"])
         diff = 100 * (np.mean(acc_b) - np.mean(acc_a))
         paired = paired_difference_summary(acc_b, acc_a) if len(seeds) >= 2 else None
-        p_text = ", ".join(f"{p:.3g}" for p in pvals) or "–"
-        rows.append([exp.row or exp.name, _mean_sd(acc_a), _mean_sd(acc_b), f"{diff:+.2f}", p_text, f"{paired['p_value']:.3g}" if paired and paired.get("p_value") is not None else "–", str(len(seeds))])
+        p_text = ", ".join(_p(p) for p in pvals) or "–"
+        rows.append([exp.row or exp.name, _mean_sd(acc_a), _mean_sd(acc_b), f"{diff:+.2f}", p_text, _p(paired['p_value']) if paired and paired.get("p_value") is not None else "–", str(len(seeds))])
         beyond = pvals and all(p < 0.05 for p in pvals)
         verdict = "beyond noise" if beyond else "within noise"
         sentences.append(
