@@ -255,3 +255,16 @@ def test_training_checkpoints_round_trip_without_pickle(tmp_path):
 
     with pytest.raises(ModelError, match="incomplete"):
         read_checkpoint(tmp_path / "last.ckpt")
+
+
+def test_evaluate_rebuilds_the_metrics_of_a_run(tmp_path):
+    cfg = write_cfg(tmp_path / "c.yaml", {**TINY, "train": {"epochs": 2, "batch_size": 32}})
+    run = tmp_path / "run"
+    first = train(cfg, run)
+    (run / "metrics.json").unlink()
+    result = runner.invoke(app, ["evaluate", str(run)])
+    assert result.exit_code == 0, result.output
+    again = json.loads((run / "metrics.json").read_text())
+    assert again["test"]["accuracy"] == first["test"]["accuracy"] and again["temperature"] == first["temperature"]
+    not_a_run = runner.invoke(app, ["evaluate", str(tmp_path)])
+    assert not_a_run.exit_code == 2 and "is not a run directory" in not_a_run.output
