@@ -22,7 +22,8 @@ def main() -> None:
         shutil.copytree(src / "figures", dst / "figures", dirs_exist_ok=True)
     for f in (src / "runs").rglob("*"):
         rel = f.relative_to(src)
-        if f.is_file() and (f.name in KEEP or (f.suffix == ".png" and f.parent.name == "figures")) and "checkpoints" not in rel.parts:
+        folds = any(part.startswith("fold-") for part in rel.parts)  # fold figures are summarised by the report
+        if f.is_file() and (f.name in KEEP or (f.suffix == ".png" and f.parent.name == "figures" and not folds)) and "checkpoints" not in rel.parts:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dst / rel)
     print(f"copied {src} -> {dst}")

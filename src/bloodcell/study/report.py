@@ -114,11 +114,11 @@ def _mean_sd(values: list[float]) -> str:
     return f"{100 * s['mean']:.2f} ± {100 * s['sd']:.2f}"
 
 
-def _ci(values: list[float], single_ci) -> str:
+def _ci(values: list[float], single_ci, unit: str = "seeds") -> str:
     vals = [v for v in values if v is not None]
     if len(vals) >= 2:
         lo, hi = mean_sd_ci(vals)["ci95"]
-        return f"[{100 * lo:.2f}, {100 * hi:.2f}] (t, n={len(vals)} seeds)"
+        return f"[{100 * lo:.2f}, {100 * hi:.2f}] (t, n={len(vals)} {unit})"
     if len(vals) == 1 and single_ci:
         return f"[{100 * single_ci[0]:.2f}, {100 * single_ci[1]:.2f}] (bootstrap)"
     return "–"
@@ -267,7 +267,7 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 crow = []
                 for label, key in keys:
                     per_fold = [v for m in ms for v in (m["per_run"].get(key) or [])]
-                    crow.append([label, _mean_sd(per_fold), _ci(per_fold, None), f"{paper_m[label]:.2f}" if label in paper_m else "–"])
+                    crow.append([label, _mean_sd(per_fold), _ci(per_fold, None, "folds"), f"{paper_m[label]:.2f}" if label in paper_m else "–"])
                 n_folds = len(ms[0]["runs"])
                 doc.p(f"**{exp.row or exp.name}**: {n_folds}-fold cross-validation on the training part, each fold's model scored on the same held-out test part; mean ± sd over folds{' and seeds' if len(ms) > 1 else ''}.")
                 doc.table(["Metric", "Ours %", "95% CI", "Paper %"], crow)
