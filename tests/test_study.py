@@ -92,6 +92,9 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    time.sleep(2.5)  # worker processes notice within a second that their parent is gone
+    leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    assert leftovers == [], f"orphaned worker processes: {leftovers}"
     finished = _complete_runs(out)
     stamps = {d: (d / "metrics.json").stat().st_mtime_ns for d in finished}
     result = runner.invoke(app, ["study", str(cfg), "--out", str(out)])

@@ -21,6 +21,7 @@ import numpy as np
 
 from bloodcell import io
 from bloodcell.data.discover import Inventory, default_cache_dir
+from bloodcell.data.workers import exit_with_parent
 from bloodcell.data.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, UnreadableImage, load_array
 from bloodcell.errors import DataError
 from bloodcell.progress import progress_bar
@@ -56,8 +57,10 @@ def cache_key(inv: Inventory, size: int, interpolation: str) -> str:
 _worker_out: np.ndarray | None = None
 
 
-def _init_worker(npy_path: str) -> None:
+def _init_worker(npy_path: str, in_pool: bool = True) -> None:
     global _worker_out
+    if in_pool:
+        exit_with_parent()
     _worker_out = np.load(npy_path, mmap_mode="r+")
 
 
@@ -141,7 +144,7 @@ def build_cache(
                         failures.extend(bad)
                         advance(done)
             else:
-                _init_worker(str(npy))
+                _init_worker(str(npy), in_pool=False)
                 for job in jobs:
                     done, bad = _fill_chunk(job)
                     failures.extend(bad)

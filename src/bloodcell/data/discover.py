@@ -19,6 +19,7 @@ from typing import Iterable
 
 from bloodcell import io
 from bloodcell.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, is_image_name, open_rgb
+from bloodcell.data.workers import exit_with_parent
 from bloodcell.errors import DataError
 from bloodcell.progress import progress_bar
 
@@ -267,7 +268,7 @@ def scan(
     n_workers = workers or os.cpu_count() or 1
     with progress_bar(len(todo), f"checking {len(todo)} images", enabled=progress) as advance:
         if len(todo) >= _PARALLEL_MIN_FILES and n_workers > 1:
-            with ProcessPoolExecutor(max_workers=n_workers) as pool:
+            with ProcessPoolExecutor(max_workers=n_workers, initializer=exit_with_parent) as pool:
                 for path, res in pool.map(_probe, todo, chunksize=64):
                     results[path] = res
                     advance()
