@@ -16,11 +16,14 @@ from bloodcell.data.images import load_array  # noqa: E402
 from bloodcell.data.split import Split  # noqa: E402
 
 
-def save_figure(fig, path: str | Path) -> Path:
+def save_figure(fig, path: str | Path, dpi: int = 110) -> Path:
+    """Write `fig` to `path` as PNG via a temp file (atomic), always closing the figure."""
     path = Path(path)
-    with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        with io.atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -21,21 +21,14 @@ from bloodcell.evaluate.metrics import (  # noqa: E402
     normalize_confusion_matrix,
     reliability_curve,
 )
-from bloodcell.io import atomic_path  # noqa: E402
+from bloodcell.data.figures import save_figure  # noqa: E402
 
 DPI = 120
 RIGHT, WRONG = "#1a7f37", "#cf222e"  # green / red that stay distinguishable in print
 
 
 def _save(fig, path) -> Path:
-    """Write `fig` to `path` as PNG via a temp file, always closing the figure."""
-    path = Path(path)
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=DPI)
 
 
 # ---------------------------------------------------------------- training curves (paper Figs 7-9)
