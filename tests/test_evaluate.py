@@ -336,3 +336,54 @@ def test_torch_tensors_are_accepted():
     pt = torch.softmax(zt, dim=1)  # float32 rows: renormalised, not rejected
     assert classification_metrics(yt, pt, NAMES, n_bootstrap=0)["accuracy"] == pytest.approx(
         np.mean(z.argmax(1) == y))
+
+
+def _member(run_dir, y, probs, classes=("a", "b", "c"), paths=None):
+    from bloodcell.evaluate.run import write_predictions
+
+    run_dir.mkdir(parents=True)
+    paths = paths or [f"img{i}.jpg" for i in range(len(y))]
+    write_predictions(run_dir / "predictions.csv", paths, [classes[k] for k in y], list(classes), probs)
+    return run_dir
+
+
+def test_soft_voting_ensemble_beats_members_that_err_on_different_images(tmp_path):
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+    from bloodcell.evaluate.ensemble import ensemble_runs
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 3, 300)
+    runs = []
+    for m in range(3):  # each member is confidently right except on its own third of the images
+        probs = np.full((300, 3), 0.1)
+        probs[np.arange(300), y] = 0.8
+        wrong = np.arange(300) % 3 == m
+        probs[wrong] = 0.1
+        probs[wrong, (y[wrong] + 1) % 3] = 0.55
+        probs[wrong, y[wrong]] = 0.35
+        runs.append(_member(tmp_path / f"m{m}", y, probs))
+    result = ensemble_runs(runs, tmp_path / "ens", n_bootstrap=100)
+    assert all(abs(a - 2 / 3) < 1e-9 for a in result["member_accuracy"].values())
+    assert result["test"]["accuracy"] == 1.0 and result["test"]["n"] == 300
+    assert result["vs_best_member"]["p_value"] < 1e-10
+    assert json.loads((tmp_path / "ens" / "metrics.json").read_text())["test"]["accuracy"] == 1.0
+    assert (tmp_path / "ens" / "figures" / "confusion.png").stat().st_size > 1000
+    out = CliRunner().invoke(app, ["ensemble", *map(str, runs), "--out", str(tmp_path / "cli"), "--bootstrap", "0"])
+    assert out.exit_code == 0 and "ensemble of 3: test accuracy 1.0000" in out.output
+
+
+def test_ensemble_refuses_runs_tested_on_other_images_or_classes(tmp_path):
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+
+    y = np.array([0, 1, 2, 0])
+    probs = np.eye(3)[y]
+    a = _member(tmp_path / "a", y, probs)
+    other_split = _member(tmp_path / "b", y, probs, paths=["x0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"])
+    other_classes = _member(tmp_path / "c", y, probs, classes=("a", "b", "z"))
+    for other, words in ((other_split, "different images"), (other_classes, "one class list"), (tmp_path / "nothing", "predictions.csv not found")):
+        out = CliRunner().invoke(app, ["ensemble", str(a), str(other), "--out", str(tmp_path / "o")])
+        assert out.exit_code == 2 and words in out.output and "Traceback" not in out.output, out.output

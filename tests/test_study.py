@@ -140,7 +140,7 @@ def test_study_config_errors_name_the_problem(tmp_path):
         expand_runs(spec, base, only=["resnet"])
 
 
-@pytest.mark.parametrize("name", ["paper.yaml", "paper-cpu.yaml", "demo.yaml"])
+@pytest.mark.parametrize("name", ["paper.yaml", "paper-cpu.yaml", "demo.yaml", "recipe-search.yaml"])
 def test_shipped_study_configs_expand(name):
     spec, base = load_study(REPO / "configs" / name)
     runs = expand_runs(spec, base, [f"data.root={SAMPLE}"])
@@ -149,3 +149,7 @@ def test_shipped_study_configs_expand(name):
         rows = {r.experiment.row for r in runs}
         assert len(rows) == 11 + 1  # the 11 models of Tables 2-3 and Table 1's CNN with 5-fold CV
         assert {r.protocol for r in runs} == {"no_shuffle", "shuffle", "cv"}
+    if name == "recipe-search.yaml":  # from scratch, one split, 3 seeds, EMA on: the runs of a seed can be ensembled
+        assert len(runs) == 9 and {r.seed for r in runs} == {42, 43, 44}
+        assert all(r.config.model.pretrained in (None, False) and r.config.train.ema_decay and not r.config.smote.enabled for r in runs)
+        assert len({r.config.split_seed for r in runs}) == 1

@@ -268,3 +268,25 @@ def test_evaluate_rebuilds_the_metrics_of_a_run(tmp_path):
     assert again["test"]["accuracy"] == first["test"]["accuracy"] and again["temperature"] == first["temperature"]
     not_a_run = runner.invoke(app, ["evaluate", str(tmp_path)])
     assert not_a_run.exit_code == 2 and "is not a run directory" in not_a_run.output
+
+
+def test_ema_weights_are_what_training_hands_on_and_resume_exactly(tmp_path):
+    from bloodcell.data.prepare import prepare_data
+    from bloodcell.train.fit import fit
+
+    base = {**TINY, "data": {"root": str(SAMPLE), "input_size": 32}, "train": {"epochs": 2, "batch_size": 16, "lr": 0.002, "precision": "32-true"}}
+    with_ema = {**base, "train": {**base["train"], "ema_decay": 0.8}}
+    data = prepare_data(parse_config(base), progress=False)
+    plain = fit(parse_config(base), data, tmp_path / "plain", progress=False)
+    ema = fit(parse_config(with_ema), data, tmp_path / "ema", progress=False)
+    # the average only reads the weights: the training trajectory is the same step for step
+    assert [r["train_loss"] for r in read_history(tmp_path / "plain")] == [r["train_loss"] for r in read_history(tmp_path / "ema")]
+    # ...but what is saved and evaluated is the average, not the last weights
+    differs = [not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ema.state_dict().values())]
+    assert any(differs)
+    assert [r["val_loss"] for r in read_history(tmp_path / "plain")] != [r["val_loss"] for r in read_history(tmp_path / "ema")]
+    # the average is in the checkpoint: one epoch, then resumed to two, gives the same weights
+    fit(parse_config({**with_ema, "train": {**with_ema["train"], "epochs": 1}}), data, tmp_path / "resumed", progress=False)
+    resumed = fit(parse_config(with_ema), data, tmp_path / "resumed", resume=True, progress=False)
+    for (name, a), b in zip(ema.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name

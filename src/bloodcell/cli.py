@@ -156,6 +156,28 @@ def evaluate_cmd(
     _print_result(run_dir, metrics)
 
 
+@app.command("ensemble")
+@user_errors
+def ensemble_cmd(
+    run_dirs: list[Path] = typer.Argument(..., help="Two or more finished runs tested on the same split (their predictions.csv)."),
+    out: Path = typer.Option(..., "--out", help="Directory for the ensemble's metrics.json, predictions.csv and figures/."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the 95 % CIs."),
+) -> None:
+    """Soft-voting ensemble of finished runs: average their test probabilities, score them, compare with the best member."""
+    from rich.console import Console
+
+    from bloodcell.evaluate.ensemble import ensemble_runs
+
+    result = ensemble_runs(run_dirs, out, n_bootstrap=bootstrap)
+    c, t, vs = Console(), result["test"], result["vs_best_member"]
+    for member, acc in result["member_accuracy"].items():
+        c.print(f"member {member}: test accuracy {acc:.4f}")
+    lo, hi = (t.get("ci95") or {}).get("accuracy", [float("nan")] * 2)
+    c.print(f"ensemble of {len(run_dirs)}: test accuracy {t['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), macro F1 {t['f1_macro']:.4f}; "
+            f"vs best member McNemar p = {vs['p_value']:.3g}")
+    c.print(f"written to {out}")
+
+
 def _print_study_summary(summary: dict) -> None:
     """Test accuracy per run and per-class recall of the best run: what a person wants to see first."""
     from rich.console import Console

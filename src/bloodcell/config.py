@@ -88,6 +88,9 @@ class TrainConfig(_Strict):
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    # Exponential moving average of the weights, updated after every optimizer step (e.g. 0.999); validation, the
+    # saved model and everything after training use the averaged weights.
+    ema_decay: Optional[float] = Field(None, gt=0, lt=1)
     class_weights: Literal["none", "balanced"] = "none"
     schedule: Literal["none", "step", "cosine"] = "none"
     step_size: int = Field(10, ge=1)  # epochs between decays for `step`

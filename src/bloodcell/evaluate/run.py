@@ -95,12 +95,13 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _write_predictions(path: Path, data: PreparedData, index: np.ndarray, probs: np.ndarray) -> None:
+def write_predictions(path: Path, paths: list[str], true_names: list[str], class_names: list[str], probs: np.ndarray) -> None:
+    """predictions.csv: path, true class, predicted class, confidence, then one probability column per class."""
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "true", "pred", "confidence"] + [f"p_{c}" for c in data.class_names])
-    for i, p in zip(index, probs):
-        w.writerow([data.relpaths[i], data.class_names[data.labels[i]], data.class_names[int(p.argmax())], f"{p.max():.6f}"] + [f"{v:.6f}" for v in p])
+    w.writerow(["path", "true", "pred", "confidence"] + [f"p_{c}" for c in class_names])
+    for name, true, p in zip(paths, true_names, probs):
+        w.writerow([name, true, class_names[int(p.argmax())], f"{p.max():.6f}"] + [f"{v:.6f}" for v in p])
     io.write_text(path, buf.getvalue())
 
 
@@ -121,7 +122,7 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
         test = classification_metrics(y["test"], raw, names, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)
         test["ece_calibrated"] = expected_calibration_error(cal, y["test"])
         metrics["test"] = test
-        _write_predictions(run_dir / "predictions.csv", data, parts["test"], raw)
+        write_predictions(run_dir / "predictions.csv", [data.relpaths[i] for i in parts["test"]], [names[data.labels[i]] for i in parts["test"]], names, raw)
     for part in ("train", "val"):
         if part in logits:
             metrics[part] = classification_metrics(y[part], softmax(logits[part]), names, n_bootstrap=0)

@@ -89,11 +89,22 @@ class ArrayBatches(Dataset):
         return torch.from_numpy(x), y
 
 
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: bf16 convolutions run natively (1.6-2.2x fp32 on this project's EPYC); elsewhere they are emulated."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # torch without these probes: stay with fp32
+        return False
+
+
 def resolve_precision(cfg: RunConfig, accelerator: str) -> str:
+    """`auto`: bf16 autocast where the hardware runs bf16 natively (CUDA with bf16, or such a CPU), else fp32."""
     p = cfg.train.precision
     if p != "auto":
         return {"32": "32-true"}.get(p, p)
     if accelerator in ("gpu", "cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    if accelerator == "cpu" and cpu_has_native_bf16():
         return "bf16-mixed"
     return "32-true"
 
@@ -207,9 +218,8 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
     if not trainer.is_global_zero:
         return None
     _write_history(run_dir, module.history)
-    final = module.model
-    if cfg.train.compile:
-        final = getattr(final, "_orig_mod", final)
+    final = module.final_model
+    final = getattr(final, "_orig_mod", final)  # torch.compile's wrapper
     final = final.to("cpu").eval()
     save_checkpoint(
         final,
@@ -218,6 +228,8 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
             "class_names": data.class_names,
             "training_config": cfg.model_dump(mode="json"),
             "epochs_trained": len(module.history),
+            "accelerator": accelerator,
+            "precision": trainer.precision,
             "data_fingerprint": data.source.get("fingerprint"),
             "split_seed": cfg.split_seed,
         },

@@ -15,6 +15,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from bloodcell.config import RunConfig, StageConfig
 from bloodcell.errors import TrainingDiverged
@@ -31,6 +32,11 @@ class Classifier(L.LightningModule):
         super().__init__()
         self.model = model
         self.cfg = cfg
+        # torch's AveragedModel keeps the weight EMA as a submodule: it is in the state dict, so checkpoints and an
+        # exact resume carry it; no gradients, so neither the optimizer nor DDP sees it.
+        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True) if cfg.train.ema_decay else None
+        if self.ema is not None:
+            self.ema.requires_grad_(False)
         self.stages = cfg.train.resolved_stages()
         self.register_buffer("mean", torch.tensor(model.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(model.std).view(1, 3, 1, 1) * 255, persistent=False)
@@ -164,14 +170,24 @@ class Classifier(L.LightningModule):
         self._log_step("train", loss, correct, len(y))
         return loss
 
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
+
+    @property
+    def final_model(self) -> torch.nn.Module:
+        """The weights training hands on: the EMA when train.ema_decay is set, else the trained model itself."""
+        return self.ema.module if self.ema is not None else self.model
+
     def validation_step(self, batch, batch_idx):
         x, y = self._images(batch)
         xp = self.preprocess(x, augment=False)
+        net = self.final_model
         if self.stage.objective == "supcon":
-            loss = supcon_loss(self.model.embed(xp).float(), y, self.cfg.train.supcon_temperature)
+            loss = supcon_loss(net.embed(xp).float(), y, self.cfg.train.supcon_temperature)
             correct = None
         else:
-            logits = self.model(xp)
+            logits = net(xp)
             loss = self._ce(logits, y)
             correct = int((logits.argmax(1) == y).sum())
         self._log_step("val", loss, correct, len(y))
