@@ -84,20 +84,33 @@ def run_config(root: Path, **data) -> object:
     return parse_config({**TINY_TRAIN, "data": {"input_size": SIZE, "root": str(root), **data}})
 
 
+def _chmod_denies(path: Path) -> bool:
+    """Whether this process is really refused `path` after chmod 000 (root, with CAP_DAC_OVERRIDE, is not)."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+        else:
+            open(path, "rb").close()
+    except PermissionError:
+        return True
+    return False
+
+
 @contextmanager
 def unreadable_path(path: Path):
-    """Make `path` unreadable as it would be for its owner after `chmod 000`.
+    """Make `path` unreadable as it is for its owner after `chmod 000`.
 
-    The chmod is real. Root reads through it, so as root the one call the product uses to read `path`
-    (`open` for a file, `os.scandir` for a folder) is made to raise the PermissionError the kernel
-    would raise for anyone else: the product's own handling of that error is what runs.
+    The chmod is real. Where it does not stop this process (root reads through it), the one call the product
+    uses to read `path` (`open` for a file, `os.scandir` for a folder) is made to raise the PermissionError the
+    kernel raises for anyone else, so the product's own handling of that error is what runs. To run the real
+    thing as root: `setpriv --bounding-set -dac_override,-dac_read_search python -m pytest ...`.
     """
     target = path.resolve()
     mode = path.stat().st_mode & 0o777
     path.chmod(0)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            if os.geteuid() == 0 and path.is_dir():
+            if not _chmod_denies(path) and path.is_dir():
                 real_scandir = os.scandir
 
                 def guarded_scandir(p="."):
@@ -106,7 +119,7 @@ def unreadable_path(path: Path):
                     return real_scandir(p)
 
                 mp.setattr(os, "scandir", guarded_scandir)
-            elif os.geteuid() == 0:
+            elif not _chmod_denies(path):
 
                 def guarded_open(p, *a, **k):
                     if Path(p).resolve() == target:
@@ -325,6 +338,31 @@ def test_permission_denied_on_the_dataset_folder(tree):
     with unreadable_path(tree):
         result = runner.invoke(app, ["data", "inspect", str(tree)])
     assert_one_line_error(result, f"permission denied reading dataset folder: {tree}")
+
+
+@pytest.mark.slow
+def test_permission_faults_under_a_real_chmod(tmp_path):
+    """As root, chmod 000 stops nobody, so the three tests above patch the read call. Here they run again in a
+    process without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, where the kernel itself refuses the reads."""
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0:
+        pytest.skip("not root: the permission tests above already run under a real chmod 000")
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) not found: cannot drop root's DAC capabilities")
+    probe = tmp_path / "probe"
+    probe.write_text("x")
+    probe.chmod(0)
+    drop = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search"]
+    if subprocess.run([*drop, "cat", str(probe)], capture_output=True).returncode == 0:
+        pytest.skip("setpriv could not drop the DAC capabilities here")
+    result = subprocess.run(
+        [*drop, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "permission_denied", __file__],
+        capture_output=True, text=True, env=dict(os.environ, BLOODCELL_PROGRESS="0"),
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "3 passed" in result.stdout
 
 
 # ----------------------------------------------------------------------------- duplicates
