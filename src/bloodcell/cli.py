@@ -2,6 +2,8 @@
 
 Heavy modules (torch, matplotlib) are imported inside each command so `--help` stays fast.
 Errors a user can act on (BloodcellError) print as one line `error: ...` and exit with status 2.
+Dataset folders are declared `readable=False` so that click does not pre-check them with a multi-line usage
+error: the scan itself reports an unreadable folder in one line, naming it.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def _root(
 @data_app.command("inspect")
 @user_errors
 def data_inspect(
-    root: Path = typer.Argument(..., help="Dataset folder: one sub-folder per class (ImageFolder layout)."),
+    root: Path = typer.Argument(..., readable=False, help="Dataset folder: one sub-folder per class (ImageFolder layout)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     max_pixels: int = typer.Option(
         None, help="Images with more pixels than this are skipped as possible decompression bombs."
@@ -79,7 +81,7 @@ def data_inspect(
 @data_app.command("figures")
 @user_errors
 def data_figures(
-    root: Path = typer.Argument(..., help="Dataset folder (ImageFolder layout)."),
+    root: Path = typer.Argument(..., readable=False, help="Dataset folder (ImageFolder layout)."),
     out: Path = typer.Option(..., "--out", help="Folder for the PNG figures."),
     seed: int = typer.Option(42, help="Split seed."),
     test_size: float = typer.Option(0.3, help="Test fraction of the stratified split."),
@@ -110,7 +112,7 @@ def data_figures(
 def train_cmd(
     config: Path = typer.Argument(..., help="Run config (YAML), e.g. configs/train/cnn.yaml."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sets data.root)."),
+    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder (sets data.root)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last checkpoint."),
 ) -> None:
@@ -139,7 +141,7 @@ def train_cmd(
 @user_errors
 def evaluate_cmd(
     run_dir: Path = typer.Argument(..., help="A finished run directory (holds config.yaml and model.safetensors)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder, if it moved since training."),
+    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder, if it moved since training."),
 ) -> None:
     """Re-evaluate a trained run on its own test part: metrics.json, predictions.csv, figures."""
     from bloodcell.config import load_config
@@ -225,7 +227,7 @@ def _print_result(out: Path, result: dict) -> None:
 @user_errors
 def study_cmd(
     config: Path = typer.Argument(..., help="Study config (YAML), e.g. configs/paper.yaml or configs/demo.yaml."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Dataset folder (sets data.root of every run)."),
+    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder (sets data.root of every run)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default runs/<study name>)."),
     only: List[str] = typer.Option([], "--only", help="Run only these experiments (repeatable)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),

@@ -2,12 +2,14 @@
 
 Layout: `<cache_root>/arrays/<key>/images.npy` (N, S, S, 3 uint8, memory-mappable) and `manifest.json`.
 The key hashes the inventory fingerprint (paths + content hashes), size and interpolation, so any changed,
-added or removed source gives a new key and a rebuild. A build happens in a temporary folder that is renamed
-into place only once complete, with the manifest written last: a killed build is never trusted.
+added or removed source gives a new key and a rebuild. Each file is hashed again as it is decoded and must match
+the hash of the scan, so pixels that differ from the key's content are never cached. A build happens in a temporary
+folder that is renamed into place only once complete, with the manifest written last: a killed build is never trusted.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -64,12 +66,17 @@ def _init_worker(npy_path: str, in_pool: bool = True) -> None:
     _worker_out = np.load(npy_path, mmap_mode="r+")
 
 
-def _fill_chunk(args: tuple[int, list[str], int, str, int]) -> tuple[int, list[tuple[int, str]]]:
-    start, paths, size, interpolation, max_pixels = args
+def _fill_chunk(args: tuple[int, list[str], list[str], int, str, int]) -> tuple[int, list[tuple[int, str]]]:
+    start, paths, hashes, size, interpolation, max_pixels = args
     failures = []
-    for offset, path in enumerate(paths):
+    for offset, (path, expected) in enumerate(zip(paths, hashes)):
         try:
-            _worker_out[start + offset] = load_array(path, size, interpolation, max_pixels)
+            with open(path, "rb") as fh:
+                data = fh.read()
+            if hashlib.sha256(data).hexdigest() != expected:
+                failures.append((start + offset, f"{path}: content differs from the scan"))
+                continue
+            _worker_out[start + offset] = load_array(data, size, interpolation, max_pixels)
         except (UnreadableImage, OSError) as exc:
             failures.append((start + offset, f"{path}: {exc}"))
     _worker_out.flush()
@@ -122,17 +129,23 @@ def build_cache(
 
     arrays_dir = Path(cache_root or default_cache_dir()) / "arrays"
     final = arrays_dir / cache_key(inv, size, interpolation)
-    arrays_dir.mkdir(parents=True, exist_ok=True)
-    _remove_stale_builds(arrays_dir)
-    tmp = arrays_dir / f".build-{os.getpid()}-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     n = len(inv.records)
+    tmp = arrays_dir / f".build-{os.getpid()}-{final.name}"
     npy = tmp / "images.npy"
-    np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+    try:
+        arrays_dir.mkdir(parents=True, exist_ok=True)
+        _remove_stale_builds(arrays_dir)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+        _reserve_disk_space(npy)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _unwritable(arrays_dir, exc, n * size * size * 3) from None
 
     paths = [str(inv.path(i)) for i in range(n)]
-    jobs = [(s, paths[s : s + _CHUNK], size, interpolation, max_pixels) for s in range(0, n, _CHUNK)]
+    hashes = [r.sha256 for r in inv.records]
+    jobs = [(s, paths[s : s + _CHUNK], hashes[s : s + _CHUNK], size, interpolation, max_pixels) for s in range(0, n, _CHUNK)]
     failures: list[tuple[int, str]] = []
     t0 = time.perf_counter()
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
@@ -151,7 +164,10 @@ def build_cache(
                     advance(done)
         if failures:
             # The inventory said these decode; they changed or vanished since the scan.
-            raise DataError(f"{len(failures)} image(s) changed since the dataset was scanned, e.g. {failures[0][1]}; scan again")
+            raise DataError(
+                f"{len(failures)} image(s) changed since the dataset was scanned, e.g. {failures[0][1]}; "
+                f"run the command again to rescan the dataset"
+            )
         seconds = time.perf_counter() - t0
         io.write_json(
             tmp / "manifest.json",
@@ -173,12 +189,36 @@ def build_cache(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:
+        raise _unwritable(arrays_dir, exc, n * size * size * 3) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     cache = load_cache(inv, size, interpolation, cache_root)
     assert cache is not None, "cache just built does not validate"
     cache.build_seconds = seconds
     return cache
+
+
+def _unwritable(arrays_dir: Path, exc: OSError, nbytes: int) -> DataError:
+    return DataError(
+        f"cannot write the preprocessing cache in {arrays_dir} ({exc.strerror or exc}; it needs {nbytes / 1e9:.2f} GB): "
+        f"free space there or set BLOODCELL_CACHE to another folder"
+    )
+
+
+def _reserve_disk_space(npy: Path) -> None:
+    """Allocate the array's blocks now: a full disk is then an error here, not a SIGBUS while filling the memmap."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(npy, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+            raise
+        # the file system cannot reserve space (EINVAL, EOPNOTSUPP...): fill the memmap unreserved
+    finally:
+        os.close(fd)
 
 
 def _remove_stale_builds(arrays_dir: Path, older_than_s: float = 3600) -> None:

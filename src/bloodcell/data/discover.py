@@ -2,7 +2,12 @@
 
 `scan(root)` walks `root/<class>/**`, decodes every image once (in parallel), hashes its bytes and returns an
 `Inventory`: readable images in dataset order (class, then path), files skipped with a reason, and groups of
-byte-identical files. Per-file results are cached by (size, mtime) so a second scan only stats the files.
+byte-identical files. Per-file results are cached so a second scan only stats the files; a file is hashed again
+when its size, mtime, ctime, inode or mode changed. ctime and inode matter: tools that copy or restore files
+(`cp -p`, `rsync -t`, `touch -d`) can give new content the old size and mtime, but they cannot set ctime, and a
+replacement by rename brings a new inode, so the scan does not reuse the hash of content that is gone. The one
+change it cannot see is a rewrite within the same file-system clock tick (a few ms) as its own read that also keeps
+size and mtime (git's stat cache has the same limit); deleting `<cache>/scans/` forces a full rescan.
 """
 
 from __future__ import annotations
@@ -10,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
 from collections import Counter, defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -23,7 +27,7 @@ from bloodcell.data.workers import exit_with_parent
 from bloodcell.errors import DataError
 from bloodcell.progress import progress_bar
 
-SCAN_VERSION = 1
+SCAN_VERSION = 2  # 2: entries also carry ctime and inode
 # Below this many files a process pool costs more than it saves.
 _PARALLEL_MIN_FILES = 256
 
@@ -109,19 +113,26 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BLOODCELL_CACHE", Path.home() / ".cache" / "bloodcell"))
 
 
-def _probe(args: tuple[str, str, int]) -> tuple[str, dict | str]:
-    """Hash and fully decode one file. Returns (path, record fields) or (path, reason)."""
+def _stat_key(st: os.stat_result) -> list[int]:
+    """What must be unchanged for a cached scan result to be reused (see the module docstring)."""
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, st.st_mode]
+
+
+def _probe(args: tuple[str, str, int]) -> tuple[str, dict | str, list[int] | None]:
+    """Hash and fully decode one file: (path, record fields or a reason, stat key taken before reading)."""
     path, _, max_pixels = args
+    st = None
     try:
         st = os.stat(path)
         with open(path, "rb") as fh:
             data = fh.read()
     except PermissionError:
-        return path, "permission denied"
+        return path, "permission denied", _stat_key(st) if st else None
     except FileNotFoundError:
-        return path, "broken symbolic link or file vanished"
+        return path, "broken symbolic link or file vanished", None
     except OSError as exc:
-        return path, f"cannot read: {exc.strerror or exc}"
+        return path, f"cannot read: {exc.strerror or exc}", None
+    key = _stat_key(st)
     try:
         from PIL import Image  # noqa: F401  (imported here so worker processes import it once)
 
@@ -130,7 +141,7 @@ def _probe(args: tuple[str, str, int]) -> tuple[str, dict | str]:
         with Image.open(_bytes_io(data)) as header:
             width, height, mode = header.size[0], header.size[1], header.mode
     except UnreadableImage as exc:
-        return path, str(exc)
+        return path, str(exc), key
     return path, {
         "sha256": hashlib.sha256(data).hexdigest(),
         "width": width,
@@ -138,7 +149,7 @@ def _probe(args: tuple[str, str, int]) -> tuple[str, dict | str]:
         "mode": mode,
         "size_bytes": st.st_size,
         "mtime_ns": st.st_mtime_ns,
-    }
+    }, key
 
 
 def _bytes_io(data: bytes):
@@ -147,8 +158,11 @@ def _bytes_io(data: bytes):
     return _io.BytesIO(data)
 
 
-def _walk_files(class_dir: Path, root: Path, warnings: list[str]) -> Iterable[Path]:
-    """Every file below class_dir, following symlinked folders once (symlink loops are reported, not followed)."""
+def _walk_files(class_dir: Path, root: Path, warnings: list[str], unlisted: list[Skipped]) -> Iterable[Path]:
+    """Every file below class_dir, following symlinked folders once (symlink loops are reported, not followed).
+
+    Folders that cannot be listed (permission denied) are added to `unlisted`: their files are unknown.
+    """
     seen: set[tuple[int, int]] = set()
     stack = [class_dir]
     while stack:
@@ -165,8 +179,9 @@ def _walk_files(class_dir: Path, root: Path, warnings: list[str]) -> Iterable[Pa
         seen.add(key)
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except PermissionError:
-            warnings.append(f"{folder.relative_to(root).as_posix()}: permission denied, folder skipped")
+        except OSError as exc:
+            reason = "permission denied" if isinstance(exc, PermissionError) else f"cannot list ({exc.strerror or exc})"
+            unlisted.append(Skipped(folder.relative_to(root).as_posix() + "/", f"{reason}: folder and its contents skipped"))
             continue
         for entry in entries:
             p = Path(entry.path)
@@ -219,20 +234,27 @@ def scan(
     except PermissionError:
         raise DataError(f"permission denied reading dataset folder: {root}") from None
     for entry in top:
-        if entry.is_dir(follow_symlinks=True):
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError as exc:  # e.g. a symbolic link loop: is_dir raises instead of answering
+            ignored.append(Skipped(entry.name, f"cannot open ({exc.strerror or exc}), not used as a class folder"))
+            continue
+        if is_dir:
             if entry.name.startswith(".") or entry.name == "__MACOSX":
                 warnings.append(f"{entry.name}/: hidden folder ignored")
             else:
                 class_dirs.append(Path(entry.path))
         else:
             files += 1
-            ignored.append(Skipped(entry.name, "file at dataset root, not inside a class folder"))
+            broken = entry.is_symlink() and not os.path.exists(entry.path)
+            reason = "broken symbolic link at dataset root" if broken else "file at dataset root, not inside a class folder"
+            ignored.append(Skipped(entry.name, reason))
     if not class_dirs:
         raise DataError(f"no class folders in {root} (expected one sub-folder of images per class)")
 
     to_probe: list[tuple[Path, str]] = []
     for class_dir in class_dirs:
-        for p in _walk_files(class_dir, root, warnings):
+        for p in _walk_files(class_dir, root, warnings, skipped):
             files += 1
             rel = p.relative_to(root).as_posix()
             if not is_image_name(p):
@@ -245,7 +267,7 @@ def scan(
         base = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
         cache_file = base / "scans" / (hashlib.sha256(str(root).encode()).hexdigest()[:20] + ".json")
     cached = _load_scan_cache(cache_file)
-    results: dict[str, dict | str] = {}
+    results: dict[str, tuple[dict | str, list[int] | None]] = {}
     todo: list[tuple[str, str, int]] = []
     for p, _ in to_probe:
         key = str(p)
@@ -255,13 +277,8 @@ def scan(
                 st = p.stat()
             except OSError:
                 st = None
-            if (
-                st is not None
-                and hit.get("size_bytes") == st.st_size
-                and hit.get("mtime_ns") == st.st_mtime_ns
-                and hit.get("max_pixels") == max_pixels
-            ):
-                results[key] = hit["result"]
+            if st is not None and hit.get("stat") == _stat_key(st) and hit.get("max_pixels") == max_pixels:
+                results[key] = (hit["result"], hit["stat"])
                 continue
         todo.append((key, "", max_pixels))
 
@@ -269,31 +286,27 @@ def scan(
     with progress_bar(len(todo), f"checking {len(todo)} images", enabled=progress) as advance:
         if len(todo) >= _PARALLEL_MIN_FILES and n_workers > 1:
             with ProcessPoolExecutor(max_workers=n_workers, initializer=exit_with_parent) as pool:
-                for path, res in pool.map(_probe, todo, chunksize=64):
-                    results[path] = res
+                for path, res, stat_key in pool.map(_probe, todo, chunksize=64):
+                    results[path] = (res, stat_key)
                     advance()
         else:
             for item in todo:
-                path, res = _probe(item)
-                results[path] = res
+                path, res, stat_key = _probe(item)
+                results[path] = (res, stat_key)
                 advance()
 
     records: list[ImageRecord] = []
     new_cache: dict[str, dict] = {}
     for p, label in to_probe:
         key = str(p)
-        res = results[key]
+        res, stat_key = results[key]
         rel = p.relative_to(root).as_posix()
         if isinstance(res, str):
             skipped.append(Skipped(rel, res))
-            try:
-                st = p.stat()
-                new_cache[key] = {"size_bytes": st.st_size, "mtime_ns": st.st_mtime_ns, "max_pixels": max_pixels, "result": res}
-            except OSError:
-                pass
         else:
             records.append(ImageRecord(relpath=rel, label=label, **res))
-            new_cache[key] = {"size_bytes": res["size_bytes"], "mtime_ns": res["mtime_ns"], "max_pixels": max_pixels, "result": res}
+        if stat_key is not None:
+            new_cache[key] = {"stat": stat_key, "max_pixels": max_pixels, "result": res}
     if cache_file is not None and todo:
         try:
             io.write_json(cache_file, {"version": SCAN_VERSION, "root": str(root), "entries": new_cache})

@@ -29,6 +29,9 @@ from bloodcell.data.discover import Inventory
 from bloodcell.errors import DataError
 
 SPLIT_VERSION = 1
+# split.json keeps the first 16 hex digits of each image's sha256: enough to notice changed content (a
+# resumed or re-evaluated run must see the pixels it started with) at a quarter of the size of full hashes.
+_HASH_DIGITS = 16
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Split:
     test: list[int]
     dropped: list[dict] = field(default_factory=list)  # {path, reason}
     fold: int | None = None
+    sha256: list[str] = field(default_factory=list)  # content hash of each record, in the order of relpaths
 
     def part(self, name: str) -> list[int]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -72,7 +76,7 @@ class Split:
 
     def to_dict(self) -> dict:
         names = lambda idx: [self.relpaths[i] for i in idx]  # noqa: E731
-        return {
+        out = {
             "version": SPLIT_VERSION,
             "config": asdict(self.config),
             "fold": self.fold,
@@ -83,6 +87,9 @@ class Split:
             "test": names(self.test),
             "dropped": self.dropped,
         }
+        if self.sha256:
+            out["sha256_16"] = {p: [self.sha256[i][:_HASH_DIGITS] for i in self.part(p)] for p in ("train", "val", "test")}
+        return out
 
     def save(self, path: str | os.PathLike) -> None:
         io.write_json(path, self.to_dict())
@@ -151,6 +158,7 @@ def make_split(inv: Inventory, config: SplitConfig | None = None) -> Split:
         val=sorted(expand(val)),
         test=sorted(expand(test)),
         dropped=dropped,
+        sha256=[r.sha256 for r in inv.records],
     )
     if not split.train:
         raise DataError(f"the split of {inv.root} leaves no training images ({len(inv.records)} images in all)")
@@ -176,13 +184,13 @@ def make_folds(inv: Inventory, split: Split, k: int = 5) -> list[Split]:
         if split.config.shuffle:
             train = [train[i] for i in rng.permutation(len(train))]
         folds.append(
-            Split(split.config, split.class_names, split.relpaths, split.labels, train, sorted(pool[i] for i in va), list(split.test), split.dropped, fold=f)
+            Split(split.config, split.class_names, split.relpaths, split.labels, train, sorted(pool[i] for i in va), list(split.test), split.dropped, fold=f, sha256=split.sha256)
         )
     return folds
 
 
 def load_split(path: str | os.PathLike, inv: Inventory) -> Split:
-    """Rebuild a saved split against `inv`; every listed file must still be in the inventory."""
+    """Rebuild a saved split against `inv`; every listed file must still be in the inventory, with the same content."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -195,6 +203,18 @@ def load_split(path: str | os.PathLike, inv: Inventory) -> Split:
         if missing:
             raise DataError(f"split file {path}: {len(missing)} {part} image(s) no longer in {inv.root}, e.g. {missing[0]}")
         parts[part] = [index[p] for p in data[part]]
+    saved_hashes = data.get("sha256_16", {})  # absent in splits written before it was recorded
+    changed = [
+        rel
+        for part in ("train", "val", "test")
+        for rel, h in zip(data.get(part, []), saved_hashes.get(part, []))
+        if inv.records[index[rel]].sha256[:_HASH_DIGITS] != h
+    ]
+    if changed:
+        raise DataError(
+            f"split file {path}: {len(changed)} image(s) in {inv.root} changed content since the split was made, "
+            f"e.g. {changed[0]}; the run was made with the old content: start a new run in another --out folder"
+        )
     if data.get("class_names") != inv.class_names:
         raise DataError(f"split file {path} has classes {data.get('class_names')}, the dataset has {inv.class_names}")
     return Split(
@@ -204,5 +224,6 @@ def load_split(path: str | os.PathLike, inv: Inventory) -> Split:
         labels=inv.labels,
         dropped=data.get("dropped", []),
         fold=data.get("fold"),
+        sha256=[r.sha256 for r in inv.records],
         **parts,
     )

@@ -96,6 +96,7 @@ class Predictor:
             meta = _read_onnx_sidecar(path)
             session = _onnx_session(path)
             predictor = cls._from_metadata(meta, str(path), session=session)
+            _check_onnx_shapes(session, predictor, path)
         else:
             from bloodcell.models.checkpoint import load_checkpoint
 
@@ -341,6 +342,19 @@ def _read_onnx_sidecar(path: Path) -> dict:
     if not isinstance(meta, dict) or "num_classes" not in meta or "input_size" not in meta:
         raise ModelError(f"{sidecar} lacks num_classes / input_size")
     return meta
+
+
+def _check_onnx_shapes(session, predictor: "Predictor", path: Path) -> None:
+    """The sidecar must describe this graph: its input size and class count (a sidecar from another export is caught)."""
+    in_shape = list(session.get_inputs()[0].shape)
+    out_shape = list(session.get_outputs()[0].shape)
+    size = predictor.input_size
+    # static dimensions are ints; dynamic ones (the batch) are names or None
+    if len(in_shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(in_shape[1:], (3, size, size))):
+        raise ModelError(f"{onnx_sidecar(path)} says input 3 x {size} x {size} but {path.name} takes {in_shape[1:]}")
+    k = len(predictor.class_names)
+    if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != k):
+        raise ModelError(f"{onnx_sidecar(path)} lists {k} classes but {path.name} outputs {out_shape[1:]}")
 
 
 def _onnx_session(path: Path):

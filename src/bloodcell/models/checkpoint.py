@@ -57,8 +57,8 @@ def save_checkpoint(model: BloodcellModel, directory: str | os.PathLike, metadat
         bloodcell_version=__version__,
     )
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    # the header repeats the model name so a model.json swapped in from elsewhere is caught
-    header = {"model_name": model.model_name, "num_classes": str(model.num_classes)}
+    # the header repeats what model.json must agree with, so a model.json swapped in from elsewhere is caught
+    header = {"model_name": model.model_name, "num_classes": str(model.num_classes), "input_size": str(model.input_size)}
     write_bytes(directory / WEIGHTS_FILE, save(state, metadata=header))
     write_json(directory / METADATA_FILE, meta)
     return directory
@@ -110,7 +110,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
     from bloodcell.models.registry import create_model
 
-    weights_path, _ = _locate(Path(path))
+    weights_path, meta_path = _locate(Path(path))
     meta = read_metadata(path)
     if not weights_path.is_file():
         raise ModelError(f"checkpoint weights not found: {weights_path}")
@@ -119,14 +119,22 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             header = fh.metadata() or {}
         state = load_file(str(weights_path), device="cpu")
     except Exception as exc:  # safetensors has its own error types for broken headers/data
+        if _is_pickle(weights_path):
+            raise ModelError(
+                f"refusing to load {weights_path}: it holds a pickle (torch.save) file, not safetensors; "
+                f"pickle-based files can run code when loaded"
+            ) from None
         raise ModelError(f"checkpoint weights {weights_path} are truncated or corrupt ({exc})") from None
 
     name = meta["model_name"]
     saved_from = header.get("model_name")
     if saved_from and saved_from != name:
+        raise ModelError(f"{meta_path} names model '{name}' but {weights_path.name} holds weights of '{saved_from}'")
+    saved_size = header.get("input_size")  # absent in checkpoints written before it was recorded
+    if saved_size and str(meta.get("input_size")) != saved_size:
         raise ModelError(
-            f"{weights_path.parent / METADATA_FILE} names model '{name}' but {weights_path.name} "
-            f"holds weights of '{saved_from}'"
+            f"{meta_path} says input size {meta.get('input_size')} but {weights_path.name} was saved from a model "
+            f"at {saved_size} px; the two files come from different checkpoints"
         )
     model = create_model(
         name,
@@ -137,6 +145,30 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     _check_fit(model, state, weights_path, meta)
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval(), meta
+
+
+def _is_pickle(path: Path) -> bool:
+    """True for torch.save output (a zip holding data.pkl) and plain pickles; inspects the bytes, runs nothing.
+
+    pickletools.genops only walks the opcodes (it builds no object), so it is safe on hostile files.
+    """
+    import pickletools
+    import zipfile
+
+    if zipfile.is_zipfile(path):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                return any(name.endswith("data.pkl") for name in archive.namelist())
+        except (OSError, zipfile.BadZipFile):
+            return False
+    last = None
+    try:
+        with open(path, "rb") as fh:
+            for opcode, _, _ in pickletools.genops(fh):  # stops after the first STOP
+                last = opcode.name
+    except Exception:  # not a well-formed pickle stream: some other corrupt file
+        return False
+    return last == "STOP"
 
 
 def _check_fit(model: BloodcellModel, state: dict, weights_path: Path, meta: dict) -> None:
