@@ -22,6 +22,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from bloodcell.data.images import DEFAULT_MAX_PIXELS
@@ -36,8 +37,9 @@ _MULTIPART_SCHEMA = {
             "schema": {
                 "type": "object",
                 "required": ["files"],
-                "properties": {"files": {"type": "array", "items": {"type": "string", "format": "binary"}}},
-            }
+                "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}},
+            },
+            "encoding": {"files": {"contentType": "image/*"}},
         }
     },
 }
@@ -45,9 +47,62 @@ _EXPLAIN_SCHEMA = {
     "required": True,
     "content": {
         "multipart/form-data": {
-            "schema": {"type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}}
+            "schema": {"type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}},
+            "encoding": {"file": {"contentType": "image/*"}},
         }
     },
+}
+
+
+class Prediction(BaseModel):
+    path: str = Field(description="the uploaded file's name, echoed back (never used as a path)")
+    label: str
+    probabilities: dict[str, float] = Field(description="calibrated probability per class")
+    confidence: float
+    review: bool = Field(description="confidence below the model's review threshold")
+
+
+class UnreadableUpload(BaseModel):
+    path: str
+    reason: str
+
+
+class PredictResult(BaseModel):
+    """The result object of Predictor.predict_images (docs/inference.md)."""
+
+    predictions: list[Prediction]
+    counts: dict[str, int]
+    percent: dict[str, float]
+    wbc_percent: dict[str, float]
+    flags: list[str]
+    unreadable: list[UnreadableUpload]
+
+
+class Health(BaseModel):
+    status: str
+    model: str
+    backend: str
+    classes: list[str]
+    input_size: int
+    temperature: float
+    review_threshold: float
+    explain: bool
+    max_upload_bytes: int
+    max_files: int
+    max_pixels: int
+    version: str
+
+
+class ErrorMessage(BaseModel):
+    detail: str = Field(description="one line saying what is wrong, naming the file where there is one")
+
+
+# The refusals the upload endpoints answer with (see the module docstring); documented so that
+# clients, and schemathesis, can tell a refusal from a fault.
+_UPLOAD_ERRORS = {
+    400: {"model": ErrorMessage, "description": "malformed multipart body"},
+    413: {"model": ErrorMessage, "description": "body over the upload limit, or too many files"},
+    422: {"model": ErrorMessage, "description": "no upload in the expected field, or no readable image among them"},
 }
 _PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script-src 'self'; connect-src 'self'",
@@ -81,7 +136,7 @@ def create_app(
         return files
 
     @app.get("/health")
-    def health() -> dict:
+    def health() -> Health:
         """Liveness plus what the page needs to know about the model and the limits."""
         return {
             "status": "ok",
@@ -98,8 +153,8 @@ def create_app(
             "version": __version__,
         }
 
-    @app.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA})
-    async def predict(request: Request) -> dict:
+    @app.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA}, responses=_UPLOAD_ERRORS)
+    async def predict(request: Request) -> PredictResult:
         """Classify one or more images (multipart field `files`); see docs/inference.md for the result."""
         files = await read_uploads(request, ("files",))
         result = await run_in_threadpool(predictor.predict_images, files, 32, max_pixels)
@@ -109,7 +164,8 @@ def create_app(
         return result
 
     @app.post("/explain", openapi_extra={"requestBody": _EXPLAIN_SCHEMA}, response_class=Response,
-              responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay (PNG)"}})
+              responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay (PNG)"}, **_UPLOAD_ERRORS,
+                         501: {"model": ErrorMessage, "description": "the server runs an ONNX model: no Grad-CAM"}})
     async def explain(request: Request) -> Response:
         """Grad-CAM overlay of one image (multipart field `file`) as a PNG."""
         from bloodcell.data.images import UnreadableImage
