@@ -157,10 +157,7 @@ class Classifier(L.LightningModule):
             loss = self._ce(logits, y)
             correct = int((logits.argmax(1) == y).sum())
         if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"training loss is {float(loss.detach())} at epoch {self.current_epoch + 1}, step {batch_idx}; "
-                f"lower train.lr (now {self.stage.lr or self.cfg.train.lr}); the last good epoch checkpoint is kept"
-            )
+            self._diverged(f"training loss is {float(loss.detach())} at epoch {self.current_epoch + 1}, step {batch_idx}")
         self._log_step("train", loss, correct, len(y))
         return loss
 
@@ -202,9 +199,18 @@ class Classifier(L.LightningModule):
         objective_has_acc = self.stage.objective == "ce"
         return loss_sum / n, (correct / n if objective_has_acc else None)
 
+    def _diverged(self, what: str):
+        # fit adds which checkpoint is kept; the epoch checkpoint is written after this hook, so it is never the bad one
+        raise TrainingDiverged(f"{what}; lower train.lr (now {self.stage.lr or self.cfg.train.lr})")
+
     def on_train_epoch_end(self) -> None:
         train_loss, train_acc = self._reduced("train")
         val_loss, val_acc = self._reduced("val")
+        # A finite loss on the last batch can still be followed by a step to inf/nan weights: stop before they are saved.
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            self._diverged(f"weights became inf or nan in epoch {self.current_epoch + 1}")
+        if val_loss is not None and not math.isfinite(val_loss):
+            self._diverged(f"validation loss is {val_loss} at epoch {self.current_epoch + 1}")
         row = {
             "epoch": self.current_epoch + 1,
             "stage": self.stage_index + 1,
