@@ -39,6 +39,7 @@ class Classifier(L.LightningModule):
         self.stage_index = 0
         self.history: list[dict] = []
         self._epoch_t0 = 0.0
+        self._epoch_lr = 0.0
         self._host_images = device_images  # uploaded to the device in setup when device caching is on
         self.device_images: torch.Tensor | None = None
         self._aug_gen = torch.Generator()
@@ -185,6 +186,8 @@ class Classifier(L.LightningModule):
             self.trainer.strategy.setup_optimizers(self.trainer)  # new stage: fresh optimizer and schedule
         self._sums = {}
         self._epoch_t0 = time.perf_counter()
+        # Lightning steps an epoch schedule after the epoch's last batch, before the epoch-end hooks: note the lr now
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_validation_epoch_start(self) -> None:
         self._sums.pop("val", None)
@@ -219,7 +222,7 @@ class Classifier(L.LightningModule):
             "train_acc": train_acc,
             "val_loss": val_loss,
             "val_acc": val_acc,
-            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "lr": self._epoch_lr,
             "seconds": round(time.perf_counter() - self._epoch_t0, 3),
         }
         self.history.append(row)
