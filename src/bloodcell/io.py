@@ -61,6 +61,15 @@ def _write_error(path: Path, exc: OSError) -> WriteError:
     return WriteError(f"cannot write {path}: {exc.strerror or exc}")
 
 
+def remove_leftover_temporaries(directory: str | os.PathLike) -> None:
+    """Delete, under `directory`, the temporary files of atomic writes that were killed (kill -9 skips the clean-up).
+
+    Call it only where nothing else is writing, e.g. when a run or study starts or resumes.
+    """
+    for tmp in Path(directory).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
