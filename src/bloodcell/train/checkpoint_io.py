@@ -13,7 +13,6 @@ import glob
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -143,11 +142,3 @@ def read_checkpoint(path, map_location=None) -> dict[str, Any]:
         raise ModelError(f"checkpoint {path} is incomplete: {tensor_file.name} is missing or does not match")
     tensors = load_file(str(tensor_file), device=str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu")
     return _decode(meta["tree"], tensors)
-
-
-def checkpoint_is_valid(path: str | os.PathLike) -> bool:
-    try:
-        read_checkpoint(path)
-        return True
-    except ModelError:
-        return False
