@@ -250,7 +250,8 @@ def test_training_checkpoints_round_trip_without_pickle(tmp_path):
     assert back["optimizer_states"][0]["state"][0]["step"].item() == 4.0 and back["best"] == float("inf") and back["t"] == (1, 2)
     # a torn pair (tensor file from another save) is refused, never loaded
     io.save_checkpoint({"x": torch.zeros(1)}, tmp_path / "other.ckpt")
-    os.replace(tmp_path / "other.ckpt.safetensors", tmp_path / "last.ckpt.safetensors")
+    tensor_file = lambda ckpt: tmp_path / json.loads((tmp_path / ckpt).read_text())["tensors_file"]  # noqa: E731
+    os.replace(tensor_file("other.ckpt"), tensor_file("last.ckpt"))
     from bloodcell.errors import ModelError
 
     with pytest.raises(ModelError, match="incomplete"):

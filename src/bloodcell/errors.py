@@ -19,3 +19,7 @@ class ModelError(BloodcellError):
 
 class TrainingDiverged(BloodcellError):
     """The loss became NaN or infinite; the last good epoch checkpoint is kept."""
+
+
+class WriteError(BloodcellError, OSError):
+    """A file could not be written (disk full, read-only, no permission); nothing half-written is left."""

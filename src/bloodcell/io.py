@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from bloodcell.errors import WriteError
 
 
 def _default_mode() -> int:
@@ -21,21 +24,50 @@ _FILE_MODE = _default_mode()  # mkstemp creates 0600 files; give ours the mode o
 
 @contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds.
+
+    A full disk, or a folder that cannot be written, raises WriteError naming `path`; the temporary file is removed.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise _write_error(path, exc) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:  # data must be on disk before the rename makes it visible
-            os.fsync(fh.fileno())
-        os.chmod(tmp_path, _FILE_MODE)
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+        except OSError as exc:
+            if exc.errno in _NO_SPACE:
+                raise _write_error(path, exc) from exc
+            raise
+        try:
+            with open(tmp_path, "rb+") as fh:  # data must be on disk before the rename makes it visible
+                os.fsync(fh.fileno())
+            os.chmod(tmp_path, _FILE_MODE)
+            os.replace(tmp_path, path)
+        except OSError as exc:
+            raise _write_error(path, exc) from exc
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
+
+
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
+
+def _write_error(path: Path, exc: OSError) -> WriteError:
+    return WriteError(f"cannot write {path}: {exc.strerror or exc}")
+
+
+def remove_leftover_temporaries(directory: str | os.PathLike) -> None:
+    """Delete, under `directory`, the temporary files of atomic writes that were killed (kill -9 skips the clean-up).
+
+    Call it only where nothing else is writing, e.g. when a run or study starts or resumes.
+    """
+    for tmp in Path(directory).rglob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes) -> None:

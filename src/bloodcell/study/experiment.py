@@ -99,6 +99,8 @@ def aggregate(metrics_list: list[dict], labels: list[str]) -> dict:
 def run_config(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = True, progress: bool = True) -> dict:
     """Run `cfg` in out_dir: directly, or one sub-run per seed (seed-S/) and fold (fold-K/), plus aggregate.json."""
     out_dir = Path(out_dir)
+    if rank_zero_only.rank == 0 and out_dir.is_dir():
+        io.remove_leftover_temporaries(out_dir)  # an interrupted run's half-written files
     seeds = cfg.seeds or [cfg.seed]
     folds = list(range(cfg.cv.folds)) if cfg.cv.folds else [None]
     if len(seeds) == 1 and folds == [None]:

@@ -50,6 +50,7 @@ def run_study(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not report_only:
+        io.remove_leftover_temporaries(out)  # an interrupted study's half-written files
         io.write_text(out / "study.yaml", Path(config).read_text())
     t_start = time.perf_counter()
     results: dict[str, dict] = {}

@@ -1,7 +1,7 @@
 """Train one model on prepared data with Lightning: devices, precision, DDP, checkpoints, resume.
 
 `fit(cfg, data, run_dir)` leaves in `run_dir`: history.csv, model.safetensors + model.json (final weights) and,
-while running, checkpoints/last.ckpt (+ .safetensors) written at the end of every epoch. With `resume=True` it
+while running, checkpoints/last.ckpt (+ its tensor file) written at the end of every epoch. With `resume=True` it
 continues from that checkpoint, so kill -9 loses at most the epoch in progress.
 """
 
@@ -24,11 +24,11 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from bloodcell import io
 from bloodcell.config import RunConfig, dump_config
 from bloodcell.data.prepare import PreparedData
-from bloodcell.errors import ConfigError
+from bloodcell.errors import ConfigError, ModelError, TrainingDiverged, WriteError
 from bloodcell.models import create_model
 from bloodcell.models.checkpoint import save_checkpoint
-from bloodcell.progress import enabled_by_default
-from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, checkpoint_is_valid
+from bloodcell.progress import console, enabled_by_default
+from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, read_checkpoint
 from bloodcell.train.module import Classifier, epoch_seed
 from bloodcell.train.smote import smote_oversample
 
@@ -133,6 +133,28 @@ def _write_history(run_dir: Path, rows: list[dict]) -> None:
     io.write_text(run_dir / "history.csv", buf.getvalue())
 
 
+def _resumable_checkpoint(path: Path) -> str | None:
+    """`path` if it holds a whole checkpoint; None (train from the start) if there is none or it is unusable."""
+    if not path.exists():
+        return None
+    try:
+        read_checkpoint(path)
+    except ModelError as exc:
+        if rank_zero_only.rank == 0:
+            console().print(f"warning: {exc}; training starts again from epoch 1", markup=False, highlight=False, soft_wrap=True)
+        return None
+    return str(path)
+
+
+def _kept_checkpoint(path: Path, exc: Exception) -> str:
+    try:
+        epoch = int(read_checkpoint(path)["epoch"]) + 1
+    except ModelError:
+        return "no epoch finished, so no checkpoint was kept"
+    then = "; a resumed run continues from it" if isinstance(exc, WriteError) else ""  # a diverged one would diverge again
+    return f"the checkpoint of epoch {epoch}, the last good one, is kept: {path}{then}"
+
+
 def build_model(cfg: RunConfig, num_classes: int):
     pretrained = cfg.model.pretrained if cfg.model.pretrained not in (None,) else False
     return create_model(cfg.model.name, num_classes=num_classes, pretrained=pretrained, input_size=cfg.data.input_size, **cfg.model.kwargs)
@@ -208,13 +230,16 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
     if cfg.train.compile:
         module.model = torch.compile(module.model)
     ckpt_path = ckpt_dir / "last.ckpt"
-    resume_from = str(ckpt_path) if resume and checkpoint_is_valid(ckpt_path) else None
+    resume_from = _resumable_checkpoint(ckpt_path) if resume else None
     if trainer.is_global_zero:
         run_dir.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*does not have many workers.*|.*exists and is not empty.*")
         warnings.filterwarnings("ignore", message=".*predict_dataloader.*|.*val_dataloader.*|.*LeafSpec.*")
-        trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=resume_from)
+        except (TrainingDiverged, WriteError) as exc:
+            raise type(exc)(f"{exc}; {_kept_checkpoint(ckpt_path, exc)}") from None
     if not trainer.is_global_zero:
         return None
     _write_history(run_dir, module.history)

@@ -45,6 +45,7 @@ class Classifier(L.LightningModule):
         self.stage_index = 0
         self.history: list[dict] = []
         self._epoch_t0 = 0.0
+        self._epoch_lr = 0.0
         self._host_images = device_images  # uploaded to the device in setup when device caching is on
         self.device_images: torch.Tensor | None = None
         self._aug_gen = torch.Generator()
@@ -163,10 +164,7 @@ class Classifier(L.LightningModule):
             loss = self._ce(logits, y)
             correct = int((logits.argmax(1) == y).sum())
         if not torch.isfinite(loss):
-            raise TrainingDiverged(
-                f"training loss is {float(loss.detach())} at epoch {self.current_epoch + 1}, step {batch_idx}; "
-                f"lower train.lr (now {self.stage.lr or self.cfg.train.lr}); the last good epoch checkpoint is kept"
-            )
+            self._diverged(f"training loss is {float(loss.detach())} at epoch {self.current_epoch + 1}, step {batch_idx}")
         self._log_step("train", loss, correct, len(y))
         return loss
 
@@ -204,6 +202,8 @@ class Classifier(L.LightningModule):
             self.trainer.strategy.setup_optimizers(self.trainer)  # new stage: fresh optimizer and schedule
         self._sums = {}
         self._epoch_t0 = time.perf_counter()
+        # Lightning steps an epoch schedule after the epoch's last batch, before the epoch-end hooks: note the lr now
+        self._epoch_lr = self.trainer.optimizers[0].param_groups[0]["lr"]
 
     def on_validation_epoch_start(self) -> None:
         self._sums.pop("val", None)
@@ -218,9 +218,18 @@ class Classifier(L.LightningModule):
         objective_has_acc = self.stage.objective == "ce"
         return loss_sum / n, (correct / n if objective_has_acc else None)
 
+    def _diverged(self, what: str):
+        # fit adds which checkpoint is kept; the epoch checkpoint is written after this hook, so it is never the bad one
+        raise TrainingDiverged(f"{what}; lower train.lr (now {self.stage.lr or self.cfg.train.lr})")
+
     def on_train_epoch_end(self) -> None:
         train_loss, train_acc = self._reduced("train")
         val_loss, val_acc = self._reduced("val")
+        # A finite loss on the last batch can still be followed by a step to inf/nan weights: stop before they are saved.
+        if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
+            self._diverged(f"weights became inf or nan in epoch {self.current_epoch + 1}")
+        if val_loss is not None and not math.isfinite(val_loss):
+            self._diverged(f"validation loss is {val_loss} at epoch {self.current_epoch + 1}")
         row = {
             "epoch": self.current_epoch + 1,
             "stage": self.stage_index + 1,
@@ -229,7 +238,7 @@ class Classifier(L.LightningModule):
             "train_acc": train_acc,
             "val_loss": val_loss,
             "val_acc": val_acc,
-            "lr": self.trainer.optimizers[0].param_groups[0]["lr"],
+            "lr": self._epoch_lr,
             "seconds": round(time.perf_counter() - self._epoch_t0, 3),
         }
         self.history.append(row)
