@@ -204,6 +204,7 @@ def test_nan_loss_stops_with_a_clear_message(tmp_path):
         ({"model": {"name": 5}}, "model.name"),
         ({"train": {"optimizer": "adagrad"}}, "train.optimizer"),
         ({"data": {"input_size": 2}}, "data.input_size"),
+        ({"train": {"lr": 1e40}}, "train.lr: Value error, 1e+40 is beyond float32"),
     ],
 )
 def test_bad_configs_name_the_key(tmp_path, raw, message):

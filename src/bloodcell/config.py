@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from bloodcell import io
 from bloodcell.errors import ConfigError
 
+
+
+def _fits_float32(lr: float) -> float:
+    # optimizers keep the learning rate in float32 state: a larger one would fail inside torch with a traceback
+    if lr > 3.4e38:
+        raise ValueError(f"{lr:g} is beyond float32's range (at most 3.4e+38)")
+    return lr
+
+
+LearningRate = Annotated[float, AfterValidator(_fits_float32)]
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -71,7 +81,7 @@ class StageConfig(_Strict):
     """One stage of a staged schedule. Unset fields inherit from `train`."""
 
     epochs: int = Field(ge=1)
-    lr: Optional[float] = Field(None, gt=0)
+    lr: Optional[LearningRate] = Field(None, gt=0)
     optimizer: Optional[Literal["adam", "adamw", "sgd", "rmsprop"]] = None
     objective: Literal["ce", "supcon"] = "ce"
     freeze_blocks: Optional[int] = Field(None, ge=0)
@@ -84,7 +94,7 @@ class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
     batch_size: int = Field(32, ge=1)
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
-    lr: float = Field(1e-3, gt=0)
+    lr: LearningRate = Field(1e-3, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)

@@ -38,6 +38,14 @@ def is_complete(run_dir: str | os.PathLike) -> bool:
     return read_status(run_dir).get("state") == "complete" and done
 
 
+def remove_stale_checkpoints(run_dir: str | os.PathLike) -> None:
+    """Resume checkpoints of finished runs (under run_dir, folds and seeds included) are left only by a kill
+    between marking the run complete and deleting them; the finished model is model.safetensors."""
+    for ckpt_dir in Path(run_dir).rglob("checkpoints"):
+        if ckpt_dir.is_dir() and is_complete(ckpt_dir.parent):
+            shutil.rmtree(ckpt_dir, ignore_errors=True)
+
+
 def _set_status(run_dir: Path, state: str, **fields) -> None:
     if rank_zero_only.rank == 0:
         io.write_json(run_dir / "status.json", {"state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields})
@@ -59,6 +67,7 @@ def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = No
 
     run_dir = Path(run_dir)
     if is_complete(run_dir) and (run_dir / "metrics.json").exists():
+        remove_stale_checkpoints(run_dir)
         return json.loads((run_dir / "metrics.json").read_text())
     config_file = run_dir / "config.yaml"
     if config_file.exists() and resume:
@@ -80,8 +89,9 @@ def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = No
         return {}
     train_seconds = time.perf_counter() - t0
     metrics = evaluate_run(run_dir, cfg, data, model, progress=progress, extra={"train_seconds": round(train_seconds, 2), "fold": fold, "precision": resolve_precision(cfg, resolve_accelerator(cfg))})
-    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final model is model.safetensors
     _set_status(run_dir, "complete", seconds=round(time.perf_counter() - t0, 2))
+    # only now: a kill before this line leaves the resume checkpoint, never a finished run without either
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final model is model.safetensors
     return metrics
 
 

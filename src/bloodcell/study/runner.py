@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from bloodcell import io
 from bloodcell.progress import console, enabled_by_default
-from bloodcell.study.experiment import failure_record, is_complete, read_status, run_config
+from bloodcell.study.experiment import failure_record, is_complete, read_status, remove_stale_checkpoints, run_config
 from bloodcell.study.spec import RunSpec, StudySpec, expand_runs, load_study
 
 
@@ -61,6 +61,7 @@ def run_study(
         for run in [] if report_only else runs:
             run_dir = run_dir_for(out, run)
             if is_complete(run_dir):
+                remove_stale_checkpoints(run_dir)
                 results[run.key] = {"state": "complete", "skipped": True}
                 bar.advance(task)
                 continue
