@@ -116,28 +116,28 @@ def test_real_full_tmpfs_while_writing_a_checkpoint(tmp_path, reference_run):
     disk filled to leave half a checkpoint of room, so epoch 2's checkpoint hits ENOSPC for real."""
     disk = tmp_path / "disk"
     _mount_tmpfs(disk, size_mb=32)
-    run = disk / "run"
-    args = ["train", str(reference_run["config"]), "--data", str(SAMPLE), "--out", str(run)]
-    proc = subprocess.Popen(BLOODCELL + args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        t0 = time.time()
-        while checkpoint_epoch(run) < 1:
-            assert proc.poll() is None, f"training ended before its first checkpoint: {proc.stderr.read()}"
-            assert time.time() - t0 < 120
-            time.sleep(0.002)
-        proc.send_signal(signal.SIGSTOP)
-        tensor_file = next((run / "checkpoints").glob("last.ckpt.*.safetensors"))
-        stat = os.statvfs(disk)
-        room = stat.f_bavail * stat.f_frsize - tensor_file.stat().st_size // 2
-        with open(disk / "filler", "wb") as fh:
-            os.posix_fallocate(fh.fileno(), 0, room)
-        proc.send_signal(signal.SIGCONT)
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    try:
+        run = disk / "run"
+        args = ["train", str(reference_run["config"]), "--data", str(SAMPLE), "--out", str(run)]
+        proc = subprocess.Popen(BLOODCELL + args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            t0 = time.time()
+            while checkpoint_epoch(run) < 1:
+                assert proc.poll() is None, f"training ended before its first checkpoint: {proc.stderr.read()}"
+                assert time.time() - t0 < 120
+                time.sleep(0.002)
+            proc.send_signal(signal.SIGSTOP)
+            tensor_file = next((run / "checkpoints").glob("last.ckpt.*.safetensors"))
+            stat = os.statvfs(disk)
+            room = stat.f_bavail * stat.f_frsize - tensor_file.stat().st_size // 2
+            with open(disk / "filler", "wb") as fh:
+                os.posix_fallocate(fh.fileno(), 0, room)
+            proc.send_signal(signal.SIGCONT)
+            stdout, stderr = proc.communicate(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         assert proc.returncode == 2, stdout + stderr
         assert "Traceback" not in stdout + stderr
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
@@ -149,8 +149,8 @@ def test_real_full_tmpfs_while_writing_a_checkpoint(tmp_path, reference_run):
         resumed = runner.invoke(app, args + ["--resume"])
         assert resumed.exit_code == 0, resumed.output
         assert outcome(run) == reference_run["outcome"]
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
+    finally:  # lazily: an in-process run may still hold a file there; never leave the mount behind
+        subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
 # ----------------------------------------------------------------------------- torn pairs never load
