@@ -6,7 +6,6 @@ image) in a subprocess; its peak memory during each bad upload is read from /pro
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import struct
 import sys
@@ -21,12 +20,9 @@ from PIL import Image, ImageFile
 from bloodcell.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, open_rgb
 from bloodcell.serve.app import DEFAULT_MAX_UPLOAD_BYTES
 
-REPO = Path(__file__).resolve().parents[2]
-if "serve_load" not in sys.modules:  # benchmarks/serve_load.py: starts the server, sends the uploads
-    _spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
-    sys.modules["serve_load"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["serve_load"])
-serve_load = sys.modules["serve_load"]
+from conftest import REPO, load_benchmark
+
+serve_load = load_benchmark("serve_load")  # benchmarks/serve_load.py: starts the server, sends the uploads
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the server's memory from /proc")
 

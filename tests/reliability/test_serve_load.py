@@ -6,20 +6,13 @@ latency figures for docs/reliability.md, this test asserts that every answer is 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
 from bloodcell.infer import Predictor
 
-REPO = Path(__file__).resolve().parents[2]
-if "serve_load" not in sys.modules:  # benchmarks/serve_load.py: starts the server, sends the uploads
-    _spec = importlib.util.spec_from_file_location("serve_load", REPO / "benchmarks" / "serve_load.py")
-    sys.modules["serve_load"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["serve_load"])
-serve_load = sys.modules["serve_load"]
+from conftest import load_benchmark
+
+serve_load = load_benchmark("serve_load")  # benchmarks/serve_load.py: starts the server, sends the uploads
 
 REQUESTS = 100
 CONCURRENCY = 16  # the client's bound: at most this many requests in flight

@@ -9,7 +9,6 @@ folder that is renamed into place only once complete, with the manifest written 
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -214,7 +213,7 @@ def _reserve_disk_space(npy: Path) -> None:
     try:
         os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
     except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        if exc.errno in io.NO_SPACE_ERRNOS:
             raise
         # the file system cannot reserve space (EINVAL, EOPNOTSUPP...): fill the memmap unreserved
     finally:
