@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from bloodcell.cli import app
 from bloodcell.errors import DataError, ModelError
 from bloodcell.infer import Predictor, summarize
-from bloodcell.infer import predictor as predictor_mod
+from bloodcell.models import checkpoint as checkpoint_mod
 from bloodcell.models import create_model, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,10 +79,12 @@ def prob_matrix(result) -> np.ndarray:
 def test_result_shape_and_keys(predictor):
     files = sample_files()
     r = predictor.predict_paths(files, progress=False)
-    assert list(r) == ["predictions", "counts", "percent", "wbc_percent", "flags", "unreadable"]
+    assert list(r) == ["predictions", "counted", "ood_count", "ood_check", "counts", "percent", "wbc_percent", "flags", "unreadable"]
+    assert r["ood_check"] is False and r["counted"] == len(files) and r["ood_count"] == 0  # this toy model has no OOD score
     assert [p["path"] for p in r["predictions"]] == [str(f) for f in files]
     for p in r["predictions"]:
-        assert set(p) == {"path", "label", "probabilities", "confidence", "review"}
+        assert set(p) == {"path", "label", "probabilities", "confidence", "review", "ood", "ood_score"}
+        assert p["ood"] is None and p["ood_score"] is None
         assert list(p["probabilities"]) == NAMES
         assert sum(p["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert p["label"] == max(p["probabilities"], key=p["probabilities"].get)
@@ -205,7 +207,7 @@ def test_batching_does_not_change_results(predictor):
 def test_load_errors(tmp_path, run_dir, monkeypatch):
     with pytest.raises(ModelError, match="model not found: .*nowhere"):
         Predictor.load(tmp_path / "nowhere")
-    monkeypatch.setattr(predictor_mod, "BUNDLED_MODEL", ("assets", "no_such_model"))
+    monkeypatch.setattr(checkpoint_mod, "BUNDLED_MODEL", ("assets", "no_such_model"))
     with pytest.raises(ModelError, match="no bundled model in this install: pass --model RUN_DIR"):
         Predictor.load(None)
     lone = tmp_path / "lone.onnx"

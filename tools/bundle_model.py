@@ -2,8 +2,8 @@
 
     .venv/bin/python tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model
 
-Copies model.safetensors and model.json (which already carry classes, input size, normalisation, temperature,
-review threshold, training config and test metrics) and adds where the model came from. Refuses an unfinished run.
+Copies model.safetensors, ood.safetensors (its out-of-distribution statistics) and model.json (which already
+carries classes, input size, normalisation, temperature, review and OOD thresholds, training config and test metrics) and adds where the model came from. Refuses an unfinished run.
 """
 
 from __future__ import annotations
@@ -42,8 +42,12 @@ def main() -> None:
         "retrain": "make default-model PBC=/path/to/PBC_dataset_normal_DIB",
     }
     dest.mkdir(parents=True, exist_ok=True)
-    with io.atomic_path(dest / "model.safetensors") as tmp:
-        shutil.copyfile(run / "model.safetensors", tmp)
+    for name in ("model.safetensors", "ood.safetensors"):
+        if name == "ood.safetensors" and not meta.get("ood"):
+            (dest / name).unlink(missing_ok=True)  # a model without an OOD score must not inherit the old one's
+            continue
+        with io.atomic_path(dest / name) as tmp:
+            shutil.copyfile(run / name, tmp)
     io.write_json(dest / "model.json", meta)
     print(f"bundled {meta['model_name']} ({(dest / 'model.safetensors').stat().st_size / 1e6:.1f} MB), test accuracy {test['accuracy']:.4f}, into {dest}")
 

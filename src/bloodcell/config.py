@@ -68,6 +68,22 @@ class AugmentConfig(_Strict):
     contrast: float = Field(0.1, ge=0, le=1)
     saturation: float = Field(0.1, ge=0, le=1)
     hue: float = Field(0.02, ge=0, le=0.5)
+    # Shifts between labs (microscope, camera, stain); all off by default. See bloodcell.train.augment.
+    stain: float = Field(0.0, ge=0, le=1)  # haematoxylin / eosin / DAB amounts scaled by U(1 - s, 1 + s) per sample
+    stain_bias: float = Field(0.0, ge=0, le=1)  # ... and shifted by U(-b, b)
+    white_balance: float = Field(0.0, ge=0, le=1)  # per-channel gains U(1 - w, 1 + w)
+    color_matrix: float = Field(0.0, ge=0, le=1)  # RGB mixed by I + U(-m, m) off the diagonal
+    gamma: float = Field(0.0, ge=0, le=2)  # x ** exp(U(-g, g))
+    grayscale: float = Field(0.0, ge=0, le=1)  # probability of dropping colour altogether
+    blur: float = Field(0.0, ge=0, le=8)  # Gaussian blur sigma U(0, blur) pixels at input size, on half the samples
+    noise: float = Field(0.0, ge=0, le=0.5)  # Gaussian pixel noise, sd U(0, noise)
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_order(cls, v):
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {list(v)}")
+        return v
 
 
 class SmoteConfig(_Strict):
@@ -144,6 +160,8 @@ class EvalConfig(_Strict):
     bootstrap: int = Field(1000, ge=0)
     grid_images: int = Field(16, ge=0)
     review_threshold: Optional[float] = Field(None, gt=0, lt=1)  # None: chosen on validation data
+    # Share of ordinary (validation) cells the out-of-distribution flag may raise; sets its threshold.
+    ood_false_alarm: float = Field(0.01, gt=0, lt=0.5)
 
 
 class RunConfig(_Strict):

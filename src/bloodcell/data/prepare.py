@@ -40,6 +40,17 @@ def _split_config(cfg: RunConfig) -> SplitConfig:
     return SplitConfig(seed=cfg.split_seed, test_size=s.test_size, val_size=s.val_size, dedup=s.dedup, shuffle=s.shuffle)
 
 
+def split_files(cfg: RunConfig, root: str | os.PathLike, part: str = "test", progress: bool = False) -> tuple[list[Path], list[str]]:
+    """(files, class names) of one part of the split `cfg` makes of `root`: e.g. a model's test part, for benchmarks.
+
+    Pass `parse_config(model_json["training_config"])` to get exactly the images a trained model never saw.
+    """
+    inv = scan(root, max_pixels=cfg.data.max_pixels, progress=progress)
+    split = make_split(inv, _split_config(cfg))
+    idx = split.part(part)
+    return [inv.path(int(i)) for i in idx], [inv.class_names[inv.labels[int(i)]] for i in idx]
+
+
 def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None, fold: int | None = None, progress: bool = True) -> PreparedData:
     """Load, validate, split and cache the data of `cfg` (see module docstring).
 

@@ -23,6 +23,8 @@ from bloodcell.config import RunConfig
 from bloodcell.data.prepare import PreparedData
 from bloodcell.evaluate.calibration import apply_temperature, fit_temperature, softmax
 from bloodcell.evaluate.metrics import classification_metrics, expected_calibration_error
+from bloodcell.evaluate.ood import energy_score, fit_mahalanobis, mahalanobis_score, threshold_for
+from bloodcell.models.ood import METHOD as OOD_METHOD, OOD_FILE, save_ood
 from bloodcell.evaluate.plots import (
     plot_confident_mistakes,
     plot_confusion_matrix,
@@ -36,22 +38,31 @@ REVIEW_TARGET_ACCURACY = 0.99
 
 
 @torch.inference_mode()
-def predict_logits(model: torch.nn.Module, images: np.ndarray, index: np.ndarray, batch_size: int = 128, device: str | None = None, progress: bool = False, desc: str = "predicting") -> np.ndarray:
-    """Logits (N, K) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the model's mean/std."""
+def predict_outputs(model: torch.nn.Module, images: np.ndarray, index: np.ndarray, batch_size: int = 128, device: str | None = None, progress: bool = False, desc: str = "predicting") -> tuple[np.ndarray, np.ndarray]:
+    """(logits (N, K), pooled features (N, D)) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the model's mean/std."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1) * 255
     std = torch.tensor(model.std, device=device).view(1, 3, 1, 1) * 255
-    out = []
+    logits, features = [], []
     with progress_bar(len(index), desc, enabled=progress) as advance:
         for start in range(0, len(index), batch_size):
             idx = np.sort(index[start : start + batch_size])
             order = np.argsort(np.argsort(index[start : start + batch_size]))  # back to the caller's order
             x = torch.from_numpy(np.asarray(images[idx])).to(device).permute(0, 3, 1, 2).float()
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            out.append(model(x).float().cpu().numpy()[order])
+            f = model.forward_features(x)
+            logits.append(model.forward_head(f).float().cpu().numpy()[order])
+            features.append(f.float().cpu().numpy()[order])
             advance(len(idx))
-    return np.concatenate(out) if out else np.zeros((0, model.num_classes), np.float32)
+    if not logits:
+        return np.zeros((0, model.num_classes), np.float32), np.zeros((0, model.num_features), np.float32)
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def predict_logits(model: torch.nn.Module, images: np.ndarray, index: np.ndarray, **kwargs) -> np.ndarray:
+    """Logits (N, K) of `model` on images[index] (see predict_outputs)."""
+    return predict_outputs(model, images, index, **kwargs)[0]
 
 
 def choose_review_threshold(probs: np.ndarray, y_true: np.ndarray, target: float = REVIEW_TARGET_ACCURACY) -> float:
@@ -64,6 +75,33 @@ def choose_review_threshold(probs: np.ndarray, y_true: np.ndarray, target: float
         if kept.sum() >= max(10, 0.05 * len(y_true)) and correct[kept].mean() >= target:
             return float(t)
     return 0.99
+
+
+def fit_ood_score(run_dir: Path, outputs: dict, y: dict, num_classes: int, false_alarm: float) -> dict | None:
+    """Fit the Mahalanobis OOD score on the training part, set its threshold on validation, write ood.safetensors.
+
+    Returns the `ood` section of metrics.json (None without a training and a validation part). The energy score's
+    false alarms at its own validation threshold are reported beside it for comparison.
+    """
+    if "train" not in outputs or "val" not in outputs or len(y["train"]) < 2:
+        return None
+    means, precision = fit_mahalanobis(outputs["train"][1], y["train"], num_classes)
+    scores = {k: mahalanobis_score(f, means, precision) for k, (_, f) in outputs.items()}
+    threshold = threshold_for(scores["val"], false_alarm)
+    save_ood(run_dir, means, precision)
+    out = {
+        "method": OOD_METHOD,
+        "file": OOD_FILE,
+        "threshold": threshold,
+        "false_alarm_target": false_alarm,
+        "fitted_on": f"{len(y['train'])} training images (means, Ledoit-Wolf covariance); threshold: validation quantile {1 - false_alarm:g} of {len(y['val'])} images",
+        "val_flagged": float((scores["val"] > threshold).mean()),
+    }
+    if "test" in scores:
+        out["test_flagged"] = float((scores["test"] > threshold).mean())
+        energy_val, energy_test = energy_score(outputs["val"][0]), energy_score(outputs["test"][0])
+        out["energy_test_flagged"] = float((energy_test > threshold_for(energy_val, false_alarm)).mean())
+    return out
 
 
 def environment() -> dict:
@@ -111,7 +149,8 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
     t0 = time.perf_counter()
     names = data.class_names
     parts = {k: np.asarray(v) for k, v in data.parts.items()}
-    logits = {k: predict_logits(model, data.images, idx, progress=progress, desc=f"evaluating {k}") for k, idx in parts.items() if len(idx)}
+    outputs = {k: predict_outputs(model, data.images, idx, progress=progress, desc=f"evaluating {k}") for k, idx in parts.items() if len(idx)}
+    logits = {k: v[0] for k, v in outputs.items()}
     y = {k: data.labels[idx] for k, idx in parts.items()}
 
     temperature = fit_temperature(logits["val"], y["val"]) if "val" in logits and len(np.unique(y["val"])) > 1 else 1.0
@@ -134,6 +173,9 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
         flagged = cal.max(1) < review
         metrics["test"]["review_fraction"] = float(flagged.mean())
         metrics["test"]["accuracy_unflagged"] = float((cal.argmax(1) == y["test"])[~flagged].mean()) if (~flagged).any() else None
+    ood = fit_ood_score(run_dir, outputs, y, len(names), cfg.eval.ood_false_alarm)
+    if ood is not None:
+        metrics["ood"] = ood
     metrics["provenance"] = {
         "data": data.source.get("root"),
         "data_fingerprint": data.source.get("fingerprint"),
@@ -154,6 +196,10 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
     model_json = run_dir / "model.json"
     if model_json.exists():
         meta = json.loads(model_json.read_text())
+        if ood is not None:
+            meta["ood"] = {k: ood[k] for k in ("method", "file", "threshold", "false_alarm_target", "fitted_on")}
+        else:
+            meta.pop("ood", None)
         meta.update(temperature=temperature, review_threshold=review, test_metrics={k: metrics.get("test", {}).get(k) for k in ("accuracy", "f1_macro", "f1_weighted", "ece", "ece_calibrated")})
         io.write_json(model_json, meta)
 

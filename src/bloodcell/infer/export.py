@@ -1,7 +1,7 @@
 """Export a trained model to ONNX and prove the export computes what PyTorch computes.
 
 The .onnx file takes the normalised image batch `input` (float32, N x 3 x S x S, N free) and returns
-`logits` (N x K). Preprocessing, temperature and class names live in the sidecar `<file>.onnx.json`
+`logits` (N x K) and, for a model with an out-of-distribution score, `ood_score` (N) computed in the graph. Preprocessing, temperature and class names live in the sidecar `<file>.onnx.json`
 (model.json plus an `onnx` section), which `Predictor.load("<file>.onnx")` reads.
 """
 
@@ -56,23 +56,30 @@ def export_onnx(
     if Path(model).suffix.lower() == ".onnx":
         raise ModelError(f"{model} is already an ONNX model: export takes a run directory")
     predictor = Predictor.load(model)
-    net = predictor.model.eval()
+    net = (predictor.scored_model or predictor.model).eval()
+    outputs = ["logits", "ood_score"] if predictor.scored_model is not None else ["logits"]
     images, source = _check_batch(predictor, check_images)
     x = predictor.normalise(images)
     size = predictor.input_size
     dummy = torch.zeros(1, 3, size, size)
 
     with atomic_path(out) as tmp:
-        exporter = _export(net, dummy, tmp, opset)
+        exporter = _export(net, dummy, tmp, opset, outputs)
         session = _onnx_session(tmp)
         name = session.get_inputs()[0].name
         with torch.inference_mode():
-            expected = net(torch.from_numpy(x)).float().numpy()
-        got_full = session.run(None, {name: x})[0]
-        got_single = np.concatenate([session.run(None, {name: x[i : i + 1]})[0] for i in range(len(x))])
-        if got_full.shape != expected.shape:
-            raise ModelError(f"ONNX export of {model} gives logits of shape {got_full.shape}, PyTorch {expected.shape}")
-        diff = float(max(np.abs(got_full - expected).max(), np.abs(got_single - expected).max()))
+            expected = net(torch.from_numpy(x))
+        expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+        got_full = session.run(None, {name: x})
+        got_single = [session.run(None, {name: x[i : i + 1]}) for i in range(len(x))]
+        diff = 0.0
+        for k, (out_name, want) in enumerate(zip(outputs, expected)):
+            full, single = got_full[k], np.concatenate([g[k] for g in got_single])
+            if full.shape != want.shape:
+                raise ModelError(f"ONNX export of {model} gives {out_name} of shape {full.shape}, PyTorch {want.shape}")
+            # the OOD score is a squared distance in the hundreds: compare it relative to its size
+            scale = 1.0 if out_name == "logits" else max(1.0, float(np.abs(want).max()))
+            diff = max(diff, float(max(np.abs(full - want).max(), np.abs(single - want).max())) / scale)
         if not np.isfinite(diff) or diff > tolerance:
             raise ModelError(
                 f"ONNX export of {model} differs from PyTorch by up to {diff:.3g} on {len(x)} {source} "
@@ -86,6 +93,7 @@ def export_onnx(
             "input": name,
             "input_layout": "N x 3 x H x W float32, normalised with mean/std",
             "output": session.get_outputs()[0].name,
+            "outputs": [o.name for o in session.get_outputs()],
             "max_abs_diff": diff,
             "checked_on": f"{len(x)} {source}",
         }
@@ -94,11 +102,11 @@ def export_onnx(
     return ExportReport(out, sidecar, diff, len(x), source, exporter)
 
 
-def _export(net, dummy, path: Path, opset: int) -> str:
+def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logits",)) -> str:
     """torch.onnx.export with a dynamic batch axis; the dynamo exporter when onnxscript is installed."""
     import torch
 
-    common = dict(input_names=["input"], output_names=["logits"], opset_version=opset)
+    common = dict(input_names=["input"], output_names=list(outputs), opset_version=opset)
     if importlib.util.find_spec("onnxscript") is not None:
         try:
             with warnings.catch_warnings():
@@ -114,7 +122,7 @@ def _export(net, dummy, path: Path, opset: int) -> str:
             warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
             torch.onnx.export(
                 net, (dummy,), str(path), dynamo=False,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, **common,
+                dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, **common,
             )
     except Exception as exc:
         raise ModelError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None

@@ -9,7 +9,9 @@ model bundled with the package. Every prediction goes through the same steps as 
     -> normalise with the model's mean/std -> logits -> softmax(logits / temperature)
 
 and a cell is flagged for review when its calibrated top probability is below the review threshold
-stored with the model (see bloodcell.evaluate.run.choose_review_threshold).
+stored with the model (see bloodcell.evaluate.run.choose_review_threshold). Models trained by this version also
+carry an out-of-distribution score (bloodcell.models.ood): an image whose score is above the model's threshold is
+flagged `ood` (it looks unlike the cells the model was trained on) and left out of the counts, which say so.
 """
 
 from __future__ import annotations
@@ -33,12 +35,12 @@ from bloodcell.data.images import (
     load_array,
 )
 from bloodcell.errors import DataError, ModelError
+from bloodcell.models.checkpoint import bundled_model_dir
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_REVIEW_THRESHOLD = 0.9
 DEFAULT_INTERPOLATION = "bilinear"
 ONNX_SIDECAR_SUFFIX = ".json"  # model.onnx -> model.onnx.json
-BUNDLED_MODEL = ("assets", "default_model")
 
 # The white cells of a differential count; platelets, erythroblasts (nucleated red cells) and
 # anything else a model may know are counted but left out of the "% of WBC" column.
@@ -66,6 +68,8 @@ class Predictor:
     model: Any = field(default=None, repr=False)  # a BloodcellModel (PyTorch) ...
     session: Any = field(default=None, repr=False)  # ... or an onnxruntime.InferenceSession
     max_pixels: int = DEFAULT_MAX_PIXELS
+    ood_threshold: float | None = None  # None: this model has no OOD score
+    scored_model: Any = field(default=None, repr=False)  # ScoredModel: logits and OOD score in one pass (PyTorch)
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
@@ -97,11 +101,19 @@ class Predictor:
             session = _onnx_session(path)
             predictor = cls._from_metadata(meta, str(path), session=session)
             _check_onnx_shapes(session, predictor, path)
+            if meta.get("ood") and "ood_score" in [o.name for o in session.get_outputs()]:
+                predictor.ood_threshold = _ood_threshold(meta, str(path))
         else:
             from bloodcell.models.checkpoint import load_checkpoint
+            from bloodcell.models.ood import ScoredModel, load_ood
 
             net, meta = load_checkpoint(path)
             predictor = cls._from_metadata(meta, str(path), model=net)
+            if meta.get("ood"):
+                folder = path if path.is_dir() else path.parent
+                scorer = load_ood(folder / str(meta["ood"].get("file") or "ood.safetensors"), net.num_classes, net.num_features)
+                predictor.scored_model = ScoredModel(net, scorer).eval()
+                predictor.ood_threshold = _ood_threshold(meta, str(path))
         predictor.max_pixels = int(max_pixels)
         if review_threshold is not None:
             predictor.review_threshold = _check_threshold(review_threshold, "--threshold")
@@ -163,16 +175,29 @@ class Predictor:
         std = np.asarray(self.std, dtype=np.float32).reshape(1, 3, 1, 1) * 255
         return np.ascontiguousarray((x - mean) / std, dtype=np.float32)
 
-    def logits(self, images: np.ndarray) -> np.ndarray:
-        """Raw logits (N, K) float32 of uint8 images (N, input_size, input_size, 3)."""
+    @property
+    def has_ood(self) -> bool:
+        return self.ood_threshold is not None
+
+    def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(raw logits (N, K) float32, OOD scores (N,) or None) of uint8 images (N, input_size, input_size, 3)."""
         x = self.normalise(images)
         if self.session is not None:
             name = self.session.get_inputs()[0].name
-            return np.asarray(self.session.run(None, {name: x})[0], dtype=np.float32)
+            got = self.session.run(None, {name: x})
+            scores = np.asarray(got[1], dtype=np.float32) if self.has_ood and len(got) > 1 else None
+            return np.asarray(got[0], dtype=np.float32), scores
         import torch
 
         with self._lock, torch.inference_mode():
-            return self.model(torch.from_numpy(x)).float().numpy()
+            if self.scored_model is not None:
+                logits, scores = self.scored_model(torch.from_numpy(x))
+                return logits.float().numpy(), scores.float().numpy()
+            return self.model(torch.from_numpy(x)).float().numpy(), None
+
+    def logits(self, images: np.ndarray) -> np.ndarray:
+        """Raw logits (N, K) float32 of uint8 images (N, input_size, input_size, 3)."""
+        return self.outputs(images)[0]
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (N, K) float64: softmax(logits / temperature)."""
@@ -200,8 +225,11 @@ class Predictor:
 
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
+        from bloodcell.evaluate.calibration import apply_temperature
+
         names: list[str] = []
         probs: list[np.ndarray] = []
+        scores: list[np.ndarray] = []
         unreadable: list[dict] = []
 
         def decode(item):
@@ -223,28 +251,47 @@ class Predictor:
                 unreadable += [{"path": n, "reason": err} for n, _, err in decoded if err is not None]
                 for b in range(0, len(ok), batch_size):
                     chunk = ok[b : b + batch_size]
-                    probs.append(self.probabilities(np.stack([a for _, a in chunk])))
+                    logits, ood = self.outputs(np.stack([a for _, a in chunk]))
+                    probs.append(apply_temperature(logits, self.temperature))
+                    if ood is not None:
+                        scores.append(ood)
                     names += [n for n, _ in chunk]
                     advance(len(chunk))
                 advance(len(decoded) - len(ok))
         p = np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)))
-        return summarize(names, p, self.class_names, self.review_threshold, unreadable)
+        ood = (np.concatenate(scores) if scores else np.zeros(0)) if self.has_ood else None
+        return summarize(names, p, self.class_names, self.review_threshold, unreadable, ood, self.ood_threshold)
 
 
 # ---------------------------------------------------------------------- results
 
 
 def summarize(
-    names: Sequence[str], probs: np.ndarray, class_names: Sequence[str], review_threshold: float, unreadable: list[dict] | None = None
+    names: Sequence[str],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    review_threshold: float,
+    unreadable: list[dict] | None = None,
+    ood_scores: np.ndarray | None = None,
+    ood_threshold: float | None = None,
 ) -> dict:
-    """The result object of `predict_*` (documented in docs/inference.md)."""
+    """The result object of `predict_*` (documented in docs/inference.md).
+
+    With OOD scores, an image scoring above `ood_threshold` is flagged `ood` and not counted: `counts` and the
+    percentages rest on the `counted` images, and `ood_count` says how many were left out.
+    """
     probs = np.asarray(probs, dtype=np.float64).reshape(len(names), len(class_names))
+    has_ood = ood_scores is not None and ood_threshold is not None
+    if has_ood:
+        ood_scores = np.asarray(ood_scores, dtype=np.float64).reshape(len(names))
     predictions = []
     counts = {c: 0 for c in class_names}
-    for name, p in zip(names, probs):
+    for i, (name, p) in enumerate(zip(names, probs)):
         top = int(p.argmax())
         label = class_names[top]
-        counts[label] += 1
+        ood = bool(has_ood and not ood_scores[i] <= ood_threshold)  # nan counts as unlike the training cells
+        if not ood:
+            counts[label] += 1
         predictions.append(
             {
                 "path": name,
@@ -252,9 +299,12 @@ def summarize(
                 "probabilities": {c: round(float(v), 6) for c, v in zip(class_names, p)},
                 "confidence": round(float(p[top]), 6),
                 "review": bool(p[top] < review_threshold),
+                "ood": ood if has_ood else None,
+                "ood_score": round(float(ood_scores[i]), 3) if has_ood else None,
             }
         )
-    total = len(predictions)
+    ood_count = sum(bool(p["ood"]) for p in predictions)
+    total = len(predictions) - ood_count
     wbc = [c for c in class_names if c in WBC_CLASSES]
     wbc_total = sum(counts[c] for c in wbc)
     percent = {c: _pct(counts[c], total) for c in class_names}
@@ -264,8 +314,14 @@ def summarize(
         for c, text in FLAG_CLASSES.items()
         if counts.get(c)
     ]
+    if ood_count:
+        which = "all" if ood_count == len(predictions) else f"{ood_count} of {len(predictions)}"
+        flags.insert(0, f"{which} images look unlike the cells this model was trained on (OOD): not counted")
     return {
         "predictions": predictions,
+        "counted": total,
+        "ood_count": ood_count,
+        "ood_check": bool(has_ood),
         "counts": counts,
         "percent": percent,
         "wbc_percent": wbc_percent,
@@ -302,18 +358,14 @@ def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return files
 
 
-def bundled_model_dir() -> Path:
-    """The model shipped inside the package (bloodcell/assets/default_model), if this install has one."""
-    from importlib import resources
-
-    node = resources.files("bloodcell").joinpath(*BUNDLED_MODEL)
+def _ood_threshold(meta: dict, source: str) -> float:
     try:
-        path = Path(os.fspath(node))  # a regular install: a real folder
-    except TypeError:
-        path = None
-    if path is None or not path.is_dir() or not any((path / f).is_file() for f in ("model.json", "model.onnx.json")):
-        raise ModelError("no bundled model in this install: pass --model RUN_DIR")
-    return path
+        t = float(meta["ood"]["threshold"])
+    except (KeyError, TypeError, ValueError):
+        raise ModelError(f"model metadata of {source}: 'ood' section lacks a numeric threshold") from None
+    if not np.isfinite(t):
+        raise ModelError(f"model metadata of {source}: ood threshold must be finite, got {t}")
+    return t
 
 
 def _check_threshold(value: Any, what: str) -> float:

@@ -147,6 +147,67 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return model.to(map_location).eval(), meta
 
 
+BUNDLED_MODEL = ("assets", "default_model")
+
+
+def bundled_model_dir() -> Path:
+    """The model shipped inside the package (bloodcell/assets/default_model), if this install has one."""
+    from importlib import resources
+
+    node = resources.files("bloodcell").joinpath(*BUNDLED_MODEL)
+    try:
+        path = Path(os.fspath(node))  # a regular install: a real folder
+    except TypeError:
+        path = None
+    if path is None or not path.is_dir() or not any((path / f).is_file() for f in ("model.json", "model.onnx.json")):
+        raise ModelError("no bundled model in this install: pass --model RUN_DIR")
+    return path
+
+
+def is_bloodcell_model(source: Any) -> bool:
+    """True for 'default' (the bundled model) and for a folder holding a bloodcell model.json."""
+    if isinstance(source, str) and source == "default":
+        return True
+    return isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / METADATA_FILE).is_file()
+
+
+def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], input_size: int) -> dict:
+    """Start `model` from a trained bloodcell model: every weight, and the output rows of the classes both share.
+
+    `source`: 'default' (the bundled model) or a run / model folder. A lab fine-tuning on its own cells keeps what
+    the model knows of each class it names the same way; a class the source lacks starts from random rows.
+    Returns the source's metadata. Refuses another architecture or input size with one line naming both.
+    """
+    folder = bundled_model_dir() if source == "default" else Path(source)
+    base, meta = load_checkpoint(folder)
+    if meta["model_name"] != model.model_name or dict(meta.get("model_kwargs") or {}) != dict(model.model_kwargs):
+        raise ModelError(
+            f"model.pretrained {source}: it is a '{meta['model_name']}' with options {meta.get('model_kwargs') or {}}, "
+            f"the config builds '{model.model_name}' with {model.model_kwargs or {}}: set model.name to match"
+        )
+    if int(meta["input_size"]) != int(input_size):
+        raise ModelError(f"model.pretrained {source} was trained at {meta['input_size']} px: set data.input_size={meta['input_size']}")
+    src_state, state = base.state_dict(), model.state_dict()
+    logits_layer = [n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
+    out_keys = {f"head.{logits_layer}.weight", f"head.{logits_layer}.bias"}
+    src_rows = {_class_key(c): i for i, c in enumerate(meta.get("class_names") or [])}
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in out_keys:
+                for row, name in enumerate(class_names):
+                    if _class_key(name) in src_rows:
+                        value[row] = src_state[key][src_rows[_class_key(name)]]
+            else:
+                value.copy_(src_state[key])
+    return meta
+
+
+def _class_key(name: str) -> str:
+    """'Neutrophils', 'neutrophil' and 'NEUTROPHIL' name one class."""
+    key = "".join(ch for ch in str(name).lower() if ch.isalnum())
+    return key[:-1] if key.endswith("s") and len(key) > 3 else key
+
+
 def _is_pickle(path: Path) -> bool:
     """True for torch.save output (a zip holding data.pkl) and plain pickles; inspects the bytes, runs nothing.
 

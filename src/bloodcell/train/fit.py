@@ -26,7 +26,7 @@ from bloodcell.config import RunConfig, dump_config
 from bloodcell.data.prepare import PreparedData
 from bloodcell.errors import ConfigError, ModelError, TrainingDiverged, WriteError
 from bloodcell.models import create_model
-from bloodcell.models.checkpoint import save_checkpoint
+from bloodcell.models.checkpoint import init_from_model, is_bloodcell_model, save_checkpoint
 from bloodcell.progress import console, enabled_by_default
 from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, read_checkpoint
 from bloodcell.train.module import Classifier, epoch_seed
@@ -155,8 +155,17 @@ def _kept_checkpoint(path: Path, exc: Exception) -> str:
     return f"the checkpoint of epoch {epoch}, the last good one, is kept: {path}{then}"
 
 
-def build_model(cfg: RunConfig, num_classes: int):
+def build_model(cfg: RunConfig, num_classes: int, class_names: list[str] | None = None):
+    """The run's model: from scratch, from ImageNet backbone weights, or from a trained bloodcell model (fine-tuning)."""
     pretrained = cfg.model.pretrained if cfg.model.pretrained not in (None,) else False
+    if is_bloodcell_model(pretrained):
+        model = create_model(cfg.model.name, num_classes=num_classes, pretrained=False, input_size=cfg.data.input_size, **cfg.model.kwargs)
+        names = class_names or [f"class_{i}" for i in range(num_classes)]
+        try:
+            init_from_model(model, pretrained, names, cfg.data.input_size)
+        except ModelError as exc:
+            raise ConfigError(str(exc)) from None
+        return model
     return create_model(cfg.model.name, num_classes=num_classes, pretrained=pretrained, input_size=cfg.data.input_size, **cfg.model.kwargs)
 
 
@@ -180,7 +189,7 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         train_idx = rng.permutation(len(x)) if cfg.data.split.shuffle else np.arange(len(x))
         val_idx = np.arange(len(x), len(x) + len(val_x))
 
-    model = build_model(cfg, data.num_classes)
+    model = build_model(cfg, data.num_classes, data.class_names)
     weights = class_weights_for(labels[train_idx], data.num_classes) if cfg.train.class_weights == "balanced" else None
     on_device = cfg.train.device_cache == "on" or (
         cfg.train.device_cache == "auto" and accelerator == "gpu" and images.nbytes < 0.4 * torch.cuda.get_device_properties(0).total_memory

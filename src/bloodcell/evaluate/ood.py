@@ -1,0 +1,60 @@
+"""Fitting and comparing out-of-distribution scores (the model-side score is bloodcell.models.ood).
+
+- Mahalanobis (the one shipped): class means + a Ledoit-Wolf shared covariance of the training part's pooled
+  features; score = squared distance to the nearest class mean.
+- Energy (Liu et al. 2020): -logsumexp(logits); kept for comparison, as is 1 - max softmax.
+Higher is more unusual for all three. The flag threshold is a quantile of the validation part's scores, so the
+share of ordinary cells flagged (false alarms) is set by `false_alarm`, not by any OOD data.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp, softmax
+
+from bloodcell.errors import DataError
+
+DEFAULT_FALSE_ALARM = 0.01
+
+
+def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(means (K, D), precision (D, D)) from training features; a class with no sample gets the overall mean."""
+    from sklearn.covariance import LedoitWolf
+
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(labels)
+    if x.ndim != 2 or len(x) != len(y) or len(x) < 2:
+        raise DataError(f"OOD fit needs (N, D) features with N >= 2 and one label each, got {x.shape} and {len(y)} labels")
+    means = np.stack([x[y == k].mean(0) if (y == k).any() else x.mean(0) for k in range(num_classes)])
+    centred = x - means[y]
+    precision = LedoitWolf(assume_centered=True).fit(centred).precision_  # shrinkage keeps it invertible
+    return means, precision
+
+
+def mahalanobis_score(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
+    diff = np.asarray(features, np.float64)[:, None, :] - means[None]
+    return np.einsum("nkd,de,nke->nk", diff, precision, diff).min(1)
+
+
+def energy_score(logits: np.ndarray) -> np.ndarray:
+    return -logsumexp(np.asarray(logits, np.float64), axis=1)
+
+
+def msp_score(logits: np.ndarray) -> np.ndarray:
+    return 1.0 - softmax(np.asarray(logits, np.float64), axis=1).max(1)
+
+
+def threshold_for(scores: np.ndarray, false_alarm: float = DEFAULT_FALSE_ALARM) -> float:
+    """The score above which only `false_alarm` of these (in-distribution) scores lie."""
+    scores = np.asarray(scores, np.float64)
+    if len(scores) == 0:
+        raise DataError("cannot set an OOD threshold without validation images")
+    return float(np.quantile(scores, 1.0 - false_alarm))
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """Area under the ROC curve for telling `out` from `in` by score (1.0: every out scores above every in)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
+    return float(roc_auc_score(y, np.r_[in_scores, out_scores]))

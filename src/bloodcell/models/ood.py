@@ -1,0 +1,83 @@
+"""Out-of-distribution score that travels with a model: Mahalanobis distance of its pooled features.
+
+Lee et al. (2018): fit one mean per class and one shared covariance on the training part's pooled features
+(`forward_features`); an image's score is the squared Mahalanobis distance to the nearest class mean. Cells like
+the training cells score low; a smear photograph, a text scan or a cell from an unlike microscope scores high.
+
+The statistics are stored beside the weights in `ood.safetensors` (means, precision) and the threshold in
+model.json's `ood` section; `ScoredModel` computes logits and the score in one pass, in PyTorch and in the ONNX
+graph alike, so every path that runs a model reports the same score. Fitting lives in bloodcell.evaluate.ood.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from bloodcell.errors import ModelError
+from bloodcell.io import write_bytes
+
+OOD_FILE = "ood.safetensors"
+METHOD = "mahalanobis"
+
+
+class MahalanobisScore(nn.Module):
+    """Squared Mahalanobis distance of features (N, D) to the nearest of K class means, shared precision (D, D)."""
+
+    def __init__(self, means: torch.Tensor, precision: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("means", torch.as_tensor(means, dtype=torch.float32).clone())
+        self.register_buffer("precision", torch.as_tensor(precision, dtype=torch.float32).clone())
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        diff = features.float()[:, None, :] - self.means[None]  # (N, K, D): exact where the expanded form cancels
+        dist = torch.einsum("nkd,de,nke->nk", diff, self.precision, diff)
+        return dist.min(dim=1).values
+
+
+class ScoredModel(nn.Module):
+    """A BloodcellModel plus its OOD score: x -> (logits, ood_score); what predict runs and ONNX exports."""
+
+    def __init__(self, model: nn.Module, scorer: MahalanobisScore) -> None:
+        super().__init__()
+        self.model, self.scorer = model, scorer
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = self.model.forward_features(x)
+        return self.model.forward_head(features), self.scorer(features)
+
+
+def save_ood(directory: str | os.PathLike, means, precision) -> Path:
+    from safetensors.torch import save
+
+    path = Path(directory) / OOD_FILE
+    tensors = {"means": torch.as_tensor(means, dtype=torch.float32).contiguous(), "precision": torch.as_tensor(precision, dtype=torch.float32).contiguous()}
+    write_bytes(path, save(tensors, metadata={"method": METHOD}))
+    return path
+
+
+def load_ood(path: str | os.PathLike, num_classes: int, num_features: int) -> MahalanobisScore:
+    """Read ood.safetensors and check it fits the model (K class means of D features, a D x D precision)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        tensors = load_file(str(path))
+        means, precision = tensors["means"], tensors["precision"]
+    except FileNotFoundError:
+        raise ModelError(f"{path} not found, but model.json has an 'ood' section: copy it with the model") from None
+    except KeyError as exc:
+        raise ModelError(f"{path} lacks the tensor {exc}") from None
+    except Exception as exc:  # safetensors' own errors for broken files
+        raise ModelError(f"{path} is truncated or corrupt ({exc})") from None
+    if tuple(means.shape) != (num_classes, num_features) or tuple(precision.shape) != (num_features, num_features):
+        raise ModelError(
+            f"{path} holds statistics for {tuple(means.shape)} means / {tuple(precision.shape)} precision; "
+            f"the model has {num_classes} classes and {num_features} features"
+        )
+    if not (torch.isfinite(means).all() and torch.isfinite(precision).all()):
+        raise ModelError(f"{path} holds inf or nan")
+    return MahalanobisScore(means, precision)
