@@ -140,10 +140,26 @@ def train_cmd(
 @app.command("evaluate")
 @user_errors
 def evaluate_cmd(
-    run_dir: Path = typer.Argument(..., help="A finished run directory (holds config.yaml and model.safetensors)."),
+    run_dir: Path = typer.Argument(
+        ..., readable=False,
+        help="A finished run directory (holds config.yaml and model.safetensors); with --model, a labelled folder (one sub-folder per class).",
+    ),
     data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder, if it moved since training."),
+    model: Optional[str] = typer.Option(
+        None, "--model", help="Score this model on the labelled folder DIR: a run directory, its model.safetensors, an .onnx, or 'default' (the bundled model)."
+    ),
+    maps: List[str] = typer.Option([], "--map", help="With --model: folder=class, for a folder name the model does not know (repeatable)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="With --model: output folder (default runs/evaluate/<DIR name>-<model name>)."),
+    bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="With --model: bootstrap resamples for the 95 % CIs."),
 ) -> None:
-    """Re-evaluate a trained run on its own test part: metrics.json, predictions.csv, figures."""
+    """Re-evaluate a trained run on its own test part, or (--model M) score a model on any labelled folder."""
+    if model is not None:
+        if data is not None:
+            raise BloodcellError("--data is for re-evaluating a run; with --model, DIR itself is the labelled folder")
+        _evaluate_folder(run_dir, model, maps, out, bootstrap)
+        return
+    if maps or out is not None or bootstrap != 1000:
+        raise BloodcellError("--map, --out and --bootstrap need --model (score a model on a labelled folder)")
     from bloodcell.config import load_config
     from bloodcell.data.prepare import prepare_data
     from bloodcell.evaluate.run import evaluate_run
@@ -152,10 +168,33 @@ def evaluate_cmd(
     if not (run_dir / "config.yaml").exists():
         raise BloodcellError(f"{run_dir} is not a run directory (no config.yaml)")
     cfg = load_config(run_dir / "config.yaml", [f"data.root={data}"] if data else [])
-    model, _ = load_checkpoint(run_dir)
+    model_, _ = load_checkpoint(run_dir)
     prepared = prepare_data(cfg, split_file=run_dir / "split.json")
-    metrics = evaluate_run(run_dir, cfg, prepared, model)
+    metrics = evaluate_run(run_dir, cfg, prepared, model_)
     _print_result(run_dir, metrics)
+
+
+def _evaluate_folder(folder: Path, model: str, maps: List[str], out: Optional[Path], bootstrap: int) -> None:
+    """`bloodcell evaluate DIR --model M`: see bloodcell.evaluate.folder."""
+    from rich.console import Console
+
+    from bloodcell.evaluate.folder import evaluate_folder, headline, parse_mappings
+    from bloodcell.infer import Predictor
+
+    mapping = parse_mappings(maps)
+    if not folder.is_dir():
+        raise BloodcellError(f"labelled folder not found: {folder}" if not folder.exists() else f"{folder} is not a folder (DIR must hold one sub-folder per class)")
+    predictor = Predictor.load(None if model == "default" else model)
+    out = out or Path("runs") / "evaluate" / f"{folder.resolve().name}-{predictor.model_name}"
+    metrics = evaluate_folder(predictor, folder, out, mapping, progress=True, n_bootstrap=bootstrap, model_source=model)
+    c = Console(soft_wrap=True)
+    for line in headline(metrics):
+        c.print(line, markup=False)
+    for u in metrics["unreadable"][:20]:
+        c.print(f"unreadable: {u['path']}: {u['reason']}", markup=False)
+    if len(metrics["unreadable"]) > 20:
+        c.print(f"... and {len(metrics['unreadable']) - 20} more unreadable (metrics.json)", markup=False)
+    c.print(f"written to {out} (metrics.json, predictions.csv, report.md, figures/)", markup=False)
 
 
 @app.command("ensemble")

@@ -1,0 +1,357 @@
+"""Score any model on any labelled folder: `bloodcell evaluate DIR --model M`.
+
+The folder is ImageFolder style (one sub-folder per class). Its folder names are matched to the model's
+classes (case, spaces / underscores / hyphens and a plural "s" / "es" ignored; `--map folder=class` wins),
+every readable image is classified through the public `Predictor.predict_paths`, and the result is scored
+
+* over all the model's classes ("full", e.g. 8-way): what the model does when it is used as shipped, and
+* over the classes present in the folder only ("restricted"): the probabilities renormalised over those
+  classes and the argmax taken among them; this is the number to compare with a paper that trained on
+  just those classes (e.g. a 5-class white-cell set scored by an 8-class model).
+
+Written to out_dir: metrics.json, predictions.csv, figures/confusion.png, figures/reliability.png
+(plus figures/confusion_restricted.png when restricted) and report.md.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import os
+import re
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from bloodcell import io
+from bloodcell.errors import DataError
+
+
+# ---------------------------------------------------------------------- folder -> class matching
+
+
+def _norm(name: str) -> str:
+    """Case, spaces, underscores and hyphens ignored: 'Band_Neutrophils' -> 'bandneutrophils'."""
+    return re.sub(r"[\s_\-]+", "", str(name)).lower()
+
+
+def _forms(name: str) -> set[str]:
+    """The normalised name and its singulars by the trailing-s / -es rule."""
+    n = _norm(name)
+    forms = {n}
+    if n.endswith("es") and len(n) > 3:
+        forms.add(n[:-2])
+    if n.endswith("s") and len(n) > 2:
+        forms.add(n[:-1])
+    return forms
+
+
+def resolve_class(name: str, class_names: Sequence[str]) -> str | None:
+    """The model class a name stands for (exact, then normalised, then singular/plural), or None."""
+    if name in class_names:
+        return name
+    exact = [c for c in class_names if _norm(c) == _norm(name)]
+    if len(exact) == 1:
+        return exact[0]
+    loose = [c for c in class_names if _forms(c) & _forms(name)]
+    return loose[0] if len(loose) == 1 else None
+
+
+def parse_mappings(items: Iterable[str]) -> dict[str, str]:
+    """`--map folder=class` strings -> {folder: class}; a malformed one is a one-line DataError."""
+    out: dict[str, str] = {}
+    for item in items:
+        folder, sep, target = str(item).partition("=")
+        if not sep or not folder.strip() or not target.strip():
+            raise DataError(f"--map takes FOLDER=CLASS, got '{item}'")
+        out[folder.strip()] = target.strip()
+    return out
+
+
+def match_folders(
+    folders: Sequence[str], class_names: Sequence[str], mapping: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """{folder name: model class} for every folder; explicit `mapping` entries win over name matching.
+
+    Raises a one-line DataError for a folder no class matches (naming it, listing the model's classes and
+    suggesting --map), for a --map target that is not a model class, and for a --map folder that is not in
+    the dataset.
+    """
+    classes = ", ".join(class_names)
+    explicit: dict[str, str] = {}
+    for key, target in (mapping or {}).items():
+        folder = key if key in folders else next((f for f in folders if _norm(f) == _norm(key)), None)
+        if folder is None:
+            raise DataError(f"--map {key}={target}: the folder has no class folder '{key}' (its folders: {', '.join(folders)})")
+        cls = resolve_class(target, class_names)
+        if cls is None:
+            raise DataError(f"--map {key}={target}: '{target}' is not a class of the model (its classes: {classes})")
+        explicit[folder] = cls
+    out: dict[str, str] = {}
+    for folder in folders:
+        cls = explicit.get(folder) or resolve_class(folder, class_names)
+        if cls is None:
+            raise DataError(
+                f"class folder '{folder}' matches no class of the model (its classes: {classes}); "
+                f"use --map '{folder}=CLASS'"
+            )
+        out[folder] = cls
+    return out
+
+
+# ---------------------------------------------------------------------- evaluation
+
+
+def _restrict(probs: np.ndarray, present: list[int]) -> tuple[np.ndarray, int]:
+    """Probabilities renormalised over the `present` columns; rows with no mass there become uniform."""
+    sub = probs[:, present]
+    sums = sub.sum(axis=1, keepdims=True)
+    empty = int((sums[:, 0] <= 0).sum())
+    uniform = np.full_like(sub, 1.0 / len(present))
+    return np.where(sums > 0, sub / np.where(sums > 0, sums, 1.0), uniform), empty
+
+
+def _accuracy(correct: np.ndarray, keep: np.ndarray) -> float | None:
+    return float(correct[keep].mean()) if keep.any() else None
+
+
+def evaluate_folder(
+    predictor: Any,
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    mapping: Mapping[str, str] | None = None,
+    *,
+    progress: bool = True,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    batch_size: int = 32,
+    model_source: str | None = None,
+) -> dict:
+    """Classify every image of a labelled folder with `predictor`, score it, write the outputs; return metrics.
+
+    predictor: a bloodcell.infer.Predictor (anything with class_names, model_name, source and predict_paths).
+    mapping: {folder name: model class}, winning over automatic name matching.
+    """
+    from bloodcell.data.discover import scan
+    from bloodcell.evaluate.metrics import classification_metrics
+    from bloodcell.evaluate.run import environment
+
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    names = [str(c) for c in predictor.class_names]
+    k = len(names)
+    inv = scan(folder, cache_dir=None, progress=progress)
+    class_map = match_folders(inv.class_names, names, mapping)
+    unreadable = [{"path": s.path, "reason": s.reason} for s in inv.skipped]
+    if not inv.records:
+        raise DataError(f"no readable images in {inv.root} ({len(unreadable)} unreadable)")
+
+    files = [inv.path(i) for i in range(len(inv.records))]
+    rel_of = {str(p): r.relpath for p, r in zip(files, inv.records)}
+    result = predictor.predict_paths(files, batch_size=batch_size, progress=progress)
+    for u in result.get("unreadable", []):  # readable to the scan, not to the model's decoder
+        unreadable.append({"path": rel_of.get(str(u["path"]), str(u["path"])), "reason": u["reason"]})
+    by_path = {str(p["path"]): p for p in result["predictions"]}
+    rows = [(rel_of[str(f)], class_map[r.label], by_path[str(f)]) for f, r in zip(files, inv.records) if str(f) in by_path]
+    if not rows:
+        raise DataError(f"no image in {inv.root} could be classified ({len(unreadable)} unreadable)")
+
+    relpaths = [r[0] for r in rows]
+    true_names = [r[1] for r in rows]
+    preds = [r[2] for r in rows]
+    y = np.array([names.index(t) for t in true_names], dtype=int)
+    probs = np.array([[float(p["probabilities"][c]) for c in names] for p in preds], dtype=np.float64)
+    probs = probs / probs.sum(axis=1, keepdims=True)
+    review = np.array([bool(p.get("review", False)) for p in preds])
+    has_ood = any("ood" in p for p in preds)
+    ood = np.array([bool(p.get("ood", False)) for p in preds])
+    n = len(rows)
+
+    full = classification_metrics(y, probs, names, n_bootstrap=n_bootstrap, seed=seed)
+    pred_full = probs.argmax(axis=1)
+    correct_full = pred_full == y
+
+    present = sorted({names.index(t) for t in true_names})
+    present_names = [names[i] for i in present]
+    restricted: dict | None = None
+    if len(present) < k:
+        probs_r, no_mass = _restrict(probs, present)
+        y_r = np.array([present.index(t) for t in y], dtype=int)
+        pred_r_local = probs_r.argmax(axis=1)
+        pred_r = np.array([present[j] for j in pred_r_local], dtype=int)
+        if len(present) >= 2:
+            restricted = classification_metrics(y_r, probs_r, present_names, n_bootstrap=n_bootstrap, seed=seed)
+        else:  # one class: every restricted prediction is right by construction
+            restricted = {"n": n, "class_names": present_names, "accuracy": 1.0, "ci95": None,
+                          "note": "one class present: restricted accuracy is 1 by construction"}
+        restricted["rows_without_mass"] = no_mass
+    else:
+        probs_r, pred_r = probs, pred_full
+    correct_r = pred_r == y
+
+    unflagged = ~review
+    review_block = {
+        "threshold": getattr(predictor, "review_threshold", None),
+        "fraction": float(review.mean()),
+        "n_flagged": int(review.sum()),
+        "accuracy_unflagged": _accuracy(correct_full, unflagged),
+        "accuracy_unflagged_restricted": _accuracy(correct_r, unflagged) if restricted is not None else None,
+    }
+    ood_block = None
+    if has_ood:
+        kept = ~review & ~ood
+        scores = [p.get("ood_score") for p in preds if p.get("ood_score") is not None]
+        ood_block = {
+            "fraction": float(ood.mean()),
+            "n_flagged": int(ood.sum()),
+            "mean_score": float(np.mean(scores)) if scores else None,
+            "kept_fraction": float(kept.mean()),
+            "accuracy_kept": _accuracy(correct_full, kept),
+            "accuracy_kept_restricted": _accuracy(correct_r, kept) if restricted is not None else None,
+        }
+    counts = Counter(names[i] for i in pred_full)
+    predicted_as = {c: int(counts.get(c, 0)) for c in names}
+    outside = sum(v for c, v in predicted_as.items() if c not in present_names)
+
+    metrics: dict = {
+        "folder": str(inv.root),
+        "n": n,
+        "classes_present": present_names,
+        "full": full,
+        "restricted": restricted,
+        "review": review_block,
+        "ood": ood_block,
+        "predicted_as": predicted_as,
+        "predicted_outside_present": {"n": int(outside), "fraction": outside / n},
+        "unreadable": unreadable,
+        "provenance": {
+            "folder": str(inv.root),
+            "model_source": model_source if model_source is not None else str(getattr(predictor, "source", "")),
+            "model_name": str(getattr(predictor, "model_name", "unknown")),
+            "backend": getattr(predictor, "backend", None),
+            "model_classes": names,
+            "temperature": getattr(predictor, "temperature", None),
+            "n_images": n,
+            "files": inv.files,
+            "images_per_folder": dict(Counter(r.label for r in inv.records)),
+            "class_mapping": class_map,
+            "explicit_mapping": dict(mapping or {}),
+            "ignored": [{"path": s.path, "reason": s.reason} for s in inv.ignored],
+            "empty_folders": list(inv.empty_classes),
+            "warnings": list(inv.warnings),
+            "n_bootstrap": n_bootstrap,
+            "seed": seed,
+            "environment": environment(),
+        },
+    }
+
+    _write_predictions(out_dir / "predictions.csv", relpaths, true_names, preds, probs, names, pred_full, pred_r, has_ood)
+    _figures(out_dir / "figures", metrics, probs, y, probs_r, present, names)
+    metrics["provenance"]["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
+    io.write_json(out_dir / "metrics.json", metrics)
+    io.write_text(out_dir / "report.md", report_markdown(metrics))
+    return metrics
+
+
+def _write_predictions(path: Path, relpaths, true_names, preds, probs, names, pred_full, pred_r, has_ood) -> None:
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "true", "pred", "pred_restricted", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in names])
+    for rel, true, p, row, a, b in zip(relpaths, true_names, preds, probs, pred_full, pred_r):
+        ood = p.get("ood")
+        score = p.get("ood_score")
+        w.writerow(
+            [rel, true, names[int(a)], names[int(b)], f"{row.max():.6f}", int(bool(p.get("review", False))),
+             "" if ood is None else int(bool(ood)), "" if score is None else f"{float(score):.6f}"]
+            + [f"{v:.6f}" for v in row]
+        )
+    io.write_text(path, buf.getvalue())
+
+
+def _figures(figures: Path, metrics: dict, probs, y, probs_r, present, names) -> None:
+    from bloodcell.evaluate.plots import plot_confusion_matrix, plot_reliability_diagram
+
+    label = f"{metrics['provenance']['model_name']} on {Path(metrics['folder']).name}"
+    plot_confusion_matrix(np.asarray(metrics["full"]["confusion_matrix"]), names, figures / "confusion.png",
+                          normalize="both", title=f"{label}: all {len(names)} classes")
+    plot_reliability_diagram(probs, y, figures / "reliability.png", title=label)
+    r = metrics["restricted"]
+    if r is not None and "confusion_matrix" in r:
+        plot_confusion_matrix(np.asarray(r["confusion_matrix"]), r["class_names"], figures / "confusion_restricted.png",
+                              normalize="both", title=f"{label}: {len(present)} classes present")
+
+
+# ---------------------------------------------------------------------- text
+
+
+def _ci(block: dict | None, key: str = "accuracy") -> str:
+    ci = (block or {}).get("ci95") or {}
+    lo_hi = ci.get(key)
+    return f" (95% CI {lo_hi[0]:.4f}-{lo_hi[1]:.4f})" if lo_hi else ""
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.4f}"
+
+
+def headline(metrics: dict) -> list[str]:
+    """The few lines a person wants first (used by the CLI and report.md)."""
+    full, r, rv, ood = metrics["full"], metrics["restricted"], metrics["review"], metrics["ood"]
+    k = len(full["class_names"])
+    lines = [f"{metrics['n']} images in {len(metrics['classes_present'])} classes; {len(metrics['unreadable'])} unreadable"]
+    lines.append(f"accuracy over all {k} model classes: {full['accuracy']:.4f}{_ci(full)}, macro F1 {full['f1_macro']:.4f}")
+    if r is not None:
+        lines.append(f"accuracy restricted to the {len(r['class_names'])} classes present: {r['accuracy']:.4f}{_ci(r)}"
+                     + (f", macro F1 {r['f1_macro']:.4f}" if "f1_macro" in r else ""))
+    out = metrics["predicted_outside_present"]
+    if out["n"]:
+        lines.append(f"predicted as a class absent from the folder: {out['n']} ({100 * out['fraction']:.1f}%)")
+    text = f"flagged for review: {100 * rv['fraction']:.1f}%; accuracy of the unflagged {_fmt(rv['accuracy_unflagged'])}"
+    if r is not None:
+        text += f" ({_fmt(rv['accuracy_unflagged_restricted'])} restricted)"
+    lines.append(text)
+    if ood is not None:
+        text = (f"flagged out-of-distribution: {100 * ood['fraction']:.1f}%; accuracy of cells neither review- nor OOD-flagged "
+                f"({100 * ood['kept_fraction']:.1f}% kept) {_fmt(ood['accuracy_kept'])}")
+        if r is not None:
+            text += f" ({_fmt(ood['accuracy_kept_restricted'])} restricted)"
+        lines.append(text)
+    return lines
+
+
+def report_markdown(metrics: dict) -> str:
+    prov = metrics["provenance"]
+    full, r = metrics["full"], metrics["restricted"]
+    lines = [
+        f"# {prov['model_name']} on {Path(metrics['folder']).name}",
+        "",
+        f"- folder: `{metrics['folder']}`",
+        f"- model: `{prov['model_source']}` ({prov['model_name']}, {len(prov['model_classes'])} classes)",
+        "- class mapping: " + ", ".join(f"{f} -> {c}" for f, c in prov["class_mapping"].items()),
+        "",
+        "## Headline",
+        "",
+        *[f"- {line}" for line in headline(metrics)],
+        "",
+        "## Per class",
+        "",
+        "| class | images | recall (all classes) | recall (restricted) | F1 (all classes) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for c in metrics["classes_present"]:
+        pc = full["per_class"][c]
+        rr = (r or {}).get("per_class", {}).get(c, {}).get("recall") if r is not None else pc["recall"]
+        lines.append(f"| {c} | {pc['support']} | {pc['recall']:.3f} | {'n/a' if rr is None else f'{rr:.3f}'} | {pc['f1']:.3f} |")
+    lines += ["", "## Predicted as (all classes)", "", "| class | cells |", "|---|---:|"]
+    lines += [f"| {c} | {v} |" for c, v in metrics["predicted_as"].items()]
+    if metrics["unreadable"]:
+        lines += ["", f"## Unreadable files ({len(metrics['unreadable'])})", ""]
+        lines += [f"- `{u['path']}`: {u['reason']}" for u in metrics["unreadable"][:100]]
+        if len(metrics["unreadable"]) > 100:
+            lines.append(f"- ... and {len(metrics['unreadable']) - 100} more (metrics.json)")
+    lines += ["", "Files: metrics.json, predictions.csv, figures/confusion.png, figures/reliability.png"
+              + (", figures/confusion_restricted.png" if r is not None and "confusion_matrix" in r else ""), ""]
+    return "\n".join(lines)
