@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io as _io
 import os
-import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,37 +26,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from bloodcell import io
+from bloodcell.data.classes import normalise_name, resolve_class
 from bloodcell.errors import DataError
 
 
 # ---------------------------------------------------------------------- folder -> class matching
-
-
-def _norm(name: str) -> str:
-    """Case, spaces, underscores and hyphens ignored: 'Band_Neutrophils' -> 'bandneutrophils'."""
-    return re.sub(r"[\s_\-]+", "", str(name)).lower()
-
-
-def _forms(name: str) -> set[str]:
-    """The normalised name and its singulars by the trailing-s / -es rule."""
-    n = _norm(name)
-    forms = {n}
-    if n.endswith("es") and len(n) > 3:
-        forms.add(n[:-2])
-    if n.endswith("s") and len(n) > 2:
-        forms.add(n[:-1])
-    return forms
-
-
-def resolve_class(name: str, class_names: Sequence[str]) -> str | None:
-    """The model class a name stands for (exact, then normalised, then singular/plural), or None."""
-    if name in class_names:
-        return name
-    exact = [c for c in class_names if _norm(c) == _norm(name)]
-    if len(exact) == 1:
-        return exact[0]
-    loose = [c for c in class_names if _forms(c) & _forms(name)]
-    return loose[0] if len(loose) == 1 else None
 
 
 def parse_mappings(items: Iterable[str]) -> dict[str, str]:
@@ -83,7 +56,7 @@ def match_folders(
     classes = ", ".join(class_names)
     explicit: dict[str, str] = {}
     for key, target in (mapping or {}).items():
-        folder = key if key in folders else next((f for f in folders if _norm(f) == _norm(key)), None)
+        folder = key if key in folders else next((f for f in folders if normalise_name(f) == normalise_name(key)), None)
         if folder is None:
             raise DataError(f"--map {key}={target}: the folder has no class folder '{key}' (its folders: {', '.join(folders)})")
         cls = resolve_class(target, class_names)
@@ -166,7 +139,7 @@ def evaluate_folder(
     probs = np.array([[float(p["probabilities"][c]) for c in names] for p in preds], dtype=np.float64)
     probs = probs / probs.sum(axis=1, keepdims=True)
     review = np.array([bool(p.get("review", False)) for p in preds])
-    has_ood = any("ood" in p for p in preds)
+    has_ood = any(p.get("ood") is not None for p in preds)  # None: the model has no OOD score
     ood = np.array([bool(p.get("ood", False)) for p in preds])
     n = len(rows)
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from bloodcell.data.classes import resolve_class
 from bloodcell.errors import ModelError
 from bloodcell.io import write_bytes, write_json
 from bloodcell.models.base import BloodcellModel
@@ -190,22 +191,17 @@ def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], 
     src_state, state = base.state_dict(), model.state_dict()
     logits_layer = [n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
     out_keys = {f"head.{logits_layer}.weight", f"head.{logits_layer}.bias"}
-    src_rows = {_class_key(c): i for i, c in enumerate(meta.get("class_names") or [])}
+    src_names = [str(c) for c in (meta.get("class_names") or [])]
     with torch.no_grad():
         for key, value in state.items():
             if key in out_keys:
                 for row, name in enumerate(class_names):
-                    if _class_key(name) in src_rows:
-                        value[row] = src_state[key][src_rows[_class_key(name)]]
+                    same = resolve_class(name, src_names)
+                    if same is not None:
+                        value[row] = src_state[key][src_names.index(same)]
             else:
                 value.copy_(src_state[key])
     return meta
-
-
-def _class_key(name: str) -> str:
-    """'Neutrophils', 'neutrophil' and 'NEUTROPHIL' name one class."""
-    key = "".join(ch for ch in str(name).lower() if ch.isalnum())
-    return key[:-1] if key.endswith("s") and len(key) > 3 else key
 
 
 def _is_pickle(path: Path) -> bool:
