@@ -50,6 +50,9 @@ class DataConfig(_Strict):
     npz: Optional[str] = None  # or a MedMNIST .npz (its own train/val/test parts are used)
     input_size: int = Field(224, ge=8, le=1024)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "area"] = "nearest"
+    # "background": each image's colour cast is removed by scaling its channels so its background is white
+    # (bloodcell.data.images.balance_background), in training and in every path that feeds the model
+    white_balance: Literal["none", "background"] = "none"
     split: SplitSection = Field(default_factory=SplitSection)
     max_pixels: int = 40_000_000
 

@@ -23,7 +23,7 @@ import numpy as np
 from bloodcell import io
 from bloodcell.data.discover import Inventory, default_cache_dir
 from bloodcell.data.workers import exit_with_parent
-from bloodcell.data.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, UnreadableImage, load_array
+from bloodcell.data.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, WHITE_BALANCES, UnreadableImage, load_array
 from bloodcell.errors import DataError
 from bloodcell.progress import progress_bar
 
@@ -49,9 +49,10 @@ class ImageCache:
         return self.build_seconds is None
 
 
-def cache_key(inv: Inventory, size: int, interpolation: str) -> str:
-    h = hashlib.sha256(f"v{CACHE_VERSION}|{inv.fingerprint()}|{size}|{interpolation}".encode()).hexdigest()
-    return f"{size}-{interpolation}-{h[:24]}"
+def cache_key(inv: Inventory, size: int, interpolation: str, white_balance: str = "none") -> str:
+    step = "" if white_balance == "none" else f"|wb={white_balance}"  # caches made before the option keep their key
+    h = hashlib.sha256(f"v{CACHE_VERSION}|{inv.fingerprint()}|{size}|{interpolation}{step}".encode()).hexdigest()
+    return f"{size}-{interpolation}{'-' + white_balance if step else ''}-{h[:24]}"
 
 
 # Worker state: each process opens the output memmap once.
@@ -65,8 +66,8 @@ def _init_worker(npy_path: str, in_pool: bool = True) -> None:
     _worker_out = np.load(npy_path, mmap_mode="r+")
 
 
-def _fill_chunk(args: tuple[int, list[str], list[str], int, str, int]) -> tuple[int, list[tuple[int, str]]]:
-    start, paths, hashes, size, interpolation, max_pixels = args
+def _fill_chunk(args: tuple[int, list[str], list[str], int, str, int, str]) -> tuple[int, list[tuple[int, str]]]:
+    start, paths, hashes, size, interpolation, max_pixels, white_balance = args
     failures = []
     for offset, (path, expected) in enumerate(zip(paths, hashes)):
         try:
@@ -75,16 +76,16 @@ def _fill_chunk(args: tuple[int, list[str], list[str], int, str, int]) -> tuple[
             if hashlib.sha256(data).hexdigest() != expected:
                 failures.append((start + offset, f"{path}: content differs from the scan"))
                 continue
-            _worker_out[start + offset] = load_array(data, size, interpolation, max_pixels)
+            _worker_out[start + offset] = load_array(data, size, interpolation, max_pixels, white_balance)
         except (UnreadableImage, OSError) as exc:
             failures.append((start + offset, f"{path}: {exc}"))
     _worker_out.flush()
     return len(paths), failures
 
 
-def load_cache(inv: Inventory, size: int = 224, interpolation: str = "nearest", cache_root: str | os.PathLike | None = None) -> ImageCache | None:
+def load_cache(inv: Inventory, size: int = 224, interpolation: str = "nearest", cache_root: str | os.PathLike | None = None, white_balance: str = "none") -> ImageCache | None:
     """The cache for this inventory if a complete, matching one exists, else None."""
-    folder = Path(cache_root or default_cache_dir()) / "arrays" / cache_key(inv, size, interpolation)
+    folder = Path(cache_root or default_cache_dir()) / "arrays" / cache_key(inv, size, interpolation, white_balance)
     manifest_path = folder / "manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -113,21 +114,24 @@ def build_cache(
     progress: bool = True,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     force: bool = False,
+    white_balance: str = "none",
 ) -> ImageCache:
     """Return the cache for `inv`, building it (in parallel, with a progress bar) unless a valid one exists."""
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"unknown interpolation '{interpolation}'; choose one of {sorted(INTERPOLATIONS)}")
+    if white_balance not in WHITE_BALANCES:
+        raise DataError(f"unknown white_balance '{white_balance}'; choose one of {', '.join(WHITE_BALANCES)}")
     if size < 8:
         raise DataError(f"image size {size} is too small (minimum 8 px)")
     if not force:
-        found = load_cache(inv, size, interpolation, cache_root)
+        found = load_cache(inv, size, interpolation, cache_root, white_balance)
         if found is not None:
             return found
     if not inv.records:
         raise DataError(f"no readable images in {inv.root} to cache")
 
     arrays_dir = Path(cache_root or default_cache_dir()) / "arrays"
-    final = arrays_dir / cache_key(inv, size, interpolation)
+    final = arrays_dir / cache_key(inv, size, interpolation, white_balance)
     n = len(inv.records)
     tmp = arrays_dir / f".build-{os.getpid()}-{final.name}"
     npy = tmp / "images.npy"
@@ -144,7 +148,7 @@ def build_cache(
 
     paths = [str(inv.path(i)) for i in range(n)]
     hashes = [r.sha256 for r in inv.records]
-    jobs = [(s, paths[s : s + _CHUNK], hashes[s : s + _CHUNK], size, interpolation, max_pixels) for s in range(0, n, _CHUNK)]
+    jobs = [(s, paths[s : s + _CHUNK], hashes[s : s + _CHUNK], size, interpolation, max_pixels, white_balance) for s in range(0, n, _CHUNK)]
     failures: list[tuple[int, str]] = []
     t0 = time.perf_counter()
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
@@ -177,6 +181,7 @@ def build_cache(
                 "fingerprint": inv.fingerprint(),
                 "size": size,
                 "interpolation": interpolation,
+                "white_balance": white_balance,
                 "class_names": inv.class_names,
                 "relpaths": [r.relpath for r in inv.records],
                 "sha256": [r.sha256 for r in inv.records],
@@ -192,7 +197,7 @@ def build_cache(
         raise _unwritable(arrays_dir, exc, n * size * size * 3) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    cache = load_cache(inv, size, interpolation, cache_root)
+    cache = load_cache(inv, size, interpolation, cache_root, white_balance)
     assert cache is not None, "cache just built does not validate"
     cache.build_seconds = seconds
     return cache

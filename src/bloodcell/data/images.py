@@ -26,6 +26,10 @@ INTERPOLATIONS = {
     "area": Image.Resampling.BOX,
 }
 
+# How a model may ask for its input's colour cast to be removed before anything else (model.json: preprocess).
+WHITE_BALANCES = ("none", "background")
+BACKGROUND_PERCENTILE = 95  # a smear's background is its brightest large area: 5 % of pixels may be brighter
+
 # A truncated JPEG must fail, not decode with grey padding.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -97,14 +101,30 @@ def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise UnreadableImage(f"cannot decode: {exc}") from None
 
 
+def balance_background(arr: np.ndarray) -> np.ndarray:
+    """Von Kries white balance: scale each channel so the image's bright background becomes white.
+
+    Another lab's lamp, camera and stain tint the whole field (the Tecom set's background is yellow, PBC's pale
+    pink); dividing by the background colour removes that cast and keeps each cell's colour relative to it.
+    """
+    ref = np.percentile(arr.reshape(-1, 3), BACKGROUND_PERCENTILE, axis=0).clip(min=1.0)
+    return np.clip(arr.astype(np.float32) * (255.0 / ref) + 0.5, 0, 255).astype(np.uint8)
+
+
 def load_array(
     source: str | Path | bytes,
     size: int | None = None,
     interpolation: str = "nearest",
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    white_balance: str = "none",
 ) -> np.ndarray:
-    """Decode to a uint8 (H, W, 3) array, resized to size x size when `size` is given."""
+    """Decode to a uint8 (H, W, 3) array, resized to size x size when `size` is given, then white-balanced."""
     img = open_rgb(source, max_pixels=max_pixels)
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), INTERPOLATIONS[interpolation])
-    return np.asarray(img, dtype=np.uint8)
+    arr = np.asarray(img, dtype=np.uint8)
+    if white_balance == "background":
+        arr = balance_background(arr)
+    elif white_balance != "none":
+        raise ValueError(f"unknown white_balance '{white_balance}'; choose one of {', '.join(WHITE_BALANCES)}")
+    return arr

@@ -15,6 +15,7 @@ import numpy as np
 from bloodcell.config import RunConfig
 from bloodcell.data.cache import build_cache
 from bloodcell.data.discover import require_trainable, scan
+from bloodcell.data.images import balance_background
 from bloodcell.data.medmnist import load_npz
 from bloodcell.data.split import Split, SplitConfig, load_split, make_folds, make_split
 from bloodcell.errors import ConfigError
@@ -69,7 +70,7 @@ def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None,
         split = make_split(inv, _split_config(cfg))
         if fold is not None:
             split = make_folds(inv, split, cfg.cv.folds or 5)[fold]
-    cache = build_cache(inv, cfg.data.input_size, cfg.data.interpolation, max_pixels=cfg.data.max_pixels, progress=progress)
+    cache = build_cache(inv, cfg.data.input_size, cfg.data.interpolation, max_pixels=cfg.data.max_pixels, progress=progress, white_balance=cfg.data.white_balance)
     summary = inv.summary()
     source = {
         "kind": "folder",
@@ -109,6 +110,8 @@ def _prepare_npz(cfg: RunConfig) -> PreparedData:
         t = torch.from_numpy(images).permute(0, 3, 1, 2).float()
         t = F.interpolate(t, size=(size, size), mode=mode)
         images = t.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous().numpy()
+    if cfg.data.white_balance == "background":
+        images = np.stack([balance_background(im) for im in images])
     parts = dict(ds.parts)
     if cfg.data.split.shuffle:
         rng = np.random.default_rng(cfg.split_seed)

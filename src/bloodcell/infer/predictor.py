@@ -6,6 +6,7 @@ model bundled with the package. Every prediction goes through the same steps as 
 
     decode (open_rgb: any format, any mode -> RGB; truncated / bomb / non-image -> "unreadable")
     -> resize to the model's input size (interpolation recorded at training, else bilinear)
+    -> white balance, when the model was trained with it (model.json: preprocess)
     -> normalise with the model's mean/std -> logits -> softmax(logits / temperature)
 
 and a cell is flagged for review when its calibrated top probability is below the review threshold
@@ -30,6 +31,7 @@ from bloodcell.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     INTERPOLATIONS,
+    WHITE_BALANCES,
     UnreadableImage,
     is_image_name,
     load_array,
@@ -63,6 +65,7 @@ class Predictor:
     temperature: float = DEFAULT_TEMPERATURE
     review_threshold: float = DEFAULT_REVIEW_THRESHOLD
     interpolation: str = DEFAULT_INTERPOLATION
+    white_balance: str = "none"
     metadata: dict = field(default_factory=dict, repr=False)
     source: str = ""
     model: Any = field(default=None, repr=False)  # a BloodcellModel (PyTorch) ...
@@ -137,9 +140,12 @@ class Predictor:
             raise ModelError(f"model metadata of {source}: temperature must be > 0, got {temperature}")
         threshold = meta.get("review_threshold")
         threshold = DEFAULT_REVIEW_THRESHOLD if threshold is None else _check_threshold(threshold, f"review_threshold in {source}")
-        interpolation = ((meta.get("training_config") or {}).get("data") or {}).get("interpolation") or DEFAULT_INTERPOLATION
+        pre = preprocessing(meta)
+        interpolation, white_balance = pre["interpolation"], pre["white_balance"]
         if interpolation not in INTERPOLATIONS:
             raise ModelError(f"model metadata of {source}: unknown interpolation '{interpolation}'")
+        if white_balance not in WHITE_BALANCES:
+            raise ModelError(f"model metadata of {source}: unknown white_balance '{white_balance}'")
         return cls(
             class_names=[str(c) for c in names],
             input_size=input_size,
@@ -148,6 +154,7 @@ class Predictor:
             temperature=temperature,
             review_threshold=threshold,
             interpolation=interpolation,
+            white_balance=white_balance,
             metadata=dict(meta),
             source=source,
             model=model,
@@ -166,7 +173,7 @@ class Predictor:
 
     def decode(self, source: str | os.PathLike | bytes, max_pixels: int | None = None) -> np.ndarray:
         """One image -> uint8 (input_size, input_size, 3); raises UnreadableImage with a reason."""
-        return load_array(source, self.input_size, self.interpolation, max_pixels or self.max_pixels)
+        return load_array(source, self.input_size, self.interpolation, max_pixels or self.max_pixels, self.white_balance)
 
     def normalise(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalised exactly as in training."""
@@ -356,6 +363,19 @@ def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     if not files:
         raise DataError("no images given")
     return files
+
+
+def preprocessing(meta: dict) -> dict:
+    """How a model wants its images: model.json's `preprocess` section, else what its training config recorded."""
+    data = (meta.get("training_config") or {}).get("data") or {}
+    pre = meta.get("preprocess") or {}
+    return {
+        "input_size": pre.get("input_size", meta.get("input_size")),
+        "interpolation": pre.get("interpolation") or data.get("interpolation") or DEFAULT_INTERPOLATION,
+        "white_balance": pre.get("white_balance") or data.get("white_balance") or "none",
+        "mean": meta.get("mean"),
+        "std": meta.get("std"),
+    }
 
 
 def _ood_threshold(meta: dict, source: str) -> float:

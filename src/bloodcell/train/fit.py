@@ -260,6 +260,13 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         run_dir,
         {
             "class_names": data.class_names,
+            # what every path that feeds this model must do to an image (predict, serve, explain, ONNX users)
+            "preprocess": {
+                "input_size": cfg.data.input_size,
+                "interpolation": cfg.data.interpolation,
+                "white_balance": cfg.data.white_balance,
+                "normalise": "(pixel / 255 - mean) / std, per RGB channel",
+            },
             "training_config": cfg.model_dump(mode="json"),
             "epochs_trained": len(module.history),
             "accelerator": accelerator,
