@@ -55,6 +55,56 @@ def toy_run(directory: Path, seed: int = 0, size: int = 32) -> Path:
     return save_checkpoint(model, directory, {"class_names": CLASS_NAMES, "temperature": 1.3, "review_threshold": 0.6})
 
 
+def with_ood(run: Path, threshold: float | None = None) -> Path:
+    """Give a toy run an OOD score fitted on sample images (its 'training cells'): ood.safetensors + model.json `ood`.
+
+    threshold: the OOD threshold written to model.json (default: the median score of the fitted images, so
+    that about half the sample images are flagged); see set_ood_threshold to flag chosen images.
+    """
+    import json
+
+    import torch
+
+    from bloodcell.evaluate.ood import fit_mahalanobis, mahalanobis_score
+    from bloodcell.infer import Predictor
+    from bloodcell.models.ood import save_ood
+
+    p = Predictor.load(run)
+    files = sorted(SAMPLE.rglob("*.jpg"))[:80]
+    x = p.normalise(np.stack([p.decode(f) for f in files]))
+    with torch.no_grad():
+        feats = p.model.forward_features(torch.from_numpy(x)).numpy()
+    labels = np.asarray([CLASS_NAMES.index(f.parent.name) for f in files])
+    means, precision = fit_mahalanobis(feats, labels, len(CLASS_NAMES))
+    save_ood(run, means, precision)
+    scores = mahalanobis_score(feats, means, precision)
+    meta = json.loads((run / "model.json").read_text())
+    meta["ood"] = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(threshold if threshold is not None else np.median(scores))}
+    (run / "model.json").write_text(json.dumps(meta))
+    return run
+
+
+def set_ood_threshold(run: Path, files, flagged: int) -> float:
+    """Set the OOD threshold of a run made by `with_ood` so that exactly the `flagged` highest-scoring `files` are OOD."""
+    import json
+
+    from bloodcell.infer import Predictor
+
+    scores = sorted(q["ood_score"] for q in Predictor.load(run).predict_paths(files, progress=False)["predictions"])
+    cut = len(scores) - flagged
+    assert 0 <= cut <= len(scores) and (flagged == 0 or cut == 0 or scores[cut - 1] < scores[cut]), scores
+    if flagged == 0:
+        t = scores[-1] + 1.0
+    elif cut == 0:
+        t = scores[0] - 1.0
+    else:
+        t = (scores[cut - 1] + scores[cut]) / 2
+    meta = json.loads((run / "model.json").read_text())
+    meta["ood"]["threshold"] = float(t)
+    (run / "model.json").write_text(json.dumps(meta))
+    return t
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Every test gets its own cache root: no test reads another's (or the user's) cache."""

@@ -18,6 +18,7 @@ from bloodcell.errors import DataError, ModelError
 from bloodcell.infer import Predictor, summarize
 from bloodcell.models import checkpoint as checkpoint_mod
 from bloodcell.models import create_model, save_checkpoint
+from conftest import set_ood_threshold, with_ood
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
@@ -251,14 +252,15 @@ def test_cli_predict_csv_and_out(tmp_path, run_dir, predictor):
     res = runner.invoke(app, ["predict", *map(str, files), "--model", str(run_dir), "--format", "csv", "--out", str(out), "--threshold", "0.95"])
     assert res.exit_code == 0, res.output
     rows = list(csv.reader(io.StringIO(out.read_text())))
-    assert rows[0] == ["path", "label", "confidence", "review"] + [f"p_{c}" for c in NAMES]
+    assert rows[0] == ["path", "label", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in NAMES]
     assert len(rows) == 1 + len(files)
     want = predictor.predict_paths(files, progress=False)["predictions"]
     for row, p in zip(rows[1:], want):
         assert row[0] == p["path"] and row[1] == p["label"]
         assert float(row[2]) == pytest.approx(p["confidence"], abs=1e-6)
         assert row[3] == str(p["confidence"] < 0.95).lower()
-        assert sum(map(float, row[4:])) == pytest.approx(1.0, abs=1e-4)
+        assert row[4:6] == ["", ""]  # no OOD score in this model
+        assert sum(map(float, row[6:])) == pytest.approx(1.0, abs=1e-4)
     assert not list(out.parent.glob(".*.tmp"))  # atomic write left no temporary behind
 
 
@@ -267,8 +269,79 @@ def test_cli_predict_table(run_dir, predictor):
     res = runner.invoke(app, ["predict", *map(str, files), "--model", str(run_dir)])
     assert res.exit_code == 0, res.output
     assert "differential count (2 cells)" in res.stdout
+    assert "no OOD check for this model" in " ".join(res.stdout.split())
     for p in predictor.predict_paths(files, progress=False)["predictions"]:
         assert p["label"] in res.stdout
+
+
+# ---------------------------------------------------------------------- OOD in the outputs
+
+
+@pytest.fixture(scope="module")
+def ood_files() -> list[Path]:
+    return sample_files()  # one per class
+
+
+@pytest.fixture(scope="module")
+def ood_run_dir(tmp_path_factory, ood_files) -> Path:
+    """A toy run with an OOD score whose threshold flags exactly 3 of the 8 `ood_files`."""
+    run = with_ood(make_run(tmp_path_factory.mktemp("ood") / "run"))
+    set_ood_threshold(run, ood_files, 3)
+    return run
+
+
+def rendered(result: dict, width: int = 250) -> str:
+    from rich.console import Console
+
+    from bloodcell.infer.report import tables
+
+    console = Console(file=io.StringIO(), width=width, record=True)
+    for item in tables(result, 0.6):
+        console.print(item)
+    return console.export_text()
+
+
+def test_cli_predict_csv_has_ood_columns(ood_run_dir, ood_files):
+    res = runner.invoke(app, ["predict", *map(str, ood_files), "--model", str(ood_run_dir), "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    rows = list(csv.reader(io.StringIO(res.stdout)))
+    assert rows[0][:6] == ["path", "label", "confidence", "review", "ood", "ood_score"]
+    want = Predictor.load(ood_run_dir).predict_paths(ood_files, progress=False)["predictions"]
+    assert [r[4] for r in rows[1:]] == [str(p["ood"]).lower() for p in want]
+    assert [r[4] for r in rows[1:]].count("true") == 3
+    assert [float(r[5]) for r in rows[1:]] == pytest.approx([p["ood_score"] for p in want], abs=1e-3)
+
+
+def test_cli_predict_table_says_what_the_count_rests_on(ood_run_dir, ood_files):
+    res = runner.invoke(app, ["predict", *map(str, ood_files), "--model", str(ood_run_dir)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.stdout.split())  # rich wraps long lines at the terminal width
+    assert "differential count (5 of 8 images; 3 OOD not counted)" in text
+    assert "3 of 8 images look unlike the cells this model was trained on (OOD)" in text
+    assert "no OOD check" not in text
+    result = Predictor.load(ood_run_dir).predict_paths(ood_files, progress=False)
+    lines = rendered(result).splitlines()
+    for p in result["predictions"]:
+        row = next(line for line in lines if Path(p["path"]).name in line)
+        assert row.rstrip(" │").endswith("OOD") == p["ood"], row  # the OOD column marks exactly the flagged images
+    total = next(line for line in lines if line.strip("│ ").startswith("total"))
+    assert total.split("│")[2].strip() == "5"
+
+
+def test_json_output_is_strict_json_with_a_nan_ood_score():
+    from bloodcell.infer.report import to_json
+
+    result = summarize(["a.jpg"], np.eye(len(NAMES))[[0]], NAMES, 0.5, ood_scores=np.array([np.nan]), ood_threshold=1.0)
+    got = json.loads(to_json(result), parse_constant=lambda c: pytest.fail(f"{c} in JSON output"))
+    assert got["predictions"][0]["ood"] is True and got["predictions"][0]["ood_score"] is None
+
+
+def test_table_when_every_image_is_ood():
+    probs = np.eye(len(NAMES))[[0, 4, 6]]
+    result = summarize(["a.jpg", "b.jpg", "c.jpg"], probs, NAMES, 0.5, ood_scores=np.array([9.0, 8.0, 7.0]), ood_threshold=1.0)
+    text = " ".join(rendered(result, 100).split())
+    assert "differential count (0 of 3 images; 3 OOD not counted)" in text
+    assert "ALL 3 images look unlike the cells this model was trained on (OOD): no cell was counted" in text
 
 
 def test_cli_predict_errors(tmp_path, run_dir):

@@ -19,7 +19,7 @@ from bloodcell.evaluate.ood import auroc, energy_score, fit_mahalanobis, mahalan
 from bloodcell.infer import Predictor, summarize
 from bloodcell.models.ood import MahalanobisScore, load_ood, save_ood
 
-from conftest import CLASS_NAMES, SAMPLE, toy_run
+from conftest import CLASS_NAMES, SAMPLE, toy_run, with_ood
 
 runner = CliRunner()
 
@@ -75,23 +75,6 @@ def test_fit_refuses_mismatched_inputs():
 
 
 # ---------------------------------------------------------------------- a model with an OOD score
-
-
-def with_ood(run: Path, threshold: float | None = None) -> Path:
-    """Fit the toy run's OOD statistics on the sample images (so they are its 'training cells')."""
-    p = Predictor.load(run)
-    files = sorted(SAMPLE.rglob("*.jpg"))[:80]
-    x = p.normalise(np.stack([p.decode(f) for f in files]))
-    with torch.no_grad():
-        feats = p.model.forward_features(torch.from_numpy(x)).numpy()
-    labels = np.asarray([CLASS_NAMES.index(f.parent.name) for f in files])
-    means, precision = fit_mahalanobis(feats, labels, len(CLASS_NAMES))
-    save_ood(run, means, precision)
-    scores = mahalanobis_score(feats, means, precision)
-    meta = json.loads((run / "model.json").read_text())
-    meta["ood"] = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(threshold if threshold is not None else np.median(scores))}
-    (run / "model.json").write_text(json.dumps(meta))
-    return run
 
 
 @pytest.fixture(scope="module")

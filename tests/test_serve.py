@@ -11,13 +11,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bloodcell.infer import Predictor
-from conftest import CLASS_NAMES, toy_run
+from conftest import CLASS_NAMES, set_ood_threshold, toy_run, with_ood
+from bloodcell.infer import summarize
 from bloodcell.serve.app import _clean_name, create_app
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
 NAMES = CLASS_NAMES
 TWO = [sorted((SAMPLE / "neutrophil").glob("*.jpg"))[0], sorted((SAMPLE / "lymphocyte").glob("*.jpg"))[0]]
+FOUR = [sorted((SAMPLE / c).glob("*.jpg"))[1] for c in ("basophil", "eosinophil", "monocyte", "platelet")]
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +53,7 @@ def test_health(client, predictor):
     h = r.json()
     assert h["status"] == "ok" and h["model"] == "cnn" and h["classes"] == NAMES
     assert h["explain"] is True and h["review_threshold"] == 0.6 and h["max_upload_bytes"] == 200_000
+    assert h["ood_check"] is False and h["ood_threshold"] is None
 
 
 def test_predict_two_sample_images(client, predictor):
@@ -63,6 +66,47 @@ def test_predict_two_sample_images(client, predictor):
     for g, w in zip(got["predictions"], want["predictions"]):
         assert g["probabilities"] == pytest.approx(w["probabilities"], abs=1e-6)
     assert got["counts"] == want["counts"] and got["wbc_percent"] == want["wbc_percent"] and got["unreadable"] == []
+    # a model without an OOD score: nothing flagged, every image counted, and the answer says there was no check
+    assert got["ood_check"] is False and got["counted"] == 2 and got["ood_count"] == 0
+    assert [(p["ood"], p["ood_score"]) for p in got["predictions"]] == [(None, None)] * 2
+
+
+@pytest.fixture(scope="module")
+def ood_predictor(tmp_path_factory) -> Predictor:
+    """A toy model with an OOD score whose threshold flags 2 of the FOUR images."""
+    run = with_ood(toy_run(tmp_path_factory.mktemp("ood") / "run", seed=0))
+    set_ood_threshold(run, FOUR, 2)
+    return Predictor.load(run)
+
+
+def test_predict_json_carries_ood_and_counts_leave_flagged_images_out(ood_predictor):
+    client = TestClient(create_app(ood_predictor))
+    h = client.get("/health").json()
+    assert h["ood_check"] is True and h["ood_threshold"] == pytest.approx(ood_predictor.ood_threshold)
+    r = client.post("/predict", files=upload(*map(sample, FOUR)))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    want = ood_predictor.predict_paths(FOUR, progress=False)
+    assert [p["ood"] for p in got["predictions"]] == [p["ood"] for p in want["predictions"]]
+    assert [p["ood"] for p in got["predictions"]].count(True) == 2
+    assert [p["ood_score"] for p in got["predictions"]] == pytest.approx([p["ood_score"] for p in want["predictions"]], abs=1e-3)
+    assert all(isinstance(p["ood_score"], float) for p in got["predictions"])
+    assert got["ood_check"] is True and got["ood_count"] == 2 and got["counted"] == 2
+    counted = [p["label"] for p in got["predictions"] if not p["ood"]]
+    assert got["counts"] == {c: counted.count(c) for c in NAMES} and sum(got["counts"].values()) == 2
+    assert got["flags"][0] == "2 of 4 images look unlike the cells this model was trained on (OOD): not counted"
+
+
+def test_non_finite_ood_score_is_null_not_a_server_error(ood_predictor, monkeypatch):
+    def nan_scores(images, *args, **kwargs):
+        names = [n for n, _ in images]
+        return summarize(names, np.eye(len(NAMES))[[0] * len(names)], NAMES, 0.5,
+                         ood_scores=np.full(len(names), np.nan), ood_threshold=1.0)
+
+    monkeypatch.setattr(ood_predictor, "predict_images", nan_scores)
+    r = TestClient(create_app(ood_predictor)).post("/predict", files=upload(sample(TWO[0])))
+    assert r.status_code == 200, r.text
+    assert r.json()["predictions"][0]["ood"] is True and r.json()["predictions"][0]["ood_score"] is None
 
 
 def test_content_is_sniffed_not_the_name(client):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 
 from bloodcell.infer.predictor import WBC_CLASSES
 
@@ -12,23 +13,53 @@ FORMATS = ("table", "csv", "json")
 
 
 def to_csv(result: dict) -> str:
-    """One row per classified image: path,label,confidence,review,p_<class>... (class order of the model)."""
+    """One row per classified image: path,label,confidence,review,ood,ood_score,p_<class>... (class order of the model).
+
+    ood is true / false, ood_score has 3 decimals; both are empty when the model has no OOD score.
+    """
     classes = list(result["counts"])
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "confidence", "review"] + [f"p_{c}" for c in classes])
+    w.writerow(["path", "label", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in classes])
     for p in result["predictions"]:
-        w.writerow([p["path"], p["label"], f"{p['confidence']:.6f}", str(p["review"]).lower()]
+        ood, score = p.get("ood"), p.get("ood_score")
+        w.writerow([p["path"], p["label"], f"{p['confidence']:.6f}", str(p["review"]).lower(),
+                    "" if ood is None else str(ood).lower(), "" if score is None else f"{score:.3f}"]
                    + [f"{p['probabilities'][c]:.6f}" for c in classes])
     return buf.getvalue()
 
 
+def json_safe(result: dict) -> dict:
+    """The result with non-finite OOD scores (nan / inf: such an image is flagged `ood`) as null, fit for strict JSON."""
+    preds = result.get("predictions") or []
+    if not any(isinstance(p.get("ood_score"), float) and not math.isfinite(p["ood_score"]) for p in preds):
+        return result
+    fixed = [{**p, "ood_score": None} if isinstance(p.get("ood_score"), float) and not math.isfinite(p["ood_score"]) else p
+             for p in preds]
+    return {**result, "predictions": fixed}
+
+
 def to_json(result: dict) -> str:
-    return json.dumps(result, indent=2) + "\n"
+    return json.dumps(json_safe(result), indent=2, allow_nan=False) + "\n"
+
+
+def ood_summary(result: dict) -> str | None:
+    """One line on the images left out of the counts as OOD, or None when none is."""
+    n, out = len(result["predictions"]), int(result.get("ood_count") or 0)
+    if not out:
+        return None
+    if out == n:
+        return (f"ALL {n} images look unlike the cells this model was trained on (OOD): no cell was counted. "
+                "Check the image source (stain, magnification, camera) or use a model trained on such images.")
+    return f"{out} of {n} images look unlike the cells this model was trained on (OOD): marked OOD and not counted"
 
 
 def tables(result: dict, review_threshold: float | None = None) -> list:
-    """Rich renderables: one table of images, the differential count, flags and unreadable files."""
+    """Rich renderables: one table of images, the differential count, the OOD line, flags and unreadable files.
+
+    Images flagged OOD are marked (column "OOD", dimmed) and the count's title says how many cells it rests on;
+    a model without an OOD score gets one line saying so.
+    """
     from rich.table import Table
     from rich.text import Text
 
@@ -40,20 +71,30 @@ def tables(result: dict, review_threshold: float | None = None) -> list:
     per_image.add_column("probability", justify="right", no_wrap=True)
     per_image.add_column("runner-up", no_wrap=True)
     per_image.add_column("review", justify="center", no_wrap=True)
+    ood_check = bool(result.get("ood_check"))
+    if ood_check:
+        per_image.add_column("OOD", justify="center", no_wrap=True)
     for p in result["predictions"]:
         ranked = sorted(classes, key=lambda c: -p["probabilities"][c])
         second = ranked[1] if len(ranked) > 1 else ""
-        per_image.add_row(
+        row = [
             p["path"],
             p["label"],
             f"{100 * p['confidence']:.1f}%",
             f"{second} {100 * p['probabilities'][second]:.1f}%" if second else "",
             Text("review", style="bold yellow") if p["review"] else "",
-        )
+        ]
+        if ood_check:
+            row.append(Text("OOD", style="bold red") if p.get("ood") else "")
+        per_image.add_row(*row, style="dim" if p.get("ood") else None)
     out.append(per_image)
 
-    total = len(result["predictions"])
-    diff = Table(title=f"differential count ({total} cells)", title_justify="left")
+    n = len(result["predictions"])
+    ood_count = int(result.get("ood_count") or 0)
+    total = int(result.get("counted", n - ood_count))  # the cells the counts rest on
+    title = f"{total} of {n} images; {ood_count} OOD not counted" if ood_count else f"{total} cells"
+    title = f"differential count ({title})"
+    diff = Table(title=title, title_justify="left", min_width=len(title))  # the title fits on one line
     for name, justify in (("class", "left"), ("cells", "right"), ("% of all", "right"), ("% of WBC", "right")):
         diff.add_column(name, justify=justify)
     for c in classes:
@@ -65,11 +106,18 @@ def tables(result: dict, review_threshold: float | None = None) -> list:
     diff.add_row("total", str(total), "100.0" if total else "-", f"{wbc_total} WBC")
     out.append(diff)
 
+    line = ood_summary(result)
+    if line:
+        out.append(Text(line, style="bold white on red" if ood_count == n else "bold yellow"))
+    elif not ood_check:
+        out.append(Text("no OOD check for this model: images unlike its training cells are counted too", style="dim"))
     review = sum(p["review"] for p in result["predictions"])
     if review:
         rule = f" (calibrated confidence below {100 * review_threshold:.0f}%)" if review_threshold else ""
-        out.append(Text(f"{review} of {total} cells need review{rule}", style="yellow"))
+        out.append(Text(f"{review} of {n} cells need review{rule}", style="yellow"))
     for flag in result["flags"]:
+        if ood_count and "(OOD)" in flag:
+            continue  # said above by ood_summary
         out.append(Text(f"flag: {flag}", style="bold yellow"))
     for u in result["unreadable"]:
         out.append(Text(f"unreadable: {u['path']}: {u['reason']}", style="red"))

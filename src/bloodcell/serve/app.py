@@ -2,7 +2,7 @@
 
     POST /predict   multipart field `files` (one or more images) -> the result object of Predictor
     POST /explain   multipart field `file` (or `files`), one image -> PNG Grad-CAM overlay
-    GET  /health    status, model name, classes, limits
+    GET  /health    status, model name, classes, whether the model has an OOD check, limits
     GET  /          the page (static/index.html); /static/* its script and style; /docs OpenAPI
 
 Uploads are parsed in memory, never written to disk, and nothing a client sends becomes a file
@@ -60,6 +60,11 @@ class Prediction(BaseModel):
     probabilities: dict[str, float] = Field(description="calibrated probability per class")
     confidence: float
     review: bool = Field(description="confidence below the model's review threshold")
+    ood: bool | None = Field(
+        description="the image looks unlike the cells the model was trained on (OOD score above the model's threshold) "
+        "and is not counted; null when the model has no OOD score"
+    )
+    ood_score: float | None = Field(description="the OOD score (higher: less like the training cells); null without an OOD score")
 
 
 class UnreadableUpload(BaseModel):
@@ -71,7 +76,10 @@ class PredictResult(BaseModel):
     """The result object of Predictor.predict_images (docs/inference.md)."""
 
     predictions: list[Prediction]
-    counts: dict[str, int]
+    counted: int = Field(description="images the counts rest on: all classified images minus those flagged OOD")
+    ood_count: int = Field(description="images flagged OOD and therefore not counted")
+    ood_check: bool = Field(description="whether the model has an OOD score")
+    counts: dict[str, int] = Field(description="cells per class, OOD images left out")
     percent: dict[str, float]
     wbc_percent: dict[str, float]
     flags: list[str]
@@ -86,6 +94,8 @@ class Health(BaseModel):
     input_size: int
     temperature: float
     review_threshold: float
+    ood_check: bool = Field(description="whether the model has an OOD score: images unlike its training cells are flagged and not counted")
+    ood_threshold: float | None = Field(description="OOD score above which an image is flagged; null without an OOD score")
     explain: bool
     max_upload_bytes: int
     max_files: int
@@ -146,6 +156,8 @@ def create_app(
             "input_size": predictor.input_size,
             "temperature": predictor.temperature,
             "review_threshold": predictor.review_threshold,
+            "ood_check": predictor.has_ood,
+            "ood_threshold": predictor.ood_threshold,
             "explain": predictor.model is not None,
             "max_upload_bytes": max_upload_bytes,
             "max_files": max_files,
@@ -161,7 +173,7 @@ def create_app(
         if not result["predictions"]:
             bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in result["unreadable"])
             raise HTTPException(422, f"no readable image in the upload: {bad}")
-        return result
+        return result  # non-finite OOD scores leave as null (pydantic's JSON)
 
     @app.post("/explain", openapi_extra={"requestBody": _EXPLAIN_SCHEMA}, response_class=Response,
               responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay (PNG)"}, **_UPLOAD_ERRORS,

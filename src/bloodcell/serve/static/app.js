@@ -49,7 +49,8 @@ async function loadHealth() {
     state.health = await resp.json();
     const h = state.health;
     $("#model-info").textContent =
-      `model ${h.model} (${h.backend}) · ${h.classes.length} classes · review below ${pct(h.review_threshold, 0)}`;
+      `model ${h.model} (${h.backend}) · ${h.classes.length} classes · review below ${pct(h.review_threshold, 0)}` +
+      (h.ood_check ? " · OOD check on" : " · no OOD check");
     document.body.dataset.ready = "1";
   } catch (err) {
     $("#model-info").textContent = "server not reachable";
@@ -76,8 +77,10 @@ async function classify(fileList) {
     if (!resp.ok) throw new Error(await errorText(resp));
     const result = await resp.json();
     show(result, files);
-    const n = result.predictions.length, bad = result.unreadable.length;
-    setStatus(`${n} cell${n === 1 ? "" : "s"} classified` + (bad ? `, ${bad} file${bad === 1 ? "" : "s"} not readable` : "") + ".", "ok");
+    const n = result.predictions.length, bad = result.unreadable.length, out = result.ood_count || 0;
+    setStatus(`${n} cell${n === 1 ? "" : "s"} classified` + (bad ? `, ${bad} file${bad === 1 ? "" : "s"} not readable` : "") +
+      (out ? `; ${out === n ? "all" : out} of them look${out === 1 ? "s" : ""} unlike the training cells (OOD) and ${out === 1 ? "is" : "are"} not counted` : "") + ".",
+      out ? "warn" : "ok");
   } catch (err) {
     setStatus(err.message, "error");
   } finally {
@@ -129,12 +132,25 @@ function card(pred, file, index) {
     el("span", { class: "label-chip", style: { background: colorOf(pred.label) } }, pred.label),
     el("span", { class: "confidence" }, pct(pred.confidence)));
   if (pred.review) head.append(el("span", { class: "review-badge", title: "calibrated confidence below the review threshold" }, "review"));
+  if (pred.ood) {
+    const score = pred.ood_score === null || pred.ood_score === undefined ? "" : ` (OOD score ${pred.ood_score.toFixed(1)}` +
+      (state.health && state.health.ood_threshold !== null ? ` > ${state.health.ood_threshold.toFixed(1)})` : ")");
+    head.append(el("span", {
+      class: "ood-badge",
+      title: `Out of distribution: this image looks unlike the cells the model was trained on${score}. ` +
+        "Its class is unreliable and it is not counted in the differential.",
+    }, "OOD"));
+  }
   const camButton = el("button", { class: "button subtle cam-button", type: "button" }, "Grad-CAM");
   camButton.addEventListener("click", () => explain(index));
   if (state.health && !state.health.explain) camButton.disabled = true;
+  const cardClass = ["cell-card", pred.review ? "needs-review" : "", pred.ood ? "is-ood" : ""].filter(Boolean).join(" ");
   return el("article", {
-    class: pred.review ? "cell-card needs-review" : "cell-card",
-    dataset: { label: pred.label, name: pred.path, confidence: String(pred.confidence), review: String(pred.review) },
+    class: cardClass,
+    dataset: {
+      label: pred.label, name: pred.path, confidence: String(pred.confidence), review: String(pred.review),
+      ood: pred.ood === null || pred.ood === undefined ? "" : String(pred.ood),
+    },
   },
   el("div", { class: "card-top" }, thumb,
     el("div", { class: "card-body" }, head, el("div", { class: "file-name", title: pred.path }, pred.path), camButton)),
@@ -152,16 +168,34 @@ function summary(result) {
       el("td", {}, `${result.percent[c].toFixed(1)}%`),
       el("td", {}, isWbc ? `${result.wbc_percent[c].toFixed(1)}%` : "—")));
   }
-  const total = result.predictions.length;
+  const n = result.predictions.length;
+  const out = result.ood_count || 0;
+  const total = result.counted === undefined ? n - out : result.counted; // the cells the counts rest on
   const wbcTotal = classes.filter((c) => c in result.wbc_percent).reduce((n, c) => n + result.counts[c], 0);
   $("#differential tbody").replaceWith(tbody);
   $("#differential tfoot").replaceChildren(el("tr", {}, el("th", { scope: "row" }, "total"), el("td", {}, total),
     el("td", {}, total ? "100%" : "—"), el("td", {}, `${wbcTotal} WBC`)));
-  const flags = result.flags.map((f) => el("li", { class: "flag" }, f));
+  $("#count-caption").textContent = out
+    ? `Counts rest on ${total} of ${n} images; ${out} left out as OOD (unlike the training cells).`
+    : `Counts rest on all ${n} image${n === 1 ? "" : "s"}` + (result.ood_check ? "; none looks unlike the training cells." : " (no OOD check for this model).");
+  $("#count-caption").className = out ? "caption-ood" : "";
+  const oodNote = $("#ood-note");
+  oodNote.hidden = !out;
+  oodNote.className = out && out === n ? "ood-note all" : "ood-note";
+  oodNote.replaceChildren(...(out ? [
+    el("strong", {}, out === n
+      ? `None of the ${n} images looks like the cells this model was trained on (OOD): nothing was counted.`
+      : `${out} of ${n} images look unlike the cells this model was trained on (OOD): not counted.`),
+    el("span", {}, out === n
+      ? " Check the image source (stain, magnification, camera, cropping) or use a model trained on such images."
+      : " They are dimmed and marked OOD; their class is unreliable."),
+  ] : []));
+  // the OOD flag of the result is said by the note above: list the other findings
+  const flags = result.flags.filter((f) => !(out && f.includes("(OOD)"))).map((f) => el("li", { class: "flag" }, f));
   $("#flags").replaceChildren(...flags);
   const review = result.predictions.filter((p) => p.review).length;
   $("#review-note").textContent = review
-    ? `${review} of ${total} cells are below the review threshold and should be checked by eye (marked “review”).`
+    ? `${review} of ${n} cells are below the review threshold and should be checked by eye (marked “review”).`
     : "No cell is below the review threshold.";
   $("#unreadable").replaceChildren(...result.unreadable.map((u) => el("li", {}, el("strong", {}, u.path), `: ${u.reason}`)));
   $("#unreadable-box").hidden = !result.unreadable.length;
@@ -202,15 +236,21 @@ function csvCell(v) {
   return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
 }
 
-function downloadCsv() {
-  const result = state.result;
-  if (!result) return;
+// the CSV of `bloodcell predict --format csv` (paths are the uploaded file names), with CRLF line ends
+function csvText(result) {
   const classes = Object.keys(result.counts);
-  const rows = [["path", "label", "confidence", "review", ...classes.map((c) => `p_${c}`)]];
+  const rows = [["path", "label", "confidence", "review", "ood", "ood_score", ...classes.map((c) => `p_${c}`)]];
+  const blank = (v) => v === null || v === undefined;
   for (const p of result.predictions) {
-    rows.push([p.path, p.label, p.confidence.toFixed(6), p.review, ...classes.map((c) => p.probabilities[c].toFixed(6))]);
+    rows.push([p.path, p.label, p.confidence.toFixed(6), p.review, blank(p.ood) ? "" : p.ood,
+      blank(p.ood_score) ? "" : p.ood_score.toFixed(3), ...classes.map((c) => p.probabilities[c].toFixed(6))]);
   }
-  const text = rows.map((r) => r.map(csvCell).join(",")).join("\r\n") + "\r\n";
+  return rows.map((r) => r.map(csvCell).join(",")).join("\r\n") + "\r\n";
+}
+
+function downloadCsv() {
+  if (!state.result) return;
+  const text = csvText(state.result);
   const url = URL.createObjectURL(new Blob([text], { type: "text/csv" }));
   const a = el("a", { href: url, download: "bloodcell-predictions.csv" });
   document.body.append(a);
