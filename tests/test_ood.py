@@ -105,6 +105,8 @@ def test_summarize_without_and_with_all_ood():
     allout = summarize(["a", "b", "c"], probs, CLASS_NAMES, 0.5, ood_scores=np.array([5.0, 6.0, np.nan]), ood_threshold=1.0)
     assert allout["counted"] == 0 and all(v == 0 for v in allout["counts"].values())
     assert allout["flags"][0].startswith("all images look unlike")
+    assert allout["predictions"][2]["ood"] is True and allout["predictions"][2]["ood_score"] is None  # nan: no number, still flagged
+    json.dumps(allout, allow_nan=False)
     assert all(v == 0.0 for v in allout["percent"].values())
 
 

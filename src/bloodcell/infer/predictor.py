@@ -307,7 +307,7 @@ def summarize(
                 "confidence": round(float(p[top]), 6),
                 "review": bool(p[top] < review_threshold),
                 "ood": ood if has_ood else None,
-                "ood_score": round(float(ood_scores[i]), 3) if has_ood else None,
+                "ood_score": round(float(ood_scores[i]), 3) if has_ood and np.isfinite(ood_scores[i]) else None,
             }
         )
     ood_count = sum(bool(p["ood"]) for p in predictions)
