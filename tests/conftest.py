@@ -67,13 +67,13 @@ def with_ood(run: Path, threshold: float | None = None) -> Path:
 
     from bloodcell.evaluate.ood import fit_mahalanobis, mahalanobis_score
     from bloodcell.infer import Predictor
-    from bloodcell.models.ood import save_ood
+    from bloodcell.models.ood import ood_features, save_ood
 
     p = Predictor.load(run)
     files = sorted(SAMPLE.rglob("*.jpg"))[:80]
     x = p.normalise(np.stack([p.decode(f) for f in files]))
     with torch.no_grad():
-        feats = p.model.forward_features(torch.from_numpy(x)).numpy()
+        feats = ood_features(p.model, torch.from_numpy(x))[1].numpy()
     labels = np.asarray([CLASS_NAMES.index(f.parent.name) for f in files])
     means, precision = fit_mahalanobis(feats, labels, len(CLASS_NAMES))
     save_ood(run, means, precision)

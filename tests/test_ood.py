@@ -132,12 +132,12 @@ def test_missing_or_mismatched_ood_file_is_a_clear_error(ood_run, tmp_path):
     (run / "ood.safetensors").unlink()
     with pytest.raises(ModelError, match="ood.safetensors not found"):
         Predictor.load(run)
-    save_ood(run, np.zeros((3, 128)), np.eye(128))
-    with pytest.raises(ModelError, match="the model has 8 classes and 128 features"):
+    save_ood(run, np.zeros((3, 262)), np.eye(262))
+    with pytest.raises(ModelError, match="the model has 8 classes and 262 features"):  # 128 pooled + 128 centre + 6 input statistics
         Predictor.load(run)
     with pytest.raises(ModelError, match="holds inf or nan"):
-        save_ood(run, np.full((8, 128), np.inf), np.eye(128))
-        load_ood(run / "ood.safetensors", 8, 128)
+        save_ood(run, np.full((8, 262), np.inf), np.eye(262))
+        load_ood(run / "ood.safetensors", 8, 262)
 
 
 # ---------------------------------------------------------------------- a trained run fits it; fine-tuning from a model
@@ -216,3 +216,20 @@ def test_a_lab_fine_tunes_with_the_two_commands(trained, tmp_path):
     res = runner.invoke(app, ["predict", str(lab), "--model", str(tmp_path / "ft"), "--format", "json"])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.output)["predictions"]) == 12
+
+
+def test_ood_features_are_pooled_map_its_centre_and_input_statistics():
+    from bloodcell.models import create_model
+    from bloodcell.models.ood import ood_feature_dim, ood_features
+
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=8, input_size=64).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        logits, f = ood_features(model, x)
+        fmap = model.forward_feature_map(x)  # 4 x 4 at 64 px: the centre is the middle 2 x 2
+        torch.testing.assert_close(logits, model(x))
+    assert f.shape == (3, ood_feature_dim(model)) == (3, 2 * 128 + 6)
+    torch.testing.assert_close(f[:, :128], fmap.mean(dim=(2, 3)))
+    torch.testing.assert_close(f[:, 128:256], fmap[:, :, 1:3, 1:3].mean(dim=(2, 3)))
+    torch.testing.assert_close(f[:, 256:], torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1))

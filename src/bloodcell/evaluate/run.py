@@ -24,7 +24,7 @@ from bloodcell.data.prepare import PreparedData
 from bloodcell.evaluate.calibration import apply_temperature, fit_temperature, softmax
 from bloodcell.evaluate.metrics import classification_metrics, expected_calibration_error
 from bloodcell.evaluate.ood import energy_score, fit_mahalanobis, mahalanobis_score, threshold_for
-from bloodcell.models.ood import METHOD as OOD_METHOD, OOD_FILE, save_ood
+from bloodcell.models.ood import METHOD as OOD_METHOD, OOD_FILE, ood_feature_dim, ood_features, save_ood
 from bloodcell.evaluate.plots import (
     plot_confident_mistakes,
     plot_confusion_matrix,
@@ -39,7 +39,7 @@ REVIEW_TARGET_ACCURACY = 0.99
 
 @torch.inference_mode()
 def predict_outputs(model: torch.nn.Module, images: np.ndarray, index: np.ndarray, batch_size: int = 128, device: str | None = None, progress: bool = False, desc: str = "predicting") -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, K), pooled features (N, D)) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the model's mean/std."""
+    """(logits (N, K), OOD features (N, D)) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the model's mean/std."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1) * 255
@@ -51,12 +51,12 @@ def predict_outputs(model: torch.nn.Module, images: np.ndarray, index: np.ndarra
             order = np.argsort(np.argsort(index[start : start + batch_size]))  # back to the caller's order
             x = torch.from_numpy(np.asarray(images[idx])).to(device).permute(0, 3, 1, 2).float()
             x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            f = model.forward_features(x)
-            logits.append(model.forward_head(f).float().cpu().numpy()[order])
+            z, f = ood_features(model, x)
+            logits.append(z.float().cpu().numpy()[order])
             features.append(f.float().cpu().numpy()[order])
             advance(len(idx))
     if not logits:
-        return np.zeros((0, model.num_classes), np.float32), np.zeros((0, model.num_features), np.float32)
+        return np.zeros((0, model.num_classes), np.float32), np.zeros((0, ood_feature_dim(model)), np.float32)
     return np.concatenate(logits), np.concatenate(features)
 
 

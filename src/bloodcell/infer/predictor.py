@@ -108,13 +108,13 @@ class Predictor:
                 predictor.ood_threshold = _ood_threshold(meta, str(path))
         else:
             from bloodcell.models.checkpoint import load_checkpoint
-            from bloodcell.models.ood import ScoredModel, load_ood
+            from bloodcell.models.ood import ScoredModel, load_ood, ood_feature_dim
 
             net, meta = load_checkpoint(path)
             predictor = cls._from_metadata(meta, str(path), model=net)
             if meta.get("ood"):
                 folder = path if path.is_dir() else path.parent
-                scorer = load_ood(folder / str(meta["ood"].get("file") or "ood.safetensors"), net.num_classes, net.num_features)
+                scorer = load_ood(folder / str(meta["ood"].get("file") or "ood.safetensors"), net.num_classes, ood_feature_dim(net))
                 predictor.scored_model = ScoredModel(net, scorer).eval()
                 predictor.ood_threshold = _ood_threshold(meta, str(path))
         predictor.max_pixels = int(max_pixels)

@@ -60,6 +60,9 @@ class BloodcellModel(nn.Module):
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # Models with a spatial feature map also define `forward_feature_map(x) -> (B, C, h, w)` whose mean over
+    # (h, w) is `forward_features(x)`; the OOD score then also sees the map's centre (bloodcell.models.ood).
+
     def forward_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features)
 

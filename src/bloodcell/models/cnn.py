@@ -38,8 +38,11 @@ class SequentialCNN(BloodcellModel):
         self.features = nn.Sequential(*[conv_block(a, b) for a, b in zip(channels, channels[1:])])
         self.head = make_head(widths[-1], num_classes, head_hidden, head_dropout)
 
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x).mean(dim=(2, 3))
+        return self.forward_feature_map(x).mean(dim=(2, 3))
 
     def backbone_blocks(self) -> list[list[str]]:
         return group_by_prefix(self, [[f"features.{i}"] for i in range(len(self.features))])

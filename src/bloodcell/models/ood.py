@@ -1,8 +1,11 @@
-"""Out-of-distribution score that travels with a model: Mahalanobis distance of its pooled features.
+"""Out-of-distribution score that travels with a model: Mahalanobis distance of its features.
 
-Lee et al. (2018): fit one mean per class and one shared covariance on the training part's pooled features
-(`forward_features`); an image's score is the squared Mahalanobis distance to the nearest class mean. Cells like
-the training cells score low; a smear photograph, a text scan or a cell from an unlike microscope scores high.
+Lee et al. (2018): fit one mean per class and one shared covariance on the training part's features; an image's
+score is the squared Mahalanobis distance to the nearest class mean. Cells like the training cells score low; a
+smear photograph, a text scan or a cell from an unlike microscope scores high. The features (`ood_features`) are
+the pooled feature map, the pooled centre of the map (a single-cell crop has its cell there: a mosaic of cell
+pieces or a blank field does not) and the per-channel mean and spread of the input (a flat or washed-out image
+is far from every cell in those, whatever the network makes of it).
 
 The statistics are stored beside the weights in `ood.safetensors` (means, precision) and the threshold in
 model.json's `ood` section; `ScoredModel` computes logits and the score in one pass, in PyTorch and in the ONNX
@@ -38,6 +41,23 @@ class MahalanobisScore(nn.Module):
         return dist.min(dim=1).values
 
 
+def ood_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, OOD features) of a normalised batch, in one pass through the network."""
+    stats = torch.cat([x.float().mean(dim=(2, 3)), x.float().std(dim=(2, 3))], dim=1)
+    fmap = model.forward_feature_map(x) if hasattr(model, "forward_feature_map") else None
+    if fmap is None:
+        pooled = model.forward_features(x)
+        return model.forward_head(pooled), torch.cat([pooled.float(), stats], dim=1)
+    pooled = fmap.mean(dim=(2, 3))
+    h, w = fmap.shape[2], fmap.shape[3]
+    centre = fmap[:, :, h // 4 : h - h // 4, w // 4 : w - w // 4].mean(dim=(2, 3))
+    return model.forward_head(pooled), torch.cat([pooled.float(), centre.float(), stats], dim=1)
+
+
+def ood_feature_dim(model: nn.Module) -> int:
+    return int(model.num_features) * (2 if hasattr(model, "forward_feature_map") else 1) + 6
+
+
 class ScoredModel(nn.Module):
     """A BloodcellModel plus its OOD score: x -> (logits, ood_score); what predict runs and ONNX exports."""
 
@@ -46,8 +66,8 @@ class ScoredModel(nn.Module):
         self.model, self.scorer = model, scorer
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = self.model.forward_features(x)
-        return self.model.forward_head(features), self.scorer(features)
+        logits, features = ood_features(self.model, x)
+        return logits, self.scorer(features)
 
 
 def save_ood(directory: str | os.PathLike, means, precision) -> Path:
@@ -60,6 +80,7 @@ def save_ood(directory: str | os.PathLike, means, precision) -> Path:
 
 
 def load_ood(path: str | os.PathLike, num_classes: int, num_features: int) -> MahalanobisScore:
+    """num_features: the OOD feature size, `ood_feature_dim(model)`."""
     """Read ood.safetensors and check it fits the model (K class means of D features, a D x D precision)."""
     from safetensors.torch import load_file
 

@@ -34,8 +34,11 @@ class TimmClassifier(BloodcellModel):
         self.backbone = backbone
         self.head = make_head(backbone.num_features, num_classes, head_hidden, head_dropout)
 
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_features(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone.forward_features(x).mean(dim=(2, 3))
+        return self.forward_feature_map(x).mean(dim=(2, 3))
 
     def backbone_blocks(self) -> list[list[str]]:
         return stage_groups(self.backbone, "backbone.")

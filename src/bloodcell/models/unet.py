@@ -72,8 +72,11 @@ class UNetClassifier(BloodcellModel):
             x = decoder(torch.cat([up(x), skip], dim=1))
         return x
 
+    def forward_feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(x)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decode(x).mean(dim=(2, 3))
+        return self.forward_feature_map(x).mean(dim=(2, 3))
 
     def backbone_blocks(self) -> list[list[str]]:
         levels = len(self.encoders)
