@@ -195,6 +195,8 @@ def test_fine_tuning_starts_from_the_model_and_keeps_shared_class_rows(trained, 
     w, src = model.head[3].weight, base.head[3].weight
     assert torch.equal(w[0], src[CLASS_NAMES.index("neutrophil")]) and torch.equal(w[1], src[CLASS_NAMES.index("lymphocyte")])
     assert not any(torch.equal(w[2], src[i]) for i in range(8))  # a class the model never knew starts fresh
+    with pytest.raises(ConfigError, match="trained with white balance 'none': set data.white_balance=none"):
+        build_model(parse_config({**TINY, "data": {"input_size": 32, "white_balance": "background"}, "model": {"name": "cnn", "pretrained": str(trained)}}), 3)
     with pytest.raises(ConfigError, match="trained at 32 px: set data.input_size=32"):
         build_model(parse_config({**TINY, "data": {"input_size": 48}, "model": {"name": "cnn", "pretrained": str(trained)}}), 3)
     with pytest.raises(ModelError, match="it is a 'cnn'"):

@@ -172,12 +172,12 @@ def is_bloodcell_model(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / METADATA_FILE).is_file()
 
 
-def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], input_size: int) -> dict:
+def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], input_size: int, white_balance: str = "none") -> dict:
     """Start `model` from a trained bloodcell model: every weight, and the output rows of the classes both share.
 
     `source`: 'default' (the bundled model) or a run / model folder. A lab fine-tuning on its own cells keeps what
     the model knows of each class it names the same way; a class the source lacks starts from random rows.
-    Returns the source's metadata. Refuses another architecture or input size with one line naming both.
+    Returns the source's metadata. Refuses another architecture, input size or white balance with one line naming both.
     """
     folder = bundled_model_dir() if source == "default" else Path(source)
     base, meta = load_checkpoint(folder)
@@ -188,6 +188,9 @@ def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], 
         )
     if int(meta["input_size"]) != int(input_size):
         raise ModelError(f"model.pretrained {source} was trained at {meta['input_size']} px: set data.input_size={meta['input_size']}")
+    base_balance = (meta.get("preprocess") or {}).get("white_balance") or ((meta.get("training_config") or {}).get("data") or {}).get("white_balance") or "none"
+    if base_balance != white_balance:
+        raise ModelError(f"model.pretrained {source} was trained with white balance '{base_balance}': set data.white_balance={base_balance}")
     src_state, state = base.state_dict(), model.state_dict()
     logits_layer = [n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
     out_keys = {f"head.{logits_layer}.weight", f"head.{logits_layer}.bias"}

@@ -162,7 +162,7 @@ def build_model(cfg: RunConfig, num_classes: int, class_names: list[str] | None 
         model = create_model(cfg.model.name, num_classes=num_classes, pretrained=False, input_size=cfg.data.input_size, **cfg.model.kwargs)
         names = class_names or [f"class_{i}" for i in range(num_classes)]
         try:
-            init_from_model(model, pretrained, names, cfg.data.input_size)
+            init_from_model(model, pretrained, names, cfg.data.input_size, cfg.data.white_balance)
         except ModelError as exc:
             raise ConfigError(str(exc)) from None
         return model
