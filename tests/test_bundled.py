@@ -11,7 +11,9 @@ from typer.testing import CliRunner
 from bloodcell.cli import app
 from bloodcell.infer import Predictor
 
-from conftest import SAMPLE
+from conftest import PBC, REPO, SAMPLE, load_benchmark, needs_pbc
+
+SHARED = REPO.parent / "shared" / "data"
 
 BUNDLE = resources.files("bloodcell") / "assets" / "default_model"
 
@@ -48,4 +50,26 @@ def test_predict_works_without_a_model_argument(tmp_path):
     result = CliRunner().invoke(app, ["predict", str(SAMPLE / "platelet"), "--format", "json", "--out", str(out)])
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
-    assert sum(data["counts"].values()) == 25 and abs(sum(data["percent"].values()) - 100) < 1e-6
+    assert data["counted"] + data["ood_count"] == 25 and sum(data["counts"].values()) == data["counted"]
+    assert abs(sum(data["percent"].values()) - 100) < 1e-6
+
+
+def test_bundled_model_carries_its_preprocessing_and_ood_score():
+    meta = json.loads((BUNDLE / "model.json").read_text())
+    trained = meta["training_config"]["data"]
+    assert meta["preprocess"]["white_balance"] == trained["white_balance"] == "background"
+    assert meta["preprocess"]["input_size"] == meta["input_size"] == trained["input_size"]
+    p = Predictor.load(None)
+    assert p.white_balance == "background" and p.has_ood and p.ood_threshold == meta["ood"]["threshold"]
+
+
+@needs_pbc()
+def test_bundled_ood_score_tells_cells_from_photographs_and_non_cells():
+    """The figures docs/robustness.md reports, on a 600-image subset of the PBC test part (seeded)."""
+    ood = load_benchmark("ood")
+    r = ood.run(None, PBC, SHARED / "bccd" / "BCCD" / "JPEGImages", SHARED / "external" / "tecom_zheng2018", 600, 30, 0)
+    maha = {name: a["mahalanobis"] for name, a in r["auroc"].items()}
+    for name in ("BCCD photographs", "text", "noise", "flat colour"):
+        assert maha[name] >= 0.99, (name, maha)
+    assert r["pbc_false_alarm"] <= 0.02
+    assert r["tecom"]["wrong_flagged"] >= 0.9  # cells from the other lab that the model gets wrong are flagged, not counted

@@ -208,7 +208,7 @@ def test_fine_tuning_starts_from_the_model_and_keeps_shared_class_rows(trained, 
 def test_a_lab_fine_tunes_with_the_two_commands(trained, tmp_path):
     lab = lab_folder(tmp_path / "lab", {"neutrophil": "Neutrophil", "lymphocyte": "Lymphocyte"})
     cfg = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "finetune.yaml").read_text())
-    cfg["data"]["input_size"] = 32  # the toy base model's size
+    cfg["data"]["input_size"], cfg["data"]["white_balance"] = 32, "none"  # the toy base model's preprocessing
     cfg["train"]["epochs"] = 2
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(cfg))
     res = runner.invoke(app, ["train", str(tmp_path / "ft.yaml"), "--data", str(lab), "--out", str(tmp_path / "ft"), "--set", f"model.pretrained={trained}"])
@@ -235,3 +235,16 @@ def test_ood_features_are_pooled_map_its_centre_and_input_statistics():
     torch.testing.assert_close(f[:, :128], fmap.mean(dim=(2, 3)))
     torch.testing.assert_close(f[:, 128:256], fmap[:, :, 1:3, 1:3].mean(dim=(2, 3)))
     torch.testing.assert_close(f[:, 256:], torch.cat([x.mean(dim=(2, 3)), x.std(dim=(2, 3))], 1))
+
+
+def test_fewshot_draws_k_per_class_and_keeps_a_test_cell_of_each(tmp_path):
+    from conftest import load_benchmark, make_tree
+
+    fewshot = load_benchmark("fewshot")
+    folder = make_tree(tmp_path / "lab", {"neutrophil": 8, "lymphocyte": 3, "basophil": 1})
+    train, test = fewshot.draw(folder, 5, seed=1)
+    assert {c: len(v) for c, v in train.items()} == {"basophil": 0, "lymphocyte": 2, "neutrophil": 5}
+    assert {c: len(v) for c, v in test.items()} == {"basophil": 1, "lymphocyte": 1, "neutrophil": 3}
+    for c in train:
+        assert not set(train[c]) & set(test[c]) and len(train[c]) + len(test[c]) == len(list((folder / c).iterdir()))
+    assert fewshot.draw(folder, 5, seed=1) == (train, test) and fewshot.draw(folder, 5, seed=2) != (train, test)
