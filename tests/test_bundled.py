@@ -6,6 +6,7 @@ import json
 import math
 from importlib import resources
 
+import pytest
 from typer.testing import CliRunner
 
 from bloodcell.cli import app
@@ -57,13 +58,16 @@ def test_predict_works_without_a_model_argument(tmp_path):
 def test_bundled_model_carries_its_preprocessing_and_ood_score():
     meta = json.loads((BUNDLE / "model.json").read_text())
     trained = meta["training_config"]["data"]
-    assert meta["preprocess"]["white_balance"] == trained["white_balance"] == "background"
+    assert meta["preprocess"]["white_balance"] == trained.get("white_balance", "none")
     assert meta["preprocess"]["input_size"] == meta["input_size"] == trained["input_size"]
+    assert meta["preprocess"]["interpolation"] == trained["interpolation"]
     p = Predictor.load(None)
-    assert p.white_balance == "background" and p.has_ood and p.ood_threshold == meta["ood"]["threshold"]
+    assert p.white_balance == meta["preprocess"]["white_balance"] and p.interpolation == trained["interpolation"]
+    assert p.has_ood and p.ood_threshold == meta["ood"]["threshold"] and (BUNDLE / "ood.safetensors").is_file()
 
 
 @needs_pbc()
+@pytest.mark.skipif(not (SHARED / "bccd").is_dir() or not (SHARED / "external").is_dir(), reason="BCCD / Tecom sets not beside the checkout")
 def test_bundled_ood_score_tells_cells_from_photographs_and_non_cells():
     """The figures docs/robustness.md reports, on a 600-image subset of the PBC test part (seeded)."""
     ood = load_benchmark("ood")
