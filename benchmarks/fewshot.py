@@ -79,7 +79,7 @@ def t_interval(values: list[float]) -> tuple[float, float, float, float]:
     v = np.asarray(values, float)
     mean, sd = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
     half = float(stats.t.ppf(0.975, len(v) - 1) * sd / np.sqrt(len(v))) if len(v) > 1 else 0.0
-    return mean, sd, mean - half, mean + half
+    return mean, sd, max(0.0, mean - half), min(1.0, mean + half)  # an accuracy interval stays within [0, 1]
 
 
 def main(argv: list[str] | None = None) -> dict:
