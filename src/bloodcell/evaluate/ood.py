@@ -20,6 +20,7 @@ DEFAULT_FALSE_ALARM = 0.01
 def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(means (K, D), precision (D, D)) from training features; a class with no sample gets the overall mean."""
     from sklearn.covariance import LedoitWolf
+    from threadpoolctl import threadpool_limits
 
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
@@ -27,7 +28,10 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) 
         raise DataError(f"OOD fit needs (N, D) features with N >= 2 and one label each, got {x.shape} and {len(y)} labels")
     means = np.stack([x[y == k].mean(0) if (y == k).any() else x.mean(0) for k in range(num_classes)])
     centred = x - means[y]
-    precision = LedoitWolf(assume_centered=True).fit(centred).precision_  # shrinkage keeps it invertible
+    # one BLAS thread: the sums then run in one order, so a resumed run fits the very same numbers as an
+    # uninterrupted one whatever threads the process was given
+    with threadpool_limits(1):
+        precision = LedoitWolf(assume_centered=True).fit(centred).precision_  # shrinkage keeps it invertible
     return means, precision
 
 
