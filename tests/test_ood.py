@@ -57,6 +57,8 @@ def test_torch_score_equals_numpy_score():
     means, precision = fit_mahalanobis(x, y, 4)
     probe = rng.normal(0, 8, (20, 8))
     want = mahalanobis_score(probe, means, precision)
+    diff = probe[:, None, :] - means[None]  # the definition, written out: min over k of (f - mu_k)^T P (f - mu_k)
+    np.testing.assert_allclose(want, np.einsum("nkd,de,nke->nk", diff, precision, diff).min(1), rtol=1e-9)
     got = MahalanobisScore(torch.tensor(means), torch.tensor(precision))(torch.tensor(probe, dtype=torch.float32)).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4)
 

@@ -86,7 +86,7 @@ def fit_ood_score(run_dir: Path, outputs: dict, y: dict, num_classes: int, false
     if "train" not in outputs or "val" not in outputs or len(y["train"]) < 2:
         return None
     means, precision = fit_mahalanobis(outputs["train"][1], y["train"], num_classes)
-    scores = {k: mahalanobis_score(f, means, precision) for k, (_, f) in outputs.items()}
+    scores = {k: mahalanobis_score(f, means, precision) for k, (_, f) in outputs.items() if k != "train"}
     threshold = threshold_for(scores["val"], false_alarm)
     save_ood(run_dir, means, precision)
     out = {

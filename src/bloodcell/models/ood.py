@@ -24,6 +24,7 @@ from bloodcell.errors import ModelError
 from bloodcell.io import write_bytes
 
 OOD_FILE = "ood.safetensors"
+CENTRE_MAX_CHANNELS = 512  # above this many feature channels the map's centre is left out of the OOD features
 METHOD = "mahalanobis"
 
 
@@ -32,13 +33,15 @@ class MahalanobisScore(nn.Module):
 
     def __init__(self, means: torch.Tensor, precision: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("means", torch.as_tensor(means, dtype=torch.float32).clone())
-        self.register_buffer("precision", torch.as_tensor(precision, dtype=torch.float32).clone())
+        # precision = L L^T: whitening by L turns the distance into a plain one, N x D x D work instead of N x K x D x D
+        whiten = torch.linalg.cholesky(torch.as_tensor(precision, dtype=torch.float64))
+        self.register_buffer("whiten", whiten.float())
+        self.register_buffer("means_white", (torch.as_tensor(means, dtype=torch.float64) @ whiten).float())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        diff = features.float()[:, None, :] - self.means[None]  # (N, K, D): exact where the expanded form cancels
-        dist = torch.einsum("nkd,de,nke->nk", diff, self.precision, diff)
-        return dist.min(dim=1).values
+        z = features.float() @ self.whiten
+        diff = z[:, None, :] - self.means_white[None]  # (N, K, D): exact where the expanded form cancels
+        return (diff * diff).sum(dim=2).min(dim=1).values
 
 
 def ood_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,13 +52,16 @@ def ood_features(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch
         pooled = model.forward_features(x)
         return model.forward_head(pooled), torch.cat([pooled.float(), stats], dim=1)
     pooled = fmap.mean(dim=(2, 3))
+    if fmap.shape[1] > CENTRE_MAX_CHANNELS:  # wide backbones: the covariance fit grows with the cube of the size
+        return model.forward_head(pooled), torch.cat([pooled.float(), stats], dim=1)
     h, w = fmap.shape[2], fmap.shape[3]
     centre = fmap[:, :, h // 4 : h - h // 4, w // 4 : w - w // 4].mean(dim=(2, 3))
     return model.forward_head(pooled), torch.cat([pooled.float(), centre.float(), stats], dim=1)
 
 
 def ood_feature_dim(model: nn.Module) -> int:
-    return int(model.num_features) * (2 if hasattr(model, "forward_feature_map") else 1) + 6
+    centre = hasattr(model, "forward_feature_map") and model.num_features <= CENTRE_MAX_CHANNELS
+    return int(model.num_features) * (2 if centre else 1) + 6
 
 
 class ScoredModel(nn.Module):
@@ -101,4 +107,7 @@ def load_ood(path: str | os.PathLike, num_classes: int, num_features: int) -> Ma
         )
     if not (torch.isfinite(means).all() and torch.isfinite(precision).all()):
         raise ModelError(f"{path} holds inf or nan")
-    return MahalanobisScore(means, precision)
+    try:
+        return MahalanobisScore(means, precision)
+    except RuntimeError:  # torch.linalg.cholesky: not positive definite
+        raise ModelError(f"{path}: the precision matrix is not positive definite; re-evaluate the run to refit it") from None
