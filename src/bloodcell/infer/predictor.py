@@ -37,7 +37,7 @@ from bloodcell.data.images import (
     load_array,
 )
 from bloodcell.errors import DataError, ModelError
-from bloodcell.models.checkpoint import bundled_model_dir
+from bloodcell.models.checkpoint import bundled_model_dir, preprocessing
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_REVIEW_THRESHOLD = 0.9
@@ -363,19 +363,6 @@ def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     if not files:
         raise DataError("no images given")
     return files
-
-
-def preprocessing(meta: dict) -> dict:
-    """How a model wants its images: model.json's `preprocess` section, else what its training config recorded."""
-    data = (meta.get("training_config") or {}).get("data") or {}
-    pre = meta.get("preprocess") or {}
-    return {
-        "input_size": pre.get("input_size", meta.get("input_size")),
-        "interpolation": pre.get("interpolation") or data.get("interpolation") or DEFAULT_INTERPOLATION,
-        "white_balance": pre.get("white_balance") or data.get("white_balance") or "none",
-        "mean": meta.get("mean"),
-        "std": meta.get("std"),
-    }
 
 
 def _ood_threshold(meta: dict, source: str) -> float:

@@ -172,6 +172,19 @@ def is_bloodcell_model(source: Any) -> bool:
     return isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / METADATA_FILE).is_file()
 
 
+def preprocessing(meta: dict) -> dict:
+    """How a model wants its images: model.json's `preprocess` section, else what its training config recorded."""
+    data = (meta.get("training_config") or {}).get("data") or {}
+    pre = meta.get("preprocess") or {}
+    return {
+        "input_size": pre.get("input_size", meta.get("input_size")),
+        "interpolation": pre.get("interpolation") or data.get("interpolation") or "bilinear",
+        "white_balance": pre.get("white_balance") or data.get("white_balance") or "none",
+        "mean": meta.get("mean"),
+        "std": meta.get("std"),
+    }
+
+
 def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], input_size: int, white_balance: str = "none") -> dict:
     """Start `model` from a trained bloodcell model: every weight, and the output rows of the classes both share.
 
@@ -188,7 +201,7 @@ def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], 
         )
     if int(meta["input_size"]) != int(input_size):
         raise ModelError(f"model.pretrained {source} was trained at {meta['input_size']} px: set data.input_size={meta['input_size']}")
-    base_balance = (meta.get("preprocess") or {}).get("white_balance") or ((meta.get("training_config") or {}).get("data") or {}).get("white_balance") or "none"
+    base_balance = preprocessing(meta)["white_balance"]
     if base_balance != white_balance:
         raise ModelError(f"model.pretrained {source} was trained with white balance '{base_balance}': set data.white_balance={base_balance}")
     src_state, state = base.state_dict(), model.state_dict()
