@@ -1,0 +1,209 @@
+"""Cell detectors for smear-field photographs: one face, one registry, one file format.
+
+A detector takes RGB photographs (H x W x 3 uint8) and returns boxes, a class from FIELD_CLASSES and a score
+per box. Every detector is saved as `detector.json` (name, options, fitted settings, operating thresholds)
+plus `detector.safetensors` when it has learned weights; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from bloodcell.data.fields import FIELD_CLASSES
+from bloodcell.errors import ModelError
+from bloodcell.io import write_bytes, write_json
+
+DETECTOR_WEIGHTS = "detector.safetensors"
+DETECTOR_METADATA = "detector.json"
+DETECTOR_FORMAT = "bloodcell-detector"
+
+_DETECTORS: dict[str, Callable[..., "FieldDetector"]] = {}
+
+
+@dataclass
+class Detections:
+    """Boxes found in one photograph: (N, 4) float32 x0 y0 x1 y1 pixels, labels index FIELD_CLASSES."""
+
+    boxes: np.ndarray
+    labels: np.ndarray
+    scores: np.ndarray
+
+    @classmethod
+    def empty(cls) -> "Detections":
+        return cls(np.zeros((0, 4), np.float32), np.zeros(0, np.int64), np.zeros(0, np.float32))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def select(self, keep: np.ndarray) -> "Detections":
+        return Detections(self.boxes[keep], self.labels[keep], self.scores[keep])
+
+    def of_class(self, cls: str) -> "Detections":
+        return self.select(self.labels == FIELD_CLASSES.index(cls))
+
+    def counts(self) -> dict[str, int]:
+        return {c: int((self.labels == i).sum()) for i, c in enumerate(FIELD_CLASSES)}
+
+
+class FieldDetector:
+    """Base class. Subclasses set `name`, implement `detect_one` and, when they learn, `fit`."""
+
+    name = "detector"
+    classes = FIELD_CLASSES
+
+    def __init__(self, **options: Any) -> None:
+        self.options = dict(options)
+        # per-class lowest score kept, chosen on validation photographs by fit (see evaluate.detect)
+        self.score_thresholds: dict[str, float] = {c: 0.5 for c in FIELD_CLASSES}
+
+    # -- what every detector provides
+    def detect_one(self, image: np.ndarray) -> Detections:
+        """All candidate boxes with their scores, before the operating thresholds."""
+        raise NotImplementedError
+
+    def fit(self, train: Sequence, val: Sequence, settings: Any, run_dir: Path, resume: bool, progress: bool) -> dict:
+        """Learn from annotated photographs (FieldAnnotation); return a summary for the run's metrics."""
+        return {}
+
+    def state(self) -> dict[str, Any]:
+        """JSON-able fitted settings beyond the constructor options (restored by load_state)."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        pass
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Learned weights to keep in detector.safetensors (none for a classical pipeline)."""
+        return {}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+    # -- shared behaviour
+    def raw(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        return [self.detect_one(_check_image(img)) for img in images]
+
+    def detect(self, images: Sequence[np.ndarray]) -> list[Detections]:
+        """Boxes kept at the operating thresholds, one Detections per photograph."""
+        return [self.apply_thresholds(d) for d in self.raw(images)]
+
+    def apply_thresholds(self, det: Detections, thresholds: dict[str, float] | None = None) -> Detections:
+        thresholds = thresholds or self.score_thresholds
+        floor = np.array([thresholds[c] for c in FIELD_CLASSES], dtype=np.float32)
+        return det.select(det.scores >= floor[det.labels]) if len(det) else det
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        got = getattr(image, "shape", type(image).__name__)
+        raise ModelError(f"a detector takes RGB photographs as H x W x 3 uint8 arrays, got {got}")
+    return image
+
+
+def register_detector(name: str) -> Callable:
+    """Decorator: register a FieldDetector subclass (or factory taking its options) as `name`."""
+
+    def decorate(factory: Callable) -> Callable:
+        if name in _DETECTORS:
+            raise ValueError(f"detector name '{name}' registered twice")
+        _DETECTORS[name] = factory
+        return factory
+
+    return decorate
+
+
+def _registry() -> dict[str, Callable[..., FieldDetector]]:
+    import bloodcell.models.detectors  # noqa: F401  (registers the built-in detectors on first use)
+
+    return _DETECTORS
+
+
+def list_detectors() -> list[str]:
+    return list(_registry())
+
+
+def create_detector(name: str, **options: Any) -> FieldDetector:
+    registry = _registry()
+    if name not in registry:
+        raise ModelError(f"unknown detector '{name}'; known detectors: {', '.join(registry)}")
+    try:
+        detector = registry[name](**options)
+    except TypeError as exc:
+        raise ModelError(f"detector '{name}': {exc}") from None
+    detector.name = name
+    return detector
+
+
+def save_detector(detector: FieldDetector, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
+    """Write detector.json (+ detector.safetensors when it has weights) atomically; return the folder."""
+    from safetensors.torch import save
+
+    from bloodcell import __version__
+
+    directory = Path(directory)
+    meta = dict(metadata or {})
+    tensors = {k: v.detach().cpu().contiguous() for k, v in detector.tensors().items()}
+    meta.update(
+        format=DETECTOR_FORMAT,
+        format_version=1,
+        detector=detector.name,
+        classes=list(FIELD_CLASSES),
+        options=detector.options,
+        state=detector.state(),
+        score_thresholds=detector.score_thresholds,
+        weights=DETECTOR_WEIGHTS if tensors else None,
+        bloodcell_version=__version__,
+    )
+    if tensors:
+        write_bytes(directory / DETECTOR_WEIGHTS, save(tensors, metadata={"detector": detector.name}))
+    write_json(directory / DETECTOR_METADATA, meta)
+    return directory
+
+
+def bundled_detector_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets" / "default_detector"
+
+
+def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
+    """A saved detector: its folder or detector.json; None or 'default': the one bundled with bloodcell."""
+    from safetensors.torch import load_file
+
+    if path is None or str(path) == "default":
+        path = bundled_detector_dir()
+    path = Path(path)
+    meta_file = path / DETECTOR_METADATA if path.is_dir() else path
+    if not meta_file.is_file():
+        raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe {DETECTOR_WEIGHTS})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{meta_file}: not readable as JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != DETECTOR_FORMAT:
+        raise ModelError(f"{meta_file}: not a bloodcell detector (format '{DETECTOR_FORMAT}' expected)")
+    for key in ("detector", "options", "score_thresholds"):
+        if key not in meta:
+            raise ModelError(f"{meta_file}: missing key '{key}'")
+    detector = create_detector(meta["detector"], **meta["options"])
+    detector.load_state(meta.get("state") or {})
+    thresholds = meta["score_thresholds"]
+    if set(thresholds) != set(FIELD_CLASSES):
+        raise ModelError(f"{meta_file}: score_thresholds must name {', '.join(FIELD_CLASSES)}")
+    detector.score_thresholds = {c: float(thresholds[c]) for c in FIELD_CLASSES}
+    if meta.get("weights"):
+        weights = meta_file.parent / meta["weights"]
+        if not weights.is_file():
+            raise ModelError(f"{meta_file}: names weights {weights.name} but the file is missing")
+        try:
+            detector.load_tensors(load_file(str(weights)))
+        except Exception as exc:  # safetensors raises its own types for torn files
+            raise ModelError(f"{weights}: cannot load detector weights ({exc})") from None
+    detector.metadata = meta
+    detector.source = str(meta_file.parent)
+    return detector
