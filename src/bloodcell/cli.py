@@ -344,18 +344,31 @@ def predict_cmd(
         None, "--threshold", help="Review threshold: flag cells whose calibrated confidence is below it (default: the model's)."
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
+    input_kind: str = typer.Option(
+        "auto", "--input", help="auto (decide per image), cell (each image is one cell crop) or field (a smear photograph)."
+    ),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector folder for fields (default: the bundled one)."),
+    annotate: Optional[Path] = typer.Option(None, "--annotate", help="Write each field photograph with its cells drawn here (PNG)."),
 ) -> None:
-    """Classify cell images: class, probabilities and review flag per image, plus the differential count."""
+    """Classify cell images and read smear photographs: per cell its class, probabilities, review and OOD flags;
+    per photograph every cell found with its box and the counts; the differential over everything given."""
     from bloodcell.infer import Predictor
+    from bloodcell.infer.fields import INPUT_KINDS, annotate_fields, predict_paths_mixed
     from bloodcell.infer.report import FORMATS, tables, to_csv, to_json
 
     if fmt not in FORMATS:
         raise BloodcellError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
+    if input_kind not in INPUT_KINDS:
+        raise BloodcellError(f"--input must be one of {', '.join(INPUT_KINDS)}, got '{input_kind}'")
     predictor = Predictor.load(model, review_threshold=threshold)
-    result = predictor.predict_paths(paths, batch_size=batch_size, progress=True)
-    if not result["predictions"]:
+    result = predict_paths_mixed(predictor, paths, input_kind, detector, batch_size=batch_size, progress=True)
+    if not result["predictions"] and not result["fields"]:
         bad = result["unreadable"]
         raise BloodcellError(f"no readable image among {len(bad)} file(s); first: {bad[0]['path']}: {bad[0]['reason']}")
+    if annotate is not None:
+        written = annotate_fields(result, {}, annotate)
+        typer.echo(f"wrote {len(written)} annotated photograph(s) to {annotate}" if written
+                   else f"--annotate: no field photograph among the inputs, nothing written to {annotate}", err=True)
     if fmt == "table":
         import io
 
@@ -376,7 +389,8 @@ def predict_cmd(
         from bloodcell.io import write_text
 
         write_text(out, text)
-        typer.echo(f"wrote {out} ({len(result['predictions'])} cells, {len(result['unreadable'])} unreadable)", err=True)
+        typer.echo(f"wrote {out} ({len(result['predictions'])} cells, {len(result['fields'])} fields, "
+                   f"{len(result['unreadable'])} unreadable)", err=True)
 
 
 @app.command("export")
@@ -429,6 +443,7 @@ def serve_cmd(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest request body (all files together), MB."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Larger images are refused (decompression bombs)."),
     max_files: int = typer.Option(500, "--max-files", min=1, help="Most images in one request."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector folder for smear photographs (default: the bundled one)."),
 ) -> None:
     """Serve the model: web page at /, JSON API at /predict and /explain, docs at /docs."""
     import uvicorn
@@ -438,11 +453,74 @@ def serve_cmd(
     from bloodcell.serve.app import create_app
 
     predictor = Predictor.load(model, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    app_ = create_app(predictor, int(max_upload_mb * 1024 * 1024), max_pixels or DEFAULT_MAX_PIXELS, max_files)
+    app_ = create_app(predictor, int(max_upload_mb * 1024 * 1024), max_pixels or DEFAULT_MAX_PIXELS, max_files, detector)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: binding {host}: anyone who can reach this machine can upload images; no authentication", err=True)
     typer.echo(f"bloodcell: model {predictor.model_name} ({predictor.backend}) on http://{host}:{port}/", err=True)
     uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+# --------------------------------------------------------------------------- detectors (smear photographs)
+
+detector_app = typer.Typer(no_args_is_help=True, help="Detectors that find cells in smear photographs: train, evaluate, list.")
+app.add_typer(detector_app, name="detector")
+
+
+@detector_app.command("train")
+@user_errors
+def detector_train_cmd(
+    config: Path = typer.Argument(..., help="Detector run config (YAML), e.g. configs/detector-classical.yaml."),
+    overrides: List[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Pascal VOC folder of annotated photographs (sets data.root)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
+) -> None:
+    """Fit a detector on the train split, choose its thresholds on val, measure it on test; all in the run directory."""
+    from bloodcell.config import DetectorRunConfig, load_config
+    from bloodcell.study.detector import run_detector_config
+
+    extra = list(overrides) + ([f"data.root={data}"] if data else [])
+    cfg = load_config(config, extra, schema=DetectorRunConfig)
+    out = out or Path("runs") / (cfg.name or config.stem)
+    metrics = run_detector_config(cfg, out, resume=resume)
+    _print_detector_metrics(metrics["test"], metrics["seconds_per_photo"])
+    typer.echo(f"run directory: {out} (report.md, metrics.json, detector.json)")
+
+
+def _print_detector_metrics(test: dict, seconds: float) -> None:
+    for cls, m in test["classes"].items():
+        typer.echo(f"{cls:9s} AP@{test['match_iou']:.1f} {m['ap']:.3f}  precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+                   f"count error {m['count_mae']:.2f} / photo ({100 * m['count_rel_error']:.1f} %)")
+    typer.echo(f"{test['photos']} photographs, {seconds:.3f} s per photograph")
+
+
+@detector_app.command("evaluate")
+@user_errors
+def detector_evaluate_cmd(
+    detector: str = typer.Argument("default", help="Detector folder (or 'default', the bundled one)."),
+    data: Path = typer.Option(..., "--data", help="Pascal VOC folder of annotated photographs."),
+    split: str = typer.Option("test", "--split", help="ImageSets/Main/<split>.txt to measure on."),
+    iou: float = typer.Option(0.5, "--iou", min=0.05, max=0.95, help="IoU at which a found box counts as the cell."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
+) -> None:
+    """Measure a saved detector on annotated photographs at its own thresholds."""
+    from bloodcell.study.detector import evaluate_detector
+
+    metrics = evaluate_detector(detector, data, split, iou)
+    _print_detector_metrics(metrics, metrics["seconds_per_photo"])
+    if out is not None:
+        from bloodcell.io import write_json
+
+        write_json(out, metrics)
+
+
+@detector_app.command("list")
+def detector_list_cmd() -> None:
+    """The registered detectors."""
+    from bloodcell.models.detector import list_detectors
+
+    for name in list_detectors():
+        typer.echo(name)
 
 
 def main() -> None:  # pragma: no cover - entry point

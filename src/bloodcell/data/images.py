@@ -119,7 +119,11 @@ def load_array(
     white_balance: str = "none",
 ) -> np.ndarray:
     """Decode to a uint8 (H, W, 3) array, resized to size x size when `size` is given, then white-balanced."""
-    img = open_rgb(source, max_pixels=max_pixels)
+    return prepare_array(open_rgb(source, max_pixels=max_pixels), size, interpolation, white_balance)
+
+
+def prepare_array(img: Image.Image, size: int | None = None, interpolation: str = "nearest", white_balance: str = "none") -> np.ndarray:
+    """An RGB image as a model sees it: resized to size x size when `size` is given, then white-balanced."""
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), INTERPOLATIONS[interpolation])
     arr = np.asarray(img, dtype=np.uint8)

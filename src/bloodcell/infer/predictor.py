@@ -35,6 +35,7 @@ from bloodcell.data.images import (
     UnreadableImage,
     is_image_name,
     load_array,
+    prepare_array,
 )
 from bloodcell.errors import DataError, ModelError
 from bloodcell.models.checkpoint import bundled_model_dir, preprocessing
@@ -175,6 +176,10 @@ class Predictor:
         """One image -> uint8 (input_size, input_size, 3); raises UnreadableImage with a reason."""
         return load_array(source, self.input_size, self.interpolation, max_pixels or self.max_pixels, self.white_balance)
 
+    def prepare(self, image: "Image.Image") -> np.ndarray:
+        """A decoded RGB image (e.g. a cell cropped from a photograph) -> uint8 (input_size, input_size, 3), as decode does."""
+        return prepare_array(image, self.input_size, self.interpolation, self.white_balance)
+
     def normalise(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalised exactly as in training."""
         x = np.asarray(images, dtype=np.float32).transpose(0, 3, 1, 2)
@@ -228,6 +233,13 @@ class Predictor:
         return self._predict(list(images), batch_size, progress=False, max_pixels=max_pixels)
 
     def _predict(self, items: list[tuple[str, Any]], batch_size: int, progress: bool, max_pixels: int | None = None) -> dict:
+        names, p, ood, unreadable = self.classify(items, batch_size, progress, max_pixels)
+        return summarize(names, p, self.class_names, self.review_threshold, unreadable, ood, self.ood_threshold)
+
+    def classify(
+        self, items: list[tuple[str, Any]], batch_size: int = 32, progress: bool = False, max_pixels: int | None = None
+    ) -> tuple[list[str], np.ndarray, np.ndarray | None, list[dict]]:
+        """(names, calibrated probabilities, OOD scores or None, unreadable) of (name, path-or-bytes) items."""
         from bloodcell.progress import progress_bar
 
         if batch_size < 1:
@@ -267,7 +279,7 @@ class Predictor:
                 advance(len(decoded) - len(ok))
         p = np.concatenate(probs) if probs else np.zeros((0, len(self.class_names)))
         ood = (np.concatenate(scores) if scores else np.zeros(0)) if self.has_ood else None
-        return summarize(names, p, self.class_names, self.review_threshold, unreadable, ood, self.ood_threshold)
+        return names, p, ood, unreadable
 
 
 # ---------------------------------------------------------------------- results

@@ -16,27 +16,35 @@ def to_csv(result: dict) -> str:
     """One row per classified image: path,label,confidence,review,ood,ood_score,p_<class>... (class order of the model).
 
     ood is true / false, ood_score has 3 decimals; both are empty when the model has no OOD score.
+    White cells found in field photographs get a row each too, named `<photo>#wbc<k>`, with two more columns at
+    the end: input (cell / field) and box (x0 y0 x1 y1 in the photograph's pixels; empty for a cell image).
     """
     classes = list(result["counts"])
+    fields = result.get("fields") or []
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in classes])
-    for p in result["predictions"]:
+    w.writerow(["path", "label", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in classes]
+               + (["input", "box"] if fields else []))
+    rows = [(p, "cell", "") for p in result["predictions"]]
+    rows += [(c, "field", " ".join(f"{v:.1f}" for v in c["box"])) for f in fields for c in f["cells"] if c["kind"] == "wbc"]
+    for p, kind, box in rows:
         ood, score = p.get("ood"), p.get("ood_score")
         w.writerow([p["path"], p["label"], f"{p['confidence']:.6f}", str(p["review"]).lower(),
                     "" if ood is None else str(ood).lower(), "" if score is None else f"{score:.3f}"]
-                   + [f"{p['probabilities'][c]:.6f}" for c in classes])
+                   + [f"{p['probabilities'][c]:.6f}" for c in classes] + ([kind, box] if fields else []))
     return buf.getvalue()
 
 
 def json_safe(result: dict) -> dict:
     """The result with non-finite OOD scores (nan / inf: such an image is flagged `ood`) as null, fit for strict JSON."""
-    preds = result.get("predictions") or []
-    if not any(isinstance(p.get("ood_score"), float) and not math.isfinite(p["ood_score"]) for p in preds):
-        return result
-    fixed = [{**p, "ood_score": None} if isinstance(p.get("ood_score"), float) and not math.isfinite(p["ood_score"]) else p
-             for p in preds]
-    return {**result, "predictions": fixed}
+    def fix(p: dict) -> dict:
+        bad = isinstance(p.get("ood_score"), float) and not math.isfinite(p["ood_score"])
+        return {**p, "ood_score": None} if bad else p
+
+    out = {**result, "predictions": [fix(p) for p in result.get("predictions") or []]}
+    if result.get("fields"):
+        out["fields"] = [{**f, "cells": [fix(c) for c in f["cells"]]} for f in result["fields"]]
+    return out
 
 
 def to_json(result: dict) -> str:
@@ -64,6 +72,11 @@ def tables(result: dict, review_threshold: float | None = None) -> list:
     from rich.text import Text
 
     out: list = []
+    if result.get("fields"):
+        out += field_tables(result)
+        if not result["predictions"]:
+            out += [Text(f"unreadable: {u['path']}: {u['reason']}", style="red") for u in result["unreadable"]]
+            return out
     classes = list(result["counts"])
     per_image = Table(title="cells", title_justify="left")
     per_image.add_column("image", overflow="fold")
@@ -121,4 +134,38 @@ def tables(result: dict, review_threshold: float | None = None) -> list:
         out.append(Text(f"flag: {flag}", style="bold yellow"))
     for u in result["unreadable"]:
         out.append(Text(f"unreadable: {u['path']}: {u['reason']}", style="red"))
+    return out
+
+
+def field_tables(result: dict) -> list:
+    """Rich renderables for field photographs: one row per photograph, then the counts over all of them."""
+    from rich.table import Table
+    from rich.text import Text
+
+    fields, summary = result["fields"], result["field_summary"]
+    per_photo = Table(title="smear photographs (fields)", title_justify="left")
+    for name, justify in (("photograph", "left"), ("red cells", "right"), ("platelets", "right"), ("white cells", "left")):
+        per_photo.add_column(name, justify=justify, overflow="fold")
+    for f in fields:
+        wbc = [c for c in f["cells"] if c["kind"] == "wbc"]
+        said = ", ".join(f"{c['label']} {100 * c['confidence']:.0f}%" + (" OOD" if c.get("ood") else " review" if c["review"] else "")
+                         for c in wbc) or (f["note"] or "none found")
+        per_photo.add_row(f["path"], str(f["counts"]["rbc"]), str(f["counts"]["platelet"]), said)
+    out: list = [per_photo]
+    t = summary["totals"]
+    n = summary["photos"]
+    title = (f"over {n} photograph{'s' if n != 1 else ''}: {t['rbc']} red cells ({summary['per_photo']['rbc']:.1f} per photo), "
+             f"{t['platelet']} platelets, {t['wbc']} white cells")
+    diff = Table(title=f"WBC differential ({summary['wbc_counted']} white cells counted)", title_justify="left")
+    for name, justify in (("class", "left"), ("cells", "right"), ("% of WBC", "right")):
+        diff.add_column(name, justify=justify)
+    for c, k in summary["differential"].items():
+        pct = summary["differential_percent"].get(c)
+        diff.add_row(c, str(k), "-" if pct is None else f"{pct:.1f}", style=None if k else "dim")
+    out += [Text(title, style="bold"), diff]
+    if summary["wbc_ood"]:
+        out.append(Text(f"{summary['wbc_ood']} white cells look unlike the classifier's training cells (OOD): not counted",
+                        style="bold yellow"))
+    if summary["wbc_review"]:
+        out.append(Text(f"{summary['wbc_review']} white cells need review", style="yellow"))
     return out

@@ -17,7 +17,9 @@ multipart body; 501 /explain on an ONNX model. When at least one upload is reada
 from __future__ import annotations
 
 import re
+import threading
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, Response
@@ -67,6 +69,49 @@ class Prediction(BaseModel):
     ood_score: float | None = Field(description="the OOD score (higher: less like the training cells); null without an OOD score")
 
 
+class CellPrediction(Prediction):
+    input: str | None = Field(None, description="'cell': the image was read as one cell crop")
+    input_reason: str | None = Field(None, description="why it was read as a cell (auto decides per image)")
+
+
+class FieldCell(BaseModel):
+    kind: str = Field(description="rbc, wbc or platelet")
+    box: list[float] = Field(description="x0, y0, x1, y1 in the photograph's pixels")
+    score: float = Field(description="the detector's score for this box")
+    path: str | None = Field(None, description="white cells: '<photograph>#wbc<k>'")
+    label: str | None = Field(None, description="white cells: the classifier's class")
+    probabilities: dict[str, float] | None = None
+    confidence: float | None = None
+    review: bool | None = None
+    ood: bool | None = None
+    ood_score: float | None = None
+    crop_side: float | None = Field(None, description="side in pixels of the square the classifier saw")
+
+
+class FieldResult(BaseModel):
+    path: str
+    input: str = Field(description="'field': read as a smear photograph")
+    input_reason: str
+    size: list[int] = Field(description="width, height in pixels")
+    cells: list[FieldCell]
+    counts: dict[str, int] = Field(description="cells found per kind: rbc, wbc, platelet")
+    wbc_classes: dict[str, int] = Field(description="white cells per class (OOD ones left out)")
+    scale: str = Field(description="what set the crop size: the red cells' median size, or the white cells'")
+    note: str
+
+
+class FieldSummary(BaseModel):
+    photos: int
+    totals: dict[str, int]
+    per_photo: dict[str, float]
+    wbc_counted: int
+    wbc_ood: int
+    wbc_review: int
+    differential: dict[str, int]
+    differential_percent: dict[str, float]
+    flags: list[str]
+
+
 class UnreadableUpload(BaseModel):
     path: str
     reason: str
@@ -75,7 +120,7 @@ class UnreadableUpload(BaseModel):
 class PredictResult(BaseModel):
     """The result object of Predictor.predict_images (docs/inference.md)."""
 
-    predictions: list[Prediction]
+    predictions: list[CellPrediction]
     counted: int = Field(description="images the counts rest on: all classified images minus those flagged OOD")
     ood_count: int = Field(description="images flagged OOD and therefore not counted")
     ood_check: bool = Field(description="whether the model has an OOD score")
@@ -84,6 +129,8 @@ class PredictResult(BaseModel):
     wbc_percent: dict[str, float]
     flags: list[str]
     unreadable: list[UnreadableUpload]
+    fields: list[FieldResult] = Field(default_factory=list, description="smear photographs: every cell found, with its box")
+    field_summary: FieldSummary | None = Field(None, description="totals and WBC differential over all photographs")
 
 
 class Health(BaseModel):
@@ -126,8 +173,11 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_files: int = DEFAULT_MAX_FILES,
+    detector=None,
 ):
-    """A FastAPI app serving `predictor` (a bloodcell.infer.Predictor) with the given limits."""
+    """A FastAPI app serving `predictor` (a bloodcell.infer.Predictor) with the given limits.
+
+    detector: a FieldDetector, its folder, or None for the bundled one (loaded on the first photograph)."""
     from bloodcell import __version__
 
     app = FastAPI(
@@ -137,6 +187,18 @@ def create_app(
         f"Model: {predictor.model_name} ({len(predictor.class_names)} classes).",
     )
     mb = max_upload_bytes / (1024 * 1024)
+    loaded: list = []
+    lock = threading.Lock()
+
+    def detector_source():
+        """The detector, loaded once on the first photograph (a server of single cells never pays for it)."""
+        from bloodcell.models.detector import FieldDetector, load_detector
+
+        with lock:
+            if not loaded:
+                loaded.append(detector if isinstance(detector, FieldDetector) else load_detector(detector))
+            return loaded[0]
+
 
     async def read_uploads(request: Request, fields: tuple[str, ...]) -> list[tuple[str, bytes]]:
         body = await _read_body(request, max_upload_bytes, mb)
@@ -166,11 +228,16 @@ def create_app(
         }
 
     @app.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA}, responses=_UPLOAD_ERRORS)
-    async def predict(request: Request) -> PredictResult:
-        """Classify one or more images (multipart field `files`); see docs/inference.md for the result."""
+    async def predict(request: Request, input: Literal["auto", "cell", "field"] = "auto") -> PredictResult:
+        """Classify one or more images (multipart field `files`); see docs/inference.md for the result.
+
+        input: auto (decide per image), cell (each image is one cell crop) or field (a smear photograph: every
+        cell found with its box, the white ones classified, counts; docs/fields.md)."""
+        from bloodcell.infer.fields import predict_mixed
+
         files = await read_uploads(request, ("files",))
-        result = await run_in_threadpool(predictor.predict_images, files, 32, max_pixels)
-        if not result["predictions"]:
+        result = await run_in_threadpool(predict_mixed, predictor, files, input, detector_source, 32, False, max_pixels)
+        if not result["predictions"] and not result["fields"]:
             bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in result["unreadable"])
             raise HTTPException(422, f"no readable image in the upload: {bad}")
         return result  # non-finite OOD scores leave as null (pydantic's JSON)

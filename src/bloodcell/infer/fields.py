@@ -1,0 +1,327 @@
+"""Smear-field photographs: find every cell, classify the white ones, count them.
+
+A lab camera sees a field of a smear, not a cell cropped for the classifier. For a field:
+
+    detect (the shipped detector: boxes for red cells, white cells, platelets)
+    -> each white cell cropped square around its box centre at the scale the classifier was trained at
+       (its field of view measured in red-cell diameters: the red cells of the same photograph are the ruler,
+       so the crop does not depend on the camera's magnification), padded with the photograph's background
+    -> the classifier's own preprocessing (Predictor.prepare) -> class, review and OOD flags as for any cell
+    -> counts: red cells, platelets, white cells and each white-cell class
+
+`--input auto` (the default) decides per image. A cell crop the classifier finds in distribution is answered
+exactly as before; only an image its OOD score flags (or every image, for a model without one) is shown to the
+detector, and it is a field unless the detector sees the shape of a single-cell crop (one white cell, centred,
+filling the view the classifier was trained on). The decision and its reason are in the output.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+from PIL import Image
+
+from bloodcell.data.fields import FIELD_CLASSES
+from bloodcell.data.images import UnreadableImage, open_rgb
+from bloodcell.errors import DataError
+from bloodcell.infer.predictor import Predictor, collect_images, summarize
+from bloodcell.models.detector import Detections, FieldDetector, load_detector
+
+INPUT_KINDS = ("auto", "cell", "field")
+# The classifier's view, when its model.json does not say: the side of a PBC training crop is this many red-cell
+# diameters (median red-cell box side), or this many white-cell box sides when a photograph shows too few red cells.
+# Measured on PBC by benchmarks/field_of_view.py (see docs/fields.md).
+DEFAULT_VIEW = {"rbc_diameters": 3.4, "wbc_sides": 2.0}
+MIN_RULER_RBC = 3  # fewer red cells than this: the white cell's own box sets the scale
+# A photograph larger than this is refused (it would be a stitched scan or a camera far from BCCD's scale)
+DEFAULT_MAX_FIELD_PIXELS = 16_000_000
+# single-cell crop shape (auto): one white cell whose centre is within this share of the short side from the
+# image centre, in an image no wider than this many classifier views
+CROP_CENTRE_TOLERANCE = 0.2
+CROP_MAX_VIEWS = 1.6
+
+
+def field_of_view(meta: dict) -> dict:
+    """How much of a smear the classifier saw per image: model.json `preprocess.field_of_view`, else PBC's."""
+    view = dict(DEFAULT_VIEW)
+    view.update((meta.get("preprocess") or {}).get("field_of_view") or {})
+    return view
+
+
+@dataclass
+class FieldReader:
+    """A classifier plus a detector: reads smear-field photographs."""
+
+    predictor: Predictor
+    detector: FieldDetector
+    max_field_pixels: int = DEFAULT_MAX_FIELD_PIXELS
+    view: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.view = self.view or field_of_view(self.predictor.metadata)
+
+    @classmethod
+    def load(cls, predictor: Predictor, detector: str | os.PathLike | None = None) -> "FieldReader":
+        return cls(predictor, load_detector(detector))
+
+    # ------------------------------------------------------------------ geometry
+
+    def crop_side(self, det: Detections) -> tuple[float, str]:
+        """Side in pixels of the square the classifier should see, and how it was measured."""
+        rbc = det.of_class("rbc")
+        if len(rbc) >= MIN_RULER_RBC:
+            diameter = float(np.median(np.maximum(rbc.boxes[:, 2] - rbc.boxes[:, 0], rbc.boxes[:, 3] - rbc.boxes[:, 1])))
+            return diameter * self.view["rbc_diameters"], f"{len(rbc)} red cells, median {diameter:.0f} px"
+        wbc = det.of_class("wbc")
+        if len(wbc):
+            side = float(np.median(np.maximum(wbc.boxes[:, 2] - wbc.boxes[:, 0], wbc.boxes[:, 3] - wbc.boxes[:, 1])))
+            return side * self.view["wbc_sides"], f"white-cell boxes, median {side:.0f} px (fewer than {MIN_RULER_RBC} red cells)"
+        return 0.0, "no cells"
+
+    def decide(self, det: Detections, size: tuple[int, int]) -> tuple[str, str]:
+        """('cell' | 'field', reason) for an image the classifier found out of distribution."""
+        if len(det) == 0:
+            return "cell", "the detector found no cells in it"
+        wbc = det.of_class("wbc")
+        side, _ = self.crop_side(det)
+        if len(wbc) == 1 and side > 0:
+            w, h = size
+            cx, cy = (wbc.boxes[0, 0] + wbc.boxes[0, 2]) / 2, (wbc.boxes[0, 1] + wbc.boxes[0, 3]) / 2
+            off = np.hypot(cx - w / 2, cy - h / 2) / min(w, h)
+            if off <= CROP_CENTRE_TOLERANCE and max(w, h) <= CROP_MAX_VIEWS * side:
+                return "cell", "one centred white cell filling the classifier's view: a single-cell crop"
+        counts = det.counts()
+        return "field", f"the detector found {counts['wbc']} white, {counts['rbc']} red cells, {counts['platelet']} platelets"
+
+    @staticmethod
+    def background(image: np.ndarray) -> tuple[int, int, int]:
+        """The smear's background colour (median of the brightest quarter): what a crop is padded with."""
+        flat = image.reshape(-1, 3).astype(np.float32)
+        bright = flat[flat.sum(1) >= np.percentile(flat.sum(1), 75)]
+        return tuple(int(v) for v in np.median(bright, axis=0))
+
+    def crop(self, image: Image.Image, box: np.ndarray, side: float, fill: tuple[int, int, int]) -> Image.Image:
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        half = max(side, 8.0) / 2
+        left, top = int(round(cx - half)), int(round(cy - half))
+        size = int(round(2 * half))
+        canvas = Image.new("RGB", (size, size), fill)
+        canvas.paste(_crop_inside(image, left, top, size), (max(0, -left), max(0, -top)))  # parts outside the photograph stay background
+        return canvas
+
+    # ------------------------------------------------------------------ one photograph
+
+    def read(self, name: str, image: Image.Image, det: Detections | None = None, reason: str = "") -> dict:
+        """The field result for one photograph (see docs/fields.md for its keys)."""
+        w, h = image.size
+        if w * h > self.max_field_pixels:
+            raise UnreadableImage(f"photograph of {w}x{h} px is larger than the {self.max_field_pixels:,}-pixel limit for fields; "
+                                  "crop it or scale it to the magnification of a 640x480 field (red cells about 100 px wide)")
+        arr = np.asarray(image)
+        det = self.detector.detect([arr])[0] if det is None else det
+        side, ruler = self.crop_side(det)
+        cells: list[dict] = []
+        wbc = det.of_class("wbc")
+        if len(wbc):
+            fill = self.background(arr)
+            crops = np.stack([self.predictor.prepare(self.crop(image, b, side, fill)) for b in wbc.boxes])
+            logits, ood = self.predictor.outputs(crops)
+            from bloodcell.evaluate.calibration import apply_temperature
+
+            probs = apply_temperature(logits, self.predictor.temperature)
+            labels = [f"{name}#wbc{i + 1}" for i in range(len(wbc))]
+            classified = summarize(labels, probs, self.predictor.class_names, self.predictor.review_threshold, [],
+                                   ood, self.predictor.ood_threshold)["predictions"]
+            for b, s, pred in zip(wbc.boxes, wbc.scores, classified):
+                cells.append({"kind": "wbc", "box": _box(b), "score": round(float(s), 4), **pred, "crop_side": round(side, 1)})
+        for kind in ("rbc", "platelet"):
+            sub = det.of_class(kind)
+            cells += [{"kind": kind, "box": _box(b), "score": round(float(s), 4)} for b, s in zip(sub.boxes, sub.scores)]
+        counts = det.counts()
+        wbc_classes = {c: 0 for c in self.predictor.class_names}
+        for c in cells:
+            if c["kind"] == "wbc" and not c.get("ood"):
+                wbc_classes[c["label"]] += 1
+        return {
+            "path": name,
+            "input": "field",
+            "input_reason": reason or "treated as a field (--input field)",
+            "size": [w, h],
+            "cells": cells,
+            "counts": counts,
+            "wbc_classes": wbc_classes,
+            "scale": ruler,
+            "note": "no cells found" if not len(det) else "",
+        }
+
+
+def _crop_inside(image: Image.Image, left: int, top: int, size: int) -> Image.Image:
+    x0, y0 = max(0, left), max(0, top)
+    x1, y1 = min(image.size[0], left + size), min(image.size[1], top + size)
+    return image.crop((x0, y0, max(x0, x1), max(y0, y1)))
+
+
+def _box(b: np.ndarray) -> list[float]:
+    return [round(float(v), 1) for v in b]
+
+
+def field_summary(fields: Sequence[dict], predictor: Predictor) -> dict:
+    """Totals over every field photograph: red cells, platelets, white cells and the WBC differential."""
+    wbc = [c for f in fields for c in f["cells"] if c["kind"] == "wbc"]
+    names = [c["path"] for c in wbc]
+    probs = np.array([[c["probabilities"][k] for k in predictor.class_names] for c in wbc]).reshape(len(wbc), len(predictor.class_names))
+    has_ood = predictor.has_ood
+    scores = np.array([np.nan if c["ood_score"] is None else c["ood_score"] for c in wbc], dtype=np.float64) if has_ood else None
+    diff = summarize(names, probs, predictor.class_names, predictor.review_threshold, [], scores, predictor.ood_threshold)
+    totals = {k: sum(f["counts"][k] for f in fields) for k in FIELD_CLASSES}
+    n = len(fields)
+    return {
+        "photos": n,
+        "totals": totals,
+        "per_photo": {k: round(v / n, 2) if n else 0.0 for k, v in totals.items()},
+        "wbc_counted": diff["counted"],
+        "wbc_ood": diff["ood_count"],
+        "wbc_review": sum(c["review"] for c in wbc),
+        "differential": diff["counts"],
+        "differential_percent": diff["wbc_percent"],
+        "flags": diff["flags"],
+    }
+
+
+def predict_mixed(
+    predictor: Predictor,
+    items: list[tuple[str, Any]],
+    input_kind: str = "auto",
+    detector: FieldDetector | str | os.PathLike | Callable[[], FieldDetector] | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+    max_pixels: int | None = None,
+) -> dict:
+    """Classify cells and read fields among (name, path-or-bytes) items; see the module docstring.
+
+    The result is `Predictor.predict_*`'s (for the single-cell images, each with `input` and `input_reason`)
+    plus `fields` (one result per photograph) and `field_summary`.
+    """
+    if input_kind not in INPUT_KINDS:
+        raise DataError(f"--input must be one of {', '.join(INPUT_KINDS)}, got '{input_kind}'")
+    if input_kind == "cell":
+        result = predictor._predict(items, batch_size, progress, max_pixels)
+        for p in result["predictions"]:
+            p.update(input="cell", input_reason="--input cell")
+        return {**result, "fields": [], "field_summary": None}
+    reader = None
+
+    def get_reader() -> FieldReader:
+        nonlocal reader
+        if reader is None:
+            if isinstance(detector, FieldDetector):
+                found = detector
+            elif callable(detector):  # a loader: the server keeps one detector for all requests
+                found = detector()
+            else:
+                found = load_detector(detector)
+            reader = FieldReader(predictor, found)
+        return reader
+
+    # two uploads may share a name: items are tracked by position, names given back unchanged at the end
+    items = [(f"{i}\x00{name}", source) for i, (name, source) in enumerate(items)]
+    result = _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progress, max_pixels)
+    untag = lambda n: n.split("\x00", 1)[1]  # noqa: E731
+    for group in (result["predictions"], result["unreadable"], result["fields"]):
+        for entry in group:
+            entry["path"] = untag(entry["path"])
+    for f in result["fields"]:
+        for c in f["cells"]:
+            if c["kind"] == "wbc":
+                c["path"] = f"{f['path']}#{c['path'].rsplit('#', 1)[1]}"
+    if result["field_summary"]:
+        result["field_summary"] = field_summary(result["fields"], predictor)
+    return result
+
+
+def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progress, max_pixels) -> dict:
+    limit = max_pixels or predictor.max_pixels
+    fields: list[dict] = []
+    unreadable: list[dict] = []
+    cell_reasons: dict[str, str] = {}
+    if input_kind == "field":
+        candidates = items
+        cell_items: list = []
+    else:
+        names, probs, ood, unreadable = predictor.classify(items, batch_size, progress, max_pixels)
+        by_name = dict(items)  # names are unique here (tagged by position)
+        flagged = [i for i in range(len(names)) if ood is None or not ood[i] <= predictor.ood_threshold]
+        candidates = [(names[i], by_name[names[i]]) for i in flagged]
+        for i, n in enumerate(names):
+            cell_reasons[n] = "in distribution for the classifier"
+    from bloodcell.progress import progress_bar
+
+    as_cells: set[str] = set()
+    with progress_bar(len(candidates), "reading fields", enabled=progress and bool(candidates)) as advance:
+        for name, source in candidates:
+            try:
+                image = open_rgb(source, max_pixels=limit)
+                r = get_reader()
+                det = r.detector.detect([np.asarray(image)])[0]
+                kind, reason = ("field", "--input field") if input_kind == "field" else r.decide(det, image.size)
+                if kind == "field":
+                    fields.append(r.read(name, image, det, reason))
+                else:
+                    cell_reasons[name] = f"out of distribution, but {reason}"
+                    as_cells.add(name)
+            except UnreadableImage as exc:
+                unreadable.append({"path": name, "reason": str(exc)})
+            except OSError as exc:
+                unreadable.append({"path": name, "reason": f"cannot read file: {exc.strerror or exc}"})
+            advance()
+    if input_kind == "field":
+        result = summarize([], np.zeros((0, len(predictor.class_names))), predictor.class_names, predictor.review_threshold,
+                           unreadable, np.zeros(0) if predictor.has_ood else None, predictor.ood_threshold)
+    else:
+        field_names = {f["path"] for f in fields}
+        keep = [i for i, n in enumerate(names) if n not in field_names]
+        result = summarize([names[i] for i in keep], probs[keep], predictor.class_names, predictor.review_threshold, unreadable,
+                           None if ood is None else ood[keep], predictor.ood_threshold)
+        for p in result["predictions"]:
+            p.update(input="cell", input_reason=cell_reasons.get(p["path"], ""))
+    return {**result, "fields": fields, "field_summary": field_summary(fields, predictor) if fields else None}
+
+
+def predict_paths_mixed(predictor: Predictor, paths, input_kind: str = "auto", detector=None, batch_size: int = 32,
+                        progress: bool = True) -> dict:
+    files = collect_images(paths)
+    return predict_mixed(predictor, [(str(p), p) for p in files], input_kind, detector, batch_size, progress)
+
+
+def annotate_fields(result: dict, sources: dict[str, Any], out: str | os.PathLike) -> list[Path]:
+    """Write each field photograph with its cells drawn (white cells labelled with class and confidence) as PNG."""
+    from bloodcell.evaluate.annotate import draw_cells
+    from bloodcell.io import atomic_path
+
+    out = Path(out)
+    written = []
+    used: set[str] = set()
+    for f in result.get("fields") or []:
+        image = open_rgb(sources.get(f["path"], f["path"]))
+        cells = []
+        for c in f["cells"]:
+            label = None
+            if c["kind"] == "wbc":
+                label = f"{c['label']} {100 * c['confidence']:.0f}%" + (" OOD" if c.get("ood") else " review" if c.get("review") else "")
+            cells.append({"box": c["box"], "kind": c["kind"], "label": label, "flagged": bool(c.get("ood") or c.get("review"))})
+        stem = Path(f["path"]).stem
+        name = stem
+        k = 1
+        while name in used:  # two photographs with the same name from different folders
+            k += 1
+            name = f"{stem}-{k}"
+        used.add(name)
+        target = out / f"{name}.annotated.png"
+        with atomic_path(target) as tmp:
+            draw_cells(image, cells).save(tmp, format="PNG")
+        written.append(target)
+    return written
