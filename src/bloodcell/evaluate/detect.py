@@ -64,8 +64,8 @@ def mean_average_precision(raw: Sequence[Detections], truth: Sequence[FieldAnnot
     """COCO-style AP at one IoU per class and their mean (torchmetrics; all boxes, before thresholds)."""
     from torchmetrics.detection import MeanAveragePrecision
 
-    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[match_iou], class_metrics=True,
-                                  max_detection_thresholds=[1, 10, 1000])
+    # COCO's rule: the 100 highest-scoring boxes per photograph (BCCD photographs hold at most about 30 cells)
+    metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[match_iou], class_metrics=True)
     preds = [dict(boxes=torch.as_tensor(d.boxes, dtype=torch.float32), scores=torch.as_tensor(d.scores, dtype=torch.float32),
                   labels=torch.as_tensor(d.labels, dtype=torch.int64)) for d in raw]
     target = [dict(boxes=torch.as_tensor(a.boxes, dtype=torch.float32), labels=torch.as_tensor(a.labels, dtype=torch.int64))

@@ -118,9 +118,7 @@ class FieldReader:
     def read(self, name: str, image: Image.Image, det: Detections | None = None, reason: str = "") -> dict:
         """The field result for one photograph (see docs/fields.md for its keys)."""
         w, h = image.size
-        if w * h > self.max_field_pixels:
-            raise UnreadableImage(f"photograph of {w}x{h} px is larger than the {self.max_field_pixels:,}-pixel limit for fields; "
-                                  "crop it or scale it to the magnification of a 640x480 field (red cells about 100 px wide)")
+        check_field_size(image.size, self.max_field_pixels)
         arr = np.asarray(image)
         det = self.detector.detect([arr])[0] if det is None else det
         side, ruler = self.crop_side(det)
@@ -157,6 +155,13 @@ class FieldReader:
             "scale": ruler,
             "note": "no cells found" if not len(det) else "",
         }
+
+
+def check_field_size(size: tuple[int, int], limit: int) -> None:
+    w, h = size
+    if w * h > limit:
+        raise UnreadableImage(f"photograph of {w}x{h} px is larger than the {limit:,}-pixel limit for fields; "
+                              "crop it, or scale it to the magnification of a 640x480 field (red cells about 100 px wide)")
 
 
 def _crop_inside(image: Image.Image, left: int, top: int, size: int) -> Image.Image:
@@ -200,6 +205,7 @@ def predict_mixed(
     batch_size: int = 32,
     progress: bool = False,
     max_pixels: int | None = None,
+    max_field_pixels: int = DEFAULT_MAX_FIELD_PIXELS,
 ) -> dict:
     """Classify cells and read fields among (name, path-or-bytes) items; see the module docstring.
 
@@ -229,7 +235,7 @@ def predict_mixed(
 
     # two uploads may share a name: items are tracked by position, names given back unchanged at the end
     items = [(f"{i}\x00{name}", source) for i, (name, source) in enumerate(items)]
-    result = _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progress, max_pixels)
+    result = _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progress, max_pixels, max_field_pixels)
     untag = lambda n: n.split("\x00", 1)[1]  # noqa: E731
     for group in (result["predictions"], result["unreadable"], result["fields"]):
         for entry in group:
@@ -243,7 +249,7 @@ def predict_mixed(
     return result
 
 
-def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progress, max_pixels) -> dict:
+def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progress, max_pixels, max_field_pixels) -> dict:
     limit = max_pixels or predictor.max_pixels
     fields: list[dict] = []
     unreadable: list[dict] = []
@@ -265,7 +271,13 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
         for name, source in candidates:
             try:
                 image = open_rgb(source, max_pixels=limit)
+                if input_kind == "auto" and image.size[0] * image.size[1] > max_field_pixels:
+                    cell_reasons[name] = f"out of distribution, and at {image.size[0]}x{image.size[1]} px too large to read as a field"
+                    advance()
+                    continue
+                check_field_size(image.size, max_field_pixels)
                 r = get_reader()
+                r.max_field_pixels = max_field_pixels
                 det = r.detector.detect([np.asarray(image)])[0]
                 kind, reason = ("field", "--input field") if input_kind == "field" else r.decide(det, image.size)
                 if kind == "field":
