@@ -6,7 +6,7 @@ BLOODCELL := $(VENV)/bin/bloodcell
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean default-model
+.PHONY: setup demo test test-fast bench clean default-model detector
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,13 @@ PBC ?= ../shared/data/pbc
 default-model: $(STAMP)
 	$(BLOODCELL) train configs/default-model.yaml --data $(PBC) --out runs/default-model --resume
 	$(PY) tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model
+
+# Refit the bundled smear-photograph detector on BCCD (BCCD=path to its folder), then copy it into the package.
+BCCD ?= ../shared/data/bccd
+DETECTOR_CONFIG ?= configs/detector.yaml
+detector: $(STAMP)
+	$(BLOODCELL) detector train $(DETECTOR_CONFIG) --data $(BCCD) --out runs/detector --resume
+	$(PY) tools/bundle_detector.py runs/detector src/bloodcell/assets/default_detector
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
