@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bloodcell.data.fields import FIELD_CLASSES
+from bloodcell.models.detector import Detections, FieldDetector
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
 PBC = Path(os.environ.get("BLOODCELL_PBC", REPO.parent / "shared" / "data" / "pbc"))
@@ -135,6 +138,67 @@ def make_tree(root: Path, counts: dict[str, int], seed: int = 0, size=(40, 36), 
 @pytest.fixture
 def tree(tmp_path) -> Path:
     return make_tree(tmp_path / "ds", {"alpha": 12, "beta": 9, "gamma": 7})
+
+
+class FixedDetector(FieldDetector):
+    """Stand-in for a trained detector (none is bundled yet): fixed boxes scaled to the photograph.
+
+    One white cell in the middle, four red cells near the corners, one platelet, all scored 0.9, plus one faint
+    red cell scored 0.3 that the operating threshold (0.5) drops; nothing at all in a blank (flat) image. Its red
+    cells are a fifth of the short side, so `input=auto` reads a square PBC crop as a single cell (the white cell
+    fills the classifier's view) and a 4:3 photograph as a field.
+    """
+
+    name = "fixed"
+    BOXES = [  # kind, x0 and y0 as shares of width and height (None: centred), side as a share of the short side, score
+        ("wbc", None, None, 0.25, 0.9),
+        ("rbc", 0.03, 0.04, 0.2, 0.9), ("rbc", 0.76, 0.04, 0.2, 0.9),
+        ("rbc", 0.03, 0.72, 0.2, 0.9), ("rbc", 0.76, 0.72, 0.2, 0.9),
+        ("platelet", 0.5, 0.06, 0.04, 0.9),
+        ("rbc", 0.3, 0.75, 0.2, 0.3),
+    ]
+
+    def detect_one(self, image: np.ndarray) -> Detections:
+        if float(image.reshape(-1, 3).std(axis=0).max()) < 3.0:  # a blank (flat) photograph: no cells
+            return Detections.empty()
+        h, w = image.shape[:2]
+        s = min(w, h)
+        boxes, labels, scores = [], [], []
+        for kind, fx, fy, side, score in self.BOXES:
+            d = side * s
+            x0, y0 = ((w - d) / 2, (h - d) / 2) if fx is None else (fx * w, fy * h)
+            boxes.append([x0, y0, x0 + d, y0 + d])
+            labels.append(FIELD_CLASSES.index(kind))
+            scores.append(score)
+        return Detections(np.asarray(boxes, np.float32), np.asarray(labels, np.int64), np.asarray(scores, np.float32))
+
+
+FIXED_COUNTS = {"rbc": 4, "wbc": 1, "platelet": 1}  # what FixedDetector keeps in a photograph that is not blank
+
+
+@pytest.fixture
+def fixed_detector():
+    """A FieldDetector returning fixed boxes (see FixedDetector); name 'fixed', not registered."""
+    return FixedDetector()
+
+
+def field_photo(path: Path, size: tuple[int, int] = (640, 480), seed: int = 0, blank: bool = False) -> Path:
+    """A generated smear-like JPEG: pale background, pink discs, one purple blob in the middle (or flat, blank)."""
+    from PIL import ImageDraw
+
+    w, h = size
+    img = Image.new("RGB", size, (236, 226, 232))
+    if not blank:
+        rng = np.random.default_rng(seed)
+        draw = ImageDraw.Draw(img)
+        for _ in range(40):
+            x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.04, 0.08) * min(w, h)
+            draw.ellipse([x - r, y - r, x + r, y + r], fill=(214, 140, 150))
+        r = 0.1 * min(w, h)
+        draw.ellipse([w / 2 - r, h / 2 - r, w / 2 + r, h / 2 + r], fill=(110, 60, 150))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="JPEG", quality=90)
+    return path
 
 
 def needs_pbc():

@@ -1,4 +1,4 @@
-"""End to end in a real browser: uvicorn serves the app, headless Chromium (Selenium) uploads two images.
+"""End to end in a real browser: uvicorn serves the app, headless Chromium (Selenium) uploads images.
 
 Needs Debian's `chromium` and `chromium-driver` packages (/usr/bin/chromium, /usr/bin/chromedriver);
 skipped with the reason when they are missing.
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from bloodcell.infer import Predictor
-from conftest import CLASS_NAMES, set_ood_threshold, toy_run, with_ood
+from conftest import CLASS_NAMES, FIXED_COUNTS, field_photo, set_ood_threshold, toy_run, with_ood
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
@@ -47,14 +47,14 @@ def predictor(tmp_path_factory) -> Predictor:
 
 
 @contextlib.contextmanager
-def serving(predictor):
-    """uvicorn serving `predictor` on a free 127.0.0.1 port in a thread; yields the base URL."""
+def serving(predictor, detector=None):
+    """uvicorn serving `predictor` (and `detector` for fields) on a free 127.0.0.1 port in a thread; yields the base URL."""
     import uvicorn
 
     from bloodcell.serve.app import create_app
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(predictor, detector=detector), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -196,6 +196,130 @@ def test_page_marks_ood_cells_and_says_what_the_count_rests_on(browser, ood_pred
         assert page_csv[0][4:6] == ["ood", "ood_score"]
         assert [r[1:] for r in page_csv] == [r[1:] for r in cli_csv]
         assert [r[0] for r in page_csv[1:]] == [f.name for f in OOD_FILES]
+
+        severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+        assert severe == []
+
+
+ORANGE, BLUE, RED = "rgb(240, 140, 0)", "rgb(31, 95, 209)", "rgb(214, 40, 57)"  # style.css: --flagged, --wbc, --rbc
+
+
+def test_field_photographs_show_their_boxes_labels_and_summed_counts(browser, predictor, fixed_detector, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from bloodcell.infer.fields import predict_mixed
+    from bloodcell.infer.report import to_csv
+
+    # two photographs of one name (from two folders) and different sizes: the page must show each its own picture
+    photos = [field_photo(tmp_path / "a" / "smear.jpg", (640, 480), seed=1), field_photo(tmp_path / "b" / "smear.jpg", (800, 600), seed=2)]
+    want = predict_mixed(predictor, [(p.name, p.read_bytes()) for p in photos], "field", fixed_detector)
+    assert [f["size"] for f in want["fields"]] == [[640, 480], [800, 600]]
+
+    with serving(predictor, fixed_detector) as url:
+        browser.get(url + "/")
+        wait = WebDriverWait(browser, 30)
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "1")
+        assert browser.find_element(By.CSS_SELECTOR, "input[name=input-mode][value=auto]").is_selected()
+        browser.find_element(By.CSS_SELECTOR, "input[name=input-mode][value=field]").click()
+        browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys("\n".join(str(p) for p in photos))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".field-card")) == 2)
+        assert browser.find_elements(By.CSS_SELECTOR, ".cell-card") == []
+
+        cards = browser.find_elements(By.CSS_SELECTOR, ".field-card")
+        for card, f in zip(cards, want["fields"]):
+            w, h = f["size"]
+            assert card.get_attribute("data-name") == "smear.jpg"
+            # the uploaded photograph itself (its own blob, matched by size among the two of one name)
+            img = card.find_element(By.CSS_SELECTOR, "img.field-photo")
+            assert img.get_attribute("src").startswith("blob:")
+            wait.until(lambda d: img.get_attribute("complete") == "true")
+            assert (img.get_attribute("naturalWidth"), img.get_attribute("naturalHeight")) == (str(w), str(h))
+            # the overlay covers the picture as shown, in the photograph's pixel coordinates
+            layer = card.find_element(By.CSS_SELECTOR, "svg.field-overlay")
+            assert layer.get_dom_attribute("viewBox") == f"0 0 {w} {h}"
+            assert abs(layer.rect["width"] - img.rect["width"]) < 1 and abs(layer.rect["height"] - img.rect["height"]) < 1
+            assert img.rect["width"] > 300 and abs(img.rect["width"] / img.rect["height"] - w / h) < 0.02
+            # one box per cell found, where the server says, coloured by kind
+            rects = layer.find_elements(By.CSS_SELECTOR, "rect.box")
+            assert len(rects) == len(f["cells"]) == sum(FIXED_COUNTS.values())
+            for rect, c in zip(rects, f["cells"]):
+                assert rect.get_dom_attribute("data-kind") == c["kind"]
+                x0, y0, x1, y1 = c["box"]
+                got = [float(rect.get_dom_attribute(k)) for k in ("x", "y", "width", "height")]
+                assert got == pytest.approx([x0, y0, x1 - x0, y1 - y0], abs=0.01)
+                if c["kind"] == "rbc":
+                    assert rect.value_of_css_property("stroke") == RED
+                if c["kind"] == "wbc":
+                    flagged = bool(c["review"] or c["ood"])
+                    assert rect.value_of_css_property("stroke") == (ORANGE if flagged else BLUE)
+            kinds = [r.get_dom_attribute("data-kind") for r in rects]
+            assert {k: kinds.count(k) for k in FIXED_COUNTS} == FIXED_COUNTS
+            # each white cell labelled with its class and confidence
+            wbc = [c for c in f["cells"] if c["kind"] == "wbc"]
+            labels = [t.text for t in layer.find_elements(By.CSS_SELECTOR, ".box-label-text")]
+            assert labels == [f"{c['label']} {100 * c['confidence']:.0f}%" + (" OOD" if c["ood"] else " review" if c["review"] else "")
+                              for c in wbc]
+            # its counts and why it was read as a field (the mode chosen on the page was sent)
+            for kind, n in f["counts"].items():
+                assert card.find_element(By.CSS_SELECTOR, f".field-counts li[data-kind={kind}] strong").text == str(n)
+            assert [li.text for li in card.find_elements(By.CSS_SELECTOR, ".field-classes li")] == [
+                f"{c} {n}" for c, n in f["wbc_classes"].items() if n]
+            assert card.find_element(By.CSS_SELECTOR, ".field-reason").text == "read as a field: --input field"
+            assert card.find_elements(By.CSS_SELECTOR, ".field-note") == []
+
+        # the sum over both photographs
+        s = want["field_summary"]
+        assert s["totals"] == {k: 2 * n for k, n in FIXED_COUNTS.items()}
+        assert browser.find_element(By.ID, "field-summary").is_displayed()
+        assert not browser.find_element(By.ID, "cell-summary").is_displayed()  # no single-cell image in this upload
+
+        def total(key):
+            return [td.text for td in browser.find_elements(By.CSS_SELECTOR, f"#field-totals tr[data-key={key}] td")]
+
+        assert total("photos") == ["2", "—"]
+        assert total("rbc") == ["8", "4.0"] and total("platelet") == ["2", "1.0"] and total("wbc") == ["2", "1.0"]
+        assert total("wbc_counted") == [str(s["wbc_counted"]), "—"] and total("wbc_ood") == [str(s["wbc_ood"]), "—"]
+        assert total("wbc_review") == [str(s["wbc_review"]), "—"]
+        for cls, n in s["differential"].items():
+            tds = browser.find_elements(By.CSS_SELECTOR, f"#field-differential tbody tr[data-cls='{cls}'] td")
+            p = s["differential_percent"].get(cls)
+            assert [td.text for td in tds] == [str(n), "—" if p is None else f"{p:.1f}%"]
+        assert "2 smear photographs read: 2 white cells, 8 red cells, 2 platelets found" in browser.find_element(By.ID, "status").text
+
+        # the page's CSV is the CLI's: one row per white cell found, '<photo>#wbc<k>', with input and box at the end
+        page_csv = list(csv.reader(io.StringIO(browser.execute_script("return csvText(state.result)"))))
+        assert page_csv == list(csv.reader(io.StringIO(to_csv(want))))
+        assert page_csv[0][-2:] == ["input", "box"] and [r[0] for r in page_csv[1:]] == ["smear.jpg#wbc1"] * 2
+        browser.save_screenshot(str(tmp_path / "fields.png"))
+
+        # a blank photograph: an answer saying so plainly, no box
+        blank = field_photo(tmp_path / "blank.jpg", blank=True)
+        browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(blank))
+        shown = "return Array.from(document.querySelectorAll('.field-card'), (c) => c.dataset.name)"  # no stale elements
+        wait.until(lambda d: d.execute_script(shown) == ["blank.jpg"])
+        card = browser.find_element(By.CSS_SELECTOR, ".field-card")
+        assert card.find_element(By.CSS_SELECTOR, ".field-note").text == "no cells found"
+        assert card.find_elements(By.CSS_SELECTOR, "rect.box") == []
+        assert [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#field-totals tr[data-key=rbc] td")] == ["0", "0.0"]
+
+        # back to auto: a single-cell crop renders as before (a card, the differential), the fields are gone
+        cell = sorted((SAMPLE / "neutrophil").glob("*.jpg"))[0]
+        one = predictor.predict_paths([cell], progress=False)["predictions"][0]
+        browser.find_element(By.CSS_SELECTOR, "input[name=input-mode][value=auto]").click()
+        browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(cell))
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".cell-card")) == 1)
+        assert browser.find_elements(By.CSS_SELECTOR, ".field-card") == []
+        card = browser.find_element(By.CSS_SELECTOR, ".cell-card")
+        assert (card.get_attribute("data-name"), card.get_attribute("data-label")) == (cell.name, one["label"])
+        assert card.find_element(By.CSS_SELECTOR, ".thumb img").get_attribute("naturalWidth") == "224"
+        assert browser.find_element(By.ID, "cell-summary").is_displayed()
+        assert not browser.find_element(By.ID, "field-summary").is_displayed()
+        row = browser.find_element(By.CSS_SELECTOR, f"#differential tbody tr[data-cls='{one['label']}']")
+        assert row.find_elements(By.TAG_NAME, "td")[0].text == "1"
+        assert browser.find_element(By.ID, "status").text == "1 cell classified."
+        page_csv = list(csv.reader(io.StringIO(browser.execute_script("return csvText(state.result)"))))
+        assert page_csv[0][-1] == "p_platelet" and [r[0] for r in page_csv[1:]] == [cell.name]  # no input/box columns
 
         severe = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
         assert severe == []

@@ -11,8 +11,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from bloodcell.infer import Predictor
-from conftest import CLASS_NAMES, set_ood_threshold, toy_run, with_ood
-from bloodcell.infer import summarize
+from conftest import CLASS_NAMES, FIXED_COUNTS, field_photo, set_ood_threshold, toy_run, with_ood
 from bloodcell.serve.app import _clean_name, create_app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,15 +97,109 @@ def test_predict_json_carries_ood_and_counts_leave_flagged_images_out(ood_predic
 
 
 def test_non_finite_ood_score_is_null_not_a_server_error(ood_predictor, monkeypatch):
-    def nan_scores(images, *args, **kwargs):
-        names = [n for n, _ in images]
-        return summarize(names, np.eye(len(NAMES))[[0] * len(names)], NAMES, 0.5,
-                         ood_scores=np.full(len(names), np.nan), ood_threshold=1.0)
+    def nan_scores(items, *args, **kwargs):  # Predictor.classify: what /predict runs on the uploads
+        names = [n for n, _ in items]
+        return names, np.eye(len(NAMES))[[0] * len(names)], np.full(len(names), np.nan), []
 
-    monkeypatch.setattr(ood_predictor, "predict_images", nan_scores)
+    monkeypatch.setattr(ood_predictor, "classify", nan_scores)
     r = TestClient(create_app(ood_predictor)).post("/predict", files=upload(sample(TWO[0])))
     assert r.status_code == 200, r.text
     assert r.json()["predictions"][0]["ood"] is True and r.json()["predictions"][0]["ood_score"] is None
+
+
+# ---------------------------------------------------------------- smear-field photographs (?input=)
+
+
+@pytest.fixture
+def field_client(predictor, fixed_detector) -> TestClient:
+    return TestClient(create_app(predictor, detector=fixed_detector))
+
+
+def photo(tmp_path: Path, name: str, seed: int = 0, size=(640, 480), blank: bool = False) -> tuple[str, bytes]:
+    return name, field_photo(tmp_path / f"{seed}-{name}", size, seed, blank).read_bytes()
+
+
+def test_input_field_returns_every_cell_with_its_box_and_summed_counts(field_client, fixed_detector, predictor, tmp_path):
+    a, b = photo(tmp_path, "a.jpg", 1), photo(tmp_path, "b.jpg", 2, size=(800, 600))
+    r = field_client.post("/predict?input=field", files=upload(a, b))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["predictions"] == [] and got["unreadable"] == []
+    assert [f["path"] for f in got["fields"]] == ["a.jpg", "b.jpg"]
+    assert [f["size"] for f in got["fields"]] == [[640, 480], [800, 600]]
+    for f, (name, data) in zip(got["fields"], (a, b)):
+        assert f["input"] == "field" and f["input_reason"] and f["note"] == ""
+        # the boxes are the detector's, at its operating thresholds, in the photograph's pixels
+        det = fixed_detector.detect([np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))])[0]
+        want = sorted((FIELD_KINDS[int(k)], [round(float(v), 1) for v in box]) for k, box in zip(det.labels, det.boxes))
+        assert sorted((c["kind"], c["box"]) for c in f["cells"]) == want
+        assert f["counts"] == FIXED_COUNTS and len(f["cells"]) == sum(FIXED_COUNTS.values())
+        (wbc,) = [c for c in f["cells"] if c["kind"] == "wbc"]
+        assert wbc["path"] == f"{name}#wbc1" and wbc["label"] in NAMES and wbc["crop_side"] > 0
+        assert sum(wbc["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+        assert wbc["confidence"] == pytest.approx(max(wbc["probabilities"].values()))
+        assert f["wbc_classes"] == {c: int(c == wbc["label"]) for c in NAMES}
+        assert all(c["score"] == pytest.approx(0.9) for c in f["cells"])
+    s = got["field_summary"]
+    assert s["photos"] == 2
+    assert s["totals"] == {k: sum(f["counts"][k] for f in got["fields"]) for k in ("rbc", "wbc", "platelet")}
+    assert s["totals"] == {k: 2 * n for k, n in FIXED_COUNTS.items()}
+    assert s["per_photo"] == {k: float(n) for k, n in FIXED_COUNTS.items()}
+    labels = [c["label"] for f in got["fields"] for c in f["cells"] if c["kind"] == "wbc"]
+    assert s["wbc_counted"] == 2 and s["wbc_ood"] == 0
+    assert s["differential"] == {c: labels.count(c) for c in NAMES}
+    wbc_labels = [c for c in labels if c in s["differential_percent"]]
+    for c, p in s["differential_percent"].items():
+        assert p == pytest.approx(100 * wbc_labels.count(c) / len(wbc_labels) if wbc_labels else 0.0, abs=0.05)
+
+
+FIELD_KINDS = ("rbc", "wbc", "platelet")
+
+
+def test_input_auto_tells_a_cell_crop_from_a_field(field_client, tmp_path):
+    r = field_client.post("/predict", files=upload(sample(TWO[0]), photo(tmp_path, "smear.jpg")))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert [p["path"] for p in got["predictions"]] == [TWO[0].name]
+    assert got["predictions"][0]["input"] == "cell" and "single-cell crop" in got["predictions"][0]["input_reason"]
+    assert [f["path"] for f in got["fields"]] == ["smear.jpg"] and got["field_summary"]["photos"] == 1
+    assert got["fields"][0]["input_reason"].startswith("the detector found 1 white, 4 red cells, 1 platelets")
+
+
+def test_input_cell_returns_no_fields(field_client, tmp_path):
+    r = field_client.post("/predict?input=cell", files=upload(photo(tmp_path, "smear.jpg"), sample(TWO[0])))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert got["fields"] == [] and got["field_summary"] is None
+    assert [p["path"] for p in got["predictions"]] == ["smear.jpg", TWO[0].name]
+    assert {(p["input"], p["input_reason"]) for p in got["predictions"]} == {("cell", "--input cell")}
+
+
+def test_blank_photograph_is_an_answer_with_no_cells_found(field_client, tmp_path):
+    r = field_client.post("/predict?input=field", files=upload(photo(tmp_path, "blank.jpg", blank=True)))
+    assert r.status_code == 200, r.text
+    got = r.json()
+    (f,) = got["fields"]
+    assert f["note"] == "no cells found" and f["cells"] == [] and f["counts"] == {"rbc": 0, "wbc": 0, "platelet": 0}
+    assert f["wbc_classes"] == {c: 0 for c in NAMES}
+    s = got["field_summary"]
+    assert s["photos"] == 1 and s["totals"] == {"rbc": 0, "wbc": 0, "platelet": 0} and s["wbc_counted"] == 0
+    assert set(s["differential"].values()) == {0}
+
+
+@pytest.mark.parametrize("query", ["input=xyz", "input=", "input=FIELD"])
+def test_bad_input_kind_is_422(field_client, query):
+    r = field_client.post(f"/predict?{query}", files=upload(sample(TWO[0])))
+    assert r.status_code == 422 and "input" in r.text
+
+
+def test_server_without_detector_reads_cells_and_refuses_fields(client, tmp_path):
+    # auto: no detector installed, every image is read as a cell (and says why); field: 503, not a crash
+    r = client.post("/predict", files=upload(sample(TWO[0])))
+    assert r.status_code == 200, r.text
+    assert r.json()["fields"] == [] and "no field detector" in r.json()["predictions"][0]["input_reason"]
+    r = client.post("/predict?input=field", files=upload(sample(TWO[0])))
+    assert r.status_code == 503 and "detector" in r.json()["detail"]
 
 
 def test_content_is_sniffed_not_the_name(client):
@@ -224,7 +317,8 @@ def test_page_and_static_assets(client):
     for asset, kind in (("app.js", "javascript"), ("style.css", "text/css")):
         a = client.get(f"/static/{asset}")
         assert a.status_code == 200 and kind in a.headers["content-type"]
-        assert "http://" not in a.text and "https://" not in a.text
+        text = a.text.replace('"http://www.w3.org/2000/svg"', "")  # the SVG namespace is a name, never fetched
+        assert "http://" not in text and "https://" not in text
     assert client.get("/static/../app.py").status_code == 404
 
 

@@ -27,7 +27,7 @@ from PIL import Image
 
 from bloodcell.data.fields import FIELD_CLASSES
 from bloodcell.data.images import UnreadableImage, open_rgb
-from bloodcell.errors import DataError
+from bloodcell.errors import DataError, ModelError
 from bloodcell.infer.predictor import Predictor, collect_images, summarize
 from bloodcell.models.detector import Detections, FieldDetector, load_detector
 
@@ -267,6 +267,13 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
     from bloodcell.progress import progress_bar
 
     as_cells: set[str] = set()
+    if candidates and input_kind == "auto":
+        try:
+            get_reader()
+        except ModelError as exc:  # no detector installed: auto cannot read fields, every image stays a cell
+            for name, _ in candidates:
+                cell_reasons[name] = f"read as a cell: no field detector available ({exc})"
+            candidates = []
     with progress_bar(len(candidates), "reading fields", enabled=progress and bool(candidates)) as advance:
         for name, source in candidates:
             try:

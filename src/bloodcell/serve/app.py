@@ -227,16 +227,21 @@ def create_app(
             "version": __version__,
         }
 
-    @app.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA}, responses=_UPLOAD_ERRORS)
+    @app.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA}, responses={
+        **_UPLOAD_ERRORS, 503: {"model": ErrorMessage, "description": "input=field but the server has no usable field detector"}})
     async def predict(request: Request, input: Literal["auto", "cell", "field"] = "auto") -> PredictResult:
         """Classify one or more images (multipart field `files`); see docs/inference.md for the result.
 
         input: auto (decide per image), cell (each image is one cell crop) or field (a smear photograph: every
         cell found with its box, the white ones classified, counts; docs/fields.md)."""
+        from bloodcell.errors import ModelError
         from bloodcell.infer.fields import predict_mixed
 
         files = await read_uploads(request, ("files",))
-        result = await run_in_threadpool(predict_mixed, predictor, files, input, detector_source, 32, False, max_pixels)
+        try:
+            result = await run_in_threadpool(predict_mixed, predictor, files, input, detector_source, 32, False, max_pixels)
+        except ModelError as exc:  # ?input=field on a server without a usable detector
+            raise HTTPException(503, f"cannot read smear fields: {exc}") from None
         if not result["predictions"] and not result["fields"]:
             bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in result["unreadable"])
             raise HTTPException(422, f"no readable image in the upload: {bad}")

@@ -1,5 +1,7 @@
 // bloodcell page: upload images to /predict, show one card per cell, the differential count,
-// Grad-CAM on demand (/explain) and a client-side CSV. No external assets, no framework.
+// Grad-CAM on demand (/explain) and a client-side CSV. Smear photographs (fields) are shown with the boxes of
+// every cell found drawn over them (SVG), their counts, and the counts over all photographs.
+// No external assets, no framework; text from the server only ever goes through textContent.
 "use strict";
 
 const WBC = ["basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil"];
@@ -8,7 +10,10 @@ const COLORS = {
   lymphocyte: "#2f6db5", monocyte: "#2c8c7a", neutrophil: "#7a8b2c", platelet: "#8c5a8f",
 };
 
-const state = { health: null, result: null, files: [], urls: [], camUrl: null };
+const KIND_NAMES = { rbc: "red cells", wbc: "white cells", platelet: "platelets" };
+const SVG_NS = "http://www.w3.org/2000/svg";
+
+const state = { health: null, result: null, files: [], fieldFiles: [], urls: [], camUrl: null };
 const $ = (sel) => document.querySelector(sel);
 
 function el(tag, attrs = {}, ...children) {
@@ -20,6 +25,13 @@ function el(tag, attrs = {}, ...children) {
     else node.setAttribute(k, v);
   }
   for (const c of children) node.append(c instanceof Node ? c : document.createTextNode(String(c)));
+  return node;
+}
+
+function svg(tag, attrs = {}, text = null) {
+  const node = document.createElementNS(SVG_NS, tag);
+  for (const [k, v] of Object.entries(attrs)) node.setAttribute(k, String(v));
+  if (text !== null) node.textContent = text;
   return node;
 }
 
@@ -70,17 +82,28 @@ async function classify(fileList) {
   }
   const form = new FormData();
   for (const f of files) form.append("files", f, f.name);
-  setStatus(`Classifying ${files.length} image${files.length > 1 ? "s" : ""}…`, "busy");
+  const mode = inputMode();
+  setStatus(`Reading ${files.length} image${files.length > 1 ? "s" : ""}…`, "busy");
   document.body.dataset.busy = "1";
   try {
-    const resp = await fetch("/predict", { method: "POST", body: form });
+    const resp = await fetch(`/predict?input=${encodeURIComponent(mode)}`, { method: "POST", body: form });
     if (!resp.ok) throw new Error(await errorText(resp));
     const result = await resp.json();
-    show(result, files);
+    await show(result, files);
     const n = result.predictions.length, bad = result.unreadable.length, out = result.ood_count || 0;
-    setStatus(`${n} cell${n === 1 ? "" : "s"} classified` + (bad ? `, ${bad} file${bad === 1 ? "" : "s"} not readable` : "") +
-      (out ? `; ${out === n ? "all" : out} of them look${out === 1 ? "s" : ""} unlike the training cells (OOD) and ${out === 1 ? "is" : "are"} not counted` : "") + ".",
-      out ? "warn" : "ok");
+    const fields = result.fields || [];
+    const parts = [];
+    if (n || !fields.length) {
+      parts.push(`${n} cell${n === 1 ? "" : "s"} classified` +
+        (out ? `; ${out === n ? "all" : out} of them look${out === 1 ? "s" : ""} unlike the training cells (OOD) and ${out === 1 ? "is" : "are"} not counted` : ""));
+    }
+    if (fields.length) {
+      const t = result.field_summary.totals;
+      parts.push(`${fields.length} smear photograph${fields.length === 1 ? "" : "s"} read: ${t.wbc} white cell${t.wbc === 1 ? "" : "s"}, ` +
+        `${t.rbc} red cell${t.rbc === 1 ? "" : "s"}, ${t.platelet} platelet${t.platelet === 1 ? "" : "s"} found`);
+    }
+    if (bad) parts[0] += `, ${bad} file${bad === 1 ? "" : "s"} not readable`;
+    setStatus(parts.join("; ") + ".", out || (fields.length && result.field_summary.wbc_ood) ? "warn" : "ok");
   } catch (err) {
     setStatus(err.message, "error");
   } finally {
@@ -88,28 +111,172 @@ async function classify(fileList) {
   }
 }
 
+function inputMode() {
+  const checked = document.querySelector("input[name=input-mode]:checked");
+  return checked ? checked.value : "auto";
+}
+
 function clearResults() {
   for (const u of state.urls) URL.revokeObjectURL(u);
   state.urls = [];
   state.result = null;
   state.files = [];
+  state.fieldFiles = [];
   $("#results").replaceChildren();
+  $("#fields").replaceChildren();
   $("#summary").hidden = true;
 }
 
-function show(result, files) {
+// width and height of an uploaded image as the browser decodes it (null when it cannot, e.g. TIFF)
+async function imageSize(file) {
+  try {
+    const bitmap = await createImageBitmap(file);
+    const size = [bitmap.width, bitmap.height];
+    bitmap.close();
+    return size;
+  } catch (_) {
+    return null;
+  }
+}
+
+// Predictions and fields each come back in upload order, unreadable files left out, names echoed (and names may
+// repeat): give each answer the first unused upload of its name after the previous one of its group. A field also
+// says its size, which tells apart two uploads of one name read one as a cell, the other as a field.
+async function matchFiles(result, files) {
+  const fields = result.fields || [];
+  const sizes = fields.length ? await Promise.all(files.map(imageSize)) : files.map(() => null);
+  const used = files.map(() => false);
+  const assign = (entries, fits) => {
+    let after = -1;
+    return entries.map((entry) => {
+      const free = files.map((f, i) => i).filter((i) => i > after && !used[i] && files[i].name === entry.path);
+      const i = free.find((k) => fits(entry, k)) ?? free[0];
+      if (i === undefined) return null;
+      used[i] = true;
+      after = i;
+      return files[i];
+    });
+  };
+  const sameSize = (f, i) => !sizes[i] || (sizes[i][0] === f.size[0] && sizes[i][1] === f.size[1]);
+  state.fieldFiles = assign(fields, sameSize);
+  state.files = assign(result.predictions, () => true);
+}
+
+async function show(result, files) {
   clearResults();
   state.result = result;
-  // predictions come back in upload order with unreadable files left out: match them by name
-  const pool = files.map((f) => ({ file: f, used: false }));
-  state.files = result.predictions.map((p) => {
-    const hit = pool.find((x) => !x.used && x.file.name === p.path);
-    if (hit) hit.used = true;
-    return hit ? hit.file : null;
-  });
+  await matchFiles(result, files);
   const cards = result.predictions.map((p, i) => card(p, state.files[i], i));
   $("#results").replaceChildren(...cards);
+  $("#fields").replaceChildren(...(result.fields || []).map((f, i) => fieldCard(f, state.fieldFiles[i], i)));
   summary(result);
+  fieldSummary(result);
+}
+
+// the label written over a white cell's box, and whether it is flagged (review or OOD: drawn in orange)
+function wbcLabel(c) {
+  return `${c.label} ${pct(c.confidence, 0)}` + (c.ood ? " OOD" : c.review ? " review" : "");
+}
+
+function overlay(f) {
+  const [w, h] = f.size;
+  const layer = svg("svg", { class: "field-overlay", viewBox: `0 0 ${w} ${h}`, preserveAspectRatio: "none", "aria-hidden": "true" });
+  const fs = Math.max(10, Math.round(Math.max(w, h) / 45)); // label size in the photograph's pixels
+  const labels = svg("g", { class: "labels" });
+  f.cells.forEach((c, k) => {
+    const [x0, y0, x1, y1] = c.box;
+    const flagged = c.kind === "wbc" && Boolean(c.ood || c.review);
+    const cls = ["box", `box-${c.kind}`, flagged ? "box-flagged" : ""].filter(Boolean).join(" ");
+    const rect = svg("rect", { class: cls, x: x0, y: y0, width: Math.max(0, x1 - x0), height: Math.max(0, y1 - y0), "data-kind": c.kind, "data-index": k });
+    const title = c.kind === "wbc" ? `${c.path}: ${wbcLabel(c)}` : `${KIND_NAMES[c.kind] || c.kind} (score ${c.score.toFixed(2)})`;
+    rect.append(svg("title", {}, title));
+    layer.append(rect);
+    if (c.kind === "wbc") {
+      const text = wbcLabel(c);
+      const tw = text.length * fs * 0.6 + fs * 0.6, th = fs * 1.35;
+      const ty = y0 - th >= 0 ? y0 - th : y0; // above the box where there is room, else inside its top
+      const tx = Math.min(Math.max(0, x0), Math.max(0, w - tw));
+      const g = svg("g", { class: ["box-label", flagged ? "box-flagged" : ""].filter(Boolean).join(" "), "data-path": c.path });
+      g.append(svg("rect", { class: "box-label-bg", x: tx, y: ty, width: tw, height: th }),
+        svg("text", { class: "box-label-text", x: tx + fs * 0.3, y: ty + fs * 1.02, "font-size": fs }, text));
+      labels.append(g);
+    }
+  });
+  layer.append(labels); // labels over every box
+  return layer;
+}
+
+function fieldCard(f, file, index) {
+  const url = file ? URL.createObjectURL(file) : "";
+  if (url) state.urls.push(url);
+  const [w, h] = f.size;
+  const stage = el("div", { class: "field-stage", style: { aspectRatio: `${w} / ${h}` } },
+    url ? el("img", { class: "field-photo", src: url, alt: f.path }) : el("span", { class: "no-thumb" }, "no preview"),
+    overlay(f));
+  const wbc = f.cells.filter((c) => c.kind === "wbc");
+  const oodWbc = wbc.filter((c) => c.ood).length, reviewWbc = wbc.filter((c) => c.review).length;
+  const classes = Object.entries(f.wbc_classes).filter(([, n]) => n > 0);
+  const classList = el("ul", { class: "field-classes" }, ...classes.map(([c, n]) =>
+    el("li", { dataset: { cls: c } }, el("span", { class: "dot", style: { background: colorOf(c) } }), `${c} ${n}`)));
+  const counts = el("ul", { class: "field-counts" },
+    el("li", { dataset: { kind: "rbc" } }, el("span", { class: "key key-rbc" }), "red cells ", el("strong", {}, f.counts.rbc)),
+    el("li", { dataset: { kind: "platelet" } }, el("span", { class: "key key-platelet" }), "platelets ", el("strong", {}, f.counts.platelet)),
+    el("li", { dataset: { kind: "wbc" } }, el("span", { class: "key key-wbc" }), "white cells ", el("strong", {}, f.counts.wbc),
+      oodWbc ? el("span", { class: "ood-badge" }, `${oodWbc} OOD, not counted`) : "",
+      reviewWbc ? el("span", { class: "review-badge" }, `${reviewWbc} review`) : "",
+      classes.length ? classList : ""));
+  const parts = [
+    el("figure", { class: "field-figure" }, stage,
+      el("figcaption", { class: "file-name", title: f.path }, `${f.path} · ${w}×${h} px`)),
+  ];
+  if (f.note) parts.push(el("p", { class: "field-note" }, f.note));
+  parts.push(counts, el("p", { class: "field-reason note" }, `read as a field: ${f.input_reason}`));
+  if (f.scale) parts.push(el("p", { class: "field-scale note" }, `crop scale: ${f.scale}`));
+  return el("article", {
+    class: "field-card",
+    dataset: {
+      name: f.path, index: String(index), cells: String(f.cells.length),
+      rbc: String(f.counts.rbc), wbc: String(f.counts.wbc), platelet: String(f.counts.platelet),
+    },
+  }, ...parts);
+}
+
+function fieldSummary(result) {
+  const box = $("#field-summary");
+  const s = result.field_summary;
+  box.hidden = !s;
+  if (!s) return;
+  const t = s.totals, per = s.per_photo;
+  const row = (key, name, total, perPhoto) => el("tr", { dataset: { key } },
+    el("th", { scope: "row" }, name), el("td", {}, total), el("td", {}, perPhoto === null ? "—" : perPhoto.toFixed(1)));
+  $("#field-totals tbody").replaceWith(el("tbody", {},
+    row("photos", "photographs", s.photos, null),
+    row("rbc", "red cells", t.rbc, per.rbc),
+    row("platelet", "platelets", t.platelet, per.platelet),
+    row("wbc", "white cells found", t.wbc, per.wbc),
+    row("wbc_counted", "white cells counted", s.wbc_counted, null),
+    row("wbc_ood", "white cells OOD, not counted", s.wbc_ood, null),
+    row("wbc_review", "white cells to review", s.wbc_review, null)));
+  $("#field-caption").textContent = `Summed over ${s.photos} photograph${s.photos === 1 ? "" : "s"}.`;
+  const tbody = el("tbody");
+  for (const [c, n] of Object.entries(s.differential)) {
+    const p = s.differential_percent[c];
+    tbody.append(el("tr", { dataset: { cls: c }, class: n ? "" : "zero" },
+      el("th", { scope: "row" }, el("span", { class: "dot", style: { background: colorOf(c) } }), c),
+      el("td", {}, n),
+      el("td", {}, p === undefined || p === null ? "—" : `${p.toFixed(1)}%`)));
+  }
+  $("#field-differential tbody").replaceWith(tbody);
+  $("#field-differential tfoot").replaceChildren(el("tr", {}, el("th", { scope: "row" }, "counted"), el("td", {}, s.wbc_counted),
+    el("td", {}, s.wbc_counted ? "100%" : "—")));
+  const flags = s.flags.map((f) => el("li", { class: "flag" }, f));
+  if (s.wbc_ood && !s.flags.some((f) => f.includes("(OOD)"))) {
+    flags.unshift(el("li", { class: "flag" }, `${s.wbc_ood} white cell${s.wbc_ood === 1 ? " looks" : "s look"} unlike the training cells (OOD): not counted`));
+  }
+  $("#field-flags").replaceChildren(...flags);
+  $("#field-review-note").textContent = s.wbc_review
+    ? `${s.wbc_review} of ${t.wbc} white cells are below the review threshold (orange boxes): check them by eye.`
+    : "No white cell is below the review threshold.";
 }
 
 function card(pred, file, index) {
@@ -158,6 +325,9 @@ function card(pred, file, index) {
 }
 
 function summary(result) {
+  const hasFields = Boolean(result.fields && result.fields.length);
+  $("#cell-summary").hidden = hasFields && !result.predictions.length;
+  $("#cell-summary-title").hidden = !hasFields;
   const classes = Object.keys(result.counts);
   const tbody = el("tbody");
   for (const c of classes) {
@@ -236,14 +406,24 @@ function csvCell(v) {
   return /[",\n\r]/.test(s) ? `"${s.replace(/"/g, '""')}"` : s;
 }
 
-// the CSV of `bloodcell predict --format csv` (paths are the uploaded file names), with CRLF line ends
+// the CSV of `bloodcell predict --format csv` (paths are the uploaded file names), with CRLF line ends: one row
+// per single-cell image, then one per white cell found in a photograph ('<photo>#wbc<k>'); with photographs two
+// more columns, input (cell / field) and box (x0 y0 x1 y1 in the photograph's pixels)
 function csvText(result) {
   const classes = Object.keys(result.counts);
-  const rows = [["path", "label", "confidence", "review", "ood", "ood_score", ...classes.map((c) => `p_${c}`)]];
+  const fields = result.fields || [];
+  const extra = fields.length > 0;
+  const rows = [["path", "label", "confidence", "review", "ood", "ood_score", ...classes.map((c) => `p_${c}`),
+    ...(extra ? ["input", "box"] : [])]];
   const blank = (v) => v === null || v === undefined;
-  for (const p of result.predictions) {
+  const entries = result.predictions.map((p) => [p, "cell", ""]);
+  for (const f of fields) {
+    for (const c of f.cells) if (c.kind === "wbc") entries.push([c, "field", c.box.map((v) => v.toFixed(1)).join(" ")]);
+  }
+  for (const [p, kind, box] of entries) {
     rows.push([p.path, p.label, p.confidence.toFixed(6), p.review, blank(p.ood) ? "" : p.ood,
-      blank(p.ood_score) ? "" : p.ood_score.toFixed(3), ...classes.map((c) => p.probabilities[c].toFixed(6))]);
+      blank(p.ood_score) ? "" : p.ood_score.toFixed(3), ...classes.map((c) => p.probabilities[c].toFixed(6)),
+      ...(extra ? [kind, box] : [])]);
   }
   return rows.map((r) => r.map(csvCell).join(",")).join("\r\n") + "\r\n";
 }
