@@ -243,6 +243,10 @@ def test_cli_predict_json(run_dir, predictor):
     assert res.exit_code == 0, res.output
     got = json.loads(res.stdout)
     want = predictor.predict_paths(files, progress=False)
+    # sample cells stay cells (--input auto): the classifier's answer unchanged, plus how the input was read
+    assert [p.pop("input") for p in got["predictions"]] == ["cell"] * len(files)
+    assert all(p.pop("input_reason") for p in got["predictions"])
+    assert (got.pop("fields"), got.pop("field_summary")) == ([], None)
     assert got == json.loads(json.dumps(want))
 
 
