@@ -18,7 +18,7 @@ RBC, WBC, PLT = (FIELD_CLASSES.index(c) for c in ("rbc", "wbc", "platelet"))
 
 BACKGROUND = (206, 208, 213)
 RBC_RIM = (188, 150, 156)
-RBC_CENTRE = (203, 182, 186)
+RBC_CENTRE = (205, 197, 199)
 CYTOPLASM = (196, 178, 212)
 NUCLEUS = (118, 98, 192)
 PLATELET = (150, 135, 200)
@@ -31,7 +31,7 @@ def _disc(img: np.ndarray, cx: float, cy: float, r: float, colour) -> None:
 
 def synthetic_field(seed: int = 0, width: int = 640, height: int = 480):
     """A smear-like photograph: pale-pink red cells with paler centres (two of them touching), one white cell
-    (three purple nucleus lobes in lilac cytoplasm) and three purple platelets, on a light background.
+    (three separate purple nucleus lobes in lilac cytoplasm) and three purple platelets, on a light background.
     Returns (image uint8 HxWx3, boxes (N, 4), labels (N,))."""
     rng = np.random.default_rng(seed)
     img = np.empty((height, width, 3), np.float32)
@@ -40,8 +40,8 @@ def synthetic_field(seed: int = 0, width: int = 640, height: int = 480):
     # white cell, upper left
     wx, wy, wr = 150.0, 140.0, 85.0
     _disc(img, wx, wy, wr, CYTOPLASM)
-    for dx, dy in ((-28, -18), (22, -24), (5, 26)):
-        _disc(img, wx + dx, wy + dy, 27, NUCLEUS)
+    for dx, dy in ((-26, -14), (26, -14), (0, 31)):  # three lobes, 8 px apart: one nucleus
+        _disc(img, wx + dx, wy + dy, 22, NUCLEUS)
     boxes.append((wx - wr, wy - wr, wx + wr, wy + wr))
     labels.append(WBC)
     # red cells: separate ones plus one touching pair (lower right)
@@ -114,8 +114,10 @@ def test_odd_sizes_and_bad_input(detector):
         create_detector("classical", nucleus_treshold=1.0)
 
 
-def test_save_load_round_trip(tmp_path, detector):
+def test_save_load_round_trip(tmp_path):
     image, _, _ = synthetic_field(seed=3)
+    detector = create_detector("classical")
+    detector.load_state({"params": {"rbc_min_distance": 18, "wbc_pad": 26.0}})  # as a fit would leave it
     detector.score_thresholds = {"rbc": 0.1, "wbc": 0.2, "platelet": 0.3}
     save_detector(detector, tmp_path / "det")
     again = load_detector(tmp_path / "det")
