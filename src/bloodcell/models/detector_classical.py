@@ -12,7 +12,8 @@ Pipeline (at 1/`downscale` resolution; boxes are returned in the photograph's pi
    white cells; box side max(`platelet_size`, extent * 1.6) around the blob's centre.
 4. Red cells. Foreground = green below `rbc_level` * the background's green (90th percentile), minus the white
    cells, pale centres (holes up to `rbc_hole_max` px) filled, opened; the distance transform's peaks (at least `rbc_min_distance` px apart)
-   seed a watershed that splits touching cells; regions under `rbc_min_area` px are dropped.
+   seed a watershed that splits touching cells; regions under `rbc_min_area` px are dropped, and a region much
+   larger than one cell is cut into round(area / `rbc_split_area`) parts by k-means on its pixel coordinates.
 
 Every box has a score in [0, 1] ranking how much it looks like its class (size and stain fit), so score
 thresholds and mAP are meaningful. `fit` tunes the thresholds on train photographs by coordinate search.
@@ -39,7 +40,7 @@ DEFAULTS: dict[str, Any] = {
     "blur_sigma": 1.0,
     "nucleus_threshold": 1.4,  # stain ratio B/(G+1) of white-cell nuclei
     "lobe_merge": 5,  # closing radius (working px) joining the lobes of one nucleus
-    "wbc_min_area": 650,  # working px of nucleus per white cell
+    "wbc_min_area": 900,  # working px of nucleus per white cell
     "wbc_grow": 1.03,  # cell side = wbc_grow * nucleus side + wbc_pad (working px)
     "wbc_pad": 20.0,
     "platelet_threshold": 1.25,  # blue/red ratio of platelets
@@ -49,8 +50,9 @@ DEFAULTS: dict[str, Any] = {
     "platelet_size": 19.0,  # smallest platelet box side (working px)
     "rbc_level": 0.87,  # foreground: green < rbc_level * background green (90th percentile of green)
     "rbc_hole_max": 600,  # working px: larger enclosed gaps are background between cells, not pale centres
-    "rbc_min_distance": 22,  # working px between red-cell centres
-    "rbc_min_area": 800,  # working px
+    "rbc_min_distance": 26,  # working px between red-cell centres
+    "rbc_min_area": 1000,  # working px
+    "rbc_split_area": 0.0,  # working px per cell when cutting an unsplit clump (0: never cut)
     "rbc_typical_area": 1870.0,  # working px; score peaks here
 }
 
@@ -184,40 +186,58 @@ class ClassicalDetector(FieldDetector):
         fg = ndi.binary_opening(fg, structure=_disk(2))
         return fg
 
-    def _red_cells(self, fg: np.ndarray) -> list:
+    def _rbc_regions(self, fg: np.ndarray) -> tuple[np.ndarray, int]:
+        """Watershed of the foreground's distance transform from peaks at least rbc_min_distance apart."""
         from skimage.feature import peak_local_max
         from skimage.segmentation import watershed
 
-        p = self.params
-        H, W = fg.shape
         if not fg.any():
-            return []
-        dist = ndi.distance_transform_edt(fg)
-        dist = ndi.gaussian_filter(dist, 1.0)
-        md = max(int(p["rbc_min_distance"]), 1)
+            return np.zeros(fg.shape, np.int32), 0
+        dist = ndi.gaussian_filter(ndi.distance_transform_edt(fg), 1.0)
+        md = max(int(self.params["rbc_min_distance"]), 1)
         peaks = peak_local_max(dist, min_distance=md, threshold_abs=md * 0.5, labels=ndi.label(fg)[0], exclude_border=False)
         if len(peaks) == 0:
-            return []
+            return np.zeros(fg.shape, np.int32), 0
         markers = np.zeros(fg.shape, np.int32)
         markers[tuple(peaks.T)] = np.arange(1, len(peaks) + 1)
-        regions = watershed(-dist, markers, mask=fg)
-        idx = np.arange(1, len(peaks) + 1)
-        areas = ndi.sum(fg, regions, index=idx)
-        reds = []
+        return watershed(-dist, markers, mask=fg).astype(np.int32), len(peaks)
+
+    def _red_cells(self, fg: np.ndarray, regions: tuple[np.ndarray, int] | None = None) -> list:
+        """(box, score, area) per red cell, working px. A watershed region much larger than one cell (a clump
+        the distance transform could not split) is cut into round(area / rbc_split_area) parts by k-means on
+        its pixel coordinates."""
+        p = self.params
+        H, W = fg.shape
+        labels, n = self._rbc_regions(fg) if regions is None else regions
+        if n == 0:
+            return []
+        split = float(p["rbc_split_area"])
         typical = p["rbc_typical_area"]
-        for i, sl in enumerate(ndi.find_objects(regions)):
-            if sl is None or areas[i] < p["rbc_min_area"]:
+        reds = []
+        for i, sl in enumerate(ndi.find_objects(labels)):
+            if sl is None:
                 continue
-            ys, xs = sl
-            bh, bw = ys.stop - ys.start, xs.stop - xs.start
-            fill = areas[i] / max(bh * bw, 1)  # a disc fills ~0.785 of its box
-            on_border = ys.start == 0 or xs.start == 0 or ys.stop == H or xs.stop == W
-            size_fit = np.exp(-0.5 * (np.log(areas[i] / typical) / 0.6) ** 2)
-            if on_border:
-                size_fit = max(size_fit, 0.6 * float(areas[i] >= p["rbc_min_area"]))
-            shape_fit = float(np.clip(1.0 - abs(fill - 0.78) / 0.5, 0, 1))
-            box = np.array([xs.start, ys.start, xs.stop, ys.stop], float)
-            reds.append((box, float(size_fit * (0.4 + 0.6 * shape_fit)), float(areas[i])))
+            ys, xs = np.nonzero(labels[sl] == i + 1)
+            area = len(ys)
+            if area < p["rbc_min_area"]:
+                continue
+            k = max(1, int(round(area / split))) if split > 0 else 1
+            parts = _kmeans_parts(np.stack([ys + sl[0].start, xs + sl[1].start], axis=1), k) if k > 1 else [
+                np.stack([ys + sl[0].start, xs + sl[1].start], axis=1)]
+            for pts in parts:
+                a = len(pts)
+                if a < p["rbc_min_area"] * (0.6 if k > 1 else 1.0):
+                    continue
+                y0, x0 = pts.min(axis=0)
+                y1, x1 = pts.max(axis=0) + 1
+                fill = a / max((y1 - y0) * (x1 - x0), 1)  # a disc fills ~0.785 of its box
+                on_border = y0 == 0 or x0 == 0 or y1 == H or x1 == W
+                size_fit = float(np.exp(-0.5 * (np.log(a / typical) / 0.6) ** 2))
+                if on_border:
+                    size_fit = max(size_fit, 0.6)
+                shape_fit = float(np.clip(1.0 - abs(fill - 0.78) / 0.5, 0, 1))
+                score = size_fit * (0.4 + 0.6 * shape_fit) * (0.85 if k > 1 else 1.0)
+                reds.append((np.array([x0, y0, x1, y1], float), score, float(a)))
         return reds
 
     def _assemble(self, prep, whites, platelets, reds) -> Detections:
@@ -248,6 +268,24 @@ class ClassicalDetector(FieldDetector):
 
 # ---------------------------------------------------------------- helpers
 
+def _kmeans_parts(points: np.ndarray, k: int, iterations: int = 8) -> list[np.ndarray]:
+    """Split pixel coordinates (N, 2) into k compact parts: farthest-point start, then Lloyd iterations."""
+    pts = points.astype(np.float32)
+    centres = [pts.mean(axis=0)]
+    far = np.full(len(pts), np.inf, np.float32)
+    for _ in range(k):
+        far = np.minimum(far, ((pts - centres[-1]) ** 2).sum(axis=1))
+        centres.append(pts[int(np.argmax(far))])
+    centres = np.asarray(centres[1:], np.float32)
+    for _ in range(iterations):
+        assign = np.argmin(((pts[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+        for j in range(k):
+            if np.any(assign == j):
+                centres[j] = pts[assign == j].mean(axis=0)
+    assign = np.argmin(((pts[:, None, :] - centres[None]) ** 2).sum(axis=2), axis=1)
+    return [points[assign == j] for j in range(k) if np.any(assign == j)]
+
+
 def _nucleus_groups(det: ClassicalDetector, prep: dict[str, np.ndarray]) -> list[tuple]:
     """Stained nucleus groups (lobes joined by closing): (area, cx, cy, width, height, mean stain), working px."""
     p = det.params
@@ -273,15 +311,17 @@ def _nucleus_groups(det: ClassicalDetector, prep: dict[str, np.ndarray]) -> list
 SEARCH_GRID: dict[str, list] = {
     "nucleus_threshold": [1.3, 1.4, 1.5, 1.6],
     "lobe_merge": [5, 8, 11],
-    "wbc_min_area": [300, 450, 650, 900],
+    "wbc_min_area": [450, 650, 900, 1200],
     "platelet_threshold": [1.15, 1.2, 1.25, 1.3],
     "platelet_dark": [0.8, 0.88, 0.95],
-    "platelet_min_area": [2, 3, 5, 8],
+    "platelet_min_area": [1, 2, 3, 5, 8],
+    "platelet_max_area": [150, 300, 500],
     "platelet_size": [15.0, 17.0, 19.0, 21.0],
     "rbc_level": [0.84, 0.87, 0.9],
-    "rbc_hole_max": [150, 300, 600],
-    "rbc_min_distance": [15, 18, 22, 26],
-    "rbc_min_area": [450, 600, 800, 1000],
+    "rbc_hole_max": [300, 600],
+    "rbc_min_distance": [18, 22, 26, 30],
+    "rbc_split_area": [1500.0, 1800.0, 2200.0, 0.0],
+    "rbc_min_area": [600, 800, 1000, 1200],
 }
 
 
@@ -392,7 +432,7 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
         return {"platelet_f1": _f1(tp, npred, ntrue), "platelet_recall": tp / max(ntrue, 1)}
 
     for _ in range(2):
-        for key in ("platelet_threshold", "platelet_dark", "platelet_min_area", "platelet_size"):
+        for key in ("platelet_threshold", "platelet_dark", "platelet_min_area", "platelet_max_area", "platelet_size"):
             best = None
             for value in SEARCH_GRID[key]:
                 det.params[key] = value
@@ -402,17 +442,17 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
                     best = (m["platelet_f1"], value)
             det.params[key] = best[1]
 
-    # stage C: red cells; foreground per level and watershed per distance are cached, min area is a filter
+    # stage C: red cells. C1: foreground level and hole size (distance fixed); C2: peak distance. Within each,
+    # the watershed is cached and the clump split area and the minimum area are searched on it.
     best_c = None
-    for level, hole in ((lv, ho) for lv in SEARCH_GRID["rbc_level"] for ho in SEARCH_GRID["rbc_hole_max"]):
-        det.params.update(rbc_level=level, rbc_hole_max=hole)
-        fgs = [det._foreground(prep, ex) for prep, ex in zip(preps, excl)]
-        for md in SEARCH_GRID["rbc_min_distance"]:
-            det.params["rbc_min_distance"] = md
-            det.params["rbc_min_area"] = 1
-            cells = [det._red_cells(fg) for fg in fgs]
+
+    def rbc_search(stage_params: dict, fgs: list) -> None:
+        nonlocal best_c
+        regions = [det._rbc_regions(fg) for fg in fgs]
+        for split in SEARCH_GRID["rbc_split_area"]:
+            det.params.update(rbc_split_area=split, rbc_min_area=min(SEARCH_GRID["rbc_min_area"]) * 0.6)
+            cells = [det._red_cells(fg, r) for fg, r in zip(fgs, regions)]
             for ma in SEARCH_GRID["rbc_min_area"]:
-                det.params["rbc_min_area"] = ma
                 tp = npred = ntrue = 0
                 rel = []
                 for c, t in zip(cells, truths):
@@ -423,10 +463,25 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
                     if len(t[RBC]):
                         rel.append(abs(len(found) - len(t[RBC])) / len(t[RBC]))
                 m = {"rbc_count_rel": float(np.mean(rel)) if rel else 0.0, "rbc_f1": _f1(tp, npred, ntrue)}
-                record("rbc", {"rbc_level": level, "rbc_hole_max": hole, "rbc_min_distance": md, "rbc_min_area": ma}, m)
+                chosen = {**stage_params, "rbc_split_area": split, "rbc_min_area": ma}
+                record("rbc", chosen, m)
                 objective = m["rbc_count_rel"] + 0.3 * (1.0 - m["rbc_f1"])
                 if best_c is None or objective < best_c[0]:
-                    best_c = (objective, dict(rbc_level=level, rbc_hole_max=hole, rbc_min_distance=md, rbc_min_area=ma), m)
+                    best_c = (objective, chosen, m)
+
+    det.params["rbc_min_distance"] = DEFAULTS["rbc_min_distance"]
+    for level in SEARCH_GRID["rbc_level"]:
+        for hole in SEARCH_GRID["rbc_hole_max"]:
+            det.params.update(rbc_level=level, rbc_hole_max=hole)
+            rbc_search({"rbc_level": level, "rbc_hole_max": hole, "rbc_min_distance": det.params["rbc_min_distance"]},
+                       [det._foreground(prep, ex) for prep, ex in zip(preps, excl)])
+    det.params.update(rbc_level=best_c[1]["rbc_level"], rbc_hole_max=best_c[1]["rbc_hole_max"])
+    fgs = [det._foreground(prep, ex) for prep, ex in zip(preps, excl)]
+    for md in SEARCH_GRID["rbc_min_distance"]:
+        if md == DEFAULTS["rbc_min_distance"]:
+            continue
+        det.params["rbc_min_distance"] = md
+        rbc_search({"rbc_level": det.params["rbc_level"], "rbc_hole_max": det.params["rbc_hole_max"], "rbc_min_distance": md}, fgs)
     det.params.update(best_c[1])
 
     seconds = time.perf_counter() - t0
