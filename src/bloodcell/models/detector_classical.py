@@ -42,18 +42,18 @@ DEFAULTS: dict[str, Any] = {
     "lobe_merge": 5,  # closing radius (working px) joining the lobes of one nucleus
     "wbc_min_area": 900,  # working px of nucleus per white cell
     "wbc_grow": 1.03,  # cell side = wbc_grow * nucleus side + wbc_pad (working px)
-    "wbc_pad": 20.0,
-    "platelet_threshold": 1.25,  # blue/red ratio of platelets
+    "wbc_pad": 20.13,
+    "platelet_threshold": 1.2,  # blue/red ratio of platelets
     "platelet_dark": 0.88,  # platelet mean green below platelet_dark * background green (glints in red cells are bright)
-    "platelet_min_area": 5,
-    "platelet_max_area": 150,
+    "platelet_min_area": 8,
+    "platelet_max_area": 500,
     "platelet_size": 19.0,  # smallest platelet box side (working px)
-    "rbc_level": 0.87,  # foreground: green < rbc_level * background green (90th percentile of green)
+    "rbc_level": 0.9,  # foreground: green < rbc_level * background green (90th percentile of green)
     "rbc_hole_max": 600,  # working px: larger enclosed gaps are background between cells, not pale centres
-    "rbc_min_distance": 26,  # working px between red-cell centres
+    "rbc_min_distance": 30,  # working px between red-cell centres
     "rbc_min_area": 1000,  # working px
     "rbc_split_area": 0.0,  # working px per cell when cutting an unsplit clump (0: never cut)
-    "rbc_typical_area": 1870.0,  # working px; score peaks here
+    "rbc_typical_area": 1872.54,  # working px; score peaks here
 }
 
 
