@@ -158,3 +158,12 @@ def test_bccd_white_cells_found(bccd_val, detector):
         assert matches(det.of_class("wbc").boxes, a.boxes[a.labels == WBC], 0.5) == 1, a.name
         n_rbc = a.count("rbc")
         assert abs(det.counts()["rbc"] - n_rbc) <= max(6, n_rbc), a.name
+
+
+def test_overlapping_white_cell_boxes_merge():
+    from bloodcell.models.detector_classical import _merge_overlapping
+
+    cells = [(np.array([0.0, 0, 100, 100]), 0.9), (np.array([40.0, 50, 130, 140]), 0.7), (np.array([200.0, 0, 260, 60]), 0.5)]
+    merged = _merge_overlapping(cells)
+    assert len(merged) == 2
+    assert np.array_equal(merged[0][0], [0, 0, 130, 140]) and merged[0][1] == 0.9

@@ -22,6 +22,7 @@ thresholds and mAP are meaningful. `fit` tunes the thresholds on train photograp
 from __future__ import annotations
 
 import csv
+import itertools
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "platelet_max_area": 500,
     "platelet_size": 19.0,  # smallest platelet box side (working px)
     "rbc_level": 0.9,  # foreground: green < rbc_level * background green (90th percentile of green)
+    "rbc_close": 2,  # closing radius (working px) that shuts the rims around pale centres
     "rbc_hole_max": 600,  # working px: larger enclosed gaps are background between cells, not pale centres
     "rbc_min_distance": 30,  # working px between red-cell centres
     "rbc_min_area": 1000,  # working px
@@ -142,7 +144,7 @@ class ClassicalDetector(FieldDetector):
             yy, xx = np.ogrid[y0:y1, x0:x1]
             ry, rx = max(side_h / 2, 1), max(side_w / 2, 1)
             exclude[y0:y1, x0:x1] |= ((yy + 0.5 - cy) / ry) ** 2 + ((xx + 0.5 - cx) / rx) ** 2 <= 1.0
-        return whites, (self._platelets(prep, exclude) if platelets else []), exclude
+        return _merge_overlapping(whites), (self._platelets(prep, exclude) if platelets else []), exclude
 
     def _platelets(self, prep: dict[str, np.ndarray], exclude: np.ndarray) -> list:
         """Small purple blobs outside the white cells, darker than the background."""
@@ -176,7 +178,7 @@ class ClassicalDetector(FieldDetector):
         g = prep["green"]
         level = float(prep["background"]) * p["rbc_level"]
         fg = (g < level) & ~exclude
-        fg = ndi.binary_closing(fg, structure=_disk(2), border_value=1)
+        fg = ndi.binary_closing(fg, structure=_disk(p["rbc_close"]), border_value=1) if p["rbc_close"] > 0 else fg
         # fill the pale centres, not the background between a ring of touching cells
         holes = ndi.binary_fill_holes(fg) & ~fg
         if holes.any():
@@ -268,6 +270,23 @@ class ClassicalDetector(FieldDetector):
 
 # ---------------------------------------------------------------- helpers
 
+def _merge_overlapping(cells: list, share: float = 0.3) -> list:
+    """One box per white cell: boxes sharing more than `share` of the smaller one's area (two nucleus groups of
+    one big cell) become their union, with the higher score."""
+    cells = sorted(cells, key=lambda c: -c[1])
+    merged: list = []
+    for box, score in cells:
+        for j, (other, other_score) in enumerate(merged):
+            inter = np.prod(np.clip(np.minimum(box[2:], other[2:]) - np.maximum(box[:2], other[:2]), 0, None))
+            smaller = min(np.prod(box[2:] - box[:2]), np.prod(other[2:] - other[:2]))
+            if smaller > 0 and inter / smaller > share:
+                merged[j] = (np.concatenate([np.minimum(box[:2], other[:2]), np.maximum(box[2:], other[2:])]), other_score)
+                break
+        else:
+            merged.append((box, score))
+    return merged
+
+
 def _kmeans_parts(points: np.ndarray, k: int, iterations: int = 8) -> list[np.ndarray]:
     """Split pixel coordinates (N, 2) into k compact parts: farthest-point start, then Lloyd iterations."""
     pts = points.astype(np.float32)
@@ -317,8 +336,9 @@ SEARCH_GRID: dict[str, list] = {
     "platelet_min_area": [1, 2, 3, 5, 8],
     "platelet_max_area": [150, 300, 500],
     "platelet_size": [15.0, 17.0, 19.0, 21.0],
-    "rbc_level": [0.84, 0.87, 0.9],
-    "rbc_hole_max": [300, 600],
+    "rbc_level": [0.87, 0.9, 0.93],
+    "rbc_close": [2, 6],
+    "rbc_hole_max": [600],
     "rbc_min_distance": [18, 22, 26, 30],
     "rbc_split_area": [1500.0, 1800.0, 2200.0, 0.0],
     "rbc_min_area": [600, 800, 1000, 1200],
@@ -372,8 +392,10 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
 
     def record(stage: str, params: dict, metrics: dict) -> None:
         log.append({"stage": stage, **params, **{k: round(v, 4) for k, v in metrics.items()}})
+
+    def report(stage: str, chosen: dict) -> None:
         if progress:
-            print(f"[classical fit] {stage} {params} {metrics}", flush=True)
+            print(f"[classical fit] {stage}: {chosen} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     # typical red-cell area (working px) for the score
     rbc_true = np.concatenate([t[RBC] for t in truths]) if truths else np.zeros((0, 4))
@@ -418,6 +440,7 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
                 if best_a is None or key > best_a[0]:
                     best_a = (key, dict(nucleus_threshold=nt, lobe_merge=lm, wbc_min_area=ma, wbc_grow=grow, wbc_pad=pad))
     det.params.update(best_a[1])
+    report("white cells", best_a[1])
 
     # stage B: platelets (one parameter at a time, two passes), with the white cells fixed
     excl = [det._white_and_platelets(prep, platelets=False)[2] for prep in preps]
@@ -442,7 +465,9 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
                     best = (m["platelet_f1"], value)
             det.params[key] = best[1]
 
-    # stage C: red cells. C1: foreground level and hole size (distance fixed); C2: peak distance. Within each,
+    report("platelets", {k: det.params[k] for k in ("platelet_threshold", "platelet_dark", "platelet_min_area", "platelet_max_area", "platelet_size")})
+
+    # stage C: red cells. C1: foreground level, closing and hole size (distance fixed); C2: peak distance. Within each,
     # the watershed is cached and the clump split area and the minimum area are searched on it.
     best_c = None
 
@@ -470,19 +495,19 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
                     best_c = (objective, chosen, m)
 
     det.params["rbc_min_distance"] = DEFAULTS["rbc_min_distance"]
-    for level in SEARCH_GRID["rbc_level"]:
-        for hole in SEARCH_GRID["rbc_hole_max"]:
-            det.params.update(rbc_level=level, rbc_hole_max=hole)
-            rbc_search({"rbc_level": level, "rbc_hole_max": hole, "rbc_min_distance": det.params["rbc_min_distance"]},
-                       [det._foreground(prep, ex) for prep, ex in zip(preps, excl)])
-    det.params.update(rbc_level=best_c[1]["rbc_level"], rbc_hole_max=best_c[1]["rbc_hole_max"])
+    for level, close, hole in itertools.product(*(SEARCH_GRID[k] for k in ("rbc_level", "rbc_close", "rbc_hole_max"))):
+        det.params.update(rbc_level=level, rbc_close=close, rbc_hole_max=hole)
+        rbc_search({"rbc_level": level, "rbc_close": close, "rbc_hole_max": hole, "rbc_min_distance": det.params["rbc_min_distance"]},
+                   [det._foreground(prep, ex) for prep, ex in zip(preps, excl)])
+    det.params.update({k: best_c[1][k] for k in ("rbc_level", "rbc_close", "rbc_hole_max")})
     fgs = [det._foreground(prep, ex) for prep, ex in zip(preps, excl)]
     for md in SEARCH_GRID["rbc_min_distance"]:
         if md == DEFAULTS["rbc_min_distance"]:
             continue
         det.params["rbc_min_distance"] = md
-        rbc_search({"rbc_level": det.params["rbc_level"], "rbc_hole_max": det.params["rbc_hole_max"], "rbc_min_distance": md}, fgs)
+        rbc_search({k: det.params[k] for k in ("rbc_level", "rbc_close", "rbc_hole_max")} | {"rbc_min_distance": md}, fgs)
     det.params.update(best_c[1])
+    report("red cells", best_c[1])
 
     seconds = time.perf_counter() - t0
     det.fitted = {"photos": len(train), "seconds": round(seconds, 1)}
