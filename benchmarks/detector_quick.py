@@ -70,7 +70,8 @@ def mean_ap(dets, annos):
 
 
 def choose_thresholds(raws, annos, detector):
-    """Per class on these photographs: max F1 at IoU 0.5 (wbc, platelet); min mean relative count error (rbc)."""
+    """Per class on these photographs: max F1 at IoU 0.5 (wbc, platelet); min mean relative count error (rbc);
+    among equal scores the highest threshold."""
     from bloodcell.models.detector import Detections
 
     chosen = {}
@@ -85,7 +86,7 @@ def choose_thresholds(raws, annos, detector):
                 score = -float(np.mean(errs))
             else:
                 score = per_class(dets, annos)[cls]["f1"]
-            if best is None or score > best[0]:
+            if best is None or score >= best[0]:  # ties: the higher threshold
                 best = (score, float(t))
         chosen[cls] = best[1]
     return chosen

@@ -7,11 +7,12 @@ Pipeline (at 1/`downscale` resolution; boxes are returned in the photograph's pi
    separates the paler platelets from red-cell rims better.
 2. White cells. `stain > nucleus_threshold` pixels, closed with a disk of `lobe_merge` px so the lobes of a
    neutrophil nucleus join; groups of at least `wbc_min_area` px are white cells. The box is the nucleus box
-   grown to the whole cell: side = `wbc_grow` * nucleus side + `wbc_pad` (fitted on train photographs).
+   grown to the whole cell: side = `wbc_grow` * nucleus side + `wbc_pad` (fitted on train photographs); boxes
+   that overlap much (two nucleus groups of one big cell) merge.
 3. Platelets. `purple > platelet_threshold` groups of `platelet_min_area`..`platelet_max_area` px away from the
    white cells; box side max(`platelet_size`, extent * 1.6) around the blob's centre.
 4. Red cells. Foreground = green below `rbc_level` * the background's green (90th percentile), minus the white
-   cells, pale centres (holes up to `rbc_hole_max` px) filled, opened; the distance transform's peaks (at least `rbc_min_distance` px apart)
+   cells, closed (`rbc_close`), pale centres (holes up to `rbc_hole_max` px) filled, opened; the distance transform's peaks (at least `rbc_min_distance` px apart)
    seed a watershed that splits touching cells; regions under `rbc_min_area` px are dropped, and a region much
    larger than one cell is cut into round(area / `rbc_split_area`) parts by k-means on its pixel coordinates.
 
@@ -63,18 +64,6 @@ def _disk(radius: int) -> np.ndarray:
     r = max(int(round(radius)), 0)
     y, x = np.ogrid[-r : r + 1, -r : r + 1]
     return x * x + y * y <= r * r
-
-
-def _otsu(values: np.ndarray) -> float:
-    hist, edges = np.histogram(values, bins=128)
-    centres = (edges[:-1] + edges[1:]) / 2
-    w0 = np.cumsum(hist)
-    w1 = w0[-1] - w0
-    m = np.cumsum(hist * centres)
-    mu0 = m / np.maximum(w0, 1)
-    mu1 = (m[-1] - m) / np.maximum(w1, 1)
-    between = w0 * w1 * (mu0 - mu1) ** 2
-    return float(centres[int(np.argmax(between))])
 
 
 @register_detector("classical")
