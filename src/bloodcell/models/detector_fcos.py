@@ -65,7 +65,7 @@ def _build_fcos(long_side: int, fpn_channels: int, head_convs: int, trunk: str, 
     elif trunk == "layer4":
         layers, channels = {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512]
     else:
-        raise ConfigError(f"fcos: trunk must be 'layer3' or 'layer4', got '{trunk}'")
+        raise ModelError(f"detector 'fcos': trunk must be 'layer3' or 'layer4', got '{trunk}'")
     body = IntermediateLayerGetter(resnet, return_layers=layers)
     # P6P7 adds two levels above the last trunk level (its own 3x3 stride-2 convolutions)
     fpn = FeaturePyramidNetwork(channels, fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
@@ -113,11 +113,11 @@ class FCOSDetector(FieldDetector):
             min_score=min_score, max_detections=max_detections, bf16=bf16,
         )
         if not 64 <= int(long_side) <= 4096:
-            raise ConfigError(f"fcos: long_side must be 64..4096, got {long_side}")
-        if fpn_channels < 8 or fpn_channels % 8:
-            raise ConfigError(f"fcos: fpn_channels must be a multiple of 8 (GroupNorm in the head), got {fpn_channels}")
+            raise ModelError(f"detector 'fcos': long_side must be 64..4096, got {long_side}")
+        if fpn_channels < 32 or fpn_channels % 32:
+            raise ModelError(f"detector 'fcos': fpn_channels must be a multiple of 32 (the head's GroupNorm has 32 groups), got {fpn_channels}")
         if not 1 <= head_convs <= 8:
-            raise ConfigError(f"fcos: head_convs must be 1..8, got {head_convs}")
+            raise ModelError(f"detector 'fcos': head_convs must be 1..8, got {head_convs}")
         self.long_side = int(long_side)
         self.bf16 = bool(bf16)  # bf16 autocast while training, where the CPU runs it natively
         self.model = _build_fcos(self.long_side, int(fpn_channels), int(head_convs), trunk, float(min_score), int(max_detections))
@@ -127,7 +127,7 @@ class FCOSDetector(FieldDetector):
     # -- inference
     def detect_one(self, image: np.ndarray) -> Detections:
         self.model.eval()
-        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        x = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)  # a copy: read-only arrays are fine
         with torch.inference_mode():
             out = self.model([x])[0]
         labels = out["labels"].numpy().astype(np.int64) - 1
@@ -358,6 +358,8 @@ def _fit(detector: FCOSDetector, train: list, val: list, settings: Any, run_dir:
             f"fcos: train.long_side is {settings.long_side} but the detector's long_side option is {detector.long_side}; set both alike"
         )
     progress = progress and enabled_by_default()
+    # tiny gradients and Adam moments turn subnormal as training settles; on x86 each one costs ~100 cycles
+    torch.set_flush_denormal(True)
     seed = int(torch.initial_seed() % (2**31))
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
