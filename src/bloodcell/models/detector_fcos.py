@@ -1,0 +1,456 @@
+"""A learned cell detector: torchvision's anchor-free FCOS on a small ResNet-18 trunk, trained from scratch.
+
+The photograph is resized once so its long side is `long_side` (BCCD 640x480 -> 320x240 keeps platelets ~20 px
+wide), fed through a ResNet-18 trunk up to layer3 (trainable BatchNorm: nothing is pretrained), a narrow FPN
+(strides 8/16 from the trunk, 32/64 from extra convolutions) and an FCOS head of `head_convs` convolutions per
+branch. Boxes come back in the photograph's own pixels. Training (`fit`) runs on Lightning, with safetensors
+checkpoints every epoch so `resume=True` continues a killed run; it ends by choosing the per-class operating
+score thresholds on the validation photographs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import math
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from bloodcell.data.fields import FIELD_CLASSES
+from bloodcell.errors import ConfigError, DataError, ModelError
+from bloodcell.models.detector import Detections, FieldDetector, register_detector
+
+# per-channel RGB statistics the network's input is normalised with (ImageNet's; BatchNorm absorbs the rest)
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+LOG_COLUMNS = ["epoch", "loss", "classification", "bbox_regression", "bbox_ctrness", "lr", "seconds"]
+
+
+class _Backbone(nn.Module):
+    """Trunk + FPN: an image batch -> an ordered dict of feature maps, finest first."""
+
+    def __init__(self, body: nn.Module, fpn: nn.Module, out_channels: int) -> None:
+        super().__init__()
+        self.body, self.fpn, self.out_channels = body, fpn, out_channels
+
+    def forward(self, x):
+        return self.fpn(self.body(x))
+
+
+def _build_fcos(long_side: int, fpn_channels: int, head_convs: int, trunk: str, min_score: float, max_detections: int):
+    from torchvision.models import resnet18
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.fcos import FCOS, FCOSHead
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+    from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelP6P7
+
+    class _LongSideTransform(GeneralizedRCNNTransform):
+        """Normalise, and at inference resize so the long side is `long_side`; training batches come resized."""
+
+        def resize(self, image, target=None):
+            if self.training:
+                return image, target
+            return super().resize(image, target)
+
+    resnet = resnet18(weights=None, norm_layer=nn.BatchNorm2d)
+    if trunk == "layer3":
+        layers, channels = {"layer2": "0", "layer3": "1"}, [128, 256]
+    elif trunk == "layer4":
+        layers, channels = {"layer2": "0", "layer3": "1", "layer4": "2"}, [128, 256, 512]
+    else:
+        raise ModelError(f"detector 'fcos': trunk must be 'layer3' or 'layer4', got '{trunk}'")
+    body = IntermediateLayerGetter(resnet, return_layers=layers)
+    # P6P7 adds two levels above the last trunk level (its own 3x3 stride-2 convolutions)
+    fpn = FeaturePyramidNetwork(channels, fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
+    backbone = _Backbone(body, fpn, fpn_channels)
+    levels = len(channels) + 2
+    strides = tuple(8 * 2**i for i in range(levels))
+    anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * levels)
+    head = FCOSHead(fpn_channels, 1, len(FIELD_CLASSES) + 1, num_convs=head_convs)
+    model = FCOS(
+        backbone,
+        num_classes=len(FIELD_CLASSES) + 1,  # label 0 is background; FIELD_CLASSES index i is label i + 1
+        min_size=long_side,
+        max_size=long_side,  # min_size == max_size: the long side becomes long_side, whatever the aspect
+        image_mean=list(IMAGE_MEAN),
+        image_std=list(IMAGE_STD),
+        anchor_generator=anchors,
+        head=head,
+        score_thresh=min_score,
+        nms_thresh=0.5,
+        detections_per_img=max_detections,
+        topk_candidates=1000,
+    )
+    model.transform = _LongSideTransform(long_side, long_side, list(IMAGE_MEAN), list(IMAGE_STD))
+    return model
+
+
+@register_detector("fcos")
+class FCOSDetector(FieldDetector):
+    """FCOS (anchor-free) on a from-scratch ResNet-18 trunk; see the module docstring."""
+
+    name = "fcos"
+
+    def __init__(
+        self,
+        long_side: int = 320,
+        fpn_channels: int = 128,
+        head_convs: int = 2,
+        trunk: str = "layer3",
+        min_score: float = 0.05,
+        max_detections: int = 300,
+        bf16: bool = True,
+    ) -> None:
+        super().__init__(
+            long_side=long_side, fpn_channels=fpn_channels, head_convs=head_convs, trunk=trunk,
+            min_score=min_score, max_detections=max_detections, bf16=bf16,
+        )
+        if not 64 <= int(long_side) <= 4096:
+            raise ModelError(f"detector 'fcos': long_side must be 64..4096, got {long_side}")
+        if fpn_channels < 32 or fpn_channels % 32:
+            raise ModelError(f"detector 'fcos': fpn_channels must be a multiple of 32 (the head's GroupNorm has 32 groups), got {fpn_channels}")
+        if not 1 <= head_convs <= 8:
+            raise ModelError(f"detector 'fcos': head_convs must be 1..8, got {head_convs}")
+        self.long_side = int(long_side)
+        self.bf16 = bool(bf16)  # bf16 autocast while training, where the CPU runs it natively
+        self.model = _build_fcos(self.long_side, int(fpn_channels), int(head_convs), trunk, float(min_score), int(max_detections))
+        self.model.eval()
+        self.fit_summary: dict[str, Any] = {}
+
+    # -- inference
+    def detect_one(self, image: np.ndarray) -> Detections:
+        self.model.eval()
+        x = torch.tensor(image).permute(2, 0, 1).float().div_(255.0)  # a copy: read-only arrays are fine
+        with torch.inference_mode():
+            out = self.model([x])[0]
+        labels = out["labels"].numpy().astype(np.int64) - 1
+        keep = labels >= 0
+        return Detections(
+            out["boxes"].numpy().astype(np.float32)[keep],
+            labels[keep],
+            out["scores"].numpy().astype(np.float32)[keep],
+        )
+
+    # -- saving
+    def state(self) -> dict[str, Any]:
+        return {"fit": self.fit_summary} if self.fit_summary else {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        self.fit_summary = dict(state.get("fit") or {})
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.model.state_dict().items()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        own = self.model.state_dict()
+        missing = sorted(set(own) - set(tensors))
+        extra = sorted(set(tensors) - set(own))
+        if missing or extra:
+            raise ModelError(f"fcos weights do not fit this architecture: missing {missing[:3]}, unexpected {extra[:3]} (check the options in detector.json)")
+        bad = [k for k in own if own[k].shape != tensors[k].shape]
+        if bad:
+            raise ModelError(f"fcos weights do not fit this architecture: {bad[0]} is {tuple(tensors[bad[0]].shape)}, expected {tuple(own[bad[0]].shape)}")
+        self.model.load_state_dict(tensors)
+        self.model.eval()
+
+    # -- training
+    def fit(self, train: Sequence, val: Sequence, settings: Any, run_dir: Path, resume: bool = False, progress: bool = True) -> dict:
+        """Train on `train` (FieldAnnotation) with Lightning; choose the operating thresholds on `val`."""
+        summary = _fit(self, list(train), list(val), settings, Path(run_dir), resume, progress)
+        self.fit_summary = summary
+        return summary
+
+
+# ---------------------------------------------------------------- data
+
+
+def load_field_image(ann) -> np.ndarray:
+    """The photograph of a FieldAnnotation as H x W x 3 uint8 RGB."""
+    from PIL import Image
+
+    try:
+        with Image.open(ann.path) as im:
+            return np.array(im.convert("RGB"))  # a writable copy
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{ann.path}: cannot read the photograph ({exc})") from None
+
+
+def _resized(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float, float]:
+    """`image` with its long side `long_side` (area-averaged), and the x and y scale factors applied."""
+    from PIL import Image
+
+    h, w = image.shape[:2]
+    scale = long_side / max(h, w)
+    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+    out = np.array(Image.fromarray(image).resize((nw, nh), Image.BILINEAR, reducing_gap=None))
+    return out, nw / w, nh / h
+
+
+def rot90_boxes(boxes: np.ndarray, k: int, width: int, height: int) -> np.ndarray:
+    """Boxes of a W x H image after np.rot90(image, k) (k quarter turns counter-clockwise)."""
+    boxes = boxes.copy()
+    for _ in range(k % 4):
+        x0, y0, x1, y1 = boxes.T
+        boxes = np.stack([y0, width - x1, y1, width - x0], axis=1).astype(np.float32)
+        width, height = height, width
+    return boxes
+
+
+class _FieldBatches(torch.utils.data.Dataset):
+    """Photographs decoded and resized once; item = a list of positions -> (images, targets), augmented.
+
+    Augmentation draws from a generator seeded by (seed, epoch, photo), so a resumed run sees what the
+    uninterrupted one would have: flips, quarter turns, scale jitter and mild brightness/contrast/colour jitter.
+    """
+
+    def __init__(self, items: list, long_side: int, seed: int, augment: bool, scale_jitter: float = 0.2):
+        self.images, self.boxes, self.labels = [], [], []
+        for ann in items:
+            image = load_field_image(ann)
+            small, sx, sy = _resized(image, long_side)
+            # the annotation's size, not the decoded one, is what its boxes are measured in
+            fx, fy = small.shape[1] / ann.width, small.shape[0] / ann.height
+            boxes = ann.boxes.astype(np.float32) * np.array([fx, fy, fx, fy], np.float32)
+            self.images.append(small)
+            self.boxes.append(boxes)
+            self.labels.append(ann.labels.astype(np.int64))
+        self.seed, self.augment, self.scale_jitter = seed, augment, scale_jitter
+        self.sampler = None  # the EpochBatches feeding this set (its epoch seeds the augmentation)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def sample(self, i: int, epoch: int) -> tuple[torch.Tensor, dict]:
+        image, boxes, labels = self.images[i], self.boxes[i], self.labels[i]
+        if self.augment:
+            rng = np.random.default_rng([self.seed, epoch, i, 17])
+            h, w = image.shape[:2]
+            if rng.random() < 0.5:
+                image = image[:, ::-1]
+                boxes = np.stack([w - boxes[:, 2], boxes[:, 1], w - boxes[:, 0], boxes[:, 3]], axis=1)
+            if rng.random() < 0.5:
+                image = image[::-1]
+                boxes = np.stack([boxes[:, 0], h - boxes[:, 3], boxes[:, 2], h - boxes[:, 1]], axis=1)
+            k = int(rng.integers(4))
+            image = np.rot90(image, k)
+            boxes = rot90_boxes(boxes, k, w, h)
+        x = torch.from_numpy(image.copy()).permute(2, 0, 1).float().div_(255.0)  # flips/turns are views
+        b = torch.from_numpy(np.ascontiguousarray(boxes, dtype=np.float32)).reshape(-1, 4)
+        if self.augment:
+            scale = float(np.exp(rng.uniform(-self.scale_jitter, self.scale_jitter)))
+            if abs(scale - 1) > 1e-3:
+                size = (max(32, round(x.shape[1] * scale)), max(32, round(x.shape[2] * scale)))
+                b = b * torch.tensor([size[1] / x.shape[2], size[0] / x.shape[1]] * 2)
+                x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1)[0]
+            gain = torch.from_numpy(rng.uniform(0.93, 1.07, 3).astype(np.float32))[:, None, None]
+            brightness, contrast = float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.85, 1.15))
+            mean = x.mean()
+            x = ((x - mean) * contrast + mean) * brightness * gain
+            x = x.clamp_(0, 1)
+        lab = torch.from_numpy(labels) + 1
+        keep = ((b[:, 2] - b[:, 0]) >= 1) & ((b[:, 3] - b[:, 1]) >= 1)
+        return x, {"boxes": b[keep], "labels": lab[keep]}
+
+    def __getitem__(self, positions):
+        epoch = self.sampler.epoch if self.sampler is not None else 0
+        pairs = [self.sample(int(i), epoch) for i in positions]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+# ---------------------------------------------------------------- training
+
+
+def _lr_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from 1 % to 100 %, then cosine decay to 1 %."""
+    if step < warmup_steps:
+        return 0.01 + 0.99 * step / max(1, warmup_steps)
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+
+def _write_log(run_dir: Path, rows: list[dict]) -> None:
+    from bloodcell import io
+
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    io.write_text(run_dir / "train_log.csv", buf.getvalue())
+
+
+def _module(detector: FCOSDetector, settings: Any, steps_per_epoch: int, run_dir: Path):
+    import lightning as L
+
+    from bloodcell.errors import TrainingDiverged
+
+    class FCOSModule(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = detector.model
+            self.history: list[dict] = []
+            self.started_at_epoch = 0
+
+        def on_train_epoch_start(self):
+            self.model.train()  # Lightning keeps submodules' modes; the detector's model is built in eval mode
+            self._t0, self._sums, self._n = time.time(), {}, 0
+
+        def training_step(self, batch, batch_idx):
+            images, targets = batch
+            losses = self.model(images, targets)
+            loss = sum(losses.values())
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"fcos: the loss became {loss.item()} in epoch {self.current_epoch + 1}; lower train.lr")
+            for k, v in losses.items():
+                self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
+            self._sums["loss"] = self._sums.get("loss", 0.0) + float(loss.detach())
+            self._n += 1
+            return loss
+
+        def on_train_epoch_end(self):
+            row = {k: round(v / max(1, self._n), 5) for k, v in self._sums.items()}
+            row.update(epoch=self.current_epoch + 1, lr=f"{self.optimizers().param_groups[0]['lr']:.3g}", seconds=round(time.time() - self._t0, 1))
+            self.history.append(row)
+            _write_log(run_dir, self.history)
+
+        def configure_optimizers(self):
+            decay, no_decay = [], []
+            for name, p in self.model.named_parameters():
+                (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on norms and biases
+            opt = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": settings.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=settings.lr
+            )
+            total = settings.epochs * steps_per_epoch
+            warm = settings.warmup_epochs * steps_per_epoch
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: _lr_factor(step, warm, total))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+        def on_save_checkpoint(self, checkpoint):
+            checkpoint["fcos_history"] = [dict(r) for r in self.history]
+
+        def on_load_checkpoint(self, checkpoint):
+            self.history = [dict(r) for r in checkpoint.get("fcos_history", [])]
+            self.started_at_epoch = len(self.history)
+
+    return FCOSModule()
+
+
+def _fit(detector: FCOSDetector, train: list, val: list, settings: Any, run_dir: Path, resume: bool, progress: bool) -> dict:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+
+    from bloodcell.progress import enabled_by_default
+    from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO
+    from bloodcell.train.fit import EpochBatches, _resumable_checkpoint, cpu_has_native_bf16
+
+    if not train:
+        raise DataError("fcos: no training photographs")
+    if settings.num_threads:
+        torch.set_num_threads(settings.num_threads)
+    if settings.long_side != detector.long_side:
+        raise ConfigError(
+            f"fcos: train.long_side is {settings.long_side} but the detector's long_side option is {detector.long_side}; set both alike"
+        )
+    progress = progress and enabled_by_default()
+    # tiny gradients and Adam moments turn subnormal as training settles; on x86 each one costs ~100 cycles
+    torch.set_flush_denormal(True)
+    seed = int(torch.initial_seed() % (2**31))
+    start = time.time()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = _FieldBatches(train, detector.long_side, seed, augment=True)
+    sampler = EpochBatches(len(data), settings.batch_size, True, seed)
+    data.sampler = sampler
+    loader = torch.utils.data.DataLoader(data, sampler=sampler, batch_size=None, num_workers=0)
+    module = _module(detector, settings, len(sampler), run_dir)
+    precision = "bf16-mixed" if detector.bf16 and cpu_has_native_bf16() else "32-true"
+    callbacks = [
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=-1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    ]
+    if progress:
+        callbacks.append(RichProgressBar(leave=True))
+    trainer = L.Trainer(
+        accelerator="cpu",
+        devices=1,
+        precision=precision,
+        max_epochs=settings.epochs,
+        callbacks=callbacks,
+        plugins=[SafetensorsCheckpointIO()],
+        logger=False,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        gradient_clip_val=10.0,
+        num_sanity_val_steps=0,
+        default_root_dir=str(run_dir),
+    )
+    detector.model.train()
+    ckpt = _resumable_checkpoint(run_dir / "checkpoints" / "last.ckpt") if resume else None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*|.*exists and is not empty.*|.*LeafSpec.*")
+        trainer.fit(module, loader, ckpt_path=ckpt)
+    detector.model = module.model.float().eval()
+    train_seconds = time.time() - start
+    summary: dict[str, Any] = {
+        "epochs": len(module.history),
+        "resumed_from_epoch": module.started_at_epoch,
+        "seconds": round(train_seconds, 1),
+        "final_loss": module.history[-1]["loss"] if module.history else None,
+        "precision": precision,
+        "train_photographs": len(train),
+    }
+    if val:
+        dets = [detector.detect_one(load_field_image(a)) for a in val]
+        detector.score_thresholds = choose_thresholds(dets, val)
+        summary["val_photographs"] = len(val)
+        summary["score_thresholds"] = dict(detector.score_thresholds)
+    _write_log(run_dir, module.history)
+    return summary
+
+
+# ---------------------------------------------------------------- operating thresholds
+
+
+def match_boxes(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> int:
+    """How many predicted boxes match a true box one-to-one at IoU >= `iou` (Hungarian on IoU)."""
+    if len(pred) == 0 or len(true) == 0:
+        return 0
+    from scipy.optimize import linear_sum_assignment
+    from torchvision.ops import box_iou
+
+    m = box_iou(torch.as_tensor(pred, dtype=torch.float32), torch.as_tensor(true, dtype=torch.float32)).numpy()
+    rows, cols = linear_sum_assignment(-m)
+    return int((m[rows, cols] >= iou).sum())
+
+
+def choose_thresholds(dets: list[Detections], anns: list, iou: float = 0.5) -> dict[str, float]:
+    """Per class, the score floor that maximises F1 at IoU `iou` over `anns`; for rbc the one with the least
+    mean relative count error (red cells are counted; their boxes are often missing in the labels)."""
+    grid = np.round(np.arange(0.05, 0.96, 0.01), 2)
+    out: dict[str, float] = {}
+    for ci, cls in enumerate(FIELD_CLASSES):
+        per_photo = []
+        for d, a in zip(dets, anns):
+            sel = d.labels == ci
+            per_photo.append((d.boxes[sel], d.scores[sel], a.boxes[a.labels == ci]))
+        best, best_t = None, 0.5
+        for t in grid:
+            if cls == "rbc":
+                errs = [abs(int((s >= t).sum()) - len(g)) / len(g) for _, s, g in per_photo if len(g)]
+                value = -float(np.mean(errs)) if errs else 0.0
+            else:
+                tp = npred = ntrue = 0
+                for b, s, g in per_photo:
+                    keep = s >= t
+                    tp += match_boxes(b[keep], g, iou)
+                    npred += int(keep.sum())
+                    ntrue += len(g)
+                value = 2 * tp / max(1, npred + ntrue)
+            if best is None or value > best + 1e-12:
+                best, best_t = value, float(t)
+        out[cls] = best_t
+    return out
