@@ -35,7 +35,7 @@ INPUT_KINDS = ("auto", "cell", "field")
 # The classifier's view, when its model.json does not say: the side of a PBC training crop is this many red-cell
 # diameters (median red-cell box side), or this many white-cell box sides when a photograph shows too few red cells.
 # Measured on PBC by benchmarks/field_of_view.py (see docs/fields.md).
-DEFAULT_VIEW = {"rbc_diameters": 3.4, "wbc_sides": 2.0}
+DEFAULT_VIEW = {"rbc_diameters": 4.3, "wbc_sides": 2.7}
 MIN_RULER_RBC = 3  # fewer red cells than this: the white cell's own box sets the scale
 # A photograph larger than this is refused (it would be a stitched scan or a camera far from BCCD's scale)
 DEFAULT_MAX_FIELD_PIXELS = 16_000_000
@@ -43,6 +43,7 @@ DEFAULT_MAX_FIELD_PIXELS = 16_000_000
 # image centre, in an image no wider than this many classifier views
 CROP_CENTRE_TOLERANCE = 0.2
 CROP_MAX_VIEWS = 1.6
+CROP_MAX_ASPECT = 1.15
 
 
 def field_of_view(meta: dict) -> dict:
@@ -88,12 +89,14 @@ class FieldReader:
             return "cell", "the detector found no cells in it"
         wbc = det.of_class("wbc")
         side, _ = self.crop_side(det)
-        if len(wbc) == 1 and side > 0:
-            w, h = size
-            cx, cy = (wbc.boxes[0, 0] + wbc.boxes[0, 2]) / 2, (wbc.boxes[0, 1] + wbc.boxes[0, 3]) / 2
+        w, h = size
+        # a crop made for a classifier is square-ish (PBC 360x363, Tecom 120x120), a camera field 4:3 or wider
+        squarish = max(w, h) <= CROP_MAX_ASPECT * min(w, h)
+        if len(wbc) and side > 0 and squarish and max(w, h) <= CROP_MAX_VIEWS * side:
+            cx, cy = (wbc.boxes[:, 0] + wbc.boxes[:, 2]) / 2, (wbc.boxes[:, 1] + wbc.boxes[:, 3]) / 2
             off = np.hypot(cx - w / 2, cy - h / 2) / min(w, h)
-            if off <= CROP_CENTRE_TOLERANCE and max(w, h) <= CROP_MAX_VIEWS * side:
-                return "cell", "one centred white cell filling the classifier's view: a single-cell crop"
+            if off.min() <= CROP_CENTRE_TOLERANCE:  # cells cut by the crop's border may be found beside it
+                return "cell", "a centred white cell filling the classifier's view: a single-cell crop"
         counts = det.counts()
         return "field", f"the detector found {counts['wbc']} white, {counts['rbc']} red cells, {counts['platelet']} platelets"
 
