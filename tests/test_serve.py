@@ -193,8 +193,10 @@ def test_bad_input_kind_is_422(field_client, query):
     assert r.status_code == 422 and "input" in r.text
 
 
-def test_server_without_detector_reads_cells_and_refuses_fields(client, tmp_path):
-    # auto: no detector installed, every image is read as a cell (and says why); field: 503, not a crash
+def test_server_without_detector_reads_cells_and_refuses_fields(predictor, tmp_path):
+    # auto: the detector cannot be loaded, every image is read as a cell (and says why); field: 503, not a crash
+    client = TestClient(create_app(predictor, max_upload_bytes=200_000, max_pixels=1_000_000, max_files=5,
+                                   detector=tmp_path / "no-detector"))
     r = client.post("/predict", files=upload(sample(TWO[0])))
     assert r.status_code == 200, r.text
     assert r.json()["fields"] == [] and "no field detector" in r.json()["predictions"][0]["input_reason"]
