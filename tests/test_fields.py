@@ -243,7 +243,7 @@ def test_predict_mixed_auto_keeps_cells_and_reads_fields(toy_ood_run, tmp_path):
     cell_paths = [p["path"] for p in result["predictions"]]
     assert cell_paths == [p.name for p in inside] + ["blank.png"]
     assert all(p["input"] == "cell" for p in result["predictions"])
-    assert result["predictions"][0]["input_reason"] == "in distribution for the classifier"
+    assert "square-ish image: read as a single-cell crop" in result["predictions"][0]["input_reason"]
     assert "found no cells" in result["predictions"][-1]["input_reason"]
     assert result["counted"] == len(inside)  # the blank image stays OOD and uncounted, as before
     field = result["fields"][0]

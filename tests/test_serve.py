@@ -197,7 +197,8 @@ def test_server_without_detector_reads_cells_and_refuses_fields(predictor, tmp_p
     # auto: the detector cannot be loaded, every image is read as a cell (and says why); field: 503, not a crash
     client = TestClient(create_app(predictor, max_upload_bytes=200_000, max_pixels=1_000_000, max_files=5,
                                    detector=tmp_path / "no-detector"))
-    r = client.post("/predict", files=upload(sample(TWO[0])))
+    photo = ("smear.jpg", field_photo(tmp_path / "smear.jpg").read_bytes())  # rectangular: a field candidate
+    r = client.post("/predict", files=upload(photo))
     assert r.status_code == 200, r.text
     assert r.json()["fields"] == [] and "no field detector" in r.json()["predictions"][0]["input_reason"]
     r = client.post("/predict?input=field", files=upload(sample(TWO[0])))
