@@ -19,9 +19,8 @@ from __future__ import annotations
 import re
 import threading
 from pathlib import Path
-from typing import Literal
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -229,13 +228,20 @@ def create_app(
 
     @app.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA}, responses={
         **_UPLOAD_ERRORS, 503: {"model": ErrorMessage, "description": "input=field but the server has no usable field detector"}})
-    async def predict(request: Request, input: Literal["auto", "cell", "field"] = "auto") -> PredictResult:
+    async def predict(
+        request: Request,
+        input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]},
+                           description="auto (decide per image), cell or field"),
+    ) -> PredictResult:
         """Classify one or more images (multipart field `files`); see docs/inference.md for the result.
 
         input: auto (decide per image), cell (each image is one cell crop) or field (a smear photograph: every
         cell found with its box, the white ones classified, counts; docs/fields.md)."""
         from bloodcell.errors import ModelError
-        from bloodcell.infer.fields import predict_mixed
+        from bloodcell.infer.fields import INPUT_KINDS, predict_mixed
+
+        if input not in INPUT_KINDS:  # our one-line 422, not FastAPI's validation list
+            raise HTTPException(422, f"input must be one of {', '.join(INPUT_KINDS)}, got '{input}'")
 
         files = await read_uploads(request, ("files",))
         try:
