@@ -36,7 +36,7 @@ INPUT_KINDS = ("auto", "cell", "field")
 # The classifier's view, when its model.json does not say: the side of a PBC training crop is this many red-cell
 # diameters (median red-cell box side), or this many white-cell box sides when a photograph shows too few red cells.
 # Measured on PBC by benchmarks/field_of_view.py (see docs/fields.md).
-DEFAULT_VIEW = {"rbc_diameters": 4.3, "wbc_sides": 2.7}
+DEFAULT_VIEW = {"rbc_diameters": 4.4, "wbc_sides": 2.7}
 MIN_RULER_RBC = 3  # fewer red cells than this: the white cell's own box sets the scale
 # A photograph larger than this is refused (it would be a stitched scan or a camera far from BCCD's scale)
 DEFAULT_MAX_FIELD_PIXELS = 16_000_000
