@@ -17,7 +17,6 @@ Prints, with the CPU model and flags:
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

@@ -27,14 +27,9 @@ WBC = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
 
 def cpu_line() -> str:
-    from bloodcell.evaluate.run import cpu_name
+    from bloodcell.evaluate.run import cpu_line as line
 
-    try:
-        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
-    except (OSError, StopIteration):
-        flags = set()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{cpu_name()} ({', '.join(wanted) or 'no AVX2/AVX-512 flags seen'})"
+    return line()
 
 
 def png(arr: np.ndarray) -> bytes:

@@ -11,7 +11,7 @@ from PIL import Image
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation, load_voc
 from bloodcell.errors import ModelError
 from bloodcell.models.detector import Detections, create_detector, load_detector, save_detector
-from bloodcell.models.detector_classical import matches
+from bloodcell.models.detector import matched as matches
 
 BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
 RBC, WBC, PLT = (FIELD_CLASSES.index(c) for c in ("rbc", "wbc", "platelet"))

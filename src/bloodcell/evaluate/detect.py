@@ -8,56 +8,20 @@ error per photograph. Operating thresholds are chosen here on validation photogr
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
-from torchvision.ops import box_iou
 
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation
-from bloodcell.models.detector import Detections, FieldDetector
-
-
-def matched(found: np.ndarray, truth: np.ndarray, match_iou: float) -> int:
-    """How many true boxes are found: one-to-one matches with IoU >= match_iou, as many as possible."""
-    if len(found) == 0 or len(truth) == 0:
-        return 0
-    iou = box_iou(torch.as_tensor(found, dtype=torch.float32), torch.as_tensor(truth, dtype=torch.float32)).numpy()
-    ok = iou >= match_iou
-    rows, cols = linear_sum_assignment(ok, maximize=True)
-    return int(ok[rows, cols].sum())
-
-
-def class_counts(found: Sequence[Detections], truth: Sequence[FieldAnnotation], cls: str, match_iou: float) -> dict:
-    """tp/fp/fn over all photographs and the count error per photograph, for one class."""
-    k = FIELD_CLASSES.index(cls)
-    tp = fp = fn = 0
-    n_found, n_true = [], []
-    for det, ann in zip(found, truth):
-        boxes = det.boxes[det.labels == k]
-        true_boxes = ann.boxes[ann.labels == k]
-        hit = matched(boxes, true_boxes, match_iou)
-        tp, fp, fn = tp + hit, fp + len(boxes) - hit, fn + len(true_boxes) - hit
-        n_found.append(len(boxes))
-        n_true.append(len(true_boxes))
-    n_found, n_true = np.array(n_found), np.array(n_true)
-    err = n_found - n_true
-    has = n_true > 0
-    precision = tp / (tp + fp) if tp + fp else float("nan")
-    recall = tp / (tp + fn) if tp + fn else float("nan")
-    f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
-    return {
-        "tp": tp, "fp": fp, "fn": fn,
-        "precision": precision, "recall": recall, "f1": f1,
-        "true_total": int(n_true.sum()), "found_total": int(n_found.sum()),
-        "count_mae": float(np.abs(err).mean()) if len(err) else float("nan"),
-        "count_bias": float(err.mean()) if len(err) else float("nan"),
-        # the per-photograph error relative to its true count, over photographs that have the class
-        "count_rel_error": float((np.abs(err[has]) / n_true[has]).mean()) if has.any() else float("nan"),
-        "photos_with_class": int(has.sum()),
-    }
+from bloodcell.models.detector import (  # noqa: F401  (the matching rule lives with the detectors, which fit by it)
+    Detections,
+    FieldDetector,
+    choose_thresholds,
+    class_counts,
+    matched,
+)
+from bloodcell.models.detector import keep_above
 
 
 def mean_average_precision(raw: Sequence[Detections], truth: Sequence[FieldAnnotation], match_iou: float) -> dict:
@@ -81,7 +45,7 @@ def detection_metrics(raw: Sequence[Detections], truth: Sequence[FieldAnnotation
     """Everything the report shows for one split: AP on all boxes, the rest at the operating thresholds."""
     if len(raw) != len(truth):
         raise ValueError(f"{len(raw)} detection results for {len(truth)} photographs")
-    kept = [_threshold(d, thresholds) for d in raw]
+    kept = [keep_above(d, thresholds) for d in raw]
     ap = mean_average_precision(raw, truth, match_iou)
     return {
         "photos": len(truth),
@@ -90,33 +54,6 @@ def detection_metrics(raw: Sequence[Detections], truth: Sequence[FieldAnnotation
         "classes": {c: {"ap": ap["per_class"][c], "threshold": thresholds[c], **class_counts(kept, truth, c, match_iou)}
                     for c in FIELD_CLASSES},
     }
-
-
-def _threshold(det: Detections, thresholds: dict[str, float]) -> Detections:
-    floor = np.array([thresholds[c] for c in FIELD_CLASSES], dtype=np.float32)
-    return det.select(det.scores >= floor[det.labels]) if len(det) else det
-
-
-def choose_thresholds(raw: Sequence[Detections], truth: Sequence[FieldAnnotation], match_iou: float = 0.5) -> dict[str, float]:
-    """Per class, the lowest score kept: best F1 for white cells and platelets (boxes matter: they are cropped or
-    located), smallest relative count error for red cells (their number is what is reported), F1 breaking ties."""
-    chosen = {}
-    for k, cls in enumerate(FIELD_CLASSES):
-        scores = np.concatenate([d.scores[d.labels == k] for d in raw] or [np.zeros(0)])
-        if len(scores) == 0:
-            chosen[cls] = 0.5
-            continue
-        candidates = np.unique(np.quantile(scores, np.linspace(0, 1, 41)))
-        best, best_key = candidates[0], None
-        for t in candidates:
-            stats = class_counts([_threshold(d, {**{c: 0.0 for c in FIELD_CLASSES}, cls: float(t)}) for d in raw], truth, cls, match_iou)
-            f1 = 0.0 if np.isnan(stats["f1"]) else stats["f1"]
-            key = (-stats["count_rel_error"], f1) if cls == "rbc" else (f1, -stats["count_rel_error"])
-            key = tuple(-np.inf if np.isnan(v) else v for v in key)
-            if best_key is None or key > best_key:
-                best, best_key = t, key
-        chosen[cls] = float(best)
-    return chosen
 
 
 def run_detector(detector: FieldDetector, photos: Sequence[FieldAnnotation], progress: bool = False,
@@ -137,14 +74,9 @@ def run_detector(detector: FieldDetector, photos: Sequence[FieldAnnotation], pro
 
 
 def machine_line() -> str:
-    from bloodcell.evaluate.run import cpu_name
+    from bloodcell.evaluate.run import cpu_line
 
-    try:
-        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
-    except (OSError, StopIteration):
-        flags = set()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{cpu_name()} ({', '.join(wanted) or 'no AVX2/AVX-512'}), torch threads {torch.get_num_threads()}"
+    return f"{cpu_line()}, torch threads {torch.get_num_threads()}"
 
 
 def metrics_table(metrics: dict) -> str:

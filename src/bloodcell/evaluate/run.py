@@ -133,6 +133,16 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_line() -> str:
+    """The CPU model and the flags that change speed (AVX2, AVX-512, bf16, AMX): every benchmark prints it."""
+    try:
+        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
+    except (OSError, StopIteration):
+        flags = set()
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{cpu_name()} ({', '.join(wanted) or 'no AVX2/AVX-512 flags seen'})"
+
+
 def write_predictions(path: Path, paths: list[str], true_names: list[str], class_names: list[str], probs: np.ndarray) -> None:
     """predictions.csv: path, true class, predicted class, confidence, then one probability column per class."""
     buf = _io.StringIO()

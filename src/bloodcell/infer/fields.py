@@ -262,7 +262,6 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
     cell_reasons: dict[str, str] = {}
     if input_kind == "field":
         candidates = items
-        cell_items: list = []
     else:
         names, probs, ood, unreadable = predictor.classify(items, batch_size, progress, max_pixels)
         by_name = dict(items)  # names are unique here (tagged by position)
@@ -274,7 +273,6 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
             cell_reasons[n] = "a square-ish image: read as a single-cell crop (use --input field for a square photograph)"
     from bloodcell.progress import progress_bar
 
-    as_cells: set[str] = set()
     if candidates and input_kind == "auto":
         try:
             get_reader()
@@ -299,7 +297,6 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
                     fields.append(r.read(name, image, det, reason))
                 else:
                     cell_reasons[name] = f"out of distribution, but {reason}"
-                    as_cells.add(name)
             except UnreadableImage as exc:
                 unreadable.append({"path": name, "reason": str(exc)})
             except OSError as exc:

@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 
 from bloodcell.data.fields import FIELD_CLASSES
 from bloodcell.errors import DataError, ModelError
-from bloodcell.models.detector import Detections, FieldDetector, register_detector
+from bloodcell.models.detector import Detections, FieldDetector, matched, register_detector
 
 RBC, WBC, PLT = (FIELD_CLASSES.index(c) for c in ("rbc", "wbc", "platelet"))
 
@@ -343,17 +343,6 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def matches(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> int:
-    """One-to-one matches with IoU >= iou (Hungarian assignment on IoU)."""
-    from scipy.optimize import linear_sum_assignment
-
-    if len(pred) == 0 or len(true) == 0:
-        return 0
-    m = _iou(np.asarray(pred, float), np.asarray(true, float))
-    r, c = linear_sum_assignment(-m)
-    return int((m[r, c] >= iou).sum())
-
-
 def _f1(tp: int, npred: int, ntrue: int) -> float:
     return 2.0 * tp / max(npred + ntrue, 1)
 
@@ -420,7 +409,7 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
                 tp = npred = ntrue = 0
                 for prep, g, t in zip(preps, groups, truths):
                     whites = _boxes(det._white_and_platelets(prep, platelets=False, groups=g)[0], 0.5)
-                    tp += matches(whites, t[WBC])
+                    tp += matched(whites, t[WBC], 0.5)
                     npred += len(whites)
                     ntrue += len(t[WBC])
                 m = {"wbc_f1": _f1(tp, npred, ntrue), "wbc_recall": tp / max(ntrue, 1)}
@@ -438,7 +427,7 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
         tp = npred = ntrue = 0
         for prep, ex, t in zip(preps, excl, truths):
             found = _boxes(det._platelets(prep, ex), 0.0)
-            tp += matches(found, t[PLT])
+            tp += matched(found, t[PLT], 0.5)
             npred += len(found)
             ntrue += len(t[PLT])
         return {"platelet_f1": _f1(tp, npred, ntrue), "platelet_recall": tp / max(ntrue, 1)}
@@ -471,7 +460,7 @@ def _search(det: ClassicalDetector, train: list, run_dir: Path | None, progress:
                 rel = []
                 for c, t in zip(cells, truths):
                     found = np.asarray([b for b, _, area in c if area >= ma], float).reshape(-1, 4)
-                    tp += matches(found, t[RBC])
+                    tp += matched(found, t[RBC], 0.5)
                     npred += len(found)
                     ntrue += len(t[RBC])
                     if len(t[RBC]):

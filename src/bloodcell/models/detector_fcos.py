@@ -24,7 +24,7 @@ from torch import nn
 
 from bloodcell.data.fields import FIELD_CLASSES
 from bloodcell.errors import ConfigError, DataError, ModelError
-from bloodcell.models.detector import Detections, FieldDetector, register_detector
+from bloodcell.models.detector import Detections, FieldDetector, choose_thresholds, register_detector
 
 # per-channel RGB statistics the network's input is normalised with (ImageNet's; BatchNorm absorbs the rest)
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -410,47 +410,3 @@ def _fit(detector: FCOSDetector, train: list, val: list, settings: Any, run_dir:
         summary["score_thresholds"] = dict(detector.score_thresholds)
     _write_log(run_dir, module.history)
     return summary
-
-
-# ---------------------------------------------------------------- operating thresholds
-
-
-def match_boxes(pred: np.ndarray, true: np.ndarray, iou: float = 0.5) -> int:
-    """How many predicted boxes match a true box one-to-one at IoU >= `iou` (Hungarian on IoU)."""
-    if len(pred) == 0 or len(true) == 0:
-        return 0
-    from scipy.optimize import linear_sum_assignment
-    from torchvision.ops import box_iou
-
-    m = box_iou(torch.as_tensor(pred, dtype=torch.float32), torch.as_tensor(true, dtype=torch.float32)).numpy()
-    rows, cols = linear_sum_assignment(-m)
-    return int((m[rows, cols] >= iou).sum())
-
-
-def choose_thresholds(dets: list[Detections], anns: list, iou: float = 0.5) -> dict[str, float]:
-    """Per class, the score floor that maximises F1 at IoU `iou` over `anns`; for rbc the one with the least
-    mean relative count error (red cells are counted; their boxes are often missing in the labels)."""
-    grid = np.round(np.arange(0.05, 0.96, 0.01), 2)
-    out: dict[str, float] = {}
-    for ci, cls in enumerate(FIELD_CLASSES):
-        per_photo = []
-        for d, a in zip(dets, anns):
-            sel = d.labels == ci
-            per_photo.append((d.boxes[sel], d.scores[sel], a.boxes[a.labels == ci]))
-        best, best_t = None, 0.5
-        for t in grid:
-            if cls == "rbc":
-                errs = [abs(int((s >= t).sum()) - len(g)) / len(g) for _, s, g in per_photo if len(g)]
-                value = -float(np.mean(errs)) if errs else 0.0
-            else:
-                tp = npred = ntrue = 0
-                for b, s, g in per_photo:
-                    keep = s >= t
-                    tp += match_boxes(b[keep], g, iou)
-                    npred += int(keep.sum())
-                    ntrue += len(g)
-                value = 2 * tp / max(1, npred + ntrue)
-            if best is None or value > best + 1e-12:
-                best, best_t = value, float(t)
-        out[cls] = best_t
-    return out

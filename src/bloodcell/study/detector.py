@@ -117,7 +117,7 @@ def report_text(cfg: DetectorRunConfig, metrics: dict) -> str:
         f"measured on `{cfg.data.test_split}` ({metrics['photos']['test']}), never fitted or tuned on. Seed {cfg.seed}.",
         f"A found box counts as a cell when its IoU with a true box of the same class is >= {cfg.eval.match_iou} "
         "(one-to-one matching); AP is COCO's, at that IoU, over all boxes (torchmetrics).",
-        f"Count error: |found - true| per photograph; relative: that over the true count, averaged over photographs having the class.",
+        "Count error: |found - true| per photograph; relative: that over the true count, averaged over photographs having the class.",
         "",
         f"## Test ({test['photos']} photographs), mAP {test['map']:.3f}",
         "",
