@@ -285,7 +285,7 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
             try:
                 image = open_rgb(source, max_pixels=limit)
                 if input_kind == "auto" and image.size[0] * image.size[1] > max_field_pixels:
-                    cell_reasons[name] = f"out of distribution, and at {image.size[0]}x{image.size[1]} px too large to read as a field"
+                    cell_reasons[name] = f"a rectangular image, but at {image.size[0]}x{image.size[1]} px too large to read as a field: read as one cell"
                     advance()
                     continue
                 check_field_size(image.size, max_field_pixels)
@@ -296,7 +296,7 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
                 if kind == "field":
                     fields.append(r.read(name, image, det, reason))
                 else:
-                    cell_reasons[name] = f"out of distribution, but {reason}"
+                    cell_reasons[name] = f"a rectangular image, but {reason}: read as one cell"
             except UnreadableImage as exc:
                 unreadable.append({"path": name, "reason": str(exc)})
             except OSError as exc:
