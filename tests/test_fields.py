@@ -309,3 +309,54 @@ def test_annotated_photograph_shows_each_cell(toy_ood_run, tmp_path):
     assert tuple(drawn[(y0 + y1) // 2, x0]) == colour and tuple(drawn[(y0 + y1) // 2, x1]) == colour
     x0, y0, x1, y1 = photograph()[1][0]
     assert tuple(drawn[(y0 + y1) // 2, x0]) == KIND_COLOURS["rbc"]
+
+
+# ------------------------------------------------------------------------------------------------ a detector run
+
+
+def voc_folder(root: Path) -> Path:
+    """A Pascal VOC folder of drawn photographs: 2 per split, the cells moved a little in each."""
+    for d in ("Annotations", "JPEGImages", "ImageSets/Main"):
+        (root / d).mkdir(parents=True, exist_ok=True)
+    names = {}
+    for k, split in enumerate(["train", "train", "val", "val", "test", "test"]):
+        shift = 12 * k
+        img, boxes, labels = photograph(rbc_centres=((80 + shift, 80), (300, 90 + shift), (520, 100), (100, 380)),
+                                        wbc=(320 + shift, 260, 70), platelets=((470, 250 + shift),))
+        name = f"photo_{k}"
+        Image.fromarray(img).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
+        voc_xml(root / "Annotations" / f"{name}.xml", [(("RBC", "WBC", "Platelets")[l], tuple(b)) for b, l in zip(boxes, labels)],
+                filename=f"{name}.jpg")
+        names.setdefault(split, []).append(name)
+    for split, listed in names.items():
+        (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(listed) + "\n")
+    return root
+
+
+def test_detector_train_writes_a_run_directory_and_refuses_to_overwrite_it(tmp_path):
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+    from bloodcell.models.detector import load_detector
+
+    data = voc_folder(tmp_path / "voc")
+    out = tmp_path / "run"
+    args = ["detector", "train", str(REPO / "configs" / "detector-classical.yaml"), "--data", str(data), "--out", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    for name in ("config.yaml", "detector.json", "metrics.json", "report.md", "examples.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["photos"] == {"train": 2, "val": 2, "test": 2}
+    assert metrics["test"]["classes"]["wbc"]["recall"] == 1.0  # a drawn white cell is found in both test photographs
+    detector = load_detector(out)
+    assert detector.name == "classical" and detector.score_thresholds == json.loads((out / "detector.json").read_text())["score_thresholds"]
+    assert "Test (2 photographs)" in (out / "report.md").read_text()
+
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 2 and "already holds a detector run" in again.output
+    other = CliRunner().invoke(app, args + ["--resume", "--set", "seed=1"])
+    assert other.exit_code == 2 and "started with another config" in other.output
+    evaluated = CliRunner().invoke(app, ["detector", "evaluate", str(out), "--data", str(data), "--split", "val", "--out", str(tmp_path / "m.json")])
+    assert evaluated.exit_code == 0, evaluated.output
+    assert json.loads((tmp_path / "m.json").read_text())["photos"] == 2
