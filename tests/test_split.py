@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bloodcell.data.discover import ImageRecord, Inventory
-from bloodcell.data.split import SplitConfig, load_split, make_folds, make_split
+from bloodcell.data.split import SPLIT_ORDERS, SplitConfig, load_split, make_folds, make_split
 from bloodcell.errors import DataError
 
 # The real PBC class sizes, so stratification is tested at the scale it is used.
@@ -47,9 +47,9 @@ def pbc_like() -> Inventory:
     return fake_inventory(PBC_COUNTS, DUPS)
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_test_part_is_stratified_within_one_percent(pbc_like, shuffle):
-    split = make_split(pbc_like, SplitConfig(seed=42, shuffle=shuffle))
+@pytest.mark.parametrize("order", SPLIT_ORDERS)
+def test_test_part_is_stratified_within_one_percent(pbc_like, order):
+    split = make_split(pbc_like, SplitConfig(seed=42, order=order))
     total = Counter(split.labels[i] for i in split.train + split.val + split.test)
     test = Counter(split.labels[i] for i in split.test)
     n_all, n_test = sum(total.values()), len(split.test)
@@ -59,7 +59,7 @@ def test_test_part_is_stratified_within_one_percent(pbc_like, shuffle):
 
 
 def test_validation_is_stratified_when_shuffled(pbc_like):
-    split = make_split(pbc_like, SplitConfig(seed=42, shuffle=True))
+    split = make_split(pbc_like, SplitConfig(seed=42, order="stratified"))
     pool = Counter(split.labels[i] for i in split.train + split.val)
     val = Counter(split.labels[i] for i in split.val)
     assert abs(len(split.val) / sum(pool.values()) - 0.2) < 0.01
@@ -68,7 +68,7 @@ def test_validation_is_stratified_when_shuffled(pbc_like):
 
 
 def test_unshuffled_validation_is_the_last_fifth_in_dataset_order(pbc_like):
-    split = make_split(pbc_like, SplitConfig(seed=42, shuffle=False))
+    split = make_split(pbc_like, SplitConfig(seed=42, order="sorted"))
     assert split.train == sorted(split.train)  # dataset order: class, then file name
     assert min(split.val) > max(split.train)  # validation is the tail, as Keras validation_split takes it
     val_classes = {split.class_names[split.labels[i]] for i in split.val}
@@ -76,14 +76,61 @@ def test_unshuffled_validation_is_the_last_fifth_in_dataset_order(pbc_like):
     assert abs(len(split.val) / (len(split.train) + len(split.val)) - 0.2) < 0.01
 
 
+def test_keras_orders_take_validation_from_the_tail_of_train_test_splits_random_order(pbc_like):
+    """The paper's reading: the stratified train_test_split order, then Keras validation_split's last 20 %."""
+    from sklearn.model_selection import train_test_split
+
+    keras = make_split(pbc_like, SplitConfig(seed=42, order="keras"))
+    shuffled = make_split(pbc_like, SplitConfig(seed=42, order="keras_shuffled"))
+    stratified = make_split(pbc_like, SplitConfig(seed=42, order="stratified"))
+    assert keras.test == shuffled.test == stratified.test  # one seed, one test part: runs compare pairwise
+    pool = keras.train + keras.val
+    assert sorted(pool) == sorted(shuffled.train + shuffled.val)
+    assert keras.train != sorted(keras.train)  # random order, not dataset order
+    n_val = len(keras.val)
+    assert abs(n_val / len(pool) - 0.2) < 0.001
+    # validation is exactly the tail of the training arrays in the order training sees them
+    assert set(keras.val).isdisjoint(keras.train) and len(keras.train) == len(pool) - n_val
+    # an unstratified tail: every class is there, in roughly its share (no class-sorted collapse)
+    val_classes = Counter(keras.labels[i] for i in keras.val)
+    assert len(val_classes) == len(pbc_like.class_names)
+    # the two protocols differ only by one more permutation: different validation images, same class mix in train
+    assert set(keras.val) != set(shuffled.val) and keras.train != shuffled.train
+    # and `keras` is the order scikit-learn's own stratified split returns (groups of one image each here)
+    inv = fake_inventory({"a": 30, "b": 20, "c": 10})
+    ours = make_split(inv, SplitConfig(seed=3, order="keras", dedup=False))
+    idx = list(range(len(inv.records)))
+    sk_train, _ = train_test_split(idx, test_size=0.3, random_state=3, stratify=inv.labels)
+    n_val = len(ours.val)
+    assert ours.train == sk_train[: len(sk_train) - n_val] and ours.val == sorted(sk_train[len(sk_train) - n_val :])
+
+
+def test_legacy_shuffle_key_maps_to_an_order(tmp_path, pbc_like):
+    import json
+
+    from bloodcell.config import parse_config
+
+    split = make_split(pbc_like, SplitConfig(seed=5, order="sorted"))
+    saved = split.to_dict()
+    saved["config"].pop("order")
+    saved["config"]["shuffle"] = False  # a split.json written before `order` existed
+    (tmp_path / "split.json").write_text(json.dumps(saved))
+    assert load_split(tmp_path / "split.json", pbc_like).config == split.config
+
+    assert parse_config({"data": {"split": {"shuffle": False}}}).data.split.order == "sorted"
+    assert parse_config({"data": {"split": {"shuffle": True}}}).data.split.order == "stratified"
+    with pytest.raises(DataError, match="split.order must be one of"):
+        SplitConfig(order="random")
+
+
 def test_shuffled_training_order_is_not_dataset_order(pbc_like):
-    split = make_split(pbc_like, SplitConfig(seed=42, shuffle=True))
+    split = make_split(pbc_like, SplitConfig(seed=42, order="stratified"))
     assert split.train != sorted(split.train)
 
 
-@pytest.mark.parametrize("shuffle", [True, False])
-def test_duplicate_groups_never_cross_parts_and_conflicts_are_dropped(pbc_like, shuffle):
-    split = make_split(pbc_like, SplitConfig(seed=7, shuffle=shuffle))
+@pytest.mark.parametrize("order", SPLIT_ORDERS)
+def test_duplicate_groups_never_cross_parts_and_conflicts_are_dropped(pbc_like, order):
+    split = make_split(pbc_like, SplitConfig(seed=7, order=order))
     groups = group_of(pbc_like)
     side = {}
     for part in ("train", "val", "test"):
@@ -126,7 +173,7 @@ def test_folds_partition_the_training_pool_and_keep_groups(pbc_like):
 
 
 def test_split_file_round_trip(pbc_like, tmp_path):
-    split = make_split(pbc_like, SplitConfig(seed=5, shuffle=False))
+    split = make_split(pbc_like, SplitConfig(seed=5, order="sorted"))
     split.save(tmp_path / "split.json")
     again = load_split(tmp_path / "split.json", pbc_like)
     assert (again.train, again.val, again.test) == (split.train, split.val, split.test)
@@ -153,11 +200,11 @@ def test_bad_fractions_and_folds_are_clear_errors(pbc_like):
 @given(
     counts=st.lists(st.integers(min_value=2, max_value=60), min_size=2, max_size=6),
     seed=st.integers(0, 10_000),
-    shuffle=st.booleans(),
+    order=st.sampled_from(SPLIT_ORDERS),
     test_size=st.sampled_from([0.0, 0.2, 0.3, 0.5]),
 )
-def test_any_split_is_a_partition(counts, seed, shuffle, test_size):
+def test_any_split_is_a_partition(counts, seed, order, test_size):
     inv = fake_inventory({f"c{k}": n for k, n in enumerate(counts)})
-    split = make_split(inv, SplitConfig(seed=seed, shuffle=shuffle, test_size=test_size))
+    split = make_split(inv, SplitConfig(seed=seed, order=order, test_size=test_size))
     used = split.train + split.val + split.test
     assert sorted(used) == list(range(len(inv.records)))

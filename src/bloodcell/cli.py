@@ -16,7 +16,7 @@ from typing import Callable, List, Optional
 
 import typer
 
-from bloodcell.errors import BloodcellError
+from bloodcell.errors import BloodcellError, DataError
 
 app = typer.Typer(
     help="Classify images of single peripheral blood cells.",
@@ -271,6 +271,7 @@ def study_cmd(
     only: List[str] = typer.Option([], "--only", help="Run only these experiments (repeatable)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),
     report_only: bool = typer.Option(False, "--report-only", help="Train nothing: write the report from the runs already in --out."),
+    estimate: bool = typer.Option(False, "--estimate", help="Train nothing: measure each model's epoch rate here and print how long every run will take (writes --out/budget.json)."),
 ) -> None:
     """Run many experiments (model x protocol x seed), resumably, and write report.md + report.html."""
     from bloodcell.study.runner import run_study
@@ -278,11 +279,42 @@ def study_cmd(
 
     spec, _ = load_study(config)
     out = out or Path("runs") / spec.name
+    if estimate:
+        _estimate_study(config, out, data, list(overrides), list(only) or None)
+        return
     summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides), only=list(only) or None, report_only=report_only)
     typer.echo(f"runs complete: {summary['complete']} of {summary['runs']}" + (f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""))
     _print_study_summary(summary)
     typer.echo(f"report: {summary['report']}")
     typer.echo(f"        {Path(summary['report']).with_suffix('.md')}")
+
+def _estimate_study(config: Path, out: Path, data: Optional[Path], overrides: list[str], only: list[str] | None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bloodcell import io
+    from bloodcell.study.budget import budget_record, class_counts, estimate_runs
+    from bloodcell.study.spec import expand_runs, load_study
+
+    spec, base_dir = load_study(config)
+    runs = expand_runs(spec, base_dir, overrides + ([f"data.root={data}"] if data else []), only)
+    root = runs[0].config.data.root if runs else None
+    if not root or not Path(root).is_dir():
+        raise DataError(f"--estimate needs the dataset folder (--data DIR) to count its images; got {root}")
+    c = Console(stderr=True)
+    with c.status("measuring epoch rates") as status:
+        estimates = estimate_runs(runs, class_counts(root), progress=lambda msg: status.update(msg))
+    table = Table(title=f"{spec.name}: estimated wall time on this machine")
+    for col in ("run", "model", "px", "epochs", "train images", "minutes"):
+        table.add_column(col, justify="left" if col in ("run", "model") else "right")
+    for e in estimates:
+        table.add_row(e.run, e.model, str(e.input_size), str(e.epochs) + (f" x {e.folds} folds" if e.folds > 1 else ""), f"{e.train_images:,}", f"{e.seconds / 60:.1f}")
+    Console().print(table)
+    record = budget_record(estimates)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_json(out / "budget.json", record)
+    typer.echo(f"total: {record['total_seconds'] / 60:.0f} min on {record['machine']} (written to {out / 'budget.json'})")
+
 
 # --------------------------------------------------------------------------- models
 

@@ -42,7 +42,20 @@ class SplitSection(_Strict):
     test_size: float = Field(0.3, ge=0.0, lt=1.0)
     val_size: float = Field(0.2, ge=0.0, lt=1.0)
     dedup: bool = True
-    shuffle: bool = True  # see bloodcell.data.split for the exact meaning
+    # how the training part is ordered and validation carved out; see bloodcell.data.split for each
+    order: Literal["stratified", "keras", "keras_shuffled", "sorted"] = "stratified"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_shuffle(cls, raw):
+        # configs written before `order` existed said `shuffle: true|false`
+        if isinstance(raw, dict) and "shuffle" in raw:
+            raw = dict(raw)
+            shuffle = raw.pop("shuffle")
+            if not isinstance(shuffle, bool):
+                raise ValueError(f"shuffle must be true or false (or use order), got {shuffle!r}")
+            raw.setdefault("order", "stratified" if shuffle else "sorted")
+        return raw
 
 
 class DataConfig(_Strict):

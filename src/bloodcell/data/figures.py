@@ -31,7 +31,7 @@ def plot_class_distribution(split: Split, path: str | Path) -> Path:
     cfg = split.config
     title = (
         f"Class distribution per split (test {cfg.test_size:.0%}, val {cfg.val_size:.0%} of train, "
-        f"seed {cfg.seed}, dedup {'on' if cfg.dedup else 'off'}, shuffle {'on' if cfg.shuffle else 'off'})"
+        f"seed {cfg.seed}, dedup {'on' if cfg.dedup else 'off'}, order {cfg.order})"
     )
     return plot_part_counts(split.class_counts(), split.class_names, path, title)
 

@@ -38,7 +38,7 @@ class PreparedData:
 
 def _split_config(cfg: RunConfig) -> SplitConfig:
     s = cfg.data.split
-    return SplitConfig(seed=cfg.split_seed, test_size=s.test_size, val_size=s.val_size, dedup=s.dedup, shuffle=s.shuffle)
+    return SplitConfig(seed=cfg.split_seed, test_size=s.test_size, val_size=s.val_size, dedup=s.dedup, order=s.order)
 
 
 def split_files(cfg: RunConfig, root: str | os.PathLike, part: str = "test", progress: bool = False) -> tuple[list[Path], list[str]]:
@@ -113,7 +113,7 @@ def _prepare_npz(cfg: RunConfig) -> PreparedData:
     if cfg.data.white_balance == "background":
         images = np.stack([balance_background(im) for im in images])
     parts = dict(ds.parts)
-    if cfg.data.split.shuffle:
+    if cfg.data.split.order != "sorted":
         rng = np.random.default_rng(cfg.split_seed)
         parts["train"] = parts["train"][rng.permutation(len(parts["train"]))]
     import hashlib

@@ -4,12 +4,17 @@ Leak-free (`dedup=True`, the default): byte-identical images form one group that
 every split, and groups whose copies carry different labels are dropped (and reported), because no label for
 them can be trusted.
 
-Two order switches, because the paper's "shuffling" can mean either:
-- `shuffle` (here): the training part is shuffled (seeded) before the validation part is carved out, and the
-  carving is stratified. With `shuffle=False` the training part keeps dataset order (class, then file name) and
-  validation is its last `val_size` fraction, as Keras `validation_split` does (so validation is then mostly
-  the last classes alphabetically).
-- `epoch_shuffle` (a training option, `train.epoch_shuffle`): batches are reshuffled every epoch.
+`order` says how the training part is ordered and where validation comes from (the test part is always the same
+stratified, seeded cut, so runs of one seed under different orders share their test images):
+- `stratified` (default): the training part is shuffled (seeded) and validation is a stratified cut of it.
+- `keras`: what the paper's code did without shuffling. scikit-learn's stratified `train_test_split` always
+  shuffles (it raises for `stratify` with `shuffle=False`), so the training arrays are already in random order;
+  Keras `validation_split` then takes their last `val_size` fraction, unstratified.
+- `keras_shuffled`: the paper's "with shuffling": one more seeded permutation of the training arrays, then the
+  same last-fraction cut.
+- `sorted`: an ablation: the training part in dataset order (class, then file name) and validation its last
+  fraction, so validation is mostly the last classes alphabetically.
+Batches are reshuffled every epoch unless `train.epoch_shuffle` is off (Keras `fit` reshuffles by default).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from bloodcell.data.discover import Inventory
 from bloodcell.errors import DataError
 
 SPLIT_VERSION = 1
+SPLIT_ORDERS = ("stratified", "keras", "keras_shuffled", "sorted")
 # split.json keeps the first 16 hex digits of each image's sha256: enough to notice changed content (a
 # resumed or re-evaluated run must see the pixels it started with) at a quarter of the size of full hashes.
 _HASH_DIGITS = 16
@@ -40,9 +46,11 @@ class SplitConfig:
     test_size: float = 0.3
     val_size: float = 0.2
     dedup: bool = True
-    shuffle: bool = True
+    order: str = "stratified"
 
     def __post_init__(self) -> None:
+        if self.order not in SPLIT_ORDERS:
+            raise DataError(f"split.order must be one of {', '.join(SPLIT_ORDERS)}, got {self.order!r}")
         for name in ("test_size", "val_size"):
             v = getattr(self, name)
             if not 0.0 <= v < 1.0:
@@ -137,7 +145,7 @@ def make_split(inv: Inventory, config: SplitConfig | None = None) -> Split:
     group_labels = [labels[g[0]] for g in groups]
     gids = list(range(len(groups)))
     rest, test = _stratified_cut(gids, group_labels, config.test_size, config.seed)
-    if config.shuffle:
+    if config.order == "stratified":
         rng = np.random.default_rng(config.seed)
         rest = [rest[i] for i in rng.permutation(len(rest))]
         train, val = _stratified_cut(rest, [group_labels[g] for g in rest], config.val_size, config.seed + 1)
@@ -145,8 +153,11 @@ def make_split(inv: Inventory, config: SplitConfig | None = None) -> Split:
         val_set = set(val)
         train = [g for g in rest if g not in val_set]
     else:
-        rest = sorted(rest)  # dataset order: class, then file name
-        n_val = math.floor(config.val_size * len(rest) + 0.5)
+        if config.order == "sorted":
+            rest = sorted(rest)  # dataset order: class, then file name
+        elif config.order == "keras_shuffled":  # `rest` is already in train_test_split's random order
+            rest = [rest[i] for i in np.random.default_rng(config.seed + 2).permutation(len(rest))]
+        n_val = math.floor(config.val_size * len(rest) + 0.5)  # Keras validation_split: the last fraction
         train, val = rest[: len(rest) - n_val], rest[len(rest) - n_val :]
     expand = lambda gs: [i for g in gs for i in groups[g]]  # noqa: E731
     split = Split(
@@ -181,7 +192,7 @@ def make_folds(inv: Inventory, split: Split, k: int = 5) -> list[Split]:
     rng = np.random.default_rng(split.config.seed)
     for f, (tr, va) in enumerate(cv.split(np.zeros(len(pool)), labels, group_ids)):
         train = [pool[i] for i in tr]
-        if split.config.shuffle:
+        if split.config.order != "sorted":
             train = [train[i] for i in rng.permutation(len(train))]
         folds.append(
             Split(split.config, split.class_names, split.relpaths, split.labels, train, sorted(pool[i] for i in va), list(split.test), split.dropped, fold=f, sha256=split.sha256)
@@ -217,8 +228,11 @@ def load_split(path: str | os.PathLike, inv: Inventory) -> Split:
         )
     if data.get("class_names") != inv.class_names:
         raise DataError(f"split file {path} has classes {data.get('class_names')}, the dataset has {inv.class_names}")
+    saved_config = dict(data["config"])
+    if "shuffle" in saved_config:  # splits written before `order` existed
+        saved_config.setdefault("order", "stratified" if saved_config.pop("shuffle") else "sorted")
     return Split(
-        config=SplitConfig(**data["config"]),
+        config=SplitConfig(**saved_config),
         class_names=list(inv.class_names),
         relpaths=[r.relpath for r in inv.records],
         labels=inv.labels,

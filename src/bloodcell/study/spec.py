@@ -6,13 +6,16 @@ scale: "224 px, paper epochs"          # said in the report
 base: {data: {input_size: 224}}        # applied over every experiment config
 seeds: [42]
 protocols:                              # named sets of overrides
-  no_shuffle: {table: 2, title: "Without shuffling", set: {data.split.shuffle: false}}
+  no_shuffle: {table: 2, title: "Without shuffling", set: {data.split.order: keras}, note: "why, in a sentence"}
+  sorted: {title: "Class-sorted (ablation)", set: {data.split.order: sorted}}   # no table: an ablation section
+compare: [no_shuffle, shuffle]          # the protocol pair compared seed by seed at the top of the report
 experiments:
   - name: cnn
     row: CNN                            # the paper's row name
     config: configs/train/cnn.yaml      # relative to this file; optional
     set: {train.epochs: 10}             # overrides for this experiment
     protocols: [no_shuffle, shuffle]
+    seeds: [42, 1, 2, 3, 4]             # optional: this experiment's seeds instead of the study's
     paper: {no_shuffle: [97.15, 86.60]} # the paper's (train, test) accuracy per protocol, in %
 ```
 """
@@ -37,8 +40,9 @@ class _Strict(BaseModel):
 
 class Protocol(_Strict):
     title: str
-    table: Optional[int] = None  # the paper's table number this protocol reproduces
+    table: Optional[int] = None  # the paper's table number this protocol reproduces; None: an ablation
     set: dict[str, Any] = Field(default_factory=dict)
+    note: str = ""  # how the protocol reads the paper, printed under its table
 
 
 class Experiment(_Strict):
@@ -47,6 +51,7 @@ class Experiment(_Strict):
     config: Optional[str] = None
     set: dict[str, Any] = Field(default_factory=dict)
     protocols: list[str] = Field(default_factory=lambda: ["default"])
+    seeds: Optional[list[int]] = None  # None: the study's seeds
     paper: dict[str, list[float]] = Field(default_factory=dict)  # protocol -> [train %, test %] (or more)
 
 
@@ -58,6 +63,7 @@ class StudySpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [42])
     protocols: dict[str, Protocol] = Field(default_factory=lambda: {"default": Protocol(title="Default")})
     experiments: list[Experiment]
+    compare: Optional[tuple[str, str]] = None  # (a, b): b - a per seed for every experiment that runs both
     # the paper's reported numbers beyond train/test accuracy, shown beside ours (e.g. Table 1)
     paper_metrics: dict[str, dict[str, float]] = Field(default_factory=dict)
 
@@ -100,6 +106,9 @@ def load_study(path: str | os.PathLike) -> tuple[StudySpec, Path]:
         for p in e.protocols:
             if p not in spec.protocols:
                 raise ConfigError(f"{path}: experiment '{e.name}' names unknown protocol '{p}'")
+    for name in spec.compare or ():
+        if name not in spec.protocols:
+            raise ConfigError(f"{path}: compare names unknown protocol '{name}'")
     return spec, path.parent
 
 
@@ -124,7 +133,7 @@ def expand_runs(spec: StudySpec, base_dir: Path, overrides: list[str] | None = N
                 raise ConfigError(f"experiment '{exp.name}': config file not found: {exp.config}") from None
         raw = _merge(raw, spec.base)
         for proto in exp.protocols:
-            for seed in spec.seeds:
+            for seed in exp.seeds or spec.seeds:
                 r = yaml.safe_load(yaml.safe_dump(raw))  # deep copy
                 apply_overrides(r, _flat_overrides(spec.protocols[proto].set))
                 apply_overrides(r, _flat_overrides(exp.set))

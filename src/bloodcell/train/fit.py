@@ -186,7 +186,7 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         images = np.concatenate([x, val_x])
         labels = np.concatenate([y, labels[val_idx]])
         rng = np.random.default_rng(cfg.seed)
-        train_idx = rng.permutation(len(x)) if cfg.data.split.shuffle else np.arange(len(x))
+        train_idx = rng.permutation(len(x)) if cfg.data.split.order != "sorted" else np.arange(len(x))
         val_idx = np.arange(len(x), len(x) + len(val_x))
 
     model = build_model(cfg, data.num_classes, data.class_names)
