@@ -30,9 +30,11 @@ def tiny_study(tmp_path: Path, extra_experiments: list[dict] | None = None, seed
         "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 20, "grid_images": 4}},
         "seeds": list(seeds),
         "protocols": {
-            "no_shuffle": {"title": "Without shuffling", "table": 2, "set": {"data.split.shuffle": False, "train.epoch_shuffle": False}},
-            "shuffle": {"title": "With shuffling", "table": 3, "set": {"data.split.shuffle": True}},
+            "no_shuffle": {"title": "Without shuffling", "table": 2, "set": {"data.split.order": "keras"}, "note": "The paper's order, read from its code."},
+            "shuffle": {"title": "With shuffling", "table": 3, "set": {"data.split.order": "keras_shuffled"}},
+            "sorted": {"title": "Ablation: class-sorted", "set": {"data.split.order": "sorted", "train.epoch_shuffle": False}},
         },
+        "compare": ["no_shuffle", "shuffle"],
         "experiments": [
             {"name": "cnn", "row": "CNN", "config": str(REPO / "configs/train/cnn.yaml"), "set": {"data.input_size": 16, "train.epochs": 2, "train.batch_size": 32},
              "protocols": ["no_shuffle", "shuffle"], "paper": {"no_shuffle": [97.15, 86.60], "shuffle": [95.76, 91.08]}},
@@ -47,17 +49,29 @@ def tiny_study(tmp_path: Path, extra_experiments: list[dict] | None = None, seed
 
 
 def test_tiny_study_writes_both_reports_with_every_section(tmp_path):
-    cfg = tiny_study(tmp_path)
+    sorted_cnn = {"name": "cnn-sorted", "row": "CNN", "config": str(REPO / "configs/train/cnn.yaml"), "seeds": [1],
+                  "set": {"data.input_size": 16, "train.epochs": 1, "train.batch_size": 32}, "protocols": ["sorted"]}
+    cfg = tiny_study(tmp_path, [sorted_cnn])
     out = tmp_path / "study"
     result = runner.invoke(app, ["study", str(cfg), "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    assert "runs complete: 8 of 8" in result.output and "recall %" in result.output
+    assert "runs complete: 9 of 9" in result.output and "recall %" in result.output
     md = (out / "report.md").read_text()
-    for section in ("## Dataset", "## Table 2: Without shuffling", "## Table 3: With shuffling", "## Effect of shuffling", "## Per run", "## Environment"):
+    sections = ["## The shuffling question", "## Dataset", "## Table 2: Without shuffling", "## Table 3: With shuffling",
+                "## Ablation: class-sorted", "## The paper's figures", "## Per run", "## Environment"]
+    for section in sections:
         assert section in md, section
+    assert [md.index(s) for s in sections] == sorted(md.index(s) for s in sections)  # the question comes first
+    assert "The paper's order, read from its code." in md  # the protocol's note under its table
     assert "| CNN | " in md and "97.15" in md and "86.60" in md  # the paper's numbers beside ours
     assert "± " in md  # two seeds: mean ± sd
-    assert "McNemar" in md and ("beyond noise" in md or "within noise" in md)
+    # one plain sentence per model, with the paired CI over the 2 seeds and McNemar per seed
+    for row in ("**CNN**: over 2 seeds", "**MobileNet-V2**: over 2 seeds"):
+        sentence = next(line for line in md.splitlines() if line.startswith(row))
+        assert "95% CI" in sentence and "McNemar p < 0.05 on" in sentence and "of 2 seeds" in sentence
+        assert ("no evidence of an effect" in sentence) != ("beyond seed-to-seed noise" in sentence)
+    ablation = md[md.index("## Ablation: class-sorted"):md.index("## The paper's figures")]
+    assert "| CNN | " in ablation and "Test acc % under no_shuffle" in ablation
     assert "trained from scratch" in md
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") >= 5 and "<table>" in html
@@ -140,6 +154,14 @@ def test_study_config_errors_name_the_problem(tmp_path):
         expand_runs(spec, base, only=["resnet"])
 
 
+def test_paper_and_paper_cpu_share_protocols_and_runs():
+    """paper-cpu is paper.yaml at another scale: the same protocols, experiments and seeds."""
+    full, _ = load_study(REPO / "configs" / "paper.yaml")
+    cpu, _ = load_study(REPO / "configs" / "paper-cpu.yaml")
+    assert full.protocols == cpu.protocols and full.compare == cpu.compare
+    assert [(e.name, e.row, e.protocols, e.seeds, e.paper) for e in full.experiments] == [(e.name, e.row, e.protocols, e.seeds, e.paper) for e in cpu.experiments]
+
+
 @pytest.mark.parametrize("name", ["paper.yaml", "paper-cpu.yaml", "demo.yaml", "recipe-search.yaml"])
 def test_shipped_study_configs_expand(name):
     spec, base = load_study(REPO / "configs" / name)
@@ -148,7 +170,11 @@ def test_shipped_study_configs_expand(name):
     if name.startswith("paper"):
         rows = {r.experiment.row for r in runs}
         assert len(rows) == 11 + 1  # the 11 models of Tables 2-3 and Table 1's CNN with 5-fold CV
-        assert {r.protocol for r in runs} == {"no_shuffle", "shuffle", "cv"}
+        assert {r.protocol for r in runs} == {"no_shuffle", "shuffle", "cv", "sorted"}
+        assert len([r for r in runs if r.protocol in ("no_shuffle", "shuffle")]) == 2 * 9 + 2 * 2 * 5  # 5 seeds: CNN, MobileNet-V2
+        orders = {r.protocol: r.config.data.split.order for r in runs}
+        assert orders == {"no_shuffle": "keras", "shuffle": "keras_shuffled", "sorted": "sorted", "cv": "stratified"}
+        assert spec.compare == ("no_shuffle", "shuffle")
     if name == "recipe-search.yaml":  # from scratch, one split, 3 seeds, EMA on: the runs of a seed can be ensembled
         assert len(runs) == 9 and {r.seed for r in runs} == {42, 43, 44}
         assert all(r.config.model.pretrained in (None, False) and r.config.train.ema_decay and not r.config.smote.enabled for r in runs)

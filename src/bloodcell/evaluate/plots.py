@@ -65,6 +65,34 @@ def plot_training_curves(history, path, title: str | None = None) -> Path:
     return _save(fig, path)
 
 
+def plot_protocol_curves(histories: Mapping[str, object], path, title: str | None = None) -> Path:
+    """Accuracy (left) and loss (right) per epoch of several runs on shared axes, one colour per run
+    (e.g. one model without and with shuffling, the paper's Figs 7-9); train solid, validation dashed."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for k, (label, history) in enumerate(histories.items()):
+        rows = _read_history(history)
+        cols = {c: np.array([_num(r.get(c)) for r in rows]) for c in _CURVE_COLUMNS}
+        epochs = cols["epoch"] if not np.all(np.isnan(cols["epoch"])) else np.arange(1, len(rows) + 1)
+        for ax, metric in ((axes[0], "acc"), (axes[1], "loss")):
+            for split, style in (("train", "-o"), ("val", "--s")):
+                y = cols[f"{split}_{metric}"]
+                ok = ~np.isnan(y)
+                if ok.any():
+                    ax.plot(epochs[ok], y[ok], style, color=colours[k % len(colours)], markersize=3, label=f"{label}, {split}")
+    for ax, name in ((axes[0], "Accuracy"), (axes[1], "Loss")):
+        ax.set_xlabel("Epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(name)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _read_history(history) -> list[Mapping]:
     if isinstance(history, (str, os.PathLike)):
         p = Path(history)

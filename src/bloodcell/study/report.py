@@ -173,17 +173,20 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
         doc.p(spec.description)
     doc.p(
         f"**How these numbers were obtained.** Data: `{prov.get('data', '?')}` (fingerprint `{str(prov.get('data_fingerprint', '?'))[:16]}`); "
-        f"split seed = run seed; seeds: {', '.join(map(str, spec.seeds))} (n={len(spec.seeds)}); "
+        f"split seed = run seed; {_seeds_text(spec)}; "
         f"machine: {env.get('device', '?')} / {env.get('processor', '?')} ({env.get('cpus', '?')} CPUs). "
-        f"Scale: {spec.scale or 'as configured'}. Runs complete: {summary['complete']} of {summary['runs']}."
+        f"Scale: {spec.scale or 'as configured'}. Runs complete: {summary['complete']} of {summary['runs']}. "
+        f"{_wall_text(out, runs)}"
     )
     pretrained = {r.config.model.pretrained for r in runs}
     if pretrained <= {None, False}:
         doc.p("**Every model was trained from scratch** (no ImageNet weights); the paper's transfer models used ImageNet weights.")
 
+    _compare_section(doc, spec, by, out)
     _dataset_section(doc, out, prov)
     _paper_tables(doc, spec, by, out)
-    _shuffle_section(doc, spec, by, out)
+    _ablation_section(doc, spec, by, out)
+    _paper_figures_section(doc, spec, by, out)
     _per_run_section(doc, spec, by, out)
     _environment_section(doc, out, runs, prov, summary)
 
@@ -238,6 +241,8 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
         for proto in protos:
             p = spec.protocols[proto]
             doc.h(2, f"Table {t}: {p.title}")
+            if p.note:
+                doc.p(p.note)
             rows = []
             cv_rows = []
             for exp in spec.experiments:
@@ -274,48 +279,177 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
             doc.p("Ours: mean ± sd over seeds (one value when n=1). Precision / recall / F1 are weighted, as in the paper.")
 
 
+def _seeds_text(spec: StudySpec) -> str:
+    text = f"seeds: {', '.join(map(str, spec.seeds))} (n={len(spec.seeds)})"
+    extra = {}
+    for e in spec.experiments:
+        if e.seeds and e.seeds != spec.seeds:
+            extra.setdefault(tuple(e.seeds), []).append(e.row or e.name)
+    for seeds, rows in extra.items():
+        text += f"; {', '.join(dict.fromkeys(rows))}: seeds {', '.join(map(str, seeds))} (n={len(seeds)})"
+    return text
+
+
+def _wall_text(out: Path, runs: list[RunSpec]) -> str:
+    """The sum of the finished runs' wall time, and the estimate made before they ran (budget.json)."""
+    done = [s for s in (_run_seconds(out, r) for r in runs) if s is not None]
+    text = f"Wall time of the finished runs: {sum(done) / 60:.0f} min" if done else ""
+    budget = _budget(out)
+    if budget and text:
+        text += f" (estimated beforehand from measured epoch rates: {budget['total_seconds'] / 60:.0f} min for all runs, on {budget['machine']})"
+    return text + "." if text else ""
+
+
+def _run_seconds(out: Path, run: RunSpec) -> float | None:
+    """A run's wall seconds: its status, or the sum over its fold / seed sub-runs."""
+    d = run_dir_for(out, run)
+    secs = read_status(d).get("seconds")
+    if isinstance(secs, (int, float)):
+        return float(secs)
+    subs = [read_status(p.parent).get("seconds") for p in d.glob("*/status.json")]
+    subs = [s for s in subs if isinstance(s, (int, float))]
+    return float(sum(subs)) if subs and read_status(d).get("state") == "complete" else None
+
+
+def _budget(out: Path) -> dict | None:
+    try:
+        return json.loads((out / "budget.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _p(p: float) -> str:
     return "< 1e-16" if p < 1e-16 else f"{p:.3g}"  # below double precision's resolution near 1
 
 
-def _shuffle_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
-    pairs = [(e, "no_shuffle", "shuffle") for e in spec.experiments if {"no_shuffle", "shuffle"} <= set(e.protocols)]
-    if not pairs:
+def _paired(by: dict, out: Path, exp, a: str, b: str) -> dict | None:
+    """Seeds run under both protocols: accuracies, per-seed McNemar p-values and the paired difference b - a."""
+    ra = {r.seed: (r, m) for r, m in by.get((exp.name, a), []) if m and "test" in m}
+    rb = {r.seed: (r, m) for r, m in by.get((exp.name, b), []) if m and "test" in m}
+    seeds = sorted(set(ra) & set(rb))
+    if not seeds:
+        return None
+    acc_a = [ra[s][1]["test"]["accuracy"] for s in seeds]
+    acc_b = [rb[s][1]["test"]["accuracy"] for s in seeds]
+    pvals = []
+    for s in seeds:
+        pa, pb = _predictions(run_dir_for(out, ra[s][0])), _predictions(run_dir_for(out, rb[s][0]))
+        if pa and pb and pa[0] == pb[0]:  # the same test images in the same order: a paired test applies
+            pvals.append(mcnemar_test(pa[1], pa[2], pb[2])["p_value"])
+    diffs = [y - x for x, y in zip(acc_a, acc_b)]
+    return {"seeds": seeds, "a": acc_a, "b": acc_b, "diffs": diffs, "mcnemar": pvals,
+            "paired": paired_difference_summary(acc_b, acc_a) if len(seeds) >= 2 else None}
+
+
+def _compare_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
+    """The protocol pair of `compare` (the paper's shuffling question), seed by seed, at the top of the report."""
+    pair = spec.compare or (("no_shuffle", "shuffle") if {"no_shuffle", "shuffle"} <= set(spec.protocols) else None)
+    if not pair:
         return
-    doc.h(2, "Effect of shuffling")
+    a, b = pair
+    ta, tb = spec.protocols[a], spec.protocols[b]
+    found = [(e, _paired(by, out, e, a, b)) for e in spec.experiments if {a, b} <= set(e.protocols)]
+    found = [(e, r) for e, r in found if r]
+    if not found:
+        return
+    doc.h(2, f"The shuffling question: {ta.title.lower()} vs {tb.title.lower()}")
     doc.p(
-        "`no_shuffle`: the training part keeps dataset order (class, then file name), validation is its last 20 % "
-        "(as Keras `validation_split` takes it) and batches are not reshuffled. `shuffle`: the training part is shuffled "
-        "before a stratified validation part is carved out, and batches are reshuffled every epoch. Both protocols share "
-        "the same test part for a given seed, so their test predictions are compared pairwise (McNemar's test)."
+        f"The paper reads the differences between its Tables {ta.table or '?'} and {tb.table or '?'} (1-8 points) as effects of "
+        f"shuffling, from one run each. Here both protocols run with the same seeds; a seed fixes the test part, so "
+        f"each seed's two models are scored on the same test images and compared pairwise (McNemar's test), and the "
+        f"difference {b} − {a} is averaged over seeds with a t confidence interval."
     )
     rows, sentences = [], []
-    for exp, a, b in pairs:
-        ra = {r.seed: (r, m) for r, m in by.get((exp.name, a), []) if m}
-        rb = {r.seed: (r, m) for r, m in by.get((exp.name, b), []) if m}
-        seeds = sorted(set(ra) & set(rb))
-        if not seeds:
+    for exp, r in found:
+        n = len(r["seeds"])
+        paired = r["paired"]
+        ci = f"{100 * paired['mean_difference']:+.2f} [{100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f}]" if paired else f"{100 * r['diffs'][0]:+.2f}"
+        paper_a, paper_b = exp.paper.get(a), exp.paper.get(b)
+        paper_d = paper_b[1] - paper_a[1] if paper_a and paper_b else None
+        n_sig = sum(p < 0.05 for p in r["mcnemar"])
+        rows.append([exp.row or exp.name, str(n), _mean_sd(r["a"]), _mean_sd(r["b"]), ci,
+                     f"{n_sig} of {len(r['mcnemar'])}" if r["mcnemar"] else "–",
+                     _p(paired["p_value"]) if paired and paired.get("p_value") is not None else "–",
+                     f"{paper_d:+.2f}" if paper_d is not None else "–"])
+        sentences.append(_verdict(exp.row or exp.name, r, paper_d))
+    doc.table(["Model", "seeds", f"{a} test % (mean ± sd)", f"{b} test % (mean ± sd)", f"Δ {b} − {a}, points [95% CI]",
+               "McNemar p < 0.05", "paired t p", "paper Δ (one run each)"], rows)
+    for text in sentences:
+        doc.p(text)
+
+
+def _verdict(name: str, r: dict, paper_d: float | None) -> str:
+    """One plain sentence: is the difference beyond what another seed gives?"""
+    n, diffs = len(r["seeds"]), [100 * d for d in r["diffs"]]
+    sig = sum(p < 0.05 for p in r["mcnemar"])
+    if n < 2:
+        return (f"**{name}**: one seed only, a difference of {diffs[0]:+.2f} points "
+                f"(McNemar p = {_p(r['mcnemar'][0]) if r['mcnemar'] else '–'}); a single pair of runs cannot separate shuffling from chance.")
+    paired = r["paired"]
+    lo, hi = 100 * paired["ci95"][0], 100 * paired["ci95"][1]
+    within = lo <= 0 <= hi
+    spread = f"single-seed differences ranged from {min(diffs):+.2f} to {max(diffs):+.2f} points"
+    text = (f"**{name}**: over {n} seeds shuffling changed test accuracy by {100 * paired['mean_difference']:+.2f} points "
+            f"(95% CI {lo:+.2f} to {hi:+.2f}; McNemar p < 0.05 on {sig} of {len(r['mcnemar'])} seeds); "
+            + ("no evidence of an effect: " if within else "an effect beyond seed-to-seed noise: ") + spread)
+    if paper_d is not None:
+        inside = min(diffs) <= paper_d <= max(diffs)
+        text += f"; the paper's {paper_d:+.2f} points from one run each " + ("is inside that range." if inside else "is outside that range.")
+    else:
+        text += "."
+    return text
+
+
+def _ablation_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
+    """Protocols that reproduce no table of the paper: each in its own section, beside the same model's Table runs."""
+    reference = next((name for name, p in spec.protocols.items() if p.table and name in (spec.compare or ("no_shuffle",))), None)
+    for proto, p in spec.protocols.items():
+        if p.table:
             continue
-        acc_a = [lookup(ra[s][1], "test.accuracy") for s in seeds]
-        acc_b = [lookup(rb[s][1], "test.accuracy") for s in seeds]
-        pvals = []
-        for s in seeds:
-            pa, pb = _predictions(run_dir_for(out, ra[s][0])), _predictions(run_dir_for(out, rb[s][0]))
-            if pa and pb and pa[0] == pb[0]:
-                pvals.append(mcnemar_test(pa[1], pa[2], pb[2])["p_value"])
-        diff = 100 * (np.mean(acc_b) - np.mean(acc_a))
-        paired = paired_difference_summary(acc_b, acc_a) if len(seeds) >= 2 else None
-        p_text = ", ".join(_p(p) for p in pvals) or "–"
-        rows.append([exp.row or exp.name, _mean_sd(acc_a), _mean_sd(acc_b), f"{diff:+.2f}", p_text, _p(paired['p_value']) if paired and paired.get("p_value") is not None else "–", str(len(seeds))])
-        beyond = pvals and all(p < 0.05 for p in pvals)
-        verdict = "beyond noise" if beyond else "within noise"
-        sentences.append(
-            f"**{exp.row or exp.name}**: shuffling changed test accuracy by {diff:+.2f} points "
-            f"({'McNemar p < 0.05 on every seed' if beyond else 'McNemar p ≥ 0.05 on at least one seed'}): the difference is {verdict}."
-        )
-    doc.table(["Model", "No shuffle test %", "Shuffle test %", "Δ (shuffle − no)", "McNemar p per seed", "paired t p (seeds)", "seeds"], rows)
-    for s in sentences:
-        doc.p(s)
+        exps = [e for e in spec.experiments if proto in e.protocols]
+        if not exps:
+            continue
+        doc.h(2, p.title)
+        if p.note:
+            doc.p(p.note)
+        rows = []
+        for exp in exps:
+            ms = [m for _, m in by.get((exp.name, proto), []) if m and "test" in m]
+            if not ms:
+                rows.append([exp.row or exp.name, "–", "–", "–", "–", _missing(out, by.get((exp.name, proto), []))])
+                continue
+            m = ms[0]
+            recalled = [k for k, v in m["test"]["per_class"].items() if v["recall"] > 0.5]
+            ref = [mm["test"]["accuracy"] for e in spec.experiments if (e.row or e.name) == (exp.row or exp.name) and reference in e.protocols
+                   for _, mm in by.get((e.name, reference), []) if mm and "test" in mm]
+            rows.append([exp.row or exp.name, _mean_sd([x["train"]["accuracy"] for x in ms]), _mean_sd([x["test"]["accuracy"] for x in ms]),
+                         _mean_sd(ref) if ref else "–", f"{len(recalled)} of {len(m['test']['per_class'])}" + (f" ({', '.join(recalled)})" if recalled else ""), ""])
+        doc.table(["Model", "Train acc %", "Test acc %", f"Test acc % under {reference}" if reference else "reference", "classes with recall > 50 %", ""], rows)
+
+
+def _paper_figures_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
+    """The paper's run figures rebuilt from our runs: SupCon curves (Figs 7-9), the hybrid's predictions (Fig 14)."""
+    from bloodcell.evaluate.plots import plot_protocol_curves
+
+    doc.h(2, "The paper's figures, from these runs")
+    doc.p("Fig. 2 (class distribution) is in the Dataset section; every run's training curves and confusion matrix are under Per run.")
+    figures = out / "figures"
+    tables = [name for name, p in spec.protocols.items() if p.table and name != "cv"]
+    for exp in spec.experiments:
+        if exp.name.startswith("supcon") or (exp.row or "").lower().startswith("supervised contrastive"):
+            histories = {}
+            for proto in tables:
+                runs = [r for r, m in by.get((exp.name, proto), []) if m]
+                if runs and (run_dir_for(out, runs[0]) / "history.csv").exists():
+                    histories[spec.protocols[proto].title.replace("Classification accuracies ", "")] = run_dir_for(out, runs[0]) / "history.csv"
+            if histories:
+                fig = plot_protocol_curves(histories, figures / f"{exp.name}_curves.png", f"{exp.row or exp.name}: accuracy and loss per epoch")
+                doc.img(fig, f"{exp.row or exp.name} without and with shuffling: accuracy (paper Figs 7 and 8) and loss (paper Fig. 9), first seed")
+        if exp.name.startswith("hybrid"):
+            for proto in tables:
+                runs = [r for r, m in by.get((exp.name, proto), []) if m]
+                if runs:
+                    doc.img(run_dir_for(out, runs[0]) / "figures" / "predictions.png", f"{exp.row or exp.name} ({spec.protocols[proto].title.lower()}): test images with predicted and true labels (paper Fig. 14)")
 
 
 def _per_run_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
@@ -360,12 +494,15 @@ def _environment_section(doc: Doc, out: Path, runs: list[RunSpec], prov: dict, s
     doc.h(2, "Environment")
     env = prov.get("environment", {})
     doc.table(["", ""], [[k, str(v)] for k, v in env.items()] + [["git commit", str(summary.get("git_commit"))], ["data fingerprint", str(prov.get("data_fingerprint"))]])
+    estimated = {e["run"]: e["seconds"] for e in (_budget(out) or {}).get("runs", [])}
     rows, total = [], 0.0
     for r in runs:
         st = read_status(run_dir_for(out, r))
-        secs = st.get("seconds")
-        if isinstance(secs, (int, float)):
+        secs = _run_seconds(out, r)
+        if secs is not None:
             total += secs
-        rows.append([r.key, st.get("state", "not run"), f"{secs:.1f}" if isinstance(secs, (int, float)) else "–"])
-    doc.table(["run", "state", "wall seconds"], rows)
-    doc.p(f"Total wall time of finished runs: {total / 60:.1f} min.")
+        est = estimated.get(r.key)
+        rows.append([r.key, st.get("state", "not run"), f"{secs:.1f}" if secs is not None else "–", f"{est:.0f}" if est is not None else "–"])
+    doc.table(["run", "state", "wall seconds", "estimated seconds (--estimate)"], rows)
+    doc.p(f"Total wall time of finished runs: {total / 60:.1f} min. Estimates come from `bloodcell study --estimate`, "
+          "which times two short epochs of each model on random images before anything runs.")
