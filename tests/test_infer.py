@@ -278,6 +278,16 @@ def test_cli_predict_table(run_dir, predictor):
         assert p["label"] in res.stdout
 
 
+def test_cli_predict_summary_is_the_table_without_a_row_per_image(run_dir):
+    files = sample_files()[:3]
+    full = runner.invoke(app, ["predict", *map(str, files), "--model", str(run_dir)])
+    summary = runner.invoke(app, ["predict", *map(str, files), "--model", str(run_dir), "--format", "summary"])
+    assert summary.exit_code == 0, summary.output
+    assert "runner-up" in full.stdout and "runner-up" not in summary.stdout  # the per-image table's column
+    assert "differential count (3 cells)" in summary.stdout
+    assert set(summary.stdout.splitlines()) <= set(full.stdout.splitlines())  # the same count, lines and flags
+
+
 # ---------------------------------------------------------------------- OOD in the outputs
 
 

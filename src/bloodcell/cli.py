@@ -370,7 +370,7 @@ _MODEL_HELP = "Run directory, its model.safetensors, or an exported .onnx (defau
 def predict_cmd(
     paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively for images)."),
     model: Optional[Path] = typer.Option(None, "--model", help=_MODEL_HELP),
-    fmt: str = typer.Option("table", "--format", help="table, csv (one row per image) or json."),
+    fmt: str = typer.Option("table", "--format", help="table, summary (the table without a row per image), csv (one row per image) or json."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the output to this file (atomically) instead of stdout."),
     threshold: Optional[float] = typer.Option(
         None, "--threshold", help="Review threshold: flag cells whose calibrated confidence is below it (default: the model's)."
@@ -401,13 +401,13 @@ def predict_cmd(
         written = annotate_fields(result, {}, annotate)
         typer.echo(f"wrote {len(written)} annotated photograph(s) to {annotate}" if written
                    else f"--annotate: no field photograph among the inputs, nothing written to {annotate}", err=True)
-    if fmt == "table":
+    if fmt in ("table", "summary"):
         import io
 
         from rich.console import Console
 
         console = Console() if out is None else Console(file=io.StringIO(), record=True, width=120)
-        for item in tables(result, predictor.review_threshold):
+        for item in tables(result, predictor.review_threshold, per_image=fmt == "table"):
             console.print(item)
         text = console.export_text() if out is not None else ""
     else:

@@ -9,7 +9,7 @@ import math
 
 from bloodcell.infer.predictor import WBC_CLASSES
 
-FORMATS = ("table", "csv", "json")
+FORMATS = ("table", "summary", "csv", "json")  # summary: the table without its row per image
 
 
 def to_csv(result: dict) -> str:
@@ -62,8 +62,9 @@ def ood_summary(result: dict) -> str | None:
     return f"{out} of {n} images look unlike the cells this model was trained on (OOD): marked OOD and not counted"
 
 
-def tables(result: dict, review_threshold: float | None = None) -> list:
-    """Rich renderables: one table of images, the differential count, the OOD line, flags and unreadable files.
+def tables(result: dict, review_threshold: float | None = None, per_image: bool = True) -> list:
+    """Rich renderables: one table of images (unless `per_image` is off), the differential count, the OOD line,
+    flags and unreadable files.
 
     Images flagged OOD are marked (column "OOD", dimmed) and the count's title says how many cells it rests on;
     a model without an OOD score gets one line saying so.
@@ -78,15 +79,15 @@ def tables(result: dict, review_threshold: float | None = None) -> list:
             out += [Text(f"unreadable: {u['path']}: {u['reason']}", style="red") for u in result["unreadable"]]
             return out
     classes = list(result["counts"])
-    per_image = Table(title="cells", title_justify="left")
-    per_image.add_column("image", overflow="fold")
-    per_image.add_column("class", no_wrap=True)
-    per_image.add_column("probability", justify="right", no_wrap=True)
-    per_image.add_column("runner-up", no_wrap=True)
-    per_image.add_column("review", justify="center", no_wrap=True)
+    image_table = Table(title="cells", title_justify="left")
+    image_table.add_column("image", overflow="fold")
+    image_table.add_column("class", no_wrap=True)
+    image_table.add_column("probability", justify="right", no_wrap=True)
+    image_table.add_column("runner-up", no_wrap=True)
+    image_table.add_column("review", justify="center", no_wrap=True)
     ood_check = bool(result.get("ood_check"))
     if ood_check:
-        per_image.add_column("OOD", justify="center", no_wrap=True)
+        image_table.add_column("OOD", justify="center", no_wrap=True)
     for p in result["predictions"]:
         ranked = sorted(classes, key=lambda c: -p["probabilities"][c])
         second = ranked[1] if len(ranked) > 1 else ""
@@ -99,8 +100,9 @@ def tables(result: dict, review_threshold: float | None = None) -> list:
         ]
         if ood_check:
             row.append(Text("OOD", style="bold red") if p.get("ood") else "")
-        per_image.add_row(*row, style="dim" if p.get("ood") else None)
-    out.append(per_image)
+        image_table.add_row(*row, style="dim" if p.get("ood") else None)
+    if per_image:
+        out.append(image_table)
 
     n = len(result["predictions"])
     ood_count = int(result.get("ood_count") or 0)
