@@ -179,3 +179,52 @@ def test_shipped_study_configs_expand(name):
         assert len(runs) == 9 and {r.seed for r in runs} == {42, 43, 44}
         assert all(r.config.model.pretrained in (None, False) and r.config.train.ema_decay and not r.config.smote.enabled for r in runs)
         assert len({r.config.split_seed for r in runs}) == 1
+
+
+def test_part_sizes_follow_the_split_smote_and_folds():
+    from bloodcell.config import parse_config
+    from bloodcell.study.budget import part_sizes
+
+    counts = [100, 300, 600]  # 1,000 images
+    plain = parse_config({"data": {"split": {"test_size": 0.3, "val_size": 0.2}}})
+    assert part_sizes(plain, counts) == (560, 140, 300, 1)
+    smote = parse_config({"smote": {"enabled": True}})
+    assert part_sizes(smote, counts)[0] == round(600 * 3 * 560 / 1000)  # every class raised to the largest
+    cv = parse_config({"cv": {"folds": 5}})
+    assert part_sizes(cv, counts) == (560, 140, 300, 5)
+
+
+def test_estimate_measures_each_setup_once_and_writes_the_budget(tmp_path, monkeypatch):
+    from bloodcell.study import budget
+
+    probes = []
+
+    def fake_epoch_seconds(cfg, objective, images, num_classes):
+        probes.append((cfg.model.name, cfg.data.input_size, objective, images))
+        return 2.0 + 0.01 * images  # 2 s fixed per epoch, 10 ms per image
+
+    monkeypatch.setattr(budget, "_epoch_seconds", fake_epoch_seconds)
+    cfg = tiny_study(tmp_path)
+    out = tmp_path / "est"
+    result = runner.invoke(app, ["study", str(cfg), "--out", str(out), "--estimate"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert not (out / "runs").exists()  # nothing trained
+    # two set-ups (cnn 16 px, mobilenetv2 32 px), each probed at two sizes, once for all its seeds and protocols
+    assert sorted(probes) == sorted([("cnn", 16, "ce", n) for n in budget.PROBE_IMAGES] + [("mobilenetv2", 32, "ce", n) for n in budget.PROBE_IMAGES])
+    record = json.loads((out / "budget.json").read_text())
+    assert [r["run"] for r in record["runs"]] == [r.key for r in expand_runs(*load_study(cfg))]
+    train, val, test, _ = budget.part_sizes(expand_runs(*load_study(cfg))[0].config, budget.class_counts(SAMPLE))
+    cnn = record["runs"][0]  # 2 epochs of (2 s + train x 10 ms + val x 10 ms / 3), then test and val evaluated once
+    want = 2 * (2.0 + train * 0.01 + val * 0.01 * budget.EVAL_COST) + (test + val) * 0.01 * budget.EVAL_COST + budget.RUN_OVERHEAD_S
+    assert cnn["seconds"] == pytest.approx(want, abs=0.1)
+    assert record["total_seconds"] == pytest.approx(sum(r["seconds"] for r in record["runs"]), abs=0.5)
+    assert "total:" in result.output and "budget.json" in result.output
+
+
+def test_measure_rate_times_real_training_epochs():
+    from bloodcell.config import parse_config
+    from bloodcell.study.budget import measure_rate
+
+    cfg = parse_config({"model": {"name": "cnn"}, "data": {"input_size": 16}, "train": {"epochs": 9, "precision": "32-true"}, "smote": {"enabled": True}, "cv": {"folds": 3}})
+    rate, fixed = measure_rate(cfg)
+    assert 0 < rate < 1 and 0 <= fixed < 30  # seconds per image of a 16 px CNN, and per epoch
