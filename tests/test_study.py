@@ -17,7 +17,7 @@ from bloodcell.cli import app
 from bloodcell.errors import ConfigError
 from bloodcell.study.spec import expand_runs, load_study
 
-from conftest import REPO, SAMPLE
+from conftest import REPO, SAMPLE, processes_running
 from test_train import BLOODCELL, cli_env
 
 runner = CliRunner()
@@ -106,8 +106,9 @@ def test_killed_study_resumes_without_redoing_finished_runs(tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    time.sleep(2.5)  # worker processes notice within a second that their parent is gone
-    leftovers = subprocess.run(["pgrep", "-f", str(out)], capture_output=True, text=True).stdout.split()
+    deadline = time.time() + 15  # worker processes notice within about a second that their parent is gone
+    while (leftovers := processes_running(str(out))) and time.time() < deadline:
+        time.sleep(0.05)
     assert leftovers == [], f"orphaned worker processes: {leftovers}"
     finished = _complete_runs(out)
     stamps = {d: (d / "metrics.json").stat().st_mtime_ns for d in finished}
