@@ -89,6 +89,14 @@ def test_same_seed_repeats_exactly_on_cpu(tmp_path):
     assert (tmp_path / "a" / "split.json").read_text() == (tmp_path / "b" / "split.json").read_text()
 
 
+def checkpoint_epoch(run: Path) -> int:
+    """Epochs saved in checkpoints/last.ckpt (0 if none); the JSON is replaced atomically, so a read sees a whole one."""
+    try:
+        return json.loads((run / "checkpoints" / "last.ckpt").read_text())["tree"]["__dict__"]["epoch"] + 1
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def _wait_for_epochs(run: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     t0 = time.time()
     while time.time() - t0 < timeout:
@@ -109,6 +117,9 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert json.loads((run / "status.json").read_text())["state"] == "running"
+    saved = checkpoint_epoch(run)  # epochs the checkpoint holds; a later history row may be of an unsaved epoch
+    assert saved >= 1
+    written = (run / "history.csv").read_text().splitlines()[: 1 + saved]
     refused = runner.invoke(app, ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)])
     assert refused.exit_code == 2 and "--resume" in refused.output
     resumed = train(cfg, run, "--resume")
@@ -116,6 +127,8 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
     assert resumed["test"]["nll"] == full["test"]["nll"]
     strip = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
     assert strip(read_history(run)) == strip(read_history(tmp_path / "full"))
+    # the saved epochs were not trained again: their rows, wall seconds included, are the ones written before the kill
+    assert (run / "history.csv").read_text().splitlines()[: 1 + saved] == written
 
 
 def test_two_process_ddp_on_cpu_completes(tmp_path):
@@ -289,6 +302,9 @@ def test_ema_weights_are_what_training_hands_on_and_resume_exactly(tmp_path):
     assert [r["val_loss"] for r in read_history(tmp_path / "plain")] != [r["val_loss"] for r in read_history(tmp_path / "ema")]
     # the average is in the checkpoint: one epoch, then resumed to two, gives the same weights
     fit(parse_config({**with_ema, "train": {**with_ema["train"], "epochs": 1}}), data, tmp_path / "resumed", progress=False)
+    first_epoch = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
     resumed = fit(parse_config(with_ema), data, tmp_path / "resumed", resume=True, progress=False)
+    # epoch 1 came from the checkpoint, not from training it again: its row (wall seconds too) is unchanged
+    assert (tmp_path / "resumed" / "history.csv").read_text().splitlines()[:2] == first_epoch
     for (name, a), b in zip(ema.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
-from test_train import read_history
+from test_train import checkpoint_epoch, read_history  # noqa: F401 - checkpoint_epoch re-exported for the fault tests
 
 
 def outcome(run: Path) -> dict:
@@ -25,11 +25,3 @@ def assert_finished_cleanly(run: Path) -> None:
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     assert not (run / "checkpoints").exists()
     assert not list(run.rglob("*.tmp")), "temporary files left behind"
-
-
-def checkpoint_epoch(run: Path) -> int:
-    """Epochs saved in checkpoints/last.ckpt (0 if none); the JSON is replaced atomically, so a read sees a whole one."""
-    try:
-        return json.loads((run / "checkpoints" / "last.ckpt").read_text())["tree"]["__dict__"]["epoch"] + 1
-    except (OSError, ValueError, KeyError):
-        return 0
