@@ -288,6 +288,7 @@ def test_evaluate_rebuilds_the_metrics_of_a_run(tmp_path):
 def test_ema_weights_are_what_training_hands_on_and_resume_exactly(tmp_path):
     from bloodcell.data.prepare import prepare_data
     from bloodcell.train.fit import fit
+    from bloodcell.train.module import Classifier
 
     base = {**TINY, "data": {"root": str(SAMPLE), "input_size": 32}, "train": {"epochs": 2, "batch_size": 16, "lr": 0.002, "precision": "32-true"}}
     with_ema = {**base, "train": {**base["train"], "ema_decay": 0.8}}
@@ -303,8 +304,14 @@ def test_ema_weights_are_what_training_hands_on_and_resume_exactly(tmp_path):
     # the average is in the checkpoint: one epoch, then resumed to two, gives the same weights
     fit(parse_config({**with_ema, "train": {**with_ema["train"], "epochs": 1}}), data, tmp_path / "resumed", progress=False)
     first_epoch = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
-    resumed = fit(parse_config(with_ema), data, tmp_path / "resumed", resume=True, progress=False)
-    # epoch 1 came from the checkpoint, not from training it again: its row (wall seconds too) is unchanged
+    steps = []
+    original_step = Classifier.training_step
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Classifier, "training_step", lambda self, *a, **k: steps.append(1) or original_step(self, *a, **k))
+        resumed = fit(parse_config(with_ema), data, tmp_path / "resumed", resume=True, progress=False)
+    # epoch 1 came from the checkpoint, not from training it again: one epoch of steps ran, and its row (wall
+    # seconds too) is unchanged
+    assert len(steps) == -(-len(data.parts["train"]) // 16)
     assert (tmp_path / "resumed" / "history.csv").read_text().splitlines()[:2] == first_epoch
     for (name, a), b in zip(ema.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
