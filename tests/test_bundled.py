@@ -77,3 +77,41 @@ def test_bundled_ood_score_tells_cells_from_photographs_and_non_cells():
         assert maha[name] >= 0.99, (name, maha)
     assert r["pbc_false_alarm"] <= 0.02
     assert r["tecom"]["wrong_flagged"] >= 0.9  # cells from the other lab that the model gets wrong are flagged, not counted
+
+
+@needs_pbc()
+def test_bundled_model_headline_figures_recomputed_on_its_test_part():
+    """README's and model.json's figures come from the bundled weights on the test part of their own split: recompute
+    them from the images (not from model.json) and compare to the digits stated; the sample lies in that test part."""
+    import numpy as np
+
+    from bloodcell.config import parse_config
+    from bloodcell.data.prepare import split_files
+    from bloodcell.evaluate.metrics import classification_metrics
+
+    meta = json.loads((BUNDLE / "model.json").read_text())
+    cfg = parse_config(meta["training_config"])
+    files, names = split_files(cfg, PBC, "test")
+    assert len(files) == meta["bundled"]["test_n"]
+    test_relpaths = {f"{f.parent.name}/{f.name}" for f in files}
+    sample = {f"{f.parent.name}/{f.name}" for f in SAMPLE.glob("*/*.jpg")}
+    assert len(sample) == 200 and sample <= test_relpaths, sorted(sample - test_relpaths)[:3]
+
+    preds = Predictor.load(None).predict_paths(files, batch_size=128, progress=False)["predictions"]
+    y_true = np.array([names.index(p["path"].replace("\\", "/").split("/")[-2]) for p in preds])
+    probs = np.array([[p["probabilities"][c] for c in names] for p in preds])
+    probs /= probs.sum(1, keepdims=True)  # predictions carry rounded probabilities
+    m = classification_metrics(y_true, probs, names, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)
+    assert m["accuracy"] == meta["bundled"]["test_accuracy"] == meta["test_metrics"]["accuracy"]
+    assert list(m["ci95"]["accuracy"]) == pytest.approx(meta["bundled"]["test_accuracy_ci95"], abs=1e-12)
+    assert m["f1_macro"] == pytest.approx(meta["bundled"]["test_f1_macro"], abs=1e-9)
+
+    correct = probs.argmax(1) == y_true
+    flagged = np.array([p["confidence"] for p in preds]) < meta["review_threshold"]
+    lo, hi = m["ci95"]["accuracy"]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert f"**accuracy {100 * m['accuracy']:.2f} %** (bootstrap 95 % CI {100 * lo:.2f}-{100 * hi:.2f}), macro F1 {100 * m['f1_macro']:.2f} %" in readme
+    assert (f"Its review threshold ({meta['review_threshold']:.2f}) flags {100 * flagged.mean():.1f} % of test cells; the other "
+            f"{100 * (1 - flagged.mean()):.1f} % are {100 * correct[~flagged].mean():.2f} % right") in readme
+    recalls = ", ".join(f"{c} {100 * correct[y_true == k].mean():.1f}" for k, c in enumerate(names))
+    assert f"Recall per class: {recalls} %" in readme

@@ -315,3 +315,32 @@ def test_ema_weights_are_what_training_hands_on_and_resume_exactly(tmp_path):
     assert (tmp_path / "resumed" / "history.csv").read_text().splitlines()[:2] == first_epoch
     for (name, a), b in zip(ema.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("n, world", [(65, 1), (64, 1), (33, 1), (1, 1), (97, 3), (10, 2)])
+def test_epoch_batches_cover_the_epoch_once_without_a_lone_last_image(n, world):
+    """Every image once per epoch (DDP ranks: disjoint shards covering it), seeded reshuffling per epoch, and never
+    a training batch of one image (BatchNorm cannot train on it when features are 1x1)."""
+    from bloodcell.train.fit import EpochBatches
+
+    for shuffle in (True, False):
+        per_epoch = []
+        for epoch in (0, 1):
+            shards = []
+            for rank in range(world):
+                sampler = EpochBatches(n, 32, shuffle, seed=3, rank=rank, world_size=world)
+                sampler.set_epoch(epoch)
+                batches = list(sampler)
+                assert len(batches) == len(sampler)
+                assert n == 1 or min(len(b) for b in batches) > 1
+                shards.append([i for b in batches for i in b])
+            assert len({len(s) for s in shards}) == 1  # DDP: the same number of samples on every rank
+            flat = [i for s in shards for i in s]
+            assert set(flat) == set(range(n))  # the epoch covered...
+            if n % world == 0:
+                assert sorted(flat) == list(range(n))  # ...each image once, no rank sharing one
+            per_epoch.append(flat)
+        if shuffle and n > 2:
+            assert per_epoch[0] != per_epoch[1]  # a new order each epoch
+        if not shuffle and world == 1:
+            assert per_epoch[0] == per_epoch[1] == list(range(n))  # dataset order, every epoch

@@ -43,7 +43,11 @@ HISTORY_COLUMNS = ["epoch", "stage", "objective", "train_loss", "train_acc", "va
 
 
 class EpochBatches(Sampler):
-    """Batches of indices: a (seed, epoch) permutation when shuffling, sharded across DDP ranks."""
+    """Batches of indices: a (seed, epoch) permutation when shuffling, sharded across DDP ranks.
+
+    A last batch of one image joins the batch before it: BatchNorm cannot train on one image whose features are
+    1x1 (small inputs through deep networks), and the images of every epoch are all still seen.
+    """
 
     def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, rank: int = 0, world_size: int = 1):
         self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
@@ -61,12 +65,16 @@ class EpochBatches(Sampler):
 
     def __iter__(self):
         order = self._indices()
-        for start in range(0, len(order), self.batch_size):
-            yield order[start : start + self.batch_size].tolist()
+        starts = list(range(0, len(order), self.batch_size))
+        if len(starts) > 1 and len(order) - starts[-1] == 1:
+            starts.pop()  # a lone last image joins the batch before it
+        for start, end in zip(starts, starts[1:] + [len(order)]):
+            yield order[start:end].tolist()
 
     def __len__(self) -> int:
         per_rank = -(-self.n // self.world_size)
-        return -(-per_rank // self.batch_size)
+        batches = -(-per_rank // self.batch_size)
+        return batches - 1 if batches > 1 and per_rank % self.batch_size == 1 else batches
 
 
 class ArrayBatches(Dataset):
