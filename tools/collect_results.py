@@ -15,7 +15,7 @@ KEEP = {"config.yaml", "metrics.json", "history.csv", "status.json", "aggregate.
 def main() -> None:
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("report.md", "report.html", "study.yaml", "study_status.json"):
+    for name in ("report.md", "report.html", "study.yaml", "study_status.json", "budget.json"):
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
     if (src / "figures").exists():
