@@ -91,14 +91,16 @@ def test_bundled_model_headline_figures_recomputed_on_its_test_part():
 
     meta = json.loads((BUNDLE / "model.json").read_text())
     cfg = parse_config(meta["training_config"])
-    files, names = split_files(cfg, PBC, "test")
-    assert len(files) == meta["bundled"]["test_n"]
+    files, true_names = split_files(cfg, PBC, "test")
+    names = meta["class_names"]
+    assert len(files) == meta["bundled"]["test_n"] and set(true_names) == set(names)
     test_relpaths = {f"{f.parent.name}/{f.name}" for f in files}
     sample = {f"{f.parent.name}/{f.name}" for f in SAMPLE.glob("*/*.jpg")}
     assert len(sample) == 200 and sample <= test_relpaths, sorted(sample - test_relpaths)[:3]
 
     preds = Predictor.load(None).predict_paths(files, batch_size=128, progress=False)["predictions"]
-    y_true = np.array([names.index(p["path"].replace("\\", "/").split("/")[-2]) for p in preds])
+    label_of = {str(f): name for f, name in zip(files, true_names)}
+    y_true = np.array([names.index(label_of[str(p["path"])]) for p in preds])
     probs = np.array([[p["probabilities"][c] for c in names] for p in preds])
     probs /= probs.sum(1, keepdims=True)  # predictions carry rounded probabilities
     m = classification_metrics(y_true, probs, names, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)
