@@ -139,6 +139,11 @@ def test_metrics_record_the_precision_the_run_trained_in(tmp_path, asked, record
     expected = recorded or resolve_precision(parse_config(raw), "cpu")
     assert metrics["provenance"]["precision"] == expected
     assert json.loads((run / "model.json").read_text())["precision"] == expected
+    # re-evaluating the run keeps what training recorded
+    again = runner.invoke(app, ["evaluate", str(run)])
+    assert again.exit_code == 0, again.output
+    kept = json.loads((run / "metrics.json").read_text())["provenance"]
+    assert kept["precision"] == expected and kept["train_seconds"] == metrics["provenance"]["train_seconds"]
 
 
 def test_training_from_a_medmnist_npz_runs_end_to_end(tmp_path):

@@ -170,7 +170,10 @@ def evaluate_cmd(
     cfg = load_config(run_dir / "config.yaml", [f"data.root={data}"] if data else [])
     model_, _ = load_checkpoint(run_dir)
     prepared = prepare_data(cfg, split_file=run_dir / "split.json")
-    metrics = evaluate_run(run_dir, cfg, prepared, model_)
+    # what training recorded (its wall time, fold, precision) stays: re-evaluating trains nothing
+    previous = json.loads((run_dir / "metrics.json").read_text()).get("provenance", {}) if (run_dir / "metrics.json").exists() else {}
+    kept = {k: previous[k] for k in ("train_seconds", "fold", "precision") if k in previous}
+    metrics = evaluate_run(run_dir, cfg, prepared, model_, extra=kept)
     _print_result(run_dir, metrics)
 
 
