@@ -178,7 +178,7 @@ def load_test_part(data_root: Path, split_meta: dict, progress: bool) -> tuple[l
     paths = [inv.path(i) for i in split.test]
     labels = [inv.records[i].label for i in split.test]
     info = {"root": str(inv.root), "images": len(inv.records), "fingerprint": inv.fingerprint(), "test": len(paths),
-            "split": {k: getattr(_split_config(cfg), k) for k in ("seed", "test_size", "val_size", "dedup", "shuffle")}}
+            "split": {k: getattr(_split_config(cfg), k) for k in ("seed", "test_size", "val_size", "dedup", "order")}}
     expected = (split_meta.get("bundled") or {}).get("test_n")
     if expected and inv.fingerprint() == split_meta.get("data_fingerprint") and len(paths) != expected:
         raise SystemExit(f"the test part of {inv.root} has {len(paths)} images, the bundled model's has {expected}: the split is not reproduced")

@@ -360,7 +360,7 @@ def test_table_when_every_image_is_ood():
 
 def test_cli_predict_errors(tmp_path, run_dir):
     res = runner.invoke(app, ["predict", str(SAMPLE / "ig"), "--model", str(run_dir), "--format", "xml"])
-    assert res.exit_code == 2 and "--format must be one of table, csv, json" in res.output
+    assert res.exit_code == 2 and "--format must be one of table, summary, csv, json" in res.output
     res = runner.invoke(app, ["predict", str(tmp_path / "gone.jpg"), "--model", str(run_dir)])
     assert res.exit_code == 2 and "gone.jpg" in res.output
     bad = tmp_path / "bad.jpg"

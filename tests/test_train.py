@@ -229,8 +229,8 @@ def test_bad_configs_name_the_key(tmp_path, raw, message):
 
 
 def test_overrides_set_nested_keys_and_reject_unknown_ones(tmp_path):
-    cfg = load_config(REPO / "configs" / "train" / "cnn.yaml", ["train.epochs=2", "data.split.shuffle=false", "seeds=[1, 2]"])
-    assert cfg.train.epochs == 2 and cfg.data.split.shuffle is False and cfg.seeds == [1, 2]
+    cfg = load_config(REPO / "configs" / "train" / "cnn.yaml", ["train.epochs=2", "data.split.order=sorted", "seeds=[1, 2]"])
+    assert cfg.train.epochs == 2 and cfg.data.split.order == "sorted" and cfg.seeds == [1, 2]
     with pytest.raises(ConfigError, match="unknown key 'train.epoch'"):
         load_config(REPO / "configs" / "train" / "cnn.yaml", ["train.epoch=2"])
     with pytest.raises(ConfigError, match="expected key=value"):
