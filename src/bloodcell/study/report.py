@@ -291,9 +291,10 @@ def _seeds_text(spec: StudySpec) -> str:
 
 
 def _wall_text(out: Path, runs: list[RunSpec]) -> str:
-    """The sum of the finished runs' wall time, and the estimate made before they ran (budget.json)."""
+    """The sum of the finished runs' wall times (runs in parallel processes overlap), and the estimate made before
+    they ran (budget.json)."""
     done = [s for s in (_run_seconds(out, r) for r in runs) if s is not None]
-    text = f"Wall time of the finished runs: {sum(done) / 60:.0f} min" if done else ""
+    text = f"Sum of the finished runs' wall times: {sum(done) / 60:.0f} min" if done else ""
     budget = _budget(out)
     if budget and text:
         text += f" (estimated beforehand from measured epoch rates: {budget['total_seconds'] / 60:.0f} min for all runs, on {budget['machine']})"
