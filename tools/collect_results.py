@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -20,10 +21,11 @@ def main() -> None:
             shutil.copy2(src / name, dst / name)
     if (src / "figures").exists():
         shutil.copytree(src / "figures", dst / "figures", dirs_exist_ok=True)
+    shown = set(re.findall(r"\]\((runs/[^)]+\.png)\)", (src / "report.md").read_text())) if (src / "report.md").exists() else set()
     for f in (src / "runs").rglob("*"):
         rel = f.relative_to(src)
-        folds = any(part.startswith("fold-") for part in rel.parts)  # fold figures are summarised by the report
-        if f.is_file() and (f.name in KEEP or (f.suffix == ".png" and f.parent.name == "figures" and not folds)) and "checkpoints" not in rel.parts:
+        # a run's figures only where the report shows them (each run keeps its own in the study folder)
+        if f.is_file() and (f.name in KEEP or rel.as_posix() in shown) and "checkpoints" not in rel.parts:
             (dst / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(f, dst / rel)
     print(f"copied {src} -> {dst}")

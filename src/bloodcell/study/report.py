@@ -488,7 +488,6 @@ def _per_run_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
             if fig_dir is not None:
                 doc.img(fig_dir / "curves.png", f"{exp.row or exp.name} ({proto}): accuracy and loss per epoch")
                 doc.img(fig_dir / "confusion.png", f"{exp.row or exp.name} ({proto}): confusion matrix on the test part")
-                doc.img(fig_dir / "predictions.png", f"{exp.row or exp.name} ({proto}): test images with predicted and true labels")
 
 
 def _environment_section(doc: Doc, out: Path, runs: list[RunSpec], prov: dict, summary: dict) -> None:
