@@ -42,34 +42,20 @@ def plot_training_curves(history, path, title: str | None = None) -> Path:
     `history` is a list of dicts or the path of a CSV with columns epoch, train_loss, train_acc,
     val_loss, val_acc. Validation columns may be missing or have empty cells (no val split).
     """
-    rows = _read_history(history)
-    cols = {c: np.array([_num(r.get(c)) for r in rows]) for c in _CURVE_COLUMNS}
-    epochs = cols["epoch"] if not np.all(np.isnan(cols["epoch"])) else np.arange(1, len(rows) + 1)
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, metric, label in ((axes[0], "acc", "Accuracy"), (axes[1], "loss", "Loss")):
-        for split, style in (("train", "-o"), ("val", "--s")):
-            y = cols[f"{split}_{metric}"]
-            ok = ~np.isnan(y)
-            if ok.any():
-                ax.plot(epochs[ok], y[ok], style, markersize=3, label=split)
-        ax.set_xlabel("Epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel(label)
-        ax.set_title(label)
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+    return _plot_curves({"": history}, path, title)
 
 
 def plot_protocol_curves(histories: Mapping[str, object], path, title: str | None = None) -> Path:
     """Accuracy (left) and loss (right) per epoch of several runs on shared axes, one colour per run
     (e.g. one model without and with shuffling, the paper's Figs 7-9); train solid, validation dashed."""
+    return _plot_curves(histories, path, title)
+
+
+def _plot_curves(histories: Mapping[str, object], path, title: str | None) -> Path:
+    """One run: train and validation in the default colours; several: one colour per run, its label first."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    several = len(histories) > 1
     for k, (label, history) in enumerate(histories.items()):
         rows = _read_history(history)
         cols = {c: np.array([_num(r.get(c)) for r in rows]) for c in _CURVE_COLUMNS}
@@ -79,7 +65,8 @@ def plot_protocol_curves(histories: Mapping[str, object], path, title: str | Non
                 y = cols[f"{split}_{metric}"]
                 ok = ~np.isnan(y)
                 if ok.any():
-                    ax.plot(epochs[ok], y[ok], style, color=colours[k % len(colours)], markersize=3, label=f"{label}, {split}")
+                    ax.plot(epochs[ok], y[ok], style, color=colours[k % len(colours)] if several else None, markersize=3,
+                            label=f"{label}, {split}" if label else split)
     for ax, name in ((axes[0], "Accuracy"), (axes[1], "Loss")):
         ax.set_xlabel("Epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -87,7 +74,7 @@ def plot_protocol_curves(histories: Mapping[str, object], path, title: str | Non
         ax.set_title(name)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8 if several else None)
     if title:
         fig.suptitle(title)
     return _save(fig, path)
