@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import os
 import platform
-import socket
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,15 +47,10 @@ class Server:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def running_server(*serve_args: str, startup_timeout: float = 120.0):
-    """`bloodcell serve` in a subprocess on 127.0.0.1 and a free port; stopped (SIGTERM) on exit."""
+    """`bloodcell serve --port 0` in a subprocess on 127.0.0.1: the system picks a free port and the server prints it;
+    stopped (SIGTERM) on exit."""
     import httpx
 
     import bloodcell
@@ -66,18 +61,20 @@ def running_server(*serve_args: str, startup_timeout: float = 120.0):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
-        port = free_port()
-        cmd = [sys.executable, "-m", "bloodcell.cli", "serve", "--host", "127.0.0.1", "--port", str(port), *serve_args]
+        cmd = [sys.executable, "-m", "bloodcell.cli", "serve", "--host", "127.0.0.1", "--port", "0", *serve_args]
         with open(log, "wb") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
-        server = Server(f"http://127.0.0.1:{port}", proc, log)
+        server = Server("", proc, log)
         try:
             deadline = time.monotonic() + startup_timeout
             while True:
                 if proc.poll() is not None:
                     raise RuntimeError(f"server exited with code {proc.returncode}:\n{server.log_tail()}")
+                if not server.url:  # "bloodcell: model cnn (torch) on http://127.0.0.1:PORT/"
+                    found = re.search(r" on (http://127\.0\.0\.1:\d+)/", log.read_text(errors="replace"))
+                    server.url = found.group(1) if found else ""
                 try:
-                    if httpx.get(server.url + "/health", timeout=2).status_code == 200:
+                    if server.url and httpx.get(server.url + "/health", timeout=2).status_code == 200:
                         break
                 except httpx.TransportError:
                     pass

@@ -35,12 +35,6 @@ pytestmark = [
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def predictor(tmp_path_factory) -> Predictor:
     return Predictor.load(toy_run(tmp_path_factory.mktemp("run") / "run", seed=1))
@@ -48,14 +42,17 @@ def predictor(tmp_path_factory) -> Predictor:
 
 @contextlib.contextmanager
 def serving(predictor, detector=None):
-    """uvicorn serving `predictor` (and `detector` for fields) on a free 127.0.0.1 port in a thread; yields the base URL."""
+    """uvicorn serving `predictor` (and `detector` for fields) in a thread on a socket bound to port 0, so the kernel
+    picks a free port and nothing can take it between choosing and binding; yields the base URL."""
     import uvicorn
 
     from bloodcell.serve.app import create_app
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor, detector=detector), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(create_app(predictor, detector=detector), log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
     while not server.started:
@@ -67,6 +64,7 @@ def serving(predictor, detector=None):
     finally:
         server.should_exit = True
         thread.join(10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")

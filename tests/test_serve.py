@@ -331,3 +331,19 @@ def test_openapi_documents_the_endpoints(client):
     body = spec["paths"]["/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
     assert body["required"] == ["files"]
     assert client.get("/docs").status_code == 200
+
+
+def test_serve_on_a_port_in_use_is_a_one_line_error_naming_it(predictor):
+    import socket
+
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = CliRunner().invoke(app, ["serve", "--model", str(predictor.source), "--port", str(port)])
+    assert result.exit_code == 2
+    assert f"error: cannot listen on 127.0.0.1:{port}:" in result.output and "in use" in result.output

@@ -474,7 +474,7 @@ def explain_cmd(
 def serve_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help=_MODEL_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes the server to the network."),
-    port: int = typer.Option(8000, "--port", min=1, max=65535),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="0 lets the system pick a free port (printed on start)."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest request body (all files together), MB."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Larger images are refused (decompression bombs)."),
     max_files: int = typer.Option(500, "--max-files", min=1, help="Most images in one request."),
@@ -491,8 +491,23 @@ def serve_cmd(
     app_ = create_app(predictor, int(max_upload_mb * 1024 * 1024), max_pixels or DEFAULT_MAX_PIXELS, max_files, detector)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: binding {host}: anyone who can reach this machine can upload images; no authentication", err=True)
-    typer.echo(f"bloodcell: model {predictor.model_name} ({predictor.backend}) on http://{host}:{port}/", err=True)
-    uvicorn.run(app_, host=host, port=port, log_level="info")
+    sock = _bound_socket(host, port)  # bound here, so the line below names the real port even for --port 0
+    url_host = f"[{host}]" if ":" in host else host
+    typer.echo(f"bloodcell: model {predictor.model_name} ({predictor.backend}) on http://{url_host}:{sock.getsockname()[1]}/", err=True)
+    uvicorn.Server(uvicorn.Config(app_, log_level="info")).run(sockets=[sock])
+
+
+def _bound_socket(host: str, port: int):
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except OSError as exc:
+        raise BloodcellError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 # --------------------------------------------------------------------------- detectors (smear photographs)

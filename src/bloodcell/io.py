@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from bloodcell import events
 from bloodcell.errors import WriteError
 
 
@@ -50,6 +51,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp_path, path)
         except OSError as exc:
             raise _write_error(path, exc) from exc
+        events.emit("wrote", path=str(path))
     finally:
         tmp_path.unlink(missing_ok=True)
 

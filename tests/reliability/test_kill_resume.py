@@ -1,12 +1,13 @@
 """kill -9 at seeded random points of `bloodcell train` and `bloodcell study`, then resume: the result equals an
 uninterrupted run exactly (CPU, same seed): metrics.json, history.csv (but for wall times) and the model's bytes.
 
-The points are drawn from random.Random(BLOODCELL_KILL_SEED) (default 8) and printed with the state the run was
-in when it was killed, so a failure can be replayed: BLOODCELL_KILL_SEED=8 pytest -s tests/reliability/test_kill_resume.py
+The points are events the run reports (a batch starts, a file is written), drawn from random.Random(BLOODCELL_KILL_SEED)
+(default 8) and printed with the state the run was in when it was killed, so a failure can be replayed: BLOODCELL_KILL_SEED=8 pytest -s tests/reliability/test_kill_resume.py
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -19,6 +20,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
+from bloodcell import events
 from bloodcell.cli import app
 
 from conftest import SAMPLE
@@ -48,6 +50,8 @@ def isolated_cache(tmp_path_factory):
 
 
 # ----------------------------------------------------------------------------- watching and killing
+# Kills land on events the run reports itself (BLOODCELL_EVENTS: a training batch starts, a file is written), not
+# after sleeps, so a given seed kills at the same point on a fast machine and a loaded one.
 
 
 def run_state(run: Path) -> str:
@@ -57,18 +61,36 @@ def run_state(run: Path) -> str:
     return f"history rows {rows}, checkpoint epoch {checkpoint_epoch(run)}, status {status}, written {written or '-'}"
 
 
+def writes_under(log: list[dict], root: Path) -> list[str]:
+    """The files written under `root`, in order, as paths relative to it."""
+    return [Path(e["path"]).relative_to(root).as_posix() for e in log if e["event"] == "wrote" and Path(e["path"]).is_relative_to(root)]
+
+
+def batches(log: list[dict]) -> list[tuple[int, int]]:
+    return [(e["epoch"], e["batch"]) for e in log if e["event"] == "batch"]
+
+
+@contextlib.contextmanager
+def recording(path: Path):
+    """Record the events of what runs in this process (the reference runs)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(events.ENV, str(path))
+        yield
+
+
 def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120) -> None:
     t0 = time.time()
     while not condition():
         if proc.poll() is not None:
             raise AssertionError(f"the process ended (rc {proc.returncode}) before {what}")
         assert time.time() - t0 < timeout, f"timed out waiting for {what}"
-        time.sleep(0.005)
+        time.sleep(0.001)
 
 
-def spawn(args: list[str]) -> subprocess.Popen:
+def spawn(args: list[str], log: Path) -> subprocess.Popen:
     # its own session, so whatever it started can be cleaned up by its process group after the test
-    return subprocess.Popen(BLOODCELL + args, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    env = dict(cli_env(), **{events.ENV: str(log)})
+    return subprocess.Popen(BLOODCELL + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def kill_9(proc: subprocess.Popen) -> None:
@@ -87,51 +109,53 @@ def clean_up(proc: subprocess.Popen) -> None:
 
 # ----------------------------------------------------------------------------- train
 
-# id -> (where the kill lands, what to wait for, range of the seconds waited after it, drawn by the seeded RNG)
-TRAIN_POINTS = {
-    "epoch-1": ("during epoch 1, before any checkpoint", "status.json", (0.0, 0.4)),
-    "checkpoint": ("after the checkpoint of a random epoch k (at once or during epoch k+1)", "checkpoint", (0.0, 0.15)),
-    "evaluation": ("during the final evaluation", "model.safetensors", (0.0, 0.25)),
-    "metrics": ("after metrics.json, before the run is marked complete", "metrics.json", (0.0, 0.0)),
-}
+# Each point is an event of the uninterrupted reference run, drawn by the seeded RNG from a stage of it:
+#   batch-epoch-1   a training batch of epoch 1 starts (no checkpoint yet: the resume starts from scratch)
+#   batch-later     a training batch of epochs 2-4 starts (the resume continues from the checkpoint before it)
+#   training-write  a file written while training (history.csv, the checkpoint's halves, status.json ...)
+#   evaluation-write a file written after model.safetensors (model.json, predictions, figures ...), up to metrics.json
+#   metrics         metrics.json written, the run not yet marked complete
+TRAIN_POINTS = ["batch-epoch-1", "batch-later", "training-write", "evaluation-write", "metrics"]
 
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory, isolated_cache) -> dict:
     base = tmp_path_factory.mktemp("train-ref")
     cfg = write_cfg(base / "run.yaml", RUN)
-    result = runner.invoke(app, ["train", str(cfg), "--data", str(SAMPLE), "--out", str(base / "run")])
+    with recording(base / "events.jsonl"):
+        result = runner.invoke(app, ["train", str(cfg), "--data", str(SAMPLE), "--out", str(base / "run")])
     assert result.exit_code == 0, result.output
     lrs = [float(row["lr"]) for row in read_history(base / "run")]
     assert lrs == pytest.approx([0.001, 0.002, 0.0015, 0.0005])  # warm-up, then cosine: a position a resume must keep
-    return {"config": cfg, "outcome": outcome(base / "run")}
+    log = events.read(base / "events.jsonl")
+    return {"config": cfg, "outcome": outcome(base / "run"), "writes": writes_under(log, base / "run"), "batches": batches(log)}
 
 
-@pytest.mark.parametrize("point_id", list(TRAIN_POINTS))
+def train_kill_point(point_id: str, ref: dict, rng: random.Random) -> tuple[str, object]:
+    """(description, condition on the spawned run's events and dir) for one point."""
+    writes = ref["writes"]
+    model_at, metrics_at = writes.index("model.safetensors"), writes.index("metrics.json")
+    if point_id.startswith("batch"):
+        epoch, batch = rng.choice([b for b in ref["batches"] if (b[0] == 1) == (point_id == "batch-epoch-1")])
+        return f"as batch {batch} of epoch {epoch} starts", lambda log, run: (epoch, batch) in batches(log)
+    i = {"training-write": lambda: rng.randrange(model_at), "evaluation-write": lambda: rng.randrange(model_at, metrics_at + 1), "metrics": lambda: metrics_at}[point_id]()
+    return f"after write {i + 1} of {len(writes)} ({writes[i]})", lambda log, run: len(writes_under(log, run)) > i
+
+
+@pytest.mark.parametrize("point_id", TRAIN_POINTS)
 def test_train_killed_then_resumed_equals_an_uninterrupted_run(tmp_path, reference_run, point_id):
-    point, trigger, delay_range = TRAIN_POINTS[point_id]
-    rng = random.Random(f"{KILL_SEED}/train/{point_id}")
-    epoch = rng.randint(1, RUN["train"]["epochs"] - 1)
-    delay = rng.uniform(*delay_range)
-    run = tmp_path / "run"
+    where, reached = train_kill_point(point_id, reference_run, random.Random(f"{KILL_SEED}/train/{point_id}"))
+    run, log = tmp_path / "run", tmp_path / "events.jsonl"
     args = ["train", str(reference_run["config"]), "--data", str(SAMPLE), "--out", str(run)]
-    proc = spawn(args)
+    proc = spawn(args, log)
     try:
         t0 = time.time()
-        if trigger == "status.json":
-            wait_for(lambda: (run / "status.json").exists(), proc, "the run started")
-        elif trigger == "checkpoint":
-            wait_for(lambda: checkpoint_epoch(run) >= epoch, proc, f"the checkpoint of epoch {epoch}")
-        else:
-            wait_for(lambda: (run / trigger).exists(), proc, trigger)
-        time.sleep(delay)
-        assert proc.poll() is None, f"the run finished before the kill ({point})"
+        wait_for(lambda: reached(events.read(log), run), proc, where)
         kill_9(proc)
         state = run_state(run)
     finally:
         clean_up(proc)
-    where = point.replace("a random epoch k", f"epoch {epoch}").replace("epoch k+1", f"epoch {epoch + 1}")
-    print(f"\n[seed {KILL_SEED}] train killed {where}, +{delay:.3f} s ({time.time() - t0:.2f} s after the start): {state}")
+    print(f"\n[seed {KILL_SEED}] train killed {where}, {time.time() - t0:.2f} s after the start: {state}")
 
     if (run / "config.yaml").exists():  # an unfinished run is only continued when asked
         refused = runner.invoke(app, args)
@@ -172,46 +196,48 @@ def is_complete(run: Path) -> bool:
         return False
 
 
-# id -> (where the kill lands, what to wait for, range of the seconds waited after it)
-STUDY_POINTS = {
-    "first-run": ("while the first run trains", "seed-1 status.json", (0.0, 1.0)),
-    "between-runs": ("as soon as the first run is complete", "seed-1 complete", (0.0, 0.0)),
-    "report": ("while the report is written", "study_status.json", (0.0, 0.3)),
-}
+# first-run     a seeded training batch of the first run starts
+# between-runs  the first run is marked complete
+# report        a seeded file of the report is written (after study_status.json, before report.html)
+STUDY_POINTS = ["first-run", "between-runs", "report"]
 
 
 @pytest.fixture(scope="module")
 def reference_study(tmp_path_factory, isolated_cache) -> dict:
     base = tmp_path_factory.mktemp("study-ref")
     cfg = study_config(base / "study.yaml")
-    result = runner.invoke(app, ["study", str(cfg), "--out", str(base / "out")])
+    with recording(base / "events.jsonl"):
+        result = runner.invoke(app, ["study", str(cfg), "--out", str(base / "out")])
     assert result.exit_code == 0 and "runs complete: 2 of 2" in result.output, result.output
     status = json.loads((base / "out" / "study_status.json").read_text())
-    return {"config": cfg, "outcomes": [outcome(r) for r in study_runs(base / "out")], "results": status["results"]}
+    log = events.read(base / "events.jsonl")
+    return {"config": cfg, "outcomes": [outcome(r) for r in study_runs(base / "out")], "results": status["results"],
+            "writes": writes_under(log, base / "out"), "batches": batches(log)}
 
 
-@pytest.mark.parametrize("point_id", list(STUDY_POINTS))
+@pytest.mark.parametrize("point_id", STUDY_POINTS)
 def test_study_killed_then_rerun_redoes_nothing_finished_and_equals_an_uninterrupted_study(tmp_path, reference_study, point_id):
-    point, trigger, delay_range = STUDY_POINTS[point_id]
-    delay = random.Random(f"{KILL_SEED}/study/{point_id}").uniform(*delay_range)
-    out = tmp_path / "out"
+    rng = random.Random(f"{KILL_SEED}/study/{point_id}")
+    out, log = tmp_path / "out", tmp_path / "events.jsonl"
     first, second = study_runs(out)
-    conditions = {
-        "seed-1 status.json": lambda: (first / "status.json").exists(),
-        "seed-1 complete": lambda: is_complete(first),
-        "study_status.json": lambda: (out / "study_status.json").exists(),
-    }
-    proc = spawn(["study", str(reference_study["config"]), "--out", str(out)])
+    if point_id == "first-run":
+        n = rng.randint(1, len(reference_study["batches"]) // 2)  # both runs have the same number of batches
+        where, reached = f"as training batch {n} of the first run starts", lambda: len(batches(events.read(log))) >= n
+    elif point_id == "between-runs":
+        where, reached = "as soon as the first run is complete", lambda: is_complete(first)
+    else:
+        writes = reference_study["writes"]
+        i = rng.randrange(writes.index("study_status.json"), writes.index("report.html"))
+        where, reached = f"after write {i + 1} of {len(writes)} ({writes[i]})", lambda: len(writes_under(events.read(log), out)) > i
+    proc = spawn(["study", str(reference_study["config"]), "--out", str(out)], log)
     try:
-        wait_for(conditions[trigger], proc, trigger)
-        time.sleep(delay)
-        assert proc.poll() is None, f"the study finished before the kill ({point})"
+        wait_for(reached, proc, where)
         kill_9(proc)
     finally:
         clean_up(proc)
     finished = [r for r in (first, second) if is_complete(r)]
     stamps = {r: {f: (r / f).stat().st_mtime_ns for f in ("metrics.json", "model.safetensors", "history.csv")} for r in finished}
-    print(f"\n[seed {KILL_SEED}] study killed {point}, +{delay:.3f} s: complete runs {[r.name for r in finished]}; "
+    print(f"\n[seed {KILL_SEED}] study killed {where}: complete runs {[r.name for r in finished]}; "
           + "; ".join(f"{r.name}: {run_state(r)}" for r in (first, second)))
 
     result = runner.invoke(app, ["study", str(reference_study["config"]), "--out", str(out)])

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from bloodcell import events
 from bloodcell.config import RunConfig, StageConfig
 from bloodcell.errors import TrainingDiverged
 from bloodcell.models.losses import supcon_loss
@@ -152,6 +153,7 @@ class Classifier(L.LightningModule):
         key = (self.current_epoch << 20) + batch_idx
         torch.manual_seed(epoch_seed(self.cfg.seed, key, 1 + self.global_rank))
         self._aug_gen.manual_seed(epoch_seed(self.cfg.seed, key, 1000 + self.global_rank))
+        events.emit("batch", epoch=self.current_epoch + 1, batch=batch_idx, rank=self.global_rank)
 
     def training_step(self, batch, batch_idx):
         x, y = self._images(batch)
