@@ -162,3 +162,24 @@ def test_training_from_a_medmnist_npz_runs_end_to_end(tmp_path):
     assert [r["path"] for r in rows] == [f"test/{k}" for k in range(20)]
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     assert json.loads((run / "model.json").read_text())["class_names"][3] == "ig"
+
+
+def _native_bf16_in_subprocess(**env) -> bool:
+    import os
+    import subprocess
+    import sys
+
+    code = "from bloodcell.train.fit import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    return out.stdout.strip() == "True"
+
+
+def test_an_isa_capped_to_avx2_counts_as_the_cpu_it_emulates():
+    import torch
+
+    hardware = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    assert _native_bf16_in_subprocess() == hardware
+    # either cap alone makes bf16 emulated, so `precision: auto` must fall back to fp32 as on a real AVX2 CPU
+    assert not _native_bf16_in_subprocess(ATEN_CPU_CAPABILITY="avx2")
+    assert not _native_bf16_in_subprocess(ONEDNN_MAX_CPU_ISA="AVX2")
+    assert _native_bf16_in_subprocess(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16") == hardware

@@ -97,12 +97,21 @@ class ArrayBatches(Dataset):
         return torch.from_numpy(x), y
 
 
+# oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which bf16 convolutions still run natively
+_ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10", "ALL")
+
+
 def cpu_has_native_bf16() -> bool:
-    """AVX512-BF16 or AMX: bf16 convolutions run natively (1.6-2.2x fp32 on this project's EPYC); elsewhere they are emulated."""
+    """AVX512-BF16 or AMX: bf16 convolutions run natively (1.6-2.2x fp32 on this project's EPYC); elsewhere they are
+    emulated. A capped ISA (ATEN_CPU_CAPABILITY=avx2, ONEDNN_MAX_CPU_ISA=AVX2: how an older CPU is emulated, or a
+    workaround for a kernel bug) counts as the CPU it emulates."""
     try:
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        hardware = bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # torch without these probes: stay with fp32
         return False
+    onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    aten_capped = torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX")
+    return hardware and not aten_capped and onednn_cap.startswith(_ONEDNN_BF16_ISAS)
 
 
 def resolve_precision(cfg: RunConfig, accelerator: str) -> str:
