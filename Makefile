@@ -6,7 +6,7 @@ BLOODCELL := $(VENV)/bin/bloodcell
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean default-model detector
+.PHONY: setup demo test test-fast bench clean default-model detector gpu-check
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/cache_build.py examples/pbc-sample
 	$(PY) benchmarks/inference.py --arch cnn --size 64
+
+# The GPU check (docs/benchmarks.md): what a lent GPU session runs, prepared and rehearsed here. Downloads the wheels
+# and packs PBC into .devpack/ (needs PyPI and ../shared; the pack only once), then runs the check at toy scale on
+# the CPU. On the GPU machine itself the command is `bash tools/gpu_check.sh`, with no make and no .venv.
+gpu-check: $(STAMP)
+	PY=$(PY) bash tools/gpu_check_wheels.sh
+	PY=$(PY) bash tools/gpu_check.sh --dry-run runs/gpu-check-dry
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, Subset
 from bloodcell.config import parse_config
 from bloodcell.data.cache import build_cache
 from bloodcell.data.discover import scan
+from bloodcell.data.images import is_image_name
 from bloodcell.data.prepare import PreparedData
 from bloodcell.evaluate.run import environment
 from bloodcell.models import create_model, list_models, model_info
@@ -44,7 +45,8 @@ def reference_epoch_rate(root: str, model_name: str, size: int, n: int, batch: i
     from torchvision import transforms as T
 
     tf = T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-    ds = torchvision.datasets.ImageFolder(root, transform=tf, is_valid_file=lambda p: p.lower().endswith((".jpg", ".png")) and not os.path.basename(p).startswith("."))
+    # the suffixes bloodcell's scan reads (the device pack is WebP), hidden files left out as the scan does
+    ds = torchvision.datasets.ImageFolder(root, transform=tf, is_valid_file=lambda p: is_image_name(p) and not os.path.basename(p).startswith("."))
     idx = np.random.default_rng(0).permutation(len(ds))[:n]
     loader = DataLoader(Subset(ds, idx.tolist()), batch_size=batch, shuffle=True, num_workers=workers, drop_last=False,
                         persistent_workers=workers > 0, pin_memory=device == "cuda")
