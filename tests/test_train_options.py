@@ -183,3 +183,21 @@ def test_an_isa_capped_to_avx2_counts_as_the_cpu_it_emulates():
     assert not _native_bf16_in_subprocess(ATEN_CPU_CAPABILITY="avx2")
     assert not _native_bf16_in_subprocess(ONEDNN_MAX_CPU_ISA="AVX2")
     assert _native_bf16_in_subprocess(ONEDNN_MAX_CPU_ISA="AVX512_CORE_BF16") == hardware
+
+
+def test_training_is_deterministic_without_nan_filling_and_puts_torchs_flags_back(tmp_path, monkeypatch):
+    """Inside fit on CPU: deterministic algorithms on (exact resumes), NaN-filling of new tensors off (it cost 12 % of
+    a step); after fit, torch's flags are what they were, so evaluation and the user's code run as before."""
+    seen = []
+    original = Classifier.training_step
+
+    def recording_step(self, batch, batch_idx):
+        seen.append((torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory))
+        return original(self, batch, batch_idx)
+
+    monkeypatch.setattr(Classifier, "training_step", recording_step)
+    cfg = config()
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    fit(cfg, prepare_data(cfg, progress=False), tmp_path / "run", progress=False)
+    assert seen and set(seen) == {(True, False)}
+    assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before
