@@ -16,6 +16,7 @@ import time
 
 from bloodcell.data.cache import build_cache
 from bloodcell.data.discover import scan
+from bloodcell.evaluate.run import cpu_line
 
 
 def main() -> None:
@@ -40,7 +41,7 @@ def main() -> None:
         reuse_s = time.perf_counter() - t0
         assert again.reused
     workers = args.workers or os.cpu_count()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {workers} workers; python {platform.python_version()}")
+    print(f"machine: {cpu_line()}, {os.cpu_count()} cores, {workers} workers; python {platform.python_version()}")
     print(f"images: {n:,} from {args.root}")
     print(f"scan (decode + sha256 + validate): {scan_s:.1f} s = {n / scan_s:,.0f} img/s")
     print(f"rescan with the scan cache (stat only): {rescan_s:.2f} s")

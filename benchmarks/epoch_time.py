@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
@@ -19,7 +18,7 @@ import torch
 
 from bloodcell.config import parse_config
 from bloodcell.data.prepare import PreparedData
-from bloodcell.evaluate.run import environment
+from bloodcell.evaluate.run import cpu_line, environment
 from bloodcell.models import list_models, model_info
 from bloodcell.train.fit import fit
 
@@ -35,7 +34,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
-    print(f"machine: {env['processor']}, {env['cpus']} cores, torch threads {torch.get_num_threads()}; torch {env['torch']}, lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}")
+    print(f"machine: {cpu_line()}, {env['cpus']} cores, torch threads {torch.get_num_threads()}; torch {env['torch']}, lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}")
     print(f"epoch = {args.images} images, batch 32, Adam, {args.precision}, CPU\n")
     print(f"{'model':12s} {'size':>5s} {'s/epoch':>9s} {'img/s':>8s}")
     rng = np.random.default_rng(0)

@@ -58,7 +58,7 @@ def main() -> None:
     import torch
 
     from bloodcell import __version__
-    from bloodcell.evaluate.run import cpu_name
+    from bloodcell.evaluate.run import cpu_line
     from bloodcell.infer import Predictor
     from bloodcell.infer.export import export_onnx
     from bloodcell.models import create_model, save_checkpoint
@@ -85,7 +85,7 @@ def main() -> None:
 
         print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
         print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-        print(f"machine: {cpu_name()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}; "
+        print(f"machine: {cpu_line()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}; "
               f"torch threads {torch.get_num_threads()}, onnxruntime intra-op threads {args.threads or 'default'}")
         print(f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, bloodcell {__version__}")
         print(f"model: {pt.model_name} ({label}), {params:,} parameters, input {pt.input_size}x{pt.input_size}; "

@@ -200,18 +200,6 @@ def subset(labels: list[str], limit: int, seed: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def cpu_flags() -> list[str]:
-    wanted = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                return [f for f in wanted if f in have]
-    except OSError:
-        pass
-    return []
-
-
 def table(results: dict, models: list[str]) -> str:
     head = ["shift"] + [c for m in models for c in (f"{m} acc % [95% CI]", f"{m} vs none")]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -270,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bloodcell import io
     from bloodcell.data.images import load_array
     from bloodcell.evaluate.metrics import bootstrap_ci
-    from bloodcell.evaluate.run import cpu_name
+    from bloodcell.evaluate.run import cpu_line
     from bloodcell.infer import Predictor
     from bloodcell.progress import enabled_by_default, progress_bar
 
@@ -298,10 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
         if missing:
             raise SystemExit(f"model {n} ({p.source}) has no class {missing}: it cannot be scored on {info['root']}")
 
-    flags = cpu_flags()
     print(f"# Robustness to image shifts on the {'PBC ' if info['matches_bundled'] else ''}test part")
     print()
-    print(f"- machine: {cpu_name()} ({os.cpu_count()} CPUs; flags: {', '.join(flags) or 'none of avx2/avx512f/avx512_bf16/amx'}), "
+    print(f"- machine: {cpu_line()}, {os.cpu_count()} CPUs, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
     print(f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"- command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
@@ -350,7 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
           "'vs none' is the change in accuracy points against the unshifted images (same images, same model).")
 
     report = {
-        "machine": {"cpu": cpu_name(), "flags": flags, "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {"cpu": cpu_line(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": info,
         "subset": {"n": int(len(keep)), "limit": args.limit, "seed": args.seed, "stratified": True},

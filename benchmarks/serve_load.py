@@ -194,7 +194,7 @@ def main() -> None:
     import uvicorn
 
     from bloodcell import __version__
-    from bloodcell.evaluate.run import cpu_name
+    from bloodcell.evaluate.run import cpu_line
 
     images = sample_images()
     uploads = make_uploads(images, args.requests, args.files_per_request)
@@ -207,7 +207,7 @@ def main() -> None:
 
     mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024**3
     print(f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
-    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, {mem_gb:.0f} GB, {platform.platform()}")
+    print(f"machine: {cpu_line()}, {os.cpu_count()} cores, {mem_gb:.0f} GB, {platform.platform()}")
     print(
         f"versions: bloodcell {__version__}, python {platform.python_version()}, torch {torch.__version__}, "
         f"fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}, httpx {httpx.__version__}"

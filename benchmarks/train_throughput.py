@@ -33,7 +33,7 @@ from bloodcell.data.cache import build_cache
 from bloodcell.data.discover import scan
 from bloodcell.data.images import is_image_name
 from bloodcell.data.prepare import PreparedData
-from bloodcell.evaluate.run import environment
+from bloodcell.evaluate.run import cpu_line, environment
 from bloodcell.models import create_model, list_models, model_info
 from bloodcell.train.fit import fit, resolve_accelerator, resolve_precision
 
@@ -107,7 +107,7 @@ def main() -> None:
     base = parse_config({"train": {"precision": args.precision}})
     ours = resolve_precision(base, resolve_accelerator(base))
     usual = "16-mixed" if device == "cuda" else "32-true"  # torchvision reference --amp: CUDA fp16 autocast only
-    print(f"machine: {env['processor']}, {env['cpus']} cores, device {env['device']}; torch {env['torch']} ({torch.get_num_threads()} threads), "
+    print(f"machine: {cpu_line()}, {env['cpus']} cores, device {env['device']}; torch {env['torch']} ({torch.get_num_threads()} threads), "
           f"lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}")
     print(f"{args.images} PBC images per epoch at {args.size}px, batch {args.batch}, SGD; reference DataLoader workers {args.workers}; "
           f"bloodcell precision {ours}, reference usual {usual}\n")

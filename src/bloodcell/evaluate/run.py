@@ -134,13 +134,18 @@ def cpu_name() -> str:
 
 
 def cpu_line() -> str:
-    """The CPU model and the flags that change speed (AVX2, AVX-512, bf16, AMX): every benchmark prints it."""
+    """The CPU model, the flags that change speed (AVX2, AVX-512, VNNI for int8, bf16, AMX) and any cap that makes
+    it run as an older CPU (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): every benchmark prints it."""
     try:
         flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
     except (OSError, StopIteration):
         flags = set()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{cpu_name()} ({', '.join(wanted) or 'no AVX2/AVX-512 flags seen'})"
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    line = f"{cpu_name()} ({', '.join(wanted) or 'no AVX2/AVX-512 flags seen'})"
+    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
+    if caps:
+        line += f", capped: {' '.join(caps)} (torch kernels {torch.backends.cpu.get_cpu_capability()})"
+    return line
 
 
 def write_predictions(path: Path, paths: list[str], true_names: list[str], class_names: list[str], probs: np.ndarray) -> None:
