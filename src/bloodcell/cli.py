@@ -59,7 +59,7 @@ def _root(
 @data_app.command("inspect")
 @user_errors
 def data_inspect(
-    root: Path = typer.Argument(..., readable=False, help="Dataset folder: one sub-folder per class (ImageFolder layout)."),
+    root: Path = typer.Argument(..., readable=False, help="Dataset folder (one sub-folder per class, ImageFolder layout) or CSV of path,label[,group]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     max_pixels: int = typer.Option(
         None, help="Images with more pixels than this are skipped as possible decompression bombs."
@@ -112,7 +112,7 @@ def data_figures(
 def train_cmd(
     config: Path = typer.Argument(..., help="Run config (YAML), e.g. configs/train/cnn.yaml."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
-    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder (sets data.root)."),
+    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder (a sub-folder per class) or CSV of path,label[,group] (sets data.root)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out from its last checkpoint."),
 ) -> None:
@@ -144,7 +144,7 @@ def evaluate_cmd(
         ..., readable=False,
         help="A finished run directory (holds config.yaml and model.safetensors); with --model, a labelled folder (one sub-folder per class).",
     ),
-    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder, if it moved since training."),
+    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder or CSV, if it moved since training."),
     model: Optional[str] = typer.Option(
         None, "--model", help="Score this model on the labelled folder DIR: a run directory, its model.safetensors, an .onnx, or 'default' (the bundled model)."
     ),
@@ -269,7 +269,7 @@ def _print_result(out: Path, result: dict) -> None:
 @user_errors
 def study_cmd(
     config: Path = typer.Argument(..., help="Study config (YAML), e.g. configs/paper.yaml or configs/demo.yaml."),
-    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder (sets data.root of every run)."),
+    data: Optional[Path] = typer.Option(None, "--data", readable=False, help="Dataset folder or CSV of path,label[,group] (sets data.root of every run)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default runs/<study name>)."),
     only: List[str] = typer.Option([], "--only", help="Run only these experiments (repeatable)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),

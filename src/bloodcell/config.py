@@ -59,7 +59,7 @@ class SplitSection(_Strict):
 
 
 class DataConfig(_Strict):
-    root: Optional[str] = None  # class-per-folder dataset; `--data DIR` sets it
+    root: Optional[str] = None  # a class-per-folder dataset, or a CSV of path,label[,group]; `--data` sets it
     npz: Optional[str] = None  # or a MedMNIST .npz (its own train/val/test parts are used)
     input_size: int = Field(224, ge=8, le=1024)
     interpolation: Literal["nearest", "bilinear", "bicubic", "lanczos", "area"] = "nearest"

@@ -1,6 +1,7 @@
-"""Find, validate and fingerprint the images of a class-per-folder dataset (ImageFolder / PBC layout).
+"""Find, validate and fingerprint the images of a dataset: a class-per-folder tree (ImageFolder / PBC layout) or a
+CSV of `path,label[,group]`.
 
-`scan(root)` walks `root/<class>/**`, decodes every image once (in parallel), hashes its bytes and returns an
+`scan(root)` walks `root/<class>/**` (or reads the CSV's rows), decodes every image once (in parallel), hashes its bytes and returns an
 `Inventory`: readable images in dataset order (class, then path), files skipped with a reason, and groups of
 byte-identical files. Per-file results are cached so a second scan only stats the files; a file is hashed again
 when its size, mtime, ctime, inode or mode changed. ctime and inode matter: tools that copy or restore files
@@ -44,6 +45,7 @@ class ImageRecord:
     mode: str
     size_bytes: int
     mtime_ns: int
+    group: str = ""  # a CSV's `group` (patient, slide, smear): all its images stay on one side of every split
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,11 @@ class Inventory:
     ignored: list[Skipped] = field(default_factory=list)  # files at the root, outside any class folder
     empty_classes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    csv: Path | None = None  # the CSV the records came from (paths are relative to its folder, `root`)
+
+    @property
+    def has_groups(self) -> bool:
+        return any(r.group for r in self.records)
 
     @property
     def labels(self) -> list[int]:
@@ -85,15 +92,15 @@ class Inventory:
     def fingerprint(self) -> str:
         """sha256 over (path, content hash) of every readable image: changes when any image changes."""
         h = hashlib.sha256()
-        for r in self.records:
-            h.update(f"{r.relpath}\0{r.label}\0{r.sha256}\n".encode())
+        for r in self.records:  # a group only when given, so folder datasets keep the fingerprints they had
+            h.update(f"{r.relpath}\0{r.label}\0{r.sha256}{chr(0) + r.group if r.group else ''}\n".encode())
         return h.hexdigest()
 
     def summary(self) -> dict:
         names = lambda group: [self.records[i].relpath for i in group]  # noqa: E731
         counts = Counter(r.label for r in self.records)
         return {
-            "root": str(self.root),
+            "root": str(self.csv or self.root),
             "files": self.files,
             "images": len(self.records),
             "unreadable": [asdict(s) for s in self.skipped],
@@ -104,6 +111,7 @@ class Inventory:
             "conflicting_groups": [names(g) for g in self.conflicting_groups()],
             "sizes": dict(Counter(f"{r.width}x{r.height}" for r in self.records).most_common()),
             "modes": dict(Counter(r.mode for r in self.records).most_common()),
+            "groups": len({r.group for r in self.records if r.group}),
             "fingerprint": self.fingerprint(),
             "warnings": self.warnings,
         }
@@ -219,10 +227,12 @@ def scan(
     Unreadable files and empty class folders are reported in the Inventory, never raised.
     """
     root = Path(root).expanduser()
+    if root.suffix.lower() == ".csv" and root.is_file():
+        return _scan_entries(_csv_entries(root.resolve()), max_pixels=max_pixels, workers=workers, progress=progress, cache_dir=cache_dir)
     if not root.exists():
         raise DataError(f"dataset folder not found: {root}")
     if not root.is_dir():
-        raise DataError(f"dataset path is not a folder: {root}")
+        raise DataError(f"dataset path is not a folder or a .csv: {root}")
     root = root.resolve()
     warnings: list[str] = []
     skipped: list[Skipped] = []
@@ -252,7 +262,7 @@ def scan(
     if not class_dirs:
         raise DataError(f"no class folders in {root} (expected one sub-folder of images per class)")
 
-    to_probe: list[tuple[Path, str]] = []
+    to_probe: list[tuple[Path, str, str]] = []
     for class_dir in class_dirs:
         for p in _walk_files(class_dir, root, warnings, skipped):
             files += 1
@@ -260,16 +270,94 @@ def scan(
             if not is_image_name(p):
                 skipped.append(Skipped(rel, f"not an image file type ({p.suffix or 'no extension'})"))
             else:
-                to_probe.append((p, class_dir.name))
+                to_probe.append((p, class_dir.name, ""))
+    listing = _Listing(root, None, to_probe, [d.name for d in class_dirs], files, skipped, ignored, warnings)
+    return _scan_entries(listing, max_pixels=max_pixels, workers=workers, progress=progress, cache_dir=cache_dir)
 
+
+@dataclass
+class _Listing:
+    """What a dataset lists before any image is opened: (file, label, group) to check, and what was left out."""
+
+    root: Path  # relpaths are relative to it
+    csv: Path | None
+    to_probe: list[tuple[Path, str, str]]
+    classes: list[str]  # every class named (folders, or CSV labels), with images or not
+    files: int
+    skipped: list[Skipped]
+    ignored: list[Skipped]
+    warnings: list[str]
+
+
+CSV_COLUMNS = ("path", "label", "group")
+
+
+def _relpath(p: Path, root: Path) -> str:
+    try:
+        return p.relative_to(root).as_posix()
+    except ValueError:  # a CSV may name files outside its folder: they keep their absolute path
+        return p.as_posix()
+
+
+def _csv_entries(csv_path: Path) -> _Listing:
+    """Rows of `path,label[,group]` (a header row names the columns; paths relative to the CSV's folder or absolute)."""
+    import csv
+
+    root = csv_path.parent
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            rows = list(csv.reader(fh))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"cannot read dataset CSV {csv_path}: {getattr(exc, 'strerror', None) or exc}") from None
+    if not rows:
+        raise DataError(f"dataset CSV {csv_path} is empty (expected a header row: path,label[,group])")
+    header = [h.strip().lower() for h in rows[0]]
+    for column in ("path", "label"):
+        if column not in header:
+            raise DataError(f"dataset CSV {csv_path} has no '{column}' column (header: {','.join(rows[0])}; expected path,label[,group])")
+    unknown = [h for h in header if h not in CSV_COLUMNS]
+    if unknown:
+        raise DataError(f"dataset CSV {csv_path}: unknown column '{unknown[0]}' (expected path,label[,group])")
+    col = {name: header.index(name) for name in CSV_COLUMNS if name in header}
+    to_probe: list[tuple[Path, str, str]] = []
+    skipped: list[Skipped] = []
+    seen: dict[str, int] = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            raise DataError(f"dataset CSV {csv_path}, line {line}: {len(row)} fields, the header has {len(header)}")
+        cells = {name: row[i].strip() for name, i in col.items()}
+        if not cells["path"] or not cells["label"]:
+            raise DataError(f"dataset CSV {csv_path}, line {line}: empty {'path' if not cells['path'] else 'label'}")
+        p = Path(cells["path"]).expanduser()
+        p = p if p.is_absolute() else root / p
+        rel = _relpath(p, root)
+        if rel in seen:
+            raise DataError(f"dataset CSV {csv_path}, line {line}: {cells['path']} is listed again (first on line {seen[rel]})")
+        seen[rel] = line
+        if not is_image_name(p):
+            skipped.append(Skipped(rel, f"not an image file type ({p.suffix or 'no extension'})"))
+        elif not p.exists():
+            skipped.append(Skipped(rel, f"listed on line {line} of the CSV, no such file"))
+        else:
+            to_probe.append((p, cells["label"], cells.get("group", "")))
+    if not seen:
+        raise DataError(f"dataset CSV {csv_path} lists no images")
+    classes = sorted({label for _, label, _ in to_probe})
+    return _Listing(root, csv_path, to_probe, classes, len(seen), skipped, [], [])
+
+
+def _scan_entries(listing: _Listing, *, max_pixels: int, workers: int | None, progress: bool, cache_dir) -> Inventory:
+    root, to_probe, skipped, warnings = listing.root, listing.to_probe, listing.skipped, listing.warnings
     cache_file = None
     if cache_dir is not None:
         base = default_cache_dir() if cache_dir == "default" else Path(cache_dir)
-        cache_file = base / "scans" / (hashlib.sha256(str(root).encode()).hexdigest()[:20] + ".json")
+        cache_file = base / "scans" / (hashlib.sha256(str(listing.csv or root).encode()).hexdigest()[:20] + ".json")
     cached = _load_scan_cache(cache_file)
     results: dict[str, tuple[dict | str, list[int] | None]] = {}
     todo: list[tuple[str, str, int]] = []
-    for p, _ in to_probe:
+    for p, _, _ in to_probe:
         key = str(p)
         hit = cached.get(key)
         if hit is not None:
@@ -297,37 +385,38 @@ def scan(
 
     records: list[ImageRecord] = []
     new_cache: dict[str, dict] = {}
-    for p, label in to_probe:
+    for p, label, group in to_probe:
         key = str(p)
         res, stat_key = results[key]
-        rel = p.relative_to(root).as_posix()
+        rel = _relpath(p, root)
         if isinstance(res, str):
             skipped.append(Skipped(rel, res))
         else:
-            records.append(ImageRecord(relpath=rel, label=label, **res))
+            records.append(ImageRecord(relpath=rel, label=label, group=group, **res))
         if stat_key is not None:
             new_cache[key] = {"stat": stat_key, "max_pixels": max_pixels, "result": res}
     if cache_file is not None and todo:
         try:
-            io.write_json(cache_file, {"version": SCAN_VERSION, "root": str(root), "entries": new_cache})
+            io.write_json(cache_file, {"version": SCAN_VERSION, "root": str(listing.csv or root), "entries": new_cache})
         except OSError as exc:
             warnings.append(f"could not write scan cache {cache_file}: {exc}")
 
     records.sort(key=lambda r: (r.label, r.relpath))
     skipped.sort(key=lambda s: s.path)
     present = {r.label for r in records}
-    empty = [d.name for d in class_dirs if d.name not in present]
+    empty = [name for name in listing.classes if name not in present]
     for name in empty:
-        warnings.append(f"{name}/: class folder has no readable images; class left out")
+        warnings.append(f"{name}{'' if listing.csv else '/'}: class {'label' if listing.csv else 'folder'} has no readable images; class left out")
     return Inventory(
         root=root,
         class_names=sorted(present),
         records=records,
         skipped=skipped,
-        files=files,
-        ignored=ignored,
+        files=listing.files,
+        ignored=listing.ignored,
         empty_classes=empty,
         warnings=warnings,
+        csv=listing.csv,
     )
 
 
@@ -367,6 +456,8 @@ def print_summary(report: dict) -> None:
     )
     for g in report["conflicting_groups"]:
         out.print(f"  [red]conflict:[/red] {' == '.join(g)}")
+    if report.get("groups"):
+        out.print(f"groups (the CSV's group column): {report['groups']:,}; each stays on one side of every split")
     for w in report["warnings"]:
         out.print(f"[yellow]warning:[/yellow] {w}", markup=True)
 

@@ -73,8 +73,8 @@ def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None,
     cache = build_cache(inv, cfg.data.input_size, cfg.data.interpolation, max_pixels=cfg.data.max_pixels, progress=progress, white_balance=cfg.data.white_balance)
     summary = inv.summary()
     source = {
-        "kind": "folder",
-        "root": str(inv.root),
+        "kind": "csv" if inv.csv else "folder",
+        "root": str(inv.csv or inv.root),
         "fingerprint": summary["fingerprint"],
         "files": summary["files"],
         "images": summary["images"],
@@ -85,6 +85,8 @@ def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None,
         "duplicate_groups": len(summary["duplicate_groups"]),
         "conflicting_groups": summary["conflicting_groups"],
         "dropped_by_split": split.dropped,
+        "groups": summary["groups"],
+        "split_groups": split.group_counts(),
         "cache": str(cache.path),
     }
     return PreparedData(

@@ -2,7 +2,8 @@
 
 Leak-free (`dedup=True`, the default): byte-identical images form one group that always lands on one side of
 every split, and groups whose copies carry different labels are dropped (and reported), because no label for
-them can be trusted.
+them can be trusted. A CSV dataset's `group` column (patient, slide, smear) joins its images the same way, so no
+patient has cells in two parts or two folds; split.json counts the groups per part.
 
 `order` says how the training part is ordered and where validation comes from (the test part is always the same
 stratified, seeded cut, so runs of one seed under different orders share their test images):
@@ -71,6 +72,15 @@ class Split:
     dropped: list[dict] = field(default_factory=list)  # {path, reason}
     fold: int | None = None
     sha256: list[str] = field(default_factory=list)  # content hash of each record, in the order of relpaths
+    groups: list[str] = field(default_factory=list)  # each record's CSV group ("" for none), in the order of relpaths
+
+    def group_counts(self) -> dict[str, int] | None:
+        """Distinct groups (patients, slides) per part, and how many of them more than one part holds (always 0)."""
+        if not any(self.groups):
+            return None
+        seen = {p: {self.groups[i] for i in self.part(p) if self.groups[i]} for p in ("train", "val", "test")}
+        shared = (seen["train"] & seen["val"]) | (seen["train"] & seen["test"]) | (seen["val"] & seen["test"])
+        return {**{p: len(g) for p, g in seen.items()}, "in_more_than_one_part": len(shared)}
 
     def part(self, name: str) -> list[int]:
         return {"train": self.train, "val": self.val, "test": self.test}[name]
@@ -95,6 +105,8 @@ class Split:
             "test": names(self.test),
             "dropped": self.dropped,
         }
+        if self.group_counts() is not None:
+            out["groups"] = self.group_counts()
         if self.sha256:
             out["sha256_16"] = {p: [self.sha256[i][:_HASH_DIGITS] for i in self.part(p)] for p in ("train", "val", "test")}
         return out
@@ -104,22 +116,46 @@ class Split:
 
 
 def _groups(inv: Inventory, dedup: bool) -> tuple[list[list[int]], list[dict]]:
-    """Groups of record indices that must stay together, and the records dropped for conflicting labels."""
-    if not dedup:
-        return [[i] for i in range(len(inv.records))], []
-    by_hash: dict[str, list[int]] = {}
-    for i, r in enumerate(inv.records):
-        by_hash.setdefault(r.sha256, []).append(i)
-    groups, dropped = [], []
-    for members in by_hash.values():
-        labels = {inv.records[i].label for i in members}
-        if len(labels) > 1:
-            others = ", ".join(inv.records[j].relpath for j in members)
-            dropped += [{"path": inv.records[i].relpath, "reason": f"identical images with different labels: {others}"} for i in members]
-        else:
-            groups.append(members)
-    groups.sort(key=lambda g: g[0])  # dataset order of each group's first member
+    """Groups of record indices that must stay together, and the records dropped for conflicting labels.
+
+    Together: byte-identical images (with `dedup`) and the images of one CSV `group` (a patient, a slide), joined
+    transitively, so a copy of one patient's image under another patient binds the two."""
+    dropped, keep = [], list(range(len(inv.records)))
+    if dedup:
+        by_hash: dict[str, list[int]] = {}
+        for i, r in enumerate(inv.records):
+            by_hash.setdefault(r.sha256, []).append(i)
+        conflicting = set()
+        for members in by_hash.values():
+            if len({inv.records[i].label for i in members}) > 1:
+                others = ", ".join(inv.records[j].relpath for j in members)
+                dropped += [{"path": inv.records[i].relpath, "reason": f"identical images with different labels: {others}"} for i in members]
+                conflicting.update(members)
+        keep = [i for i in keep if i not in conflicting]
+    parent = {i: i for i in keep}
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first_with: dict[str, int] = {}
+    for i in keep:
+        r = inv.records[i]
+        for key in ([f"sha256:{r.sha256}"] if dedup else []) + ([f"group:{r.group}"] if r.group else []):
+            j = first_with.setdefault(key, i)
+            parent[find(i)] = find(j)
+    members: dict[int, list[int]] = {}
+    for i in keep:
+        members.setdefault(find(i), []).append(i)
+    groups = sorted(members.values(), key=lambda g: g[0])  # dataset order of each group's first member
     return groups, dropped
+
+
+def _group_label(members: list[int], labels: list[int]) -> int:
+    """The label a group is stratified by: its most common one (a patient's group holds many cell types)."""
+    return Counter(labels[i] for i in members).most_common(1)[0][0] if len(members) > 1 else labels[members[0]]
 
 
 def _stratified_cut(group_ids: list[int], group_labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -142,7 +178,7 @@ def make_split(inv: Inventory, config: SplitConfig | None = None) -> Split:
     if len(inv.class_names) < 2:
         raise DataError(f"only one class with images in {inv.root}; a classifier needs at least two")
     groups, dropped = _groups(inv, config.dedup)
-    group_labels = [labels[g[0]] for g in groups]
+    group_labels = [_group_label(g, labels) for g in groups]
     gids = list(range(len(groups)))
     rest, test = _stratified_cut(gids, group_labels, config.test_size, config.seed)
     if config.order == "stratified":
@@ -170,6 +206,7 @@ def make_split(inv: Inventory, config: SplitConfig | None = None) -> Split:
         test=sorted(expand(test)),
         dropped=dropped,
         sha256=[r.sha256 for r in inv.records],
+        groups=[r.group for r in inv.records],
     )
     if not split.train:
         raise DataError(f"the split of {inv.root} leaves no training images ({len(inv.records)} images in all)")
@@ -182,8 +219,12 @@ def make_folds(inv: Inventory, split: Split, k: int = 5) -> list[Split]:
         raise DataError(f"cv.folds must be at least 2, got {k}")
     pool = sorted(split.train + split.val)
     labels = np.asarray([split.labels[i] for i in pool])
-    sha = [inv.records[i].sha256 for i in pool] if split.config.dedup else list(range(len(pool)))
-    _, group_ids = np.unique(np.asarray(sha, dtype=object).astype(str), return_inverse=True)
+    groups = _groups(inv, split.config.dedup)[0]
+    group_of = {i: g for g, members in enumerate(groups) for i in members}
+    # named by the content hash of the group's first image (by position without dedup): the names the folds were
+    # drawn with before CSV groups existed, so a folder dataset keeps its folds
+    names = [inv.records[groups[group_of[i]][0]].sha256 if split.config.dedup else f"{group_of[i]:012d}" for i in pool]
+    _, group_ids = np.unique(np.asarray(names, dtype=object).astype(str), return_inverse=True)
     smallest = min(Counter(labels.tolist()).values())
     if smallest < k:
         raise DataError(f"cannot make {k} stratified folds: the smallest class has {smallest} training images")
@@ -195,7 +236,7 @@ def make_folds(inv: Inventory, split: Split, k: int = 5) -> list[Split]:
         if split.config.order != "sorted":
             train = [train[i] for i in rng.permutation(len(train))]
         folds.append(
-            Split(split.config, split.class_names, split.relpaths, split.labels, train, sorted(pool[i] for i in va), list(split.test), split.dropped, fold=f, sha256=split.sha256)
+            Split(split.config, split.class_names, split.relpaths, split.labels, train, sorted(pool[i] for i in va), list(split.test), split.dropped, fold=f, sha256=split.sha256, groups=split.groups)
         )
     return folds
 
@@ -239,5 +280,6 @@ def load_split(path: str | os.PathLike, inv: Inventory) -> Split:
         dropped=data.get("dropped", []),
         fold=data.get("fold"),
         sha256=[r.sha256 for r in inv.records],
+        groups=[r.group for r in inv.records],
         **parts,
     )

@@ -194,7 +194,7 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
     metrics["provenance"] = {
         "data": data.source.get("root"),
         "data_fingerprint": data.source.get("fingerprint"),
-        "dataset": {k: data.source.get(k) for k in ("kind", "files", "images", "classes", "unreadable", "empty_classes", "warnings", "duplicate_groups", "conflicting_groups", "dropped_by_split") if k in data.source},
+        "dataset": {k: data.source.get(k) for k in ("kind", "files", "images", "classes", "unreadable", "empty_classes", "warnings", "duplicate_groups", "conflicting_groups", "dropped_by_split", "groups", "split_groups") if k in data.source},
         "split_counts": data.split.class_counts() if data.split is not None else None,
         "split_seed": cfg.split_seed,
         "seed": cfg.seed,

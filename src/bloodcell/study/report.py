@@ -212,6 +212,10 @@ def _dataset_section(doc: Doc, out: Path, prov: dict) -> None:
         + f"; {len(skipped)} file(s) skipped; {ds.get('duplicate_groups', 0)} groups of byte-identical images kept on one side of every split; "
         f"{len(dropped)} image(s) dropped because identical copies carry different labels."
     )
+    if ds.get("split_groups"):  # a CSV with a group column: patients (slides, smears) never straddle parts
+        g = ds["split_groups"]
+        doc.p(f"{ds.get('groups', '?'):,} groups (the CSV's `group` column: patient, slide or smear), each kept whole on one side of every split "
+              f"and fold: {g['train']:,} in train, {g['val']:,} in validation, {g['test']:,} in test; {g['in_more_than_one_part']} in more than one part.")
     for s in skipped[:10]:
         doc.p(f"Skipped `{s['path']}`: {s['reason']}.")
     for d in dropped[:10]:
