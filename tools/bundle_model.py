@@ -3,7 +3,9 @@
     .venv/bin/python tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model
 
 Copies model.safetensors, ood.safetensors (its out-of-distribution statistics) and model.json (which already
-carries classes, input size, normalisation, temperature, review and OOD thresholds, training config and test metrics) and adds where the model came from. Refuses an unfinished run.
+carries classes, input size, normalisation, temperature, review and OOD thresholds, training config and test metrics) and adds where the model came from,
+keeps the known limits measured for the model it replaces (edit them in model.json when they change), and writes MODEL_CARD.md from all of it.
+Refuses an unfinished run.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import sys
 from pathlib import Path
 
 from bloodcell import io
+from bloodcell.infer.card import BUNDLED_SOURCE, model_card
 from bloodcell.models.checkpoint import load_checkpoint
 
 
@@ -41,6 +44,9 @@ def main() -> None:
         "train_seconds": metrics["provenance"].get("train_seconds"),
         "retrain": "make default-model PBC=/path/to/PBC_dataset_normal_DIB",
     }
+    previous = dest / "model.json"
+    if previous.exists():
+        meta["bundled"]["known_limits"] = json.loads(previous.read_text()).get("bundled", {}).get("known_limits", [])
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("model.safetensors", "ood.safetensors"):
         if name == "ood.safetensors" and not meta.get("ood"):
@@ -49,6 +55,7 @@ def main() -> None:
         with io.atomic_path(dest / name) as tmp:
             shutil.copyfile(run / name, tmp)
     io.write_json(dest / "model.json", meta)
+    io.write_text(dest / "MODEL_CARD.md", model_card(meta, source=BUNDLED_SOURCE))
     print(f"bundled {meta['model_name']} ({(dest / 'model.safetensors').stat().st_size / 1e6:.1f} MB), test accuracy {test['accuracy']:.4f}, into {dest}")
 
 

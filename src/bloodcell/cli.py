@@ -22,7 +22,7 @@ app = typer.Typer(
     help="Classify images of single peripheral blood cells.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish, PowerShell
 )
 data_app = typer.Typer(help="Inspect, validate and plot an image dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -445,6 +445,25 @@ def export_cmd(
         f"largest absolute logit difference vs PyTorch on {report.images} {report.image_source}: "
         f"{report.max_abs_diff:.3g} (tolerance {PARITY_TOLERANCE:g})"
     )
+
+
+@app.command("card")
+@user_errors
+def card_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", help=_MODEL_HELP),
+) -> None:
+    """Print a model's card (markdown): intended use, training data, metrics with CIs, calibration, known limits."""
+    from bloodcell.errors import ModelError
+    from bloodcell.infer.card import card_for
+    from bloodcell.models.checkpoint import bundled_model_dir
+
+    source = Path(model) if model and str(model) != "default" else bundled_model_dir()
+    if source.name == "model.safetensors":
+        source = source.parent
+    try:
+        typer.echo(card_for(source))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the metadata of {source}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 @app.command("explain")

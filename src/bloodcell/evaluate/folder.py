@@ -28,6 +28,7 @@ import numpy as np
 from bloodcell import io
 from bloodcell.data.classes import normalise_name, resolve_class
 from bloodcell.errors import DataError
+from bloodcell.intended_use import REPORT_NOTE
 
 
 # ---------------------------------------------------------------------- folder -> class matching
@@ -300,6 +301,8 @@ def report_markdown(metrics: dict) -> str:
     full, r = metrics["full"], metrics["restricted"]
     lines = [
         f"# {prov['model_name']} on {Path(metrics['folder']).name}",
+        "",
+        f"*{REPORT_NOTE}*",
         "",
         f"- folder: `{metrics['folder']}`",
         f"- model: `{prov['model_source']}` ({prov['model_name']}, {len(prov['model_classes'])} classes)",

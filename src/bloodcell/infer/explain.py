@@ -79,15 +79,15 @@ def gradcam(predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def render_overlay(image, cam: np.ndarray, title: str) -> bytes:
     """PNG bytes: the cell beside its Grad-CAM overlay, with `title` above."""
-    import cv2
     import matplotlib
+    from PIL import Image
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
     from pytorch_grad_cam.utils.image import show_cam_on_image
 
     shown = np.asarray(image.convert("RGB").resize((DISPLAY_SIZE, DISPLAY_SIZE)), dtype=np.float32) / 255.0
-    heat = cv2.resize(cam.astype(np.float32), (DISPLAY_SIZE, DISPLAY_SIZE), interpolation=cv2.INTER_LINEAR)
+    heat = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.BILINEAR))
     overlay = show_cam_on_image(shown, np.clip(heat, 0, 1), use_rgb=True, image_weight=0.55)
     fig = Figure(figsize=(6.0, 3.4), dpi=100)
     for k, (img, name) in enumerate(((shown, "cell"), (overlay, "Grad-CAM"))):

@@ -25,6 +25,7 @@ from bloodcell.data.fields import FIELD_CLASSES, load_voc
 from bloodcell.errors import ConfigError
 from bloodcell.evaluate.annotate import draw_cells
 from bloodcell.evaluate.detect import choose_thresholds, detection_metrics, machine_line, metrics_table, run_detector
+from bloodcell.intended_use import REPORT_NOTE
 from bloodcell.models.detector import DETECTOR_METADATA, DETECTOR_WEIGHTS, create_detector, load_detector, save_detector
 
 METRICS_FILE = "metrics.json"
@@ -111,6 +112,8 @@ def report_text(cfg: DetectorRunConfig, metrics: dict) -> str:
     test, val = metrics["test"], metrics["val"]
     return "\n".join([
         f"# Detector run: {cfg.name or cfg.detector.name}",
+        "",
+        f"*{REPORT_NOTE}*",
         "",
         f"Detector `{cfg.detector.name}`, fitted on split `{cfg.data.train_split}` ({metrics['photos']['train']} photographs) of "
         f"`{cfg.data.root}`; score thresholds chosen on `{cfg.data.val_split}` ({metrics['photos']['val']}); "

@@ -19,6 +19,7 @@ from bloodcell import io
 from bloodcell.evaluate.stats import mcnemar_test, mean_sd_ci, paired_difference_summary
 from bloodcell.study.experiment import lookup, read_status
 from bloodcell.study.runner import run_dir_for
+from bloodcell.intended_use import REPORT_NOTE
 from bloodcell.study.spec import RunSpec, StudySpec
 
 # ------------------------------------------------------------------ a tiny document model, rendered twice
@@ -169,6 +170,7 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
     env = prov.get("environment", {})
 
     doc.h(1, f"bloodcell study: {spec.name}")
+    doc.p(f"*{REPORT_NOTE}*")
     if spec.description:
         doc.p(spec.description)
     doc.p(

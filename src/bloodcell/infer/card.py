@@ -1,0 +1,100 @@
+"""Model cards: what a model is for, what it was trained on, how well it did and where it is known to fail.
+
+A card is written from the model's own metadata (model.json, plus the run's metrics.json when it is there), so it
+cannot drift from the model it describes. `export` writes one beside each .onnx file; the bundled model carries
+MODEL_CARD.md (rebuilt by tools/bundle_model.py; a test keeps it equal to what its model.json gives).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from bloodcell.intended_use import INTENDED_USE
+
+GENERAL_LIMITS = [
+    "It sees one cell per image, centred, as the training images show it; a photograph of a whole smear field is "
+    "another task (bloodcell's field detector finds the cells first).",
+    "Its accuracy is measured on the test part of its own dataset; another lab's microscope, camera or stain can "
+    "lower it sharply. Measure it on your own labelled cells first (`bloodcell evaluate YOUR_CELLS --model M`).",
+    "Classes it was not trained on (e.g. blasts, smudge cells, artefacts) are still given one of its classes; the "
+    "out-of-distribution score and the review threshold catch some of them, not all.",
+]
+
+
+BUNDLED_SOURCE = "bundled with bloodcell"
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * float(x):.2f} %"
+
+
+def model_card(meta: dict, metrics: dict | None = None, source: str = "") -> str:
+    """The card (markdown) of a model from its model.json `meta` and, if given, its run's metrics.json."""
+    cfg = meta.get("training_config") or {}
+    data, train = cfg.get("data") or {}, cfg.get("train") or {}
+    bundled = meta.get("bundled") or {}
+    test = (metrics or {}).get("test") or {}
+    prov = (metrics or {}).get("provenance") or {}
+    names = meta.get("class_names") or []
+    pre = meta.get("preprocess") or {}
+    lines = [f"# Model card: {meta.get('model_name', '?')} at {meta.get('input_size', '?')} px" + (f" ({source})" if source else ""), ""]
+    lines += ["## Intended use", "", INTENDED_USE, ""]
+
+    lines += ["## Training data", ""]
+    split = bundled.get("split") or data.get("split") or {}
+    lines.append(f"- Data: {bundled.get('trained_on') or data.get('root') or data.get('npz') or 'not recorded'}; "
+                 f"fingerprint `{(meta.get('data_fingerprint') or bundled.get('data_fingerprint') or 'not recorded')[:16]}`.")
+    lines.append(f"- Split: seed {meta.get('split_seed', split.get('seed'))}, test {split.get('test_size', '?')}, validation {split.get('val_size', '?')} "
+                 f"of the rest, byte-identical images {'kept on one side' if split.get('dedup', True) else 'not grouped'}"
+                 + (f"; groups per part {prov['dataset']['split_groups']}" if (prov.get("dataset") or {}).get("split_groups") else "") + ".")
+    lines.append(f"- Classes ({len(names)}): {', '.join(names)}.")
+    lines.append(f"- Training: {meta.get('epochs_trained', train.get('epochs', '?'))} epochs from "
+                 f"{'scratch' if not (cfg.get('model') or {}).get('pretrained') else (cfg.get('model') or {}).get('pretrained')}, "
+                 f"{train.get('optimizer', '?')} at lr {train.get('lr', '?')}, batch {train.get('batch_size', '?')}, "
+                 f"{meta.get('precision', '?')} on {meta.get('accelerator', '?')}; bloodcell {meta.get('bloodcell_version', '?')}.")
+    lines.append(f"- Input: {pre.get('input_size', meta.get('input_size'))} px, {pre.get('interpolation', '?')} resize, white balance "
+                 f"{pre.get('white_balance', 'none')}, {pre.get('normalise', 'ImageNet mean/std')}.")
+    lines.append("")
+
+    lines += ["## Metrics on its test part", ""]
+    acc = bundled.get("test_accuracy", test.get("accuracy", (meta.get("test_metrics") or {}).get("accuracy")))
+    ci = bundled.get("test_accuracy_ci95") or (test.get("ci95") or {}).get("accuracy")
+    n = bundled.get("test_n", test.get("n"))
+    tm = meta.get("test_metrics") or {}
+    lines.append(f"- Accuracy: {_pct(acc)}" + (f" (95 % bootstrap CI {_pct(ci[0])} to {_pct(ci[1])})" if ci else "") + (f" on {n:,} images" if n else "") + ".")
+    lines.append(f"- Macro F1: {_pct(tm.get('f1_macro'))}; weighted F1: {_pct(tm.get('f1_weighted'))}.")
+    recall = bundled.get("per_class_recall") or {k: v.get("recall") for k, v in (test.get("per_class") or {}).items()}
+    if recall:
+        lines.append("- Recall per class: " + ", ".join(f"{k} {_pct(v)}" for k, v in recall.items()) + ".")
+    lines.append("")
+
+    lines += ["## Calibration and review", ""]
+    lines.append(f"- Temperature {meta.get('temperature', 1.0):.3f} (fitted on validation): expected calibration error "
+                 f"{_pct(tm.get('ece'))} before, {_pct(tm.get('ece_calibrated'))} after.")
+    if meta.get("review_threshold") is not None:
+        lines.append(f"- Review threshold {meta['review_threshold']:.2f}: answers less confident than this are flagged for a person "
+                     "(chosen on validation for 99 % accuracy among the rest).")
+    ood = meta.get("ood") or {}
+    if ood:
+        lines.append(f"- Out-of-distribution score: {ood.get('method')} distance in feature space, threshold {ood.get('threshold', 0):.1f} "
+                     f"(about {_pct(ood.get('false_alarm_target'))} of its own validation cells flagged); fitted on {ood.get('fitted_on', '?')}.")
+    lines.append("")
+
+    lines += ["## Known limits", ""]
+    lines += [f"- {x}" for x in (bundled.get("known_limits") or []) + GENERAL_LIMITS]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def card_for(model: str | os.PathLike) -> str:
+    """The card of a run or model folder (model.json, and metrics.json when there) or of an exported .onnx."""
+    path = Path(model)
+    if path.suffix.lower() == ".onnx":
+        meta = json.loads(Path(f"{path}.json").read_text())
+        return model_card(meta, source=path.name)
+    meta = json.loads((path / "model.json").read_text())
+    metrics_file = path / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
+    return model_card(meta, metrics, source=BUNDLED_SOURCE if meta.get("bundled") else path.name)
