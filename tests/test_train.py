@@ -344,3 +344,79 @@ def test_epoch_batches_cover_the_epoch_once_without_a_lone_last_image(n, world):
             assert per_epoch[0] != per_epoch[1]  # a new order each epoch
         if not shuffle and world == 1:
             assert per_epoch[0] == per_epoch[1] == list(range(n))  # dataset order, every epoch
+
+
+# Loaded at start-up by every process of the study below (sitecustomize on PYTHONPATH). Only in DDP rank 1 (the
+# process Lightning launches with LOCAL_RANK=1), the 3rd cross-entropy (a training step) returns NaN, once: one rank
+# diverges alone.
+NAN_ON_RANK_1 = '''
+import os
+if os.environ.get("LOCAL_RANK") == "1":
+    import torch, torch.nn.functional as F
+    _ce, _calls = F.cross_entropy, [0]
+    def cross_entropy(*args, **kwargs):
+        _calls[0] += 1
+        loss = _ce(*args, **kwargs)
+        return loss * float("nan") if _calls[0] == 3 else loss
+    F.cross_entropy = cross_entropy
+'''
+
+
+@pytest.mark.slow
+def test_a_loss_that_diverges_on_one_ddp_rank_stops_every_rank_and_the_study_goes_on(tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(NAN_ON_RANK_1)
+    spec = {
+        "name": "ddp-nan",
+        "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 0, "grid_images": 0}},
+        "seeds": [1],
+        "experiments": [
+            {"name": f"run{k}", "set": {"model.name": "cnn", "data.input_size": 16, "train.epochs": 1, "train.batch_size": 16,
+                                        "train.devices": 2, "train.strategy": "ddp", "train.accelerator": "cpu", "train.precision": "32"}}
+            for k in (1, 2)
+        ],
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
+    env = dict(cli_env(), PYTHONPATH=f"{hook}{os.pathsep}{cli_env()['PYTHONPATH']}")
+    # without the shared stop, rank 0 waits in the gradient all-reduce for rank 1 until this timeout
+    proc = subprocess.run(BLOODCELL + ["study", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    status = json.loads((tmp_path / "out" / "study_status.json").read_text())
+    assert status["failed"] == ["run1/default/seed-1"] and status["complete"] == 1
+    failed = json.loads(next((tmp_path / "out" / "runs" / "run1").rglob("status.json")).read_text())
+    assert failed["state"] == "failed" and "not finite on another process" in failed["error"]
+
+
+RECORD_SUPCON_ROWS = '''
+import os
+import bloodcell.train.module as m
+_loss = m.supcon_loss
+def supcon_loss(embeddings, labels, temperature):
+    with open(os.environ["SUPCON_ROWS"], "a") as fh:
+        fh.write(f"{os.environ.get('LOCAL_RANK', '0')} {embeddings.shape[0]} {labels.shape[0]}\\n")
+    return _loss(embeddings, labels, temperature)
+m.supcon_loss = supcon_loss
+'''
+
+
+@pytest.mark.slow
+def test_supcon_under_ddp_contrasts_the_global_batch(tmp_path):
+    """Two ranks of 8 cells, two views each: the loss of each rank sees 2 x 2 x 8 = 32 embeddings, not its own 16."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RECORD_SUPCON_ROWS)
+    rows = tmp_path / "rows.txt"
+    cfg = write_cfg(tmp_path / "c.yaml", {
+        "model": {"name": "cnn"}, "data": {"input_size": 16}, "eval": {"bootstrap": 0, "grid_images": 0},
+        "train": {"batch_size": 8, "devices": 2, "strategy": "ddp", "accelerator": "cpu", "precision": "32",
+                  "stages": [{"epochs": 1, "objective": "supcon", "optimizer": "adam", "lr": 0.001},
+                             {"epochs": 1, "objective": "ce", "freeze_encoder": True, "optimizer": "adam", "lr": 0.001}]},
+    })
+    env = dict(cli_env(), PYTHONPATH=f"{hook}{os.pathsep}{cli_env()['PYTHONPATH']}", SUPCON_ROWS=str(rows))
+    proc = subprocess.run(BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    seen = [tuple(map(int, line.split())) for line in rows.read_text().splitlines()]
+    assert {rank for rank, _, _ in seen} == {0, 1} and all(e == n for _, e, n in seen)
+    # 112 training cells = 7 full batches of 8 per rank; validation (not gathered) has at most 14 cells a rank
+    assert max(e for _, e, _ in seen) == 32 and sum(e == 32 for _, e, _ in seen) == 2 * 7, seen

@@ -201,3 +201,37 @@ def test_training_is_deterministic_without_nan_filling_and_puts_torchs_flags_bac
     fit(cfg, prepare_data(cfg, progress=False), tmp_path / "run", progress=False)
     assert seen and set(seen) == {(True, False)}
     assert (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory) == before
+
+
+@pytest.mark.parametrize("scaling, world, expected", [("none", 4, 0.002), ("linear", 4, 0.008), ("linear", 1, 0.002)])
+def test_lr_scaling_multiplies_the_learning_rate_by_the_world_size(scaling, world, expected):
+    from types import SimpleNamespace
+
+    from bloodcell.models import create_model
+
+    cfg = config(lr_scaling=scaling, optimizer="sgd")
+    module = Classifier(create_model("cnn", num_classes=8, input_size=16), cfg)
+    module._trainer = SimpleNamespace(world_size=world)  # what configure_optimizers reads of the trainer
+    opt = module.configure_optimizers()
+    assert opt.param_groups[0]["lr"] == pytest.approx(expected)
+
+
+def test_csv_logger_writes_lightning_metrics_beside_history(tmp_path):
+    cfg = config(logger="csv", epochs=2)
+    fit(cfg, prepare_data(cfg, progress=False), tmp_path / "run", progress=False)
+    logged = list(csv.DictReader(open(tmp_path / "run" / "logs" / "version_0" / "metrics.csv")))
+    losses = [float(r["train_loss"]) for r in logged if r.get("train_loss")]
+    history = read_history(tmp_path / "run")
+    assert losses == pytest.approx([float(r["train_loss"]) for r in history])
+
+
+def test_a_logger_whose_package_is_missing_is_a_one_line_config_error(tmp_path, monkeypatch):
+    import importlib.util
+
+    from bloodcell.errors import ConfigError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
+    cfg = config(logger="mlflow")
+    with pytest.raises(ConfigError, match="train.logger is 'mlflow' but mlflow is not installed: pip install mlflow"):
+        fit(cfg, prepare_data(cfg, progress=False), tmp_path / "run", progress=False)

@@ -124,9 +124,11 @@ class StageConfig(_Strict):
 
 class TrainConfig(_Strict):
     epochs: int = Field(10, ge=1)
-    batch_size: int = Field(32, ge=1)
+    batch_size: int = Field(32, ge=1)  # per process: under DDP each of the world-size processes takes this many
     optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
     lr: LearningRate = Field(1e-3, gt=0)
+    # `linear`: lr x world size under DDP (the global batch grows with the processes; Goyal et al. 2017)
+    lr_scaling: Literal["none", "linear"] = "none"
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
@@ -155,6 +157,8 @@ class TrainConfig(_Strict):
     workers: Optional[int] = Field(None, ge=0)  # data loader worker processes; None: automatic
     # Keep the whole uint8 image array in accelerator memory and gather batches there (no per-image Python).
     device_cache: Literal["auto", "on", "off"] = "auto"
+    # A Lightning logger beside history.csv (which is always written): csv under <run>/logs, tensorboard, mlflow
+    logger: Literal["none", "csv", "tensorboard", "mlflow"] = "none"
 
     @model_validator(mode="after")
     def _stage_objectives(self) -> "TrainConfig":

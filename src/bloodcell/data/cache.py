@@ -9,6 +9,7 @@ folder that is renamed into place only once complete, with the manifest written 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -129,9 +130,40 @@ def build_cache(
             return found
     if not inv.records:
         raise DataError(f"no readable images in {inv.root} to cache")
-
     arrays_dir = Path(cache_root or default_cache_dir()) / "arrays"
-    final = arrays_dir / cache_key(inv, size, interpolation, white_balance)
+    key = cache_key(inv, size, interpolation, white_balance)
+    # One builder per cache at a time: DDP ranks, study workers and two users' jobs all call this. The others wait,
+    # then find the finished cache, so none rebuilds (and rmtree's) a cache another process is reading.
+    with _exclusive(arrays_dir / f".lock-{key}"):
+        if not force:
+            found = load_cache(inv, size, interpolation, cache_root, white_balance)
+            if found is not None:
+                return found
+        return _build(inv, size, interpolation, arrays_dir, arrays_dir / key, workers, progress, max_pixels, white_balance, cache_root)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path):
+    """An exclusive advisory lock (flock) held for the block; a no-op where flock does not exist (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(lock_path, "a+")
+    except OSError as exc:
+        raise _unwritable(lock_path.parent, exc, 0) from None
+    with fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build(inv: Inventory, size: int, interpolation: str, arrays_dir: Path, final: Path, workers, progress: bool, max_pixels: int, white_balance: str, cache_root) -> ImageCache:
     n = len(inv.records)
     tmp = arrays_dir / f".build-{os.getpid()}-{final.name}"
     npy = tmp / "images.npy"

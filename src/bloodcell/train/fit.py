@@ -187,6 +187,28 @@ def _deterministic_state_restorer():
     return restore
 
 
+def make_logger(kind: str, run_dir: Path):
+    """The Lightning logger `train.logger` names (history.csv is written whatever it is); False for none."""
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(str(run_dir), name="logs")
+    package = {"tensorboard": "tensorboard", "mlflow": "mlflow"}[kind]
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None and not (kind == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        raise ConfigError(f"train.logger is '{kind}' but {package} is not installed: pip install {package}")
+    if kind == "tensorboard":
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        return TensorBoardLogger(str(run_dir), name="logs")
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    return MLFlowLogger(experiment_name="bloodcell", run_name=run_dir.name, save_dir=str(run_dir / "mlruns"))
+
+
 def build_model(cfg: RunConfig, num_classes: int, class_names: list[str] | None = None):
     """The run's model: from scratch, from ImageNet backbone weights, or from a trained bloodcell model (fine-tuning)."""
     pretrained = cfg.model.pretrained if cfg.model.pretrained not in (None,) else False
@@ -247,7 +269,7 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         max_epochs=cfg.train.epochs,
         callbacks=callbacks,
         plugins=[SafetensorsCheckpointIO()],
-        logger=False,
+        logger=make_logger(cfg.train.logger, run_dir),
         enable_progress_bar=progress and rank_zero_only.rank == 0,
         enable_model_summary=False,
         deterministic=accelerator == "cpu",

@@ -82,7 +82,7 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         self._apply_freezing()
         s, t = self.stage, self.cfg.train
-        name, lr = s.optimizer or t.optimizer, s.lr or t.lr
+        name, lr = s.optimizer or t.optimizer, (s.lr or t.lr) * (self.trainer.world_size if t.lr_scaling == "linear" else 1)
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = {"fused": True} if torch.cuda.is_available() and self.device.type == "cuda" else {}
         if name == "adam":
@@ -159,16 +159,32 @@ class Classifier(L.LightningModule):
         x, y = self._images(batch)
         if self.stage.objective == "supcon":
             views = torch.cat([self.preprocess(x, augment=True), self.preprocess(x, augment=True)])
-            loss = supcon_loss(self.model.embed(views).float(), torch.cat([y, y]), self.cfg.train.supcon_temperature)
+            embeddings, labels = self._across_ranks(self.model.embed(views).float(), torch.cat([y, y]))
+            loss = supcon_loss(embeddings, labels, self.cfg.train.supcon_temperature)
             correct = None
         else:
             logits = self.model(self.preprocess(x, augment=self.cfg.augment.enabled))
             loss = self._ce(logits, y)
             correct = int((logits.argmax(1) == y).sum())
-        if not torch.isfinite(loss):
+        finite = bool(torch.isfinite(loss))
+        # Under DDP every rank must stop at the same step: one that stopped alone would leave the others waiting in
+        # the gradient all-reduce for ever. One boolean all-reduce per step; `float(loss)` below syncs anyway.
+        if self.trainer.world_size > 1 and not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
+            where = f"epoch {self.current_epoch + 1}, step {batch_idx}"
+            self._diverged(f"training loss is {float(loss.detach())} at {where}" if not finite else f"training loss is not finite on another process at {where}")
+        if not finite:
             self._diverged(f"training loss is {float(loss.detach())} at epoch {self.current_epoch + 1}, step {batch_idx}")
         self._log_step("train", loss, correct, len(y))
         return loss
+
+    def _across_ranks(self, embeddings: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Under DDP, every rank's embeddings and labels, so SupCon contrasts each cell with the whole global batch
+        (as on one device), not with its rank's share alone. Gradients flow back through the gather; each rank
+        then holds world_size times its share of the global loss's gradient, and DDP's averaging undoes that."""
+        if self.trainer.world_size == 1:
+            return embeddings, labels
+        gathered = self.all_gather(embeddings, sync_grads=True)  # (world, B, D)
+        return gathered.reshape(-1, embeddings.shape[-1]), self.all_gather(labels).reshape(-1)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         if self.ema is not None:
