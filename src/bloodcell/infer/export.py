@@ -77,7 +77,7 @@ def export_onnx(
     predictor = Predictor.load(model)
     calib = None
     if quantize:  # find the calibration images first: a missing folder should fail before minutes of work
-        calib = q.calibration_set(predictor.metadata, str(model), calibration_images or q.DEFAULT_CALIBRATION_IMAGES,
+        calib = q.calibration_set(predictor.metadata, str(model), q.DEFAULT_CALIBRATION_IMAGES if calibration_images is None else calibration_images,
                                   calibration_dir, data_root)
     net = (predictor.scored_model or predictor.model).eval()
     outputs = ["logits", "ood_score"] if predictor.scored_model is not None else ["logits"]
