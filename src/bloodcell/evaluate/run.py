@@ -134,12 +134,12 @@ def cpu_name() -> str:
 
 
 def cpu_line() -> str:
-    """The CPU model and the flags that change speed (AVX2, AVX-512, bf16, AMX): every benchmark prints it."""
+    """The CPU model and the flags that change speed (AVX2, AVX-512, VNNI for int8, bf16, AMX): every benchmark prints it."""
     try:
         flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
     except (OSError, StopIteration):
         flags = set()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
     return f"{cpu_name()} ({', '.join(wanted) or 'no AVX2/AVX-512 flags seen'})"
 
 

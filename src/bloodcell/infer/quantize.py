@@ -152,8 +152,13 @@ def fp32_only_nodes(model_path: str | os.PathLike, output: str = "logits") -> li
     return [node.name for node in graph.node if node.name not in used]
 
 
-def quantize_file(predictor, fp32_path: Path, out_path: Path, images: np.ndarray, settings: QuantSettings) -> None:
-    """Write the int8 graph of `fp32_path` to `out_path`, calibrated on uint8 `images` normalised by `predictor`."""
+def quantize_file(
+    predictor, fp32_path: Path, out_path: Path, images: np.ndarray, settings: QuantSettings, keep_fp32: Sequence[str] | None = None
+) -> None:
+    """Write the int8 graph of `fp32_path` to `out_path`, calibrated on uint8 `images` normalised by `predictor`.
+
+    keep_fp32: names of nodes left in fp32 (default: `fp32_only_nodes`, the OOD score's own nodes).
+    """
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     settings.check()
@@ -178,7 +183,7 @@ def quantize_file(predictor, fp32_path: Path, out_path: Path, images: np.ndarray
                 reduce_range=settings.reduce_range,
                 activation_type=QuantType.QUInt8 if settings.activations == "uint8" else QuantType.QInt8,
                 weight_type=QuantType.QInt8,
-                nodes_to_exclude=fp32_only_nodes(fp32_path),
+                nodes_to_exclude=fp32_only_nodes(fp32_path) if keep_fp32 is None else list(keep_fp32),
                 calibrate_method=getattr(CalibrationMethod, settings.method),
             )
         except Exception as exc:  # onnxruntime raises its own types
