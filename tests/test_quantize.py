@@ -145,6 +145,8 @@ def test_cli_writes_int8_and_says_what_it_checked(run, tmp_path):
         (["--quantize", "int8", "--calibration-dir", "{tmp}/nowhere"], "nowhere is not a folder"),
         (["--quantize", "int4"], "--quantize must be one of int8, got 'int4'"),
         (["--calibration-images", "8"], "only apply with --quantize int8"),
+        (["--min-agreement", "0.5"], "only apply with --quantize int8"),
+        (["--quantize", "int8", "--calibration-dir", str(SAMPLE), "--data", str(SAMPLE)], "not both"),
         (["--quantize", "int8", "--calibration-images", "0", "--calibration-dir", str(SAMPLE)], "--calibration-images must be >= 1"),
         (["--quantize", "int8", "--calibration-dir", str(SAMPLE), "--min-agreement", "1.5"], "--min-agreement must be in (0, 1]"),
     ],

@@ -72,8 +72,8 @@ def export_onnx(
         raise ModelError(f"{model} is already an ONNX model: export takes a run directory")
     if quantize is not None and quantize not in q.MODES:
         raise ModelError(f"--quantize must be one of {', '.join(q.MODES)}, got {quantize!r}")
-    if quantize is None and (calibration_images is not None or calibration_dir is not None or data_root is not None):
-        raise ModelError("--calibration-images / --calibration-dir / --data only apply with --quantize int8")
+    if quantize is None and any(v is not None for v in (calibration_images, calibration_dir, data_root, min_agreement)):
+        raise ModelError("--calibration-images / --calibration-dir / --data / --min-agreement only apply with --quantize int8")
     predictor = Predictor.load(model)
     calib = None
     if quantize:  # find the calibration images first: a missing folder should fail before minutes of work

@@ -75,6 +75,8 @@ def calibration_set(
     """The calibration and check images for the model whose model.json is `meta` (`source` names it in errors)."""
     if n < 1 or check < 1:
         raise ModelError(f"--calibration-images must be >= 1, got {n}" if n < 1 else f"check images must be >= 1, got {check}")
+    if calibration_dir is not None and data_root is not None:
+        raise ModelError("give --calibration-dir (any images) or --data (the training data, for its validation part), not both")
     if calibration_dir is not None:
         from bloodcell.infer.predictor import collect_images
 
