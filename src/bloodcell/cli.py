@@ -435,16 +435,28 @@ def export_cmd(
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file; metadata goes beside it as <file>.onnx.json."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
     check: List[Path] = typer.Option([], "--check-image", help="Image(s) for the parity check (default: the embedded sample)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="'int8': write the int8 static quantization (smaller, faster on CPU; docs/inference.md)."),
+    calibration_images: Optional[int] = typer.Option(None, "--calibration-images", help="With --quantize: how many images calibrate it (default 256)."),
+    calibration_dir: Optional[Path] = typer.Option(None, "--calibration-dir", help="With --quantize: calibrate on images of this folder instead of the model's validation part."),
+    data: Optional[Path] = typer.Option(None, "--data", help="With --quantize: the training data folder, when not where model.json says."),
+    min_agreement: Optional[float] = typer.Option(None, "--min-agreement", help="With --quantize: refuse unless int8 and fp32 agree on this share of check images (default 0.98)."),
 ) -> None:
     """Export a trained model to ONNX (dynamic batch) and check it against PyTorch with onnxruntime."""
     from bloodcell.infer.export import PARITY_TOLERANCE, export_onnx
 
-    report = export_onnx(run_dir, onnx, opset=opset, check_images=check or None)
+    report = export_onnx(run_dir, onnx, opset=opset, check_images=check or None, quantize=quantize,
+                         calibration_images=calibration_images, calibration_dir=calibration_dir, data_root=data,
+                         min_agreement=min_agreement)
     typer.echo(f"wrote {report.path} and {report.sidecar} ({report.exporter} exporter, opset {opset})")
     typer.echo(
         f"largest absolute logit difference vs PyTorch on {report.images} {report.image_source}: "
         f"{report.max_abs_diff:.3g} (tolerance {PARITY_TOLERANCE:g})"
     )
+    if report.quantization:
+        qz, c = report.quantization, report.quantization["check"]
+        typer.echo(f"int8: calibrated on {qz['calibration']}; {qz['int8_bytes'] / 1e3:,.0f} kB instead of {qz['fp32_bytes'] / 1e3:,.0f} kB")
+        ood = f", OOD flags {100 * c['ood_flag_agreement']:.1f} %" if "ood_flag_agreement" in c else ""
+        typer.echo(f"int8 agrees with fp32 on {c['on']}: top-1 {100 * c['top1_agreement']:.1f} %{ood} (minimum {100 * c['min_agreement']:g} %)")
 
 
 @app.command("card")

@@ -18,7 +18,7 @@ from bloodcell.data.discover import require_trainable, scan
 from bloodcell.data.images import balance_background
 from bloodcell.data.medmnist import load_npz
 from bloodcell.data.split import Split, SplitConfig, load_split, make_folds, make_split
-from bloodcell.errors import ConfigError
+from bloodcell.errors import ConfigError, DataError
 
 
 @dataclass
@@ -41,12 +41,18 @@ def _split_config(cfg: RunConfig) -> SplitConfig:
     return SplitConfig(seed=cfg.split_seed, test_size=s.test_size, val_size=s.val_size, dedup=s.dedup, order=s.order)
 
 
-def split_files(cfg: RunConfig, root: str | os.PathLike, part: str = "test", progress: bool = False) -> tuple[list[Path], list[str]]:
+def split_files(
+    cfg: RunConfig, root: str | os.PathLike, part: str = "test", progress: bool = False, fingerprint: str | None = None
+) -> tuple[list[Path], list[str]]:
     """(files, class names) of one part of the split `cfg` makes of `root`: e.g. a model's test part, for benchmarks.
 
-    Pass `parse_config(model_json["training_config"])` to get exactly the images a trained model never saw.
+    Pass `parse_config(model_json["training_config"])` to get exactly the images a trained model never saw, and
+    model.json's `data_fingerprint` as `fingerprint` to refuse a folder that is not the data it was trained on
+    (other images would split differently, and its parts would not be the model's).
     """
     inv = scan(root, max_pixels=cfg.data.max_pixels, progress=progress)
+    if fingerprint is not None and inv.fingerprint() != fingerprint:
+        raise DataError(f"{inv.root} is not the data the model was trained on (its fingerprint differs from model.json's data_fingerprint)")
     split = make_split(inv, _split_config(cfg))
     idx = split.part(part)
     return [inv.path(int(i)) for i in idx], [inv.class_names[inv.labels[int(i)]] for i in idx]

@@ -140,7 +140,7 @@ def cpu_line() -> str:
         flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
     except (OSError, StopIteration):
         flags = set()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile") if f in flags]
+    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
     line = f"{cpu_name()} ({', '.join(wanted) or 'no AVX2/AVX-512 flags seen'})"
     caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
     if caps:

@@ -2,13 +2,15 @@
 
 The .onnx file takes the normalised image batch `input` (float32, N x 3 x S x S, N free) and returns
 `logits` (N x K) and, for a model with an out-of-distribution score, `ood_score` (N) computed in the graph. Preprocessing, temperature and class names live in the sidecar `<file>.onnx.json`
-(model.json plus an `onnx` section), which `Predictor.load("<file>.onnx")` reads.
+(model.json plus an `onnx` section), which `Predictor.load("<file>.onnx")` reads. With `quantize="int8"` the file
+holds the int8 graph of the checked fp32 one (bloodcell.infer.quantize) and the sidecar a `quantization` section.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ class ExportReport:
     images: int  # how many images the parity check ran on
     image_source: str  # "sample images", "given images" or "random images"
     exporter: str
+    quantization: dict | None = None  # the sidecar's `quantization` section of an int8 export
 
 
 def export_onnx(
@@ -39,15 +42,27 @@ def export_onnx(
     opset: int = 17,
     check_images: Sequence[str | os.PathLike] | None = None,
     tolerance: float = PARITY_TOLERANCE,
+    quantize: str | None = None,
+    calibration_images: int | None = None,
+    calibration_dir: str | os.PathLike | None = None,
+    data_root: str | os.PathLike | None = None,
+    min_agreement: float | None = None,
+    settings=None,
 ) -> ExportReport:
     """Export the run / model directory `model` to `out` (.onnx) plus `out.onnx.json`.
 
     The parity check runs PyTorch and onnxruntime on `check_images` (default: up to 8 images of the
     embedded sample, else seeded random pixels), at batch 1 and at the full batch, and raises
     ModelError when a logit differs by more than `tolerance`. Nothing is written unless it passes.
+
+    quantize="int8": write the int8 static quantization of the checked fp32 graph instead, calibrated on
+    `calibration_images` validation images of the model's split (its training data, or `data_root`) or
+    images of `calibration_dir`, and refused unless it agrees with fp32 on `min_agreement` of held-out
+    images (see bloodcell.infer.quantize; `settings` a QuantSettings).
     """
     import torch
 
+    from bloodcell.infer import quantize as q
     from bloodcell.infer.predictor import Predictor, _onnx_session, onnx_sidecar
 
     out = Path(out)
@@ -55,7 +70,15 @@ def export_onnx(
         raise ModelError(f"export target {out} must end in .onnx")
     if Path(model).suffix.lower() == ".onnx":
         raise ModelError(f"{model} is already an ONNX model: export takes a run directory")
+    if quantize is not None and quantize not in q.MODES:
+        raise ModelError(f"--quantize must be one of {', '.join(q.MODES)}, got {quantize!r}")
+    if quantize is None and any(v is not None for v in (calibration_images, calibration_dir, data_root, min_agreement)):
+        raise ModelError("--calibration-images / --calibration-dir / --data / --min-agreement only apply with --quantize int8")
     predictor = Predictor.load(model)
+    calib = None
+    if quantize:  # find the calibration images first: a missing folder should fail before minutes of work
+        calib = q.calibration_set(predictor.metadata, str(model), q.DEFAULT_CALIBRATION_IMAGES if calibration_images is None else calibration_images,
+                                  calibration_dir, data_root)
     net = (predictor.scored_model or predictor.model).eval()
     outputs = ["logits", "ood_score"] if predictor.scored_model is not None else ["logits"]
     images, source = _check_batch(predictor, check_images)
@@ -63,7 +86,8 @@ def export_onnx(
     size = predictor.input_size
     dummy = torch.zeros(1, 3, size, size)
 
-    with atomic_path(out) as tmp:
+    with atomic_path(out) as final, tempfile.TemporaryDirectory(prefix="bloodcell-export-") as work:
+        tmp = Path(work) / "fp32.onnx" if quantize else final  # int8: the checked fp32 graph is quantized into `final`
         exporter = _export(net, dummy, tmp, opset, outputs)
         session = _onnx_session(tmp)
         name = session.get_inputs()[0].name
@@ -97,9 +121,14 @@ def export_onnx(
             "max_abs_diff": diff,
             "checked_on": f"{len(x)} {source}",
         }
+        quantization = None
+        if quantize:
+            limit = q.MIN_AGREEMENT if min_agreement is None else min_agreement
+            quantization = q.quantize_checked(predictor, tmp, final, calib, settings or q.QuantSettings(), limit, str(model))
+            meta["quantization"] = quantization
     sidecar = onnx_sidecar(out)
     write_json(sidecar, meta)
-    return ExportReport(out, sidecar, diff, len(x), source, exporter)
+    return ExportReport(out, sidecar, diff, len(x), source, exporter, quantization)
 
 
 def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logits",)) -> str:
