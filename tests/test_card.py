@@ -47,3 +47,12 @@ def test_card_of_a_folder_without_a_model_is_one_line(tmp_path):
     result = runner.invoke(app, ["card", "--model", str(tmp_path)])
     assert result.exit_code == 2
     assert result.output.strip() == f"error: cannot read the metadata of {tmp_path}: No such file or directory"
+
+
+def test_export_writes_the_card_beside_the_onnx_file(tmp_path):
+    from bloodcell.infer.export import card_path, export_onnx
+
+    run = toy_run(tmp_path / "run")
+    report = export_onnx(run, tmp_path / "m.onnx")
+    card = card_path(report.path).read_text()
+    assert card == card_for(report.path) and "ONNX opset 17" in card and INTENDED_USE in card

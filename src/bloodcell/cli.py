@@ -447,7 +447,7 @@ def export_cmd(
     report = export_onnx(run_dir, onnx, opset=opset, check_images=check or None, quantize=quantize,
                          calibration_images=calibration_images, calibration_dir=calibration_dir, data_root=data,
                          min_agreement=min_agreement)
-    typer.echo(f"wrote {report.path} and {report.sidecar} ({report.exporter} exporter, opset {opset})")
+    typer.echo(f"wrote {report.path}, {report.sidecar} and its model card ({report.exporter} exporter, opset {opset})")
     typer.echo(
         f"largest absolute logit difference vs PyTorch on {report.images} {report.image_source}: "
         f"{report.max_abs_diff:.3g} (tolerance {PARITY_TOLERANCE:g})"

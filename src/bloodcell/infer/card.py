@@ -56,6 +56,13 @@ def model_card(meta: dict, metrics: dict | None = None, source: str = "") -> str
                  f"{meta.get('precision', '?')} on {meta.get('accelerator', '?')}; bloodcell {meta.get('bloodcell_version', '?')}.")
     lines.append(f"- Input: {pre.get('input_size', meta.get('input_size'))} px, {pre.get('interpolation', '?')} resize, white balance "
                  f"{pre.get('white_balance', 'none')}, {pre.get('normalise', 'ImageNet mean/std')}.")
+    onnx, quant = meta.get("onnx") or {}, meta.get("quantization") or {}
+    if onnx:
+        lines.append(f"- This file: ONNX opset {onnx.get('opset')}, largest difference from PyTorch {onnx.get('max_abs_diff', 0):.2g} on {onnx.get('checked_on', '?')}.")
+    if quant:
+        check = quant.get("check") or {}
+        lines.append(f"- Quantized: {quant.get('mode')}, calibrated on {quant.get('calibration')}; top-1 agreement with fp32 "
+                     f"{_pct(check.get('top1_agreement'))} on {check.get('on', '?')}. The metrics below are the fp32 model's.")
     lines.append("")
 
     lines += ["## Metrics on its test part", ""]

@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from bloodcell.errors import ModelError
-from bloodcell.io import atomic_path, write_json
+from bloodcell.infer.card import model_card
+from bloodcell.io import atomic_path, write_json, write_text
 
 PARITY_TOLERANCE = 1e-4
 SAMPLE_DIR = Path(__file__).resolve().parents[3] / "examples" / "pbc-sample"  # in a source checkout
@@ -128,7 +129,12 @@ def export_onnx(
             meta["quantization"] = quantization
     sidecar = onnx_sidecar(out)
     write_json(sidecar, meta)
+    write_text(card_path(out), model_card(meta, source=out.name))  # the card travels with the file
     return ExportReport(out, sidecar, diff, len(x), source, exporter, quantization)
+
+
+def card_path(onnx_file: str | os.PathLike) -> Path:
+    return Path(f"{onnx_file}.card.md")
 
 
 def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logits",)) -> str:
