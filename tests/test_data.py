@@ -335,3 +335,25 @@ def test_figures_command_writes_pngs(tmp_path):
         with Image.open(out / name) as img:
             assert img.size[0] > 300 and img.size[1] > 200
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
+
+
+def test_npz_at_another_size_goes_through_a_uint8_cache_resized_like_folder_images(tmp_path):
+    """No float copy of the whole set: the resized images are a uint8 memmap, equal to Pillow's resize of each image
+    (what folder images get), reused by the next run."""
+    from PIL import Image
+
+    from bloodcell.config import parse_config
+    from bloodcell.data.images import prepare_array
+    from bloodcell.data.prepare import prepare_data
+
+    npz = _write_npz(tmp_path / "bloodmnist.npz")
+    cfg = parse_config({"data": {"npz": str(npz), "input_size": 40, "interpolation": "bicubic"}})
+    first = prepare_data(cfg, progress=False)
+    assert isinstance(first.images, np.memmap) and first.images.dtype == np.uint8 and first.images.shape == (13, 40, 40, 3)
+    raw = load_npz(npz).images
+    want = np.stack([prepare_array(Image.fromarray(im), 40, "bicubic") for im in raw])
+    np.testing.assert_array_equal(np.asarray(first.images), want)
+    cached = Path(first.images.filename)
+    stamp = cached.stat().st_mtime_ns
+    again = prepare_data(cfg, progress=False)
+    assert Path(again.images.filename) == cached and cached.stat().st_mtime_ns == stamp  # reused, not rebuilt

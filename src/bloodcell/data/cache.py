@@ -266,3 +266,68 @@ def _remove_stale_builds(arrays_dir: Path, older_than_s: float = 3600) -> None:
                 shutil.rmtree(p, ignore_errors=True)
         except OSError:
             pass
+
+
+def resized_array_cache(
+    images: np.ndarray,
+    fingerprint: str,
+    size: int,
+    interpolation: str = "bilinear",
+    white_balance: str = "none",
+    cache_root: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """`images` (N, H, W, 3 uint8, e.g. a MedMNIST .npz) at size x size, as a memory-mapped uint8 cache resized image
+    by image exactly as folder images are (Pillow), so a 224 px copy of a large set never exists as float32 in
+    memory. `fingerprint` names the source content; a complete cache is reused."""
+    if interpolation not in INTERPOLATIONS:
+        raise DataError(f"unknown interpolation '{interpolation}'; choose one of {sorted(INTERPOLATIONS)}")
+    arrays_dir = Path(cache_root or default_cache_dir()) / "arrays"
+    h = hashlib.sha256(f"v{CACHE_VERSION}|array|{fingerprint}|{size}|{interpolation}|{white_balance}".encode()).hexdigest()
+    final = arrays_dir / f"array-{size}-{interpolation}-{h[:24]}"
+    n = len(images)
+
+    def complete() -> np.ndarray | None:
+        try:
+            manifest = json.loads((final / "manifest.json").read_text())
+            cached = np.load(final / "images.npy", mmap_mode="r")
+        except (OSError, ValueError):
+            return None
+        ok = manifest.get("complete") is True and manifest.get("fingerprint") == fingerprint and cached.shape == (n, size, size, 3)
+        return cached if ok else None
+
+    found = complete()
+    if found is not None:
+        return found
+    with _exclusive(arrays_dir / f".lock-{final.name}"):
+        found = complete()
+        if found is not None:
+            return found
+        tmp = arrays_dir / f".build-{os.getpid()}-{final.name}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
+            _reserve_disk_space(tmp / "images.npy")
+            from PIL import Image
+
+            from bloodcell.data.images import prepare_array
+
+            with progress_bar(n, f"resizing {n} images to {size}px", enabled=progress) as advance:
+                for i in range(n):
+                    out[i] = prepare_array(Image.fromarray(np.asarray(images[i])), size, interpolation, white_balance)
+                    advance()
+            out.flush()
+            del out
+            io.write_json(tmp / "manifest.json", {"version": CACHE_VERSION, "complete": True, "fingerprint": fingerprint, "size": size,
+                                                   "interpolation": interpolation, "white_balance": white_balance, "images": n})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as exc:
+            raise _unwritable(arrays_dir, exc, n * size * size * 3) from None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    found = complete()
+    assert found is not None, "array cache just built does not validate"
+    return found
