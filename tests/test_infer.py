@@ -453,3 +453,29 @@ def test_gradcam_targets_last_feature_map_and_is_normalised(predictor):
 def test_explain_refuses_onnx(onnx_file, tmp_path):
     res = runner.invoke(app, ["explain", str(sample_files()[0]), "--model", str(onnx_file), "--out", str(tmp_path / "c")])
     assert res.exit_code == 2 and "Grad-CAM needs the PyTorch model" in res.output
+
+
+def test_device_option_runs_where_asked_and_refuses_a_missing_gpu_in_one_line(tmp_path):
+    import torch
+    from typer.testing import CliRunner
+
+    from bloodcell.cli import app
+    from bloodcell.errors import ModelError
+    from bloodcell.infer.export import export_onnx
+    from conftest import toy_run
+
+    run = toy_run(tmp_path / "run")
+    images = sorted((SAMPLE / "neutrophil").glob("*.jpg"))[:4]
+    on_cpu = Predictor.load(run, device="cpu")
+    auto = Predictor.load(run, device="auto")
+    assert auto.device == ("cuda" if torch.cuda.is_available() else "cpu")
+    np.testing.assert_allclose(auto.probabilities(np.stack([auto.decode(p) for p in images])),
+                               on_cpu.probabilities(np.stack([on_cpu.decode(p) for p in images])), atol=1e-4)
+    with pytest.raises(ModelError, match="--device must be cpu, cuda, cuda:N or auto, got 'tpu'"):
+        Predictor.load(run, device="tpu")
+    onnx = export_onnx(run, tmp_path / "m.onnx").path
+    assert Predictor.load(onnx, device="cpu").session.get_providers() == ["CPUExecutionProvider"]
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, ["predict", str(images[0]), "--model", str(run), "--device", "cuda"])
+        assert result.exit_code == 2
+        assert result.output.strip() == "error: --device cuda: no CUDA device is visible to PyTorch here; use --device cpu"

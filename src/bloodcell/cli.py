@@ -366,6 +366,7 @@ def models(
 # --------------------------------------------------------------------------- predict / export / explain / serve
 
 _MODEL_HELP = "Run directory, its model.safetensors, or an exported .onnx (default: the model bundled with bloodcell)."
+_DEVICE_HELP = "Where the classifier runs: auto (CUDA when present), cpu, cuda or cuda:N."
 
 
 @app.command("predict")
@@ -373,6 +374,7 @@ _MODEL_HELP = "Run directory, its model.safetensors, or an exported .onnx (defau
 def predict_cmd(
     paths: List[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively for images)."),
     model: Optional[Path] = typer.Option(None, "--model", help=_MODEL_HELP),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     fmt: str = typer.Option("table", "--format", help="table, summary (the table without a row per image), csv (one row per image) or json."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the output to this file (atomically) instead of stdout."),
     threshold: Optional[float] = typer.Option(
@@ -395,7 +397,7 @@ def predict_cmd(
         raise BloodcellError(f"--format must be one of {', '.join(FORMATS)}, got '{fmt}'")
     if input_kind not in INPUT_KINDS:
         raise BloodcellError(f"--input must be one of {', '.join(INPUT_KINDS)}, got '{input_kind}'")
-    predictor = Predictor.load(model, review_threshold=threshold)
+    predictor = Predictor.load(model, review_threshold=threshold, device=device)
     result = predict_paths_mixed(predictor, paths, input_kind, detector, batch_size=batch_size, progress=True)
     if not result["predictions"] and not result["fields"]:
         bad = result["unreadable"]
@@ -483,13 +485,14 @@ def card_cmd(
 def explain_cmd(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders."),
     model: Optional[Path] = typer.Option(None, "--model", help="Run directory (a PyTorch model; not .onnx). Default: the bundled model."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for the Grad-CAM PNGs (<image>.gradcam.png)."),
 ) -> None:
     """Grad-CAM overlays: which part of each image drove the predicted class."""
     from bloodcell.infer import Predictor
     from bloodcell.infer.explain import explain_paths
 
-    predictor = Predictor.load(model)
+    predictor = Predictor.load(model, device=device)
     skipped: list = []
     written = explain_paths(predictor, images, out, skipped=skipped)
     for u in skipped:
@@ -504,6 +507,7 @@ def explain_cmd(
 @user_errors
 def serve_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help=_MODEL_HELP),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     host: str = typer.Option("127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes the server to the network."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="0 lets the system pick a free port (printed on start)."),
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest request body (all files together), MB."),
@@ -518,7 +522,7 @@ def serve_cmd(
     from bloodcell.infer import Predictor
     from bloodcell.serve.app import create_app
 
-    predictor = Predictor.load(model, max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
+    predictor = Predictor.load(model, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, device=device)
     app_ = create_app(predictor, int(max_upload_mb * 1024 * 1024), max_pixels or DEFAULT_MAX_PIXELS, max_files, detector)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: binding {host}: anyone who can reach this machine can upload images; no authentication", err=True)

@@ -43,7 +43,7 @@ def _last_feature_map_module(model, within):
     handles = [m.register_forward_hook(hook) for m in within.modules() if m is not within and m is not model]
     try:
         with torch.no_grad():
-            model(torch.zeros(1, 3, model.input_size, model.input_size))
+            model(torch.zeros(1, 3, model.input_size, model.input_size, device=next(model.parameters()).device))
     finally:
         for h in handles:
             h.remove()
@@ -67,7 +67,7 @@ def gradcam(predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
     _require_torch(predictor)
     probs = predictor.probabilities(images)
-    x = torch.from_numpy(predictor.normalise(images))
+    x = torch.from_numpy(predictor.normalise(images)).to(predictor.device)
     model = predictor.model
     with predictor._lock, torch.enable_grad():
         layers = target_layers(model)

@@ -75,6 +75,7 @@ class Predictor:
     ood_threshold: float | None = None  # None: this model has no OOD score
     scored_model: Any = field(default=None, repr=False)  # ScoredModel: logits and OOD score in one pass (PyTorch)
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
+    device: str = "cpu"  # where the PyTorch model runs, or "cuda" for ONNX Runtime's CUDA provider
     _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     # ------------------------------------------------------------------ loading
@@ -86,10 +87,13 @@ class Predictor:
         *,
         review_threshold: float | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        device: str = "cpu",
     ) -> "Predictor":
         """Load a run directory, a .safetensors file, an .onnx file or (None) the bundled model.
 
         review_threshold: overrides the threshold stored with the model (0 < t <= 1).
+        device: "cpu", "cuda", "cuda:N", or "auto" (CUDA when this machine has it); a CUDA device that is not there
+        is an error, not a silent fallback.
         """
         if model is None:
             path = bundled_model_dir()
@@ -102,7 +106,8 @@ class Predictor:
 
         if path.suffix.lower() == ".onnx":
             meta = _read_onnx_sidecar(path)
-            session = _onnx_session(path)
+            device = _onnx_device(device)
+            session = _onnx_session(path, device)
             predictor = cls._from_metadata(meta, str(path), session=session)
             _check_onnx_shapes(session, predictor, path)
             if meta.get("ood") and "ood_score" in [o.name for o in session.get_outputs()]:
@@ -111,13 +116,16 @@ class Predictor:
             from bloodcell.models.checkpoint import load_checkpoint
             from bloodcell.models.ood import ScoredModel, load_ood, ood_feature_dim
 
+            device = _torch_device(device)
             net, meta = load_checkpoint(path)
+            net = net.to(device)
             predictor = cls._from_metadata(meta, str(path), model=net)
             if meta.get("ood"):
                 folder = path if path.is_dir() else path.parent
                 scorer = load_ood(folder / str(meta["ood"].get("file") or "ood.safetensors"), net.num_classes, ood_feature_dim(net))
-                predictor.scored_model = ScoredModel(net, scorer).eval()
+                predictor.scored_model = ScoredModel(net, scorer).to(device).eval()
                 predictor.ood_threshold = _ood_threshold(meta, str(path))
+        predictor.device = device
         predictor.max_pixels = int(max_pixels)
         if review_threshold is not None:
             predictor.review_threshold = _check_threshold(review_threshold, "--threshold")
@@ -202,10 +210,11 @@ class Predictor:
         import torch
 
         with self._lock, torch.inference_mode():
+            x = torch.from_numpy(x).to(self.device)
             if self.scored_model is not None:
-                logits, scores = self.scored_model(torch.from_numpy(x))
-                return logits.float().numpy(), scores.float().numpy()
-            return self.model(torch.from_numpy(x)).float().numpy(), None
+                logits, scores = self.scored_model(x)
+                return logits.float().cpu().numpy(), scores.float().cpu().numpy()
+            return self.model(x).float().cpu().numpy(), None
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Raw logits (N, K) float32 of uint8 images (N, input_size, input_size, 3)."""
@@ -428,13 +437,42 @@ def _check_onnx_shapes(session, predictor: "Predictor", path: Path) -> None:
         raise ModelError(f"{onnx_sidecar(path)} lists {k} classes but {path.name} outputs {out_shape[1:]}")
 
 
-def _onnx_session(path: Path):
+def _torch_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}: no CUDA device is visible to PyTorch here; use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ModelError(f"--device must be cpu, cuda, cuda:N or auto, got '{device}'")
+    return device
+
+
+def _onnx_device(device: str) -> str:
+    import onnxruntime as ort
+
+    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    if device == "auto":
+        return "cuda" if has_cuda else "cpu"
+    if device.startswith("cuda") and not has_cuda:
+        raise ModelError(f"--device {device}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu); use --device cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise ModelError(f"--device must be cpu, cuda, cuda:N or auto, got '{device}'")
+    return device
+
+
+def _onnx_session(path: Path, device: str = "cpu"):
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if device.startswith("cuda"):
+        providers = [("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}), "CPUExecutionProvider"]
+    else:
+        providers = ["CPUExecutionProvider"]
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load ONNX model {path}: {first}") from None
