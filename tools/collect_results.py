@@ -16,7 +16,9 @@ KEEP = {"config.yaml", "metrics.json", "history.csv", "status.json", "aggregate.
 def main() -> None:
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("report.md", "report.html", "study.yaml", "study_status.json", "budget.json"):
+    # report.html is left out: it embeds the same figures again (6 MB for the paper study), and every byte of the
+    # tree travels to a lent GPU with each call; report.md shows the figures kept here
+    for name in ("report.md", "study.yaml", "study_status.json", "budget.json"):
         if (src / name).exists():
             shutil.copy2(src / name, dst / name)
     if (src / "figures").exists():
