@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 import torchvision
+import yaml
 from torch.utils.data import DataLoader, Subset
 
 from bloodcell.config import parse_config
@@ -77,10 +78,10 @@ def reference_epoch_rate(root: str, model_name: str, size: int, n: int, batch: i
     return rate
 
 
-def bloodcell_epoch_rate(cache, model_name: str, size: int, n: int, batch: int, precision: str, timed: int = 1) -> float:
+def bloodcell_epoch_rate(cache, model_name: str, size: int, n: int, batch: int, precision: str, timed: int = 1, train_extra: dict | None = None) -> float:
     idx = np.random.default_rng(0).permutation(len(cache.labels))[:n]
     data = PreparedData(cache.images, cache.labels, cache.class_names, cache.relpaths, {"train": idx, "val": np.arange(0), "test": np.arange(0)})
-    train = {"epochs": 1 + timed, "batch_size": batch, "optimizer": "sgd", "lr": 0.01, "precision": precision}
+    train = {"epochs": 1 + timed, "batch_size": batch, "optimizer": "sgd", "lr": 0.01, "precision": precision, **(train_extra or {})}
     if model_name == "supcon":  # time the cross-entropy objective, as the reference loop trains
         train["stages"] = None
     cfg = parse_config({
@@ -103,9 +104,11 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reference DataLoader workers")
     ap.add_argument("--precision", default="auto", help="bloodcell precision (auto resolves per device)")
     ap.add_argument("--timed-epochs", type=int, default=1, help="timed epochs per loop after the warm-up one; the fastest is reported")
+    ap.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE", help="bloodcell train.* options to try, e.g. channels_last=false")
     ap.add_argument("--skip-usual", action="store_true", help="time the reference loop only at bloodcell's precision (saves a loop where they differ)")
     args = ap.parse_args()
     models = list_models() if args.models == ["all"] else args.models
+    train_extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.train_set)}
     env = environment()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = parse_config({"train": {"precision": args.precision}})
@@ -114,7 +117,7 @@ def main() -> None:
     print(f"machine: {cpu_line()}, {env['cpus']} cores, device {env['device']}; torch {env['torch']} ({torch.get_num_threads()} threads), "
           f"lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}")
     print(f"{args.images} PBC images per epoch at {args.size}px, batch {args.batch}, SGD, best of {args.timed_epochs} timed epoch(s) after a warm-up; reference DataLoader workers {args.workers}; "
-          f"bloodcell precision {ours}, reference usual {usual}\n")
+          f"bloodcell precision {ours}, reference usual {usual}" + (f"; bloodcell train options {train_extra}" if train_extra else "") + "\n")
     cache = build_cache(scan(args.root, progress=False), args.size, "bilinear", progress=False)
     print(f"| model | reference, usual ({usual}) img/s | reference, {ours} img/s | bloodcell ({ours}) img/s | vs usual | vs same precision |")
     print("|---|---:|---:|---:|---:|---:|")
@@ -123,7 +126,7 @@ def main() -> None:
         ref_usual = None if args.skip_usual and ours != usual else reference_epoch_rate(args.root, name, size, args.images, args.batch, args.workers, usual, device, args.timed_epochs)
         ref_same = ref_usual if ours == usual else reference_epoch_rate(args.root, name, size, args.images, args.batch, args.workers, ours, device, args.timed_epochs)
         rate = bloodcell_epoch_rate(cache if size == args.size else build_cache(scan(args.root, progress=False), size, "bilinear", progress=False),
-                                    name, size, args.images, args.batch, args.precision, args.timed_epochs)
+                                    name, size, args.images, args.batch, args.precision, args.timed_epochs, train_extra)
         usual_cells = ("-", "-") if ref_usual is None else (f"{ref_usual:.1f}", f"{rate / ref_usual:.2f}x")
         print(f"| {name}{'' if size == args.size else f' ({size}px)'} | {usual_cells[0]} | {ref_same:.1f} | {rate:.1f} | {usual_cells[1]} | {rate / ref_same:.2f}x |", flush=True)
 

@@ -235,3 +235,35 @@ def test_a_logger_whose_package_is_missing_is_a_one_line_config_error(tmp_path, 
     cfg = config(logger="mlflow")
     with pytest.raises(ConfigError, match="train.logger is 'mlflow' but mlflow is not installed: pip install mlflow"):
         fit(cfg, prepare_data(cfg, progress=False), tmp_path / "run", progress=False)
+
+
+def test_channels_last_resolves_per_machine_as_measured(monkeypatch):
+    from bloodcell.train.fit import resolve_channels_last
+
+    vgg, resnet = parse_config({"model": {"name": "vgg16"}}), parse_config({"model": {"name": "resnet50"}})
+    for capability, vgg_on_cpu in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda c=capability: c)
+        assert resolve_channels_last(vgg, "cpu") is vgg_on_cpu
+        assert resolve_channels_last(resnet, "cpu") is True
+        assert resolve_channels_last(vgg, "gpu") is True
+    assert resolve_channels_last(parse_config({"model": {"name": "resnet50"}, "train": {"channels_last": False}}), "gpu") is False
+
+
+def test_the_resolved_channels_last_reaches_the_batches(tmp_path, monkeypatch):
+    monkeypatch.setattr("bloodcell.train.fit.resolve_channels_last", lambda cfg, accelerator: False)
+    seen = []
+    original = Classifier.preprocess
+
+    def recording(self, x, augment):
+        out = original(self, x, augment)
+        seen.append(out.is_contiguous())
+        return out
+
+    monkeypatch.setattr(Classifier, "preprocess", recording)
+    cfg = config()
+    fit(cfg, prepare_data(cfg, progress=False), tmp_path / "run", progress=False)
+    assert seen and all(seen), "the resolved contiguous format was not used"
+    monkeypatch.setattr("bloodcell.train.fit.resolve_channels_last", lambda cfg, accelerator: True)
+    seen.clear()
+    fit(cfg, prepare_data(cfg, progress=False), tmp_path / "run2", progress=False)
+    assert seen and not any(seen)

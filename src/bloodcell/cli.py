@@ -172,7 +172,7 @@ def evaluate_cmd(
     prepared = prepare_data(cfg, split_file=run_dir / "split.json")
     # what training recorded (its wall time, fold, precision) stays: re-evaluating trains nothing
     previous = json.loads((run_dir / "metrics.json").read_text()).get("provenance", {}) if (run_dir / "metrics.json").exists() else {}
-    kept = {k: previous[k] for k in ("train_seconds", "fold", "precision") if k in previous}
+    kept = {k: previous[k] for k in ("train_seconds", "fold", "precision", "channels_last") if k in previous}
     metrics = evaluate_run(run_dir, cfg, prepared, model_, extra=kept)
     _print_result(run_dir, metrics)
 

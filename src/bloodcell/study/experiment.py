@@ -63,7 +63,7 @@ def lookup(metrics: dict, dotted: str):
 def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = None, resume: bool = True, progress: bool = True) -> dict:
     """Train and evaluate one run in run_dir; return its metrics. Skips a complete run, resumes an incomplete one."""
     from bloodcell.evaluate.run import evaluate_run
-    from bloodcell.train.fit import fit, resolve_accelerator, resolve_precision
+    from bloodcell.train.fit import fit, resolve_accelerator, resolve_channels_last, resolve_precision
 
     run_dir = Path(run_dir)
     if is_complete(run_dir) and (run_dir / "metrics.json").exists():
@@ -88,7 +88,7 @@ def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = No
     if model is None:  # a non-zero DDP rank: rank 0 evaluates and writes
         return {}
     train_seconds = time.perf_counter() - t0
-    metrics = evaluate_run(run_dir, cfg, data, model, progress=progress, extra={"train_seconds": round(train_seconds, 2), "fold": fold, "precision": resolve_precision(cfg, resolve_accelerator(cfg))})
+    metrics = evaluate_run(run_dir, cfg, data, model, progress=progress, extra={"train_seconds": round(train_seconds, 2), "fold": fold, "precision": resolve_precision(cfg, resolve_accelerator(cfg)), "channels_last": resolve_channels_last(cfg, resolve_accelerator(cfg))})
     _set_status(run_dir, "complete", seconds=round(time.perf_counter() - t0, 2))
     # only now: a kill before this line leaves the resume checkpoint, never a finished run without either
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final model is model.safetensors

@@ -126,6 +126,19 @@ def resolve_precision(cfg: RunConfig, accelerator: str) -> str:
     return "32-true"
 
 
+# Measured (docs/benchmarks.md): channels_last is faster for every zoo model on AVX-512 CPUs, and for every one but
+# VGG-16 on CPUs with AVX2 alone, where a bare VGG-16 step ran 0.87x contiguous at 224 px (whole epochs 0.86-0.96x).
+CONTIGUOUS_ON_AVX2_CPUS = {"vgg16"}
+
+
+def resolve_channels_last(cfg: RunConfig, accelerator: str) -> bool:
+    """`train.channels_last` for this machine: off where it was measured slower (VGG-16 on an AVX2-only CPU)."""
+    if not cfg.train.channels_last:
+        return False
+    avx2_only_cpu = accelerator == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX")
+    return not (avx2_only_cpu and cfg.model.name in CONTIGUOUS_ON_AVX2_CPUS)
+
+
 def resolve_accelerator(cfg: RunConfig) -> str:
     a = cfg.train.accelerator
     if a == "auto":
@@ -251,6 +264,7 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
     )
     module = Classifier(model, cfg, weights, device_images=images if on_device else None)
     module.on_history = lambda rows: _write_history(run_dir, rows)  # history.csv after every epoch
+    module.channels_last = resolve_channels_last(cfg, accelerator)
 
     ckpt_dir = run_dir / "checkpoints"
     callbacks = [

@@ -52,6 +52,7 @@ class Classifier(L.LightningModule):
         self._aug_gen = torch.Generator()
         self._sums: dict[str, list[float]] = {}
         self.on_history = None  # called with the history after each epoch on rank 0 (fit writes history.csv)
+        self.channels_last = cfg.train.channels_last  # fit resolves it for the machine (resolve_channels_last)
 
     # ------------------------------------------------------------------ stages
 
@@ -130,8 +131,9 @@ class Classifier(L.LightningModule):
         if augment:
             x = augment_batch(x / 255.0, self.cfg.augment, self._aug_gen) * 255.0
         x = (x - self.mean) / self.std
-        if self.cfg.train.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+        # the uint8 batch is (B, H, W, 3), so the permuted view is already channels_last in memory: make either
+        # layout explicit, or `channels_last: false` would silently train channels_last too
+        x = x.contiguous(memory_format=torch.channels_last if self.channels_last else torch.contiguous_format)
         return x
 
     # ------------------------------------------------------------------ steps
