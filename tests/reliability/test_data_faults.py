@@ -280,7 +280,7 @@ def test_data_dir_without_class_folders_is_one_line_error(tmp_path):
 def test_data_path_that_is_a_file_is_one_line_error(tmp_path):
     target = tmp_path / "data.zip"
     target.write_bytes(b"PK\x03\x04")
-    assert_one_line_error(runner.invoke(app, ["data", "inspect", str(target)]), f"dataset path is not a folder: {target}")
+    assert_one_line_error(runner.invoke(app, ["data", "inspect", str(target)]), f"dataset path is not a folder or a .csv: {target}")
 
 
 def test_symlinks_inside_class_folders(tree, tmp_path):
