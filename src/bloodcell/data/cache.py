@@ -163,76 +163,87 @@ def _exclusive(lock_path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _build(inv: Inventory, size: int, interpolation: str, arrays_dir: Path, final: Path, workers, progress: bool, max_pixels: int, white_balance: str, cache_root) -> ImageCache:
-    n = len(inv.records)
+@contextlib.contextmanager
+def _building(arrays_dir: Path, final: Path, n: int, size: int):
+    """Yield a temporary folder holding an empty (n, size, size, 3) uint8 `images.npy`, its disk space reserved; the
+    block fills it and writes manifest.json. Only if the block succeeds does the folder replace `final` (one rename);
+    it is removed either way, and a write that fails is the one-line error naming the cache folder."""
+    nbytes = n * size * size * 3
     tmp = arrays_dir / f".build-{os.getpid()}-{final.name}"
-    npy = tmp / "images.npy"
     try:
         arrays_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_builds(arrays_dir)
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        np.lib.format.open_memmap(npy, mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
-        _reserve_disk_space(npy)
+        np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3)).flush()
+        _reserve_disk_space(tmp / "images.npy")
+        yield tmp
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
     except OSError as exc:
+        raise _unwritable(arrays_dir, exc, nbytes) from None
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _unwritable(arrays_dir, exc, n * size * size * 3) from None
 
+
+def _build(inv: Inventory, size: int, interpolation: str, arrays_dir: Path, final: Path, workers, progress: bool, max_pixels: int, white_balance: str, cache_root) -> ImageCache:
+    with _building(arrays_dir, final, len(inv.records), size) as tmp:
+        seconds = _fill(inv, size, interpolation, tmp, workers, progress, max_pixels, white_balance)
+    cache = load_cache(inv, size, interpolation, cache_root, white_balance)
+    assert cache is not None, "cache just built does not validate"
+    cache.build_seconds = seconds
+    return cache
+
+
+def _fill(inv: Inventory, size: int, interpolation: str, tmp: Path, workers, progress: bool, max_pixels: int, white_balance: str) -> float:
+    """Decode every image into tmp/images.npy (in worker processes), then write tmp/manifest.json; return seconds."""
+    n = len(inv.records)
+    npy = tmp / "images.npy"
     paths = [str(inv.path(i)) for i in range(n)]
     hashes = [r.sha256 for r in inv.records]
     jobs = [(s, paths[s : s + _CHUNK], hashes[s : s + _CHUNK], size, interpolation, max_pixels, white_balance) for s in range(0, n, _CHUNK)]
     failures: list[tuple[int, str]] = []
     t0 = time.perf_counter()
     n_workers = min(workers or os.cpu_count() or 1, len(jobs))
-    try:
-        with progress_bar(n, f"caching {n} images at {size}px", enabled=progress) as advance:
-            if n_workers > 1:
-                with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(npy),)) as pool:
-                    for done, bad in pool.map(_fill_chunk, jobs):
-                        failures.extend(bad)
-                        advance(done)
-            else:
-                _init_worker(str(npy), in_pool=False)
-                for job in jobs:
-                    done, bad = _fill_chunk(job)
+    with progress_bar(n, f"caching {n} images at {size}px", enabled=progress) as advance:
+        if n_workers > 1:
+            with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(npy),)) as pool:
+                for done, bad in pool.map(_fill_chunk, jobs):
                     failures.extend(bad)
                     advance(done)
-        if failures:
-            # The inventory said these decode; they changed or vanished since the scan.
-            raise DataError(
-                f"{len(failures)} image(s) changed since the dataset was scanned, e.g. {failures[0][1]}; "
-                f"run the command again to rescan the dataset"
-            )
-        seconds = time.perf_counter() - t0
-        io.write_json(
-            tmp / "manifest.json",
-            {
-                "version": CACHE_VERSION,
-                "complete": True,
-                "root": str(inv.root),
-                "fingerprint": inv.fingerprint(),
-                "size": size,
-                "interpolation": interpolation,
-                "white_balance": white_balance,
-                "class_names": inv.class_names,
-                "relpaths": [r.relpath for r in inv.records],
-                "sha256": [r.sha256 for r in inv.records],
-                "size_bytes": [r.size_bytes for r in inv.records],
-                "mtime_ns": [r.mtime_ns for r in inv.records],
-                "build_seconds": round(seconds, 3),
-            },
+        else:
+            _init_worker(str(npy), in_pool=False)
+            for job in jobs:
+                done, bad = _fill_chunk(job)
+                failures.extend(bad)
+                advance(done)
+    if failures:
+        # The inventory said these decode; they changed or vanished since the scan.
+        raise DataError(
+            f"{len(failures)} image(s) changed since the dataset was scanned, e.g. {failures[0][1]}; "
+            f"run the command again to rescan the dataset"
         )
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except OSError as exc:
-        raise _unwritable(arrays_dir, exc, n * size * size * 3) from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    cache = load_cache(inv, size, interpolation, cache_root, white_balance)
-    assert cache is not None, "cache just built does not validate"
-    cache.build_seconds = seconds
-    return cache
+    seconds = time.perf_counter() - t0
+    io.write_json(
+        tmp / "manifest.json",
+        {
+            "version": CACHE_VERSION,
+            "complete": True,
+            "root": str(inv.root),
+            "fingerprint": inv.fingerprint(),
+            "size": size,
+            "interpolation": interpolation,
+            "white_balance": white_balance,
+            "class_names": inv.class_names,
+            "relpaths": [r.relpath for r in inv.records],
+            "sha256": [r.sha256 for r in inv.records],
+            "size_bytes": [r.size_bytes for r in inv.records],
+            "mtime_ns": [r.mtime_ns for r in inv.records],
+            "build_seconds": round(seconds, 3),
+        },
+    )
+    return seconds
 
 
 def _unwritable(arrays_dir: Path, exc: OSError, nbytes: int) -> DataError:
@@ -303,16 +314,12 @@ def resized_array_cache(
         found = complete()
         if found is not None:
             return found
-        tmp = arrays_dir / f".build-{os.getpid()}-{final.name}"
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            out = np.lib.format.open_memmap(tmp / "images.npy", mode="w+", dtype=np.uint8, shape=(n, size, size, 3))
-            _reserve_disk_space(tmp / "images.npy")
-            from PIL import Image
+        from PIL import Image
 
-            from bloodcell.data.images import prepare_array
+        from bloodcell.data.images import prepare_array
 
+        with _building(arrays_dir, final, n, size) as tmp:
+            out = np.load(tmp / "images.npy", mmap_mode="r+")
             with progress_bar(n, f"resizing {n} images to {size}px", enabled=progress) as advance:
                 for i in range(n):
                     out[i] = prepare_array(Image.fromarray(np.asarray(images[i])), size, interpolation, white_balance)
@@ -321,13 +328,6 @@ def resized_array_cache(
             del out
             io.write_json(tmp / "manifest.json", {"version": CACHE_VERSION, "complete": True, "fingerprint": fingerprint, "size": size,
                                                    "interpolation": interpolation, "white_balance": white_balance, "images": n})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except OSError as exc:
-            raise _unwritable(arrays_dir, exc, n * size * size * 3) from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     found = complete()
     assert found is not None, "array cache just built does not validate"
     return found
