@@ -362,11 +362,16 @@ if os.environ.get("LOCAL_RANK") == "1":
 '''
 
 
-@pytest.mark.slow
-def test_a_loss_that_diverges_on_one_ddp_rank_stops_every_rank_and_the_study_goes_on(tmp_path):
+def env_with_startup_hook(tmp_path: Path, code: str, **extra: str) -> dict:
+    """cli_env() in which every Python process (each DDP rank too) runs `code` at start-up, as sitecustomize."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(NAN_ON_RANK_1)
+    (hook / "sitecustomize.py").write_text(code)
+    return dict(cli_env(), PYTHONPATH=f"{hook}{os.pathsep}{cli_env()['PYTHONPATH']}", **extra)
+
+
+@pytest.mark.slow
+def test_a_loss_that_diverges_on_one_ddp_rank_stops_every_rank_and_the_study_goes_on(tmp_path):
     spec = {
         "name": "ddp-nan",
         "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 0, "grid_images": 0}},
@@ -378,7 +383,7 @@ def test_a_loss_that_diverges_on_one_ddp_rank_stops_every_rank_and_the_study_goe
         ],
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
-    env = dict(cli_env(), PYTHONPATH=f"{hook}{os.pathsep}{cli_env()['PYTHONPATH']}")
+    env = env_with_startup_hook(tmp_path, NAN_ON_RANK_1)
     # without the shared stop, rank 0 waits in the gradient all-reduce for rank 1 until this timeout
     proc = subprocess.run(BLOODCELL + ["study", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -403,9 +408,6 @@ m.supcon_loss = supcon_loss
 @pytest.mark.slow
 def test_supcon_under_ddp_contrasts_the_global_batch(tmp_path):
     """Two ranks of 8 cells, two views each: the loss of each rank sees 2 x 2 x 8 = 32 embeddings, not its own 16."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(RECORD_SUPCON_ROWS)
     rows = tmp_path / "rows.txt"
     cfg = write_cfg(tmp_path / "c.yaml", {
         "model": {"name": "supcon"}, "data": {"input_size": 32}, "eval": {"bootstrap": 0, "grid_images": 0},
@@ -415,7 +417,7 @@ def test_supcon_under_ddp_contrasts_the_global_batch(tmp_path):
                   "stages": [{"epochs": 1, "objective": "supcon", "optimizer": "adam", "lr": 0.001},
                              {"epochs": 1, "objective": "ce", "freeze_encoder": True, "optimizer": "adam", "lr": 0.001}]},
     })
-    env = dict(cli_env(), PYTHONPATH=f"{hook}{os.pathsep}{cli_env()['PYTHONPATH']}", SUPCON_ROWS=str(rows))
+    env = env_with_startup_hook(tmp_path, RECORD_SUPCON_ROWS, SUPCON_ROWS=str(rows))
     proc = subprocess.run(BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = [tuple(map(int, line.split())) for line in rows.read_text().splitlines()]

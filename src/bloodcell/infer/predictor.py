@@ -440,25 +440,24 @@ def _check_onnx_shapes(session, predictor: "Predictor", path: Path) -> None:
 def _torch_device(device: str) -> str:
     import torch
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"--device {device}: no CUDA device is visible to PyTorch here; use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ModelError(f"--device must be cpu, cuda, cuda:N or auto, got '{device}'")
-    return device
+    return _chosen_device(device, torch.cuda.is_available(), "no CUDA device is visible to PyTorch here")
 
 
 def _onnx_device(device: str) -> str:
     import onnxruntime as ort
 
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
+    return _chosen_device(device, has_cuda, "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+
+
+def _chosen_device(device: str, has_cuda: bool, why_not: str) -> str:
+    """`device` checked against what the backend has: auto -> cuda when it has one; a missing CUDA is an error."""
+    if not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise ModelError(f"--device must be cpu, cuda, cuda:N or auto, got '{device}'")
     if device == "auto":
         return "cuda" if has_cuda else "cpu"
     if device.startswith("cuda") and not has_cuda:
-        raise ModelError(f"--device {device}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu); use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise ModelError(f"--device must be cpu, cuda, cuda:N or auto, got '{device}'")
+        raise ModelError(f"--device {device}: {why_not}; use --device cpu")
     return device
 
 

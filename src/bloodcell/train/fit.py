@@ -208,11 +208,11 @@ def make_logger(kind: str, run_dir: Path):
         from lightning.pytorch.loggers import CSVLogger
 
         return CSVLogger(str(run_dir), name="logs")
-    package = {"tensorboard": "tensorboard", "mlflow": "mlflow"}[kind]
     import importlib.util
 
-    if importlib.util.find_spec(package) is None and not (kind == "tensorboard" and importlib.util.find_spec("tensorboardX")):
-        raise ConfigError(f"train.logger is '{kind}' but {package} is not installed: pip install {package}")
+    # the package is named as the logger (TensorBoard's also writes through tensorboardX)
+    if importlib.util.find_spec(kind) is None and not (kind == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+        raise ConfigError(f"train.logger is '{kind}' but {kind} is not installed: pip install {kind}")
     if kind == "tensorboard":
         from lightning.pytorch.loggers import TensorBoardLogger
 
