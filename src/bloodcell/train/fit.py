@@ -97,6 +97,11 @@ class ArrayBatches(Dataset):
         return torch.from_numpy(x), y
 
 
+def cpu_kernels_below_avx512() -> bool:
+    """torch's CPU kernels are AVX2 or older: an older CPU, or a newer one capped (ATEN_CPU_CAPABILITY=avx2)."""
+    return torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX")
+
+
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which bf16 convolutions still run natively
 _ONEDNN_BF16_ISAS = ("AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX512_CORE_AMX", "AVX10", "ALL")
 
@@ -110,8 +115,7 @@ def cpu_has_native_bf16() -> bool:
     except AttributeError:  # torch without these probes: stay with fp32
         return False
     onednn_cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
-    aten_capped = torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX")
-    return hardware and not aten_capped and onednn_cap.startswith(_ONEDNN_BF16_ISAS)
+    return hardware and not cpu_kernels_below_avx512() and onednn_cap.startswith(_ONEDNN_BF16_ISAS)
 
 
 def resolve_precision(cfg: RunConfig, accelerator: str) -> str:
@@ -135,8 +139,7 @@ def resolve_channels_last(cfg: RunConfig, accelerator: str) -> bool:
     """`train.channels_last` for this machine: off where it was measured slower (VGG-16 on an AVX2-only CPU)."""
     if not cfg.train.channels_last:
         return False
-    avx2_only_cpu = accelerator == "cpu" and torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AMX")
-    return not (avx2_only_cpu and cfg.model.name in CONTIGUOUS_ON_AVX2_CPUS)
+    return not (accelerator == "cpu" and cpu_kernels_below_avx512() and cfg.model.name in CONTIGUOUS_ON_AVX2_CPUS)
 
 
 def resolve_accelerator(cfg: RunConfig) -> str:

@@ -171,11 +171,10 @@ class Classifier(L.LightningModule):
         finite = bool(torch.isfinite(loss))
         # Under DDP every rank must stop at the same step: one that stopped alone would leave the others waiting in
         # the gradient all-reduce for ever. One boolean all-reduce per step; `float(loss)` below syncs anyway.
-        if self.trainer.world_size > 1 and not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
-            where = f"epoch {self.current_epoch + 1}, step {batch_idx}"
-            self._diverged(f"training loss is {float(loss.detach())} at {where}" if not finite else f"training loss is not finite on another process at {where}")
-        if not finite:
-            self._diverged(f"training loss is {float(loss.detach())} at epoch {self.current_epoch + 1}, step {batch_idx}")
+        finite_everywhere = finite if self.trainer.world_size == 1 else self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if not finite_everywhere:
+            value = float(loss.detach()) if not finite else "not finite on another process"
+            self._diverged(f"training loss is {value} at epoch {self.current_epoch + 1}, step {batch_idx}")
         self._log_step("train", loss, correct, len(y))
         return loss
 
