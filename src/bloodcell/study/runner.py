@@ -8,6 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bloodcell import io
@@ -72,8 +73,9 @@ def run_study(
                 results[run.key] = {"state": "complete", "seconds": round(time.perf_counter() - t0, 1)}
             except Exception as exc:  # noqa: BLE001 - one failed run must not sink the study
                 record = {"state": "failed", **failure_record(exc), "seconds": round(time.perf_counter() - t0, 1)}
-                run_dir.mkdir(parents=True, exist_ok=True)
-                io.write_json(run_dir / "status.json", record)
+                if rank_zero_only.rank == 0:  # under DDP every rank fails the run; one writes it, as for success
+                    run_dir.mkdir(parents=True, exist_ok=True)
+                    io.write_json(run_dir / "status.json", record)
                 results[run.key] = record
                 console().print(f"[red]run {run.key} failed:[/red] {record['error']}")
             bar.advance(task)
