@@ -435,7 +435,7 @@ def predict_cmd(
 def export_cmd(
     run_dir: Path = typer.Argument(..., help="Run directory (model.safetensors + model.json)."),
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file; metadata goes beside it as <file>.onnx.json."),
-    opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+    opset: int = typer.Option(18, "--opset", help="ONNX opset version (below 18 the deprecated TorchScript exporter writes it)."),
     check: List[Path] = typer.Option([], "--check-image", help="Image(s) for the parity check (default: the embedded sample)."),
     quantize: Optional[str] = typer.Option(None, "--quantize", help="'int8': write the int8 static quantization (smaller, faster on CPU; docs/inference.md)."),
     calibration_images: Optional[int] = typer.Option(None, "--calibration-images", help="With --quantize: how many images calibrate it (default 256)."),
@@ -449,7 +449,7 @@ def export_cmd(
     report = export_onnx(run_dir, onnx, opset=opset, check_images=check or None, quantize=quantize,
                          calibration_images=calibration_images, calibration_dir=calibration_dir, data_root=data,
                          min_agreement=min_agreement)
-    typer.echo(f"wrote {report.path}, {report.sidecar} and its model card ({report.exporter} exporter, opset {opset})")
+    typer.echo(f"wrote {report.path}, {report.sidecar} and its model card ({report.exporter} exporter, opset {report.opset})")
     typer.echo(
         f"largest absolute logit difference vs PyTorch on {report.images} {report.image_source}: "
         f"{report.max_abs_diff:.3g} (tolerance {PARITY_TOLERANCE:g})"

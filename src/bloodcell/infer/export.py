@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from bloodcell.infer.card import model_card
 from bloodcell.io import atomic_path, write_json, write_text
 
 PARITY_TOLERANCE = 1e-4
+DYNAMO_MIN_OPSET = 18  # torch 2.14's dynamo exporter writes opset 18 and up (lower: a version conversion that fails on ReduceMean)
+DEFAULT_OPSET = DYNAMO_MIN_OPSET
 SAMPLE_DIR = Path(__file__).resolve().parents[3] / "examples" / "pbc-sample"  # in a source checkout
 
 
@@ -33,14 +36,16 @@ class ExportReport:
     max_abs_diff: float
     images: int  # how many images the parity check ran on
     image_source: str  # "sample images", "given images" or "random images"
-    exporter: str
+    exporter: str  # "dynamo", or "torchscript" where dynamo could not export (fallback_reason says why)
     quantization: dict | None = None  # the sidecar's `quantization` section of an int8 export
+    fallback_reason: str | None = None
+    opset: int | None = None  # the opset the file declares
 
 
 def export_onnx(
     model: str | os.PathLike,
     out: str | os.PathLike,
-    opset: int = 17,
+    opset: int = DEFAULT_OPSET,
     check_images: Sequence[str | os.PathLike] | None = None,
     tolerance: float = PARITY_TOLERANCE,
     quantize: str | None = None,
@@ -89,7 +94,7 @@ def export_onnx(
 
     with atomic_path(out) as final, tempfile.TemporaryDirectory(prefix="bloodcell-export-") as work:
         tmp = Path(work) / "fp32.onnx" if quantize else final  # int8: the checked fp32 graph is quantized into `final`
-        exporter = _export(net, dummy, tmp, opset, outputs)
+        exporter, fallback_reason = _export(net, dummy, tmp, opset, outputs)
         session = _onnx_session(tmp)
         name = session.get_inputs()[0].name
         with torch.inference_mode():
@@ -113,8 +118,9 @@ def export_onnx(
         meta = dict(predictor.metadata)
         meta["onnx"] = {
             "exported_from": str(model),
-            "opset": opset,
+            "opset": file_opset(tmp),
             "exporter": exporter,
+            **({"fallback_reason": fallback_reason} if fallback_reason else {}),
             "input": name,
             "input_layout": "N x 3 x H x W float32, normalised with mean/std",
             "output": session.get_outputs()[0].name,
@@ -130,38 +136,75 @@ def export_onnx(
     sidecar = onnx_sidecar(out)
     write_json(sidecar, meta)
     write_text(card_path(out), model_card(meta, source=out.name))  # the card travels with the file
-    return ExportReport(out, sidecar, diff, len(x), source, exporter, quantization)
+    return ExportReport(out, sidecar, diff, len(x), source, exporter, quantization, fallback_reason, meta["onnx"]["opset"])
 
 
 def card_path(onnx_file: str | os.PathLike) -> Path:
     return Path(f"{onnx_file}.card.md")
 
 
-def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logits",)) -> str:
-    """torch.onnx.export with a dynamic batch axis; the dynamo exporter when onnxscript is installed."""
+def dynamo_unavailable() -> str | None:
+    """Why the dynamo exporter cannot run here (its onnxscript is missing), or None when it can."""
+    if importlib.util.find_spec("onnxscript") is None:
+        return "onnxscript is not installed"
+    return None
+
+
+def file_opset(path: str | os.PathLike) -> int:
+    """The default-domain opset an .onnx file declares."""
+    import onnx
+
+    imports = onnx.load(str(path), load_external_data=False).opset_import
+    return next(int(o.version) for o in imports if o.domain in ("", "ai.onnx"))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logits",)) -> tuple[str, str | None]:
+    """torch.onnx.export with a dynamic batch axis: (exporter, why dynamo was not used or None).
+
+    The dynamo exporter (torch.export + onnxscript) is used unless onnxscript is missing, the opset asked is below
+    the one it writes, or it fails on this model; then the deprecated TorchScript exporter writes the file, and the
+    reason is returned and printed as one warning line on stderr.
+    """
     import torch
 
     common = dict(input_names=["input"], output_names=list(outputs), opset_version=opset)
-    if importlib.util.find_spec("onnxscript") is not None:
+    reason = dynamo_unavailable()
+    if reason is None and opset < DYNAMO_MIN_OPSET:
+        reason = f"opset {opset} asked; the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later"
+    if reason is None:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
+                for message in _DYNAMO_NOISE:
+                    warnings.filterwarnings("ignore", message=message)
                 batch = torch.export.Dim("batch", min=1)
-                torch.onnx.export(net, (dummy,), str(path), dynamo=True, external_data=False,
+                torch.onnx.export(net, (dummy,), str(path), dynamo=True, external_data=False, verbose=False,
                                   dynamic_shapes=({0: batch},), **common)
-            return "dynamo"
-        except Exception:  # fall back to the TorchScript exporter below
-            pass
+            written = file_opset(path)
+            if written != opset:
+                raise ModelError(f"it wrote opset {written}, not the {opset} asked")
+            return "dynamo", None
+        except Exception as exc:  # anything torch.export or onnxscript raises: the TorchScript exporter below
+            reason = f"dynamo exporter failed: {_first_line(exc)}"
+            Path(path).unlink(missing_ok=True)
+    print(f"warning: ONNX export falls back to the deprecated TorchScript exporter: {reason}", file=sys.stderr)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter announces its deprecation
+            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")  # its own deprecation notice
             torch.onnx.export(
                 net, (dummy,), str(path), dynamo=False,
                 dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, **common,
             )
     except Exception as exc:
-        raise ModelError(f"ONNX export failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
-    return "torchscript"
+        raise ModelError(f"ONNX export failed: {_first_line(exc)} (dynamo not used: {reason})") from None
+    return "torchscript", reason
+
+
+_DYNAMO_NOISE = ()  # messages of warnings the dynamo exporter gives on every zoo model that mean nothing to a user
 
 
 def _check_batch(predictor, check_images) -> tuple[np.ndarray, str]:
