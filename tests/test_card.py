@@ -55,4 +55,4 @@ def test_export_writes_the_card_beside_the_onnx_file(tmp_path):
     run = toy_run(tmp_path / "run")
     report = export_onnx(run, tmp_path / "m.onnx")
     card = card_path(report.path).read_text()
-    assert card == card_for(report.path) and "ONNX opset 17" in card and INTENDED_USE in card
+    assert card == card_for(report.path) and "ONNX opset 18" in card and INTENDED_USE in card

@@ -396,7 +396,7 @@ def test_export_parity_and_dynamic_batch(onnx_file, run_dir, predictor):
     meta = json.loads(Path(str(onnx_file) + ".json").read_text())
     model_json = json.loads((run_dir / "model.json").read_text())
     assert {k: meta[k] for k in model_json} == model_json
-    assert meta["onnx"]["max_abs_diff"] <= 1e-4 and meta["onnx"]["opset"] == 17
+    assert meta["onnx"]["max_abs_diff"] <= 1e-4 and meta["onnx"]["opset"] == 18
 
 
 def test_predictor_on_onnx_matches_pytorch(onnx_file, predictor):

@@ -178,12 +178,10 @@ def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logit
         reason = f"opset {opset} asked; the dynamo exporter writes opset {DYNAMO_MIN_OPSET} or later"
     if reason is None:
         try:
-            with warnings.catch_warnings():
-                for message in _DYNAMO_NOISE:
-                    warnings.filterwarnings("ignore", message=message)
-                batch = torch.export.Dim("batch", min=1)
-                torch.onnx.export(net, (dummy,), str(path), dynamo=True, external_data=False, verbose=False,
-                                  dynamic_shapes=({0: batch},), **common)
+            batch = torch.export.Dim("batch", min=1)
+            # verbose=False: no progress lines on stdout; a warning it gives still shows
+            torch.onnx.export(net, (dummy,), str(path), dynamo=True, external_data=False, verbose=False,
+                              dynamic_shapes=({0: batch},), **common)
             written = file_opset(path)
             if written != opset:
                 raise ModelError(f"it wrote opset {written}, not the {opset} asked")
@@ -194,7 +192,12 @@ def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logit
     print(f"warning: ONNX export falls back to the deprecated TorchScript exporter: {reason}", file=sys.stderr)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torch\.onnx")  # its own deprecation notice
+            # its deprecation notices (its own, and one of its internals calling another): the line above says so once
+            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
+            warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning, r"torch\.onnx\._internal\.torchscript_exporter")
+            # the tracer's note on every `if x.shape...` of our models (unet's size check, ood's channel count): a
+            # shape fixed by the model and its input size, so the traced branch is right for every batch
+            warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning, r"bloodcell\.models\.")
             torch.onnx.export(
                 net, (dummy,), str(path), dynamo=False,
                 dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, **common,
@@ -202,9 +205,6 @@ def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logit
     except Exception as exc:
         raise ModelError(f"ONNX export failed: {_first_line(exc)} (dynamo not used: {reason})") from None
     return "torchscript", reason
-
-
-_DYNAMO_NOISE = ()  # messages of warnings the dynamo exporter gives on every zoo model that mean nothing to a user
 
 
 def _check_batch(predictor, check_images) -> tuple[np.ndarray, str]:
