@@ -80,6 +80,8 @@ def export_onnx(
         raise ModelError(f"--quantize must be one of {', '.join(q.MODES)}, got {quantize!r}")
     if quantize is None and any(v is not None for v in (calibration_images, calibration_dir, data_root, min_agreement)):
         raise ModelError("--calibration-images / --calibration-dir / --data / --min-agreement only apply with --quantize int8")
+    if min_agreement is not None:  # a bad value fails before the export, as a missing folder does below
+        q.check_min_agreement(min_agreement)
     predictor = Predictor.load(model)
     calib = None
     if quantize:  # find the calibration images first: a missing folder should fail before minutes of work

@@ -229,6 +229,11 @@ def compare(predictor, fp32_session, int8_session, images: np.ndarray) -> dict:
     return out
 
 
+def check_min_agreement(min_agreement: float) -> None:
+    if not 0.0 < min_agreement <= 1.0:
+        raise ModelError(f"--min-agreement must be in (0, 1], got {min_agreement}")
+
+
 def quantize_checked(
     predictor, fp32_path: Path, out_path: Path, calib: CalibrationSet, settings: QuantSettings, min_agreement: float, source: str
 ) -> dict:
@@ -237,8 +242,7 @@ def quantize_checked(
 
     from bloodcell.infer.predictor import _onnx_session
 
-    if not 0.0 < min_agreement <= 1.0:
-        raise ModelError(f"--min-agreement must be in (0, 1], got {min_agreement}")
+    check_min_agreement(min_agreement)
     images, bad = decode_all(predictor, calib.calibration)
     if not len(images):
         raise DataError(f"none of the {len(calib.calibration)} calibration images ({calib.description}) could be read")
