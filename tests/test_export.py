@@ -83,7 +83,7 @@ def _dynamo_fails(monkeypatch):
 @pytest.mark.parametrize("case, reason", [
     ("dynamo raises", "dynamo exporter failed: RuntimeError: cannot trace this model"),
     ("opset 17", "opset 17 asked; the dynamo exporter writes opset 18 or later"),
-    ("no onnxscript", "onnxscript is not installed"),
+    ("no onnxscript", "onnxscript is not installed (pip install onnxscript)"),
 ])
 def test_a_fallback_to_torchscript_says_why_in_the_sidecar_and_one_warning_line(ood_run, tmp_path, monkeypatch, capsys, case, reason):
     kwargs = {}
@@ -109,3 +109,11 @@ def test_a_fallback_to_torchscript_says_why_in_the_sidecar_and_one_warning_line(
     err = capsys.readouterr().err.splitlines()
     assert err == [FALLBACK + reason]  # one line
     _check_against_pytorch(report.path, Predictor.load(ood_run))
+
+
+def test_the_cli_default_opset_is_the_one_dynamo_writes():
+    import inspect
+
+    from bloodcell.cli import export_cmd
+
+    assert inspect.signature(export_cmd).parameters["opset"].default.default == ex.DEFAULT_OPSET == ex.DYNAMO_MIN_OPSET

@@ -148,7 +148,7 @@ def card_path(onnx_file: str | os.PathLike) -> Path:
 def dynamo_unavailable() -> str | None:
     """Why the dynamo exporter cannot run here (its onnxscript is missing), or None when it can."""
     if importlib.util.find_spec("onnxscript") is None:
-        return "onnxscript is not installed"
+        return "onnxscript is not installed (pip install onnxscript)"
     return None
 
 
