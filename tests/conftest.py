@@ -19,6 +19,19 @@ SAMPLE = REPO / "examples" / "pbc-sample"
 PBC = Path(os.environ.get("BLOODCELL_PBC", REPO.parent / "shared" / "data" / "pbc"))
 
 
+def cli_env() -> dict:
+    """The environment of a `bloodcell` subprocess: this checkout's source, no progress bars, one thread."""
+    return dict(os.environ, BLOODCELL_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+
+
+def env_with_startup_hook(tmp_path: Path, code: str, **extra: str) -> dict:
+    """cli_env() in which every Python process (each DDP rank too) runs `code` at start-up, as sitecustomize."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(code)
+    return dict(cli_env(), PYTHONPATH=f"{hook}{os.pathsep}{cli_env()['PYTHONPATH']}", **extra)
+
+
 def load_benchmark(name: str):
     """benchmarks/<name>.py as a module, loaded once: tests reuse a benchmark's code instead of copying it."""
     if name not in sys.modules:

@@ -29,7 +29,8 @@ app.add_typer(data_app, name="data")
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn BloodcellError into a one-line message and exit status 2."""
+    """Turn BloodcellError into a one-line message and exit status 2; so is a command that needs the [train] extra
+    in the light inference install."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,6 +38,15 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except BloodcellError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as exc:
+            from bloodcell.extras import INSTALL_TRAIN, missing_train_module
+
+            missing = missing_train_module(exc)
+            if missing is None:
+                raise
+            command = "bloodcell " + fn.__name__.removesuffix("_cmd").replace("_", " ")
+            typer.echo(f"error: '{command}' needs PyTorch and the training install ({missing} is not installed): {INSTALL_TRAIN}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -469,7 +479,7 @@ def card_cmd(
     """Print a model's card (markdown): intended use, training data, metrics with CIs, calibration, known limits."""
     from bloodcell.errors import ModelError
     from bloodcell.infer.card import card_for
-    from bloodcell.models.checkpoint import bundled_model_dir
+    from bloodcell.models.metadata import bundled_model_dir
 
     source = Path(model) if model and str(model) != "default" else bundled_model_dir()
     if source.name == "model.safetensors":
@@ -489,9 +499,12 @@ def explain_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the Grad-CAM PNGs (<image>.gradcam.png)."),
 ) -> None:
     """Grad-CAM overlays: which part of each image drove the predicted class."""
+    from bloodcell.extras import INSTALL_TRAIN, has_torch
     from bloodcell.infer import Predictor
     from bloodcell.infer.explain import explain_paths
 
+    if not has_torch():
+        raise BloodcellError(f"Grad-CAM runs on PyTorch, which this install lacks: {INSTALL_TRAIN}")
     predictor = Predictor.load(model, device=device)
     skipped: list = []
     written = explain_paths(predictor, images, out, skipped=skipped)

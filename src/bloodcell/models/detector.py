@@ -11,16 +11,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import box_iou
 
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation
 from bloodcell.errors import ModelError
+from bloodcell.extras import INSTALL_TRAIN, missing_train_module
 from bloodcell.io import write_bytes, write_json
+
+if TYPE_CHECKING:  # torch is imported where a detector learns or loads weights: the light install has none
+    import torch
 
 DETECTOR_WEIGHTS = "detector.safetensors"
 DETECTOR_METADATA = "detector.json"
@@ -106,6 +108,9 @@ class FieldDetector:
 
 def matched(found: np.ndarray, truth: np.ndarray, match_iou: float) -> int:
     """How many true boxes are found: one-to-one matches with IoU >= match_iou, as many as possible."""
+    import torch
+    from torchvision.ops import box_iou
+
     if len(found) == 0 or len(truth) == 0:
         return 0
     iou = box_iou(torch.as_tensor(found, dtype=torch.float32), torch.as_tensor(truth, dtype=torch.float32)).numpy()
@@ -244,8 +249,6 @@ def bundled_detector_dir() -> Path:
 
 def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     """A saved detector: its folder or detector.json; None or 'default': the one bundled with bloodcell."""
-    from safetensors.torch import load_file
-
     if path is None or str(path) == "default":
         path = bundled_detector_dir()
     path = Path(path)
@@ -261,7 +264,12 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     for key in ("detector", "options", "score_thresholds"):
         if key not in meta:
             raise ModelError(f"{meta_file}: missing key '{key}'")
-    detector = create_detector(meta["detector"], **meta["options"])
+    try:
+        detector = create_detector(meta["detector"], **meta["options"])
+    except ModuleNotFoundError as exc:
+        if missing_train_module(exc) is None:
+            raise
+        raise ModelError(f"the field detector ({meta['detector']}, {path}) runs on PyTorch, which this install lacks: {INSTALL_TRAIN}") from None
     detector.load_state(meta.get("state") or {})
     thresholds = meta["score_thresholds"]
     if set(thresholds) != set(FIELD_CLASSES):
@@ -271,6 +279,8 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
         weights = meta_file.parent / meta["weights"]
         if not weights.is_file():
             raise ModelError(f"{meta_file}: names weights {weights.name} but the file is missing")
+        from safetensors.torch import load_file
+
         try:
             detector.load_tensors(load_file(str(weights)))
         except Exception as exc:  # safetensors raises its own types for torn files

@@ -22,11 +22,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bloodcell import io
-from bloodcell.config import RunConfig, dump_config
+from bloodcell.config import RunConfig
 from bloodcell.data.prepare import PreparedData
 from bloodcell.errors import ConfigError, ModelError, TrainingDiverged, WriteError
 from bloodcell.models import create_model
-from bloodcell.models.checkpoint import init_from_model, is_bloodcell_model, save_checkpoint
+from bloodcell.models.checkpoint import init_from_model, save_checkpoint
+from bloodcell.models.metadata import is_bloodcell_model
 from bloodcell.progress import console, enabled_by_default
 from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, read_checkpoint
 from bloodcell.train.module import Classifier, epoch_seed
