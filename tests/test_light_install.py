@@ -110,7 +110,7 @@ def test_predict_without_pytorch_gives_the_pytorch_answers(torchless, pytorch_re
     assert_same_answers(result, pytorch_result)
 
 
-def test_summary_count_and_card_without_pytorch(torchless):
+def test_summary_count_card_and_data_inspect_without_pytorch(torchless):
     run, imported = torchless
     proc = run("predict", str(SAMPLE / "neutrophil"), "--format", "summary")
     assert proc.returncode == 0, proc.stderr
@@ -118,6 +118,8 @@ def test_summary_count_and_card_without_pytorch(torchless):
     card = run("card")
     assert card.returncode == 0, card.stderr
     assert "model.onnx (what an install without PyTorch runs)" in card.stdout
+    inspect = run("data", "inspect", str(SAMPLE))
+    assert inspect.returncode == 0 and "224x224 (200)" in inspect.stdout, inspect.stderr
     assert imported() == []
 
 
@@ -165,8 +167,9 @@ print(json.dumps([health["backend"], health["explain"], pred["predictions"][0]["
         ["explain", str(SAMPLE / "basophil"), "--out", "cams"],
         ["models"],
         ["detector", "train", "configs/detector.yaml", "--data", "bccd"],
+        ["ensemble", "RUN", "RUN", "--out", "ens"],
     ],
-    ids=["train", "study", "export", "explain", "models", "detector-train"],
+    ids=["train", "study", "export", "explain", "models", "detector-train", "ensemble"],
 )
 def test_a_command_that_needs_pytorch_names_the_extra_in_one_line(torchless, args):
     run, _ = torchless

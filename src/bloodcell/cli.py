@@ -613,6 +613,7 @@ def detector_evaluate_cmd(
 
 
 @detector_app.command("list")
+@user_errors
 def detector_list_cmd() -> None:
     """The registered detectors."""
     from bloodcell.models.detector import list_detectors
