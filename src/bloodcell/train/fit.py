@@ -293,6 +293,8 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         deterministic=accelerator == "cpu",
         use_distributed_sampler=False,  # EpochBatches shards by rank itself, keeping (seed, epoch) order
         num_sanity_val_steps=0,
+        # a logger (train.logger) sees every step of a short epoch, not nothing
+        log_every_n_steps=max(1, min(50, len(train_idx) // cfg.train.batch_size)),
         default_root_dir=str(run_dir),
     )
     # The trainer knows the real world size and this process's rank (also with devices="auto" on many GPUs).
