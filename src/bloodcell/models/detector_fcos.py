@@ -547,7 +547,7 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
         exporter=exporter,
         input="input",
         input_layout="1 x 3 x H x W float32: the photograph normalised, resized to long_side, zero-padded to a multiple of 32",
-        outputs=onnx_detector._outputs,
+        outputs=onnx_detector.output_names,
         exported_from={DETECTOR_WEIGHTS: hashlib.sha256((folder / DETECTOR_WEIGHTS).read_bytes()).hexdigest()},
         checked_on=f"{len(photos)} {source}",
         **figures,

@@ -125,7 +125,8 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
         w = np.maximum(np.float32(0), np.minimum(x1[i], x1[rest]) - np.maximum(x0[i], x0[rest]))
         h = np.maximum(np.float32(0), np.minimum(y1[i], y1[rest]) - np.maximum(y0[i], y0[rest]))
         inter = w * h
-        alive[rest[inter / (areas[i] + areas[rest] - inter) > threshold]] = False
+        with np.errstate(invalid="ignore", divide="ignore"):  # two empty boxes: 0 / 0 is NaN, kept, as in torch
+            alive[rest[inter / (areas[i] + areas[rest] - inter) > threshold]] = False
     return order[np.asarray(keep, np.int64)]
 
 
@@ -235,7 +236,7 @@ class FCOSOnnxDetector(FieldDetector):
         self.max_detections = int(max_detections)
         self.session: Any = None
         self.onnx_file: Path | None = None
-        self._outputs: list[str] = []
+        self.output_names: list[str] = []
         self._input = "input"
 
     def load_onnx(self, path: str | Path, section: dict) -> None:
@@ -251,16 +252,15 @@ class FCOSOnnxDetector(FieldDetector):
         want = [f"{o}_{i}" for i in range(levels) for o in OUTPUTS]
         if not levels or sorted(names) != sorted(want):
             raise ModelError(f"{path}: not an FCOS detector graph (outputs {names[:4]}..., expected {want[:3]}... per level)")
-        self.session, self.onnx_file, self._outputs = session, path, want
+        self.session, self.onnx_file, self.output_names = session, path, want
         self._input = session.get_inputs()[0].name
-        self.onnx = dict(section)
 
     def network(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The graph's outputs for a 1 x 3 x H x W input: per level (cls K x h x w, reg 4 x h x w, ctr 1 x h x w)."""
         if self.session is None:
             raise ModelError(f"detector '{ONNX_DETECTOR}' has no graph loaded: load it with load_detector from a folder whose detector.json has an onnx section")
-        out = dict(zip(self._outputs, self.session.run(self._outputs, {self._input: x})))
-        levels = len(self._outputs) // len(OUTPUTS)
+        out = dict(zip(self.output_names, self.session.run(self.output_names, {self._input: x})))
+        levels = len(self.output_names) // len(OUTPUTS)
         return [tuple(out[f"{o}_{i}"][0] for o in OUTPUTS) for i in range(levels)]
 
     def detect_one(self, image: np.ndarray) -> Detections:
