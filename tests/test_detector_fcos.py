@@ -235,6 +235,38 @@ def test_batched_nms_keeps_what_torchvision_keeps(n):
     np.testing.assert_array_equal(got, want)
 
 
+# (photograph, resized, mean logit): many candidates (top-k, NMS and max_detections decide) or few (min_score decides)
+@pytest.mark.parametrize("original, resized, logit", [((480, 640), (288, 384), -4), ((500, 375), (384, 288), -4), ((150, 200), (288, 384), -9)])
+def test_the_numpy_postprocess_is_fcos_postprocess(original, resized, logit):
+    """Same head outputs in, same boxes, labels and scores out as FCOS's own postprocess_detections + transform
+    (anchors from its AnchorGenerator: at 288 px the coarsest level has 5 cells, so a stride of 57, not 64)."""
+    from torchvision.models.detection.image_list import ImageList
+
+    from bloodcell.models.detector_onnx import postprocess
+
+    model = _tiny(long_side=384).model
+    padded = tuple(-(-s // 32) * 32 for s in resized)
+    rng = np.random.default_rng(sum(original))
+    levels = []
+    for stride in (8, 16, 32, 64):
+        h, w = -(-padded[0] // stride), -(-padded[1] // stride)
+        levels.append((rng.normal(logit, 2, (4, h, w)).astype(np.float32), rng.uniform(0, 4, (4, h, w)).astype(np.float32),
+                       rng.normal(0, 2, (1, h, w)).astype(np.float32)))
+    flat = lambda a: torch.from_numpy(a).permute(1, 2, 0).reshape(1, -1, a.shape[0])  # (C, h, w) -> (1, hw, C), as the head
+    images = ImageList(torch.zeros(1, 3, *padded), [resized])
+    anchors = model.anchor_generator(images, [torch.zeros(1, 1, *lv[0].shape[1:]) for lv in levels])
+    sizes = [lv[0].shape[1] * lv[0].shape[2] for lv in levels]
+    outputs = {name: [flat(lv[k]) for lv in levels] for k, name in enumerate(("cls_logits", "bbox_regression", "bbox_ctrness"))}
+    with torch.inference_mode():
+        want = model.postprocess_detections(outputs, [list(anchors[0].split(sizes))], [resized])
+        want = model.transform.postprocess(want, [resized], [original])[0]
+    boxes, labels, scores = postprocess(levels, padded, resized, original, 0.05, 300)
+    assert (len(want["boxes"]) == 300) == (logit == -4)
+    np.testing.assert_array_equal(labels, want["labels"].numpy())
+    np.testing.assert_allclose(scores, want["scores"].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(boxes, want["boxes"].numpy(), rtol=0, atol=1e-3)
+
+
 def test_an_exported_detector_is_described_by_its_own_json_and_runs_any_shape(tmp_path):
     det = _tiny()
     save_detector(det, tmp_path)
