@@ -283,6 +283,9 @@ def test_an_exported_detector_is_described_by_its_own_json_and_runs_any_shape(tm
         levels = onnx.network(x)
         assert [lv[0].shape[1:] for lv in levels][0] == (x.shape[2] // 8, x.shape[3] // 8)
     assert isinstance(load_detector(tmp_path), FCOSDetector)  # with PyTorch, the folder is still the torch detector
+    (tmp_path / "other.onnx").write_bytes((tmp_path / "detector.onnx").read_bytes())
+    with pytest.raises(ModelError, match="does not describe it"):  # an .onnx its detector.json does not name
+        load_detector(tmp_path / "other.onnx")
 
 
 def test_an_export_that_computes_something_else_is_refused(tmp_path, monkeypatch):

@@ -5,7 +5,8 @@ wide), fed through a ResNet-18 trunk up to layer3 (trainable BatchNorm: nothing 
 (strides 8/16 from the trunk, 32/64 from extra convolutions) and an FCOS head of `head_convs` convolutions per
 branch. Boxes come back in the photograph's own pixels. Training (`fit`) runs on Lightning, with safetensors
 checkpoints every epoch so `resume=True` continues a killed run; it ends by choosing the per-class operating
-score thresholds on the validation photographs.
+score thresholds on the validation photographs. `export_bundled_detector` writes the network to detector.onnx beside
+the weights, checked against PyTorch: what an install without PyTorch runs (bloodcell.models.detector_onnx).
 """
 
 from __future__ import annotations
