@@ -17,6 +17,7 @@ from bloodcell.models.detector import Detections, FieldDetector
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
 PBC = Path(os.environ.get("BLOODCELL_PBC", REPO.parent / "shared" / "data" / "pbc"))
+BCCD = REPO.parent / "shared" / "data" / "bccd"
 
 
 def cli_env() -> dict:
@@ -253,3 +254,7 @@ def field_photo(path: Path, size: tuple[int, int] = (640, 480), seed: int = 0, b
 
 def needs_pbc():
     return pytest.mark.skipif(not PBC.is_dir(), reason=f"real PBC data not found at {PBC}")
+
+
+def needs_bccd():
+    return pytest.mark.skipif(not BCCD.is_dir(), reason=f"real BCCD photographs not found at {BCCD}")

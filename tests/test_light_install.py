@@ -1,6 +1,6 @@
 """The inference install (`pip install bloodcell`, no PyTorch): predict, serve, the count and `evaluate --model` run the
-bundled model's ONNX export with the PyTorch path's results, and a command that needs training says which extra to
-install, in one line.
+bundled model's ONNX export with the PyTorch path's results, smear-field photographs run the bundled detector's ONNX
+export with the PyTorch detector's cells, and a command that needs training says which extra to install, in one line.
 
 Most tests run bloodcell in a subprocess where every module of the [train] extra fails to import (a start-up hook),
 which is what the light install looks like to bloodcell; one slow test builds the real thing: a fresh venv with
@@ -17,10 +17,12 @@ import sys
 import venv
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bloodcell.extras import TRAIN_MODULES
 from bloodcell.infer import Predictor
+from bloodcell.models.detector import bundled_detector_dir
 from bloodcell.models.metadata import bundled_model_dir
 
 from conftest import REPO, SAMPLE, env_with_startup_hook, field_photo
@@ -183,12 +185,71 @@ def test_a_command_that_needs_pytorch_names_the_extra_in_one_line(torchless, arg
     assert "Traceback" not in proc.stderr
 
 
-def test_fields_need_the_detector_and_say_so_auto_reads_cells(torchless, tmp_path):
+def assert_same_fields(got: dict, want: dict) -> None:
+    """Same counts and white-cell classes; every cell paired with one of the same kind (IoU > 0.99 of the boxes as the
+    JSON rounds them to 0.1 px), scores within 1e-3, white cells with the same label and flags."""
+    from bloodcell.models.detector_onnx import box_iou
+
+    assert got["counts"] == want["counts"] and got["wbc_classes"] == want["wbc_classes"]
+    assert len(got["cells"]) == len(want["cells"])
+    for kind in ("rbc", "wbc", "platelet"):
+        g = [c for c in got["cells"] if c["kind"] == kind]
+        w = [c for c in want["cells"] if c["kind"] == kind]
+        if not w:
+            continue
+        iou = box_iou(np.array([c["box"] for c in w]), np.array([c["box"] for c in g]))
+        pair = iou.argmax(axis=1)
+        assert len(set(pair.tolist())) == len(w) and iou.max(axis=1).min() > 0.99, kind
+        for wc, j in zip(w, pair):
+            assert abs(g[j]["score"] - wc["score"]) < 1e-3 + 1e-4, (kind, wc, g[j])  # + the JSON's rounding
+            assert (g[j].get("label"), g[j].get("review"), g[j].get("ood")) == (wc.get("label"), wc.get("review"), wc.get("ood"))
+
+
+def test_fields_without_pytorch_find_the_cells_pytorch_finds(torchless, tmp_path):
+    """predict --input field (and auto, and serve ?input=field) read a smear photograph with the bundled detector's ONNX
+    export: the same cells and counts as the PyTorch detector, and nothing of the [train] extra imported."""
+    from bloodcell.infer.fields import predict_paths_mixed
+
     run, imported = torchless
     photo = field_photo(tmp_path / "smear.jpg")
+    want = predict_paths_mixed(Predictor.load(None), [photo], "field")["fields"]
+    assert len(want) == 1 and sum(want[0]["counts"].values()) > 5  # the PyTorch detector finds cells in it
     forced = run("predict", str(photo), "--input", "field", "--format", "json")
-    assert forced.returncode == 2 and INSTALL_HINT in forced.stderr and len(forced.stderr.strip().splitlines()) == 1, forced.stderr
+    assert forced.returncode == 0, forced.stderr
     auto = run("predict", str(photo), "--format", "json")
+    assert auto.returncode == 0, auto.stderr
+    code = f"""
+import json
+from fastapi.testclient import TestClient
+from bloodcell.infer import Predictor
+from bloodcell.serve.app import create_app
+client = TestClient(create_app(Predictor.load(None)))
+with open({str(photo)!r}, "rb") as fh:
+    print(json.dumps(client.post("/predict?input=field", files={{"files": ("smear.jpg", fh.read(), "image/jpeg")}}).json()))
+"""
+    served = run(code=code)
+    assert served.returncode == 0, served.stderr
+    for proc in (forced, auto, served):
+        result = json.loads(proc.stdout.strip().splitlines()[-1] if proc is served else proc.stdout)
+        assert result["predictions"] == [] and len(result["fields"]) == 1
+        assert_same_fields(result["fields"][0], want[0])
+    assert json.loads(auto.stdout)["fields"][0]["input"] == "field"
+    assert imported() == []
+
+
+def test_a_detector_without_an_onnx_export_needs_pytorch_and_says_so(torchless, tmp_path):
+    """A saved FCOS detector without an `onnx` section: --input field fails in one line naming the extra; auto reads
+    the photograph as a cell and says why."""
+    run, _ = torchless
+    folder = tmp_path / "detector"
+    folder.mkdir()
+    meta = json.loads((bundled_detector_dir() / "detector.json").read_text())
+    meta.pop("onnx")
+    (folder / "detector.json").write_text(json.dumps(meta))
+    photo = field_photo(tmp_path / "smear.jpg")
+    forced = run("predict", str(photo), "--input", "field", "--format", "json", "--detector", str(folder))
+    assert forced.returncode == 2 and INSTALL_HINT in forced.stderr and len(forced.stderr.strip().splitlines()) == 1, forced.stderr
+    auto = run("predict", str(photo), "--format", "json", "--detector", str(folder))
     assert auto.returncode == 0, auto.stderr
     result = json.loads(auto.stdout)
     assert result["fields"] == [] and len(result["predictions"]) == 1

@@ -2,7 +2,8 @@
 
 A detector takes RGB photographs (H x W x 3 uint8) and returns boxes, a class from FIELD_CLASSES and a score
 per box. Every detector is saved as `detector.json` (name, options, fitted settings, operating thresholds)
-plus `detector.safetensors` when it has learned weights; nothing is unpickled.
+plus `detector.safetensors` when it has learned weights; nothing is unpickled. An FCOS detector can also carry its
+ONNX export (`detector.onnx`, described by detector.json's `onnx` section), which runs without PyTorch.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from scipy.optimize import linear_sum_assignment
 
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation
 from bloodcell.errors import ModelError
-from bloodcell.extras import INSTALL_TRAIN, missing_train_module
+from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
 from bloodcell.io import write_bytes, write_json
 
 if TYPE_CHECKING:  # torch is imported where a detector learns or loads weights: the light install has none
@@ -248,12 +249,19 @@ def bundled_detector_dir() -> Path:
 
 
 def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
-    """A saved detector: its folder or detector.json; None or 'default': the one bundled with bloodcell."""
+    """A saved detector: its folder, detector.json, or an .onnx file its detector.json describes; None or 'default':
+    the one bundled with bloodcell.
+
+    Without PyTorch (the light install), a folder whose detector.json has an `onnx` section (the bundled one has)
+    loads as that ONNX export (`fcos-onnx`, bloodcell.models.detector_onnx), which finds the same cells."""
     if path is None or str(path) == "default":
         path = bundled_detector_dir()
     path = Path(path)
-    meta_file = path / DETECTOR_METADATA if path.is_dir() else path
+    onnx_file = path if path.suffix.lower() == ".onnx" else None
+    meta_file = path.with_name(DETECTOR_METADATA) if onnx_file else path / DETECTOR_METADATA if path.is_dir() else path
     if not meta_file.is_file():
+        if onnx_file:
+            raise ModelError(f"{path}: no {DETECTOR_METADATA} beside it (an ONNX detector is described by the {DETECTOR_METADATA} of its folder)")
         raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe {DETECTOR_WEIGHTS})")
     try:
         meta = json.loads(meta_file.read_text())
@@ -264,8 +272,14 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     for key in ("detector", "options", "score_thresholds"):
         if key not in meta:
             raise ModelError(f"{meta_file}: missing key '{key}'")
+    section = meta.get("onnx") if isinstance(meta.get("onnx"), dict) else None
+    if onnx_file is None and section and not has_torch():  # the light install runs the same detector's ONNX export
+        onnx_file = meta_file.parent / str(section.get("file"))
+    if onnx_file is not None and (not section or section.get("file") != onnx_file.name or not section.get("detector")):
+        raise ModelError(f"{onnx_file}: {meta_file} does not describe it (no onnx section with file '{onnx_file.name}')")
+    name = section["detector"] if onnx_file else meta["detector"]
     try:
-        detector = create_detector(meta["detector"], **meta["options"])
+        detector = create_detector(name, **meta["options"])
     except ModuleNotFoundError as exc:
         if missing_train_module(exc) is None:
             raise
@@ -275,7 +289,9 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     if set(thresholds) != set(FIELD_CLASSES):
         raise ModelError(f"{meta_file}: score_thresholds must name {', '.join(FIELD_CLASSES)}")
     detector.score_thresholds = {c: float(thresholds[c]) for c in FIELD_CLASSES}
-    if meta.get("weights"):
+    if onnx_file is not None:
+        detector.load_onnx(onnx_file, section)
+    elif meta.get("weights"):
         weights = meta_file.parent / meta["weights"]
         if not weights.is_file():
             raise ModelError(f"{meta_file}: names weights {weights.name} but the file is missing")

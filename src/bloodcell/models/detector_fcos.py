@@ -5,7 +5,8 @@ wide), fed through a ResNet-18 trunk up to layer3 (trainable BatchNorm: nothing 
 (strides 8/16 from the trunk, 32/64 from extra convolutions) and an FCOS head of `head_convs` convolutions per
 branch. Boxes come back in the photograph's own pixels. Training (`fit`) runs on Lightning, with safetensors
 checkpoints every epoch so `resume=True` continues a killed run; it ends by choosing the per-class operating
-score thresholds on the validation photographs.
+score thresholds on the validation photographs. `export_bundled_detector` writes the network to detector.onnx beside
+the weights, checked against PyTorch: what an install without PyTorch runs (bloodcell.models.detector_onnx).
 """
 
 from __future__ import annotations
@@ -26,9 +27,9 @@ from bloodcell.data.fields import FIELD_CLASSES
 from bloodcell.errors import ConfigError, DataError, ModelError
 from bloodcell.models.detector import Detections, FieldDetector, choose_thresholds, register_detector
 
-# per-channel RGB statistics the network's input is normalised with (ImageNet's; BatchNorm absorbs the rest)
-IMAGE_MEAN = (0.485, 0.456, 0.406)
-IMAGE_STD = (0.229, 0.224, 0.225)
+# normalisation (ImageNet's statistics; BatchNorm absorbs the rest), NMS, candidates and strides: one value each,
+# shared with the detector's ONNX export (detector_onnx does the same steps in numpy)
+from bloodcell.models.detector_onnx import IMAGE_MEAN, IMAGE_STD, NMS_IOU, SIZE_DIVISIBLE, TOPK_CANDIDATES, level_sizes
 LOG_COLUMNS = ["epoch", "loss", "classification", "bbox_regression", "bbox_ctrness", "lr", "seconds"]
 
 
@@ -71,7 +72,7 @@ def _build_fcos(long_side: int, fpn_channels: int, head_convs: int, trunk: str, 
     fpn = FeaturePyramidNetwork(channels, fpn_channels, extra_blocks=LastLevelP6P7(fpn_channels, fpn_channels))
     backbone = _Backbone(body, fpn, fpn_channels)
     levels = len(channels) + 2
-    strides = tuple(8 * 2**i for i in range(levels))
+    strides = level_sizes(levels)
     anchors = AnchorGenerator(tuple((s,) for s in strides), ((1.0,),) * levels)
     head = FCOSHead(fpn_channels, 1, len(FIELD_CLASSES) + 1, num_convs=head_convs)
     model = FCOS(
@@ -84,11 +85,11 @@ def _build_fcos(long_side: int, fpn_channels: int, head_convs: int, trunk: str, 
         anchor_generator=anchors,
         head=head,
         score_thresh=min_score,
-        nms_thresh=0.5,
+        nms_thresh=NMS_IOU,
         detections_per_img=max_detections,
-        topk_candidates=1000,
+        topk_candidates=TOPK_CANDIDATES,
     )
-    model.transform = _LongSideTransform(long_side, long_side, list(IMAGE_MEAN), list(IMAGE_STD))
+    model.transform = _LongSideTransform(long_side, long_side, list(IMAGE_MEAN), list(IMAGE_STD), size_divisible=SIZE_DIVISIBLE)
     return model
 
 
@@ -410,3 +411,149 @@ def _fit(detector: FCOSDetector, train: list, val: list, settings: Any, run_dir:
         summary["score_thresholds"] = dict(detector.score_thresholds)
     _write_log(run_dir, module.history)
     return summary
+
+
+# ---------------------------------------------------------------- ONNX export: what the install without PyTorch runs
+
+ONNX_TOLERANCE = 1e-3  # largest difference allowed in the network's raw outputs (logits, box codes) vs PyTorch
+PARITY = {"min_iou": 0.99, "max_score_diff": 1e-3}  # detections at the operating thresholds, per paired box
+
+
+class _RawOutputs(nn.Module):
+    """FCOS between its transform and its postprocess: a normalised, padded 1 x 3 x H x W image -> per FPN level the
+    head's classification logits, box regression (after the head's ReLU) and centerness, as 1 x C x h x w maps
+    (FCOSHead.forward without its flattening, which bloodcell.models.detector_onnx does in numpy)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.backbone, self.head = model.backbone, model.head
+
+    def forward(self, x):
+        cls, reg = self.head.classification_head, self.head.regression_head
+        outputs = []
+        for feature in self.backbone(x).values():
+            box_feature = reg.conv(feature)
+            outputs += [cls.cls_logits(cls.conv(feature)), nn.functional.relu(reg.bbox_reg(box_feature)), reg.bbox_ctrness(box_feature)]
+        return tuple(outputs)
+
+
+def _levels(detector: "FCOSDetector") -> int:
+    return len(detector.model.anchor_generator.sizes)
+
+
+def export_graph(detector: "FCOSDetector", path: Path, opset: int = 17) -> str:
+    """Write the detector's network (see _RawOutputs) to `path` with free H and W; returns the exporter's name."""
+    from bloodcell.models.detector_onnx import OUTPUTS
+
+    names = [f"{o}_{i}" for i in range(_levels(detector)) for o in OUTPUTS]
+    axes = {"input": {2: "height", 3: "width"}, **{n: {2: f"height_{n[-1]}", 3: f"width_{n[-1]}"} for n in names}}
+    net = _RawOutputs(detector.model).eval()
+    try:
+        with warnings.catch_warnings(), torch.inference_mode():
+            warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
+            torch.onnx.export(net, (torch.zeros(1, 3, 256, 320),), str(path), dynamo=False, input_names=["input"],
+                              output_names=names, dynamic_axes=axes, opset_version=opset)
+    except Exception as exc:
+        raise ModelError(f"ONNX export of the detector failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
+    return "torchscript"
+
+
+def check_photos(n: int = 6, seed: int = 0) -> list[np.ndarray]:
+    """Generated smear-like photographs of several shapes (landscape, portrait, square, odd sizes that round down,
+    one smaller than long_side), for checking an export where no real photographs are given."""
+    rng = np.random.default_rng(seed)
+    sizes = [(480, 640), (640, 480), (500, 500), (750, 1000), (333, 517), (200, 300)]
+    photos = []
+    for h, w in sizes[:n]:
+        yy, xx = np.mgrid[:h, :w]
+        img = np.empty((h, w, 3), np.float32)
+        img[:] = (236, 226, 232)
+        for _ in range(30):
+            cx, cy, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.04, 0.09) * min(h, w)
+            img[(xx - cx) ** 2 + (yy - cy) ** 2 <= r * r] = (214, 140, 150)
+        r = 0.1 * min(h, w)
+        img[(xx - w / 2) ** 2 + (yy - h / 2) ** 2 <= r * r] = (110, 60, 150)
+        photos.append(np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8))
+    return photos
+
+
+def check_onnx(detector: "FCOSDetector", onnx_detector, photos: Sequence[np.ndarray]) -> dict:
+    """Run both detectors on `photos`; the figures the export is judged by (and recorded with)."""
+    from bloodcell.models.detector_onnx import agreement, network_input
+
+    raw = pre = 0.0
+    worst = {"photos": len(photos), "boxes": 0, "unpaired": 0, "min_iou": 1.0, "max_score_diff": 0.0, "label_mismatches": 0}
+    raw_boxes = {"boxes": 0, "unpaired": 0}
+    net = _RawOutputs(detector.model).eval()
+    for image in photos:
+        x, _ = network_input(image, detector.long_side)
+        with torch.inference_mode():
+            torch_x = detector.model.transform([torch.tensor(image).permute(2, 0, 1).float().div_(255.0)])[0].tensors
+            want = [t.numpy() for t in net(torch.from_numpy(x))]
+        pre = max(pre, float(np.abs(torch_x.numpy() - x).max()) if torch_x.shape == x.shape else float("inf"))
+        got = [v for level in onnx_detector.network(x) for v in level]
+        raw = max(raw, max(float(np.abs(w[0] - g).max()) for w, g in zip(want, got)))
+        torch_raw, onnx_raw = detector.raw([image])[0], onnx_detector.raw([image])[0]
+        raw_boxes["boxes"] += len(torch_raw)
+        raw_boxes["unpaired"] += abs(len(torch_raw) - len(onnx_raw))
+        a = agreement(detector.apply_thresholds(torch_raw), onnx_detector.apply_thresholds(onnx_raw))
+        worst.update(boxes=worst["boxes"] + a["boxes"], unpaired=worst["unpaired"] + a["unpaired"],
+                     label_mismatches=worst["label_mismatches"] + a["label_mismatches"],
+                     min_iou=min(worst["min_iou"], a["min_iou"]), max_score_diff=max(worst["max_score_diff"], a["max_score_diff"]))
+    return {"preprocess_max_abs_diff": pre, "max_abs_diff": raw, "at_thresholds": worst, "before_thresholds": raw_boxes}
+
+
+def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | None = None, source: str = "",
+                            opset: int = 17) -> dict:
+    """Export the FCOS detector in `folder` to `folder/detector.onnx`, checked against PyTorch, and describe it in the
+    folder's own detector.json (`onnx` section, with the hashes of the weights it was made from).
+
+    The check runs both on `photos` (default: check_photos()) and refuses (ModelError, nothing written) unless the
+    network's outputs agree within ONNX_TOLERANCE and, at the operating thresholds, every photograph gives the same
+    number of boxes, paired with IoU >= 0.99, the same labels and scores within 1e-3. Returns the `onnx` section."""
+    import hashlib
+    import json
+    import shutil
+    import tempfile
+
+    import onnxruntime
+
+    from bloodcell import io
+    from bloodcell.models.detector import DETECTOR_METADATA, DETECTOR_WEIGHTS, create_detector, load_detector
+    from bloodcell.models.detector_onnx import DETECTOR_ONNX, ONNX_DETECTOR
+
+    folder = Path(folder)
+    detector = load_detector(folder / DETECTOR_METADATA)
+    if not isinstance(detector, FCOSDetector):
+        raise ModelError(f"{folder}: only an fcos detector has an ONNX export, this one is '{detector.name}'")
+    if photos is None:
+        photos, source = check_photos(), "generated photographs"
+    with tempfile.TemporaryDirectory(prefix="bloodcell-detector-") as work:
+        tmp = Path(work) / DETECTOR_ONNX
+        exporter = export_graph(detector, tmp, opset)
+        section = {"detector": ONNX_DETECTOR, "file": DETECTOR_ONNX}
+        onnx_detector = create_detector(ONNX_DETECTOR, **detector.options)
+        onnx_detector.score_thresholds = dict(detector.score_thresholds)
+        onnx_detector.load_onnx(tmp, section)
+        figures = check_onnx(detector, onnx_detector, photos)
+        at = figures["at_thresholds"]
+        if not (figures["max_abs_diff"] <= ONNX_TOLERANCE and at["unpaired"] == 0 and at["label_mismatches"] == 0
+                and at["min_iou"] >= PARITY["min_iou"] and at["max_score_diff"] <= PARITY["max_score_diff"]):
+            raise ModelError(f"the detector's ONNX export differs from PyTorch on {len(photos)} {source}: {figures}; nothing written")
+        with io.atomic_path(folder / DETECTOR_ONNX) as final:
+            shutil.copyfile(tmp, final)
+    meta = json.loads((folder / DETECTOR_METADATA).read_text())
+    section.update(
+        opset=opset,
+        exporter=exporter,
+        input="input",
+        input_layout="1 x 3 x H x W float32: the photograph normalised, resized to long_side, zero-padded to a multiple of 32",
+        outputs=onnx_detector.output_names,
+        exported_from={DETECTOR_WEIGHTS: hashlib.sha256((folder / DETECTOR_WEIGHTS).read_bytes()).hexdigest()},
+        checked_on=f"{len(photos)} {source}",
+        **figures,
+        versions={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+    )
+    meta["onnx"] = section
+    io.write_json(folder / DETECTOR_METADATA, meta)
+    return section
