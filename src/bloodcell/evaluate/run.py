@@ -113,6 +113,7 @@ def environment() -> dict:
         "torch": torch.__version__,
         "bloodcell": __version__,
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),  # CPU results can differ in the last digits with another count
     }
     try:
         import lightning, timm  # noqa: E401
