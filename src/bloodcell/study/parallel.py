@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import signal
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def parse_parallel(value: Parallel | None) -> int | str:
     text = str(value).strip()
     if text.lower() == "auto" and not isinstance(value, bool):
         return "auto"
-    if isinstance(value, bool) or not text.isdigit() or int(text) < 1:
+    if isinstance(value, bool) or not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
         raise ConfigError(f"--parallel: expected how many runs to train at once (a whole number, 1 or more) or 'auto', got {str(value)!r}")
     return int(text)
 
