@@ -158,8 +158,6 @@ def run_parallel(jobs: list, out: Path, k: int, *, on_start: Callable, on_done: 
     """
     import torch
 
-    from bloodcell.study.experiment import is_complete, read_status
-
     k = min(k, len(jobs))
     if k == 0:
         return
@@ -183,8 +181,8 @@ def run_parallel(jobs: list, out: Path, k: int, *, on_start: Callable, on_done: 
             for w in [w for w in live if w.proc.poll() is not None]:
                 live.remove(w)
                 free.append(w.slot)
-                w.proc.stdin.close()
-                on_done(w.run, _outcome(w, is_complete, read_status))
+                _close(w.proc)
+                on_done(w.run, _outcome(w))
     except BaseException:
         _stop(live)
         raise
@@ -204,15 +202,22 @@ def _start(run, run_dir: Path, slot: Slot, out: Path) -> _Live:
                                 stdin=subprocess.PIPE, stdout=fh, stderr=subprocess.STDOUT, env=worker_env(slot))
     # the job; stdin then stays open until the worker ends: its closing tells the worker that this process is gone
     job = pickle.dumps({"key": run.key, "config": run.config, "run_dir": str(run_dir), "threads": slot.threads})
-    proc.stdin.write(len(job).to_bytes(8, "big") + job)
-    proc.stdin.flush()
+    try:
+        proc.stdin.write(len(job).to_bytes(8, "big") + job)
+        proc.stdin.flush()
+    except BrokenPipeError:  # the worker died as it started: the loop finds it ended and fails the run, naming the log
+        pass
     return _Live(proc, run, run_dir, slot, log, time.perf_counter())
 
 
-def _outcome(w: _Live, is_complete, read_status) -> dict:
+def _outcome(w: _Live) -> dict:
     """What a finished worker left: the run complete, failed (the worker wrote why), or the worker died."""
+    from bloodcell import io
+    from bloodcell.study.experiment import is_complete, read_status, remove_stale_checkpoints
+
     seconds = round(time.perf_counter() - w.t0, 1)
-    if is_complete(w.run_dir):
+    if is_complete(w.run_dir):  # (killed, if at all, after marking it complete: its resume checkpoint may be left)
+        remove_stale_checkpoints(w.run_dir)
         return {"state": "complete", "seconds": seconds}
     status = read_status(w.run_dir)
     if w.proc.returncode == 0 and status.get("state") == "failed":
@@ -221,8 +226,6 @@ def _outcome(w: _Live, is_complete, read_status) -> dict:
     how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exited with status {rc}"
     record = {"state": "failed", "error": f"WorkerDied: the worker process training this run {how}; its output is in {w.log}",
               "traceback": "", "seconds": seconds}
-    from bloodcell import io
-
     io.write_json(w.run_dir / "status.json", record)
     return record
 
@@ -250,7 +253,14 @@ def _stop(live: list[_Live]) -> None:
         except subprocess.TimeoutExpired:
             w.proc.kill()
             w.proc.wait()
-        w.proc.stdin.close()
+        _close(w.proc)
+
+
+def _close(proc: subprocess.Popen) -> None:
+    try:
+        proc.stdin.close()
+    except OSError:  # a job left unsent in the buffer of a worker that died
+        pass
 
 
 # ----------------------------------------------------------------------------- the worker process
