@@ -126,8 +126,9 @@ def slot_warnings(k: int, gpus: list[str], threads: int, on_cuda: bool) -> list[
 
 def worker_env(slot: Slot) -> dict:
     env = dict(os.environ)
-    package_root = str(Path(__file__).resolve().parents[2])  # the bloodcell this process runs, not another install
-    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    # this process's import path, in its order (as multiprocessing's spawn does): a worker runs the bloodcell this
+    # process runs (a checkout on PYTHONPATH, say), not another install
+    env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(slot.threads)
     if slot.gpu is not None:
