@@ -285,17 +285,23 @@ def study_cmd(
     overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),
     report_only: bool = typer.Option(False, "--report-only", help="Train nothing: write the report from the runs already in --out."),
     estimate: bool = typer.Option(False, "--estimate", help="Train nothing: measure each model's epoch rate here and print how long every run will take (writes --out/budget.json)."),
+    parallel: str = typer.Option(
+        "1", "--parallel", metavar="K|auto",
+        help="Train K runs at once, each in its own process on one device: on CUDA worker i sees only GPU i, on CPU each gets 1/K of the torch threads. auto: one per visible GPU (1 without CUDA).",
+    ),
 ) -> None:
     """Run many experiments (model x protocol x seed), resumably, and write report.md + report.html."""
+    from bloodcell.study.parallel import parse_parallel
     from bloodcell.study.runner import run_study
     from bloodcell.study.spec import load_study
 
+    workers = parse_parallel(parallel)
     spec, _ = load_study(config)
     out = out or Path("runs") / spec.name
     if estimate:
         _estimate_study(config, out, data, list(overrides), list(only) or None)
         return
-    summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides), only=list(only) or None, report_only=report_only)
+    summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides), only=list(only) or None, report_only=report_only, parallel=workers)
     typer.echo(f"runs complete: {summary['complete']} of {summary['runs']}" + (f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""))
     _print_study_summary(summary)
     typer.echo(f"report: {summary['report']}")

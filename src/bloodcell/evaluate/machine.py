@@ -30,6 +30,7 @@ def environment() -> dict:
 
         env["torch"] = torch.__version__
         env["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+        env["torch_threads"] = torch.get_num_threads()  # CPU results can differ in the last digits with another count
         try:
             import lightning, timm  # noqa: E401
 
