@@ -17,7 +17,7 @@ from bloodcell.config import RunConfig
 from bloodcell.progress import console, enabled_by_default
 from bloodcell.study.experiment import failure_record, is_complete, read_status, remove_stale_checkpoints, run_config
 from bloodcell.study.parallel import check_single_device, resolve_parallel, run_parallel
-from bloodcell.study.spec import RunSpec, StudySpec, expand_runs, load_study
+from bloodcell.study.spec import RunSpec, expand_runs, load_study
 
 
 def run_dir_for(out: Path, run: RunSpec) -> Path:
