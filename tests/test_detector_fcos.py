@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,9 @@ from bloodcell.data.fields import FieldAnnotation, load_voc
 from bloodcell.errors import ConfigError, ModelError
 from bloodcell.models import detector as detector_module
 from bloodcell.models.detector import Detections, bundled_detector_dir, create_detector, load_detector, save_detector
-from bloodcell.models.detector_fcos import FCOSDetector, _FieldBatches, choose_thresholds, export_bundled_detector, rot90_boxes
+from bloodcell.models import detector_fcos
+from bloodcell.models.detector_fcos import (FCOSDetector, _FieldBatches, choose_thresholds, export_bundled_detector, export_graph,
+                                            graph_tensors, rot90_boxes, weights_digest)
 from bloodcell.models.detector_onnx import FCOSOnnxDetector, agreement, batched_nms, network_input, resized_size
 
 from conftest import BCCD, field_photo, needs_bccd
@@ -267,14 +270,35 @@ def test_the_numpy_postprocess_is_fcos_postprocess(original, resized, logit):
     np.testing.assert_allclose(boxes, want["boxes"].numpy(), rtol=0, atol=1e-3)
 
 
-def test_an_exported_detector_is_described_by_its_own_json_and_runs_any_shape(tmp_path):
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _same(a: Detections, b: Detections) -> None:
+    np.testing.assert_array_equal(a.boxes, b.boxes)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_an_exported_detector_keeps_its_weights_once_in_the_onnx_and_runs_any_shape(tmp_path):
     det = _tiny()
     save_detector(det, tmp_path)
+    trained = _sha256(tmp_path / "detector.safetensors")
     section = export_bundled_detector(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "detector.onnx"]  # one copy of the weights
     meta = json.loads((tmp_path / "detector.json").read_text())
     assert meta["onnx"] == json.loads(json.dumps(section)) and meta["detector"] == "fcos"  # one description
-    assert section["exported_from"] == {"detector.safetensors": hashlib.sha256((tmp_path / "detector.safetensors").read_bytes()).hexdigest()}
+    assert meta["weights"] is None and section["state_dict"] == "initializers"
+    assert section["exported_from"] == {"detector.safetensors": trained}
+    assert section["sha256"] == _sha256(tmp_path / "detector.onnx")
+    assert section["weights_sha256"] == weights_digest(det.tensors())
     assert section["max_abs_diff"] < 1e-3
+    # with PyTorch, the folder is still the torch detector: its weights read from the graph, bit for bit
+    back = load_detector(tmp_path)
+    assert isinstance(back, FCOSDetector) and back.options == det.options and back.score_thresholds == det.score_thresholds
+    assert weights_digest(back.tensors()) == section["weights_sha256"]
+    image = np.random.default_rng(2).integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    _same(back.detect_one(image), det.detect_one(image))
     onnx = load_detector(tmp_path / "detector.onnx")
     assert isinstance(onnx, FCOSOnnxDetector) and onnx.name == "fcos-onnx" and onnx.options == det.options
     assert onnx.score_thresholds == det.score_thresholds
@@ -282,10 +306,67 @@ def test_an_exported_detector_is_described_by_its_own_json_and_runs_any_shape(tm
         x, _ = network_input(np.zeros((h, w, 3), np.uint8), 96)
         levels = onnx.network(x)
         assert [lv[0].shape[1:] for lv in levels][0] == (x.shape[2] // 8, x.shape[3] // 8)
-    assert isinstance(load_detector(tmp_path), FCOSDetector)  # with PyTorch, the folder is still the torch detector
     (tmp_path / "other.onnx").write_bytes((tmp_path / "detector.onnx").read_bytes())
     with pytest.raises(ModelError, match="does not describe it"):  # an .onnx its detector.json does not name
         load_detector(tmp_path / "other.onnx")
+
+
+def test_the_graph_holds_every_tensor_by_its_state_dict_name(tmp_path):
+    """BatchNorm kept (running_mean/var are initializers), nothing folded; the one thing left out is
+    num_batches_tracked, and a bit-equal tensor stored once is found under both names (an Identity node)."""
+    det = _tiny()
+    export_graph(det, tmp_path / "g.onnx")
+    arrays = graph_tensors(tmp_path / "g.onnx")
+    own = det.model.state_dict()
+    assert sorted(arrays) == sorted(k for k in own if not k.endswith(".num_batches_tracked"))
+    for k, a in arrays.items():
+        np.testing.assert_array_equal(a, own[k].numpy(), err_msg=k)
+    # untrained, both BatchNorm biases of a downsampling block are zeros: the exporter stores them once
+    import onnx
+
+    stored = {t.name for t in onnx.load(str(tmp_path / "g.onnx")).graph.initializer}
+    assert "backbone.body.layer2.0.downsample.1.bias" not in stored and "backbone.body.layer2.0.downsample.1.bias" in arrays
+
+
+def test_refresh_works_from_a_folder_that_has_only_the_onnx(tmp_path):
+    det = _tiny()
+    save_detector(det, tmp_path)
+    first = export_bundled_detector(tmp_path)
+    again = export_bundled_detector(tmp_path)  # its weights now come from detector.onnx
+    assert again["exported_from"] == first["exported_from"] and again["weights_sha256"] == first["weights_sha256"]
+    assert again["sha256"] == first["sha256"] == _sha256(tmp_path / "detector.onnx")  # the same graph, byte for byte
+    # another detector's graph in its place: not the weights detector.json records
+    other = tmp_path / "other"
+    torch.manual_seed(1)
+    save_detector(create_detector("fcos", **TINY), other)
+    export_bundled_detector(other)
+    (tmp_path / "detector.onnx").write_bytes((other / "detector.onnx").read_bytes())
+    with pytest.raises(ModelError, match="not the ones detector.json records"):
+        export_bundled_detector(tmp_path)
+
+
+def test_onnx_weights_that_do_not_fit_are_one_line_errors(tmp_path):
+    """A folder whose weights are its graph's: another architecture's graph, a graph with BatchNorm folded into the
+    convolutions (the export before weights were kept there) and a torn file each fail in one line naming the file."""
+    save_detector(_tiny(), tmp_path)
+    export_bundled_detector(tmp_path)
+    onnx_file = tmp_path / "detector.onnx"
+    export_graph(_tiny(fpn_channels=64), onnx_file)
+    with pytest.raises(ModelError, match=r"detector\.onnx: fcos weights do not fit this architecture: backbone\.fpn") as err:
+        load_detector(tmp_path)
+    assert len(str(err.value).splitlines()) == 1
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(detector_fcos._RawOutputs(_tiny().model).eval(), (torch.zeros(1, 3, 96, 96),), str(onnx_file),
+                          dynamo=False, opset_version=17)  # the exporter's defaults: folded, under generated names
+    with pytest.raises(ModelError, match=r"detector\.onnx: the graph holds tensors the fcos detector lacks \(onnx::"):
+        load_detector(tmp_path)
+    onnx_file.write_bytes(b"not a graph")
+    with pytest.raises(ModelError, match=r"detector\.onnx: not readable as ONNX"):
+        load_detector(tmp_path)
+    onnx_file.unlink()
+    with pytest.raises(ModelError, match=r"detector\.onnx: the detector's ONNX file is missing"):
+        load_detector(tmp_path)
 
 
 def test_an_export_that_computes_something_else_is_refused(tmp_path, monkeypatch):
@@ -294,7 +375,23 @@ def test_an_export_that_computes_something_else_is_refused(tmp_path, monkeypatch
     monkeypatch.setattr(FCOSOnnxDetector, "network", lambda self, x: [tuple(v + 0.01 for v in lv) for lv in real(self, x)])
     with pytest.raises(ModelError, match="differs from PyTorch"):
         export_bundled_detector(tmp_path)
-    assert not (tmp_path / "detector.onnx").exists() and "onnx" not in json.loads((tmp_path / "detector.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "detector.safetensors"]
+    assert "onnx" not in json.loads((tmp_path / "detector.json").read_text())
+
+
+def test_an_export_that_does_not_hold_the_weights_is_refused(tmp_path, monkeypatch):
+    save_detector(_tiny(), tmp_path)
+    real = detector_fcos.graph_tensors
+
+    def one_changed(path):
+        arrays = real(path)
+        arrays["head.classification_head.cls_logits.bias"] = arrays["head.classification_head.cls_logits.bias"] + np.float32(1e-6)
+        return arrays
+
+    monkeypatch.setattr(detector_fcos, "graph_tensors", one_changed)
+    with pytest.raises(ModelError, match="does not hold its weights under their names .head.classification_head.cls_logits.bias"):
+        export_bundled_detector(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "detector.safetensors"]
 
 
 def test_without_pytorch_load_detector_takes_the_onnx_export(monkeypatch):
@@ -305,14 +402,19 @@ def test_without_pytorch_load_detector_takes_the_onnx_export(monkeypatch):
     assert det.score_thresholds == load_detector(bundled_detector_dir()).score_thresholds
 
 
-def test_the_bundled_onnx_was_exported_from_the_bundled_weights():
+def test_the_bundled_detector_keeps_its_trained_weights_once_in_its_onnx():
+    """detector.json + detector.onnx, nothing else: the file is the one exported (its SHA-256), and the weights the torch
+    FCOS reads from it are the trained ones (weights_sha256, taken from the run's detector.safetensors at export)."""
     folder = bundled_detector_dir()
-    section = json.loads((folder / "detector.json").read_text())["onnx"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == ["detector.json", "detector.onnx"]
+    meta = json.loads((folder / "detector.json").read_text())
+    section = meta["onnx"]
     assert section["file"] == "detector.onnx" and section["detector"] == "fcos-onnx"
-    assert list(section["exported_from"]) == ["detector.safetensors"]
-    digest = hashlib.sha256((folder / "detector.safetensors").read_bytes()).hexdigest()
-    assert section["exported_from"]["detector.safetensors"] == digest, \
-        "detector.safetensors changed since detector.onnx was made: tools/bundle_detector.py --refresh src/bloodcell/assets/default_detector"
+    assert meta["weights"] is None and section["state_dict"] == "initializers"
+    assert section["sha256"] == _sha256(folder / "detector.onnx"), \
+        "detector.onnx is not the file detector.json describes: tools/bundle_detector.py RUN src/bloodcell/assets/default_detector"
+    assert weights_digest(load_detector(folder).tensors()) == section["weights_sha256"]
+    assert list(section["exported_from"]) == ["detector.safetensors"] and len(section["exported_from"]["detector.safetensors"]) == 64
     assert (folder / "detector.onnx").stat().st_size < 20e6
 
 

@@ -245,6 +245,7 @@ def test_a_detector_without_an_onnx_export_needs_pytorch_and_says_so(torchless, 
     folder.mkdir()
     meta = json.loads((bundled_detector_dir() / "detector.json").read_text())
     meta.pop("onnx")
+    meta["weights"] = "detector.safetensors"  # as a training run saves it (the bundled folder keeps its weights in the ONNX)
     (folder / "detector.json").write_text(json.dumps(meta))
     photo = field_photo(tmp_path / "smear.jpg")
     forced = run("predict", str(photo), "--input", "field", "--format", "json", "--detector", str(folder))
@@ -276,6 +277,8 @@ def test_a_real_install_without_torch(tmp_path, pytorch_result):
     listed = subprocess.run([str(py), "-m", "pip", "list", "--format", "json"], env=env, capture_output=True, text=True, check=True)
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not names & {"torch", "torchvision", "timm", "lightning", "nvidia-cudnn-cu12", "triton"}, names
+    detector = next(env_dir.rglob("bloodcell/assets/default_detector"))
+    assert sorted(p.name for p in detector.iterdir()) == ["detector.json", "detector.onnx"]  # the weights once
     out = tmp_path / "result.json"
     proc = subprocess.run([str(env_dir / "bin" / "bloodcell"), "predict", str(SAMPLE), "--format", "json", "--out", str(out)],
                           env=dict(env, BLOODCELL_PROGRESS="0"), capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -4,14 +4,17 @@
 
 Copies detector.json (+ detector.safetensors when the detector has weights) and adds where it came from: the
 config, the test figures of its run and the machine. Refuses a run without metrics.json (unfinished) or a
-detector that does not load. An FCOS detector is then exported to detector.onnx beside its weights (what an install
-without PyTorch runs; bloodcell.models.detector_onnx), checked against PyTorch and described by detector.json's
-`onnx` section, with the hash of the weights it was made from.
+detector that does not load. An FCOS detector is then exported to detector.onnx (what an install without PyTorch
+runs; bloodcell.models.detector_onnx), checked against PyTorch and described by detector.json's `onnx` section, and
+its detector.safetensors removed: the bundled folder keeps the weights once, as the graph's initializers, and the
+torch FCOS loads them from detector.onnx. The section records the hashes of detector.onnx, of the weights it holds
+and of the run's detector.safetensors it was exported from.
 
     .venv/bin/python tools/bundle_detector.py --refresh src/bloodcell/assets/default_detector
 
-redoes only the ONNX export of the detector already there. `--check-photos DIR` checks the export on the
-photographs in DIR (e.g. ../shared/data/bccd/BCCD/JPEGImages) instead of generated ones.
+redoes only the ONNX export of the detector already there (from the weights in its detector.onnx, or its
+detector.safetensors). `--check-photos DIR` checks the export on the photographs in DIR
+(e.g. ../shared/data/bccd/BCCD/JPEGImages) instead of generated ones.
 """
 
 from __future__ import annotations
@@ -70,7 +73,7 @@ def bundle(run: Path, dest: Path) -> None:
 
 
 def finish(dest: Path, check_photos: Path | None, limit: int) -> None:
-    """detector.onnx beside the weights of an FCOS detector, described by its detector.json."""
+    """An FCOS detector's folder becomes detector.json + detector.onnx (its weights kept once, in the graph)."""
     meta = json.loads((dest / DETECTOR_METADATA).read_text())
     if meta["detector"] != "fcos":
         print(f"no ONNX export: the '{meta['detector']}' detector needs none")
@@ -93,7 +96,8 @@ def finish(dest: Path, check_photos: Path | None, limit: int) -> None:
     at = section["at_thresholds"]
     print(f"exported {dest / DETECTOR_ONNX} ({(dest / DETECTOR_ONNX).stat().st_size / 1e6:.1f} MB, {section['exporter']}), "
           f"checked on {section['checked_on']}: largest output difference vs PyTorch {section['max_abs_diff']:.2g}; "
-          f"{at['boxes']} boxes at the thresholds, lowest IoU {at['min_iou']:.6f}, largest score difference {at['max_score_diff']:.2g}")
+          f"{at['boxes']} boxes at the thresholds, lowest IoU {at['min_iou']:.6f}, largest score difference {at['max_score_diff']:.2g}; "
+          f"{dest} holds {', '.join(sorted(p.name for p in dest.iterdir()))}")
 
 
 if __name__ == "__main__":

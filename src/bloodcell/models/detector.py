@@ -3,7 +3,9 @@
 A detector takes RGB photographs (H x W x 3 uint8) and returns boxes, a class from FIELD_CLASSES and a score
 per box. Every detector is saved as `detector.json` (name, options, fitted settings, operating thresholds)
 plus `detector.safetensors` when it has learned weights; nothing is unpickled. An FCOS detector can also carry its
-ONNX export (`detector.onnx`, described by detector.json's `onnx` section), which runs without PyTorch.
+ONNX export (`detector.onnx`, described by detector.json's `onnx` section), which runs without PyTorch; a bundled one
+keeps its weights only there (the graph's initializers, `onnx.state_dict: "initializers"`), and the torch FCOS loads
+them from it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ if TYPE_CHECKING:  # torch is imported where a detector learns or loads weights:
 DETECTOR_WEIGHTS = "detector.safetensors"
 DETECTOR_METADATA = "detector.json"
 DETECTOR_FORMAT = "bloodcell-detector"
+# detector.json's onnx.state_dict when the ONNX export's initializers are the torch detector's weights (by state_dict name)
+ONNX_STATE_DICT = "initializers"
 
 _DETECTORS: dict[str, Callable[..., "FieldDetector"]] = {}
 
@@ -90,6 +94,10 @@ class FieldDetector:
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
+
+    def load_onnx_weights(self, path: Path) -> None:
+        """Learned weights kept as the initializers of the detector's ONNX export (the bundled FCOS detector)."""
+        raise ModelError(f"{path}: a '{self.name}' detector does not load its weights from an ONNX graph")
 
     # -- shared behaviour
     def raw(self, images: Sequence[np.ndarray]) -> list[Detections]:
@@ -253,7 +261,9 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     the one bundled with bloodcell.
 
     Without PyTorch (the light install), a folder whose detector.json has an `onnx` section (the bundled one has)
-    loads as that ONNX export (`fcos-onnx`, bloodcell.models.detector_onnx), which finds the same cells."""
+    loads as that ONNX export (`fcos-onnx`, bloodcell.models.detector_onnx), which finds the same cells. With PyTorch,
+    a folder without a weights file whose `onnx` section says `"state_dict": "initializers"` (the bundled one) loads
+    the torch detector's weights from that ONNX graph."""
     if path is None or str(path) == "default":
         path = bundled_detector_dir()
     path = Path(path)
@@ -262,7 +272,7 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     if not meta_file.is_file():
         if onnx_file:
             raise ModelError(f"{path}: no {DETECTOR_METADATA} beside it (an ONNX detector is described by the {DETECTOR_METADATA} of its folder)")
-        raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe {DETECTOR_WEIGHTS})")
+        raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe {DETECTOR_WEIGHTS} or detector.onnx)")
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -301,6 +311,8 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
             detector.load_tensors(load_file(str(weights)))
         except Exception as exc:  # safetensors raises its own types for torn files
             raise ModelError(f"{weights}: cannot load detector weights ({exc})") from None
+    elif section and section.get("state_dict") == ONNX_STATE_DICT:  # weights kept once, in the ONNX export
+        detector.load_onnx_weights(meta_file.parent / str(section.get("file")))
     detector.metadata = meta
     detector.source = str(meta_file.parent)
     return detector

@@ -5,8 +5,10 @@ wide), fed through a ResNet-18 trunk up to layer3 (trainable BatchNorm: nothing 
 (strides 8/16 from the trunk, 32/64 from extra convolutions) and an FCOS head of `head_convs` convolutions per
 branch. Boxes come back in the photograph's own pixels. Training (`fit`) runs on Lightning, with safetensors
 checkpoints every epoch so `resume=True` continues a killed run; it ends by choosing the per-class operating
-score thresholds on the validation photographs. `export_bundled_detector` writes the network to detector.onnx beside
-the weights, checked against PyTorch: what an install without PyTorch runs (bloodcell.models.detector_onnx).
+score thresholds on the validation photographs. `export_bundled_detector` writes the network to detector.onnx, checked
+against PyTorch: what an install without PyTorch runs (bloodcell.models.detector_onnx). The graph's initializers are
+the model's own parameters and buffers under their state_dict names, so the bundled folder keeps its weights once, in
+detector.onnx, and the torch FCOS loads them from there (`load_onnx_weights`).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch import nn
 
 from bloodcell.data.fields import FIELD_CLASSES
 from bloodcell.errors import ConfigError, DataError, ModelError
-from bloodcell.models.detector import Detections, FieldDetector, choose_thresholds, register_detector
+from bloodcell.models.detector import ONNX_STATE_DICT, Detections, FieldDetector, choose_thresholds, register_detector
 
 # normalisation (ImageNet's statistics; BatchNorm absorbs the rest), NMS, candidates and strides: one value each,
 # shared with the detector's ONNX export (detector_onnx does the same steps in numpy)
@@ -148,6 +150,31 @@ class FCOSDetector(FieldDetector):
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {k: v for k, v in self.model.state_dict().items()}
+
+    def load_onnx_weights(self, path: str | Path) -> None:
+        """The weights kept in an ONNX export's initializers (see export_graph): every parameter and buffer by its
+        state_dict name, shape and dtype; a one-line ModelError naming the file when they do not fit."""
+        path = Path(path)
+        arrays = graph_tensors(path)
+        own = self.model.state_dict()
+        tensors = {}
+        for k, v in own.items():
+            if k.endswith(".num_batches_tracked") and k not in arrays:
+                # BatchNorm's count of training batches is not in the graph (inference does not use it, nor does
+                # training with a set momentum, as here): it keeps the freshly built module's value, 0
+                tensors[k] = v
+            elif k in arrays:
+                a = arrays[k]
+                if a.dtype != np.dtype(str(v.dtype).removeprefix("torch.")):
+                    raise ModelError(f"{path}: initializer {k} is {a.dtype}, the fcos detector's is {str(v.dtype).removeprefix('torch.')}")
+                tensors[k] = torch.from_numpy(a.copy())
+        extra = sorted(set(arrays) - set(own))
+        if extra:
+            raise ModelError(f"{path}: the graph holds tensors the fcos detector lacks ({', '.join(extra[:3])}): not an export of its weights")
+        try:
+            self.load_tensors(tensors)
+        except ModelError as exc:
+            raise ModelError(f"{path}: {exc}") from None
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         own = self.model.state_dict()
@@ -442,7 +469,14 @@ def _levels(detector: "FCOSDetector") -> int:
 
 
 def export_graph(detector: "FCOSDetector", path: Path, opset: int = 17) -> str:
-    """Write the detector's network (see _RawOutputs) to `path` with free H and W; returns the exporter's name."""
+    """Write the detector's network (see _RawOutputs) to `path` with free H and W; returns the exporter's name.
+
+    The graph keeps the model's own tensors as its initializers, under their state_dict names, so it is also where
+    the weights are kept (graph_tensors reads them back): no constant folding, and BatchNorm stays BatchNormalization
+    (inference mode, with running_mean/var), not folded into the convolutions (TrainingMode.PRESERVE skips the
+    exporter's eval-mode fusion; the module is in eval mode). ONNX Runtime fuses BatchNorm itself when it opens the
+    graph. The exporter stores bit-equal tensors once (in a residual block both BatchNorm biases, added together,
+    train alike) and gives the other name with an Identity node."""
     from bloodcell.models.detector_onnx import OUTPUTS
 
     names = [f"{o}_{i}" for i in range(_levels(detector)) for o in OUTPUTS]
@@ -452,10 +486,60 @@ def export_graph(detector: "FCOSDetector", path: Path, opset: int = 17) -> str:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
             torch.onnx.export(net, (torch.zeros(1, 3, 256, 320),), str(path), dynamo=False, input_names=["input"],
-                              output_names=names, dynamic_axes=axes, opset_version=opset)
+                              output_names=names, dynamic_axes=axes, opset_version=opset, do_constant_folding=False,
+                              training=torch.onnx.TrainingMode.PRESERVE)
     except Exception as exc:
         raise ModelError(f"ONNX export of the detector failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from None
     return "torchscript"
+
+
+def graph_tensors(path: str | Path) -> dict[str, np.ndarray]:
+    """The tensors an ONNX graph stores, by name: its initializers, and the names Identity nodes give them (the
+    exporter's way of storing bit-equal tensors once). Constants inside nodes are not included."""
+    import onnx
+    from onnx import numpy_helper
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: the detector's ONNX file is missing (detector.json's onnx section names it)")
+    try:
+        graph = onnx.load(str(path)).graph
+        arrays = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    except Exception as exc:
+        raise ModelError(f"{path}: not readable as ONNX ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    for node in graph.node:
+        if node.op_type == "Identity" and node.input[0] in arrays and node.output[0] not in arrays:
+            arrays[node.output[0]] = arrays[node.input[0]]
+    return arrays
+
+
+def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of learned tensors: name, dtype, shape and bytes of each, by name, without BatchNorm's
+    num_batches_tracked (not kept in the ONNX graph). The same whether the weights come from detector.safetensors
+    or from detector.onnx, so detector.json can record which trained weights its graph holds."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        if name.endswith(".num_batches_tracked"):
+            continue
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{tuple(t.shape)}\0".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _same_tensors(detector: "FCOSDetector", arrays: dict[str, np.ndarray]) -> list[str]:
+    """Names of the detector's tensors the graph does not hold bit for bit (num_batches_tracked aside)."""
+    bad = []
+    for k, v in detector.model.state_dict().items():
+        if k.endswith(".num_batches_tracked"):
+            continue
+        a = arrays.get(k)
+        if a is None or a.shape != tuple(v.shape) or a.tobytes() != v.detach().cpu().contiguous().numpy().tobytes():
+            bad.append(k)
+    bad += sorted(set(arrays) - set(detector.model.state_dict()))
+    return bad
 
 
 def check_photos(n: int = 6, seed: int = 0) -> list[np.ndarray]:
@@ -505,12 +589,19 @@ def check_onnx(detector: "FCOSDetector", onnx_detector, photos: Sequence[np.ndar
 
 def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | None = None, source: str = "",
                             opset: int = 17) -> dict:
-    """Export the FCOS detector in `folder` to `folder/detector.onnx`, checked against PyTorch, and describe it in the
-    folder's own detector.json (`onnx` section, with the hashes of the weights it was made from).
+    """Make `folder` a single-copy detector folder: detector.json + detector.onnx, the FCOS network exported to ONNX
+    with its weights as the graph's initializers (export_graph), checked against PyTorch, and described by the
+    folder's own detector.json (`onnx` section). detector.safetensors, if there, is then removed: the torch FCOS loads
+    its weights from detector.onnx. Returns the `onnx` section.
 
-    The check runs both on `photos` (default: check_photos()) and refuses (ModelError, nothing written) unless the
-    network's outputs agree within ONNX_TOLERANCE and, at the operating thresholds, every photograph gives the same
-    number of boxes, paired with IoU >= 0.99, the same labels and scores within 1e-3. Returns the `onnx` section."""
+    The weights come from detector.safetensors (a training run's, copied in by tools/bundle_detector.py) or, in a
+    folder that has only the ONNX, from detector.onnx itself (re-export: they must be the ones its detector.json
+    records). The check runs both on `photos` (default: check_photos()) and refuses (ModelError, nothing written)
+    unless the graph holds the detector's tensors bit for bit, the network's outputs agree within ONNX_TOLERANCE and,
+    at the operating thresholds, every photograph gives the same number of boxes, paired with IoU >= 0.99, the same
+    labels and scores within 1e-3. The section records the SHA-256 of detector.onnx (`sha256`), of the weights it
+    holds (`weights_sha256`, weights_digest: the same from either file) and of the training run's weights file it
+    was exported from (`exported_from`)."""
     import hashlib
     import json
     import shutil
@@ -523,14 +614,27 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
     from bloodcell.models.detector_onnx import DETECTOR_ONNX, ONNX_DETECTOR
 
     folder = Path(folder)
+    meta = json.loads((folder / DETECTOR_METADATA).read_text())
     detector = load_detector(folder / DETECTOR_METADATA)
     if not isinstance(detector, FCOSDetector):
         raise ModelError(f"{folder}: only an fcos detector has an ONNX export, this one is '{detector.name}'")
+    digest = weights_digest(detector.tensors())
+    previous = meta.get("onnx") if isinstance(meta.get("onnx"), dict) else {}
+    if meta.get("weights"):  # a training run's weights file
+        exported_from = {meta["weights"]: hashlib.sha256((folder / meta["weights"]).read_bytes()).hexdigest()}
+    elif previous.get("state_dict") == ONNX_STATE_DICT and previous.get("weights_sha256") == digest:
+        exported_from = previous.get("exported_from") or {}  # the same weights, already exported once
+    else:
+        raise ModelError(f"{folder / DETECTOR_ONNX}: its weights are not the ones {DETECTOR_METADATA} records "
+                         f"(weights_sha256); bundle the detector again from its training run")
     if photos is None:
         photos, source = check_photos(), "generated photographs"
     with tempfile.TemporaryDirectory(prefix="bloodcell-detector-") as work:
         tmp = Path(work) / DETECTOR_ONNX
         exporter = export_graph(detector, tmp, opset)
+        differ = _same_tensors(detector, graph_tensors(tmp))
+        if differ:
+            raise ModelError(f"the detector's ONNX export does not hold its weights under their names ({', '.join(differ[:3])}); nothing written")
         section = {"detector": ONNX_DETECTOR, "file": DETECTOR_ONNX}
         onnx_detector = create_detector(ONNX_DETECTOR, **detector.options)
         onnx_detector.score_thresholds = dict(detector.score_thresholds)
@@ -540,20 +644,28 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
         if not (figures["max_abs_diff"] <= ONNX_TOLERANCE and at["unpaired"] == 0 and at["label_mismatches"] == 0
                 and at["min_iou"] >= PARITY["min_iou"] and at["max_score_diff"] <= PARITY["max_score_diff"]):
             raise ModelError(f"the detector's ONNX export differs from PyTorch on {len(photos)} {source}: {figures}; nothing written")
+        onnx_detector.session = None  # let go of the file before it moves
+        file_digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
         with io.atomic_path(folder / DETECTOR_ONNX) as final:
             shutil.copyfile(tmp, final)
-    meta = json.loads((folder / DETECTOR_METADATA).read_text())
     section.update(
         opset=opset,
         exporter=exporter,
         input="input",
         input_layout="1 x 3 x H x W float32: the photograph normalised, resized to long_side, zero-padded to a multiple of 32",
         outputs=onnx_detector.output_names,
-        exported_from={DETECTOR_WEIGHTS: hashlib.sha256((folder / DETECTOR_WEIGHTS).read_bytes()).hexdigest()},
+        sha256=file_digest,
+        state_dict=ONNX_STATE_DICT,
+        weights_sha256=digest,
+        exported_from=exported_from,
         checked_on=f"{len(photos)} {source}",
         **figures,
         versions={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
     )
+    weights_file = meta.get("weights")
+    meta["weights"] = None  # kept once, in detector.onnx
     meta["onnx"] = section
     io.write_json(folder / DETECTOR_METADATA, meta)
+    for name in {DETECTOR_WEIGHTS, weights_file} - {None}:
+        (folder / name).unlink(missing_ok=True)
     return section

@@ -26,7 +26,7 @@ import numpy as np
 from bloodcell.errors import ModelError
 from bloodcell.models.detector import Detections, FieldDetector, register_detector
 
-DETECTOR_ONNX = "detector.onnx"  # beside detector.safetensors; described by detector.json's `onnx` section
+DETECTOR_ONNX = "detector.onnx"  # described by detector.json's `onnx` section; a bundled detector's only weights file
 ONNX_DETECTOR = "fcos-onnx"
 
 # What the torch FCOS is built with (bloodcell.models.detector_fcos imports these, so both sides share one value).
