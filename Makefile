@@ -10,7 +10,7 @@ DEMO_OUT ?= runs/demo
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]' 2>&1 | grep -v "is ignored: it is neither" || true
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[train,dev]' 2>&1 | grep -v "is ignored: it is neither" || true
 	$(PY) -c "import bloodcell, torch, torchvision, timm, lightning" 
 	touch $(STAMP)
 

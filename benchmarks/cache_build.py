@@ -16,7 +16,7 @@ import time
 
 from bloodcell.data.cache import build_cache
 from bloodcell.data.discover import scan
-from bloodcell.evaluate.run import cpu_line
+from bloodcell.evaluate.machine import cpu_line
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ import torch
 
 from bloodcell.config import parse_config
 from bloodcell.data.prepare import PreparedData
-from bloodcell.evaluate.run import cpu_line, environment
+from bloodcell.evaluate.machine import cpu_line, environment
 from bloodcell.models import list_models, model_info
 from bloodcell.train.fit import fit
 

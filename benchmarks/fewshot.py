@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from bloodcell.evaluate.run import cpu_line
+    from bloodcell.evaluate.machine import cpu_line
     from bloodcell.infer import Predictor
 
     work = args.work or Path(tempfile.mkdtemp(prefix="fewshot-"))

@@ -58,7 +58,7 @@ def main() -> None:
     import torch
 
     from bloodcell import __version__
-    from bloodcell.evaluate.run import cpu_line
+    from bloodcell.evaluate.machine import cpu_line
     from bloodcell.infer import Predictor
     from bloodcell.infer.export import export_onnx
     from bloodcell.models import create_model, save_checkpoint

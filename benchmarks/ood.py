@@ -27,7 +27,7 @@ WBC = ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
 
 
 def cpu_line() -> str:
-    from bloodcell.evaluate.run import cpu_line as line
+    from bloodcell.evaluate.machine import cpu_line as line
 
     return line()
 

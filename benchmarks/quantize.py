@@ -162,11 +162,11 @@ def main() -> None:
     from bloodcell import __version__
     from bloodcell.config import parse_config
     from bloodcell.data.prepare import split_files
-    from bloodcell.evaluate.run import cpu_line
+    from bloodcell.evaluate.machine import cpu_line
     from bloodcell.infer import Predictor
     from bloodcell.infer import quantize as q
     from bloodcell.infer.export import export_onnx
-    from bloodcell.models.checkpoint import bundled_model_dir
+    from bloodcell.models.metadata import bundled_model_dir
 
     model = bundled_model_dir()
     meta = json.loads((model / "model.json").read_text())

@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> dict:
     from bloodcell import io
     from bloodcell.data.images import load_array
     from bloodcell.evaluate.metrics import bootstrap_ci
-    from bloodcell.evaluate.run import cpu_line
+    from bloodcell.evaluate.machine import cpu_line
     from bloodcell.infer import Predictor
     from bloodcell.progress import enabled_by_default, progress_bar
 

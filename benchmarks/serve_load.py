@@ -194,7 +194,7 @@ def main() -> None:
     import uvicorn
 
     from bloodcell import __version__
-    from bloodcell.evaluate.run import cpu_line
+    from bloodcell.evaluate.machine import cpu_line
 
     images = sample_images()
     uploads = make_uploads(images, args.requests, args.files_per_request)

@@ -35,7 +35,7 @@ from bloodcell.data.cache import build_cache
 from bloodcell.data.discover import scan
 from bloodcell.data.images import is_image_name
 from bloodcell.data.prepare import PreparedData
-from bloodcell.evaluate.run import cpu_line, environment
+from bloodcell.evaluate.machine import cpu_line, environment
 from bloodcell.models import create_model, list_models, model_info
 from bloodcell.train.fit import fit, resolve_accelerator, resolve_precision
 

@@ -17,6 +17,20 @@ from bloodcell.models.detector import Detections, FieldDetector
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
 PBC = Path(os.environ.get("BLOODCELL_PBC", REPO.parent / "shared" / "data" / "pbc"))
+BCCD = REPO.parent / "shared" / "data" / "bccd"
+
+
+def cli_env() -> dict:
+    """The environment of a `bloodcell` subprocess: this checkout's source, no progress bars, one thread."""
+    return dict(os.environ, BLOODCELL_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
+
+
+def env_with_startup_hook(tmp_path: Path, code: str, **extra: str) -> dict:
+    """cli_env() in which every Python process (each DDP rank too) runs `code` at start-up, as sitecustomize."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(code)
+    return dict(cli_env(), PYTHONPATH=f"{hook}{os.pathsep}{cli_env()['PYTHONPATH']}", **extra)
 
 
 def load_benchmark(name: str):
@@ -240,3 +254,7 @@ def field_photo(path: Path, size: tuple[int, int] = (640, 480), seed: int = 0, b
 
 def needs_pbc():
     return pytest.mark.skipif(not PBC.is_dir(), reason=f"real PBC data not found at {PBC}")
+
+
+def needs_bccd():
+    return pytest.mark.skipif(not BCCD.is_dir(), reason=f"real BCCD photographs not found at {BCCD}")

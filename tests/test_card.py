@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from bloodcell.cli import app
 from bloodcell.infer.card import INTENDED_USE, card_for
-from bloodcell.models.checkpoint import bundled_model_dir
+from bloodcell.models.metadata import bundled_model_dir
 
 from conftest import CLASS_NAMES, toy_run
 

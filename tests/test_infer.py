@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from bloodcell.cli import app
 from bloodcell.errors import DataError, ModelError
 from bloodcell.infer import Predictor, summarize
-from bloodcell.models import checkpoint as checkpoint_mod
+from bloodcell.models import metadata as checkpoint_mod
 from bloodcell.models import create_model, save_checkpoint
 from conftest import set_ood_threshold, with_ood
 

@@ -166,7 +166,7 @@ def test_bundled_model_calibrates_on_its_validation_part_only():
     """The real split: calibration and check images of the bundled model are validation images, none of its 5,130 test images."""
     from bloodcell.config import parse_config
     from bloodcell.data.prepare import split_files
-    from bloodcell.models.checkpoint import bundled_model_dir
+    from bloodcell.models.metadata import bundled_model_dir
 
     meta = json.loads((bundled_model_dir() / "model.json").read_text())
     cs = q.calibration_set(meta, "bundled", data_root=PBC)

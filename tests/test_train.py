@@ -23,7 +23,7 @@ from bloodcell.errors import ConfigError
 from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, read_checkpoint
 from bloodcell.train.smote import check_smote_fits, smote_oversample
 
-from conftest import REPO, SAMPLE
+from conftest import REPO, SAMPLE, cli_env, env_with_startup_hook
 
 runner = CliRunner()
 BLOODCELL = [sys.executable, "-m", "bloodcell.cli"]
@@ -39,11 +39,6 @@ TINY = {
 def write_cfg(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg))
     return path
-
-
-def cli_env() -> dict:
-    env = dict(os.environ, BLOODCELL_PROGRESS="0", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO / "src"))
-    return env
 
 
 def train(cfg_path: Path, out: Path, *extra: str) -> dict:
@@ -360,14 +355,6 @@ if os.environ.get("LOCAL_RANK") == "1":
         return loss * float("nan") if _calls[0] == 3 else loss
     F.cross_entropy = cross_entropy
 '''
-
-
-def env_with_startup_hook(tmp_path: Path, code: str, **extra: str) -> dict:
-    """cli_env() in which every Python process (each DDP rank too) runs `code` at start-up, as sitecustomize."""
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(code)
-    return dict(cli_env(), PYTHONPATH=f"{hook}{os.pathsep}{cli_env()['PYTHONPATH']}", **extra)
 
 
 @pytest.mark.slow

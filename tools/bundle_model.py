@@ -4,8 +4,13 @@
 
 Copies model.safetensors, ood.safetensors (its out-of-distribution statistics) and model.json (which already
 carries classes, input size, normalisation, temperature, review and OOD thresholds, training config and test metrics) and adds where the model came from,
-keeps the known limits measured for the model it replaces (edit them in model.json when they change), and writes MODEL_CARD.md from all of it.
-Refuses an unfinished run.
+keeps the known limits measured for the model it replaces (edit them in model.json when they change), exports it to
+model.onnx (checked against PyTorch; what the light install without PyTorch runs, described by model.json's `onnx`
+section) and writes MODEL_CARD.md from all of it. Refuses an unfinished run.
+
+    .venv/bin/python tools/bundle_model.py --refresh src/bloodcell/assets/default_model
+
+redoes only the ONNX export and the card of the model already there.
 """
 
 from __future__ import annotations
@@ -17,10 +22,14 @@ from pathlib import Path
 
 from bloodcell import io
 from bloodcell.infer.card import BUNDLED_SOURCE, model_card
+from bloodcell.infer.export import export_bundled
 from bloodcell.models.checkpoint import load_checkpoint
 
 
 def main() -> None:
+    if sys.argv[1] == "--refresh":
+        finish(Path(sys.argv[2]))
+        return
     run, dest = Path(sys.argv[1]), Path(sys.argv[2])
     status = json.loads((run / "status.json").read_text())
     if status.get("state") != "complete":
@@ -55,8 +64,16 @@ def main() -> None:
         with io.atomic_path(dest / name) as tmp:
             shutil.copyfile(run / name, tmp)
     io.write_json(dest / "model.json", meta)
-    io.write_text(dest / "MODEL_CARD.md", model_card(meta, source=BUNDLED_SOURCE))
+    finish(dest)
     print(f"bundled {meta['model_name']} ({(dest / 'model.safetensors').stat().st_size / 1e6:.1f} MB), test accuracy {test['accuracy']:.4f}, into {dest}")
+
+
+def finish(dest: Path) -> None:
+    """model.onnx beside the weights (recorded in model.json), then the card from the final model.json."""
+    report = export_bundled(dest)
+    print(f"exported {report.path} ({report.exporter}); largest logit difference vs PyTorch {report.max_abs_diff:.2g} on {report.images} {report.image_source}")
+    meta = json.loads((dest / "model.json").read_text())
+    io.write_text(dest / "MODEL_CARD.md", model_card(meta, source=BUNDLED_SOURCE))
 
 
 if __name__ == "__main__":

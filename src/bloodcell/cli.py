@@ -29,7 +29,8 @@ app.add_typer(data_app, name="data")
 
 
 def user_errors(fn: Callable) -> Callable:
-    """Turn BloodcellError into a one-line message and exit status 2."""
+    """Turn BloodcellError into a one-line message and exit status 2; so is a command that needs the [train] extra
+    in the light inference install."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -37,6 +38,15 @@ def user_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except BloodcellError as exc:
             typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
+        except ModuleNotFoundError as exc:
+            from bloodcell.extras import INSTALL_TRAIN, missing_train_module
+
+            missing = missing_train_module(exc)
+            if missing is None:
+                raise
+            command = "bloodcell " + fn.__name__.removesuffix("_cmd").replace("_", " ")
+            typer.echo(f"error: '{command}' needs PyTorch and the training install ({missing} is not installed): {INSTALL_TRAIN}", err=True)
             raise typer.Exit(2) from None
 
     return wrapper
@@ -275,17 +285,23 @@ def study_cmd(
     overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),
     report_only: bool = typer.Option(False, "--report-only", help="Train nothing: write the report from the runs already in --out."),
     estimate: bool = typer.Option(False, "--estimate", help="Train nothing: measure each model's epoch rate here and print how long every run will take (writes --out/budget.json)."),
+    parallel: str = typer.Option(
+        "1", "--parallel", metavar="K|auto",
+        help="Train K runs at once, each in its own process on one device: on CUDA worker i sees only GPU i, on CPU each gets 1/K of the torch threads. auto: one per visible GPU (1 without CUDA).",
+    ),
 ) -> None:
     """Run many experiments (model x protocol x seed), resumably, and write report.md + report.html."""
+    from bloodcell.study.parallel import parse_parallel
     from bloodcell.study.runner import run_study
     from bloodcell.study.spec import load_study
 
+    workers = parse_parallel(parallel)
     spec, _ = load_study(config)
     out = out or Path("runs") / spec.name
     if estimate:
         _estimate_study(config, out, data, list(overrides), list(only) or None)
         return
-    summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides), only=list(only) or None, report_only=report_only)
+    summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides), only=list(only) or None, report_only=report_only, parallel=workers)
     typer.echo(f"runs complete: {summary['complete']} of {summary['runs']}" + (f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""))
     _print_study_summary(summary)
     typer.echo(f"report: {summary['report']}")
@@ -469,7 +485,7 @@ def card_cmd(
     """Print a model's card (markdown): intended use, training data, metrics with CIs, calibration, known limits."""
     from bloodcell.errors import ModelError
     from bloodcell.infer.card import card_for
-    from bloodcell.models.checkpoint import bundled_model_dir
+    from bloodcell.models.metadata import bundled_model_dir
 
     source = Path(model) if model and str(model) != "default" else bundled_model_dir()
     if source.name == "model.safetensors":
@@ -489,9 +505,12 @@ def explain_cmd(
     out: Path = typer.Option(..., "--out", help="Folder for the Grad-CAM PNGs (<image>.gradcam.png)."),
 ) -> None:
     """Grad-CAM overlays: which part of each image drove the predicted class."""
+    from bloodcell.extras import INSTALL_TRAIN, has_torch
     from bloodcell.infer import Predictor
     from bloodcell.infer.explain import explain_paths
 
+    if not has_torch():
+        raise BloodcellError(f"Grad-CAM runs on PyTorch, which this install lacks: {INSTALL_TRAIN}")
     predictor = Predictor.load(model, device=device)
     skipped: list = []
     written = explain_paths(predictor, images, out, skipped=skipped)
@@ -600,6 +619,7 @@ def detector_evaluate_cmd(
 
 
 @detector_app.command("list")
+@user_errors
 def detector_list_cmd() -> None:
     """The registered detectors."""
     from bloodcell.models.detector import list_detectors

@@ -74,7 +74,7 @@ def run_detector(detector: FieldDetector, photos: Sequence[FieldAnnotation], pro
 
 
 def machine_line() -> str:
-    from bloodcell.evaluate.run import cpu_line
+    from bloodcell.evaluate.machine import cpu_line
 
     return f"{cpu_line()}, torch threads {torch.get_num_threads()}"
 

@@ -111,7 +111,7 @@ def evaluate_folder(
     """
     from bloodcell.data.discover import scan
     from bloodcell.evaluate.metrics import classification_metrics
-    from bloodcell.evaluate.run import environment
+    from bloodcell.evaluate.machine import environment
 
     t0 = time.perf_counter()
     out_dir = Path(out_dir)

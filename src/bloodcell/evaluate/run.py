@@ -11,17 +11,17 @@ import csv
 import io as _io
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bloodcell import __version__, io
+from bloodcell import io
 from bloodcell.config import RunConfig
 from bloodcell.data.prepare import PreparedData
 from bloodcell.evaluate.calibration import apply_temperature, fit_temperature, softmax
+from bloodcell.evaluate.machine import environment
 from bloodcell.evaluate.metrics import classification_metrics, expected_calibration_error
 from bloodcell.evaluate.ood import energy_score, fit_mahalanobis, mahalanobis_score, threshold_for
 from bloodcell.models.ood import METHOD as OOD_METHOD, OOD_FILE, ood_feature_dim, ood_features, save_ood
@@ -102,50 +102,6 @@ def fit_ood_score(run_dir: Path, outputs: dict, y: dict, num_classes: int, false
         energy_val, energy_test = energy_score(outputs["val"][0]), energy_score(outputs["test"][0])
         out["energy_test_flagged"] = float((energy_test > threshold_for(energy_val, false_alarm)).mean())
     return out
-
-
-def environment() -> dict:
-    env = {
-        "machine": platform.machine(),
-        "processor": cpu_name(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "bloodcell": __version__,
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-    try:
-        import lightning, timm  # noqa: E401
-
-        env["lightning"], env["timm"] = lightning.__version__, timm.__version__
-    except ImportError:
-        pass
-    return env
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_line() -> str:
-    """The CPU model, the flags that change speed (AVX2, AVX-512, VNNI for int8, bf16, AMX) and any cap that makes
-    it run as an older CPU (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): every benchmark prints it."""
-    try:
-        flags = set(next(l for l in Path("/proc/cpuinfo").read_text().splitlines() if l.startswith("flags")).split())
-    except (OSError, StopIteration):
-        flags = set()
-    wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    line = f"{cpu_name()} ({', '.join(wanted) or 'no AVX2/AVX-512 flags seen'})"
-    caps = [f"{k}={os.environ[k]}" for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if os.environ.get(k)]
-    if caps:
-        line += f", capped: {' '.join(caps)} (torch kernels {torch.backends.cpu.get_cpu_capability()})"
-    return line
 
 
 def write_predictions(path: Path, paths: list[str], true_names: list[str], class_names: list[str], probs: np.ndarray) -> None:

@@ -58,7 +58,8 @@ def model_card(meta: dict, metrics: dict | None = None, source: str = "") -> str
                  f"{pre.get('white_balance', 'none')}, {pre.get('normalise', 'ImageNet mean/std')}.")
     onnx, quant = meta.get("onnx") or {}, meta.get("quantization") or {}
     if onnx:
-        lines.append(f"- This file: ONNX opset {onnx.get('opset')}, largest difference from PyTorch {onnx.get('max_abs_diff', 0):.2g} on {onnx.get('checked_on', '?')}.")
+        which = f"{onnx['file']} (what an install without PyTorch runs)" if onnx.get("file") else "This file"
+        lines.append(f"- {which}: ONNX opset {onnx.get('opset')}, largest difference from PyTorch {onnx.get('max_abs_diff', 0):.2g} on {onnx.get('checked_on', '?')}.")
     if quant:
         check = quant.get("check") or {}
         lines.append(f"- Quantized: {quant.get('mode')}, calibrated on {quant.get('calibration')}; top-1 agreement with fp32 "

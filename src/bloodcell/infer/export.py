@@ -24,7 +24,7 @@ from bloodcell.infer.card import model_card
 from bloodcell.io import atomic_path, write_json, write_text
 
 PARITY_TOLERANCE = 1e-4
-DYNAMO_MIN_OPSET = 18  # torch 2.14's dynamo exporter writes opset 18 and up (lower: a version conversion that fails on ReduceMean)
+DYNAMO_MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and up (lower: a version conversion that fails on ReduceMean)
 DEFAULT_OPSET = DYNAMO_MIN_OPSET
 SAMPLE_DIR = Path(__file__).resolve().parents[3] / "examples" / "pbc-sample"  # in a source checkout
 
@@ -227,3 +227,32 @@ def _check_batch(predictor, check_images) -> tuple[np.ndarray, str]:
     rng = np.random.default_rng(0)
     s = predictor.input_size
     return rng.integers(0, 256, (4, s, s, 3), dtype=np.uint8), "random images"
+
+
+def export_bundled(folder: str | os.PathLike, opset: int = DEFAULT_OPSET) -> ExportReport:
+    """Export a model folder (model.safetensors + model.json) to `folder/model.onnx`, checked as `export_onnx` checks,
+    and describe it in the folder's own model.json (`onnx` section, with the hashes of the weights it was made from),
+    so the light install runs the same model and no second copy of its metadata exists."""
+    import hashlib
+    import json
+    import shutil
+
+    from bloodcell.infer.predictor import BUNDLED_ONNX
+    from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory(prefix="bloodcell-bundle-") as work:
+        report = export_onnx(folder, Path(work) / BUNDLED_ONNX, opset=opset)
+        section = json.loads(report.sidecar.read_text(encoding="utf-8"))["onnx"]
+        with atomic_path(folder / BUNDLED_ONNX) as tmp:
+            shutil.copyfile(report.path, tmp)
+    meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
+    weights = [WEIGHTS_FILE] + ([str(meta["ood"].get("file") or "ood.safetensors")] if meta.get("ood") else [])
+    section.update(
+        file=BUNDLED_ONNX,
+        exported_from={name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in weights},
+    )
+    meta["onnx"] = section
+    write_json(folder / METADATA_FILE, meta)
+    return ExportReport(folder / BUNDLED_ONNX, folder / METADATA_FILE, report.max_abs_diff, report.images,
+                        report.image_source, report.exporter, None, report.fallback_reason, report.opset)

@@ -23,7 +23,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
@@ -38,12 +38,17 @@ from bloodcell.data.images import (
     prepare_array,
 )
 from bloodcell.errors import DataError, ModelError
-from bloodcell.models.checkpoint import bundled_model_dir, preprocessing
+from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
+from bloodcell.models.metadata import METADATA_FILE, bundled_model_dir, preprocessing
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_REVIEW_THRESHOLD = 0.9
 DEFAULT_INTERPOLATION = "bilinear"
 ONNX_SIDECAR_SUFFIX = ".json"  # model.onnx -> model.onnx.json
+BUNDLED_ONNX = "model.onnx"  # beside the bundled model.safetensors; described by model.json's `onnx` section
 
 # The white cells of a differential count; platelets, erythroblasts (nucleated red cells) and
 # anything else a model may know are counted but left out of the "% of WBC" column.
@@ -97,6 +102,8 @@ class Predictor:
         """
         if model is None:
             path = bundled_model_dir()
+            if not has_torch():  # the light install: the same model, shipped as ONNX (model.json says so)
+                path = path / BUNDLED_ONNX
         else:
             path = Path(model)
             if not path.exists():
@@ -113,8 +120,16 @@ class Predictor:
             if meta.get("ood") and "ood_score" in [o.name for o in session.get_outputs()]:
                 predictor.ood_threshold = _ood_threshold(meta, str(path))
         else:
-            from bloodcell.models.checkpoint import load_checkpoint
-            from bloodcell.models.ood import ScoredModel, load_ood, ood_feature_dim
+            try:
+                from bloodcell.models.checkpoint import load_checkpoint
+                from bloodcell.models.ood import ScoredModel, load_ood, ood_feature_dim
+            except ModuleNotFoundError as exc:
+                if missing_train_module(exc) is None:
+                    raise
+                raise ModelError(
+                    f"{path} is a PyTorch model and this install has no PyTorch: {INSTALL_TRAIN}, "
+                    "or use its ONNX export (bloodcell export, where PyTorch is installed)"
+                ) from None
 
             device = _torch_device(device)
             net, meta = load_checkpoint(path)
@@ -412,15 +427,21 @@ def onnx_sidecar(path: str | os.PathLike) -> Path:
 
 
 def _read_onnx_sidecar(path: Path) -> dict:
+    """The .onnx file's `<file>.onnx.json`; else the model.json beside it when its `onnx` section names this file
+    (a model folder shipping both backends, like the bundled one, describes itself once)."""
     sidecar = onnx_sidecar(path)
+    if not sidecar.is_file() and path.with_name(METADATA_FILE).is_file():
+        sidecar = path.with_name(METADATA_FILE)
     if not sidecar.is_file():
-        raise ModelError(f"{path}: metadata sidecar {sidecar} not found (written by 'bloodcell export')")
+        raise ModelError(f"{path}: metadata sidecar {onnx_sidecar(path)} not found (written by 'bloodcell export')")
     try:
         meta = json.loads(sidecar.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelError(f"{sidecar} is not valid JSON ({exc})") from None
     if not isinstance(meta, dict) or "num_classes" not in meta or "input_size" not in meta:
         raise ModelError(f"{sidecar} lacks num_classes / input_size")
+    if sidecar.name == METADATA_FILE and (meta.get("onnx") or {}).get("file") != path.name:
+        raise ModelError(f"{path}: no sidecar {onnx_sidecar(path).name}, and {sidecar} does not describe it (no onnx.file '{path.name}')")
     return meta
 
 

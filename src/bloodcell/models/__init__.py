@@ -1,18 +1,27 @@
-"""The model zoo: every model of the paper behind one registry and one nn.Module face."""
+"""The model zoo: every model of the paper behind one registry and one nn.Module face.
 
-from bloodcell.models.base import BloodcellModel
-from bloodcell.models.checkpoint import load_checkpoint, save_checkpoint
-from bloodcell.models.losses import supcon_loss
-from bloodcell.models.registry import ModelInfo, create_model, list_models, model_info, register_model
+Names are imported on first use, so `bloodcell.models.metadata` (model.json, no PyTorch) stays importable in the
+light inference install; the rest needs `bloodcell[train]`.
+"""
 
-__all__ = [
-    "BloodcellModel",
-    "ModelInfo",
-    "create_model",
-    "list_models",
-    "load_checkpoint",
-    "model_info",
-    "register_model",
-    "save_checkpoint",
-    "supcon_loss",
-]
+from importlib import import_module
+
+_EXPORTS = {
+    "BloodcellModel": "bloodcell.models.base",
+    "load_checkpoint": "bloodcell.models.checkpoint",
+    "save_checkpoint": "bloodcell.models.checkpoint",
+    "supcon_loss": "bloodcell.models.losses",
+    "ModelInfo": "bloodcell.models.registry",
+    "create_model": "bloodcell.models.registry",
+    "list_models": "bloodcell.models.registry",
+    "model_info": "bloodcell.models.registry",
+    "register_model": "bloodcell.models.registry",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bloodcell.models' has no attribute '{name}'")

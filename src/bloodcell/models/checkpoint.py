@@ -5,7 +5,6 @@ Weights are never unpickled: `.pt`/`.pth`/`.ckpt`/pickle files are refused outri
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -17,11 +16,16 @@ from bloodcell.errors import ModelError
 from bloodcell.io import write_bytes, write_json
 from bloodcell.models.base import BloodcellModel
 
-WEIGHTS_FILE = "model.safetensors"
-METADATA_FILE = "model.json"
-FORMAT = "bloodcell-checkpoint"
-FORMAT_VERSION = 1
-_PICKLE_SUFFIXES = {".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".bin", ".tar"}
+from bloodcell.models.metadata import (  # the torch-free half of a checkpoint; read_metadata re-exported
+    FORMAT,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    _locate,
+    bundled_model_dir,
+    preprocessing,
+    read_metadata,
+)
 
 
 def save_checkpoint(model: BloodcellModel, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -63,42 +67,6 @@ def save_checkpoint(model: BloodcellModel, directory: str | os.PathLike, metadat
     write_bytes(directory / WEIGHTS_FILE, save(state, metadata=header))
     write_json(directory / METADATA_FILE, meta)
     return directory
-
-
-def _locate(path: Path) -> tuple[Path, Path]:
-    """(weights file, metadata file) for a checkpoint folder or its .safetensors file."""
-    if path.suffix.lower() in _PICKLE_SUFFIXES:
-        raise ModelError(
-            f"refusing to load {path}: pickle-based files can run code when loaded; "
-            f"bloodcell checkpoints are a folder with {WEIGHTS_FILE} + {METADATA_FILE}"
-        )
-    if path.is_dir():
-        return path / WEIGHTS_FILE, path / METADATA_FILE
-    if path.suffix == ".safetensors":
-        beside = path.with_suffix(".json")
-        return path, beside if beside.is_file() else path.parent / METADATA_FILE
-    if not path.exists():
-        raise ModelError(f"checkpoint not found: {path}")
-    raise ModelError(f"{path} is not a checkpoint: expected a folder with {WEIGHTS_FILE} + {METADATA_FILE}")
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The model.json of a checkpoint (folder or .safetensors path), checked for the basics."""
-    _, meta_path = _locate(Path(path))
-    if not meta_path.is_file():
-        raise ModelError(f"checkpoint metadata not found: {meta_path} (written by save_checkpoint)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"checkpoint metadata {meta_path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or "model_name" not in meta or "num_classes" not in meta:
-        raise ModelError(f"checkpoint metadata {meta_path} lacks model_name / num_classes")
-    names = meta.get("class_names")
-    if names is not None and len(names) != meta["num_classes"]:
-        raise ModelError(
-            f"checkpoint metadata {meta_path} lists {len(names)} class_names but num_classes is {meta['num_classes']}"
-        )
-    return meta
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[BloodcellModel, dict]:
@@ -146,43 +114,6 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     _check_fit(model, state, weights_path, meta)
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval(), meta
-
-
-BUNDLED_MODEL = ("assets", "default_model")
-
-
-def bundled_model_dir() -> Path:
-    """The model shipped inside the package (bloodcell/assets/default_model), if this install has one."""
-    from importlib import resources
-
-    node = resources.files("bloodcell").joinpath(*BUNDLED_MODEL)
-    try:
-        path = Path(os.fspath(node))  # a regular install: a real folder
-    except TypeError:
-        path = None
-    if path is None or not path.is_dir() or not any((path / f).is_file() for f in ("model.json", "model.onnx.json")):
-        raise ModelError("no bundled model in this install: pass --model RUN_DIR")
-    return path
-
-
-def is_bloodcell_model(source: Any) -> bool:
-    """True for 'default' (the bundled model) and for a folder holding a bloodcell model.json."""
-    if isinstance(source, str) and source == "default":
-        return True
-    return isinstance(source, (str, os.PathLike)) and Path(source).is_dir() and (Path(source) / METADATA_FILE).is_file()
-
-
-def preprocessing(meta: dict) -> dict:
-    """How a model wants its images: model.json's `preprocess` section, else what its training config recorded."""
-    data = (meta.get("training_config") or {}).get("data") or {}
-    pre = meta.get("preprocess") or {}
-    return {
-        "input_size": pre.get("input_size", meta.get("input_size")),
-        "interpolation": pre.get("interpolation") or data.get("interpolation") or "bilinear",
-        "white_balance": pre.get("white_balance") or data.get("white_balance") or "none",
-        "mean": meta.get("mean"),
-        "std": meta.get("std"),
-    }
 
 
 def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], input_size: int, white_balance: str = "none") -> dict:

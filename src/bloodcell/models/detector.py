@@ -2,7 +2,10 @@
 
 A detector takes RGB photographs (H x W x 3 uint8) and returns boxes, a class from FIELD_CLASSES and a score
 per box. Every detector is saved as `detector.json` (name, options, fitted settings, operating thresholds)
-plus `detector.safetensors` when it has learned weights; nothing is unpickled.
+plus `detector.safetensors` when it has learned weights; nothing is unpickled. An FCOS detector can also carry its
+ONNX export (`detector.onnx`, described by detector.json's `onnx` section), which runs without PyTorch; a bundled one
+keeps its weights only there (the graph's initializers, `onnx.state_dict: "initializers"`), and the torch FCOS loads
+them from it.
 """
 
 from __future__ import annotations
@@ -11,20 +14,24 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
-from torchvision.ops import box_iou
 
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation
 from bloodcell.errors import ModelError
+from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
 from bloodcell.io import write_bytes, write_json
+
+if TYPE_CHECKING:  # torch is imported where a detector learns or loads weights: the light install has none
+    import torch
 
 DETECTOR_WEIGHTS = "detector.safetensors"
 DETECTOR_METADATA = "detector.json"
 DETECTOR_FORMAT = "bloodcell-detector"
+# detector.json's onnx.state_dict when the ONNX export's initializers are the torch detector's weights (by state_dict name)
+ONNX_STATE_DICT = "initializers"
 
 _DETECTORS: dict[str, Callable[..., "FieldDetector"]] = {}
 
@@ -88,6 +95,10 @@ class FieldDetector:
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         pass
 
+    def load_onnx_weights(self, path: Path) -> None:
+        """Learned weights kept as the initializers of the detector's ONNX export (the bundled FCOS detector)."""
+        raise ModelError(f"{path}: a '{self.name}' detector does not load its weights from an ONNX graph")
+
     # -- shared behaviour
     def raw(self, images: Sequence[np.ndarray]) -> list[Detections]:
         return [self.detect_one(_check_image(img)) for img in images]
@@ -106,6 +117,9 @@ class FieldDetector:
 
 def matched(found: np.ndarray, truth: np.ndarray, match_iou: float) -> int:
     """How many true boxes are found: one-to-one matches with IoU >= match_iou, as many as possible."""
+    import torch
+    from torchvision.ops import box_iou
+
     if len(found) == 0 or len(truth) == 0:
         return 0
     iou = box_iou(torch.as_tensor(found, dtype=torch.float32), torch.as_tensor(truth, dtype=torch.float32)).numpy()
@@ -243,15 +257,22 @@ def bundled_detector_dir() -> Path:
 
 
 def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
-    """A saved detector: its folder or detector.json; None or 'default': the one bundled with bloodcell."""
-    from safetensors.torch import load_file
+    """A saved detector: its folder, detector.json, or an .onnx file its detector.json describes; None or 'default':
+    the one bundled with bloodcell.
 
+    Without PyTorch (the light install), a folder whose detector.json has an `onnx` section (the bundled one has)
+    loads as that ONNX export (`fcos-onnx`, bloodcell.models.detector_onnx), which finds the same cells. With PyTorch,
+    a folder without a weights file whose `onnx` section says `"state_dict": "initializers"` (the bundled one) loads
+    the torch detector's weights from that ONNX graph."""
     if path is None or str(path) == "default":
         path = bundled_detector_dir()
     path = Path(path)
-    meta_file = path / DETECTOR_METADATA if path.is_dir() else path
+    onnx_file = path if path.suffix.lower() == ".onnx" else None
+    meta_file = path.with_name(DETECTOR_METADATA) if onnx_file else path / DETECTOR_METADATA if path.is_dir() else path
     if not meta_file.is_file():
-        raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe {DETECTOR_WEIGHTS})")
+        if onnx_file:
+            raise ModelError(f"{path}: no {DETECTOR_METADATA} beside it (an ONNX detector is described by the {DETECTOR_METADATA} of its folder)")
+        raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe {DETECTOR_WEIGHTS} or detector.onnx)")
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -261,20 +282,37 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     for key in ("detector", "options", "score_thresholds"):
         if key not in meta:
             raise ModelError(f"{meta_file}: missing key '{key}'")
-    detector = create_detector(meta["detector"], **meta["options"])
+    section = meta.get("onnx") if isinstance(meta.get("onnx"), dict) else None
+    if onnx_file is None and section and not has_torch():  # the light install runs the same detector's ONNX export
+        onnx_file = meta_file.parent / str(section.get("file"))
+    if onnx_file is not None and (not section or section.get("file") != onnx_file.name or not section.get("detector")):
+        raise ModelError(f"{onnx_file}: {meta_file} does not describe it (no onnx section with file '{onnx_file.name}')")
+    name = section["detector"] if onnx_file else meta["detector"]
+    try:
+        detector = create_detector(name, **meta["options"])
+    except ModuleNotFoundError as exc:
+        if missing_train_module(exc) is None:
+            raise
+        raise ModelError(f"the field detector ({meta['detector']}, {path}) runs on PyTorch, which this install lacks: {INSTALL_TRAIN}") from None
     detector.load_state(meta.get("state") or {})
     thresholds = meta["score_thresholds"]
     if set(thresholds) != set(FIELD_CLASSES):
         raise ModelError(f"{meta_file}: score_thresholds must name {', '.join(FIELD_CLASSES)}")
     detector.score_thresholds = {c: float(thresholds[c]) for c in FIELD_CLASSES}
-    if meta.get("weights"):
+    if onnx_file is not None:
+        detector.load_onnx(onnx_file, section)
+    elif meta.get("weights"):
         weights = meta_file.parent / meta["weights"]
         if not weights.is_file():
             raise ModelError(f"{meta_file}: names weights {weights.name} but the file is missing")
+        from safetensors.torch import load_file
+
         try:
             detector.load_tensors(load_file(str(weights)))
         except Exception as exc:  # safetensors raises its own types for torn files
             raise ModelError(f"{weights}: cannot load detector weights ({exc})") from None
+    elif section and section.get("state_dict") == ONNX_STATE_DICT:  # weights kept once, in the ONNX export
+        detector.load_onnx_weights(meta_file.parent / str(section.get("file")))
     detector.metadata = meta
     detector.source = str(meta_file.parent)
     return detector

@@ -118,7 +118,7 @@ def estimate_runs(runs: list[RunSpec], counts: list[int], *, progress=None) -> l
 
 
 def budget_record(estimates: list[RunEstimate]) -> dict:
-    from bloodcell.evaluate.run import cpu_line
+    from bloodcell.evaluate.machine import cpu_line
 
     return {
         "measured": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -499,7 +499,8 @@ def _per_run_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
 def _environment_section(doc: Doc, out: Path, runs: list[RunSpec], prov: dict, summary: dict) -> None:
     doc.h(2, "Environment")
     env = prov.get("environment", {})
-    doc.table(["", ""], [[k, str(v)] for k, v in env.items()] + [["git commit", str(summary.get("git_commit"))], ["data fingerprint", str(prov.get("data_fingerprint"))]])
+    doc.table(["", ""], [[k, str(v)] for k, v in env.items()] + [["git commit", str(summary.get("git_commit"))], ["data fingerprint", str(prov.get("data_fingerprint"))],
+                                                                ["runs at once (--parallel)", str(summary.get("parallel", 1))]])
     estimated = {e["run"]: e["seconds"] for e in (_budget(out) or {}).get("runs", [])}
     rows, total = [], 0.0
     for r in runs:

@@ -1,4 +1,4 @@
-"""Run a study: every (experiment, protocol, seed) in turn, resumable, one failure never stopping the rest."""
+"""Run a study: every (experiment, protocol, seed) in turn or K at once, resumable, one failure never stopping the rest."""
 
 from __future__ import annotations
 
@@ -9,12 +9,15 @@ import time
 from pathlib import Path
 
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bloodcell import io
+from bloodcell.config import RunConfig
 from bloodcell.progress import console, enabled_by_default
 from bloodcell.study.experiment import failure_record, is_complete, read_status, remove_stale_checkpoints, run_config
-from bloodcell.study.spec import RunSpec, StudySpec, expand_runs, load_study
+from bloodcell.study.parallel import check_single_device, resolve_parallel, run_parallel
+from bloodcell.study.spec import RunSpec, expand_runs, load_study
 
 
 def run_dir_for(out: Path, run: RunSpec) -> Path:
@@ -38,16 +41,22 @@ def run_study(
     only: list[str] | None = None,
     progress: bool = True,
     report_only: bool = False,
+    parallel: int | str = 1,
 ) -> dict:
     """Run every run of the study config into out/runs/..., then write out/report.md and out/report.html.
 
     `report_only`: train nothing; write the report from the runs already in `out` (e.g. while a study is paused).
+    `parallel`: how many runs train at once, each in its own worker process on one device (bloodcell.study.parallel);
+    'auto': one per visible CUDA device (1 without CUDA). 1: one after the other in this process.
     """
     from bloodcell.study.report import write_report
 
     spec, base_dir = load_study(config)
     extra = list(overrides or []) + ([f"data.root={data}"] if data else [])
     runs = expand_runs(spec, base_dir, extra, only)
+    workers = 1 if report_only else resolve_parallel(parallel, runs)
+    if workers > 1:
+        check_single_device(runs, workers)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if not report_only:
@@ -59,31 +68,34 @@ def run_study(
     columns = [TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
     with Progress(*columns, console=console(), disable=not show) as bar:
         task = bar.add_task("runs", total=len(runs), name=spec.name)
+
+        def done(run: RunSpec, record: dict) -> None:
+            results[run.key] = record
+            if record["state"] == "failed":
+                console().print(f"[red]run {run.key} failed:[/red] {escape(record['error'])}")
+            bar.advance(task)
+
+        pending = []
         for run in [] if report_only else runs:
             run_dir = run_dir_for(out, run)
             if is_complete(run_dir):
                 remove_stale_checkpoints(run_dir)
                 results[run.key] = {"state": "complete", "skipped": True}
                 bar.advance(task)
-                continue
-            console().print(f"[bold]{run.key}[/bold] ({run.config.model.name}, {run.config.data.input_size}px, {run.config.train.epochs} epochs)") if show else None
-            t0 = time.perf_counter()
-            try:
-                run_config(run.config, run_dir, resume=True, progress=show)
-                results[run.key] = {"state": "complete", "seconds": round(time.perf_counter() - t0, 1)}
-            except Exception as exc:  # noqa: BLE001 - one failed run must not sink the study
-                record = {"state": "failed", **failure_record(exc), "seconds": round(time.perf_counter() - t0, 1)}
-                if rank_zero_only.rank == 0:  # under DDP every rank fails the run; one writes it, as for success
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    io.write_json(run_dir / "status.json", record)
-                results[run.key] = record
-                console().print(f"[red]run {run.key} failed:[/red] {record['error']}")
-            bar.advance(task)
+            else:
+                pending.append((run, run_dir))
+        if workers > 1:
+            run_parallel(pending, out, workers, on_done=done,
+                         on_start=lambda run, slot: console().print(f"[bold]{run.key}[/bold] ({_describe(run)}) on {slot.describe()}") if show else None)
+        for run, run_dir in [] if workers > 1 else pending:
+            console().print(f"[bold]{run.key}[/bold] ({_describe(run)})") if show else None
+            done(run, train_run(run.config, run_dir, progress=show))
     summary = {
         "study": spec.name,
         "runs": len(runs),
         "complete": sum(1 for r in runs if is_complete(run_dir_for(out, r))),
-        "failed": [k for k, v in results.items() if v["state"] == "failed"],
+        "failed": [r.key for r in runs if results.get(r.key, {}).get("state") == "failed"],  # study order, not finishing order
+        "parallel": workers,
         "wall_seconds_this_invocation": round(time.perf_counter() - t_start, 1),
         "git_commit": git_commit(),
     }
@@ -96,6 +108,25 @@ def run_study(
     report = write_report(spec, runs, out, summary)
     summary["report"] = str(report)
     return summary
+
+
+def _describe(run: RunSpec) -> str:
+    return f"{run.config.model.name}, {run.config.data.input_size}px, {run.config.train.epochs} epochs"
+
+
+def train_run(cfg: RunConfig, run_dir: Path, *, progress: bool) -> dict:
+    """Train one study run (resuming it if it was interrupted); return its record. A failure is recorded in its
+    status.json, not raised: one failed run must not sink the study."""
+    t0 = time.perf_counter()
+    try:
+        run_config(cfg, run_dir, resume=True, progress=progress)
+        return {"state": "complete", "seconds": round(time.perf_counter() - t0, 1)}
+    except Exception as exc:  # noqa: BLE001 - one failed run must not sink the study
+        record = {"state": "failed", **failure_record(exc), "seconds": round(time.perf_counter() - t0, 1)}
+        if rank_zero_only.rank == 0:  # under DDP every rank fails the run; one writes it, as for success
+            run_dir.mkdir(parents=True, exist_ok=True)
+            io.write_json(run_dir / "status.json", record)
+        return record
 
 
 def run_state(out: Path, run: RunSpec) -> dict:

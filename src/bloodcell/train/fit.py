@@ -22,11 +22,12 @@ from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint, RichProg
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from bloodcell import io
-from bloodcell.config import RunConfig, dump_config
+from bloodcell.config import RunConfig
 from bloodcell.data.prepare import PreparedData
 from bloodcell.errors import ConfigError, ModelError, TrainingDiverged, WriteError
 from bloodcell.models import create_model
-from bloodcell.models.checkpoint import init_from_model, is_bloodcell_model, save_checkpoint
+from bloodcell.models.checkpoint import init_from_model, save_checkpoint
+from bloodcell.models.metadata import is_bloodcell_model
 from bloodcell.progress import console, enabled_by_default
 from bloodcell.train.checkpoint_io import SafetensorsCheckpointIO, read_checkpoint
 from bloodcell.train.module import Classifier, epoch_seed
@@ -292,6 +293,8 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
         deterministic=accelerator == "cpu",
         use_distributed_sampler=False,  # EpochBatches shards by rank itself, keeping (seed, epoch) order
         num_sanity_val_steps=0,
+        # a logger (train.logger) sees every step of a short epoch, not nothing
+        log_every_n_steps=max(1, min(50, len(train_idx) // cfg.train.batch_size)),
         default_root_dir=str(run_dir),
     )
     # The trainer knows the real world size and this process's rank (also with devices="auto" on many GPUs).

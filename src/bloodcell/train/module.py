@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import lightning as L
 import numpy as np
@@ -117,7 +118,9 @@ class Classifier(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         if self._host_images is not None and self.device_images is None:
-            self.device_images = torch.from_numpy(np.ascontiguousarray(self._host_images)).to(self.device)
+            with warnings.catch_warnings():  # the cache is a read-only memmap; these images are only ever read
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                self.device_images = torch.from_numpy(np.ascontiguousarray(self._host_images)).to(self.device)
 
     def _images(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = batch
