@@ -147,9 +147,11 @@ def card_path(onnx_file: str | os.PathLike) -> Path:
 
 def dynamo_unavailable() -> str | None:
     """Why the dynamo exporter cannot run here (its onnxscript is missing), or None when it can."""
-    if importlib.util.find_spec("onnxscript") is None:
-        return "onnxscript is not installed (pip install onnxscript)"
-    return None
+    try:
+        found = importlib.util.find_spec("onnxscript") is not None
+    except (ImportError, ValueError):  # a finder that refuses it, or a half-removed package
+        found = False
+    return None if found else "onnxscript is not installed (pip install onnxscript)"
 
 
 def file_opset(path: str | os.PathLike) -> int:
