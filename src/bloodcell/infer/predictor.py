@@ -17,7 +17,6 @@ flagged `ood` (it looks unlike the cells the model was trained on) and left out 
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -39,7 +38,7 @@ from bloodcell.data.images import (
 )
 from bloodcell.errors import DataError, ModelError
 from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
-from bloodcell.models.metadata import METADATA_FILE, bundled_model_dir, preprocessing
+from bloodcell.models.metadata import METADATA_FILE, bundled_model_dir, preprocessing, read_json_object
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -434,12 +433,7 @@ def _read_onnx_sidecar(path: Path) -> dict:
         sidecar = path.with_name(METADATA_FILE)
     if not sidecar.is_file():
         raise ModelError(f"{path}: metadata sidecar {onnx_sidecar(path)} not found (written by 'bloodcell export')")
-    try:
-        meta = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"{sidecar} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or "num_classes" not in meta or "input_size" not in meta:
-        raise ModelError(f"{sidecar} lacks num_classes / input_size")
+    meta = read_json_object(sidecar, ("num_classes", "input_size"))
     if sidecar.name == METADATA_FILE and (meta.get("onnx") or {}).get("file") != path.name:
         raise ModelError(f"{path}: no sidecar {onnx_sidecar(path).name}, and {sidecar} does not describe it (no onnx.file '{path.name}')")
     return meta

@@ -36,17 +36,23 @@ def _locate(path: Path) -> tuple[Path, Path]:
     raise ModelError(f"{path} is not a checkpoint: expected a folder with {WEIGHTS_FILE} + {METADATA_FILE}")
 
 
+def read_json_object(path: Path, required: tuple[str, ...], what: str = "") -> dict:
+    """The JSON object in `path`, holding the `required` keys, or a one-line ModelError naming the file."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"{what}{path} is not valid JSON ({exc})") from None
+    if not isinstance(meta, dict) or any(key not in meta for key in required):
+        raise ModelError(f"{what}{path} lacks {' / '.join(required)}")
+    return meta
+
+
 def read_metadata(path: str | os.PathLike) -> dict:
     """The model.json of a checkpoint (folder or .safetensors path), checked for the basics."""
     _, meta_path = _locate(Path(path))
     if not meta_path.is_file():
         raise ModelError(f"checkpoint metadata not found: {meta_path} (written by save_checkpoint)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"checkpoint metadata {meta_path} is not valid JSON ({exc})") from None
-    if not isinstance(meta, dict) or "model_name" not in meta or "num_classes" not in meta:
-        raise ModelError(f"checkpoint metadata {meta_path} lacks model_name / num_classes")
+    meta = read_json_object(meta_path, ("model_name", "num_classes"), "checkpoint metadata ")
     names = meta.get("class_names")
     if names is not None and len(names) != meta["num_classes"]:
         raise ModelError(
