@@ -27,11 +27,11 @@ from torch import nn
 
 from bloodcell.data.fields import FIELD_CLASSES
 from bloodcell.errors import ConfigError, DataError, ModelError
-from bloodcell.models.detector import ONNX_STATE_DICT, Detections, FieldDetector, choose_thresholds, register_detector
+from bloodcell.models.detector import ONNX_STATE_DICT, Detections, choose_thresholds, register_detector
 
 # normalisation (ImageNet's statistics; BatchNorm absorbs the rest), NMS, candidates and strides: one value each,
 # shared with the detector's ONNX export (detector_onnx does the same steps in numpy)
-from bloodcell.models.detector_onnx import IMAGE_MEAN, IMAGE_STD, NMS_IOU, SIZE_DIVISIBLE, TOPK_CANDIDATES, level_sizes
+from bloodcell.models.detector_onnx import FCOSOptions, IMAGE_MEAN, IMAGE_STD, NMS_IOU, SIZE_DIVISIBLE, TOPK_CANDIDATES, level_sizes
 LOG_COLUMNS = ["epoch", "loss", "classification", "bbox_regression", "bbox_ctrness", "lr", "seconds"]
 
 
@@ -96,34 +96,20 @@ def _build_fcos(long_side: int, fpn_channels: int, head_convs: int, trunk: str, 
 
 
 @register_detector("fcos")
-class FCOSDetector(FieldDetector):
+class FCOSDetector(FCOSOptions):
     """FCOS (anchor-free) on a from-scratch ResNet-18 trunk; see the module docstring."""
 
     name = "fcos"
 
-    def __init__(
-        self,
-        long_side: int = 320,
-        fpn_channels: int = 128,
-        head_convs: int = 2,
-        trunk: str = "layer3",
-        min_score: float = 0.05,
-        max_detections: int = 300,
-        bf16: bool = True,
-    ) -> None:
-        super().__init__(
-            long_side=long_side, fpn_channels=fpn_channels, head_convs=head_convs, trunk=trunk,
-            min_score=min_score, max_detections=max_detections, bf16=bf16,
-        )
-        if not 64 <= int(long_side) <= 4096:
-            raise ModelError(f"detector 'fcos': long_side must be 64..4096, got {long_side}")
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        fpn_channels, head_convs = int(self.options["fpn_channels"]), int(self.options["head_convs"])
         if fpn_channels < 32 or fpn_channels % 32:
             raise ModelError(f"detector 'fcos': fpn_channels must be a multiple of 32 (the head's GroupNorm has 32 groups), got {fpn_channels}")
         if not 1 <= head_convs <= 8:
             raise ModelError(f"detector 'fcos': head_convs must be 1..8, got {head_convs}")
-        self.long_side = int(long_side)
-        self.bf16 = bool(bf16)  # bf16 autocast while training, where the CPU runs it natively
-        self.model = _build_fcos(self.long_side, int(fpn_channels), int(head_convs), trunk, float(min_score), int(max_detections))
+        self.bf16 = bool(self.options["bf16"])  # bf16 autocast while training, where the CPU runs it natively
+        self.model = _build_fcos(self.long_side, fpn_channels, head_convs, self.options["trunk"], self.min_score, self.max_detections)
         self.model.eval()
         self.fit_summary: dict[str, Any] = {}
 

@@ -206,14 +206,9 @@ def _decode(codes: np.ndarray, anchors: np.ndarray, resized: tuple[int, int]) ->
 # ---------------------------------------------------------------- the detector
 
 
-@register_detector(ONNX_DETECTOR)
-class FCOSOnnxDetector(FieldDetector):
-    """The FCOS detector's ONNX export run by ONNX Runtime, with numpy around it (see the module docstring).
-
-    It takes the FCOS detector's options (those of the network only describe the graph) and is loaded by
-    `load_detector` from a detector.json whose `onnx` section names the .onnx file; it cannot be trained."""
-
-    name = ONNX_DETECTOR
+class FCOSOptions(FieldDetector):
+    """The options both FCOS detectors take, with their defaults and checks: the PyTorch one (`fcos`, which builds
+    the network from them) and the ONNX one (for which those of the network only describe the graph)."""
 
     def __init__(
         self,
@@ -230,10 +225,23 @@ class FCOSOnnxDetector(FieldDetector):
             min_score=min_score, max_detections=max_detections, bf16=bf16,
         )
         if not 64 <= int(long_side) <= 4096:
-            raise ModelError(f"detector '{ONNX_DETECTOR}': long_side must be 64..4096, got {long_side}")
+            raise ModelError(f"detector '{self.name}': long_side must be 64..4096, got {long_side}")
         self.long_side = int(long_side)
         self.min_score = float(min_score)
         self.max_detections = int(max_detections)
+
+
+@register_detector(ONNX_DETECTOR)
+class FCOSOnnxDetector(FCOSOptions):
+    """The FCOS detector's ONNX export run by ONNX Runtime, with numpy around it (see the module docstring).
+
+    It takes the FCOS detector's options (those of the network only describe the graph) and is loaded by
+    `load_detector` from a detector.json whose `onnx` section names the .onnx file; it cannot be trained."""
+
+    name = ONNX_DETECTOR
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.session: Any = None
         self.onnx_file: Path | None = None
         self.output_names: list[str] = []
