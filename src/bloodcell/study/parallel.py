@@ -20,7 +20,7 @@ and are refused when K > 1.
 from __future__ import annotations
 
 import os
-import pickle
+import json
 import re
 import signal
 import subprocess
@@ -202,7 +202,9 @@ def _start(run, run_dir: Path, slot: Slot, out: Path) -> _Live:
         proc = subprocess.Popen([sys.executable, "-m", "bloodcell.study.parallel", run.key, str(run_dir)],
                                 stdin=subprocess.PIPE, stdout=fh, stderr=subprocess.STDOUT, env=worker_env(slot))
     # the job; stdin then stays open until the worker ends: its closing tells the worker that this process is gone
-    job = pickle.dumps({"key": run.key, "config": run.config, "run_dir": str(run_dir), "threads": slot.threads})
+    # JSON, as the run's config.yaml is: the resolved config describes the run, and no pickle crosses the pipe
+    job = json.dumps({"key": run.key, "config": run.config.model_dump(mode="json"), "run_dir": str(run_dir),
+                      "threads": slot.threads}).encode()
     try:
         proc.stdin.write(len(job).to_bytes(8, "big") + job)
         proc.stdin.flush()
@@ -268,7 +270,7 @@ def _close(proc: subprocess.Popen) -> None:
 
 
 def _read_job(fd: int) -> dict:
-    """The job the parent wrote: its length (8 bytes), then its pickle; read with os.read, nothing read ahead."""
+    """The job the parent wrote: its length (8 bytes), then its JSON; read with os.read, nothing read ahead."""
     def exactly(n: int) -> bytes:
         chunks = b""
         while len(chunks) < n:
@@ -278,7 +280,7 @@ def _read_job(fd: int) -> dict:
             chunks += chunk
         return chunks
 
-    return pickle.loads(exactly(int.from_bytes(exactly(8), "big")))
+    return json.loads(exactly(int.from_bytes(exactly(8), "big")))
 
 
 def _exit_when_parent_goes(fd: int) -> None:
@@ -301,9 +303,10 @@ def worker_main() -> int:
     import torch
 
     torch.set_num_threads(job["threads"])
+    from bloodcell.config import RunConfig
     from bloodcell.study.runner import train_run
 
-    record = train_run(job["config"], Path(job["run_dir"]), progress=False)
+    record = train_run(RunConfig.model_validate(job["config"]), Path(job["run_dir"]), progress=False)
     print(f"{job['key']}: {record['state']}" + (f": {record['error']}" if record["state"] == "failed" else ""), flush=True)
     return 0
 
