@@ -117,3 +117,29 @@ def test_the_cli_default_opset_is_the_one_dynamo_writes():
     from bloodcell.cli import export_cmd
 
     assert inspect.signature(export_cmd).parameters["opset"].default.default == ex.DEFAULT_OPSET == ex.DYNAMO_MIN_OPSET
+
+
+def test_parity_is_relative_to_the_size_of_the_outputs(tmp_path):
+    """A correct export of a network with large logits (a deep one's are in the tens, this one's near 1e5) differs
+    from PyTorch by float32 rounding, which grows with the values: the check must accept it, and still refuse an
+    export that is wrong by a small share of its outputs."""
+    from bloodcell.models import create_model
+    from bloodcell.models.checkpoint import save_checkpoint
+
+    from conftest import CLASS_NAMES
+
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=8, input_size=32)
+    with torch.no_grad():
+        model.head[-1].weight.mul_(1e6)
+    run = save_checkpoint(model, tmp_path / "run", {"class_names": CLASS_NAMES})
+    report = ex.export_onnx(run, tmp_path / "big.onnx")
+    session = _onnx_session(tmp_path / "big.onnx")
+    logits = session.run(None, {"input": _images(Predictor.load(run))})[0]
+    assert np.abs(logits).max() > 1e4 and report.max_abs_diff <= ex.PARITY_TOLERANCE
+
+    want = np.array([[1e5, -2e5, 3.0]], np.float32)
+    assert ex.output_difference(want, want + 0.05) == pytest.approx(0.05 / 2e5, rel=1e-2)  # rounding at this size: accepted
+    assert ex.output_difference(want, want * 1.001) > ex.PARITY_TOLERANCE  # 0.1 % off: refused
+    small = np.array([[0.5, -0.25]], np.float32)
+    assert ex.output_difference(small, small + 2e-4) == pytest.approx(2e-4, rel=1e-3)  # below 1: absolute

@@ -59,7 +59,8 @@ def export_onnx(
 
     The parity check runs PyTorch and onnxruntime on `check_images` (default: up to 8 images of the
     embedded sample, else seeded random pixels), at batch 1 and at the full batch, and raises
-    ModelError when a logit differs by more than `tolerance`. Nothing is written unless it passes.
+    ModelError when an output differs by more than `tolerance` (see `output_difference`). Nothing is written unless
+    it passes.
 
     quantize="int8": write the int8 static quantization of the checked fp32 graph instead, calibrated on
     `calibration_images` validation images of the model's split (its training data, or `data_root`) or
@@ -109,9 +110,7 @@ def export_onnx(
             full, single = got_full[k], np.concatenate([g[k] for g in got_single])
             if full.shape != want.shape:
                 raise ModelError(f"ONNX export of {model} gives {out_name} of shape {full.shape}, PyTorch {want.shape}")
-            # the OOD score is a squared distance in the hundreds: compare it relative to its size
-            scale = 1.0 if out_name == "logits" else max(1.0, float(np.abs(want).max()))
-            diff = max(diff, float(max(np.abs(full - want).max(), np.abs(single - want).max())) / scale)
+            diff = max(diff, output_difference(want, full), output_difference(want, single))
         if not np.isfinite(diff) or diff > tolerance:
             raise ModelError(
                 f"ONNX export of {model} differs from PyTorch by up to {diff:.3g} on {len(x)} {source} "
@@ -139,6 +138,14 @@ def export_onnx(
     write_json(sidecar, meta)
     write_text(card_path(out), model_card(meta, source=out.name))  # the card travels with the file
     return ExportReport(out, sidecar, diff, len(x), source, exporter, quantization, fallback_reason, meta["onnx"]["opset"])
+
+
+def output_difference(want: np.ndarray, got: np.ndarray) -> float:
+    """The largest difference between two versions of one output, relative to the output's size when that exceeds 1.
+
+    float32 rounding grows with the values: a deep network's logits in the tens, or the OOD score's squared distances
+    in the hundreds, differ between two correct runtimes by more than 1e-4 in absolute terms, and so were refused."""
+    return float(np.abs(got - want).max()) / max(1.0, float(np.abs(want).max()))
 
 
 def card_path(onnx_file: str | os.PathLike) -> Path:
