@@ -467,7 +467,7 @@ def export_cmd(
                          min_agreement=min_agreement)
     typer.echo(f"wrote {report.path}, {report.sidecar} and its model card ({report.exporter} exporter, opset {report.opset})")
     typer.echo(
-        f"largest absolute logit difference vs PyTorch on {report.images} {report.image_source}: "
+        f"largest difference vs PyTorch (relative to the outputs' size when above 1) on {report.images} {report.image_source}: "
         f"{report.max_abs_diff:.3g} (tolerance {PARITY_TOLERANCE:g})"
     )
     if report.quantization:
