@@ -39,7 +39,7 @@ BCCD ?= ../shared/data/bccd
 DETECTOR_CONFIG ?= configs/detector.yaml
 detector: $(STAMP)
 	$(BLOODCELL) detector train $(DETECTOR_CONFIG) --data $(BCCD) --out runs/detector --resume
-	$(PY) tools/bundle_detector.py runs/detector src/bloodcell/assets/default_detector
+	$(PY) tools/bundle_detector.py runs/detector src/bloodcell/assets/default_detector --check-photos $(BCCD)/BCCD/JPEGImages
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

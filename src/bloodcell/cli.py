@@ -400,7 +400,7 @@ def predict_cmd(
     input_kind: str = typer.Option(
         "auto", "--input", help="auto (decide per image), cell (each image is one cell crop) or field (a smear photograph)."
     ),
-    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector folder for fields (default: the bundled one)."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector folder or its .onnx for fields (default: the bundled one)."),
     annotate: Optional[Path] = typer.Option(None, "--annotate", help="Write each field photograph with its cells drawn here (PNG)."),
 ) -> None:
     """Classify cell images and read smear photographs: per cell its class, probabilities, review and OOD flags;
@@ -532,7 +532,7 @@ def serve_cmd(
     max_upload_mb: float = typer.Option(20.0, "--max-upload-mb", min=0.001, help="Largest request body (all files together), MB."),
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Larger images are refused (decompression bombs)."),
     max_files: int = typer.Option(500, "--max-files", min=1, help="Most images in one request."),
-    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector folder for smear photographs (default: the bundled one)."),
+    detector: Optional[Path] = typer.Option(None, "--detector", help="Detector folder or its .onnx for smear photographs (default: the bundled one)."),
 ) -> None:
     """Serve the model: web page at /, JSON API at /predict and /explain, docs at /docs."""
     import uvicorn
