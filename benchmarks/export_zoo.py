@@ -102,9 +102,9 @@ def zoo_run(name: str, directory: Path, size: int, bn_stats: bool = False) -> tu
 
 def batch_consistency(path: Path, predictor) -> float:
     """Largest difference between batch 5 and five batch-1 runs of the exported graph, over every output."""
-    from bloodcell.infer.predictor import _onnx_session
+    from bloodcell.models.onnx_runtime import onnx_session
 
-    session = _onnx_session(path)
+    session = onnx_session(path)
     files = [sorted((SAMPLE / c).glob("*.jpg"))[0] for c in CLASSES[:5]]
     x = predictor.normalise(np.stack([predictor.decode(f) for f in files]))
     five = session.run(None, {"input": x})

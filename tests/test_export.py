@@ -12,7 +12,7 @@ import torch
 
 from bloodcell.infer import Predictor
 from bloodcell.infer import export as ex
-from bloodcell.infer.predictor import _onnx_session
+from bloodcell.models.onnx_runtime import onnx_session
 
 from conftest import SAMPLE, toy_run, with_ood
 
@@ -35,7 +35,7 @@ def _check_against_pytorch(path, predictor) -> None:
     x = _images(predictor)
     with torch.no_grad():
         want = [t.numpy() for t in predictor.scored_model(torch.from_numpy(x))]
-    session = _onnx_session(path)
+    session = onnx_session(path)
     five = session.run(None, {"input": x})
     ones = [session.run(None, {"input": x[i : i + 1]}) for i in range(len(x))]
     for k, scale in ((0, 1.0), (1, max(1.0, float(np.abs(want[1]).max())))):  # the OOD score relative to its size
@@ -134,7 +134,7 @@ def test_parity_is_relative_to_the_size_of_the_outputs(tmp_path):
         model.head[-1].weight.mul_(1e6)
     run = save_checkpoint(model, tmp_path / "run", {"class_names": CLASS_NAMES})
     report = ex.export_onnx(run, tmp_path / "big.onnx")
-    session = _onnx_session(tmp_path / "big.onnx")
+    session = onnx_session(tmp_path / "big.onnx")
     logits = session.run(None, {"input": _images(Predictor.load(run))})[0]
     assert np.abs(logits).max() > 1e4 and report.max_abs_diff <= ex.PARITY_TOLERANCE
 

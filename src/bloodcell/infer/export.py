@@ -21,7 +21,7 @@ import numpy as np
 
 from bloodcell.errors import ModelError
 from bloodcell.infer.card import model_card
-from bloodcell.io import atomic_path, write_json, write_text
+from bloodcell.io import atomic_path, file_sha256, write_json, write_text
 
 PARITY_TOLERANCE = 1e-4
 DYNAMO_MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and up (lower: a version conversion that fails on ReduceMean)
@@ -70,7 +70,8 @@ def export_onnx(
     import torch
 
     from bloodcell.infer import quantize as q
-    from bloodcell.infer.predictor import Predictor, _onnx_session, onnx_sidecar
+    from bloodcell.infer.predictor import Predictor, onnx_sidecar
+    from bloodcell.models.onnx_runtime import onnx_session
 
     out = Path(out)
     if out.suffix.lower() != ".onnx":
@@ -98,7 +99,7 @@ def export_onnx(
     with atomic_path(out) as final, tempfile.TemporaryDirectory(prefix="bloodcell-export-") as work:
         tmp = Path(work) / "fp32.onnx" if quantize else final  # int8: the checked fp32 graph is quantized into `final`
         exporter, fallback_reason = _export(net, dummy, tmp, opset, outputs)
-        session = _onnx_session(tmp)
+        session = onnx_session(tmp)
         name = session.get_inputs()[0].name
         with torch.inference_mode():
             expected = net(torch.from_numpy(x))
@@ -242,7 +243,6 @@ def export_bundled(folder: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Exp
     """Export a model folder (model.safetensors + model.json) to `folder/model.onnx`, checked as `export_onnx` checks,
     and describe it in the folder's own model.json (`onnx` section, with the hashes of the weights it was made from),
     so the light install runs the same model and no second copy of its metadata exists."""
-    import hashlib
     import json
     import shutil
 
@@ -259,7 +259,7 @@ def export_bundled(folder: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Exp
     weights = [WEIGHTS_FILE] + ([str(meta["ood"].get("file") or "ood.safetensors")] if meta.get("ood") else [])
     section.update(
         file=BUNDLED_ONNX,
-        exported_from={name: hashlib.sha256((folder / name).read_bytes()).hexdigest() for name in weights},
+        exported_from={name: file_sha256(folder / name) for name in weights},
     )
     meta["onnx"] = section
     write_json(folder / METADATA_FILE, meta)

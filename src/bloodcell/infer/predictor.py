@@ -39,6 +39,7 @@ from bloodcell.data.images import (
 from bloodcell.errors import DataError, ModelError
 from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
 from bloodcell.models.metadata import METADATA_FILE, bundled_model_dir, preprocessing, read_json_object
+from bloodcell.models.onnx_runtime import onnx_session
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -113,7 +114,7 @@ class Predictor:
         if path.suffix.lower() == ".onnx":
             meta = _read_onnx_sidecar(path)
             device = _onnx_device(device)
-            session = _onnx_session(path, device)
+            session = onnx_session(path, device)
             predictor = cls._from_metadata(meta, str(path), session=session)
             _check_onnx_shapes(session, predictor, path)
             if meta.get("ood") and "ood_score" in [o.name for o in session.get_outputs()]:
@@ -474,19 +475,3 @@ def _chosen_device(device: str, has_cuda: bool, why_not: str) -> str:
     if device.startswith("cuda") and not has_cuda:
         raise ModelError(f"--device {device}: {why_not}; use --device cpu")
     return device
-
-
-def _onnx_session(path: Path, device: str = "cpu"):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if device.startswith("cuda"):
-        providers = [("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}), "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-    except Exception as exc:  # onnxruntime raises its own Fail/InvalidGraph/... types
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelError(f"cannot load ONNX model {path}: {first}") from None

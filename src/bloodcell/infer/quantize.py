@@ -240,7 +240,7 @@ def quantize_checked(
     """Quantize, run the guard, and return the sidecar's `quantization` section; ModelError when the guard refuses."""
     import onnxruntime
 
-    from bloodcell.infer.predictor import _onnx_session
+    from bloodcell.models.onnx_runtime import onnx_session
 
     check_min_agreement(min_agreement)
     images, bad = decode_all(predictor, calib.calibration)
@@ -250,7 +250,7 @@ def quantize_checked(
     check_images, _ = decode_all(predictor, calib.check)
     if not len(check_images):
         raise DataError(f"none of the {len(calib.check)} check images ({calib.check_description}) could be read")
-    result = compare(predictor, _onnx_session(fp32_path), _onnx_session(out_path), check_images)
+    result = compare(predictor, onnx_session(fp32_path), onnx_session(out_path), check_images)
     for key, what in (("top1_agreement", "top-1 labels"), ("ood_flag_agreement", "OOD flags")):
         if key in result and result[key] < min_agreement:
             raise ModelError(

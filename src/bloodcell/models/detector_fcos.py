@@ -588,7 +588,6 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
     labels and scores within 1e-3. The section records the SHA-256 of detector.onnx (`sha256`), of the weights it
     holds (`weights_sha256`, weights_digest: the same from either file) and of the training run's weights file it
     was exported from (`exported_from`)."""
-    import hashlib
     import json
     import shutil
     import tempfile
@@ -607,7 +606,7 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
     digest = weights_digest(detector.tensors())
     previous = meta.get("onnx") if isinstance(meta.get("onnx"), dict) else {}
     if meta.get("weights"):  # a training run's weights file
-        exported_from = {meta["weights"]: hashlib.sha256((folder / meta["weights"]).read_bytes()).hexdigest()}
+        exported_from = {meta["weights"]: io.file_sha256(folder / meta["weights"])}
     elif previous.get("state_dict") == ONNX_STATE_DICT and previous.get("weights_sha256") == digest:
         exported_from = previous.get("exported_from") or {}  # the same weights, already exported once
     else:
@@ -631,7 +630,7 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
                 and at["min_iou"] >= PARITY["min_iou"] and at["max_score_diff"] <= PARITY["max_score_diff"]):
             raise ModelError(f"the detector's ONNX export differs from PyTorch on {len(photos)} {source}: {figures}; nothing written")
         onnx_detector.session = None  # let go of the file before it moves
-        file_digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        file_digest = io.file_sha256(tmp)
         with io.atomic_path(folder / DETECTOR_ONNX) as final:
             shutil.copyfile(tmp, final)
     section.update(

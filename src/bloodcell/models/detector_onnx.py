@@ -249,12 +249,12 @@ class FCOSOnnxDetector(FCOSOptions):
 
     def load_onnx(self, path: str | Path, section: dict) -> None:
         """Open the graph at `path` (described by `section`, detector.json's `onnx`) with ONNX Runtime on the CPU."""
-        from bloodcell.infer.predictor import _onnx_session
+        from bloodcell.models.onnx_runtime import onnx_session
 
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: the detector's ONNX file is missing (detector.json's onnx section names it)")
-        session = _onnx_session(path)
+        session = onnx_session(path)
         names = [o.name for o in session.get_outputs()]
         levels = sum(n.startswith(f"{OUTPUTS[0]}_") for n in names)
         want = [f"{o}_{i}" for i in range(levels) for o in OUTPUTS]

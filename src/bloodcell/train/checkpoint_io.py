@@ -69,14 +69,6 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     raise ModelError(f"unknown entry in checkpoint: {sorted(obj)}")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tensor_files(path: Path) -> list[Path]:
     """Every tensor file written for the checkpoint at `path` (the current one and leftovers of earlier saves)."""
     legacy = path.with_name(path.name + ".safetensors")  # one fixed name, before files were named by content
@@ -138,7 +130,7 @@ def read_checkpoint(path, map_location=None) -> dict[str, Any]:
     if not isinstance(name, str) or Path(name).name != name or not name.startswith(path.name + "."):
         raise ModelError(f"{path} names an invalid tensor file: {name!r}")
     tensor_file = path.with_name(name)
-    if not tensor_file.exists() or _sha256(tensor_file) != meta.get("tensors_sha256"):
+    if not tensor_file.exists() or io.file_sha256(tensor_file) != meta.get("tensors_sha256"):
         raise ModelError(f"checkpoint {path} is incomplete: {tensor_file.name} is missing or does not match")
     tensors = load_file(str(tensor_file), device=str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu")
     return _decode(meta["tree"], tensors)
