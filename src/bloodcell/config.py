@@ -58,6 +58,16 @@ class SplitSection(_Strict):
         return raw
 
 
+class LabSource(_Strict):
+    """Labelled cells of one lab (bloodcell.data.labs): a class-per-folder dataset or CSV, or a smear-photograph set
+    in Pascal VOC layout with wbc_subtypes.csv beside it (BCCD), whose white cells are cut out by the field path's
+    crop rule and whose own split is kept."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    root: str
+    parts: Optional[list[Literal["train", "val", "test"]]] = None  # None: all; a folder has parts only when trained on
+
+
 class DataConfig(_Strict):
     root: Optional[str] = None  # a class-per-folder dataset, or a CSV of path,label[,group]; `--data` sets it
     npz: Optional[str] = None  # or a MedMNIST .npz (its own train/val/test parts are used)
@@ -68,6 +78,9 @@ class DataConfig(_Strict):
     white_balance: Literal["none", "background"] = "none"
     split: SplitSection = Field(default_factory=SplitSection)
     max_pixels: int = 40_000_000
+    # More labs trained on: each is split (its own split, or the run's rule); its train and val parts join ours and
+    # its test part is scored on its own (metrics.json: labs.<name>), never mixed into the main test part.
+    labs: list[LabSource] = Field(default_factory=list)
 
 
 class AugmentConfig(_Strict):
@@ -182,6 +195,11 @@ class EvalConfig(_Strict):
     review_threshold: Optional[float] = Field(None, gt=0, lt=1)  # None: chosen on validation data
     # Share of ordinary (validation) cells the out-of-distribution flag may raise; sets its threshold.
     ood_false_alarm: float = Field(0.01, gt=0, lt=0.5)
+    # Labs the run never sees, scored after training (metrics.json: labs.<name>; labs/<name>/ in the run):
+    # accuracy over their classes, macro F1, the kept fraction and its accuracy; as is and after re-estimating the
+    # normalisation statistics on the lab's own unlabelled images (`adapt`).
+    labs: list[LabSource] = Field(default_factory=list)
+    adapt: bool = True
 
 
 class RunConfig(_Strict):

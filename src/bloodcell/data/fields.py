@@ -12,10 +12,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from bloodcell.errors import DataError
 
 FIELD_CLASSES = ("rbc", "wbc", "platelet")
+# The classifier's view, when its model.json does not say: the side of a PBC training crop is this many red-cell
+# diameters (median red-cell box side), or this many white-cell box sides when a photograph shows too few red cells.
+# Measured on PBC by benchmarks/field_of_view.py (see docs/fields.md).
+DEFAULT_VIEW = {"rbc_diameters": 4.4, "wbc_sides": 2.7}
+MIN_RULER_RBC = 3  # fewer red cells than this: the white cell's own box sets the scale
 # label spellings seen in public smear sets -> our class; matched after lower-casing
 LABEL_ALIASES = {
     "rbc": "rbc", "red blood cell": "rbc", "red_blood_cell": "rbc", "erythrocyte": "rbc",
@@ -114,3 +120,46 @@ def load_voc(root: str | Path, split: str | None = None) -> list[FieldAnnotation
             raise DataError(f"{xml}: listed in split '{split}' but missing")
         items.append(read_voc(xml, root / "JPEGImages"))
     return items
+
+
+# ---------------------------------------------------------------------- the crop rule: a white cell as a classifier sees it
+# One rule for every path that cuts a white cell out of a photograph (the field reader at inference, the labelled
+# cells of another lab built for training and for the leave-one-lab-out protocol), so both see cells at one scale.
+
+
+def crop_side(rbc_boxes: np.ndarray, wbc_boxes: np.ndarray, view: dict | None = None) -> tuple[float, str]:
+    """Side in pixels of the square a white cell is cropped to, and how it was measured.
+
+    The photograph's own red cells are the ruler (median box side x view["rbc_diameters"]), so the crop does not
+    depend on the camera's magnification; with fewer than MIN_RULER_RBC red cells, the white cells' boxes set it.
+    """
+    view = {**DEFAULT_VIEW, **(view or {})}
+    rbc = np.asarray(rbc_boxes, dtype=np.float64).reshape(-1, 4)
+    if len(rbc) >= MIN_RULER_RBC:
+        diameter = float(np.median(np.maximum(rbc[:, 2] - rbc[:, 0], rbc[:, 3] - rbc[:, 1])))
+        return diameter * view["rbc_diameters"], f"{len(rbc)} red cells, median {diameter:.0f} px"
+    wbc = np.asarray(wbc_boxes, dtype=np.float64).reshape(-1, 4)
+    if len(wbc):
+        side = float(np.median(np.maximum(wbc[:, 2] - wbc[:, 0], wbc[:, 3] - wbc[:, 1])))
+        return side * view["wbc_sides"], f"white-cell boxes, median {side:.0f} px (fewer than {MIN_RULER_RBC} red cells)"
+    return 0.0, "no cells"
+
+
+def background_colour(image: np.ndarray) -> tuple[int, int, int]:
+    """A smear's background colour (median of its brightest quarter): what a crop is padded with."""
+    flat = image.reshape(-1, 3).astype(np.float32)
+    bright = flat[flat.sum(1) >= np.percentile(flat.sum(1), 75)]
+    return tuple(int(v) for v in np.median(bright, axis=0))
+
+
+def crop_cell(image: Image.Image, box, side: float, fill: tuple[int, int, int]) -> Image.Image:
+    """The square of `side` px centred on `box`; parts outside the photograph are `fill` (its background)."""
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    half = max(side, 8.0) / 2
+    left, top = int(round(cx - half)), int(round(cy - half))
+    size = int(round(2 * half))
+    canvas = Image.new("RGB", (size, size), fill)
+    x0, y0 = max(0, left), max(0, top)
+    x1, y1 = min(image.size[0], left + size), min(image.size[1], top + size)
+    canvas.paste(image.crop((x0, y0, max(x0, x1), max(y0, y1))), (max(0, -left), max(0, -top)))
+    return canvas

@@ -30,6 +30,7 @@ class PreparedData:
     parts: dict[str, np.ndarray]  # train (in training order) / val / test -> indices into images
     source: dict = field(default_factory=dict)  # provenance: root, fingerprint, counts, skipped...
     split: Split | None = None
+    lab_tests: dict[str, np.ndarray] = field(default_factory=dict)  # data.labs: each lab's own test part, indices into images
 
     @property
     def num_classes(self) -> int:
@@ -95,7 +96,7 @@ def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None,
         "split_groups": split.group_counts(),
         "cache": str(cache.path),
     }
-    return PreparedData(
+    data = PreparedData(
         images=cache.images,
         labels=np.asarray(inv.labels, dtype=np.int64),
         class_names=list(inv.class_names),
@@ -104,6 +105,39 @@ def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None,
         source=source,
         split=split,
     )
+    return _add_labs(data, cfg, progress) if cfg.data.labs else data
+
+
+def _add_labs(data: PreparedData, cfg: RunConfig, progress: bool) -> PreparedData:
+    """data.labs: each lab's train and val cells join ours (mixed into the training order), its test part is kept apart."""
+    from bloodcell.data.labs import lab_images
+
+    images, labels, relpaths = [np.asarray(data.images)], [data.labels], list(data.relpaths)
+    parts = {k: [v] for k, v in data.parts.items()}
+    offset, counts, lab_tests = len(data.labels), {}, {}
+    for source in cfg.data.labs:
+        lab = lab_images(source, data.class_names, size=cfg.data.input_size, interpolation=cfg.data.interpolation,
+                         white_balance=cfg.data.white_balance, max_pixels=cfg.data.max_pixels,
+                         split_config=_split_config(cfg), progress=progress)
+        index = offset + np.arange(len(lab.labels))
+        for part in ("train", "val"):
+            parts[part].append(index[lab.parts == part])
+        lab_tests[source.name] = index[lab.parts == "test"]
+        counts[source.name] = {p: int((lab.parts == p).sum()) for p in ("train", "val", "test")}
+        images.append(lab.images)
+        labels.append(lab.labels)
+        relpaths += lab.relpaths
+        offset += len(lab.labels)
+    train = np.concatenate(parts["train"])
+    if cfg.data.split.order != "sorted":  # the other labs' cells are spread through the training order, seeded
+        train = train[np.random.default_rng(cfg.split_seed).permutation(len(train))]
+    data.images = np.concatenate(images)
+    data.labels = np.concatenate(labels)
+    data.relpaths = relpaths
+    data.parts = {"train": train, "val": np.concatenate(parts["val"]), "test": parts["test"][0]}
+    data.lab_tests = lab_tests
+    data.source["labs"] = {s.name: {"root": s.root, "parts": s.parts, **counts[s.name]} for s in cfg.data.labs}
+    return data
 
 
 def _prepare_npz(cfg: RunConfig, progress: bool = True) -> PreparedData:

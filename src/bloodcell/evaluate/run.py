@@ -77,11 +77,11 @@ def choose_review_threshold(probs: np.ndarray, y_true: np.ndarray, target: float
     return 0.99
 
 
-def fit_ood_score(run_dir: Path, outputs: dict, y: dict, num_classes: int, false_alarm: float) -> dict | None:
+def fit_ood_score(run_dir: Path, outputs: dict, y: dict, num_classes: int, false_alarm: float) -> tuple[dict, tuple] | None:
     """Fit the Mahalanobis OOD score on the training part, set its threshold on validation, write ood.safetensors.
 
-    Returns the `ood` section of metrics.json (None without a training and a validation part). The energy score's
-    false alarms at its own validation threshold are reported beside it for comparison.
+    Returns the `ood` section of metrics.json and (means, precision, threshold), or None without a training and a
+    validation part. The energy score's false alarms at its own validation threshold are reported beside it.
     """
     if "train" not in outputs or "val" not in outputs or len(y["train"]) < 2:
         return None
@@ -101,6 +101,32 @@ def fit_ood_score(run_dir: Path, outputs: dict, y: dict, num_classes: int, false
         out["test_flagged"] = float((scores["test"] > threshold).mean())
         energy_val, energy_test = energy_score(outputs["val"][0]), energy_score(outputs["test"][0])
         out["energy_test_flagged"] = float((energy_test > threshold_for(energy_val, false_alarm)).mean())
+    return out, (means, precision, threshold)
+
+
+def evaluate_labs(run_dir: Path, cfg: RunConfig, data: PreparedData, model: torch.nn.Module, temperature: float,
+                  review: float, ood: tuple | None, *, progress: bool = True) -> dict:
+    """metrics.json `labs`: each trained-on lab's own test part ("seen") and each eval.labs lab ("held out")."""
+    from bloodcell.data.labs import lab_images
+    from bloodcell.evaluate.labs import evaluate_lab
+
+    names = data.class_names
+    kwargs = dict(temperature=temperature, review_threshold=review, ood=ood, adapt=cfg.eval.adapt,
+                  n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed, progress=progress)
+    out: dict = {}
+    for name, idx in data.lab_tests.items():
+        if len(idx):
+            images = np.asarray(data.images[idx])
+            out[name] = {"seen": True, "part": "test", **evaluate_lab(model, images, data.labels[idx], names, out_dir=run_dir / "labs" / name,
+                                                                    relpaths=[data.relpaths[i] for i in idx], **kwargs)}
+    for source in cfg.eval.labs:
+        if source.name in out:
+            continue  # trained on: only its own test part is fair, scored above
+        lab = lab_images(source, names, size=cfg.data.input_size, interpolation=cfg.data.interpolation,
+                         white_balance=cfg.data.white_balance, max_pixels=cfg.data.max_pixels, progress=progress)
+        out[source.name] = {"seen": False, "part": ",".join(source.parts or ["all"]),
+                            **evaluate_lab(model, lab.images, lab.labels, names, out_dir=run_dir / "labs" / source.name,
+                                           relpaths=lab.relpaths, **kwargs)}
     return out
 
 
@@ -144,9 +170,12 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
         flagged = cal.max(1) < review
         metrics["test"]["review_fraction"] = float(flagged.mean())
         metrics["test"]["accuracy_unflagged"] = float((cal.argmax(1) == y["test"])[~flagged].mean()) if (~flagged).any() else None
-    ood = fit_ood_score(run_dir, outputs, y, len(names), cfg.eval.ood_false_alarm)
+    fitted = fit_ood_score(run_dir, outputs, y, len(names), cfg.eval.ood_false_alarm)
+    ood = fitted[0] if fitted is not None else None
     if ood is not None:
         metrics["ood"] = ood
+    if data.lab_tests or cfg.eval.labs:
+        metrics["labs"] = evaluate_labs(run_dir, cfg, data, model, temperature, review, fitted[1] if fitted else None, progress=progress)
     metrics["provenance"] = {
         "data": data.source.get("root"),
         "data_fingerprint": data.source.get("fingerprint"),

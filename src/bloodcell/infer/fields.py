@@ -26,18 +26,13 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from bloodcell.data.fields import FIELD_CLASSES
+from bloodcell.data.fields import DEFAULT_VIEW, FIELD_CLASSES, background_colour, crop_cell, crop_side
 from bloodcell.data.images import UnreadableImage, open_rgb
 from bloodcell.errors import DataError, ModelError
 from bloodcell.infer.predictor import Predictor, collect_images, summarize
 from bloodcell.models.detector import Detections, FieldDetector, load_detector
 
 INPUT_KINDS = ("auto", "cell", "field")
-# The classifier's view, when its model.json does not say: the side of a PBC training crop is this many red-cell
-# diameters (median red-cell box side), or this many white-cell box sides when a photograph shows too few red cells.
-# Measured on PBC by benchmarks/field_of_view.py (see docs/fields.md).
-DEFAULT_VIEW = {"rbc_diameters": 4.4, "wbc_sides": 2.7}
-MIN_RULER_RBC = 3  # fewer red cells than this: the white cell's own box sets the scale
 # A photograph larger than this is refused (it would be a stitched scan or a camera far from BCCD's scale)
 DEFAULT_MAX_FIELD_PIXELS = 16_000_000
 # --input auto: an image whose long side is at most this times its short side is a single-cell crop
@@ -70,16 +65,8 @@ class FieldReader:
     # ------------------------------------------------------------------ geometry
 
     def crop_side(self, det: Detections) -> tuple[float, str]:
-        """Side in pixels of the square the classifier should see, and how it was measured."""
-        rbc = det.of_class("rbc")
-        if len(rbc) >= MIN_RULER_RBC:
-            diameter = float(np.median(np.maximum(rbc.boxes[:, 2] - rbc.boxes[:, 0], rbc.boxes[:, 3] - rbc.boxes[:, 1])))
-            return diameter * self.view["rbc_diameters"], f"{len(rbc)} red cells, median {diameter:.0f} px"
-        wbc = det.of_class("wbc")
-        if len(wbc):
-            side = float(np.median(np.maximum(wbc.boxes[:, 2] - wbc.boxes[:, 0], wbc.boxes[:, 3] - wbc.boxes[:, 1])))
-            return side * self.view["wbc_sides"], f"white-cell boxes, median {side:.0f} px (fewer than {MIN_RULER_RBC} red cells)"
-        return 0.0, "no cells"
+        """Side in pixels of the square the classifier should see, and how it was measured (data.fields.crop_side)."""
+        return crop_side(det.of_class("rbc").boxes, det.of_class("wbc").boxes, self.view)
 
     def decide(self, det: Detections, size: tuple[int, int]) -> tuple[str, str]:
         """('cell' | 'field', reason) for a rectangular image (--input auto): a field when the detector finds cells."""
@@ -90,19 +77,10 @@ class FieldReader:
 
     @staticmethod
     def background(image: np.ndarray) -> tuple[int, int, int]:
-        """The smear's background colour (median of the brightest quarter): what a crop is padded with."""
-        flat = image.reshape(-1, 3).astype(np.float32)
-        bright = flat[flat.sum(1) >= np.percentile(flat.sum(1), 75)]
-        return tuple(int(v) for v in np.median(bright, axis=0))
+        return background_colour(image)
 
     def crop(self, image: Image.Image, box: np.ndarray, side: float, fill: tuple[int, int, int]) -> Image.Image:
-        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        half = max(side, 8.0) / 2
-        left, top = int(round(cx - half)), int(round(cy - half))
-        size = int(round(2 * half))
-        canvas = Image.new("RGB", (size, size), fill)
-        canvas.paste(_crop_inside(image, left, top, size), (max(0, -left), max(0, -top)))  # parts outside the photograph stay background
-        return canvas
+        return crop_cell(image, box, side, fill)
 
     # ------------------------------------------------------------------ one photograph
 
@@ -168,12 +146,6 @@ def check_field_size(size: tuple[int, int], limit: int) -> None:
     if w * h > limit:
         raise UnreadableImage(f"photograph of {w}x{h} px is larger than the {limit:,}-pixel limit for fields; "
                               "crop it, or scale it to the magnification of a 640x480 field (red cells about 100 px wide)")
-
-
-def _crop_inside(image: Image.Image, left: int, top: int, size: int) -> Image.Image:
-    x0, y0 = max(0, left), max(0, top)
-    x1, y1 = min(image.size[0], left + size), min(image.size[1], top + size)
-    return image.crop((x0, y0, max(x0, x1), max(y0, y1)))
 
 
 def _box(b: np.ndarray) -> list[float]:

@@ -29,10 +29,13 @@ def _no_published_weights(name: str, pretrained: Any) -> None:
 
 
 @register_model("cnn", paper_row="CNN", default_input_size=128, min_input_size=16, head=DENSE_256)
-def cnn(num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = 256, head_dropout: float = 0.5):
-    """4 x [Conv3x3-BN-ReLU-MaxPool] (32/64/128/128) -> GAP -> Dense 256 -> Dropout -> classes."""
+def cnn(num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = 256, head_dropout: float = 0.5,
+        norm: str = "batch", widths: tuple[int, ...] = (32, 64, 128, 128)):
+    """4 x [Conv3x3-BN-ReLU-MaxPool] (32/64/128/128) -> GAP -> Dense 256 -> Dropout -> classes.
+
+    norm: "batch" (the paper's), "group" or "layer" (per-image statistics: steadier on another lab's cells)."""
     _no_published_weights("cnn", pretrained)
-    return SequentialCNN(num_classes, input_size, head_hidden=head_hidden, head_dropout=head_dropout)
+    return SequentialCNN(num_classes, input_size, widths=tuple(widths), head_hidden=head_hidden, head_dropout=head_dropout, norm=norm)
 
 
 @register_model(

@@ -1,0 +1,100 @@
+"""The run's model on other labs' cells: each lab scored over the classes it has, as is and adapted.
+
+For every lab (a held-out one from `eval.labs`, and the test part of each lab the run trained on, `data.labs`)
+the figures a lab relies on: accuracy over the classes it has (the model's probabilities renormalised over them),
+accuracy over all the model's classes, macro F1, the review and OOD fractions, the kept fraction (neither flagged)
+and the accuracy of the kept cells, with bootstrap CIs. With `eval.adapt`, the same after the BatchNorm statistics
+are re-estimated on the lab's own images (bloodcell.models.adapt), which uses no label of the lab.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io as _io
+from pathlib import Path
+
+import numpy as np
+
+from bloodcell import io
+from bloodcell.evaluate.calibration import apply_temperature
+from bloodcell.evaluate.metrics import classification_metrics
+from bloodcell.evaluate.ood import mahalanobis_score
+
+
+def restrict(probs: np.ndarray, present: list[int]) -> np.ndarray:
+    """Probabilities renormalised over the `present` columns; a row with no mass there becomes uniform."""
+    sub = probs[:, present]
+    sums = sub.sum(axis=1, keepdims=True)
+    return np.where(sums > 0, sub / np.where(sums > 0, sums, 1.0), 1.0 / len(present))
+
+
+def score_cells(y: np.ndarray, probs: np.ndarray, names: list[str], review_threshold: float,
+                ood_scores: np.ndarray | None, ood_threshold: float | None, *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """The lab figures of calibrated `probs` against true labels `y` (indices into `names`)."""
+    present = sorted(set(int(v) for v in y))
+    probs_r = restrict(probs, present)
+    y_r = np.asarray([present.index(int(v)) for v in y])
+    correct_r = probs_r.argmax(1) == y_r
+    correct = probs.argmax(1) == y
+    review = probs.max(1) < review_threshold
+    ood = (ood_scores > ood_threshold) if ood_scores is not None and ood_threshold is not None else np.zeros(len(y), bool)
+    kept = ~review & ~ood
+    if len(present) >= 2:
+        m = classification_metrics(y_r, probs_r, [names[i] for i in present], n_bootstrap=n_bootstrap, seed=seed)
+        acc, f1, ci = m["accuracy"], m["f1_macro"], (m.get("ci95") or {}).get("accuracy")
+        per_class = {c: v["recall"] for c, v in m["per_class"].items()}
+    else:
+        acc, f1, ci, per_class = float(correct_r.mean()), None, None, {}
+    return {
+        "n": int(len(y)),
+        "classes_present": [names[i] for i in present],
+        "accuracy": acc,
+        "accuracy_ci95": ci,
+        "f1_macro": f1,
+        "recall": per_class,
+        "accuracy_all_classes": float(correct.mean()),
+        "review_fraction": float(review.mean()),
+        "ood_fraction": float(ood.mean()),
+        "kept_fraction": float(kept.mean()),
+        "n_kept": int(kept.sum()),
+        "accuracy_kept": float(correct_r[kept].mean()) if kept.any() else None,
+        "accuracy_kept_all_classes": float(correct[kept].mean()) if kept.any() else None,
+        "predicted_as": {names[k]: int(v) for k, v in enumerate(np.bincount(probs.argmax(1), minlength=len(names))) if v},
+    }
+
+
+def evaluate_lab(model, images: np.ndarray, y: np.ndarray, names: list[str], *, temperature: float, review_threshold: float,
+                 ood: tuple[np.ndarray, np.ndarray, float] | None, adapt: bool, out_dir: Path, relpaths: list[str],
+                 n_bootstrap: int, seed: int, progress: bool = False) -> dict:
+    """Score `model` on one lab's cells (as is, and adapted when `adapt`); write predictions CSVs into out_dir."""
+    from bloodcell.evaluate.run import predict_outputs
+    from bloodcell.models.adapt import MIN_ADAPT_IMAGES, norm_layers, recompute_norm_statistics
+
+    index = np.arange(len(y))
+    variants = {"as_is": model}
+    if adapt and norm_layers(model) and len(y) >= MIN_ADAPT_IMAGES:
+        adapted = copy.deepcopy(model)
+        recompute_norm_statistics(adapted, images)
+        variants["adapted"] = adapted
+    out: dict = {}
+    for key, net in variants.items():
+        logits, features = predict_outputs(net, images, index, progress=progress, desc=f"scoring {out_dir.name} ({key})")
+        probs = apply_temperature(logits, temperature)
+        scores = mahalanobis_score(features, ood[0], ood[1]) if ood is not None else None
+        out[key] = score_cells(y, probs, names, review_threshold, scores, ood[2] if ood else None, n_bootstrap=n_bootstrap, seed=seed)
+        _write_predictions(out_dir / f"predictions_{key}.csv", relpaths, [names[int(v)] for v in y], probs, names,
+                           scores, review_threshold, ood[2] if ood else None)
+    io.write_json(out_dir / "metrics.json", out)
+    return out
+
+
+def _write_predictions(path: Path, relpaths, true_names, probs, names, scores, review_threshold, ood_threshold) -> None:
+    buf = _io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "true", "pred", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in names])
+    for i, (rel, true, p) in enumerate(zip(relpaths, true_names, probs)):
+        s = None if scores is None else float(scores[i])
+        w.writerow([rel, true, names[int(p.argmax())], f"{p.max():.6f}", int(p.max() < review_threshold),
+                    "" if s is None else int(s > ood_threshold), "" if s is None else f"{s:.4f}"] + [f"{v:.6f}" for v in p])
+    io.write_text(path, buf.getvalue())
