@@ -66,6 +66,7 @@ class LabSource(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     root: str
     parts: Optional[list[Literal["train", "val", "test"]]] = None  # None: all; a folder has parts only when trained on
+    classes: Optional[list[str]] = None  # keep these classes only (e.g. the white-cell classes a model knows); None: all
 
 
 class DataConfig(_Strict):

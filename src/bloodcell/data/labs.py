@@ -119,11 +119,13 @@ def _png_bytes(img) -> bytes:
 
 
 def lab_parts(name: str, root: str | os.PathLike, class_names: list[str], *, parts: list[str] | None = None,
-              split_config=None, view: dict | None = None, progress: bool = True, max_pixels: int | None = None) -> list[LabPart]:
+              split_config=None, view: dict | None = None, progress: bool = True, max_pixels: int | None = None,
+              classes: list[str] | None = None) -> list[LabPart]:
     """The lab's cells as LabParts, their labels matched to `class_names` (data.classes.resolve_class).
 
     A smear set keeps its own split; a folder or CSV with `split_config` is split by it (a lab a run trains on),
-    and without one it is a single part, "all" (a held-out lab). `parts` keeps the named parts only.
+    and without one it is a single part, "all" (a held-out lab). `parts` keeps the named parts only, `classes`
+    the images of the named classes only.
     """
     root = Path(root)
     if not root.exists():
@@ -134,12 +136,12 @@ def lab_parts(name: str, root: str | os.PathLike, class_names: list[str], *, par
         cut = cut_smear_cells(root, view=view, progress=progress)
         for part in parts or PARTS:
             if (cut / part).is_dir():
-                inv = scan(cut / part, progress=False, **kwargs)
+                inv = _keep_classes(name, scan(cut / part, progress=False, **kwargs), classes)
                 out.append(LabPart(name, part, inv, _labels(name, inv, class_names)))
         if not out:
             raise DataError(f"lab '{name}': {root} has no cells in the parts {', '.join(parts or PARTS)}")
         return out
-    inv = scan(root, progress=progress, **kwargs)
+    inv = _keep_classes(name, scan(root, progress=progress, **kwargs), classes)
     if not inv.records:
         raise DataError(f"lab '{name}': no readable images in {root}")
     labels = _labels(name, inv, class_names)
@@ -154,6 +156,18 @@ def lab_parts(name: str, root: str | os.PathLike, class_names: list[str], *, par
             sub = Inventory(inv.root, inv.class_names, [inv.records[i] for i in idx], [], len(idx), csv=inv.csv)
             out.append(LabPart(name, part, sub, labels[np.asarray(idx, dtype=np.int64)]))
     return out
+
+
+def _keep_classes(name: str, inv: Inventory, classes: list[str] | None) -> Inventory:
+    if not classes:
+        return inv
+    keep = {c: resolve_class(c, inv.class_names) for c in classes}
+    missing = [c for c, folder in keep.items() if folder is None]
+    if missing:
+        raise DataError(f"lab '{name}': {inv.root} has no class '{missing[0]}' (its classes: {', '.join(inv.class_names)})")
+    folders = sorted(set(keep.values()))
+    records = [r for r in inv.records if r.label in folders]
+    return Inventory(inv.root, folders, records, inv.skipped, len(records), csv=inv.csv, warnings=inv.warnings)
 
 
 def _labels(name: str, inv: Inventory, class_names: list[str]) -> np.ndarray:
@@ -183,7 +197,7 @@ def lab_images(source, class_names: list[str], *, size: int, interpolation: str,
     from bloodcell.data.cache import build_cache
 
     parts = lab_parts(source.name, source.root, class_names, parts=source.parts, split_config=split_config,
-                      progress=progress, max_pixels=max_pixels)
+                      progress=progress, max_pixels=max_pixels, classes=source.classes)
     images, labels, relpaths, names = [], [], [], []
     for lp in parts:
         cache = build_cache(lp.inventory, size, interpolation, max_pixels=max_pixels, progress=progress, white_balance=white_balance)

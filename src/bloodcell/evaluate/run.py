@@ -105,15 +105,22 @@ def fit_ood_score(run_dir: Path, outputs: dict, y: dict, num_classes: int, false
 
 
 def evaluate_labs(run_dir: Path, cfg: RunConfig, data: PreparedData, model: torch.nn.Module, temperature: float,
-                  review: float, ood: tuple | None, *, progress: bool = True) -> dict:
+                  review: float, ood: tuple | None, *, test: tuple | None = None, progress: bool = True) -> dict:
     """metrics.json `labs`: each trained-on lab's own test part ("seen") and each eval.labs lab ("held out")."""
     from bloodcell.data.labs import lab_images
-    from bloodcell.evaluate.labs import evaluate_lab
+    from bloodcell.evaluate.labs import evaluate_lab, score_cells
 
     names = data.class_names
+    out: dict = {}
+    if test is not None:  # the main dataset's own test part, scored the same way, so every lab has one row format
+        logits, features = test
+        scores = mahalanobis_score(features, ood[0], ood[1]) if ood is not None else None
+        main = Path(str(data.source.get("root") or "main")).name
+        out[main] = {"seen": True, "part": "test", "as_is": score_cells(
+            data.labels[data.parts["test"]], apply_temperature(logits, temperature), names, review, scores,
+            ood[2] if ood else None, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)}
     kwargs = dict(temperature=temperature, review_threshold=review, ood=ood, adapt=cfg.eval.adapt,
                   n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed, progress=progress)
-    out: dict = {}
     for name, idx in data.lab_tests.items():
         if len(idx):
             images = np.asarray(data.images[idx])
@@ -175,11 +182,12 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
     if ood is not None:
         metrics["ood"] = ood
     if data.lab_tests or cfg.eval.labs:
-        metrics["labs"] = evaluate_labs(run_dir, cfg, data, model, temperature, review, fitted[1] if fitted else None, progress=progress)
+        metrics["labs"] = evaluate_labs(run_dir, cfg, data, model, temperature, review, fitted[1] if fitted else None,
+                                        test=outputs.get("test"), progress=progress)
     metrics["provenance"] = {
         "data": data.source.get("root"),
         "data_fingerprint": data.source.get("fingerprint"),
-        "dataset": {k: data.source.get(k) for k in ("kind", "files", "images", "classes", "unreadable", "empty_classes", "warnings", "duplicate_groups", "conflicting_groups", "dropped_by_split", "groups", "split_groups") if k in data.source},
+        "dataset": {k: data.source.get(k) for k in ("kind", "files", "images", "classes", "unreadable", "empty_classes", "warnings", "duplicate_groups", "conflicting_groups", "dropped_by_split", "groups", "split_groups", "labs") if k in data.source},
         "split_counts": data.split.class_counts() if data.split is not None else None,
         "split_seed": cfg.split_seed,
         "seed": cfg.seed,

@@ -18,6 +18,7 @@ import numpy as np
 from bloodcell import io
 from bloodcell.evaluate.stats import mcnemar_test, mean_sd_ci, paired_difference_summary
 from bloodcell.study.experiment import lookup, read_status
+from bloodcell.study.labs_report import labs_section
 from bloodcell.study.runner import run_dir_for
 from bloodcell.intended_use import REPORT_NOTE
 from bloodcell.study.spec import RunSpec, StudySpec
@@ -185,6 +186,7 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
         doc.p("**Every model was trained from scratch** (no ImageNet weights); the paper's transfer models used ImageNet weights.")
 
     _compare_section(doc, spec, by, out)
+    labs_section(doc, spec, by)
     _dataset_section(doc, out, prov)
     _paper_tables(doc, spec, by, out)
     _ablation_section(doc, spec, by, out)
