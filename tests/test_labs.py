@@ -221,3 +221,16 @@ def test_bccd_white_cells_are_cut_per_its_own_split(tmp_path):
     assert counts == {"train": 192, "val": 85, "test": 64}  # 341 photographs with one white cell, BCCD's own split
     sides = {Image.open(p).size[0] for p in (out / "test").rglob("*.png")}
     assert min(sides) > 200 and max(sides) < 700  # 4.4 red-cell diameters of a 640x480 BCCD field
+
+
+def test_unlabelled_ood_fit_flags_what_is_unlike_the_labs_own_cells():
+    from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled, mahalanobis_score
+
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 4, (3, 6))
+    lab = np.concatenate([c + rng.normal(0, 1, (200, 6)) for c in centres])
+    logits = -((lab[:, None, :] - centres[None]) ** 2).sum(-1)  # a model that names each cluster
+    means, precision, threshold = fit_mahalanobis_unlabelled(lab, logits, 0.05)
+    fresh = np.concatenate([c + rng.normal(0, 1, (300, 6)) for c in centres])
+    assert 0.01 < (mahalanobis_score(fresh, means, precision) > threshold).mean() < 0.12  # about the 5 % asked for
+    assert (mahalanobis_score(fresh + 12.0, means, precision) > threshold).mean() > 0.99  # another lab again: flagged

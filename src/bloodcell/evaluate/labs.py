@@ -19,7 +19,7 @@ import numpy as np
 from bloodcell import io
 from bloodcell.evaluate.calibration import apply_temperature
 from bloodcell.evaluate.metrics import classification_metrics
-from bloodcell.evaluate.ood import mahalanobis_score
+from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled, mahalanobis_score
 
 
 def restrict(probs: np.ndarray, present: list[int]) -> np.ndarray:
@@ -66,8 +66,12 @@ def score_cells(y: np.ndarray, probs: np.ndarray, names: list[str], review_thres
 
 def evaluate_lab(model, images: np.ndarray, y: np.ndarray, names: list[str], *, temperature: float, review_threshold: float,
                  ood: tuple[np.ndarray, np.ndarray, float] | None, adapt: bool, out_dir: Path, relpaths: list[str],
-                 n_bootstrap: int, seed: int, progress: bool = False) -> dict:
-    """Score `model` on one lab's cells (as is, and adapted when `adapt`); write predictions CSVs into out_dir."""
+                 n_bootstrap: int, seed: int, progress: bool = False, false_alarm: float = 0.01) -> dict:
+    """Score `model` on one lab's cells (as is, and adapted when `adapt`); write predictions CSVs into out_dir.
+
+    Adapted, the OOD score is the one `bloodcell adapt` gives a lab: fitted on the lab's own unlabelled cells
+    (evaluate.ood.fit_mahalanobis_unlabelled), so it flags what looks unlike them.
+    """
     from bloodcell.evaluate.run import predict_outputs
     from bloodcell.models.adapt import MIN_ADAPT_IMAGES, norm_layers, recompute_norm_statistics
 
@@ -81,10 +85,13 @@ def evaluate_lab(model, images: np.ndarray, y: np.ndarray, names: list[str], *, 
     for key, net in variants.items():
         logits, features = predict_outputs(net, images, index, progress=progress, desc=f"scoring {out_dir.name} ({key})")
         probs = apply_temperature(logits, temperature)
-        scores = mahalanobis_score(features, ood[0], ood[1]) if ood is not None else None
-        out[key] = score_cells(y, probs, names, review_threshold, scores, ood[2] if ood else None, n_bootstrap=n_bootstrap, seed=seed)
+        stats = ood
+        if key == "adapted" and ood is not None:
+            stats = fit_mahalanobis_unlabelled(features, logits, false_alarm, seed=seed)
+        scores = mahalanobis_score(features, stats[0], stats[1]) if stats is not None else None
+        out[key] = score_cells(y, probs, names, review_threshold, scores, stats[2] if stats else None, n_bootstrap=n_bootstrap, seed=seed)
         _write_predictions(out_dir / f"predictions_{key}.csv", relpaths, [names[int(v)] for v in y], probs, names,
-                           scores, review_threshold, ood[2] if ood else None)
+                           scores, review_threshold, stats[2] if stats else None)
     io.write_json(out_dir / "metrics.json", out)
     return out
 

@@ -67,3 +67,21 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
 
     y = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
     return float(roc_auc_score(y, np.r_[in_scores, out_scores]))
+
+
+def fit_mahalanobis_unlabelled(features: np.ndarray, logits: np.ndarray, false_alarm: float = DEFAULT_FALSE_ALARM,
+                               seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+    """(means, precision, threshold) of the Mahalanobis score for a lab's own unlabelled cells (an adapted model).
+
+    A model adapted to a lab (bloodcell.models.adapt) reads that lab's cells; what should be flagged is then what
+    looks unlike them, not unlike the training lab (whose stain and camera every one of them differs from). With no
+    labels, the model's own predictions name the classes; the statistics are fitted on one half of the cells and
+    the threshold is the (1 - false_alarm) quantile of the other half's scores, so it is not set on the cells that
+    shaped it.
+    """
+    x = np.asarray(features, np.float64)
+    pseudo = np.asarray(logits).argmax(1)
+    order = np.random.default_rng(seed).permutation(len(x))
+    fit_idx, hold_idx = order[: len(x) // 2], order[len(x) // 2 :]
+    means, precision = fit_mahalanobis(x[fit_idx], pseudo[fit_idx], np.asarray(logits).shape[1])
+    return means, precision, threshold_for(mahalanobis_score(x[hold_idx], means, precision), false_alarm)

@@ -119,7 +119,7 @@ def evaluate_labs(run_dir: Path, cfg: RunConfig, data: PreparedData, model: torc
         out[main] = {"seen": True, "part": "test", "as_is": score_cells(
             data.labels[data.parts["test"]], apply_temperature(logits, temperature), names, review, scores,
             ood[2] if ood else None, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)}
-    kwargs = dict(temperature=temperature, review_threshold=review, ood=ood, adapt=cfg.eval.adapt,
+    kwargs = dict(temperature=temperature, review_threshold=review, ood=ood, adapt=cfg.eval.adapt, false_alarm=cfg.eval.ood_false_alarm,
                   n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed, progress=progress)
     for name, idx in data.lab_tests.items():
         if len(idx):
