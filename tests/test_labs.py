@@ -234,3 +234,27 @@ def test_unlabelled_ood_fit_flags_what_is_unlike_the_labs_own_cells():
     fresh = np.concatenate([c + rng.normal(0, 1, (300, 6)) for c in centres])
     assert 0.01 < (mahalanobis_score(fresh, means, precision) > threshold).mean() < 0.12  # about the 5 % asked for
     assert (mahalanobis_score(fresh + 12.0, means, precision) > threshold).mean() > 0.99  # another lab again: flagged
+
+
+def test_entropy_minimisation_moves_only_the_norm_affine_and_sharpens_predictions():
+    from bloodcell.models.adapt import minimise_entropy
+
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=4, input_size=32).eval()
+    images = np.random.default_rng(1).integers(0, 256, (96, 32, 32, 3), dtype=np.uint8)
+    recompute_norm_statistics(model, images)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def entropy() -> float:
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+        x = (x - torch.tensor(model.mean).view(1, 3, 1, 1) * 255) / (torch.tensor(model.std).view(1, 3, 1, 1) * 255)
+        with torch.no_grad():
+            p = model(x).softmax(1)
+        return float(-(p * p.clamp_min(1e-12).log()).sum(1).mean())
+
+    start = entropy()
+    assert minimise_entropy(model, images, epochs=5, lr=1e-2) == 10
+    assert entropy() < start - 0.05
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("features.") and k.endswith((".1.weight", ".1.bias")) for k in changed), changed
+    assert all(p.requires_grad for p in model.parameters()) and not model.training

@@ -4,7 +4,8 @@ For every lab (a held-out one from `eval.labs`, and the test part of each lab th
 the figures a lab relies on: accuracy over the classes it has (the model's probabilities renormalised over them),
 accuracy over all the model's classes, macro F1, the review and OOD fractions, the kept fraction (neither flagged)
 and the accuracy of the kept cells, with bootstrap CIs. With `eval.adapt`, the same after the BatchNorm statistics
-are re-estimated on the lab's own images (bloodcell.models.adapt), which uses no label of the lab.
+are re-estimated on the lab's own images (bloodcell.models.adapt; "adapted"), and after Tent's entropy minimisation
+on top ("adapted_tent"); neither uses a label of the lab.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def evaluate_lab(model, images: np.ndarray, y: np.ndarray, names: list[str], *, 
     (evaluate.ood.fit_mahalanobis_unlabelled), so it flags what looks unlike them.
     """
     from bloodcell.evaluate.run import predict_outputs
-    from bloodcell.models.adapt import MIN_ADAPT_IMAGES, norm_layers, recompute_norm_statistics
+    from bloodcell.models.adapt import MIN_ADAPT_IMAGES, minimise_entropy, norm_layers, recompute_norm_statistics
 
     index = np.arange(len(y))
     variants = {"as_is": model}
@@ -81,12 +82,15 @@ def evaluate_lab(model, images: np.ndarray, y: np.ndarray, names: list[str], *, 
         adapted = copy.deepcopy(model)
         recompute_norm_statistics(adapted, images)
         variants["adapted"] = adapted
+        tent = copy.deepcopy(adapted)
+        minimise_entropy(tent, images, seed=seed)
+        variants["adapted_tent"] = tent
     out: dict = {}
     for key, net in variants.items():
         logits, features = predict_outputs(net, images, index, progress=progress, desc=f"scoring {out_dir.name} ({key})")
         probs = apply_temperature(logits, temperature)
         stats = ood
-        if key == "adapted" and ood is not None:
+        if key != "as_is" and ood is not None:
             stats = fit_mahalanobis_unlabelled(features, logits, false_alarm, seed=seed)
         scores = mahalanobis_score(features, stats[0], stats[1]) if stats is not None else None
         out[key] = score_cells(y, probs, names, review_threshold, scores, stats[2] if stats else None, n_bootstrap=n_bootstrap, seed=seed)

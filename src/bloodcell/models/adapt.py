@@ -51,3 +51,47 @@ def recompute_norm_statistics(model: nn.Module, images: np.ndarray, *, batch_siz
             m.momentum = momentum
         model.eval()
     return len(layers)
+
+
+def minimise_entropy(model: nn.Module, images: np.ndarray, *, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
+                     seed: int = 0, device: str | None = None) -> int:
+    """Tent (Wang et al. 2021) after AdaBN: the normalisation layers' scale and shift learn to make the model's
+    predictions on the lab's own images confident; every other weight stays. Returns the optimiser steps taken.
+
+    Entropy alone, without SHOT's diversity term: that term assumes every class equally common, and a lab's white
+    cells are mostly neutrophils while the model also knows platelets and erythroblasts. Run
+    recompute_norm_statistics first: the statistics stay fixed here (eval mode), only the affine parameters move.
+    """
+    params = [p for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) for p in m.parameters()]
+    if not params or len(images) == 0:
+        return 0
+    device = device or next(model.parameters()).device.type
+    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1) * 255
+    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1) * 255
+    frozen = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimiser = torch.optim.Adam(params, lr=lr)
+    rng = np.random.default_rng(seed)
+    model.eval()
+    steps = 0
+    try:
+        with torch.enable_grad():
+            for _ in range(epochs):
+                order = rng.permutation(len(images))
+                for start in range(0, len(order), batch_size):
+                    idx = np.sort(order[start : start + batch_size])
+                    x = torch.from_numpy(np.asarray(images[idx])).to(device).permute(0, 3, 1, 2).float()
+                    logits = model(((x - mean) / std).contiguous(memory_format=torch.channels_last))
+                    entropy = -(logits.softmax(1) * logits.log_softmax(1)).sum(1).mean()
+                    optimiser.zero_grad()
+                    entropy.backward()
+                    optimiser.step()
+                    steps += 1
+    finally:
+        for p, flag in frozen.items():
+            p.requires_grad_(flag)
+        model.eval()
+    return steps

@@ -35,12 +35,13 @@ def lab_rows(spec, by: dict) -> dict[tuple[str, bool], list[list[str]]]:
             for lab in labs:
                 entries = [m["labs"][lab] for m in ms if lab in m["labs"]]
                 seen = bool(entries[0].get("seen"))
-                for variant in ("as_is", "adapted"):
+                for variant in ("as_is", "adapted", "adapted_tent"):
                     blocks = [e[variant] for e in entries if variant in e]
                     if not blocks:
                         continue
                     label = (exp.row or exp.name) + ("" if proto == "default" else f" ({proto})")
-                    label += "" if variant == "as_is" else ", adapted (BatchNorm statistics of the lab)"
+                    label += {"as_is": "", "adapted": ", adapted (BatchNorm statistics of the lab)",
+                              "adapted_tent": ", adapted + entropy minimisation (Tent)"}[variant]
                     single = blocks[0].get("accuracy_ci95") if len(blocks) == 1 else None
                     row = [label, str(len(blocks)), str(blocks[0]["n"])]
                     row += [_cell([b.get(c) for b in blocks], single if c == "accuracy" else None) for c in COLUMNS]
