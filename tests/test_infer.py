@@ -80,7 +80,8 @@ def prob_matrix(result) -> np.ndarray:
 def test_result_shape_and_keys(predictor):
     files = sample_files()
     r = predictor.predict_paths(files, progress=False)
-    assert list(r) == ["predictions", "counted", "ood_count", "ood_check", "counts", "percent", "wbc_percent", "flags", "unreadable"]
+    assert list(r) == ["predictions", "counted", "ood_count", "ood_check", "counts", "percent", "wbc_percent", "flags", "verdict", "unreadable"]
+    assert r["verdict"] is None  # no OOD score: no folder-level verdict
     assert r["ood_check"] is False and r["counted"] == len(files) and r["ood_count"] == 0  # this toy model has no OOD score
     assert [p["path"] for p in r["predictions"]] == [str(f) for f in files]
     for p in r["predictions"]:
@@ -146,6 +147,7 @@ def test_counts_percent_and_flags_arithmetic():
     assert r["flags"] == [
         "immature granulocytes present: 3 of 40 cells (7.5%)",
         "erythroblasts (nucleated red cells) present: 1 of 40 cells (2.5%)",
+        "the differential rests on 26 white cells (fewer than 100): read the percentages with care",
     ]
     assert all(p["review"] for p in r["predictions"])  # top probability 0.86 < 0.9
 
@@ -160,7 +162,8 @@ def test_review_rule_in_summarize():
 def test_no_flags_without_ig_or_erythroblasts():
     probs = np.eye(len(NAMES))[[NAMES.index("neutrophil")] * 3]
     r = summarize(["a", "b", "c"], probs, NAMES, 0.5)
-    assert r["flags"] == [] and r["wbc_percent"]["neutrophil"] == 100.0
+    assert not any("present" in f for f in r["flags"]) and r["wbc_percent"]["neutrophil"] == 100.0
+    assert r["flags"] == ["the differential rests on 3 white cells (fewer than 100): read the percentages with care"]
 
 
 def test_flag_present_when_model_predicts_ig(tmp_path):

@@ -446,6 +446,37 @@ def predict_cmd(
                    f"{len(result['unreadable'])} unreadable)", err=True)
 
 
+@app.command("adapt")
+@user_errors
+def adapt_cmd(
+    folder: Path = typer.Argument(..., readable=False, help="Folder of the new lab's cell images, searched recursively; no labels needed."),
+    out: Path = typer.Option(..., "--out", help="Folder for the adapted model (model.safetensors, model.json, ood.safetensors)."),
+    model: Optional[str] = typer.Option(None, "--model", help="The model to adapt: a run directory, its model.safetensors, or 'default' (the bundled model)."),
+    device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
+    force: bool = typer.Option(False, "--force", help="Write into --out although it holds files (its model files are replaced)."),
+    onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx (checked against PyTorch) for installs without PyTorch."),
+) -> None:
+    """Adapt a model to a new lab without labels: re-estimate its BatchNorm statistics on that lab's cells (AdaBN)."""
+    from bloodcell.infer.adapt import adapt_model  # imports torch: the light install gets the one-line "needs PyTorch"
+
+    report = adapt_model(folder, out, model=model, device=device, progress=True, force=force, onnx=onnx)
+    for u in report["unreadable"][:20]:
+        typer.echo(f"unreadable: {u['path']}: {u['reason']}", err=True)
+    if len(report["unreadable"]) > 20:
+        typer.echo(f"... and {len(report['unreadable']) - 20} more unreadable", err=True)
+    for line in report["warnings"]:
+        typer.echo(f"warning: {line}", err=True)
+    skipped = f", {len(report['unreadable'])} unreadable skipped" if report["unreadable"] else ""
+    sampled = f" (a seeded sample of the {report['images_found']} found)" if report["images"] < report["images_found"] - len(report["unreadable"]) else ""
+    typer.echo(f"adapted on {report['images']} images{sampled}{skipped}: {report['norm_layers']} BatchNorm layers re-estimated")
+    if report["ood_before"] is not None:
+        typer.echo(f"flagged OOD: {100 * report['ood_before']:.1f} % of the images before, {100 * report['ood_after']:.1f} % after "
+                   "(the source model's OOD check)")
+    predicted = sorted(report["predicted_after"].items(), key=lambda kv: -kv[1])
+    typer.echo("predicted after: " + ", ".join(f"{c} {k} ({100 * k / report['images']:.0f} %)" for c, k in predicted if k))
+    typer.echo(f"wrote {out} (bloodcell predict IMAGES --model {out})")
+
+
 @app.command("export")
 @user_errors
 def export_cmd(

@@ -58,6 +58,13 @@ FLAG_CLASSES = {
     "ig": "immature granulocytes",
     "erythroblast": "erythroblasts (nucleated red cells)",
 }
+# The folder-level verdict (folder_verdict): at least this many images, at least this share of them OOD.
+VERDICT_MIN_IMAGES = 5
+VERDICT_OOD_SHARE = 0.5
+ADAPT_COMMAND = "bloodcell adapt FOLDER --out ADAPTED"
+FINETUNE_COMMAND = "bloodcell train configs/finetune.yaml --data LABELLED_FOLDER"
+# A manual differential counts 100 white cells; on fewer, one cell moves a percentage by more than a point.
+MANUAL_DIFFERENTIAL_CELLS = 100
 
 
 @dataclass
@@ -321,7 +328,8 @@ def summarize(
     """The result object of `predict_*` (documented in docs/inference.md).
 
     With OOD scores, an image scoring above `ood_threshold` is flagged `ood` and not counted: `counts` and the
-    percentages rest on the `counted` images, and `ood_count` says how many were left out.
+    percentages rest on the `counted` images, and `ood_count` says how many were left out. When most images of a
+    folder are OOD, `verdict` (folder_verdict) says so once, as the first flag too; otherwise it is None.
     """
     probs = np.asarray(probs, dtype=np.float64).reshape(len(names), len(class_names))
     has_ood = ood_scores is not None and ood_threshold is not None
@@ -357,9 +365,17 @@ def summarize(
         for c, text in FLAG_CLASSES.items()
         if counts.get(c)
     ]
-    if ood_count:
+    verdict = folder_verdict(len(predictions), ood_count)
+    if verdict:
+        flags.insert(0, verdict["message"])  # one verdict on the whole folder, instead of the line on its OOD images
+    elif ood_count:
         which = "all" if ood_count == len(predictions) else f"{ood_count} of {len(predictions)}"
         flags.insert(0, f"{which} images look unlike the cells this model was trained on (OOD): not counted")
+    # a differential read from a sample of images: say when it rests on fewer cells than a manual one counts. One image
+    # is a question about that cell, not a count, so the line needs at least two classified images.
+    if len(predictions) >= 2 and 0 < wbc_total < MANUAL_DIFFERENTIAL_CELLS:
+        flags.append(f"the differential rests on {wbc_total} white cells (fewer than {MANUAL_DIFFERENTIAL_CELLS}): "
+                     "read the percentages with care")
     return {
         "predictions": predictions,
         "counted": total,
@@ -369,8 +385,31 @@ def summarize(
         "percent": percent,
         "wbc_percent": wbc_percent,
         "flags": flags,
+        "verdict": verdict,
         "unreadable": list(unreadable or []),
     }
+
+
+def folder_verdict(images: int, ood_count: int) -> dict | None:
+    """The folder-level verdict when the images as a whole look unlike the training cells, else None.
+
+    At least VERDICT_MIN_IMAGES images of which VERDICT_OOD_SHARE or more are flagged OOD: then the folder, not a
+    few odd cells, is unlike every lab the model was trained on (another stain, camera or magnification), its count
+    rests on few cells or none, and the answer is to adapt the model to that lab or fine-tune it on a few of its
+    cells. The message carries no "(OOD)" tag: pages that say the OOD share in a note of their own keep this line.
+    """
+    if images < VERDICT_MIN_IMAGES or ood_count < VERDICT_OOD_SHARE * images:
+        return None
+    share = ood_count / images
+    counted = images - ood_count
+    count = ("no cell was counted" if counted == 0 else
+             f"the count leaves them out and rests on the {counted} other{'s' if counted > 1 else ''} only")
+    advice = (f"adapt the model to this lab's unlabelled cells ({ADAPT_COMMAND}, then predict with --model ADAPTED), "
+              f"or label about 5 cells per class and fine-tune ({FINETUNE_COMMAND})")
+    message = (f"these images as a whole look unlike every lab this model was trained on: {ood_count} of {images} "
+               f"({100 * share:.0f}%) are out of distribution, so {count}. Next: {advice}")
+    return {"kind": "unlike_training_labs", "images": images, "ood_count": ood_count, "ood_fraction": round(share, 4),
+            "counted": counted, "advice": advice, "message": message}
 
 
 def _pct(n: int, total: int) -> float:

@@ -107,6 +107,9 @@ def tables(result: dict, review_threshold: float | None = None, per_image: bool 
     n = len(result["predictions"])
     ood_count = int(result.get("ood_count") or 0)
     total = int(result.get("counted", n - ood_count))  # the cells the counts rest on
+    verdict = result.get("verdict")
+    if verdict:  # the folder as a whole is unlike the training labs: said first, before the count it undermines
+        out.append(Text(verdict["message"], style="bold white on red"))
     title = f"{total} of {n} images; {ood_count} OOD not counted" if ood_count else f"{total} cells"
     title = f"differential count ({title})"
     diff = Table(title=title, title_justify="left", min_width=len(title))  # the title fits on one line
@@ -121,7 +124,7 @@ def tables(result: dict, review_threshold: float | None = None, per_image: bool 
     diff.add_row("total", str(total), "100.0" if total else "-", f"{wbc_total} WBC")
     out.append(diff)
 
-    line = ood_summary(result)
+    line = None if verdict else ood_summary(result)
     if line:
         out.append(Text(line, style="bold white on red" if ood_count == n else "bold yellow"))
     elif not ood_check:
@@ -131,8 +134,8 @@ def tables(result: dict, review_threshold: float | None = None, per_image: bool 
         rule = f" (calibrated confidence below {100 * review_threshold:.0f}%)" if review_threshold else ""
         out.append(Text(f"{review} of {n} cells need review{rule}", style="yellow"))
     for flag in result["flags"]:
-        if ood_count and "(OOD)" in flag:
-            continue  # said above by ood_summary
+        if (ood_count and "(OOD)" in flag) or (verdict and flag == verdict["message"]):
+            continue  # said above by ood_summary or the verdict
         out.append(Text(f"flag: {flag}", style="bold yellow"))
     for u in result["unreadable"]:
         out.append(Text(f"unreadable: {u['path']}: {u['reason']}", style="red"))

@@ -1,0 +1,369 @@
+"""Adapt a model to a new lab without labels: `bloodcell adapt FOLDER --out MODEL_DIR`.
+
+A model's BatchNorm layers hold the mean and variance of its training lab's activations; another lab's stain and
+camera move them. `adapt_model` reads a folder of the new lab's unlabelled cells through the model's own
+preprocessing, re-estimates those statistics on them (AdaBN, bloodcell.models.adapt) and writes a complete model
+folder (model.safetensors, model.json with an `adaptation` section, ood.safetensors) that predict, evaluate, serve
+and card take as any other. No learned weight changes; the OOD statistics and thresholds are the source model's.
+
+What it refuses, in one line: fewer than MIN_ADAPT_IMAGES readable images, a model without BatchNorm layers, an
+output folder that is the source model's or the package's, or one that holds files (unless force). What it warns of,
+and records in model.json (`adaptation.warnings`): a folder of one kind of cell, a folder that mixes labs, a folder
+the model already reads as its training cells, and cells the adapted model still flags as unlike its training cells.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bloodcell import io
+from bloodcell.data.images import UnreadableImage
+from bloodcell.errors import DataError, ModelError
+from bloodcell.infer.predictor import BUNDLED_ONNX, Predictor, collect_images
+from bloodcell.models.adapt import MIN_ADAPT_IMAGES, norm_layers, recompute_norm_statistics  # needs torch
+from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE, _locate, bundled_model_dir, read_metadata
+
+METHOD = "batchnorm statistics re-estimated (AdaBN)"
+# Statistics settle long before this many cells; a larger folder is subsampled (seeded) so memory stays bounded
+# (5,000 images at 224 px are 750 MB).
+MAX_ADAPT_IMAGES = 5000
+# One kind of cell: this share of the folder in one class (see one_kind_of_cell).
+ONE_CLASS_SHARE = 0.9
+# The folder already looks like the training cells when fewer than this share is flagged OOD before adapting.
+ALREADY_LIKE_TRAINING = 0.10
+# The adapted model still reads the folder as unlike its training cells when at least this share is flagged OOD.
+STILL_UNLIKE_TRAINING = 0.5
+
+# Mixed labs, from the background colour (see background_colours and mixed_labs).
+BACKGROUND_BRIGHTEST = 0.05  # the brightest 5 % of a cell image's pixels are background, whatever the cell
+# Two groups whose centres lie this many within-group (robust) sds apart. Measured with the bundled model's input
+# (80 px): single sources reach 3.1-4.9 (PBC classes, Raabin, BCCD, Tecom's yellow-background part), mixes of two or
+# three of them 9.0-257; 7 sits between. (Splitting one normal spread in two gives about 2.9.)
+LAB_GAP_SD = 7.0
+MIN_LAB_SHARE = 0.10  # the smaller group holds at least this share of the images (a few odd images are not a lab)
+MIN_LAB_GAP = 10.0  # grey levels (0-255): closer backgrounds are one lab whatever their spread
+
+def _dir_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+_DIR_MODE = _dir_mode()  # mkdtemp makes 0700 folders; the model folder gets the mode mkdir would give it
+
+ONE_KIND_WARNING = ("{what}: statistics re-estimated from one kind of cell shift every class; "
+                    "adapt on a folder of mixed cells as a smear gives them")
+
+
+def adapt_model(
+    folder: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    model: str | os.PathLike | None = None,
+    device: str = "cpu",
+    progress: bool = True,
+    force: bool = False,
+    onnx: bool = False,
+    batch_size: int = 64,
+    max_images: int = MAX_ADAPT_IMAGES,
+) -> dict:
+    """Re-estimate `model`'s BatchNorm statistics on the images under `folder`; write the adapted model to `out_dir`.
+
+    model: None or "default" (the bundled model), a run / model folder or its model.safetensors.
+    force: write into an `out_dir` that holds files (its model files are replaced; a model.onnx or MODEL_CARD.md
+    there, which would describe other weights, is removed). onnx: also write model.onnx (bloodcell.infer.export,
+    checked against PyTorch) and describe it in model.json, for installs without PyTorch.
+
+    Returns {"out", "images", "images_found", "unreadable" (list of {path, reason}), "norm_layers",
+    "ood_before", "ood_after" (shares flagged OOD; None without an OOD score), "predicted_after" (class -> images),
+    "warnings" (one line each), "adaptation" (the section written into model.json)}.
+    """
+    from bloodcell import __version__
+    from bloodcell.models.checkpoint import save_checkpoint
+
+    folder, out_dir = Path(folder), Path(out_dir)
+    source = _source_folder(model)
+    _check_out_dir(out_dir, source, force)
+    if not folder.is_dir():
+        raise DataError(f"image folder not found: {folder}" if not folder.exists() else f"{folder} is not a folder")
+    predictor = Predictor.load(source, device=device)
+    net = predictor.model
+    if not norm_layers(net):
+        kwargs = predictor.metadata.get("model_kwargs") or {}
+        raise ModelError(f"{_label(model)}: a '{predictor.model_name}'{f' with {kwargs}' if kwargs else ''} has no BatchNorm "
+                         "layers (GroupNorm / LayerNorm normalise each image by itself): nothing to adapt")
+
+    found = collect_images(folder)
+    files = found
+    if len(found) > max_images:
+        keep = np.sort(np.random.default_rng(0).choice(len(found), max_images, replace=False))
+        files = [found[i] for i in keep]
+    images, unreadable = _decode_all(predictor, files, progress)
+    if len(images) < MIN_ADAPT_IMAGES:
+        raise DataError(f"{folder}: {len(images)} readable images ({len(unreadable)} unreadable); adaptation needs at least "
+                        f"{MIN_ADAPT_IMAGES} of the new lab's cells, fewer give statistics noisier than the training lab's")
+
+    warnings: list[str] = []
+    lab_split = mixed_labs(background_colours(images))
+    if lab_split:
+        warnings.append(f"{folder} looks like more than one lab or stain: its backgrounds form two groups "
+                        f"({lab_split[0]} and {lab_split[1]} images, colours {lab_split[2]} and {lab_split[3]}); "
+                        "adapt on each lab's cells separately")
+    labels_before, ood_before = _score(predictor, images, batch_size, progress, "scoring (source model)")
+    layers = recompute_norm_statistics(net, images, batch_size=batch_size, device=predictor.device)
+    labels_after, ood_after = _score(predictor, images, batch_size, progress, "scoring (adapted model)")
+
+    one_kind = one_kind_of_cell(labels_before, ood_before, labels_after, len(predictor.class_names))
+    if one_kind:
+        warnings.append(ONE_KIND_WARNING.format(what=f"{folder}: {one_kind}"))
+    if ood_before is not None and ood_before.mean() < ALREADY_LIKE_TRAINING:
+        changed = float((labels_before != labels_after)[~ood_before].mean())
+        warnings.append(f"{folder}: {100 * (1 - ood_before.mean()):.0f} % of its images already look like the training "
+                        f"cells of {_label(model)}: adapting is not needed, and it changed the class of {100 * changed:.0f} % of them")
+    if ood_after is not None and ood_after.mean() >= STILL_UNLIKE_TRAINING:
+        warnings.append(f"{100 * ood_after.mean():.0f} % of the images still look unlike the training cells to the adapted "
+                        "model (it keeps the source model's OOD check): predict leaves them out of the count")
+
+    predicted = np.bincount(labels_after, minlength=len(predictor.class_names))
+    meta = dict(predictor.metadata)
+    meta.pop("onnx", None)  # described the source's model.onnx, which is not copied (rewritten below with --onnx)
+    meta.pop("quantization", None)
+    source_weights, _ = _locate(source)
+    adaptation: dict[str, Any] = {
+        "method": METHOD,
+        "folder": str(folder.resolve()),
+        "images": int(len(images)),
+        "images_found": int(len(found)),
+        "unreadable": int(len(unreadable)),
+        "norm_layers": int(layers),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"model": _name(model), "model_name": predictor.model_name, "weights_sha256": io.file_sha256(source_weights)},
+        "ood_fraction_before": None if ood_before is None else round(float(ood_before.mean()), 4),
+        "ood_fraction_after": None if ood_after is None else round(float(ood_after.mean()), 4),
+        "predicted_after": {c: int(k) for c, k in zip(predictor.class_names, predicted)},
+        "warnings": warnings,
+        "bloodcell_version": __version__,
+    }
+    meta["adaptation"] = adaptation
+
+    # the folder is built beside out_dir and moved in file by file, model.json last: an interrupted run leaves
+    # no folder, or one without model.json, never new weights under the old description
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.adapt-", dir=out_dir.parent))
+    try:
+        os.chmod(work, _DIR_MODE)
+        save_checkpoint(net, work, meta)
+        adaptation["weights_sha256"] = io.file_sha256(work / WEIGHTS_FILE)
+        written = dict(read_metadata(work), adaptation=adaptation)
+        io.write_json(work / METADATA_FILE, written)
+        ood_file = str((meta.get("ood") or {}).get("file") or "ood.safetensors")
+        if meta.get("ood"):
+            with io.atomic_path(work / ood_file) as tmp:
+                shutil.copyfile(source / ood_file, tmp)
+        if onnx:
+            from bloodcell.infer.export import export_bundled
+
+            export_bundled(work)  # model.onnx, checked, and model.json's `onnx` section with the new weights' hashes
+        _move_into(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {
+        "out": str(out_dir),
+        "images": int(len(images)),
+        "images_found": int(len(found)),
+        "unreadable": unreadable,
+        "norm_layers": int(layers),
+        "ood_before": adaptation["ood_fraction_before"],
+        "ood_after": adaptation["ood_fraction_after"],
+        "predicted_after": adaptation["predicted_after"],
+        "warnings": warnings,
+        "adaptation": adaptation,
+    }
+
+
+# ---------------------------------------------------------------------- the checks
+
+
+def background_colours(images: np.ndarray) -> np.ndarray:
+    """(N, 3) float: per image, the mean colour of its brightest BACKGROUND_BRIGHTEST of pixels (by R + G + B).
+
+    A single-cell image is mostly smear background around one cell, and its brightest pixels are that background:
+    the lamp, camera and stain of the lab show there, not the cell's class.
+    """
+    n = len(images)
+    pixels = np.asarray(images).reshape(n, -1, 3)
+    k = max(1, int(np.ceil(BACKGROUND_BRIGHTEST * pixels.shape[1])))
+    brightness = pixels.astype(np.int32).sum(axis=2)
+    brightest = np.argpartition(-brightness, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(pixels, brightest[:, :, None], axis=1).astype(np.float64).mean(axis=1)
+
+
+def mixed_labs(colours: np.ndarray) -> tuple[int, int, str, str] | None:
+    """(size of each group, their colours) when the background colours form two well-separated groups, else None.
+
+    Two-means on the colours, started from the two extremes along their main axis (deterministic). The groups count
+    as two labs when (a) their centres lie more than LAB_GAP_SD within-group spreads apart, the spread measured
+    along the line joining the centres as 1.4826 x the median absolute deviation from each group's median (a sd
+    that a few odd images do not inflate, so a third lab in the folder does not hide the split); (b) the smaller
+    group holds at least MIN_LAB_SHARE of the images, so a few odd images are not a lab (3 % of PBC's own cells
+    have a lavender background, 37 grey levels from the rest); and (c) the centres are at least MIN_LAB_GAP grey
+    levels apart, so a lab whose backgrounds barely vary is not split over a shade. A model that white-balances its
+    input has the cast removed before it sees the cells; this looks at the images as the model gets them.
+    """
+    x = np.asarray(colours, dtype=np.float64)
+    if len(x) < 4:
+        return None
+    centred = x - x.mean(axis=0)
+    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
+    proj = centred @ axis
+    centres = np.stack([x[proj.argmin()], x[proj.argmax()]])
+    assign = np.full(len(x), -1)
+    for _ in range(100):
+        new = ((x[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
+        if (new == assign).all():
+            break
+        assign = new
+        if assign.min() == assign.max():  # everything in one group: one lab
+            return None
+        centres = np.stack([x[assign == g].mean(axis=0) for g in (0, 1)])
+    gap = float(np.linalg.norm(centres[1] - centres[0]))
+    sizes = np.bincount(assign, minlength=2)
+    if gap < MIN_LAB_GAP or sizes.min() < MIN_LAB_SHARE * len(x):
+        return None
+    along = x @ ((centres[1] - centres[0]) / gap)
+    medians = np.array([np.median(along[assign == g]) for g in (0, 1)])
+    spread = 1.4826 * float(np.median(np.abs(along - medians[assign])))
+    if gap <= LAB_GAP_SD * spread:
+        return None
+    rgb = lambda c: "RGB " + " ".join(str(int(round(v))) for v in c)  # noqa: E731
+    return int(sizes[0]), int(sizes[1]), rgb(centres[0]), rgb(centres[1])
+
+
+def one_kind_of_cell(labels_before: np.ndarray, ood_before: np.ndarray | None, labels_after: np.ndarray, classes: int) -> str | None:
+    """Why the folder looks like one kind of cell, or None.
+
+    Two signs, either enough. (1) The source model reads at least half the folder as cells like its training cells
+    and calls ONE_CLASS_SHARE of those one class: on its own lab it is right (97 % on PBC), so the folder is one
+    kind. (2) The adapted model calls ONE_CLASS_SHARE of the folder one class. Measured with the bundled model on 200
+    PBC cells of each class: sign (1) caught all 8 one-class folders (94-100 % one class) and none of the mixed or
+    smear-like ones (14-58 %); sign (2) caught none of them (26-82 %: statistics of one kind of cell scatter the
+    classes rather than gather them). A folder of one kind of cell from a lab the model does not know (all OOD) is
+    caught by neither.
+    """
+    known = np.ones(len(labels_before), bool) if ood_before is None else ~ood_before
+    if known.sum() >= max(1, len(labels_before) / 2):
+        counts = np.bincount(labels_before[known], minlength=classes)
+        if counts.max() >= ONE_CLASS_SHARE * known.sum():
+            return f"the source model calls {100 * counts.max() / known.sum():.0f} % of the cells it knows one class"
+    counts = np.bincount(labels_after, minlength=classes)
+    if counts.max() >= ONE_CLASS_SHARE * len(labels_after):
+        return f"the adapted model calls {100 * counts.max() / len(labels_after):.0f} % of the images one class"
+    return None
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def _name(model: str | os.PathLike | None) -> str:
+    return "default" if model is None or str(model) == "default" else str(model)
+
+
+def _label(model: str | os.PathLike | None) -> str:
+    return "the bundled model" if _name(model) == "default" else str(model)
+
+
+def _source_folder(model: str | os.PathLike | None) -> Path:
+    """The folder of the model to adapt (its model.safetensors + model.json)."""
+    if model is None or str(model) == "default":
+        return bundled_model_dir()
+    path = Path(model)
+    if path.suffix.lower() == ".onnx":
+        raise ModelError(f"{path} is an ONNX export: adapting needs the PyTorch weights (the run directory with {WEIGHTS_FILE})")
+    if path.is_file() and path.suffix == ".safetensors":
+        path = path.parent
+    if not path.is_dir():
+        raise ModelError(f"model not found: {path} (pass a run directory, its {WEIGHTS_FILE}, or 'default')")
+    if not (path / WEIGHTS_FILE).is_file():
+        raise ModelError(f"{path} holds no {WEIGHTS_FILE}: adapting needs the PyTorch weights")
+    return path
+
+
+def _check_out_dir(out_dir: Path, source: Path, force: bool) -> None:
+    """Refuse to write over the source model or the package's models; refuse a folder holding files unless force."""
+    target = out_dir.resolve()
+    assets = bundled_model_dir().resolve().parent if _has_bundled() else None
+    if target == source.resolve():
+        raise DataError(f"--out {out_dir} is the model being adapted: write the adapted model to another folder")
+    if assets is not None and (target == assets or assets in target.parents):
+        raise DataError(f"--out {out_dir} is inside the package's assets ({assets}): write the adapted model elsewhere")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"--out {out_dir} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise DataError(f"--out {out_dir} exists and holds files: choose an empty or new folder, or add --force to replace its model")
+
+
+def _has_bundled() -> bool:
+    try:
+        bundled_model_dir()
+    except ModelError:
+        return False
+    return True
+
+
+def _move_into(work: Path, out_dir: Path) -> None:
+    """Move the finished folder `work` to `out_dir`: a rename when out_dir is new, else file by file, model.json last."""
+    if not out_dir.exists():
+        os.replace(work, out_dir)
+        return
+    (out_dir / METADATA_FILE).unlink(missing_ok=True)  # until the new one lands, the folder is no model at all
+    for stale in (BUNDLED_ONNX, "MODEL_CARD.md"):  # would describe other weights
+        if not (work / stale).exists():
+            (out_dir / stale).unlink(missing_ok=True)
+    for item in sorted(work.iterdir(), key=lambda p: p.name == METADATA_FILE):
+        os.replace(item, out_dir / item.name)
+
+
+def _decode_all(predictor: Predictor, files: list[Path], progress: bool) -> tuple[np.ndarray, list[dict]]:
+    """The readable files as the model's input (uint8 N x S x S x 3) and the unreadable ones with reasons."""
+    from bloodcell.progress import progress_bar
+
+    def decode(path: Path):
+        try:
+            return predictor.decode(path), None
+        except UnreadableImage as exc:
+            return None, str(exc)
+        except OSError as exc:
+            return None, f"cannot read file: {exc.strerror or exc}"
+
+    arrays, unreadable = [], []
+    with progress_bar(len(files), "reading images", enabled=progress) as advance, ThreadPoolExecutor(predictor.workers) as pool:
+        for path, (array, reason) in zip(files, pool.map(decode, files)):
+            if array is None:
+                unreadable.append({"path": str(path), "reason": reason})
+            else:
+                arrays.append(array)
+            advance()
+    s = predictor.input_size
+    return (np.stack(arrays) if arrays else np.zeros((0, s, s, 3), np.uint8)), unreadable
+
+
+def _score(predictor: Predictor, images: np.ndarray, batch_size: int, progress: bool, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(predicted class per image, OOD flag per image or None) of decoded images."""
+    from bloodcell.progress import progress_bar
+
+    labels, flags = [], []
+    with progress_bar(len(images), what, enabled=progress) as advance:
+        for start in range(0, len(images), batch_size):
+            logits, scores = predictor.outputs(images[start : start + batch_size])
+            labels.append(logits.argmax(axis=1))
+            if scores is not None:
+                flags.append(~(scores <= predictor.ood_threshold))  # nan counts as unlike, as in predict
+            advance(len(logits))
+    return np.concatenate(labels), (np.concatenate(flags) if flags and predictor.has_ood else None)
