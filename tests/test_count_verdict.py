@@ -39,7 +39,7 @@ def rendered(result: dict) -> str:
 
 
 def test_half_the_images_ood_gives_one_verdict_first_with_what_to_do():
-    r = result_for(["neutrophil"] * 10, [True] * 5 + [False] * 5)
+    r = result_for(["neutrophil"] * 8 + ["ig"] * 2, [True] * 5 + [False] * 5)
     v = r["verdict"]
     assert v["kind"] == "unlike_training_labs" and v["ood_fraction"] == 0.5 and v["ood_count"] == 5 and v["counted"] == 5
     assert "bloodcell adapt FOLDER --out" in v["advice"] and "bloodcell train configs/finetune.yaml --data" in v["advice"]
@@ -49,13 +49,15 @@ def test_half_the_images_ood_gives_one_verdict_first_with_what_to_do():
     assert sum(VERDICT_START in f for f in r["flags"]) == 1
     assert not any(OLD_OOD_FLAG in f for f in r["flags"])  # the verdict replaces the per-folder OOD line
     assert [p["ood"] for p in r["predictions"]] == [True] * 5 + [False] * 5  # the per-image flags stay
-    assert r["counted"] == 5 and r["counts"]["neutrophil"] == 5
+    assert r["counted"] == 5 and r["counts"]["neutrophil"] == 3 and r["counts"]["ig"] == 2
+    assert r["flags"][1].startswith("immature granulocytes present")  # the findings follow the verdict
 
 
 def test_no_verdict_below_half_or_below_five_images():
     under_half = result_for(["lymphocyte"] * 10, [True] * 4 + [False] * 6)
     assert under_half["verdict"] is None and under_half["flags"][0] == f"4 of 10 images {OLD_OOD_FLAG}"
-    few = result_for(["lymphocyte"] * (VERDICT_MIN_IMAGES - 1), [True] * (VERDICT_MIN_IMAGES - 1))
+    assert VERDICT_MIN_IMAGES == 5
+    few = result_for(["lymphocyte"] * 4, [True] * 4)
     assert few["verdict"] is None and few["flags"][0] == f"all images {OLD_OOD_FLAG}"
     assert result_for(["lymphocyte"] * 10)["verdict"] is None  # no OOD score at all: nothing to judge by
     assert folder_verdict(0, 0) is None
