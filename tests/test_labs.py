@@ -258,3 +258,22 @@ def test_entropy_minimisation_moves_only_the_norm_affine_and_sharpens_prediction
     changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("features.") and k.endswith((".1.weight", ".1.bias")) for k in changed), changed
     assert all(p.requires_grad for p in model.parameters()) and not model.training
+
+
+def test_the_card_says_how_the_model_does_on_each_lab():
+    from bloodcell.evaluate.run import lab_summary
+    from bloodcell.infer.card import model_card
+
+    block = {"n": 300, "accuracy": 0.42, "accuracy_ci95": [0.37, 0.47], "f1_macro": 0.3, "kept_fraction": 0.0,
+             "accuracy_kept": None, "ood_fraction": 1.0, "review_fraction": 0.5, "recall": {"neutrophil": 0.5}}
+    labs = {"tecom": {"seen": False, "part": "all", "as_is": block, "adapted": {**block, "accuracy": 0.61, "kept_fraction": 0.55, "accuracy_kept": 0.96}},
+            "bccd": {"seen": True, "part": "test", "as_is": {**block, "n": 64, "accuracy": 0.9}}}
+    meta = {"model_name": "cnn", "labs": lab_summary(labs),
+            "bundled": {"lab_protocol": [{"lab": "tecom", "recipe": "BN", "seeds": "2", "accuracy": "9.7 [1, 2]", "kept": "0.0", "kept_right": "–"}]}}
+    card = model_card(meta)
+    assert "## Cells from other labs" in card
+    assert "| tecom | no (never seen) | 300 | 42.00 % | 0.00 % | - | 61.00 % | 55.00 % | 96.00 % |" in card
+    assert "| bccd | yes (scored on its test part) | 64 | 90.00 % |" in card
+    assert "| tecom | BN | 2 | 9.7 [1, 2] | 0.0 | – |" in card
+    assert "recall" not in meta["labs"]["tecom"]["as_is"]  # the summary keeps the headline figures only
+    assert "## Cells from other labs" not in model_card({"model_name": "cnn"})

@@ -11,6 +11,10 @@ section) and writes MODEL_CARD.md from all of it. Refuses an unfinished run.
     .venv/bin/python tools/bundle_model.py --refresh src/bloodcell/assets/default_model
 
 redoes only the ONNX export and the card of the model already there.
+
+    .venv/bin/python tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model --labs-study runs/labs
+
+also copies into the card the leave-one-lab-out study's held-out tables (configs/labs.yaml) that chose its recipe.
 """
 
 from __future__ import annotations
@@ -26,11 +30,26 @@ from bloodcell.infer.export import export_bundled
 from bloodcell.models.checkpoint import load_checkpoint
 
 
+def protocol_rows(study: Path) -> list[dict]:
+    """The held-out rows of a finished configs/labs.yaml study, as the card shows them."""
+    from bloodcell.study.labs_report import lab_rows
+    from bloodcell.study.report import _metrics
+    from bloodcell.study.spec import expand_runs, load_study
+
+    spec, base = load_study(study / "study.yaml")
+    by: dict = {}
+    for r in expand_runs(spec, base):
+        by.setdefault((r.experiment.name, r.protocol), []).append((r, _metrics(study, r)))
+    return [{"lab": lab, "recipe": row[0], "seeds": row[1], "accuracy": row[3], "kept": row[5], "kept_right": row[6]}
+            for (lab, seen), rows in sorted(lab_rows(spec, by).items()) if not seen for row in rows]
+
+
 def main() -> None:
     if sys.argv[1] == "--refresh":
         finish(Path(sys.argv[2]))
         return
     run, dest = Path(sys.argv[1]), Path(sys.argv[2])
+    study = Path(sys.argv[sys.argv.index("--labs-study") + 1]) if "--labs-study" in sys.argv else None
     status = json.loads((run / "status.json").read_text())
     if status.get("state") != "complete":
         sys.exit(f"error: {run} is not a finished run (status {status.get('state')})")
@@ -38,8 +57,11 @@ def main() -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     meta = json.loads((run / "model.json").read_text())
     test = metrics["test"]
+    labs = [lab["name"] for lab in (meta.get("training_config") or {}).get("data", {}).get("labs") or []]
     meta["bundled"] = {
-        "trained_on": "PBC (Acevedo et al. 2020), training part of the default split",
+        "trained_on": "PBC (Acevedo et al. 2020), training part of the default split"
+                      + (f"; and the train and validation parts of {', '.join(labs)}'s own split (white cells cut from its "
+                         "smear photographs by the field path's crop rule)" if labs else ""),
         "split": {"seed": metrics["provenance"]["split_seed"], "test_size": 0.3, "val_size": 0.2, "dedup": True},
         "data_fingerprint": metrics["provenance"]["data_fingerprint"],
         "test_accuracy": test["accuracy"],
@@ -53,6 +75,8 @@ def main() -> None:
         "train_seconds": metrics["provenance"].get("train_seconds"),
         "retrain": "make default-model PBC=/path/to/PBC_dataset_normal_DIB",
     }
+    if study is not None:
+        meta["bundled"]["lab_protocol"] = protocol_rows(study)
     previous = dest / "model.json"
     if previous.exists():
         meta["bundled"]["known_limits"] = json.loads(previous.read_text()).get("bundled", {}).get("known_limits", [])

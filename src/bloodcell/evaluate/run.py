@@ -137,6 +137,14 @@ def evaluate_labs(run_dir: Path, cfg: RunConfig, data: PreparedData, model: torc
     return out
 
 
+def lab_summary(labs: dict) -> dict:
+    """model.json `labs`: per lab, whether the model trained on it and its headline figures, as is and adapted."""
+    keys = ("n", "accuracy", "accuracy_ci95", "f1_macro", "kept_fraction", "accuracy_kept", "ood_fraction", "review_fraction")
+    return {name: {"seen": v.get("seen"), "part": v.get("part"),
+                   **{variant: {k: v[variant].get(k) for k in keys} for variant in ("as_is", "adapted", "adapted_tent") if variant in v}}
+            for name, v in labs.items()}
+
+
 def write_predictions(path: Path, paths: list[str], true_names: list[str], class_names: list[str], probs: np.ndarray) -> None:
     """predictions.csv: path, true class, predicted class, confidence, then one probability column per class."""
     buf = _io.StringIO()
@@ -208,6 +216,10 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
             meta["ood"] = {k: ood[k] for k in ("method", "file", "threshold", "false_alarm_target", "fitted_on")}
         else:
             meta.pop("ood", None)
+        if "labs" in metrics:  # what the card says of other labs, kept with the model
+            meta["labs"] = lab_summary(metrics["labs"])
+        else:
+            meta.pop("labs", None)
         meta.update(temperature=temperature, review_threshold=review, test_metrics={k: metrics.get("test", {}).get(k) for k in ("accuracy", "f1_macro", "f1_weighted", "ece", "ece_calibrated")})
         io.write_json(model_json, meta)
 

@@ -90,10 +90,37 @@ def model_card(meta: dict, metrics: dict | None = None, source: str = "") -> str
                      f"(about {_pct(ood.get('false_alarm_target'))} of its own validation cells flagged); fitted on {ood.get('fitted_on', '?')}.")
     lines.append("")
 
+    lines += _labs_lines(meta.get("labs") or {}, bundled.get("lab_protocol") or [])
+
     lines += ["## Known limits", ""]
     lines += [f"- {x}" for x in (bundled.get("known_limits") or []) + GENERAL_LIMITS]
     lines.append("")
     return "\n".join(lines)
+
+
+def _labs_lines(labs: dict, protocol: list) -> list[str]:
+    """Other labs' cells: this model on each lab it was scored on, and the leave-one-lab-out study behind its recipe."""
+    if not labs and not protocol:
+        return []
+    lines = ["## Cells from other labs", ""]
+    if labs:
+        lines += ["Accuracy over the classes each lab has; kept = neither flagged for review nor OOD. \"Adapted\": after "
+                  "`bloodcell adapt` re-estimates its BatchNorm statistics on that lab's own unlabelled cells.", "",
+                  "| lab | trained on it | cells | accuracy | kept | kept right | adapted: accuracy | adapted: kept | adapted: kept right |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, v in labs.items():
+            a, d = v.get("as_is") or {}, v.get("adapted") or {}
+            seen = f"yes (scored on its {v.get('part')} part)" if v.get("seen") else "no (never seen)"
+            lines.append(f"| {name} | {seen} | {a.get('n', '-')} | {_pct(a.get('accuracy'))} | {_pct(a.get('kept_fraction'))} | "
+                         f"{_pct(a.get('accuracy_kept'))} | {_pct(d.get('accuracy'))} | {_pct(d.get('kept_fraction'))} | {_pct(d.get('accuracy_kept'))} |")
+        lines.append("")
+    if protocol:
+        lines += ["The leave-one-lab-out study its recipe was chosen by (configs/labs.yaml; each lab held out is never seen, "
+                  "not even to choose the recipe):", "",
+                  "| held out | recipe | seeds | accuracy % | kept % | kept right % |", "|---|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['lab']} | {r['recipe']} | {r['seeds']} | {r['accuracy']} | {r['kept']} | {r['kept_right']} |" for r in protocol]
+        lines.append("")
+    return lines
 
 
 def card_for(model: str | os.PathLike) -> str:
