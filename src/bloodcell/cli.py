@@ -471,7 +471,7 @@ def adapt_cmd(
     typer.echo(f"adapted on {report['images']} images{sampled}{skipped}: {report['norm_layers']} BatchNorm layers re-estimated")
     if report["ood_before"] is not None:
         typer.echo(f"flagged OOD: {100 * report['ood_before']:.1f} % of the images before, {100 * report['ood_after']:.1f} % after "
-                   "(the source model's OOD check)")
+                   "(before: the source model's OOD check; after: refitted on this folder's cells, flagging what looks unlike them)")
     predicted = sorted(report["predicted_after"].items(), key=lambda kv: -kv[1])
     typer.echo("predicted after: " + ", ".join(f"{c} {k} ({100 * k / report['images']:.0f} %)" for c, k in predicted if k))
     typer.echo(f"wrote {out} (bloodcell predict IMAGES --model {out})")

@@ -29,6 +29,7 @@ from bloodcell.data.images import UnreadableImage
 from bloodcell.errors import DataError, ModelError
 from bloodcell.infer.predictor import BUNDLED_ONNX, Predictor, collect_images
 from bloodcell.models.adapt import MIN_ADAPT_IMAGES, norm_layers, recompute_norm_statistics  # needs torch
+from bloodcell.models.ood import OOD_FILE, save_ood
 from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE, _locate, bundled_model_dir, read_metadata
 
 METHOD = "batchnorm statistics re-estimated (AdaBN)"
@@ -40,7 +41,6 @@ ONE_CLASS_SHARE = 0.9
 # The folder already looks like the training cells when fewer than this share is flagged OOD before adapting.
 ALREADY_LIKE_TRAINING = 0.10
 # The adapted model still reads the folder as unlike its training cells when at least this share is flagged OOD.
-STILL_UNLIKE_TRAINING = 0.5
 
 # Mixed labs, from the background colour (see background_colours and mixed_labs).
 BACKGROUND_BRIGHTEST = 0.05  # the brightest 5 % of a cell image's pixels are background, whatever the cell
@@ -118,6 +118,13 @@ def adapt_model(
                         "adapt on each lab's cells separately")
     labels_before, ood_before = _score(predictor, images, batch_size, progress, "scoring (source model)")
     layers = recompute_norm_statistics(net, images, batch_size=batch_size, device=predictor.device)
+    # The adapted model reads this lab's cells, every one of which differs from the training lab's stain and camera:
+    # its OOD check is refitted to flag what looks unlike *them* (the lab's own cells, named by the model's
+    # predictions, no labels), or it would leave every cell of the lab out of the count.
+    ood_stats = _refit_ood(predictor, images, batch_size) if predictor.has_ood else None
+    if ood_stats is not None:
+        predictor.scored_model = _scored(net, ood_stats).to(predictor.device).eval()
+        predictor.ood_threshold = ood_stats[2]
     labels_after, ood_after = _score(predictor, images, batch_size, progress, "scoring (adapted model)")
 
     one_kind = one_kind_of_cell(labels_before, ood_before, labels_after, len(predictor.class_names))
@@ -127,9 +134,6 @@ def adapt_model(
         changed = float((labels_before != labels_after)[~ood_before].mean())
         warnings.append(f"{folder}: {100 * (1 - ood_before.mean()):.0f} % of its images already look like the training "
                         f"cells of {_label(model)}: adapting is not needed, and it changed the class of {100 * changed:.0f} % of them")
-    if ood_after is not None and ood_after.mean() >= STILL_UNLIKE_TRAINING:
-        warnings.append(f"{100 * ood_after.mean():.0f} % of the images still look unlike the training cells to the adapted "
-                        "model (it keeps the source model's OOD check): predict leaves them out of the count")
 
     predicted = np.bincount(labels_after, minlength=len(predictor.class_names))
     meta = dict(predictor.metadata)
@@ -163,10 +167,12 @@ def adapt_model(
         adaptation["weights_sha256"] = io.file_sha256(work / WEIGHTS_FILE)
         written = dict(read_metadata(work), adaptation=adaptation)
         io.write_json(work / METADATA_FILE, written)
-        ood_file = str((meta.get("ood") or {}).get("file") or "ood.safetensors")
-        if meta.get("ood"):
-            with io.atomic_path(work / ood_file) as tmp:
-                shutil.copyfile(source / ood_file, tmp)
+        if ood_stats is not None:
+            save_ood(work, ood_stats[0], ood_stats[1])
+            written["ood"] = {**(meta.get("ood") or {}), "file": OOD_FILE, "threshold": ood_stats[2],
+                              "fitted_on": f"{len(images)} unlabelled cells of {folder.name} after adaptation (classes as the "
+                                           "adapted model names them; statistics on one half, threshold on the other)"}
+            io.write_json(work / METADATA_FILE, written)
         if onnx:
             from bloodcell.infer.export import export_bundled
 
@@ -352,6 +358,22 @@ def _decode_all(predictor: Predictor, files: list[Path], progress: bool) -> tupl
             advance()
     s = predictor.input_size
     return (np.stack(arrays) if arrays else np.zeros((0, s, s, 3), np.uint8)), unreadable
+
+
+def _refit_ood(predictor: Predictor, images: np.ndarray, batch_size: int) -> tuple:
+    """(means, precision, threshold) of the Mahalanobis score on the adapted model's features of the lab's cells."""
+    from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled
+    from bloodcell.evaluate.run import predict_outputs
+
+    logits, features = predict_outputs(predictor.model, images, np.arange(len(images)), batch_size=batch_size, device=predictor.device)
+    false_alarm = float((predictor.metadata.get("ood") or {}).get("false_alarm_target") or 0.01)
+    return fit_mahalanobis_unlabelled(features, logits, false_alarm)
+
+
+def _scored(net, stats: tuple):
+    from bloodcell.models.ood import MahalanobisScore, ScoredModel
+
+    return ScoredModel(net, MahalanobisScore(stats[0], stats[1]))
 
 
 def _score(predictor: Predictor, images: np.ndarray, batch_size: int, progress: bool, what: str) -> tuple[np.ndarray, np.ndarray | None]:
