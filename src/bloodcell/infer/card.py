@@ -90,6 +90,15 @@ def model_card(meta: dict, metrics: dict | None = None, source: str = "") -> str
                      f"(about {_pct(ood.get('false_alarm_target'))} of its own validation cells flagged); fitted on {ood.get('fitted_on', '?')}.")
     lines.append("")
 
+    adaptation = meta.get("adaptation") or {}
+    if adaptation:
+        src = adaptation.get("source") or {}
+        lines += ["## Adapted to a lab", "",
+                  f"- {adaptation.get('method')} on {adaptation.get('images')} unlabelled images of `{adaptation.get('folder')}` "
+                  f"({adaptation.get('date')}), from {src.get('model')} ({src.get('model_name')}, weights sha256 "
+                  f"{str(src.get('weights_sha256'))[:12]}). Its OOD check was refitted on those cells. The metrics above "
+                  "are the source model's, on its own test part: measure this one on labelled cells of that lab.",
+                  *[f"- Warning: {w}" for w in adaptation.get("warnings") or []], ""]
     lines += _labs_lines(meta.get("labs") or {}, bundled.get("lab_protocol") or [])
 
     lines += ["## Known limits", ""]
@@ -132,4 +141,4 @@ def card_for(model: str | os.PathLike) -> str:
     meta = json.loads((path / "model.json").read_text())
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
-    return model_card(meta, metrics, source=BUNDLED_SOURCE if meta.get("bundled") else path.name)
+    return model_card(meta, metrics, source=BUNDLED_SOURCE if meta.get("bundled") and not meta.get("adaptation") else path.name)

@@ -127,6 +127,8 @@ class PredictResult(BaseModel):
     percent: dict[str, float]
     wbc_percent: dict[str, float]
     flags: list[str]
+    verdict: dict | None = Field(None, description="when most images look unlike every lab the model was trained on: kind, images, "
+                                 "ood_count, ood_fraction, counted, advice, message (also the first flag); null otherwise")
     unreadable: list[UnreadableUpload]
     fields: list[FieldResult] = Field(default_factory=list, description="smear photographs: every cell found, with its box")
     field_summary: FieldSummary | None = Field(None, description="totals and WBC differential over all photographs")
