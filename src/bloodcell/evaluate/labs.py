@@ -21,6 +21,7 @@ from bloodcell import io
 from bloodcell.evaluate.calibration import apply_temperature
 from bloodcell.evaluate.metrics import classification_metrics
 from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled, mahalanobis_score
+from bloodcell.evaluate.outputs import predict_outputs
 
 
 def restrict(probs: np.ndarray, present: list[int]) -> np.ndarray:
@@ -73,7 +74,6 @@ def evaluate_lab(model, images: np.ndarray, y: np.ndarray, names: list[str], *, 
     Adapted, the OOD score is the one `bloodcell adapt` gives a lab: fitted on the lab's own unlabelled cells
     (evaluate.ood.fit_mahalanobis_unlabelled), so it flags what looks unlike them.
     """
-    from bloodcell.evaluate.run import predict_outputs
     from bloodcell.models.adapt import MIN_ADAPT_IMAGES, minimise_entropy, norm_layers, recompute_norm_statistics
 
     index = np.arange(len(y))
@@ -109,3 +109,43 @@ def _write_predictions(path: Path, relpaths, true_names, probs, names, scores, r
         w.writerow([rel, true, names[int(p.argmax())], f"{p.max():.6f}", int(p.max() < review_threshold),
                     "" if s is None else int(s > ood_threshold), "" if s is None else f"{s:.4f}"] + [f"{v:.6f}" for v in p])
     io.write_text(path, buf.getvalue())
+
+
+def evaluate_labs(run_dir: Path, cfg, data, model, temperature: float,
+                  review: float, ood: tuple | None, *, test: tuple | None = None, progress: bool = True) -> dict:
+    """metrics.json `labs`: each trained-on lab's own test part ("seen") and each eval.labs lab ("held out")."""
+    from bloodcell.data.labs import lab_images
+
+    names = data.class_names
+    out: dict = {}
+    if test is not None:  # the main dataset's own test part, scored the same way, so every lab has one row format
+        logits, features = test
+        scores = mahalanobis_score(features, ood[0], ood[1]) if ood is not None else None
+        main = Path(str(data.source.get("root") or "main")).name
+        out[main] = {"seen": True, "part": "test", "as_is": score_cells(
+            data.labels[data.parts["test"]], apply_temperature(logits, temperature), names, review, scores,
+            ood[2] if ood else None, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)}
+    kwargs = dict(temperature=temperature, review_threshold=review, ood=ood, adapt=cfg.eval.adapt, false_alarm=cfg.eval.ood_false_alarm,
+                  n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed, progress=progress)
+    for name, idx in data.lab_tests.items():
+        if len(idx):
+            images = np.asarray(data.images[idx])
+            out[name] = {"seen": True, "part": "test", **evaluate_lab(model, images, data.labels[idx], names, out_dir=run_dir / "labs" / name,
+                                                                    relpaths=[data.relpaths[i] for i in idx], **kwargs)}
+    for source in cfg.eval.labs:
+        if source.name in out:
+            continue  # trained on: only its own test part is fair, scored above
+        lab = lab_images(source, names, size=cfg.data.input_size, interpolation=cfg.data.interpolation,
+                         white_balance=cfg.data.white_balance, max_pixels=cfg.data.max_pixels, progress=progress)
+        out[source.name] = {"seen": False, "part": ",".join(source.parts or ["all"]),
+                            **evaluate_lab(model, lab.images, lab.labels, names, out_dir=run_dir / "labs" / source.name,
+                                           relpaths=lab.relpaths, **kwargs)}
+    return out
+
+
+def lab_summary(labs: dict) -> dict:
+    """model.json `labs`: per lab, whether the model trained on it and its headline figures, as is and adapted."""
+    keys = ("n", "accuracy", "accuracy_ci95", "f1_macro", "kept_fraction", "accuracy_kept", "ood_fraction", "review_fraction")
+    return {name: {"seen": v.get("seen"), "part": v.get("part"),
+                   **{variant: {k: v[variant].get(k) for k in keys} for variant in ("as_is", "adapted", "adapted_tent") if variant in v}}
+            for name, v in labs.items()}

@@ -24,7 +24,9 @@ from bloodcell.evaluate.calibration import apply_temperature, fit_temperature, s
 from bloodcell.evaluate.machine import environment
 from bloodcell.evaluate.metrics import classification_metrics, expected_calibration_error
 from bloodcell.evaluate.ood import energy_score, fit_mahalanobis, mahalanobis_score, threshold_for
-from bloodcell.models.ood import METHOD as OOD_METHOD, OOD_FILE, ood_feature_dim, ood_features, save_ood
+from bloodcell.evaluate.labs import evaluate_labs, lab_summary
+from bloodcell.evaluate.outputs import predict_logits, predict_outputs  # noqa: F401 - their home before evaluate/outputs.py
+from bloodcell.models.ood import METHOD as OOD_METHOD, OOD_FILE, save_ood
 from bloodcell.evaluate.plots import (
     plot_confident_mistakes,
     plot_confusion_matrix,
@@ -32,37 +34,8 @@ from bloodcell.evaluate.plots import (
     plot_reliability_diagram,
     plot_training_curves,
 )
-from bloodcell.progress import progress_bar
 
 REVIEW_TARGET_ACCURACY = 0.99
-
-
-@torch.inference_mode()
-def predict_outputs(model: torch.nn.Module, images: np.ndarray, index: np.ndarray, batch_size: int = 128, device: str | None = None, progress: bool = False, desc: str = "predicting") -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, K), OOD features (N, D)) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the model's mean/std."""
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = model.to(device).eval()
-    mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1) * 255
-    std = torch.tensor(model.std, device=device).view(1, 3, 1, 1) * 255
-    logits, features = [], []
-    with progress_bar(len(index), desc, enabled=progress) as advance:
-        for start in range(0, len(index), batch_size):
-            idx = np.sort(index[start : start + batch_size])
-            order = np.argsort(np.argsort(index[start : start + batch_size]))  # back to the caller's order
-            x = torch.from_numpy(np.asarray(images[idx])).to(device).permute(0, 3, 1, 2).float()
-            x = ((x - mean) / std).contiguous(memory_format=torch.channels_last)
-            z, f = ood_features(model, x)
-            logits.append(z.float().cpu().numpy()[order])
-            features.append(f.float().cpu().numpy()[order])
-            advance(len(idx))
-    if not logits:
-        return np.zeros((0, model.num_classes), np.float32), np.zeros((0, ood_feature_dim(model)), np.float32)
-    return np.concatenate(logits), np.concatenate(features)
-
-
-def predict_logits(model: torch.nn.Module, images: np.ndarray, index: np.ndarray, **kwargs) -> np.ndarray:
-    """Logits (N, K) of `model` on images[index] (see predict_outputs)."""
-    return predict_outputs(model, images, index, **kwargs)[0]
 
 
 def choose_review_threshold(probs: np.ndarray, y_true: np.ndarray, target: float = REVIEW_TARGET_ACCURACY) -> float:
@@ -102,47 +75,6 @@ def fit_ood_score(run_dir: Path, outputs: dict, y: dict, num_classes: int, false
         energy_val, energy_test = energy_score(outputs["val"][0]), energy_score(outputs["test"][0])
         out["energy_test_flagged"] = float((energy_test > threshold_for(energy_val, false_alarm)).mean())
     return out, (means, precision, threshold)
-
-
-def evaluate_labs(run_dir: Path, cfg: RunConfig, data: PreparedData, model: torch.nn.Module, temperature: float,
-                  review: float, ood: tuple | None, *, test: tuple | None = None, progress: bool = True) -> dict:
-    """metrics.json `labs`: each trained-on lab's own test part ("seen") and each eval.labs lab ("held out")."""
-    from bloodcell.data.labs import lab_images
-    from bloodcell.evaluate.labs import evaluate_lab, score_cells
-
-    names = data.class_names
-    out: dict = {}
-    if test is not None:  # the main dataset's own test part, scored the same way, so every lab has one row format
-        logits, features = test
-        scores = mahalanobis_score(features, ood[0], ood[1]) if ood is not None else None
-        main = Path(str(data.source.get("root") or "main")).name
-        out[main] = {"seen": True, "part": "test", "as_is": score_cells(
-            data.labels[data.parts["test"]], apply_temperature(logits, temperature), names, review, scores,
-            ood[2] if ood else None, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)}
-    kwargs = dict(temperature=temperature, review_threshold=review, ood=ood, adapt=cfg.eval.adapt, false_alarm=cfg.eval.ood_false_alarm,
-                  n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed, progress=progress)
-    for name, idx in data.lab_tests.items():
-        if len(idx):
-            images = np.asarray(data.images[idx])
-            out[name] = {"seen": True, "part": "test", **evaluate_lab(model, images, data.labels[idx], names, out_dir=run_dir / "labs" / name,
-                                                                    relpaths=[data.relpaths[i] for i in idx], **kwargs)}
-    for source in cfg.eval.labs:
-        if source.name in out:
-            continue  # trained on: only its own test part is fair, scored above
-        lab = lab_images(source, names, size=cfg.data.input_size, interpolation=cfg.data.interpolation,
-                         white_balance=cfg.data.white_balance, max_pixels=cfg.data.max_pixels, progress=progress)
-        out[source.name] = {"seen": False, "part": ",".join(source.parts or ["all"]),
-                            **evaluate_lab(model, lab.images, lab.labels, names, out_dir=run_dir / "labs" / source.name,
-                                           relpaths=lab.relpaths, **kwargs)}
-    return out
-
-
-def lab_summary(labs: dict) -> dict:
-    """model.json `labs`: per lab, whether the model trained on it and its headline figures, as is and adapted."""
-    keys = ("n", "accuracy", "accuracy_ci95", "f1_macro", "kept_fraction", "accuracy_kept", "ood_fraction", "review_fraction")
-    return {name: {"seen": v.get("seen"), "part": v.get("part"),
-                   **{variant: {k: v[variant].get(k) for k in keys} for variant in ("as_is", "adapted", "adapted_tent") if variant in v}}
-            for name, v in labs.items()}
 
 
 def write_predictions(path: Path, paths: list[str], true_names: list[str], class_names: list[str], probs: np.ndarray) -> None:

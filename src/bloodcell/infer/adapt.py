@@ -363,7 +363,7 @@ def _decode_all(predictor: Predictor, files: list[Path], progress: bool) -> tupl
 def _refit_ood(predictor: Predictor, images: np.ndarray, batch_size: int) -> tuple:
     """(means, precision, threshold) of the Mahalanobis score on the adapted model's features of the lab's cells."""
     from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled
-    from bloodcell.evaluate.run import predict_outputs
+    from bloodcell.evaluate.outputs import predict_outputs
 
     logits, features = predict_outputs(predictor.model, images, np.arange(len(images)), batch_size=batch_size, device=predictor.device)
     false_alarm = float((predictor.metadata.get("ood") or {}).get("false_alarm_target") or 0.01)
