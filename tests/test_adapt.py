@@ -272,3 +272,16 @@ def test_mixed_lab_rule_on_background_colours():
     img = np.full((1, 40, 40, 3), (240, 230, 200), np.uint8)
     img[0, 5:35, 5:35] = (90, 40, 120)
     np.testing.assert_allclose(background_colours(img)[0], (240, 230, 200))
+
+
+def test_tent_moves_only_the_norm_layers_scale_and_shift(lab, tmp_path):
+    out = tmp_path / "tent"
+    report = adapt_model(lab, out, progress=False, tent=True)
+    assert report["adaptation"]["method"].endswith("(Tent)")
+    source = load_file(str(bundled_model_dir() / "model.safetensors"))
+    new = load_file(str(out / "model.safetensors"))
+    changed = {k for k in source if not torch.equal(source[k], new[k])}
+    bn_affine = {k for k in source if k.startswith("features.") and k.endswith((".1.weight", ".1.bias"))}
+    assert bn_affine and bn_affine <= changed  # Tent trained them
+    assert changed <= bn_affine | {k for k in source if "running_" in k or "num_batches" in k}  # and nothing but the statistics
+    assert Predictor.load(out).predict_paths(collect_images(lab), progress=False)["predictions"]

@@ -455,11 +455,12 @@ def adapt_cmd(
     device: str = typer.Option("auto", "--device", help=_DEVICE_HELP),
     force: bool = typer.Option(False, "--force", help="Write into --out although it holds files (its model files are replaced)."),
     onnx: bool = typer.Option(False, "--onnx", help="Also write model.onnx (checked against PyTorch) for installs without PyTorch."),
+    tent: bool = typer.Option(False, "--tent/--no-tent", help="After AdaBN, minimise the prediction entropy on the folder (Tent): trains the norm layers' scale and shift."),
 ) -> None:
     """Adapt a model to a new lab without labels: re-estimate its BatchNorm statistics on that lab's cells (AdaBN)."""
     from bloodcell.infer.adapt import adapt_model  # imports torch: the light install gets the one-line "needs PyTorch"
 
-    report = adapt_model(folder, out, model=model, device=device, progress=True, force=force, onnx=onnx)
+    report = adapt_model(folder, out, model=model, device=device, progress=True, force=force, onnx=onnx, tent=tent)
     for u in report["unreadable"][:20]:
         typer.echo(f"unreadable: {u['path']}: {u['reason']}", err=True)
     if len(report["unreadable"]) > 20:

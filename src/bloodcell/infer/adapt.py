@@ -28,11 +28,12 @@ from bloodcell import io
 from bloodcell.data.images import UnreadableImage
 from bloodcell.errors import DataError, ModelError
 from bloodcell.infer.predictor import BUNDLED_ONNX, Predictor, collect_images
-from bloodcell.models.adapt import MIN_ADAPT_IMAGES, norm_layers, recompute_norm_statistics  # needs torch
+from bloodcell.models.adapt import MIN_ADAPT_IMAGES, minimise_entropy, norm_layers, recompute_norm_statistics  # needs torch
 from bloodcell.models.ood import OOD_FILE, save_ood
 from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE, _locate, bundled_model_dir, read_metadata
 
 METHOD = "batchnorm statistics re-estimated (AdaBN)"
+METHOD_TENT = "batchnorm statistics re-estimated (AdaBN), then entropy minimisation of the norm layers' scale and shift (Tent)"
 # Statistics settle long before this many cells; a larger folder is subsampled (seeded) so memory stays bounded
 # (5,000 images at 224 px are 750 MB).
 MAX_ADAPT_IMAGES = 5000
@@ -73,13 +74,16 @@ def adapt_model(
     onnx: bool = False,
     batch_size: int = 64,
     max_images: int = MAX_ADAPT_IMAGES,
+    tent: bool = False,
 ) -> dict:
     """Re-estimate `model`'s BatchNorm statistics on the images under `folder`; write the adapted model to `out_dir`.
 
     model: None or "default" (the bundled model), a run / model folder or its model.safetensors.
     force: write into an `out_dir` that holds files (its model files are replaced; a model.onnx or MODEL_CARD.md
     there, which would describe other weights, is removed). onnx: also write model.onnx (bloodcell.infer.export,
-    checked against PyTorch) and describe it in model.json, for installs without PyTorch.
+    checked against PyTorch) and describe it in model.json, for installs without PyTorch. tent: after AdaBN, also
+    train the norm layers' scale and shift to make the predictions on the folder confident (models.adapt.minimise_entropy;
+    docs/labs.md has what it adds in the leave-one-lab-out study).
 
     Returns {"out", "images", "images_found", "unreadable" (list of {path, reason}), "norm_layers",
     "ood_before", "ood_after" (shares flagged OOD; None without an OOD score), "predicted_after" (class -> images),
@@ -118,6 +122,8 @@ def adapt_model(
                         "adapt on each lab's cells separately")
     labels_before, ood_before = _score(predictor, images, batch_size, progress, "scoring (source model)")
     layers = recompute_norm_statistics(net, images, batch_size=batch_size, device=predictor.device)
+    if tent:
+        minimise_entropy(net, images, batch_size=batch_size, device=predictor.device)
     # The adapted model reads this lab's cells, every one of which differs from the training lab's stain and camera:
     # its OOD check is refitted to flag what looks unlike *them* (the lab's own cells, named by the model's
     # predictions, no labels), or it would leave every cell of the lab out of the count.
@@ -141,7 +147,7 @@ def adapt_model(
     meta.pop("quantization", None)
     source_weights, _ = _locate(source)
     adaptation: dict[str, Any] = {
-        "method": METHOD,
+        "method": METHOD_TENT if tent else METHOD,
         "folder": str(folder.resolve()),
         "images": int(len(images)),
         "images_found": int(len(found)),
