@@ -6,7 +6,7 @@ BLOODCELL := $(VENV)/bin/bloodcell
 STAMP := $(VENV)/.installed
 DEMO_OUT ?= runs/demo
 
-.PHONY: setup demo test test-fast bench clean default-model detector gpu-check
+.PHONY: setup demo test test-fast bench clean default-model detector gpu-check labs
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,14 +28,23 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Retrain the bundled model on the full PBC dataset (PBC=path), then copy it into the package.
+# Retrain the bundled model on PBC (PBC=path) and BCCD's white cells (BCCD=path), scored on the Tecom cells it never
+# sees (TECOM=path), then copy it into the package with the leave-one-lab-out study's tables in its card (run `make labs`
+# first for those; without runs/labs the card leaves them out).
 PBC ?= ../shared/data/pbc
+BCCD ?= ../shared/data/bccd
+TECOM ?= ../shared/data/external/tecom_zheng2018
 default-model: $(STAMP)
-	$(BLOODCELL) train configs/default-model.yaml --data $(PBC) --out runs/default-model --resume
-	$(PY) tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model
+	$(BLOODCELL) train configs/default-model.yaml --data $(PBC) --out runs/default-model --resume \
+		--set "data.labs=[{name: bccd, root: $(BCCD)}]" --set "eval.labs=[{name: tecom, root: $(TECOM)}]"
+	$(PY) tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model $$([ -f runs/labs/study.yaml ] && echo --labs-study runs/labs)
+
+# The leave-one-lab-out study (docs/labs.md): PBC, BCCD and Tecom, each held out in turn. Its config names the labs'
+# folders under ../shared/data (one row trains on Tecom and BCCD instead of PBC): edit it for copies elsewhere.
+labs: $(STAMP)
+	$(BLOODCELL) study configs/labs.yaml --out runs/labs
 
 # Refit the bundled smear-photograph detector on BCCD (BCCD=path to its folder), then copy it into the package.
-BCCD ?= ../shared/data/bccd
 DETECTOR_CONFIG ?= configs/detector.yaml
 detector: $(STAMP)
 	$(BLOODCELL) detector train $(DETECTOR_CONFIG) --data $(BCCD) --out runs/detector --resume
