@@ -18,8 +18,9 @@ def _cell(values: list, single_ci=None) -> str:
     if not vals:
         return "–"
     s = mean_sd_ci(vals)
-    if s["ci95"]:
-        return f"{100 * s['mean']:.1f} [{100 * s['ci95'][0]:.1f}, {100 * s['ci95'][1]:.1f}]"
+    if s["ci95"]:  # a t-interval over 2-3 seeds can reach past 0 or 100 %: shown clipped to what a share can be
+        lo, hi = max(0.0, s["ci95"][0]), min(1.0, s["ci95"][1])
+        return f"{100 * s['mean']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
     if single_ci:
         return f"{100 * s['mean']:.1f} [{100 * single_ci[0]:.1f}, {100 * single_ci[1]:.1f}]"
     return f"{100 * s['mean']:.1f}"
@@ -63,8 +64,9 @@ def labs_section(doc, spec, by: dict) -> None:
     doc.p("Each run is scored on every lab it did not train on: accuracy over the classes that lab has (the model's "
           "probabilities renormalised over them), macro F1, the share of cells neither flagged for review nor OOD "
           "(kept) and how many of those are right. \"Adapted\": the same model after its BatchNorm statistics were "
-          "re-estimated on that lab's own images, without any of its labels. Mean over seeds [Student-t 95 % CI], or "
-          "[bootstrap 95 % CI] for one run.")
+          "re-estimated on that lab's own images, without any of its labels (and its OOD check refitted on them); "
+          "\"+ Tent\": then the prediction entropy minimised. Mean over seeds [Student-t 95 % CI, clipped to 0-100], "
+          "or [bootstrap 95 % CI] for one run.")
     for (lab, seen), rows in sorted(tables.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if seen:
             continue
