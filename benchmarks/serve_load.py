@@ -120,8 +120,10 @@ def check_answer(answer: Answer) -> None:
     got = [p["path"] for p in body.get("predictions", [])]
     if got != [Path(n).name for n in answer.sent]:
         answer.problems.append(f"predicted files {got} != sent {answer.sent}")
-    if sum(body.get("counts", {}).values()) != len(answer.sent):
-        answer.problems.append(f"counts {body.get('counts')} do not add up to {len(answer.sent)}")
+    # the counts leave out images flagged OOD: they add up to the counted images, and those plus the OOD ones to all
+    counted, ood = body.get("counted"), body.get("ood_count", 0)
+    if sum(body.get("counts", {}).values()) != counted or counted + ood != len(answer.sent):
+        answer.problems.append(f"counts {body.get('counts')} (counted {counted}, OOD {ood}) do not add up to {len(answer.sent)}")
     if body.get("unreadable"):
         answer.problems.append(f"unreadable: {body['unreadable']}")
 
