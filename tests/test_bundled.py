@@ -73,8 +73,12 @@ def test_bundled_ood_score_tells_cells_from_photographs_and_non_cells():
     ood = load_benchmark("ood")
     r = ood.run(None, PBC, SHARED / "bccd" / "BCCD" / "JPEGImages", SHARED / "external" / "tecom_zheng2018", 600, 30, 0)
     maha = {name: a["mahalanobis"] for name, a in r["auroc"].items()}
-    for name in ("BCCD photographs", "text", "noise", "flat colour"):
+    for name in ("text", "noise", "flat colour"):
         assert maha[name] >= 0.99, (name, maha)
+    # The model now trains on BCCD's white cells, cut from these very photographs, so a whole photograph looks less
+    # foreign (0.994 before, 0.959 on this subset with the retrained model); photographs go to the field reader
+    # (`--input auto`), and this keeps the score from sliding further.
+    assert maha["BCCD photographs"] >= 0.95, maha
     assert r["pbc_false_alarm"] <= 0.02
     assert r["tecom"]["wrong_flagged"] >= 0.9  # cells from the other lab that the model gets wrong are flagged, not counted
 
