@@ -227,13 +227,15 @@ def test_unlabelled_ood_fit_flags_what_is_unlike_the_labs_own_cells():
     from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled, mahalanobis_score
 
     rng = np.random.default_rng(0)
-    centres = rng.normal(0, 4, (3, 6))
-    lab = np.concatenate([c + rng.normal(0, 1, (200, 6)) for c in centres])
+    dim = 30  # few cells for many features, as a lab folder against a network's features: fitting overfits
+    centres = rng.normal(0, 4, (3, dim))
+    lab = np.concatenate([c + rng.normal(0, 1, (60, dim)) for c in centres])
     logits = -((lab[:, None, :] - centres[None]) ** 2).sum(-1)  # a model that names each cluster
     means, precision, threshold = fit_mahalanobis_unlabelled(lab, logits, 0.05)
-    fresh = np.concatenate([c + rng.normal(0, 1, (300, 6)) for c in centres])
-    assert 0.01 < (mahalanobis_score(fresh, means, precision) > threshold).mean() < 0.12  # about the 5 % asked for
-    assert (mahalanobis_score(fresh + 12.0, means, precision) > threshold).mean() > 0.99  # another lab again: flagged
+    fresh = np.concatenate([c + rng.normal(0, 1, (300, dim)) for c in centres])
+    # about the 5 % asked for (7.8 % measured); a threshold set on the cells that shaped the statistics flags 14 %
+    assert 0.02 < (mahalanobis_score(fresh, means, precision) > threshold).mean() < 0.11
+    assert (mahalanobis_score(fresh + 3.0, means, precision) > threshold).mean() > 0.99  # another lab: flagged
 
 
 def test_entropy_minimisation_moves_only_the_norm_affine_and_sharpens_predictions():
