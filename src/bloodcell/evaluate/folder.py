@@ -80,12 +80,10 @@ def match_folders(
 
 
 def _restrict(probs: np.ndarray, present: list[int]) -> tuple[np.ndarray, int]:
-    """Probabilities renormalised over the `present` columns; rows with no mass there become uniform."""
-    sub = probs[:, present]
-    sums = sub.sum(axis=1, keepdims=True)
-    empty = int((sums[:, 0] <= 0).sum())
-    uniform = np.full_like(sub, 1.0 / len(present))
-    return np.where(sums > 0, sub / np.where(sums > 0, sums, 1.0), uniform), empty
+    """evaluate.labs.restrict, and how many rows had no mass over the `present` columns (made uniform)."""
+    from bloodcell.evaluate.labs import restrict
+
+    return restrict(probs, present), int((probs[:, present].sum(axis=1) <= 0).sum())
 
 
 def _accuracy(correct: np.ndarray, keep: np.ndarray) -> float | None:
