@@ -347,11 +347,11 @@ def test_detector_train_writes_a_run_directory_and_refuses_to_overwrite_it(tmp_p
     for name in ("config.yaml", "detector.json", "metrics.json", "report.md", "examples.png"):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["photos"] == {"train": 2, "val": 2, "test": 2}
+    assert {k: metrics["photos"][k] for k in ("train", "val", "test")} == {"train": 2, "val": 2, "test": {"voc": 2}}
     assert metrics["test"]["classes"]["wbc"]["recall"] == 1.0  # a drawn white cell is found in both test photographs
     detector = load_detector(out)
     assert detector.name == "classical" and detector.score_thresholds == json.loads((out / "detector.json").read_text())["score_thresholds"]
-    assert "Test (2 photographs)" in (out / "report.md").read_text()
+    assert "| voc | 2 |" in (out / "report.md").read_text()
 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already holds a detector run" in again.output

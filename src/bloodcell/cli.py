@@ -607,7 +607,7 @@ app.add_typer(detector_app, name="detector")
 def detector_train_cmd(
     config: Path = typer.Argument(..., help="Detector run config (YAML), e.g. configs/detector-classical.yaml."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Pascal VOC folder of annotated photographs (sets data.root)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Annotated photographs, a Pascal VOC or YOLO folder (sets data.root)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
 ) -> None:
@@ -634,8 +634,8 @@ def _print_detector_metrics(test: dict, seconds: float) -> None:
 @user_errors
 def detector_evaluate_cmd(
     detector: str = typer.Argument("default", help="Detector folder (or 'default', the bundled one)."),
-    data: Path = typer.Option(..., "--data", help="Pascal VOC folder of annotated photographs."),
-    split: str = typer.Option("test", "--split", help="ImageSets/Main/<split>.txt to measure on."),
+    data: Path = typer.Option(..., "--data", help="Annotated photographs: a Pascal VOC folder or a YOLO folder (images/, labels/, data.yaml)."),
+    split: str = typer.Option("test", "--split", help="The split to measure on (VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/)."),
     iou: float = typer.Option(0.5, "--iou", min=0.05, max=0.95, help="IoU at which a found box counts as the cell."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
 ) -> None:
@@ -644,6 +644,10 @@ def detector_evaluate_cmd(
 
     metrics = evaluate_detector(detector, data, split, iou)
     _print_detector_metrics(metrics, metrics["seconds_per_photo"])
+    if len(metrics["sources"]) > 1:
+        from bloodcell.evaluate.detect import source_table
+
+        typer.echo(source_table({Path(data).name: metrics["sources"]}))
     if out is not None:
         from bloodcell.io import write_json
 

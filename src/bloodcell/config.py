@@ -264,11 +264,24 @@ class DetectorSection(_Strict):
     kwargs: dict[str, Any] = Field(default_factory=dict)
 
 
+class FieldSetConfig(_Strict):
+    root: Optional[str] = None  # a Pascal VOC folder or a YOLO folder (images/, labels/, data.yaml[, sources.csv])
+    train_split: str = "train"
+    val_split: str = "val"
+    test_split: str = "test"
+    thresholds: bool = True  # its val photographs choose the operating thresholds (false where its labels miss cells)
+
+
 class FieldDataConfig(_Strict):
-    root: Optional[str] = None  # a Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/); `--data DIR` sets it
+    # one set: a Pascal VOC folder (Annotations/, JPEGImages/, ImageSets/Main/) or a YOLO folder; `--data DIR` sets it
+    root: Optional[str] = None
     train_split: str = "train"
     val_split: str = "val"  # operating thresholds are chosen here
     test_split: str = "test"  # reported, never trained or tuned on
+    # several sets by name, combined by data.fields.combine_field_sets (root and the splits above then unused);
+    # `--set data.sets.<name>.root=DIR` points one at its folder
+    sets: dict[str, FieldSetConfig] = Field(default_factory=dict)
+    leave_out: Optional[str] = None  # a source never trained or tuned on: its test photographs say what a new lab can expect
 
 
 class DetectorTrainConfig(_Strict):
@@ -280,6 +293,7 @@ class DetectorTrainConfig(_Strict):
     # long side of the photograph as the network sees it (BCCD: 640 -> 320 keeps platelets ~20 px wide)
     long_side: int = Field(320, ge=64, le=4096)
     num_threads: Optional[int] = Field(None, ge=1)  # None: torch's default
+    init: Optional[str] = None  # start from a saved detector's weights (a folder, or 'default': the bundled one)
 
 
 class DetectorEvalConfig(_Strict):

@@ -1,4 +1,5 @@
-"""Smear-field photographs with boxes: Pascal VOC folders (BCCD's layout) read into plain arrays.
+"""Smear-field photographs with boxes, read into plain arrays: Pascal VOC folders (BCCD's layout) and YOLO folders
+(TXL-PBC's layout), and several such sets combined without a photograph crossing from an evaluation split into training.
 
 A field is one photograph of a smear; every cell it shows has a box and one of FIELD_CLASSES. Boxes are
 pixels, (x0, y0, x1, y1), x1/y1 exclusive as VOC's are inclusive integer corners (we keep VOC's numbers: a
@@ -7,6 +8,7 @@ box of one pixel has x1 == x0, so zero-area VOC boxes are dropped and counted, n
 
 from __future__ import annotations
 
+import csv
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,9 @@ class FieldAnnotation:
     labels: np.ndarray  # (N,) int64
     dropped: int = 0  # boxes in the file that had no area (counted, not used)
     name: str = field(default="")
+    source: str = ""  # the lab or set the photograph comes from (TXL-PBC's sources.csv; a VOC set's name)
+    # the same photograph in every set that holds it, e.g. "bccd:BloodImage_00370" (see combine_field_sets)
+    identity: str = ""
 
     def count(self, cls: str) -> int:
         return int((self.labels == FIELD_CLASSES.index(cls)).sum())
@@ -120,6 +125,179 @@ def load_voc(root: str | Path, split: str | None = None) -> list[FieldAnnotation
             raise DataError(f"{xml}: listed in split '{split}' but missing")
         items.append(read_voc(xml, root / "JPEGImages"))
     return items
+
+
+# ---------------------------------------------------------------------- YOLO folders (TXL-PBC's layout)
+# images/<split>/<name>.<ext> and labels/<split>/<name>.txt, a line per box: class cx cy w h, normalised to the
+# image size; data.yaml names the classes in order. An optional sources.csv (columns image, source, and any
+# `<set>_name`) says which lab each photograph comes from and which photograph of another set it is.
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def is_yolo_root(root: str | Path) -> bool:
+    root = Path(root)
+    return (root / "images").is_dir() and (root / "labels").is_dir()
+
+
+def yolo_class_names(root: Path) -> list[str]:
+    """Class names in label order, from data.yaml (`names:` as a list or an index -> name mapping)."""
+    import yaml
+
+    spec = root / "data.yaml"
+    if not spec.is_file():
+        raise DataError(f"{spec}: missing (a YOLO folder names its classes in data.yaml)")
+    try:
+        names = (yaml.safe_load(spec.read_text()) or {}).get("names")
+    except (yaml.YAMLError, AttributeError) as exc:
+        raise DataError(f"{spec}: not a YAML mapping with 'names' ({exc})") from None
+    if isinstance(names, dict):
+        names = [names[k] for k in sorted(names)]
+    if not isinstance(names, list) or not names:
+        raise DataError(f"{spec}: 'names' must list the classes")
+    return [str(n) for n in names]
+
+
+def _yolo_sources(root: Path) -> dict[str, dict]:
+    """sources.csv rows by image path relative to root (empty when the set has none)."""
+    table = root / "sources.csv"
+    if not table.is_file():
+        return {}
+    with table.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    if rows and "image" not in rows[0]:
+        raise DataError(f"{table}: needs an 'image' column (the image's path under {root})")
+    return {r["image"]: r for r in rows}
+
+
+def read_yolo(label_path: Path, image_path: Path, classes: list[int], size: tuple[int, int] | None = None) -> FieldAnnotation:
+    """One YOLO label file; `classes` maps its class numbers to FIELD_CLASSES indices; size (w, h) read from the
+    image when not given."""
+    if size is None:
+        try:
+            with Image.open(image_path) as im:
+                size = im.size
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{image_path}: cannot read the photograph ({exc})") from None
+    width, height = size
+    boxes, labels, dropped = [], [], 0
+    text = label_path.read_text() if label_path.is_file() else ""  # no label file: a photograph without cells
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            k, cx, cy, w, h = line.split()[:5]
+            k, (cx, cy, w, h) = int(k), (float(v) for v in (cx, cy, w, h))
+        except ValueError:
+            raise DataError(f"{label_path}:{n}: expected 'class cx cy w h', got {line.strip()!r}") from None
+        if not 0 <= k < len(classes):
+            raise DataError(f"{label_path}:{n}: class {k} is not in data.yaml's {len(classes)} names")
+        x0, x1 = np.clip([(cx - w / 2) * width, (cx + w / 2) * width], 0, width)
+        y0, y1 = np.clip([(cy - h / 2) * height, (cy + h / 2) * height], 0, height)
+        if x1 <= x0 or y1 <= y0:
+            dropped += 1
+            continue
+        boxes.append((x0, y0, x1, y1))
+        labels.append(classes[k])
+    return FieldAnnotation(
+        path=image_path, width=int(width), height=int(height),
+        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4), labels=np.asarray(labels, dtype=np.int64),
+        dropped=dropped, name=image_path.stem,
+    )
+
+
+def load_yolo(root: str | Path, split: str, set_name: str = "") -> list[FieldAnnotation]:
+    """Every photograph of images/<split>/ with its labels/<split>/ boxes; source and identity from sources.csv."""
+    root = Path(root)
+    images_dir = root / "images" / split
+    if not images_dir.is_dir():
+        known = sorted(p.name for p in (root / "images").iterdir() if p.is_dir())
+        raise DataError(f"{images_dir}: no such split; known splits: {', '.join(known) or 'none'}")
+    names = yolo_class_names(root)
+    classes = [field_class(n, str(root / "data.yaml")) for n in names]
+    sources = _yolo_sources(root)
+    items = []
+    for image in sorted(p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        row = sources.get(f"images/{split}/{image.name}", {})
+        size = (int(row["width"]), int(row["height"])) if row.get("width") and row.get("height") else None
+        ann = read_yolo(root / "labels" / split / f"{image.stem}.txt", image, classes, size)
+        ann.source = row.get("source") or set_name or root.name.lower()
+        # a `<set>_name` column names this photograph in another set: both are one photograph
+        same = [f"{col[:-5]}:{value}" for col, value in row.items() if col.endswith("_name") and value]
+        ann.identity = same[0] if same else f"{set_name or root.name.lower()}:{image.stem}"
+        items.append(ann)
+    if not items:
+        raise DataError(f"{images_dir}: no photographs")
+    return items
+
+
+def load_fields(root: str | Path, split: str | None, set_name: str = "") -> list[FieldAnnotation]:
+    """Annotated photographs of one split of a VOC or a YOLO folder, told apart by their layout."""
+    root = Path(root)
+    if is_yolo_root(root):
+        if split is None:
+            raise DataError(f"{root}: a YOLO folder is read one split at a time (images/<split>/)")
+        return load_yolo(root, split, set_name)
+    items = load_voc(root, split)
+    name = set_name or voc_root(root).name.lower()
+    for ann in items:
+        ann.source = ann.source or name
+        ann.identity = ann.identity or f"{name}:{ann.name}"
+    return items
+
+
+@dataclass
+class FieldSets:
+    """Photographs of one or more sets combined: train and val pooled, test kept per set; what was left out, and why."""
+
+    train: list[FieldAnnotation]
+    val: list[FieldAnnotation]
+    tests: dict[str, list[FieldAnnotation]]
+    removed: dict[str, int]  # reason -> photographs
+
+
+def combine_field_sets(sets: dict[str, dict], leave_out: str | None = None) -> FieldSets:
+    """Several annotated sets as one: `sets` maps a set's name to {root, train_split, val_split, test_split,
+    thresholds (bool: its val photographs choose the operating thresholds)}.
+
+    One photograph can be in two sets under two splits (TXL-PBC holds BCCD's photographs, split its own way), so a
+    photograph is known by its identity and an evaluation split wins: nothing in any set's test split is trained or
+    tuned on, nothing in any val split is trained on, and a photograph in two train splits is kept once, from the set
+    listed first. `leave_out` names a source kept out of train and val entirely (its photographs are only tested).
+    """
+    loaded = {name: {part: load_fields(spec["root"], spec[f"{part}_split"], name) for part in ("train", "val", "test")}
+              for name, spec in sets.items()}
+    tested = {a.identity for parts in loaded.values() for a in parts["test"]}
+    removed: dict[str, int] = {}
+
+    def pool(part: str, barred: set[str], use) -> list[FieldAnnotation]:
+        out, seen = [], set()
+        for name, parts in loaded.items():
+            if not use(name):
+                continue
+            for ann in parts[part]:
+                reason = ("in an evaluation split" if ann.identity in barred else f"of left-out source {leave_out}"
+                          if leave_out in (ann.source, name) else "a duplicate" if ann.identity in seen else None)
+                if reason:
+                    key = f"{part}: {reason}"
+                    removed[key] = removed.get(key, 0) + 1
+                    continue
+                seen.add(ann.identity)
+                out.append(ann)
+        return out
+
+    val = pool("val", tested, lambda name: sets[name].get("thresholds", True))
+    train = pool("train", tested | {a.identity for parts in loaded.values() for a in parts["val"]}, lambda name: True)
+    if not train:
+        raise DataError("no training photographs left after removing evaluation and left-out photographs")
+    return FieldSets(train, val, {name: parts["test"] for name, parts in loaded.items()}, removed)
+
+
+def by_source(items: list[FieldAnnotation]) -> dict[str, list[FieldAnnotation]]:
+    groups: dict[str, list[FieldAnnotation]] = {}
+    for ann in items:
+        groups.setdefault(ann.source or "all", []).append(ann)
+    return groups
 
 
 # ---------------------------------------------------------------------- the crop rule: a white cell as a classifier sees it

@@ -88,3 +88,20 @@ def metrics_table(metrics: dict) -> str:
         rows.append(f"| {cls} | {m['ap']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | {m['threshold']:.3f} | "
                     f"{m['count_mae']:.2f} | {100 * m['count_rel_error']:.1f} % | {m['count_bias']:+.2f} |")
     return "\n".join(rows)
+
+
+def source_table(by_set: dict[str, dict[str, dict]], left_out: str | None = None) -> str:
+    """One row per set and source: red-cell count, white-cell finding and counting, platelet recall, mAP."""
+    rows = ["| set / source | photos | red cells: count error (bias / photo) | red P / R | white P / R | white count exact | "
+            "platelet P / R | mAP@%.1f |" % next(iter(next(iter(by_set.values())).values()))["match_iou"],
+            "|---|---|---|---|---|---|---|---|"]
+    for name, groups in by_set.items():
+        for src, m in groups.items():
+            r, w, p = (m["classes"][c] for c in ("rbc", "wbc", "platelet"))
+            label = f"{name} / {src}" if len(groups) > 1 or src != name else name
+            label += " (left out)" if left_out and src == left_out else ""
+            plt = f"{p['precision']:.3f} / {p['recall']:.3f}" if p["true_total"] else "none boxed"
+            rows.append(f"| {label} | {m['photos']} | {100 * r['count_error_ratio']:.1f} % ({r['count_bias']:+.1f}) | "
+                        f"{r['precision']:.3f} / {r['recall']:.3f} | {w['precision']:.3f} / {w['recall']:.3f} | "
+                        f"{100 * w['count_exact']:.0f} % | {plt} | {m['map']:.3f} |")
+    return "\n".join(rows)

@@ -71,6 +71,8 @@ class FieldDetector:
         self.options = dict(options)
         # per-class lowest score kept, chosen on validation photographs by fit (see evaluate.detect)
         self.score_thresholds: dict[str, float] = {c: 0.5 for c in FIELD_CLASSES}
+        # the size of the cells it learned from, as it sees them (see cell_scale()); empty when not known
+        self.cell_scale: dict[str, Any] = {}
 
     # -- what every detector provides
     def detect_one(self, image: np.ndarray) -> Detections:
@@ -82,11 +84,11 @@ class FieldDetector:
         return {}
 
     def state(self) -> dict[str, Any]:
-        """JSON-able fitted settings beyond the constructor options (restored by load_state)."""
-        return {}
+        """JSON-able fitted settings beyond the constructor options (restored by load_state); subclasses extend it."""
+        return {"cell_scale": self.cell_scale} if self.cell_scale else {}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        pass
+        self.cell_scale = dict(state.get("cell_scale") or {})
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """Learned weights to keep in detector.safetensors (none for a classical pipeline)."""
@@ -154,8 +156,29 @@ def class_counts(found: Sequence[Detections], truth: Sequence[FieldAnnotation], 
         "count_bias": float(err.mean()) if len(err) else float("nan"),
         # the per-photograph error relative to its true count, over photographs that have the class
         "count_rel_error": float((np.abs(err[has]) / n_true[has]).mean()) if has.any() else float("nan"),
+        # the error of the whole count: mean |found - true| over the mean true count (photographs without the class too)
+        "count_error_ratio": float(np.abs(err).sum() / n_true.sum()) if n_true.sum() else float("nan"),
+        "count_exact": float((err == 0).mean()) if len(err) else float("nan"),  # fraction of photographs counted exactly
         "photos_with_class": int(has.sum()),
     }
+
+
+def cell_scale(photos: Sequence[FieldAnnotation], long_side: int | None) -> dict[str, Any]:
+    """Red-cell box sides (sqrt of the box area) of training photographs, in the pixels the detector sees them in
+    (the photograph resized to `long_side`; its own pixels when None): what a photograph at another magnification
+    is told apart by (infer.field_checks)."""
+    sides = []
+    k = FIELD_CLASSES.index("rbc")
+    for ann in photos:
+        b = ann.boxes[ann.labels == k]
+        scale = long_side / max(ann.width, ann.height) if long_side else 1.0
+        sides.append(np.sqrt((b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])) * scale)
+    sides = np.concatenate(sides or [np.zeros(0)])
+    if not len(sides):
+        return {}
+    q = np.percentile(sides, [5, 50, 95])
+    return {"rbc_side_px": {"p05": round(float(q[0]), 1), "p50": round(float(q[1]), 1), "p95": round(float(q[2]), 1)},
+            "long_side": long_side, "photos": len(photos), "boxes": int(len(sides))}
 
 
 def keep_above(det: Detections, thresholds: dict[str, float]) -> Detections:
@@ -165,7 +188,8 @@ def keep_above(det: Detections, thresholds: dict[str, float]) -> Detections:
 
 def choose_thresholds(raw: Sequence[Detections], truth: Sequence[FieldAnnotation], match_iou: float = 0.5) -> dict[str, float]:
     """Per class, the lowest score kept: best F1 for white cells and platelets (boxes matter: they are cropped or
-    located), smallest relative count error for red cells (their number is what is reported), F1 breaking ties."""
+    located), smallest count error for red cells (mean |found - true| over the mean true count: their number is what
+    is reported), F1 breaking ties."""
     chosen = {}
     for k, cls in enumerate(FIELD_CLASSES):
         scores = np.concatenate([d.scores[d.labels == k] for d in raw] or [np.zeros(0)])
@@ -177,7 +201,7 @@ def choose_thresholds(raw: Sequence[Detections], truth: Sequence[FieldAnnotation
         for t in candidates:
             stats = class_counts([keep_above(d, {**{c: 0.0 for c in FIELD_CLASSES}, cls: float(t)}) for d in raw], truth, cls, match_iou)
             f1 = 0.0 if np.isnan(stats["f1"]) else stats["f1"]
-            key = (-stats["count_rel_error"], f1) if cls == "rbc" else (f1, -stats["count_rel_error"])
+            key = (-stats["count_error_ratio"], f1) if cls == "rbc" else (f1, -stats["count_rel_error"])
             key = tuple(-np.inf if np.isnan(v) else v for v in key)
             if best_key is None or key > best_key:
                 best, best_key = t, key

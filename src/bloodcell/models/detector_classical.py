@@ -84,9 +84,10 @@ class ClassicalDetector(FieldDetector):
 
     # -- state
     def state(self) -> dict[str, Any]:
-        return {"params": dict(self.params), "fitted": dict(self.fitted)}
+        return {**super().state(), "params": dict(self.params), "fitted": dict(self.fitted)}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
         params = state.get("params") or {}
         unknown = sorted(set(params) - set(DEFAULTS))
         if unknown:

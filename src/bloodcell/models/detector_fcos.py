@@ -129,9 +129,10 @@ class FCOSDetector(FCOSOptions):
 
     # -- saving
     def state(self) -> dict[str, Any]:
-        return {"fit": self.fit_summary} if self.fit_summary else {}
+        return {**super().state(), **({"fit": self.fit_summary} if self.fit_summary else {})}
 
     def load_state(self, state: dict[str, Any]) -> None:
+        super().load_state(state)
         self.fit_summary = dict(state.get("fit") or {})
 
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -355,6 +356,21 @@ def _module(detector: FCOSDetector, settings: Any, steps_per_epoch: int, run_dir
     return FCOSModule()
 
 
+def _initial_weights(detector: FCOSDetector, source: str) -> str:
+    """Start from the weights of a saved fcos detector of the same architecture (a folder, or 'default': the bundled
+    one); returns what was loaded, for the run's summary. A resumed run's checkpoint overrides them."""
+    from bloodcell.models.detector import load_detector
+
+    start = load_detector(source)
+    if not isinstance(start, FCOSDetector):
+        raise ConfigError(f"train.init: {source} is a '{start.name}' detector; only fcos weights can start an fcos run")
+    if start.options != detector.options:
+        changed = sorted(k for k in detector.options if start.options.get(k) != detector.options[k])
+        raise ConfigError(f"train.init: {source} was built with other options ({', '.join(changed)}); use the same detector.kwargs")
+    detector.load_tensors(start.model.state_dict())
+    return str(getattr(start, "source", source))
+
+
 def _fit(detector: FCOSDetector, train: list, val: list, settings: Any, run_dir: Path, resume: bool, progress: bool) -> dict:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
@@ -377,6 +393,7 @@ def _fit(detector: FCOSDetector, train: list, val: list, settings: Any, run_dir:
     seed = int(torch.initial_seed() % (2**31))
     start = time.time()
     run_dir.mkdir(parents=True, exist_ok=True)
+    initial = _initial_weights(detector, settings.init) if settings.init else None
     data = _FieldBatches(train, detector.long_side, seed, augment=True)
     sampler = EpochBatches(len(data), settings.batch_size, True, seed)
     data.sampler = sampler
@@ -416,6 +433,7 @@ def _fit(detector: FCOSDetector, train: list, val: list, settings: Any, run_dir:
         "final_loss": module.history[-1]["loss"] if module.history else None,
         "precision": precision,
         "train_photographs": len(train),
+        "initial_weights": initial,
     }
     if val:
         dets = [detector.detect_one(load_field_image(a)) for a in val]

@@ -3,7 +3,7 @@
 run_dir/
   config.yaml        the resolved config (the run is fully described by it)
   detector.json      the detector (+ detector.safetensors when it learns weights): load with load_detector
-  metrics.json       val and test metrics, seconds per photograph, fit time, machine
+  metrics.json       val and test metrics (pooled, and per set and source), seconds per photograph, fit time, machine
   report.md          the same as tables, with how every number was obtained
   examples.png       test photographs with found boxes (colour) over the true ones (thin white)
 """
@@ -21,20 +21,19 @@ import torch
 
 from bloodcell import io
 from bloodcell.config import DetectorRunConfig, dump_config
-from bloodcell.data.fields import FIELD_CLASSES, load_voc
+from bloodcell.data.fields import FIELD_CLASSES, FieldSets, by_source, combine_field_sets, load_fields
 from bloodcell.errors import ConfigError
 from bloodcell.evaluate.annotate import draw_cells
-from bloodcell.evaluate.detect import choose_thresholds, detection_metrics, machine_line, metrics_table, run_detector
+from bloodcell.evaluate.detect import choose_thresholds, detection_metrics, machine_line, metrics_table, run_detector, source_table
 from bloodcell.intended_use import REPORT_NOTE
-from bloodcell.models.detector import DETECTOR_METADATA, DETECTOR_WEIGHTS, create_detector, load_detector, save_detector
+from bloodcell.models.detector import DETECTOR_METADATA, DETECTOR_WEIGHTS, cell_scale, create_detector, load_detector, save_detector
 
 METRICS_FILE = "metrics.json"
 
 
 def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = False, progress: bool = True) -> dict:
     out = Path(out)
-    if cfg.data.root is None:
-        raise ConfigError("data.root: no smear-photograph folder given (use --data DIR, a Pascal VOC folder)")
+    sets = field_sets(cfg)
     config_file = out / "config.yaml"
     if config_file.exists():
         if not resume:
@@ -48,10 +47,10 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
 
-    train = load_voc(cfg.data.root, cfg.data.train_split)
-    val = load_voc(cfg.data.root, cfg.data.val_split)
-    test = load_voc(cfg.data.root, cfg.data.test_split)
+    train, val = sets.train, sets.val
+    test = next(iter(sets.tests.values()))  # the first set's test split is the pooled test row; every set is also per source
     detector = create_detector(cfg.detector.name, **cfg.detector.kwargs)
+    detector.cell_scale = cell_scale(train, detector.options.get("long_side"))
     start = time.perf_counter()
     fit_summary = detector.fit(train, val, cfg.train, out, resume, progress)
     fit_seconds = time.perf_counter() - start
@@ -59,22 +58,32 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
     iou = cfg.eval.match_iou
     raw_val, _ = run_detector(detector, val, progress, "detecting (val)")
     detector.score_thresholds = choose_thresholds(raw_val, val, iou)
-    raw_test, seconds = run_detector(detector, test, progress, "detecting (test)")
+    by_set, raw_sets, seconds = {}, {}, []
+    for name, photos in sets.tests.items():
+        raw_sets[name], sec = run_detector(detector, photos, progress, f"detecting ({name} test)")
+        seconds.append((sec, len(photos)))
+        by_set[name] = per_source_metrics(raw_sets[name], photos, detector.score_thresholds, iou)
+    raw_test = next(iter(raw_sets.values()))
     metrics = {
         "detector": cfg.detector.name,
         "val": detection_metrics(raw_val, val, detector.score_thresholds, iou),
         "test": detection_metrics(raw_test, test, detector.score_thresholds, iou),
-        "seconds_per_photo": seconds,
+        "test_sets": by_set,
+        "leave_out": cfg.data.leave_out,
+        "seconds_per_photo": sum(s * n for s, n in seconds) / max(1, sum(n for _, n in seconds)),
         "fit_seconds_this_session": fit_seconds,
         "fit": fit_summary,
-        "photos": {"train": len(train), "val": len(val), "test": len(test)},
+        "photos": {"train": len(train), "val": len(val), "test": {k: len(v) for k, v in sets.tests.items()},
+                   "train_by_source": _source_counts(train), "val_by_source": _source_counts(val), "removed": sets.removed},
         "machine": machine_line(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
     save_detector(detector, out, metadata={
-        "trained_on": {"root": str(cfg.data.root), "split": cfg.data.train_split, "photos": len(train)},
-        "thresholds_from": {"split": cfg.data.val_split, "photos": len(val)},
+        "trained_on": {"sets": _set_roots(cfg), "photos": len(train), "by_source": _source_counts(train), "leave_out": cfg.data.leave_out},
+        "thresholds_from": {"photos": len(val), "by_source": _source_counts(val)},
+        "test_by_source": {f"{name}/{src}" if len(groups) > 1 else name: _headline(m)
+                           for name, groups in by_set.items() for src, m in groups.items()},
         "test": {c: {k: metrics["test"]["classes"][c][k] for k in ("precision", "recall", "ap", "count_rel_error")}
                  for c in FIELD_CLASSES},
     })
@@ -84,6 +93,41 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
     _write_examples(out / "examples.png", detector, test[: cfg.eval.annotated_examples], raw_test)
     io.write_text(out / "report.md", report_text(cfg, metrics))
     return metrics
+
+
+def field_sets(cfg: DetectorRunConfig) -> FieldSets:
+    """The run's photographs: data.sets combined (leak-free, see combine_field_sets), or the one folder of data.root."""
+    if cfg.data.sets:
+        missing = [name for name, spec in cfg.data.sets.items() if not spec.root]
+        if missing:
+            raise ConfigError(f"data.sets.{missing[0]}.root: no folder given (use --set data.sets.{missing[0]}.root=DIR)")
+        return combine_field_sets({name: spec.model_dump() for name, spec in cfg.data.sets.items()}, cfg.data.leave_out)
+    if cfg.data.root is None:
+        raise ConfigError("data.root: no smear-photograph folder given (use --data DIR, a Pascal VOC or YOLO folder)")
+    spec = {"root": cfg.data.root, "train_split": cfg.data.train_split, "val_split": cfg.data.val_split,
+            "test_split": cfg.data.test_split}
+    return combine_field_sets({Path(cfg.data.root).name.lower(): spec}, cfg.data.leave_out)
+
+
+def per_source_metrics(raw, photos, thresholds: dict, iou: float) -> dict[str, dict]:
+    """detection_metrics for each source of a set's photographs (one row, 'all', when they carry no source)."""
+    groups = by_source(photos)
+    index = {id(a): i for i, a in enumerate(photos)}
+    return {src: detection_metrics([raw[index[id(a)]] for a in items], items, thresholds, iou) for src, items in sorted(groups.items())}
+
+
+def _headline(m: dict) -> dict:
+    return {c: {k: m["classes"][c][k] for k in ("precision", "recall", "ap", "count_error_ratio", "count_exact")} for c in FIELD_CLASSES} | {"photos": m["photos"]}
+
+
+def _source_counts(items) -> dict[str, int]:
+    return {src: len(v) for src, v in sorted(by_source(items).items())}
+
+
+def _set_roots(cfg: DetectorRunConfig) -> dict[str, str]:
+    if cfg.data.sets:
+        return {name: str(spec.root) for name, spec in cfg.data.sets.items()}
+    return {Path(cfg.data.root).name.lower(): str(cfg.data.root)}
 
 
 def _write_examples(path: Path, detector, photos, raw) -> None:
@@ -115,14 +159,21 @@ def report_text(cfg: DetectorRunConfig, metrics: dict) -> str:
         "",
         f"*{REPORT_NOTE}*",
         "",
-        f"Detector `{cfg.detector.name}`, fitted on split `{cfg.data.train_split}` ({metrics['photos']['train']} photographs) of "
-        f"`{cfg.data.root}`; score thresholds chosen on `{cfg.data.val_split}` ({metrics['photos']['val']}); "
-        f"measured on `{cfg.data.test_split}` ({metrics['photos']['test']}), never fitted or tuned on. Seed {cfg.seed}.",
+        f"Detector `{cfg.detector.name}`, fitted on {metrics['photos']['train']} photographs ({_listing(metrics['photos']['train_by_source'])}) "
+        f"of {_listing(_set_roots(cfg))}; score thresholds chosen on {metrics['photos']['val']} validation photographs "
+        f"({_listing(metrics['photos']['val_by_source'])}); measured on each set's test split, never fitted or tuned on. Seed {cfg.seed}.",
+        f"Photographs left out so that none crosses from an evaluation split into training: {_listing(metrics['photos']['removed']) or 'none'}."
+        + (f" Source `{cfg.data.leave_out}` was left out of training and tuning entirely: its rows say what a new lab can expect." if cfg.data.leave_out else ""),
         f"A found box counts as a cell when its IoU with a true box of the same class is >= {cfg.eval.match_iou} "
         "(one-to-one matching); AP is COCO's, at that IoU, over all boxes (torchmetrics).",
-        "Count error: |found - true| per photograph; relative: that over the true count, averaged over photographs having the class.",
+        "Count error: mean |found - true| per photograph over the mean true count; relative: |found - true| over the "
+        "true count, averaged over photographs having the class; bias: mean found - true; exact: photographs counted exactly.",
         "",
-        f"## Test ({test['photos']} photographs), mAP {test['map']:.3f}",
+        "## Test, per set and source",
+        "",
+        source_table(metrics["test_sets"], metrics.get("leave_out")),
+        "",
+        f"## Test, {next(iter(metrics['test_sets']))} pooled ({test['photos']} photographs), mAP {test['map']:.3f}",
         "",
         metrics_table(test),
         "",
@@ -142,16 +193,22 @@ def report_text(cfg: DetectorRunConfig, metrics: dict) -> str:
     ])
 
 
+def _listing(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
 def evaluate_detector(detector_path: str | Path, root: str | Path, split: str = "test", match_iou: float = 0.5,
                       thresholds_split: str | None = None, progress: bool = True) -> dict:
-    """Measure a saved detector on one split of a VOC folder, at its own thresholds (or ones chosen on thresholds_split)."""
+    """Measure a saved detector on one split of a VOC or YOLO folder, at its own thresholds (or ones chosen on
+    thresholds_split): the pooled metrics, and per source (`sources`) when the photographs say where they come from."""
     detector = load_detector(detector_path)
-    photos = load_voc(root, split)
+    photos = load_fields(root, split)
     if thresholds_split:
-        tune = load_voc(root, thresholds_split)
+        tune = load_fields(root, thresholds_split)
         raw_tune, _ = run_detector(detector, tune, progress, f"detecting ({thresholds_split})")
         detector.score_thresholds = choose_thresholds(raw_tune, tune, match_iou)
     raw, seconds = run_detector(detector, photos, progress, f"detecting ({split})")
     out = detection_metrics(raw, photos, detector.score_thresholds, match_iou)
-    out.update(seconds_per_photo=seconds, machine=machine_line(), split=split, root=str(root))
+    out.update(seconds_per_photo=seconds, machine=machine_line(), split=split, root=str(root),
+               sources=per_source_metrics(raw, photos, detector.score_thresholds, match_iou))
     return out
