@@ -44,11 +44,18 @@ default-model: $(STAMP)
 labs: $(STAMP)
 	$(BLOODCELL) study configs/labs.yaml --out runs/labs
 
-# Refit the bundled smear-photograph detector on BCCD (BCCD=path to its folder), then copy it into the package.
-DETECTOR_CONFIG ?= configs/detector.yaml
+# Refit the bundled smear-photograph detector (docs/fields.md), then copy it into the package: stage 1 from scratch on
+# BCCD, stage 2 from its weights on every lab of TXL-PBC plus BCCD; the leave-one-source-out runs go on its card.
+TXL ?= ../shared/data/txl_pbc
+BCCD ?= ../shared/data/bccd
+DETECTOR_SETS = --set data.sets.txl_pbc.root=$(TXL) --set data.sets.bccd.root=$(BCCD)
+LOSO_SOURCES ?= raabin pbc bcd
 detector: $(STAMP)
-	$(BLOODCELL) detector train $(DETECTOR_CONFIG) --data $(BCCD) --out runs/detector --resume
-	$(PY) tools/bundle_detector.py runs/detector src/bloodcell/assets/default_detector --check-photos $(BCCD)/BCCD/JPEGImages
+	$(BLOODCELL) detector train configs/detector-fcos.yaml --data $(BCCD) --out runs/detector-bccd --resume
+	$(BLOODCELL) detector train configs/detector.yaml $(DETECTOR_SETS) --out runs/detector-lab --resume
+	for s in $(LOSO_SOURCES); do $(BLOODCELL) detector train configs/detector-loso.yaml $(DETECTOR_SETS) --set data.leave_out=$$s --out runs/detector-loso-$$s --resume || exit 1; done
+	$(PY) tools/bundle_detector.py runs/detector-lab src/bloodcell/assets/default_detector --check-photos $(TXL)/images/test \
+		--loso $(addprefix runs/detector-loso-,$(LOSO_SOURCES))
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

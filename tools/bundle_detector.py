@@ -1,9 +1,11 @@
 """Copy a finished detector run into the package as the bundled default detector.
 
-    .venv/bin/python tools/bundle_detector.py runs/detector src/bloodcell/assets/default_detector
+    .venv/bin/python tools/bundle_detector.py runs/detector-lab src/bloodcell/assets/default_detector \
+        [--loso runs/detector-loso-raabin runs/detector-loso-pbc ...]
 
 Copies detector.json (+ detector.safetensors when the detector has weights) and adds where it came from: the
-config, the test figures of its run and the machine. Refuses a run without metrics.json (unfinished) or a
+config, the test figures of its run (pooled, and per set and source), the machine, and with --loso the rows of
+leave-one-source-out runs (each trained without one source: what a new lab can expect). Refuses a run without metrics.json (unfinished) or a
 detector that does not load. An FCOS detector is then exported to detector.onnx (what an install without PyTorch
 runs; bloodcell.models.detector_onnx), checked against PyTorch and described by detector.json's `onnx` section, and
 its detector.safetensors removed: the bundled folder keeps the weights once, as the graph's initializers, and the
@@ -37,15 +39,43 @@ def main() -> None:
     ap.add_argument("--refresh", action="store_true", help="only redo the ONNX export of the detector in DEST")
     ap.add_argument("--check-photos", type=Path, default=None, help="check the ONNX export on these photographs (a folder)")
     ap.add_argument("--limit", type=int, default=24, help="at most this many of --check-photos, spread over the folder")
+    ap.add_argument("--loso", type=Path, nargs="*", default=[], help="finished leave-one-source-out runs (data.leave_out set)")
     args = ap.parse_args()
     if not args.refresh:
         if args.run is None:
             sys.exit("error: give the run and the destination, or --refresh DEST")
-        bundle(args.run, args.dest)
+        bundle(args.run, args.dest, args.loso)
     finish(args.dest, args.check_photos, args.limit)
 
 
-def bundle(run: Path, dest: Path) -> None:
+HEADLINE = ("precision", "recall", "ap", "count_mae", "count_rel_error", "count_error_ratio", "count_bias", "count_exact")
+
+
+def _headline(classes: dict) -> dict:
+    return {c: {k: m[k] for k in HEADLINE if k in m} for c, m in classes.items()}
+
+
+def by_source(metrics: dict) -> dict:
+    """{"txl_pbc/raabin": {photos, classes: headline}, "bccd": ...} from a run's metrics.json."""
+    return {f"{name}/{src}" if len(groups) > 1 else name: {"photos": m["photos"], "classes": _headline(m["classes"])}
+            for name, groups in metrics.get("test_sets", {}).items() for src, m in groups.items()}
+
+
+def left_out_rows(runs: list[Path]) -> dict:
+    """Each leave-one-source-out run's rows for the source it never saw."""
+    rows = {}
+    for run in runs:
+        metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
+        if not metrics or not metrics.get("leave_out"):
+            sys.exit(f"error: {run} is not a finished leave-one-source-out run (metrics.json with leave_out)")
+        source = metrics["leave_out"]
+        seen = {k: v for k, v in by_source(metrics).items() if k.split("/")[-1] == source}
+        rows[source] = {"run": run.name, "test": seen, "train_photographs": metrics["photos"]["train"],
+                        "epochs": metrics["fit"].get("epochs"), "initial_weights": metrics["fit"].get("initial_weights")}
+    return rows
+
+
+def bundle(run: Path, dest: Path, loso: list[Path] = ()) -> None:
     if not (run / "metrics.json").is_file():
         sys.exit(f"error: {run} is not a finished detector run (no metrics.json)")
     load_detector(run)  # refuses a broken folder before it ships
@@ -54,12 +84,13 @@ def bundle(run: Path, dest: Path) -> None:
     meta.pop("onnx", None)  # describes an export of other weights, if any
     meta["bundled"] = {
         "run_config": (run / "config.yaml").read_text(),
-        "test": {c: {k: m[k] for k in ("precision", "recall", "ap", "count_mae", "count_rel_error")}
-                 for c, m in metrics["test"]["classes"].items()},
+        "test": _headline(metrics["test"]["classes"]),
         "test_photos": metrics["test"]["photos"],
+        "test_by_source": by_source(metrics),
+        "leave_one_source_out": left_out_rows(list(loso)),
         "seconds_per_photo": metrics["seconds_per_photo"],
         "machine": metrics["machine"],
-        "retrain": "make detector BCCD=/path/to/BCCD_Dataset",
+        "retrain": "make detector TXL=/path/to/TXL-PBC BCCD=/path/to/BCCD_Dataset",
     }
     dest.mkdir(parents=True, exist_ok=True)
     for stale in (dest / DETECTOR_WEIGHTS, dest / DETECTOR_ONNX):  # a classical detector has neither

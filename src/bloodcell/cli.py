@@ -654,6 +654,23 @@ def detector_evaluate_cmd(
         write_json(out, metrics)
 
 
+@detector_app.command("card")
+@user_errors
+def detector_card_cmd(
+    detector: str = typer.Argument("default", help="Detector folder or its detector.json (or 'default', the bundled one)."),
+) -> None:
+    """Print a detector's card (markdown): training data, per-source test figures, a lab it never saw, known limits."""
+    from bloodcell.errors import ModelError
+    from bloodcell.infer.card import detector_card_for
+    from bloodcell.models.detector import bundled_detector_dir
+
+    source = bundled_detector_dir() if detector == "default" else Path(detector)
+    try:
+        typer.echo(detector_card_for(source))
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the detector.json of {source}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
 @detector_app.command("list")
 @user_errors
 def detector_list_cmd() -> None:

@@ -142,3 +142,94 @@ def card_for(model: str | os.PathLike) -> str:
     metrics_file = path / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else None
     return model_card(meta, metrics, source=BUNDLED_SOURCE if meta.get("bundled") and not meta.get("adaptation") else path.name)
+
+
+# ---------------------------------------------------------------------------------------------- the detector's card
+
+DETECTOR_LIMITS = [
+    "It knows the labs it was trained on (above). Another lab's microscope, magnification or stain can lower every "
+    "figure here: the leave-one-source-out rows, where measured, say by how much for a lab it never saw. Measure it on "
+    "a few of your own boxed photographs (`bloodcell detector evaluate DETECTOR --data FOLDER`).",
+    "It expects red cells about as wide as those it learnt from (above); a photograph at twice or half that "
+    "magnification is refused or warned about, not counted.",
+    "Red cells are counted from boxes: where they pile up in thick areas of a smear, boxes merge and the count falls "
+    "short. Count in the monolayer, as a lab would by eye.",
+    "It names three kinds: red cells, white cells, platelets. Nucleated red cells, giant platelets, clumps and "
+    "artefacts get one of those names or none.",
+]
+
+
+def _ratio(x) -> str:
+    return "-" if x is None or x != x else f"{100 * float(x):.1f} %"
+
+
+def _fixed(x, digits: int = 3) -> str:
+    return "-" if x is None or x != x else f"{float(x):.{digits}f}"
+
+
+def _source_rows(rows: dict) -> list[str]:
+    out = ["| set / source | photos | red cells: count error (bias / photo) | white P / R | white count exact | platelet recall | AP@0.5 red / white / platelet |",
+           "|---|---|---|---|---|---|---|"]
+    for name, row in rows.items():
+        c = row["classes"]
+        r, w, p = c["rbc"], c["wbc"], c["platelet"]
+        out.append(f"| {name} | {row['photos']} | {_ratio(r.get('count_error_ratio'))} ({float(r.get('count_bias', 0)):+.1f}) | "
+                   f"{_fixed(w['precision'])} / {_fixed(w['recall'])} | {_ratio(w.get('count_exact'))} | {_fixed(p['recall'])} | "
+                   f"{_fixed(r['ap'])} / {_fixed(w['ap'])} / {_fixed(p['ap'])} |")
+    return out
+
+
+def detector_card(meta: dict, source: str = "") -> str:
+    """The card (markdown) of a saved detector from its detector.json."""
+    bundled = meta.get("bundled") or {}
+    trained = meta.get("trained_on") or {}
+    fit = (meta.get("state") or {}).get("fit") or {}
+    scale = ((meta.get("state") or {}).get("cell_scale") or {}).get("rbc_side_px") or {}
+    opts = meta.get("options") or {}
+    lines = [f"# Detector card: {meta.get('detector', '?')}" + (f" ({source})" if source else ""), ""]
+    lines += ["## What it does", "",
+              "Finds and boxes every red cell, white cell and platelet in a photograph of a stained blood smear, so that "
+              "`bloodcell predict --input field` can count them and classify each white cell. Research and decision "
+              "support: not a diagnosis and not a medical device; counts are to be checked by a qualified person.", ""]
+    lines += ["## Training data", ""]
+    sets = trained.get("sets") or ({"data": trained["root"]} if trained.get("root") else {})
+    lines.append(f"- Sets: {', '.join(f'{k} ({v})' for k, v in sets.items()) or 'not recorded'}.")
+    if trained.get("by_source"):
+        lines.append(f"- {trained.get('photos')} training photographs: " + ", ".join(f"{k} {v}" for k, v in trained["by_source"].items())
+                     + ". No photograph in any set's validation or test split was trained on (one photograph in two sets is one photograph).")
+    thr = meta.get("thresholds_from") or {}
+    lines.append(f"- Score thresholds chosen on {thr.get('photos', '?')} validation photographs"
+                 + (f" ({', '.join(f'{k} {v}' for k, v in thr['by_source'].items())})" if thr.get("by_source") else "")
+                 + f": {', '.join(f'{k} {float(v):.2f}' for k, v in (meta.get('score_thresholds') or {}).items())}.")
+    lines.append(f"- Training: {fit.get('epochs', '?')} epochs" + (f" starting from {fit['initial_weights']}" if fit.get("initial_weights") else " from scratch")
+                 + f", {fit.get('precision', '?')}; input long side {opts.get('long_side', '?')} px; bloodcell {meta.get('bloodcell_version', '?')}.")
+    if scale:
+        lines.append(f"- Red cells as it learnt them: {scale.get('p05')}-{scale.get('p95')} px wide (5th-95th percentile, median "
+                     f"{scale.get('p50')}) in the photograph resized to {opts.get('long_side', '?')} px.")
+    onnx = meta.get("onnx") or {}
+    if onnx:
+        lines.append(f"- {onnx.get('file')}: what an install without PyTorch runs; it finds the same cells (checked on {onnx.get('checked_on', '?')}).")
+    lines.append("")
+    rows = bundled.get("test_by_source") or meta.get("test_by_source")
+    if rows:
+        lines += ["## Test photographs, per source", "",
+                  "Never trained or tuned on. IoU 0.5, one-to-one matching. Red-cell count error: mean |counted - boxed| over the mean boxed count.", ""]
+        lines += _source_rows(rows) + [""]
+    loso = bundled.get("leave_one_source_out") or {}
+    if loso:
+        lines += ["## A lab it never saw: leave one source out", "",
+                  "Each row is a run trained without that source (neither trained nor tuned on it), measured on its test photographs.", ""]
+        flat = {f"{name} left out ({row.get('epochs', '?')} epochs)": v for name, row in loso.items() for v in row["test"].values()}
+        lines += _source_rows(flat) + [""]
+    if bundled.get("seconds_per_photo"):
+        lines += ["## Cost", "", f"- {float(bundled['seconds_per_photo']):.3f} s per photograph, detection only, on {bundled.get('machine', '?')}.", ""]
+    lines += ["## Known limits", ""] + [f"- {x}" for x in DETECTOR_LIMITS] + [""]
+    if bundled.get("retrain"):
+        lines += ["## Retraining", "", f"`{bundled['retrain']}` (docs/fields.md).", ""]
+    return "\n".join(lines)
+
+
+def detector_card_for(path: str | os.PathLike) -> str:
+    path = Path(path)
+    meta_file = path / "detector.json" if path.is_dir() else path
+    return detector_card(json.loads(meta_file.read_text()), source=BUNDLED_SOURCE if meta_file.parent.name == "default_detector" else str(meta_file.parent))
