@@ -161,3 +161,43 @@ def test_a_detector_run_on_two_sets_reports_each_source(tmp_path):
     assert evaluated.exit_code == 0, evaluated.output
     assert set(json.loads((tmp_path / "m.json").read_text())["sources"]) == {"lab_a", "lab_b"}
     assert "lab_b" in evaluated.output
+
+
+# ------------------------------------------------------------------------------------------------ count rules
+
+
+def _dets(scores_by_photo):
+    from bloodcell.models.detector import Detections
+
+    out = []
+    for scores in scores_by_photo:
+        n = len(scores)
+        out.append(Detections(np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1)), np.zeros(n, np.int64), np.array(scores, np.float32)))
+    return out
+
+
+def _truth(counts):
+    from bloodcell.data.fields import FieldAnnotation
+
+    return [FieldAnnotation(Path(f"p{i}.jpg"), 100, 100, np.zeros((n, 4), np.float32), np.zeros(n, np.int64)) for i, n in enumerate(counts)]
+
+
+def test_count_rules_fitted_on_validation_correct_a_detector_that_misses_overlapping_cells():
+    from bloodcell.evaluate.counting import count_errors, fit_count_rules, predict_counts, true_counts
+
+    # each photograph: 3 sure boxes and, where 2 cells overlap, one half-sure box per pair (below the 0.5 threshold)
+    val = _dets([[0.9, 0.9, 0.9, 0.3], [0.9, 0.9, 0.9, 0.3, 0.3]])
+    val_truth = _truth([5, 7])
+    thresholds = {"rbc": 0.5, "wbc": 0.5, "platelet": 0.5}
+    fitted = fit_count_rules(val, val_truth, thresholds)["rbc"]
+    assert fitted["boxes"] == 1.0 and fitted["scaled"] == pytest.approx(12 / 6)
+    assert fitted["score_sum"] == pytest.approx(12 / (2.7 + 0.3 + 2.7 + 0.6))
+    test = _dets([[0.9, 0.9, 0.9, 0.9, 0.3, 0.3]])
+    truth = true_counts(_truth([8]), "rbc")
+    boxes = predict_counts(test, "rbc", 0.5, "boxes", fitted["boxes"])
+    assert boxes.tolist() == [4.0] and predict_counts(test, "rbc", 0.5, "scaled", fitted["scaled"]).tolist() == [8.0]
+    assert predict_counts(test, "rbc", 0.5, "score_sum", fitted["score_sum"]).tolist() == [round(4.2 * 12 / 6.3)]
+    errors = count_errors(boxes, truth)
+    assert errors == {"error_ratio": 0.5, "mae": 4.0, "bias": -4.0, "exact": 0.0, "photos": 1}
+    with pytest.raises(ValueError, match="unknown count rule 'density'"):
+        predict_counts(test, "rbc", 0.5, "density", 1.0)
