@@ -8,6 +8,8 @@ A lab camera sees a field of a smear, not a cell cropped for the classifier. For
        so the crop does not depend on the camera's magnification), padded with the photograph's background
     -> the classifier's own preprocessing (Predictor.prepare) -> class, review and OOD flags as for any cell
     -> counts: red cells, platelets, white cells and each white-cell class
+    -> checks (infer.field_checks): too dark, blown out, a stitched strip, another magnification; a severe problem
+       withholds the counts and its one sentence is the answer (`note`), the rest are warnings (`problems`)
 
 `--input auto` (the default) decides per image. A square-ish image (long side <= 1.15 x short side, as every
 cell crop made for a classifier is) is answered exactly as before, as one cell. A rectangular image is shown to
@@ -29,6 +31,7 @@ from PIL import Image
 from bloodcell.data.fields import DEFAULT_VIEW, FIELD_CLASSES, background_colour, crop_cell, crop_side
 from bloodcell.data.images import UnreadableImage, open_rgb
 from bloodcell.errors import DataError, ModelError
+from bloodcell.infer.field_checks import Problem, answer, check_field, detector_scale, withheld
 from bloodcell.infer.predictor import Predictor, collect_images, summarize
 from bloodcell.models.detector import Detections, FieldDetector, load_detector
 
@@ -85,45 +88,49 @@ class FieldReader:
     # ------------------------------------------------------------------ one photograph
 
     def read(self, name: str, image: Image.Image, det: Detections | None = None, reason: str = "") -> dict:
-        """The field result for one photograph (see docs/fields.md for its keys)."""
+        """The field result for one photograph (see docs/fields.md for its keys). A photograph with a severe
+        problem (infer.field_checks) has its counts withheld: no cells, counts null, the problem as its note."""
         w, h = image.size
         check_field_size(image.size, self.max_field_pixels)
         arr = np.asarray(image)
         det = self.detector.detect([arr])[0] if det is None else det
+        problems = self.check(arr, det)
+        said = {"path": name, "input": "field", "input_reason": reason or "treated as a field (--input field)",
+                "size": [w, h]}
+        checked = {"note": answer(problems), "problems": [p.to_dict() for p in problems], "withheld": withheld(problems)}
+        if checked["withheld"]:  # counts that mean nothing are not given, not even as zeros
+            return {**said, "cells": [], "counts": None, "wbc_classes": None, "scale": "", **checked}
         side, ruler = self.crop_side(det)
-        cells: list[dict] = []
-        wbc = det.of_class("wbc")
-        if len(wbc):
-            fill = self.background(arr)
-            crops = np.stack([self.predictor.prepare(self.crop(image, b, side, fill)) for b in wbc.boxes])
-            logits, ood = self.predictor.outputs(crops)
-            from bloodcell.evaluate.calibration import apply_temperature
-
-            probs = apply_temperature(logits, self.predictor.temperature)
-            labels = [f"{name}#wbc{i + 1}" for i in range(len(wbc))]
-            classified = summarize(labels, probs, self.predictor.class_names, self.predictor.review_threshold, [],
-                                   ood, self.predictor.ood_threshold)["predictions"]
-            for b, s, pred in zip(wbc.boxes, wbc.scores, classified):
-                cells.append({"kind": "wbc", "box": _box(b), "score": round(float(s), 4), **pred, "crop_side": round(side, 1)})
+        cells = self.classify_white_cells(name, image, arr, det.of_class("wbc"), side)
         for kind in ("rbc", "platelet"):
             sub = det.of_class(kind)
             cells += [{"kind": kind, "box": _box(b), "score": round(float(s), 4)} for b, s in zip(sub.boxes, sub.scores)]
-        counts = det.counts()
         wbc_classes = {c: 0 for c in self.predictor.class_names}
         for c in cells:
             if c["kind"] == "wbc" and not c.get("ood"):
                 wbc_classes[c["label"]] += 1
-        return {
-            "path": name,
-            "input": "field",
-            "input_reason": reason or "treated as a field (--input field)",
-            "size": [w, h],
-            "cells": cells,
-            "counts": counts,
-            "wbc_classes": wbc_classes,
-            "scale": ruler,
-            "note": "no cells found" if not len(det) else "",
-        }
+        return {**said, "cells": cells, "counts": det.counts(), "wbc_classes": wbc_classes, "scale": ruler, **checked}
+
+    def check(self, image: np.ndarray, det: Detections) -> list[Problem]:
+        """What is wrong with the photograph for this detector (infer.field_checks), severe problems first."""
+        long_side, cell_scale = detector_scale(self.detector)
+        return check_field(image, det.boxes, det.labels, long_side, cell_scale)
+
+    def classify_white_cells(self, name: str, image: Image.Image, arr: np.ndarray, wbc: Detections, side: float) -> list[dict]:
+        """Each white cell cropped at the classifier's scale and classified (class, review and OOD flags)."""
+        if not len(wbc):
+            return []
+        fill = self.background(arr)
+        crops = np.stack([self.predictor.prepare(self.crop(image, b, side, fill)) for b in wbc.boxes])
+        logits, ood = self.predictor.outputs(crops)
+        from bloodcell.evaluate.calibration import apply_temperature
+
+        probs = apply_temperature(logits, self.predictor.temperature)
+        labels = [f"{name}#wbc{i + 1}" for i in range(len(wbc))]
+        classified = summarize(labels, probs, self.predictor.class_names, self.predictor.review_threshold, [],
+                               ood, self.predictor.ood_threshold)["predictions"]
+        return [{"kind": "wbc", "box": _box(b), "score": round(float(s), 4), **pred, "crop_side": round(side, 1)}
+                for b, s, pred in zip(wbc.boxes, wbc.scores, classified)]
 
 
 def _image_size(source: Any) -> tuple[int, int]:
@@ -153,7 +160,10 @@ def _box(b: np.ndarray) -> list[float]:
 
 
 def field_summary(fields: Sequence[dict], predictor: Predictor) -> dict:
-    """Totals over every field photograph: red cells, platelets, white cells and the WBC differential."""
+    """Totals over every field photograph with counts: red cells, platelets, white cells and the WBC differential.
+    Photographs whose counts were withheld (field_checks) are left out of every figure and counted in `withheld`."""
+    withheld_photos = sum(f["counts"] is None for f in fields)
+    fields = [f for f in fields if f["counts"] is not None]
     wbc = [c for f in fields for c in f["cells"] if c["kind"] == "wbc"]
     names = [c["path"] for c in wbc]
     probs = np.array([[c["probabilities"][k] for k in predictor.class_names] for c in wbc]).reshape(len(wbc), len(predictor.class_names))
@@ -164,6 +174,7 @@ def field_summary(fields: Sequence[dict], predictor: Predictor) -> dict:
     n = len(fields)
     return {
         "photos": n,
+        "withheld": withheld_photos,
         "totals": totals,
         "per_photo": {k: round(v / n, 2) if n else 0.0 for k, v in totals.items()},
         "wbc_counted": diff["counted"],
@@ -263,12 +274,14 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
                 check_field_size(image.size, max_field_pixels)
                 r = get_reader()
                 r.max_field_pixels = max_field_pixels
-                det = r.detector.detect([np.asarray(image)])[0]
+                arr = np.asarray(image)
+                det = r.detector.detect([arr])[0]
                 kind, reason = ("field", "--input field") if input_kind == "field" else r.decide(det, image.size)
                 if kind == "field":
                     fields.append(r.read(name, image, det, reason))
-                else:
-                    cell_reasons[name] = f"a rectangular image, but {reason}: read as one cell"
+                else:  # say why the detector may have found nothing (too dark, a strip...) when a check tells
+                    hint = next((p.message for p in r.check(arr, det) if p.severe), "")
+                    cell_reasons[name] = f"a rectangular image, but {reason}{f' ({hint})' if hint else ''}: read as one cell"
             except UnreadableImage as exc:
                 unreadable.append({"path": name, "reason": str(exc)})
             except OSError as exc:

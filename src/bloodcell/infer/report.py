@@ -155,10 +155,20 @@ def field_tables(result: dict) -> list:
         wbc = [c for c in f["cells"] if c["kind"] == "wbc"]
         said = ", ".join(f"{c['label']} {100 * c['confidence']:.0f}%" + (" OOD" if c.get("ood") else " review" if c["review"] else "")
                          for c in wbc) or (f["note"] or "none found")
-        per_photo.add_row(f["path"], str(f["counts"]["rbc"]), str(f["counts"]["platelet"]), said)
+        counts = f["counts"] or {}  # None: withheld (infer.field_checks), the note says why
+        per_photo.add_row(f["path"], str(counts.get("rbc", "-")), str(counts.get("platelet", "-")),
+                          Text(said, style="bold red") if f.get("withheld") else said)
     out: list = [per_photo]
+    for f in fields:  # warnings that did not withhold the counts (the note above says the rest)
+        out += [Text(f"warning: {f['path']}: {p['message']}", style="yellow") for p in f.get("problems") or []
+                if not p["severe"] and p["code"] != "no_cells" and p["message"] not in f["note"]]
     t = summary["totals"]
     n = summary["photos"]
+    if summary.get("withheld"):
+        out.append(Text(f"counts withheld for {summary['withheld']} photograph{'s' if summary['withheld'] != 1 else ''} "
+                        "(see above): left out of the figures below", style="bold red"))
+    if not n:
+        return out
     title = (f"over {n} photograph{'s' if n != 1 else ''}: {t['rbc']} red cells ({summary['per_photo']['rbc']:.1f} per photo), "
              f"{t['platelet']} platelets, {t['wbc']} white cells")
     diff = Table(title=f"WBC differential ({summary['wbc_counted']} white cells counted)", title_justify="left")

@@ -87,20 +87,30 @@ class FieldCell(BaseModel):
     crop_side: float | None = Field(None, description="side in pixels of the square the classifier saw")
 
 
+class FieldProblem(BaseModel):
+    code: str = Field(description="dark, overexposed, panorama, magnification, few_red_cells or no_cells")
+    message: str = Field(description="one sentence: what was seen, with the measured number, and what to do")
+    severe: bool = Field(description="the counts mean nothing and are withheld")
+    value: float = Field(description="the number measured (median brightness, share of white, aspect, red-cell side...)")
+
+
 class FieldResult(BaseModel):
     path: str
     input: str = Field(description="'field': read as a smear photograph")
     input_reason: str
     size: list[int] = Field(description="width, height in pixels")
     cells: list[FieldCell]
-    counts: dict[str, int] = Field(description="cells found per kind: rbc, wbc, platelet")
-    wbc_classes: dict[str, int] = Field(description="white cells per class (OOD ones left out)")
+    counts: dict[str, int] | None = Field(description="cells found per kind: rbc, wbc, platelet; null when withheld")
+    wbc_classes: dict[str, int] | None = Field(description="white cells per class (OOD ones left out); null when withheld")
     scale: str = Field(description="what set the crop size: the red cells' median size, or the white cells'")
-    note: str
+    note: str = Field(description="'no cells found[: why]', or the severe problem that withheld the counts; '' otherwise")
+    problems: list[FieldProblem] = Field(default_factory=list, description="what the checks found (docs/fields.md)")
+    withheld: bool = Field(False, description="the counts were withheld: a severe problem makes them meaningless")
 
 
 class FieldSummary(BaseModel):
-    photos: int
+    photos: int = Field(description="photographs counted (those withheld left out)")
+    withheld: int = Field(0, description="photographs whose counts were withheld")
     totals: dict[str, int]
     per_photo: dict[str, float]
     wbc_counted: int

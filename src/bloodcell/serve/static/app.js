@@ -215,13 +215,14 @@ function fieldCard(f, file, index) {
     overlay(f));
   const wbc = f.cells.filter((c) => c.kind === "wbc");
   const oodWbc = wbc.filter((c) => c.ood).length, reviewWbc = wbc.filter((c) => c.review).length;
-  const classes = Object.entries(f.wbc_classes).filter(([, n]) => n > 0);
+  const classes = Object.entries(f.wbc_classes || {}).filter(([, n]) => n > 0);
+  const shown = f.counts || { rbc: "—", platelet: "—", wbc: "—" }; // null: withheld, the note says why
   const classList = el("ul", { class: "field-classes" }, ...classes.map(([c, n]) =>
     el("li", { dataset: { cls: c } }, el("span", { class: "dot", style: { background: colorOf(c) } }), `${c} ${n}`)));
   const counts = el("ul", { class: "field-counts" },
-    el("li", { dataset: { kind: "rbc" } }, el("span", { class: "key key-rbc" }), "red cells ", el("strong", {}, f.counts.rbc)),
-    el("li", { dataset: { kind: "platelet" } }, el("span", { class: "key key-platelet" }), "platelets ", el("strong", {}, f.counts.platelet)),
-    el("li", { dataset: { kind: "wbc" } }, el("span", { class: "key key-wbc" }), "white cells ", el("strong", {}, f.counts.wbc),
+    el("li", { dataset: { kind: "rbc" } }, el("span", { class: "key key-rbc" }), "red cells ", el("strong", {}, shown.rbc)),
+    el("li", { dataset: { kind: "platelet" } }, el("span", { class: "key key-platelet" }), "platelets ", el("strong", {}, shown.platelet)),
+    el("li", { dataset: { kind: "wbc" } }, el("span", { class: "key key-wbc" }), "white cells ", el("strong", {}, shown.wbc),
       oodWbc ? el("span", { class: "ood-badge" }, `${oodWbc} OOD, not counted`) : "",
       reviewWbc ? el("span", { class: "review-badge" }, `${reviewWbc} review`) : "",
       classes.length ? classList : ""));
@@ -230,13 +231,17 @@ function fieldCard(f, file, index) {
       el("figcaption", { class: "file-name", title: f.path }, `${f.path} · ${w}×${h} px`)),
   ];
   if (f.note) parts.push(el("p", { class: "field-note" }, f.note));
+  for (const p of f.problems || []) { // warnings: the counts stand (a severe problem is the note itself)
+    if (p.severe || p.code === "no_cells" || f.note.includes(p.message)) continue;
+    parts.push(el("p", { class: "field-warning note" }, `warning: ${p.message}`));
+  }
   parts.push(counts, el("p", { class: "field-reason note" }, `read as a field: ${f.input_reason}`));
   if (f.scale) parts.push(el("p", { class: "field-scale note" }, `crop scale: ${f.scale}`));
   return el("article", {
     class: "field-card",
     dataset: {
       name: f.path, index: String(index), cells: String(f.cells.length),
-      rbc: String(f.counts.rbc), wbc: String(f.counts.wbc), platelet: String(f.counts.platelet),
+      rbc: String(shown.rbc), wbc: String(shown.wbc), platelet: String(shown.platelet),
     },
   }, ...parts);
 }
@@ -257,7 +262,8 @@ function fieldSummary(result) {
     row("wbc_counted", "white cells counted", s.wbc_counted, null),
     row("wbc_ood", "white cells OOD, not counted", s.wbc_ood, null),
     row("wbc_review", "white cells to review", s.wbc_review, null)));
-  $("#field-caption").textContent = `Summed over ${s.photos} photograph${s.photos === 1 ? "" : "s"}.`;
+  $("#field-caption").textContent = `Summed over ${s.photos} photograph${s.photos === 1 ? "" : "s"}.`
+    + (s.withheld ? ` Counts withheld for ${s.withheld} (see ${s.withheld === 1 ? "its" : "their"} note).` : "");
   const tbody = el("tbody");
   for (const [c, n] of Object.entries(s.differential)) {
     const p = s.differential_percent[c];
