@@ -243,7 +243,7 @@ def field_photo(path: Path, size: tuple[int, int] = (640, 480), seed: int = 0, b
         rng = np.random.default_rng(seed)
         draw = ImageDraw.Draw(img)
         for _ in range(40):
-            x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.04, 0.08) * min(w, h)
+            x, y, r = rng.uniform(0, w), rng.uniform(0, h), rng.uniform(0.06, 0.10) * min(w, h)
             draw.ellipse([x - r, y - r, x + r, y + r], fill=(214, 140, 150))
         r = 0.1 * min(w, h)
         draw.ellipse([w / 2 - r, h / 2 - r, w / 2 + r, h / 2 + r], fill=(110, 60, 150))
