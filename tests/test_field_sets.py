@@ -201,3 +201,22 @@ def test_count_rules_fitted_on_validation_correct_a_detector_that_misses_overlap
     assert errors == {"error_ratio": 0.5, "mae": 4.0, "bias": -4.0, "exact": 0.0, "photos": 1}
     with pytest.raises(ValueError, match="unknown count rule 'density'"):
         predict_counts(test, "rbc", 0.5, "density", 1.0)
+
+
+def test_thresholds_are_found_for_a_rare_class_among_thousands_of_background_boxes():
+    """A few white cells among many low-scoring candidates: a grid of score quantiles alone steps over them."""
+    from bloodcell.data.fields import FieldAnnotation
+    from bloodcell.models.detector import Detections, choose_thresholds
+
+    rng = np.random.default_rng(0)
+    raw, truth = [], []
+    for i in range(10):
+        cell = np.array([[10, 10, 60, 60]], np.float32)
+        background = rng.uniform(100, 400, (100, 2)).astype(np.float32)
+        boxes = np.concatenate([cell, cell + 200, np.concatenate([background, background + 30], 1)])
+        # the true white cell (score 0.6-0.9), one false one (0.3), 100 background candidates (0.05-0.2)
+        scores = np.concatenate([[rng.uniform(0.6, 0.9)], [0.3], rng.uniform(0.05, 0.2, 100)]).astype(np.float32)
+        raw.append(Detections(boxes, np.ones(len(boxes), np.int64), scores))
+        truth.append(FieldAnnotation(Path(f"{i}.jpg"), 500, 500, cell, np.array([1])))
+    chosen = choose_thresholds(raw, truth)["wbc"]
+    assert 0.3 < chosen <= min(d.scores[0] for d in raw)  # every true cell kept, the false one and the background not

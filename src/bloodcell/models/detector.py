@@ -196,7 +196,10 @@ def choose_thresholds(raw: Sequence[Detections], truth: Sequence[FieldAnnotation
         if len(scores) == 0:
             chosen[cls] = 0.5
             continue
-        candidates = np.unique(np.quantile(scores, np.linspace(0, 1, 41)))
+        # quantiles alone are too coarse where most candidates are background (a few white cells among thousands of
+        # low-scoring boxes put 2 quantiles across all of them), so every hundredth of the score range is tried too
+        candidates = np.unique(np.concatenate([np.quantile(scores, np.linspace(0, 1, 41)), np.arange(0.01, 1.0, 0.01)]))
+        candidates = candidates[candidates <= scores.max()]
         best, best_key = candidates[0], None
         for t in candidates:
             stats = class_counts([keep_above(d, {**{c: 0.0 for c in FIELD_CLASSES}, cls: float(t)}) for d in raw], truth, cls, match_iou)
