@@ -56,3 +56,14 @@ def test_export_writes_the_card_beside_the_onnx_file(tmp_path):
     report = export_onnx(run, tmp_path / "m.onnx")
     card = card_path(report.path).read_text()
     assert card == card_for(report.path) and "ONNX opset 18" in card and INTENDED_USE in card
+
+
+def test_the_bundled_detector_card_is_what_its_detector_json_gives():
+    """Retraining or re-exporting the detector without rebuilding DETECTOR_CARD.md (tools/bundle_detector.py) fails here."""
+    from bloodcell.infer.card import DETECTOR_CARD, detector_card_for
+    from bloodcell.models.detector import bundled_detector_dir
+
+    folder = bundled_detector_dir()
+    card = (folder / DETECTOR_CARD).read_text()
+    assert card == detector_card_for(folder)
+    assert "## Test photographs, per source" in card and "| txl_pbc/raabin |" in card

@@ -8,7 +8,7 @@ config, the test figures of its run (pooled, and per set and source), the machin
 leave-one-source-out runs (each trained without one source: what a new lab can expect). Refuses a run without metrics.json (unfinished) or a
 detector that does not load. An FCOS detector is then exported to detector.onnx (what an install without PyTorch
 runs; bloodcell.models.detector_onnx), checked against PyTorch and described by detector.json's `onnx` section, and
-its detector.safetensors removed: the bundled folder keeps the weights once, as the graph's initializers, and the
+its detector.safetensors removed (DETECTOR_CARD.md is written last, from the final detector.json): the bundled folder keeps the weights once, as the graph's initializers, and the
 torch FCOS loads them from detector.onnx. The section records the hashes of detector.onnx, of the weights it holds
 and of the run's detector.safetensors it was exported from.
 
@@ -46,6 +46,15 @@ def main() -> None:
             sys.exit("error: give the run and the destination, or --refresh DEST")
         bundle(args.run, args.dest, args.loso)
     finish(args.dest, args.check_photos, args.limit)
+    write_card(args.dest)
+
+
+def write_card(dest: Path) -> None:
+    """DETECTOR_CARD.md from the final detector.json (a test keeps the two equal)."""
+    from bloodcell.infer.card import DETECTOR_CARD, detector_card_for
+
+    io.write_text(dest / DETECTOR_CARD, detector_card_for(dest))
+    print(f"wrote {dest / DETECTOR_CARD}")
 
 
 HEADLINE = ("precision", "recall", "ap", "count_mae", "count_rel_error", "count_error_ratio", "count_bias", "count_exact")

@@ -146,6 +146,7 @@ def card_for(model: str | os.PathLike) -> str:
 
 # ---------------------------------------------------------------------------------------------- the detector's card
 
+DETECTOR_CARD = "DETECTOR_CARD.md"  # beside the bundled detector's detector.json, rebuilt by tools/bundle_detector.py
 DETECTOR_LIMITS = [
     "It knows the labs it was trained on (above). Another lab's microscope, magnification or stain can lower every "
     "figure here: the leave-one-source-out rows, where measured, say by how much for a lab it never saw. Measure it on "
@@ -154,6 +155,8 @@ DETECTOR_LIMITS = [
     "magnification is refused or warned about, not counted.",
     "Red cells are counted from boxes: where they pile up in thick areas of a smear, boxes merge and the count falls "
     "short. Count in the monolayer, as a lab would by eye.",
+    "A figure against a set's own labels is only as complete as those labels: BCCD's leave many red cells unboxed, "
+    "so against them it seems to count too many (the bccd row); TXL-PBC boxes the same photographs fully.",
     "It names three kinds: red cells, white cells, platelets. Nucleated red cells, giant platelets, clumps and "
     "artefacts get one of those names or none.",
 ]
