@@ -406,7 +406,7 @@ def test_the_bundled_detector_keeps_its_trained_weights_once_in_its_onnx():
     """detector.json + detector.onnx, nothing else: the file is the one exported (its SHA-256), and the weights the torch
     FCOS reads from it are the trained ones (weights_sha256, taken from the run's detector.safetensors at export)."""
     folder = bundled_detector_dir()
-    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == ["detector.json", "detector.onnx"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == ["DETECTOR_CARD.md", "detector.json", "detector.onnx"]
     meta = json.loads((folder / "detector.json").read_text())
     section = meta["onnx"]
     assert section["file"] == "detector.onnx" and section["detector"] == "fcos-onnx"
