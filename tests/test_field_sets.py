@@ -220,3 +220,20 @@ def test_thresholds_are_found_for_a_rare_class_among_thousands_of_background_box
         truth.append(FieldAnnotation(Path(f"{i}.jpg"), 500, 500, cell, np.array([1])))
     chosen = choose_thresholds(raw, truth)["wbc"]
     assert 0.3 < chosen <= min(d.scores[0] for d in raw)  # every true cell kept, the false one and the background not
+
+
+def test_a_box_listed_twice_is_one_cell(tmp_path):
+    labels = tmp_path / "a.txt"
+    # a white cell listed twice (once shifted by a pixel), two red cells that touch (IoU 0.33): 3 cells, 1 repeat
+    labels.write_text("0 0.5 0.5 0.2 0.2\n0 0.501 0.5 0.2 0.2\n1 0.2 0.2 0.1 0.1\n1 0.25 0.2 0.1 0.1\n")
+    ann = read_yolo(labels, tmp_path / "a.jpg", [1, 0, 2], size=(200, 200))
+    assert ann.labels.tolist() == [1, 0, 0] and ann.duplicates == 1
+    assert ann.count("wbc") == 1 and ann.count("rbc") == 2
+
+
+@needs_txl
+def test_txl_pbc_lists_some_pbc_test_boxes_twice_and_they_are_read_once():
+    photos = load_fields(TXL, "test", "txl_pbc")
+    repeats = {a.name: a.duplicates for a in photos if a.duplicates}
+    assert sum(repeats.values()) == 36 and len(repeats) == 2
+    assert {a.source for a in photos if a.duplicates} == {"pbc"}

@@ -19,6 +19,9 @@ from PIL import Image
 from bloodcell.errors import DataError
 
 FIELD_CLASSES = ("rbc", "wbc", "platelet")
+# a box of the same class overlapping an earlier one this much is that box again (TXL-PBC's PBC test labels list
+# 36 boxes twice, in 2 photographs), not a second cell: read once, counted in FieldAnnotation.duplicates
+DUPLICATE_IOU = 0.95
 # The classifier's view, when its model.json does not say: the side of a PBC training crop is this many red-cell
 # diameters (median red-cell box side), or this many white-cell box sides when a photograph shows too few red cells.
 # Measured on PBC by benchmarks/field_of_view.py (see docs/fields.md).
@@ -42,6 +45,7 @@ class FieldAnnotation:
     boxes: np.ndarray  # (N, 4) float32 x0, y0, x1, y1 in pixels
     labels: np.ndarray  # (N,) int64
     dropped: int = 0  # boxes in the file that had no area (counted, not used)
+    duplicates: int = 0  # boxes in the file repeating one before it (same class, IoU >= DUPLICATE_IOU): one cell, one box
     name: str = field(default="")
     source: str = ""  # the lab or set the photograph comes from (TXL-PBC's sources.csv; a VOC set's name)
     # the same photograph in every set that holds it, e.g. "bccd:BloodImage_00370" (see combine_field_sets)
@@ -85,15 +89,31 @@ def read_voc(xml_path: str | Path, image_dir: str | Path) -> FieldAnnotation:
             continue
         boxes.append((x0, y0, x1, y1))
         labels.append(field_class(label, str(xml_path)))
+    boxes, labels, duplicates = without_duplicates(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
     return FieldAnnotation(
         path=Path(image_dir) / name,
         width=width,
         height=height,
-        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
-        labels=np.asarray(labels, dtype=np.int64),
+        boxes=boxes,
+        labels=labels,
         dropped=dropped,
+        duplicates=duplicates,
         name=Path(name).stem,
     )
+
+
+def without_duplicates(boxes: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """The boxes with every repeat of an earlier box of the same class (IoU >= DUPLICATE_IOU) left out, and how many."""
+    if len(boxes) < 2:
+        return boxes, labels, 0
+    x0, y0, x1, y1 = boxes.T
+    area = (x1 - x0) * (y1 - y0)
+    iw = np.clip(np.minimum(x1[:, None], x1[None]) - np.maximum(x0[:, None], x0[None]), 0, None)
+    ih = np.clip(np.minimum(y1[:, None], y1[None]) - np.maximum(y0[:, None], y0[None]), 0, None)
+    inter = iw * ih
+    iou = inter / (area[:, None] + area[None] - inter)
+    repeat = np.triu((iou >= DUPLICATE_IOU) & (labels[:, None] == labels[None]), 1).any(0)
+    return boxes[~repeat], labels[~repeat], int(repeat.sum())
 
 
 def voc_root(root: str | Path) -> Path:
@@ -199,11 +219,9 @@ def read_yolo(label_path: Path, image_path: Path, classes: list[int], size: tupl
             continue
         boxes.append((x0, y0, x1, y1))
         labels.append(classes[k])
-    return FieldAnnotation(
-        path=image_path, width=int(width), height=int(height),
-        boxes=np.asarray(boxes, dtype=np.float32).reshape(-1, 4), labels=np.asarray(labels, dtype=np.int64),
-        dropped=dropped, name=image_path.stem,
-    )
+    boxes, labels, duplicates = without_duplicates(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
+    return FieldAnnotation(path=image_path, width=int(width), height=int(height), boxes=boxes, labels=labels,
+                           dropped=dropped, duplicates=duplicates, name=image_path.stem)
 
 
 def load_yolo(root: str | Path, split: str, set_name: str = "") -> list[FieldAnnotation]:
