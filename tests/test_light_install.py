@@ -278,7 +278,7 @@ def test_a_real_install_without_torch(tmp_path, pytorch_result):
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not names & {"torch", "torchvision", "timm", "lightning", "nvidia-cudnn-cu12", "triton"}, names
     detector = next(env_dir.rglob("bloodcell/assets/default_detector"))
-    assert sorted(p.name for p in detector.iterdir()) == ["detector.json", "detector.onnx"]  # the weights once
+    assert sorted(p.name for p in detector.iterdir()) == ["DETECTOR_CARD.md", "detector.json", "detector.onnx"]  # the weights once
     out = tmp_path / "result.json"
     proc = subprocess.run([str(env_dir / "bin" / "bloodcell"), "predict", str(SAMPLE), "--format", "json", "--out", str(out)],
                           env=dict(env, BLOODCELL_PROGRESS="0"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
