@@ -221,7 +221,10 @@ def detector_card(meta: dict, source: str = "") -> str:
     loso = bundled.get("leave_one_source_out") or {}
     if loso:
         lines += ["## A lab it never saw: leave one source out", "",
-                  "Each row is a run trained without that source (neither trained nor tuned on it), measured on its test photographs.", ""]
+                  "Each row is a run trained without that source (neither trained nor tuned on it), measured on its test photographs"
+                  + (f"; each started from {', '.join(sorted({str(r['initial_weights']) for r in loso.values() if r.get('initial_weights')}))}"
+                     if any(r.get("initial_weights") for r in loso.values()) else "")
+                  + ". A source those starting weights learnt from is not left out.", ""]
         flat = {f"{name} left out ({row.get('epochs', '?')} epochs)": v for name, row in loso.items() for v in row["test"].values()}
         lines += _source_rows(flat) + [""]
     if bundled.get("seconds_per_photo"):
