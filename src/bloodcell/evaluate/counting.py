@@ -19,7 +19,7 @@ from typing import Sequence
 import numpy as np
 
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation
-from bloodcell.models.detector import Detections
+from bloodcell.models.detector import Detections, count_errors  # noqa: F401  (one formula, shared with the detection metrics)
 
 COUNT_RULES = ("boxes", "scaled", "score_sum")
 
@@ -52,16 +52,3 @@ def predict_counts(raw: Sequence[Detections], cls: str, threshold: float, rule: 
     if rule not in COUNT_RULES:
         raise ValueError(f"unknown count rule '{rule}'; known: {', '.join(COUNT_RULES)}")
     return boxes if rule == "boxes" else np.rint((boxes if rule == "scaled" else scores) * factor)
-
-
-def count_errors(found: np.ndarray, truth: np.ndarray) -> dict:
-    """The issue's count error (mean |found - true| over the mean true count), the mean absolute error, the bias
-    and the fraction of photographs counted exactly."""
-    err = found - truth
-    return {
-        "error_ratio": float(np.abs(err).sum() / truth.sum()) if truth.sum() else float("nan"),
-        "mae": float(np.abs(err).mean()) if len(err) else float("nan"),
-        "bias": float(err.mean()) if len(err) else float("nan"),
-        "exact": float((err == 0).mean()) if len(err) else float("nan"),
-        "photos": int(len(err)),
-    }
