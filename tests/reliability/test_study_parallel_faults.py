@@ -93,9 +93,25 @@ def test_stopped_killed_and_crashed_parallel_studies_resume_to_the_sequential_re
     cfg, out = spec(tmp_path / "par.yaml", broken=False), tmp_path / "out"
     # Ctrl-C in a process that lives on (Python, a notebook): run_study stops its workers before it raises
     monkeypatch.setenv(events.ENV, str(tmp_path / "int.jsonl"))
-    threading.Thread(target=lambda: workers_at_work(tmp_path / "int.jsonl", os.getpid()) and os.kill(os.getpid(), signal.SIGINT), daemon=True).start()
-    with pytest.raises(KeyboardInterrupt):
-        run_study(cfg, out, parallel=2, progress=False)
+    # Ctrl-C as Python answers it by default. Code run earlier in this process may have left SIGINT ignored (Lightning
+    # ignores it for good once a fit is interrupted), and then the kill below is lost: twice in fresh-clone suites.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    watcher_failed: list[BaseException] = []
+
+    def interrupt_at_work():
+        try:
+            workers_at_work(tmp_path / "int.jsonl", os.getpid())
+            os.kill(os.getpid(), signal.SIGINT)
+        except BaseException as exc:  # a watcher that dies must fail the test, not leave the study to finish
+            watcher_failed.append(exc)
+
+    threading.Thread(target=interrupt_at_work, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_study(cfg, out, parallel=2, progress=False)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        assert not watcher_failed, f"the watcher failed: {watcher_failed[0]!r}"
     assert children_running(out, os.getpid()) == [], "workers outlived the interrupted study"
     assert gone(out, timeout=FORKED_GRACE_SECONDS) == [], "what the workers forked outlived them"
     assert all(read_status(out / "runs" / k).get("state") != "failed" for k in GOOD)
