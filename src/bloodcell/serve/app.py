@@ -159,6 +159,7 @@ class Health(BaseModel):
     max_files: int
     max_pixels: int
     version: str
+    review: bool = Field(False, description="the review workstation is on: samples kept under /api (serve.review_api)")
 
 
 class ErrorMessage(BaseModel):
@@ -185,10 +186,13 @@ def create_app(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_files: int = DEFAULT_MAX_FILES,
     detector=None,
+    data_dir: str | Path | None = None,
 ):
     """A FastAPI app serving `predictor` (a bloodcell.infer.Predictor) with the given limits.
 
-    detector: a FieldDetector, its folder, or None for the bundled one (loaded on the first photograph)."""
+    detector: a FieldDetector, its folder, or None for the bundled one (loaded on the first photograph).
+    data_dir: the review workstation's folder (its SQLite database): then / is the workstation, /classify the
+    one-off page, and /api the review API (serve.review_api). None: / is the one-off page, no workstation."""
     from bloodcell import __version__
 
     app = FastAPI(
@@ -236,6 +240,7 @@ def create_app(
             "max_files": max_files,
             "max_pixels": max_pixels,
             "version": __version__,
+            "review": data_dir is not None,
         }
 
     @app.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA}, responses={
@@ -285,12 +290,42 @@ def create_app(
             raise HTTPException(422, f"'{name}': {exc}") from None
         return Response(png, media_type="image/png")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def page() -> HTMLResponse:
-        return HTMLResponse((STATIC_DIR / "index.html").read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
+    def page(name: str):
+        return lambda: HTMLResponse((STATIC_DIR / name).read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
+
+    if data_dir is None:
+        app.get("/", response_class=HTMLResponse, include_in_schema=False)(page("index.html"))
+    else:
+        _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_pixels, max_files)
+        app.get("/", response_class=HTMLResponse, include_in_schema=False)(page("review.html"))
+        app.get("/classify", response_class=HTMLResponse, include_in_schema=False)(page("index.html"))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
+
+
+def _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_pixels: int, max_files: int) -> None:
+    """The review workstation's API over a ReviewStore in `data_dir` (serve.review_api)."""
+    import hashlib
+    import json
+
+    from bloodcell import __version__
+    from bloodcell.review.ingest import classify_uploads
+    from bloodcell.review.store import ReviewError, ReviewStore
+    from bloodcell.serve.review_api import review_error_handler, review_router
+
+    store = ReviewStore(data_dir, predictor.model_name, predictor.class_names)
+    # the model's version: a digest of its model.json (which carries its weights' digests), shown on every report
+    digest = hashlib.sha256(json.dumps(predictor.metadata, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    model = {"name": predictor.model_name, "version": digest, "bloodcell": __version__}
+
+    def classify(files, input_kind):
+        return classify_uploads(predictor, files, input_kind, detector_source, max_pixels)
+
+    app.state.review_store = store
+    app.state.model_identity = model
+    app.include_router(review_router(store, classify, model, max_files, lambda request: read_uploads(request, ("files",))))
+    app.add_exception_handler(ReviewError, review_error_handler)
 
 
 async def _read_body(request, limit: int, mb: float) -> bytes:

@@ -1,0 +1,250 @@
+"""The review workstation's JSON API: samples, their uploads and cells, corrections, the count, sign-off, the printable
+report and the export of corrected cells (bloodcell.review). Mounted by create_app under /api when the server has a
+data folder; documented with the rest at /docs.
+
+Every change names who makes it (`who`: the reviewer's name or initials; the page keeps it per browser) and, where
+two tabs could collide, the revision it was made on (`rev`): a stale change is refused with 409 and what changed.
+Errors are one line in `detail`: 404 no such sample or cell, 409 a stale change or a signed-off sample, 422 a bad
+value (the message names the key), 507 the disk is full (the change was not saved; nothing saved before is lost).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from bloodcell.review.store import ReviewError, ReviewStore
+
+
+class ErrorDetail(BaseModel):
+    detail: str = Field(description="one line: what is wrong, naming the key, sample or cell")
+
+
+_ERRORS = {code: {"model": ErrorDetail, "description": what} for code, what in {
+    404: "no such sample or cell", 409: "changed since read, or signed off", 422: "a bad value",
+    507: "disk full: the change was not saved"}.items()}
+
+
+class NewSample(BaseModel):
+    sample_id: str = Field(description="the lab's ID: 1-64 letters, digits, '.', '_' or '-'", examples=["H26-00417"])
+    who: str = Field(description="who creates it (name or initials)")
+    date: str | None = Field(None, description="the sample's date, YYYY-MM-DD (default: today)")
+    note: str = Field("", description="free text")
+
+
+class SampleEdit(BaseModel):
+    who: str
+    note: str | None = None
+    date: str | None = None
+    wbc_count: float | None = Field(None, description="the analyser's white-cell count, 10^9/L: gives absolute counts")
+    clear_wbc_count: bool = False
+
+
+class Relabel(BaseModel):
+    label: str = Field(description="a model class, unidentified, smudge, artefact or one of the lab's classes")
+    who: str
+    rev: int | None = Field(None, description="the cell's revision the change was made on; a stale one is refused (409)")
+
+
+class Who(BaseModel):
+    who: str
+
+
+class SignOff(BaseModel):
+    who: str
+    rev: int | None = Field(None, description="the sample's revision the reviewer saw; refused (409) when it changed since")
+
+
+class Reopen(BaseModel):
+    who: str
+    reason: str = Field(description="why the signed-off sample is changed; kept with the new version")
+
+
+class LabClass(BaseModel):
+    name: str = Field(description="1-40 letters, digits, spaces, '_' or '-'", examples=["reactive lymphocyte"])
+    kind: Literal["wbc", "other"] = Field("wbc", description="wbc: counted as a white cell; other: listed, not counted")
+
+
+class Sample(BaseModel):
+    sample_id: str
+    date: str
+    note: str
+    wbc_count: float | None
+    status: Literal["open", "signed"]
+    version: int
+    rev: int = Field(description="changes with every change to the sample; the page polls it to see another tab's work")
+    created: str
+    created_by: str
+    uploads: int
+    cells: int
+    reviewed: int = Field(description="cells a person labelled or confirmed")
+    ood_unreviewed: int
+    unsure_unreviewed: int
+
+
+class Cell(BaseModel):
+    id: int
+    upload: int
+    name: str
+    predicted: str = Field(description="the model's class")
+    label: str = Field(description="the label now, corrections applied")
+    probabilities: dict[str, float]
+    confidence: float
+    review: bool = Field(description="the model was unsure (below its review threshold)")
+    ood: bool = Field(description="unlike the model's training cells: not counted until a person labels it")
+    ood_score: float | None
+    box: list[float] | None = Field(description="x0, y0, x1, y1 in its photograph; null for a single-cell upload")
+    reviewed: bool = Field(description="a person labelled or confirmed it")
+    rev: int
+    sample_rev: int | None = Field(None, description="after a change: the sample's revision it left")
+
+
+def review_router(store: ReviewStore, classify: Callable, model: dict, max_files: int, read_uploads: Callable) -> APIRouter:
+    """The routes over `store`. classify(files, input_kind) -> (uploads, unreadable) (review.ingest.classify_uploads
+    bound to the server's predictor); read_uploads(request) -> [(name, bytes)] with the server's upload limits."""
+    from bloodcell.review.export import export_zip
+    from bloodcell.review.ingest import THUMB_SIDE
+    from bloodcell.review.report import render_report
+
+    router = APIRouter(prefix="/api", tags=["review"], responses=_ERRORS)
+
+    @router.get("/labels")
+    def labels() -> dict:
+        """Every label a cell may be given, in the order the page numbers them (keys 1-9): the model's classes,
+        unidentified, smudge, artefact, then the lab's own classes."""
+        return {"labels": store.labels(), "model_classes": store.classes, "lab_classes": store.lab_classes()}
+
+    @router.post("/labels")
+    def add_label(body: LabClass) -> dict:
+        """Add a class of the lab's own (kept in the database)."""
+        store.add_lab_class(body.name, body.kind)
+        return labels()
+
+    @router.get("/samples")
+    def samples() -> list[dict]:
+        """Every sample, newest first."""
+        return store.samples()
+
+    @router.post("/samples", status_code=201)
+    def create_sample(body: NewSample) -> Sample:
+        return store.create_sample(body.sample_id, body.who, body.date, body.note)
+
+    @router.get("/samples/{sample_id}")
+    def sample(sample_id: str) -> Sample:
+        return store.sample(sample_id)
+
+    @router.patch("/samples/{sample_id}")
+    def edit_sample(sample_id: str, body: SampleEdit) -> Sample:
+        """Change the note, the date or the analyser's white-cell count (not on a signed-off sample)."""
+        return store.update_sample(sample_id, body.who, body.note, body.date, body.wbc_count, body.clear_wbc_count)
+
+    @router.post("/samples/{sample_id}/uploads", openapi_extra={"requestBody": _upload_schema()})
+    async def upload(sample_id: str, request: Request, who: str = Query(..., description="who uploads"),
+                     input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]})) -> dict:
+        """Add images to the sample (multipart field `files`): single cells or smear photographs, classified and kept.
+        Answers the new cells' ids and the files that could not be read."""
+        from bloodcell.review.store import check_who
+
+        check_who(who)
+        store.sample(sample_id)  # 404 before any work
+        if input not in ("auto", "cell", "field"):
+            raise HTTPException(422, "input must be one of auto, cell, field")
+        files = await read_uploads(request)
+        uploads, unreadable = await run_in_threadpool(classify, files, input)
+        added = []
+        for up in uploads:
+            added += (await run_in_threadpool(store.add_upload, sample_id, up))["cells"]
+        if not uploads:
+            bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in unreadable)
+            raise HTTPException(422, f"no readable image in the upload: {bad}")
+        return {"cells": added, "uploads": len(uploads), "unreadable": unreadable}
+
+    @router.get("/samples/{sample_id}/uploads")
+    def uploads(sample_id: str) -> list[dict]:
+        """The sample's uploads: name, kind (cell or field), size; photographs with their counts and checks."""
+        return store.uploads(sample_id)
+
+    @router.get("/samples/{sample_id}/uploads/{upload_id}/image", response_class=Response,
+                responses={200: {"content": {"image/*": {}}}})
+    def upload_image(sample_id: str, upload_id: int) -> Response:
+        return Response(store.upload_data(sample_id, upload_id), media_type="application/octet-stream",
+                        headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+    @router.get("/samples/{sample_id}/cells")
+    def cells(sample_id: str) -> list[Cell]:
+        return store.cells(sample_id)
+
+    @router.get("/samples/{sample_id}/cells/{cell_id}/image", response_class=Response,
+                responses={200: {"content": {"image/*": {}}}})
+    def cell_image(sample_id: str, cell_id: int, thumb: bool = Query(False, description=f"a {THUMB_SIDE} px JPEG")) -> Response:
+        data, kind = store.cell_image(sample_id, cell_id, thumb)
+        return Response(data, media_type=kind, headers={"Cache-Control": "private, max-age=86400, immutable"})
+
+    @router.post("/samples/{sample_id}/cells/{cell_id}/label")
+    def relabel(sample_id: str, cell_id: int, body: Relabel) -> Cell:
+        """Give the cell a label (its own label again: confirm it)."""
+        return store.relabel(sample_id, cell_id, body.label, body.who, body.rev)
+
+    @router.post("/samples/{sample_id}/undo")
+    def undo(sample_id: str, body: Who) -> Cell:
+        """Undo this reviewer's last change in the sample; answers the cell as it is again."""
+        return store.undo(sample_id, body.who)
+
+    @router.get("/samples/{sample_id}/corrections")
+    def corrections(sample_id: str) -> list[dict]:
+        """Every change of a label: cell, before, after, who, when, version; undos marked."""
+        return store.corrections(sample_id)
+
+    @router.get("/samples/{sample_id}/count")
+    def sample_count(sample_id: str) -> dict:
+        """The differential with every correction applied: rows in clinical order, totals, flags."""
+        return store.count(sample_id)
+
+    @router.post("/samples/{sample_id}/signoff")
+    def sign_off(sample_id: str, body: SignOff) -> Sample:
+        """Sign the count off: the sample is locked and the count kept with the sign-off."""
+        return store.sign_off(sample_id, body.who, body.rev)
+
+    @router.post("/samples/{sample_id}/reopen")
+    def reopen(sample_id: str, body: Reopen) -> Sample:
+        """Open a signed-off sample for a change, as a new version, with the reason."""
+        return store.reopen(sample_id, body.who, body.reason)
+
+    @router.get("/samples/{sample_id}/history")
+    def history(sample_id: str) -> list[dict]:
+        """Sign-offs and reopenings, each sign-off with the count it signed."""
+        return store.history(sample_id)
+
+    @router.get("/samples/{sample_id}/report", response_class=HTMLResponse)
+    def report(sample_id: str) -> HTMLResponse:
+        """The printable report (HTML; print it from the browser, or save it as PDF there)."""
+        return HTMLResponse(render_report(store, sample_id, model), headers={
+            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"})
+
+    @router.get("/samples/{sample_id}/export.zip", response_class=Response,
+                responses={200: {"content": {"application/zip": {}}}})
+    def export(sample_id: str, labels: Literal["all", "model"] = Query(
+            "all", description="all labels, or only the model's classes (for fine-tuning the same classes)")) -> Response:
+        """The sample's reviewed cells as training data: a folder per label and labels.csv (path,label,group)."""
+        keep = store.classes if labels == "model" else None
+        data = export_zip(store, sample_id, keep)
+        return Response(data, media_type="application/zip",
+                        headers={"Content-Disposition": f'attachment; filename="{sample_id}-cells.zip"'})
+
+    return router
+
+
+def _upload_schema() -> dict:
+    return {"required": True, "content": {"multipart/form-data": {"schema": {
+        "type": "object", "required": ["files"],
+        "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}}}}
+
+
+def review_error_handler(request: Request, exc: ReviewError):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse({"detail": str(exc)}, status_code=exc.status)
