@@ -206,6 +206,19 @@ def toy(tmp_path_factory):
     return run, folder
 
 
+def test_an_image_too_small_to_hold_a_cell_is_unreadable_not_scored(toy, tmp_path):
+    run, folder = toy
+    rng = np.random.default_rng(4)
+    cells = tmp_path / "cells"
+    for i in range(3):
+        write_image(cells / "Neutrophils" / f"{i}.png", rng)
+    write_image(cells / "Neutrophils" / "dot.png", rng, size=(1, 1))
+    m = evaluate_folder(Predictor.load(run), cells, tmp_path / "out", progress=False, n_bootstrap=20)
+    assert m["n"] == 3 and len(read_csv(tmp_path / "out" / "predictions.csv")) == 3
+    assert m["unreadable"] == [{"path": "Neutrophils/dot.png",
+                                "reason": "too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)"}]
+
+
 def test_real_predictor_matches_hand_computation(toy, tmp_path):
     run, folder = toy
     predictor = Predictor.load(run)

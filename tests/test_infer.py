@@ -372,6 +372,76 @@ def test_cli_predict_errors(tmp_path, run_dir):
     assert res.exit_code == 2 and "no readable image" in res.output and "bad.jpg" in res.output
 
 
+def tiny_image(path: Path, size=(1, 1)) -> Path:
+    Image.new("RGB", size, (200, 180, 210)).save(path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "json", "table"])
+def test_cli_predict_names_unreadable_inputs_on_stderr_and_exits_3_unless_allowed(tmp_path, run_dir, fmt):
+    good = sample_files()[:2]
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("text")
+    tiny = tiny_image(tmp_path / "tiny.png")
+    args = ["predict", *map(str, good), str(bad), str(tiny), "--model", str(run_dir), "--format", fmt]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 3, res.output
+    said = [line for line in res.stderr.splitlines() if line.startswith("unreadable: ")]
+    assert said == [f"unreadable: {bad}: not an image (unrecognised content)",
+                    f"unreadable: {tiny}: too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)"]
+    assert "2 input(s) unreadable: exit status 3" in res.stderr
+    if fmt == "csv":  # the readable rows, the columns unchanged
+        rows = list(csv.reader(io.StringIO(res.stdout)))
+        assert rows[0] == ["path", "label", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in NAMES]
+        assert [r[0] for r in rows[1:]] == list(map(str, good))
+    elif fmt == "json":
+        got = json.loads(res.stdout)
+        assert [p["path"] for p in got["predictions"]] == list(map(str, good)) and len(got["unreadable"]) == 2
+    else:
+        assert "differential count (2 cells)" in res.stdout and "unreadable:" not in res.stdout  # said once, on stderr
+    allowed = runner.invoke(app, args + ["--allow-unreadable"])
+    assert allowed.exit_code == 0, allowed.output
+    assert allowed.stdout == res.stdout
+    assert [line for line in allowed.stderr.splitlines() if line.startswith("unreadable: ")] == said
+
+
+def test_cli_predict_out_file_with_unreadable_inputs_exits_3(tmp_path, run_dir):
+    out = tmp_path / "pred.csv"
+    bad = tmp_path / "bad.jpg"
+    bad.write_text("text")
+    res = runner.invoke(app, ["predict", str(sample_files()[0]), str(bad), "--model", str(run_dir), "--format", "csv", "--out", str(out)])
+    assert res.exit_code == 3, res.output
+    assert len(out.read_text().splitlines()) == 2 and f"unreadable: {bad}: not an image" in res.stderr
+    assert "(1 cells, 0 fields, 1 unreadable)" in res.stderr
+
+
+def test_cli_predict_help_documents_the_exit_status():
+    res = runner.invoke(app, ["predict", "--help"])
+    text = " ".join(res.stdout.split())
+    assert "--allow-unreadable" in text and "Exit status: 0 all inputs read; 3 some inputs unreadable" in text
+
+
+@pytest.mark.parametrize("size", [(1, 1), (15, 40), (40, 15)])
+def test_images_too_small_to_hold_a_cell_are_unreadable_on_both_backends(tmp_path, predictor, onnx_file, size):
+    tiny = tiny_image(tmp_path / "tiny.png", size)
+    ok = tiny_image(tmp_path / "ok.png", (16, 16))  # the smallest a cell image may be
+    reason = f"too small to hold a blood cell: {size[0]}x{size[1]} px (a cell image needs at least 16 px a side)"
+    for p in (predictor, Predictor.load(onnx_file)):
+        by_path = p.predict_paths([tiny, ok], progress=False)
+        assert [x["path"] for x in by_path["predictions"]] == [str(ok)]
+        assert by_path["unreadable"] == [{"path": str(tiny), "reason": reason}]
+        by_bytes = p.predict_images([("tiny.png", tiny.read_bytes()), ("ok.png", ok.read_bytes())])
+        assert [x["path"] for x in by_bytes["predictions"]] == ["ok.png"]
+        assert by_bytes["unreadable"] == [{"path": "tiny.png", "reason": reason}]
+
+
+def test_cli_predict_of_only_a_tiny_image_is_a_one_line_error(tmp_path, run_dir):
+    tiny = tiny_image(tmp_path / "tiny.png")
+    res = runner.invoke(app, ["predict", str(tiny), "--model", str(run_dir)])
+    assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1
+    assert res.stderr.startswith("error: no readable image among 1 file(s)") and "too small to hold a blood cell: 1x1 px" in res.stderr
+
+
 # ---------------------------------------------------------------------- ONNX export
 
 

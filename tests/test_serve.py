@@ -234,6 +234,16 @@ def test_bad_upload_beside_good_ones_is_listed(client):
     assert body["unreadable"] == [{"path": "notes.jpg", "reason": "not an image (unrecognised content)"}]
 
 
+def test_an_upload_too_small_to_hold_a_cell_is_listed_not_classified(client):
+    r = client.post("/predict", files=upload(sample(TWO[0]), ("dot.png", png_bytes(1, 1))))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [p["path"] for p in body["predictions"]] == [TWO[0].name]
+    assert body["unreadable"] == [{"path": "dot.png", "reason": "too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)"}]
+    alone = client.post("/predict", files=upload(("dot.png", png_bytes(1, 1))))
+    assert alone.status_code == 422 and "too small to hold a blood cell" in alone.json()["detail"]
+
+
 def test_oversize_upload_is_413(client):
     r = client.post("/predict", files=upload(("big.png", b"\0" * 250_000)))
     assert r.status_code == 413

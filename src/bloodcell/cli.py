@@ -52,15 +52,20 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True),
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    """--version: an eager callback, so it answers before click asks for a command ("Missing command.")."""
+    if value:
         from bloodcell import __version__
 
-        typer.echo(__version__)
+        typer.echo(f"bloodcell {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+) -> None:
+    pass
 
 
 # --------------------------------------------------------------------------- data
@@ -383,6 +388,7 @@ def models(
 
 _MODEL_HELP = "Run directory, its model.safetensors, or an exported .onnx (default: the model bundled with bloodcell)."
 _DEVICE_HELP = "Where the classifier runs: auto (CUDA when present), cpu, cuda or cuda:N."
+EXIT_UNREADABLE = 3  # predict: answered, but some inputs could not be read
 
 
 @app.command("predict")
@@ -402,9 +408,17 @@ def predict_cmd(
     ),
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector folder or its .onnx for fields (default: the bundled one)."),
     annotate: Optional[Path] = typer.Option(None, "--annotate", help="Write each field photograph with its cells drawn here (PNG)."),
+    allow_unreadable: bool = typer.Option(
+        False, "--allow-unreadable", help="Exit 0 although some inputs could not be read (they are still listed on stderr)."
+    ),
 ) -> None:
     """Classify cell images and read smear photographs: per cell its class, probabilities, review and OOD flags;
-    per photograph every cell found with its box and the counts; the differential over everything given."""
+    per photograph every cell found with its box and the counts; the differential over everything given.
+
+    Every input that could not be read (not an image, truncated, too large, too small to hold a cell) is named on stderr with its reason, one line each; the readable ones are still answered.
+
+    Exit status: 0 all inputs read; 3 some inputs unreadable (0 with --allow-unreadable); 2 an error, or no input readable.
+    """
     from bloodcell.infer import Predictor
     from bloodcell.infer.fields import INPUT_KINDS, annotate_fields, predict_paths_mixed
     from bloodcell.infer.report import FORMATS, tables, to_csv, to_json
@@ -422,20 +436,22 @@ def predict_cmd(
         written = annotate_fields(result, {}, annotate)
         typer.echo(f"wrote {len(written)} annotated photograph(s) to {annotate}" if written
                    else f"--annotate: no field photograph among the inputs, nothing written to {annotate}", err=True)
+    unreadable = result["unreadable"]
+    for u in unreadable:
+        typer.echo(f"unreadable: {u['path']}: {u['reason']}", err=True)
     if fmt in ("table", "summary"):
         import io
 
         from rich.console import Console
 
         console = Console() if out is None else Console(file=io.StringIO(), record=True, width=120)
-        for item in tables(result, predictor.review_threshold, per_image=fmt == "table"):
+        # on the terminal the lines above on stderr name the unreadable inputs; a written report keeps them
+        shown = result if out is not None else {**result, "unreadable": []}
+        for item in tables(shown, predictor.review_threshold, per_image=fmt == "table"):
             console.print(item)
         text = console.export_text() if out is not None else ""
     else:
         text = to_json(result) if fmt == "json" else to_csv(result)
-        if fmt == "csv":
-            for u in result["unreadable"]:
-                typer.echo(f"unreadable: {u['path']}: {u['reason']}", err=True)
         if out is None:
             typer.echo(text, nl=False)
     if out is not None:
@@ -443,7 +459,10 @@ def predict_cmd(
 
         write_text(out, text)
         typer.echo(f"wrote {out} ({len(result['predictions'])} cells, {len(result['fields'])} fields, "
-                   f"{len(result['unreadable'])} unreadable)", err=True)
+                   f"{len(unreadable)} unreadable)", err=True)
+    if unreadable and not allow_unreadable:
+        typer.echo(f"{len(unreadable)} input(s) unreadable: exit status {EXIT_UNREADABLE} (--allow-unreadable: 0)", err=True)
+        raise typer.Exit(EXIT_UNREADABLE)
 
 
 @app.command("adapt")
@@ -565,21 +584,28 @@ def serve_cmd(
     max_pixels: Optional[int] = typer.Option(None, "--max-pixels", min=1, help="Larger images are refused (decompression bombs)."),
     max_files: int = typer.Option(500, "--max-files", min=1, help="Most images in one request."),
     detector: Optional[Path] = typer.Option(None, "--detector", help="Detector folder or its .onnx for smear photographs (default: the bundled one)."),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="Folder of the review workstation's database "
+                                            "(default: $BLOODCELL_DATA_DIR, else the user's data folder, e.g. ~/.local/share/bloodcell)."),
 ) -> None:
-    """Serve the model: web page at /, JSON API at /predict and /explain, docs at /docs."""
+    """Serve the model: the review workstation at / (samples kept in --data-dir), a one-off page at /classify,
+    JSON API at /api, /predict and /explain, docs at /docs."""
     import uvicorn
 
     from bloodcell.data.images import DEFAULT_MAX_PIXELS
     from bloodcell.infer import Predictor
     from bloodcell.serve.app import create_app
 
+    from bloodcell.review.store import default_data_dir
+
     predictor = Predictor.load(model, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, device=device)
-    app_ = create_app(predictor, int(max_upload_mb * 1024 * 1024), max_pixels or DEFAULT_MAX_PIXELS, max_files, detector)
+    data_dir = data_dir or default_data_dir()
+    app_ = create_app(predictor, int(max_upload_mb * 1024 * 1024), max_pixels or DEFAULT_MAX_PIXELS, max_files, detector, data_dir)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(f"warning: binding {host}: anyone who can reach this machine can upload images; no authentication", err=True)
     sock = _bound_socket(host, port)  # bound here, so the line below names the real port even for --port 0
     url_host = f"[{host}]" if ":" in host else host
-    typer.echo(f"bloodcell: model {predictor.model_name} ({predictor.backend}) on http://{url_host}:{sock.getsockname()[1]}/", err=True)
+    typer.echo(f"bloodcell: model {predictor.model_name} ({predictor.backend}) on http://{url_host}:{sock.getsockname()[1]}/ "
+               f"(samples kept in {data_dir})", err=True)
     uvicorn.Server(uvicorn.Config(app_, log_level="info")).run(sockets=[sock])
 
 

@@ -26,6 +26,10 @@ INTERPOLATIONS = {
     "area": Image.Resampling.BOX,
 }
 
+# The shortest side an image classified as one cell may have: a PBC crop is about 360 px, a Tecom one 120 px; below
+# 16 px (a 1x1 upload, an icon, a thumbnail's corner) there is no cell to see, and upscaling it only invents one.
+MIN_CELL_SIDE = 16
+
 # How a model may ask for its input's colour cast to be removed before anything else (model.json: preprocess).
 WHITE_BALANCES = ("none", "background")
 BACKGROUND_PERCENTILE = 95  # a smear's background is its brightest large area: 5 % of pixels may be brighter
@@ -99,6 +103,13 @@ def open_rgb(source: str | Path | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -
         raise UnreadableImage(f"cannot decode: {msg}") from None
     except (ValueError, SyntaxError, MemoryError, Image.DecompressionBombError) as exc:
         raise UnreadableImage(f"cannot decode: {exc}") from None
+
+
+def check_cell_size(size: tuple[int, int]) -> None:
+    """Raise UnreadableImage when an image of `size` (width, height) is too small to be classified as one cell."""
+    w, h = size
+    if min(w, h) < MIN_CELL_SIDE:
+        raise UnreadableImage(f"too small to hold a blood cell: {w}x{h} px (a cell image needs at least {MIN_CELL_SIDE} px a side)")
 
 
 def balance_background(arr: np.ndarray) -> np.ndarray:

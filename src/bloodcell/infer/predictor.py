@@ -4,7 +4,7 @@
 .safetensors file itself, an exported `.onnx` file (with its `.onnx.json` sidecar), or None for the
 model bundled with the package. Every prediction goes through the same steps as training:
 
-    decode (open_rgb: any format, any mode -> RGB; truncated / bomb / non-image -> "unreadable")
+    decode (open_rgb: any format, any mode -> RGB; truncated / bomb / non-image / under 16 px a side -> "unreadable")
     -> resize to the model's input size (interpolation recorded at training, else bilinear)
     -> white balance, when the model was trained with it (model.json: preprocess)
     -> normalise with the model's mean/std -> logits -> softmax(logits / temperature)
@@ -32,8 +32,9 @@ from bloodcell.data.images import (
     INTERPOLATIONS,
     WHITE_BALANCES,
     UnreadableImage,
+    check_cell_size,
     is_image_name,
-    load_array,
+    open_rgb,
     prepare_array,
 )
 from bloodcell.errors import DataError, ModelError
@@ -203,8 +204,11 @@ class Predictor:
     # ------------------------------------------------------------------ the pipeline
 
     def decode(self, source: str | os.PathLike | bytes, max_pixels: int | None = None) -> np.ndarray:
-        """One image -> uint8 (input_size, input_size, 3); raises UnreadableImage with a reason."""
-        return load_array(source, self.input_size, self.interpolation, max_pixels or self.max_pixels, self.white_balance)
+        """One single-cell image -> uint8 (input_size, input_size, 3); raises UnreadableImage with a reason, also for an
+        image too small to hold a cell (shorter side under data.images.MIN_CELL_SIDE px)."""
+        image = open_rgb(source, max_pixels=max_pixels or self.max_pixels)
+        check_cell_size(image.size)
+        return self.prepare(image)
 
     def prepare(self, image: "Image.Image") -> np.ndarray:
         """A decoded RGB image (e.g. a cell cropped from a photograph) -> uint8 (input_size, input_size, 3), as decode does."""
