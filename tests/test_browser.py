@@ -41,9 +41,10 @@ def predictor(tmp_path_factory) -> Predictor:
 
 
 @contextlib.contextmanager
-def serving(predictor, detector=None):
+def serving(predictor, detector=None, **app_options):
     """uvicorn serving `predictor` (and `detector` for fields) in a thread on a socket bound to port 0, so the kernel
-    picks a free port and nothing can take it between choosing and binding; yields the base URL."""
+    picks a free port and nothing can take it between choosing and binding; yields the base URL. app_options go to
+    create_app (data_dir: the review workstation)."""
     import uvicorn
 
     from bloodcell.serve.app import create_app
@@ -51,7 +52,7 @@ def serving(predictor, detector=None):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor, detector=detector), log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(predictor, detector=detector, **app_options), log_level="warning"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -73,8 +74,8 @@ def server_url(predictor):
         yield url
 
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
+def chromium(profile: Path, window: str = "1280,1000"):
+    """Headless Chromium driven by Selenium, its profile in `profile`, the browser console kept."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -83,13 +84,18 @@ def browser(tmp_path_factory):
     for arg in (
         "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", "--window-size=1280,1000",
-        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+        "--no-first-run", f"--window-size={window}", f"--user-data-dir={profile}",
     ):
         opts.add_argument(arg)
     opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
     driver.set_page_load_timeout(30)
+    return driver
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    driver = chromium(tmp_path_factory.mktemp("chromium-profile"))
     yield driver
     driver.quit()
 

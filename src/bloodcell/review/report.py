@@ -38,7 +38,7 @@ def render_report(store: ReviewStore, sample_id: str, model: dict) -> str:
     uploads = store.uploads(sample_id)
     fields = [u for u in uploads if u["kind"] == "field"]
     e = escape
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><title>Sample {e(sample['sample_id'])}: differential count</title>",
+    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'><title>Sample {e(sample['sample_id'])}: differential count</title>",
              f"<style>{_CSS}</style></head><body>",
              f"<h1>Differential count: sample {e(sample['sample_id'])}</h1><p>{status}</p>",
              "<table class='meta'>",

@@ -247,10 +247,11 @@ function relabel(id, label) {
   const c = state.byId.get(id);
   const before = { label: c.label, reviewed: c.reviewed };
   const t0 = performance.now();
+  const ids = order();
+  const next = ids[ids.indexOf(id) + 1] ?? id;  // on to the next cell of the class, as a reviewer pages through
   c.label = label; c.reviewed = true;
   placeThumb(c);
-  const ids = order();
-  select(ids[ids.indexOf(id) + 1] ?? id);  // on to the next cell, as a reviewer pages through
+  select(next);
   window.bloodcellTiming = { shown_ms: performance.now() - t0 };
   send(async () => {
     try {
