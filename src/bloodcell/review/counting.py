@@ -60,6 +60,10 @@ class Role:
 def role_of(label: str, lab_classes: Mapping[str, str] | None = None) -> Role:
     """The row a label is counted in. A lab's own class (`lab_classes`: name -> 'wbc' or 'other') or an unknown name
     is a row of its own: a white cell after the known ones, or with the 'other' rows."""
+    lab = list(lab_classes or {})
+    if label in lab:  # a lab's class is a row of its own, even when its name is near a known one ('band')
+        kind = "other" if lab_classes[label] == "other" else "wbc"
+        return Role(kind, label, label, (250 if kind == "other" else 50) + lab.index(label))
     key = normalise_name(label)
     for i, (row, display, names) in enumerate(WBC_ROWS):
         if key in names:
@@ -69,11 +73,7 @@ def role_of(label: str, lab_classes: Mapping[str, str] | None = None) -> Role:
     for i, (row, display, names) in enumerate(OTHER_ROWS):
         if key in names:
             return Role("other", row, display, 200 + i)
-    lab = list(lab_classes or {})
-    place = lab.index(label) if label in lab else len(lab)
-    if (lab_classes or {}).get(label) == "other":
-        return Role("other", label, label, 250 + place)
-    return Role("wbc", label, label, 50 + place)
+    return Role("wbc", label, label, 50 + len(lab))  # a model class of no known row: a white cell, after the lab's
 
 
 @dataclass(frozen=True)

@@ -340,18 +340,18 @@ class ReviewStore:
         return {r["name"]: r["kind"] for r in self._read("SELECT name, kind FROM lab_classes ORDER BY rowid")}
 
     def add_lab_class(self, name: str, kind: str = "wbc") -> dict[str, str]:
-        from bloodcell.data.classes import normalise_name
+        from bloodcell.data.classes import resolve_class
 
         name = (name or "").strip()
         if not LAB_CLASS.fullmatch(name):
             raise ReviewError(f"class name {shown(name)} is not allowed: 1-40 letters, digits, spaces, '_' or '-'")
         if kind not in ("wbc", "other"):
             raise ReviewError(f"class kind must be 'wbc' (counted as a white cell) or 'other', got {shown(kind)}")
-        taken = {normalise_name(c): c for c in [*self.classes, *REVIEW_LABELS, *self.lab_classes()]}
-        if normalise_name(name) in taken:
-            if taken[normalise_name(name)] == name and name in self.lab_classes():
-                return self.lab_classes()
-            raise ReviewError(f"class {shown(name)} is already a class ({taken[normalise_name(name)]!r})")
+        if name in self.lab_classes() and self.lab_classes()[name] == kind:
+            return self.lab_classes()
+        same = resolve_class(name, [*self.classes, *REVIEW_LABELS, *self.lab_classes()])  # case and plural ignored
+        if same is not None:
+            raise ReviewError(f"class {shown(name)} is already a class ({same!r})")
         with self._write() as c:
             c.execute("INSERT INTO lab_classes (name, kind, added) VALUES (?, ?, ?)", (name, kind, now()))
         return self.lab_classes()
