@@ -107,11 +107,19 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
             press(driver, "a")
             wait_for(driver, lambda d: section_of(d, artefact_id) == "artefact", 10, "the artefact did not move")
             changed[artefact_id] = "artefact"
-            wait_for(driver, lambda d: len([c for c in get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")]) == 6, 10,
+            wait_for(driver, lambda d: len(get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")) == 6, 10,
                      "the six corrections were not all saved")
             saved = {c["id"]: c["label"] for c in get_json(f"{url}/api/samples/{SAMPLE_ID}/cells")}
             assert {i: saved[i] for i in changed} == changed
             assert all(saved[i] == before[i]["label"] for i in before if i not in changed)
+
+            # another reviewer (another tab) changes a cell: this page shows it within its poll, without a reload
+            other = list(before)[12]
+            assert urllib.request.urlopen(urllib.request.Request(
+                f"{url}/api/samples/{SAMPLE_ID}/cells/{other}/label", method="POST", headers={"Content-Type": "application/json"},
+                data=json.dumps({"label": "unidentified", "who": "CD"}).encode()), timeout=10).status == 200
+            wait_for(driver, lambda d: section_of(d, other) == "unidentified", 10, "the other reviewer's change did not show")
+            changed[other] = "unidentified"
 
             # the analyser's count gives absolute counts; sign off locks the sample
             wbc = driver.find_element(By.ID, "wbc-count")
@@ -168,3 +176,15 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
             assert not severe, severe
     finally:
         driver.quit()
+
+
+def test_the_gallery_benchmark_runs(tmp_path):
+    """benchmarks/review_gallery.py at a small scale: it fills a sample, opens it and times relabels (no figure checked)."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "review_gallery.py"
+    out = subprocess.run([sys.executable, str(bench), "--cells", "60", "--relabels", "3", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| gallery open, 60 cells" in out.stdout and "| reclassification shown" in out.stdout and "machine: " in out.stdout

@@ -252,13 +252,15 @@ function relabel(id, label) {
   c.label = label; c.reviewed = true;
   placeThumb(c);
   select(next);
-  window.bloodcellTiming = { shown_ms: performance.now() - t0 };
+  const timing = window.bloodcellTiming = { shown_ms: performance.now() - t0 };
+  // after the next frame is painted: what the person actually sees (benchmarks/review_gallery.py)
+  requestAnimationFrame(() => setTimeout(() => { timing.painted_ms = performance.now() - t0; }, 0));
   send(async () => {
     try {
       const saved = await api(`${base()}/cells/${id}/label`, { method: "POST", json: { label, who: who(), rev: c.rev } });
       Object.assign(c, saved);
       state.knownRev = Math.max(state.knownRev, saved.sample_rev ?? -1);
-      window.bloodcellTiming.saved_ms = performance.now() - t0;
+      timing.saved_ms = performance.now() - t0;
       markThumb(c);
       setStatus(label === before.label ? `Confirmed cell ${id} as ${label}.` : `Cell ${id}: ${before.label} → ${label}.`, "ok");
       refreshCount();
