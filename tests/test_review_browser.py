@@ -109,6 +109,14 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
             changed[artefact_id] = "artefact"
             wait_for(driver, lambda d: len(get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")) == 6, 10,
                      "the six corrections were not all saved")
+            driver.find_element(By.CSS_SELECTOR, f".thumb[data-id='{list(changed)[0]}']").click()
+            wait_for(driver, lambda d: "→" in d.find_element(By.ID, "cell-history").text and "JS" in
+                     d.find_element(By.ID, "cell-history").text, 10, "the cell's history does not show the change")
+            # a class of the lab's own, added in the page, is offered on every sample from then on
+            driver.find_element(By.CSS_SELECTOR, ".lab-classes summary").click()
+            driver.find_element(By.ID, "new-class-name").send_keys("reactive lymphocyte\n")
+            wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#label-bar button[data-label='reactive lymphocyte']"),
+                     10, "the lab's class is not offered")
             saved = {c["id"]: c["label"] for c in get_json(f"{url}/api/samples/{SAMPLE_ID}/cells")}
             assert {i: saved[i] for i in changed} == changed
             assert all(saved[i] == before[i]["label"] for i in before if i not in changed)
@@ -168,6 +176,7 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
             driver.get(f"{url}/#/sample/{SAMPLE_ID}")
             wait_for(driver, lambda d: len(thumbs(d)) == 21, 30, "the cells are not back after the restart")
             assert "signed off, version 1" in driver.find_element(By.ID, "sample-meta").text
+            assert driver.find_elements(By.CSS_SELECTOR, "#label-bar button[data-label='reactive lymphocyte']")
             for cell_id, label in changed.items():
                 assert section_of(driver, cell_id) == label
             rows = driver.find_elements(By.CSS_SELECTOR, "#count-table tbody tr")

@@ -63,6 +63,7 @@ async function loadHealth() {
     $("#model-info").textContent =
       `model ${h.model} (${h.backend}) · ${h.classes.length} classes · review below ${pct(h.review_threshold, 0)}` +
       (h.ood_check ? " · OOD check on" : " · no OOD check");
+    $("#workstation-link").hidden = !h.review;  // this page is /classify beside the workstation at /
     document.body.dataset.ready = "1";
   } catch (err) {
     $("#model-info").textContent = "server not reachable";

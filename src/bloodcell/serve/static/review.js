@@ -5,7 +5,7 @@
 const $ = (id) => document.getElementById(id);
 const state = {
   health: null, labels: [], keys: new Map(), sample: null, cells: [], byId: new Map(), selected: null,
-  knownRev: -1, queue: Promise.resolve(), pending: 0,
+  knownRev: -1, queue: Promise.resolve(), pending: 0, corrections: [],
 };
 const LETTER_KEYS = { a: "artefact", s: "smudge", x: "unidentified" };
 const POLL_MS = 3000;
@@ -108,8 +108,9 @@ function showSampleHead() {
 }
 
 async function reloadCells() {
-  const [sample, cells] = await Promise.all([api(base()), api(`${base()}/cells`)]);
+  const [sample, cells, corrections] = await Promise.all([api(base()), api(`${base()}/cells`), api(`${base()}/corrections`)]);
   state.sample = sample;
+  state.corrections = corrections;
   state.knownRev = sample.rev;
   state.cells = cells;
   state.byId = new Map(cells.map((c) => [c.id, c]));
@@ -223,6 +224,8 @@ function showCell(c) {
   $("cell-probs").replaceChildren(...probs.map(([k, v]) => el("li", {},
     el("span", { text: k }), el("span", { class: "bar", style: `width:${Math.round(100 * v)}%` }),
     el("span", { class: "n", text: `${(100 * v).toFixed(1)}%` }))));
+  $("cell-history").replaceChildren(...state.corrections.filter((h) => h.cell === c.id).map((h) => el("li", {
+    text: `${h.undo_of ? "undo" : h.before === h.after ? "confirmed" : `${h.before} → ${h.after}`} · ${h.who} · ${h.at.replace("T", " ").slice(0, 16)} UTC (v${h.version})` })));
   $("cam").hidden = !(state.health && state.health.explain);
   for (const b of $("label-bar").querySelectorAll("button")) b.classList.toggle("current", b.dataset.label === c.label);
 }
@@ -264,6 +267,7 @@ function relabel(id, label) {
       markThumb(c);
       setStatus(label === before.label ? `Confirmed cell ${id} as ${label}.` : `Cell ${id}: ${before.label} → ${label}.`, "ok");
       refreshCount();
+      refreshHistory();
     } catch (e) {
       Object.assign(c, before);
       placeThumb(c);
@@ -291,11 +295,27 @@ function undo() {
       select(c.id);
       setStatus(`Undone: cell ${c.id} is ${c.label} again.`, "ok");
       refreshCount();
+      refreshHistory();
     } catch (e) { setStatus(e.message, "error"); if (e.status === 409) await reloadCells(); }
   });
 }
 
 // ------------------------------------------------------------------ count, sign-off
+
+async function refreshHistory() {
+  state.corrections = await api(`${base()}/corrections`);
+  if (state.selected) showCell(state.byId.get(state.selected));
+}
+
+async function addClass(ev) {
+  ev.preventDefault();
+  try {
+    await api("/api/labels", { method: "POST", json: { name: $("new-class-name").value.trim(), kind: $("new-class-kind").value } });
+    $("new-class-name").value = "";
+    await loadLabels();
+    setStatus("Class added: it is kept on this server for every sample.", "ok");
+  } catch (e) { setStatus(e.message, "error"); }
+}
 
 async function refreshCount() {
   if (!state.sample) return;
@@ -426,6 +446,7 @@ async function setup() {
   $("reason-cancel").addEventListener("click", () => $("reason-dialog").close());
   $("wbc-count").addEventListener("change", setWbcCount);
   $("cam").addEventListener("click", gradcam);
+  $("new-class").addEventListener("submit", addClass);
   document.addEventListener("keydown", onKey);
   window.addEventListener("hashchange", route);
   try {
