@@ -303,7 +303,9 @@ function undo() {
 // ------------------------------------------------------------------ count, sign-off
 
 async function refreshHistory() {
-  state.corrections = await api(`${base()}/corrections`);
+  const [sample, corrections] = await Promise.all([api(base()), api(`${base()}/corrections`)]);
+  if (!state.pending) { state.sample = sample; showSampleHead(); }  // "N looked at" follows the work
+  state.corrections = corrections;
   if (state.selected) showCell(state.byId.get(state.selected));
 }
 
