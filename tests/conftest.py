@@ -161,8 +161,9 @@ def set_ood_threshold(run: Path, files, flagged: int) -> float:
 
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Every test gets its own cache root: no test reads another's (or the user's) cache."""
+    """Every test gets its own cache root and review data folder: no test reads or writes another's, or the user's."""
     monkeypatch.setenv("BLOODCELL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("BLOODCELL_DATA_DIR", str(tmp_path_factory.mktemp("review-data")))
 
 
 def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 36), mode: str = "RGB", fmt: str | None = None) -> Path:

@@ -160,6 +160,32 @@ print(json.dumps([health["backend"], health["explain"], pred["predictions"][0]["
     assert imported() == []
 
 
+def test_the_review_workstation_without_pytorch(torchless, tmp_path):
+    """A lab on the light install reviews a sample: upload, relabel, count, sign off, report, export."""
+    run, imported = torchless
+    images = [str(p) for p in sorted((SAMPLE / "lymphocyte").iterdir())[:3]]
+    code = f"""
+import json, zipfile, io
+from fastapi.testclient import TestClient
+from bloodcell.infer import Predictor
+from bloodcell.serve.app import create_app
+client = TestClient(create_app(Predictor.load(None), data_dir={str(tmp_path / "lab")!r}))
+client.post("/api/samples", json={{"sample_id": "L1", "who": "AB"}})
+files = [("files", (p.rsplit("/", 1)[1], open(p, "rb").read(), "image/jpeg")) for p in {images!r}]
+added = client.post("/api/samples/L1/uploads?who=AB", files=files).json()["cells"]
+client.post(f"/api/samples/L1/cells/{{added[0]}}/label", json={{"label": "smudge", "who": "AB"}})
+client.post("/api/samples/L1/signoff", json={{"who": "AB"}})
+names = zipfile.ZipFile(io.BytesIO(client.get("/api/samples/L1/export.zip").content)).namelist()
+print(json.dumps([client.get("/api/samples/L1/count").json()["wbc_total"], client.get("/api/samples/L1/report").status_code,
+                  sorted(n.split("/")[1] for n in names if n.count("/") == 2)]))
+"""
+    proc = run(code=code)
+    assert proc.returncode == 0, proc.stderr
+    wbc_total, report_status, folders = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert wbc_total == 2 and report_status == 200 and "smudge" in folders
+    assert imported() == []
+
+
 @pytest.mark.parametrize(
     "args",
     [
