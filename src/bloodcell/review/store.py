@@ -305,6 +305,9 @@ class ReviewStore:
             if isinstance(exc, sqlite3.OperationalError) and ("full" in str(exc) or "disk" in str(exc) or "I/O" in str(exc)):
                 raise StoreFull(f"could not save to {self.path} ({exc}): this change was not saved; everything saved "
                                 "before it is intact. Free some disk space and repeat it") from None
+            if isinstance(exc, sqlite3.OperationalError) and "readonly" in str(exc).replace("-", "").replace(" ", ""):
+                raise ReviewError(f"cannot save to {self.path}: the file or its folder is read-only; nothing was "
+                                  "changed. Give the server a folder it may write (--data-dir)") from None
             if isinstance(exc, sqlite3.DatabaseError) and not isinstance(exc, sqlite3.IntegrityError):
                 raise self._damaged(exc) from None
             raise
@@ -420,33 +423,47 @@ class ReviewStore:
     def _open_sample(self, sample_id: str) -> sqlite3.Row:
         row = self._sample_row(sample_id)
         if row["status"] == "signed":
-            raise Conflict(f"sample {row['sample_id']} is signed off (version {row['version']}): reopen it with a reason "
-                           "to change it")
+            raise _signed_off(row)
         return row
 
     # ------------------------------------------------------------------ uploads and cells
 
     def add_upload(self, sample_id: str, upload: NewUpload) -> dict:
-        """Store an upload and its cells in one transaction; returns the upload's id and its cells' ids."""
-        row = self._open_sample(sample_id)
+        """Store an upload and its cells; returns the upload's id and its cells' ids."""
+        return self.add_uploads(sample_id, [upload])[0]
+
+    def add_uploads(self, sample_id: str, uploads: Sequence[NewUpload]) -> list[dict]:
+        """Store uploads and their cells in one transaction (all of a request, or none of it); each upload's id and
+        its cells' ids."""
         labels = set(self.labels())
-        for cell in upload.cells:
-            if cell.label not in labels:
-                raise ReviewError(f"cell {shown(cell.name)}: label {shown(cell.label)} is not a class of this server")
-        with self._write() as c:
-            up = c.execute("INSERT INTO uploads (sample, name, kind, width, height, info, data, created, model) "
-                           "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (row["id"], upload.name, upload.kind, upload.width, upload.height, json.dumps(upload.info),
-                            upload.data, now(), self.model)).lastrowid
-            ids = []
+        for upload in uploads:
             for cell in upload.cells:
-                ids.append(c.execute(
-                    "INSERT INTO cells (sample, upload, name, predicted, label, probabilities, confidence, review, ood, "
-                    "ood_score, box, image, image_type, thumb) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (row["id"], up, cell.name, cell.label, cell.label, json.dumps(cell.probabilities), cell.confidence,
-                     int(cell.review), int(cell.ood), cell.ood_score, json.dumps(cell.box) if cell.box else None,
-                     cell.image, cell.image_type, cell.thumb)).lastrowid)
-            c.execute("UPDATE samples SET rev = rev + 1 WHERE id = ?", (row["id"],))
+                if cell.label not in labels:
+                    raise ReviewError(f"cell {shown(cell.name)}: label {shown(cell.label)} is not a class of this server")
+        with self._write() as c:
+            row = self._locked_check(c, sample_id)
+            added = [self._insert_upload(c, row, upload) for upload in uploads]
+            self._bump(c, row["id"])
+        return added
+
+    def require_open(self, sample_id: str) -> dict:
+        """The sample, if it may be changed (not signed off); NotFound or Conflict otherwise."""
+        self._open_sample(sample_id)
+        return self.sample(sample_id)
+
+    def _insert_upload(self, c: sqlite3.Connection, row: sqlite3.Row, upload: NewUpload) -> dict:
+        up = c.execute("INSERT INTO uploads (sample, name, kind, width, height, info, data, created, model) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (row["id"], upload.name, upload.kind, upload.width, upload.height, json.dumps(upload.info),
+                        upload.data, now(), self.model)).lastrowid
+        ids = []
+        for cell in upload.cells:
+            ids.append(c.execute(
+                "INSERT INTO cells (sample, upload, name, predicted, label, probabilities, confidence, review, ood, "
+                "ood_score, box, image, image_type, thumb) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (row["id"], up, cell.name, cell.label, cell.label, json.dumps(cell.probabilities), cell.confidence,
+                 int(cell.review), int(cell.ood), cell.ood_score, json.dumps(cell.box) if cell.box else None,
+                 cell.image, cell.image_type, cell.thumb)).lastrowid)
         return {"upload": up, "cells": ids}
 
     def uploads(self, sample_id: str) -> list[dict]:
@@ -557,8 +574,7 @@ class ReviewStore:
         if sample is None:
             raise NotFound(f"no sample {shown(sample_id)}")
         if sample["status"] == "signed":
-            raise Conflict(f"sample {sample['sample_id']} is signed off (version {sample['version']}): reopen it with a "
-                           "reason to change it")
+            raise _signed_off(sample)
         return sample
 
     @staticmethod
@@ -616,6 +632,11 @@ class ReviewStore:
         return [{"version": r["version"], "action": r["action"], "who": r["who"], "at": r["at"], "reason": r["reason"],
                  "snapshot": json.loads(r["snapshot"])}
                 for r in self._read("SELECT * FROM signoffs WHERE sample = ? ORDER BY id", (row["id"],))]
+
+
+def _signed_off(sample: sqlite3.Row) -> Conflict:
+    return Conflict(f"sample {sample['sample_id']} is signed off (version {sample['version']}): reopen it with a reason "
+                    "to change it")
 
 
 def _cell(r: sqlite3.Row) -> dict:

@@ -150,18 +150,16 @@ def review_router(store: ReviewStore, classify: Callable, model: dict, max_files
         from bloodcell.review.store import check_who
 
         check_who(who)
-        store.sample(sample_id)  # 404 before any work
+        store.require_open(sample_id)  # 404 / 409 before any work
         if input not in ("auto", "cell", "field"):
             raise HTTPException(422, "input must be one of auto, cell, field")
         files = await read_uploads(request)
         uploads, unreadable = await run_in_threadpool(classify, files, input)
-        added = []
-        for up in uploads:
-            added += (await run_in_threadpool(store.add_upload, sample_id, up))["cells"]
         if not uploads:
             bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in unreadable)
             raise HTTPException(422, f"no readable image in the upload: {bad}")
-        return {"cells": added, "uploads": len(uploads), "unreadable": unreadable}
+        added = await run_in_threadpool(store.add_uploads, sample_id, uploads)  # the whole request, or none of it
+        return {"cells": [i for a in added for i in a["cells"]], "uploads": len(uploads), "unreadable": unreadable}
 
     @router.get("/samples/{sample_id}/uploads")
     def uploads(sample_id: str) -> list[dict]:
