@@ -23,8 +23,8 @@ from bloodcell.cli import app as cli
 from bloodcell.review.counting import CountedCell, count
 from bloodcell.review.export import export_zip, write_export
 from bloodcell.review.report import render_report
-from bloodcell.review.store import (DATABASE_FILE, Conflict, NewCell, NewUpload, NotFound, ReviewError, ReviewStore,
-                                    StoreDamaged)
+from bloodcell.review.records import DATABASE_FILE, Conflict, NewCell, NewUpload, NotFound, ReviewError, StoreDamaged
+from bloodcell.review.store import ReviewStore
 from conftest import CLASS_NAMES, SAMPLE, FixedDetector, field_photo
 
 runner = CliRunner()

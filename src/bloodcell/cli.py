@@ -595,7 +595,7 @@ def serve_cmd(
     from bloodcell.infer import Predictor
     from bloodcell.serve.app import create_app
 
-    from bloodcell.review.store import default_data_dir
+    from bloodcell.review.records import default_data_dir
 
     predictor = Predictor.load(model, max_pixels=max_pixels or DEFAULT_MAX_PIXELS, device=device)
     data_dir = data_dir or default_data_dir()
@@ -724,7 +724,8 @@ _DATA_DIR_HELP = "The workstation's folder (as given to serve --data-dir; defaul
 
 
 def _review_store(data_dir: Optional[Path]):
-    from bloodcell.review.store import DATABASE_FILE, ReviewStore, default_data_dir
+    from bloodcell.review.records import DATABASE_FILE, default_data_dir
+    from bloodcell.review.store import ReviewStore
 
     folder = data_dir or default_data_dir()
     if not (folder / DATABASE_FILE).is_file():

@@ -19,7 +19,8 @@ import zipfile
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from bloodcell.review.store import ReviewError, ReviewStore
+from bloodcell.review.records import ReviewError
+from bloodcell.review.store import ReviewStore
 
 _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif", "image/bmp": ".bmp"}
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from bloodcell.data.fields import background_colour, crop_cell
 from bloodcell.data.images import open_rgb
-from bloodcell.review.store import NewCell, NewUpload
+from bloodcell.review.records import NewCell, NewUpload
 
 THUMB_SIDE = 96
 _BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}

@@ -311,7 +311,8 @@ def _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_p
 
     from bloodcell import __version__
     from bloodcell.review.ingest import classify_uploads
-    from bloodcell.review.store import ReviewError, ReviewStore
+    from bloodcell.review.records import ReviewError
+    from bloodcell.review.store import ReviewStore
     from bloodcell.serve.review_api import review_error_handler, review_router
 
     store = ReviewStore(data_dir, predictor.model_name, predictor.class_names)

@@ -17,7 +17,8 @@ from fastapi.responses import HTMLResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from bloodcell.review.store import ReviewError, ReviewStore
+from bloodcell.review.records import ReviewError
+from bloodcell.review.store import ReviewStore
 
 
 class ErrorDetail(BaseModel):
@@ -147,7 +148,7 @@ def review_router(store: ReviewStore, classify: Callable, model: dict, max_files
                      input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]})) -> dict:
         """Add images to the sample (multipart field `files`): single cells or smear photographs, classified and kept.
         Answers the new cells' ids and the files that could not be read."""
-        from bloodcell.review.store import check_who
+        from bloodcell.review.records import check_who
 
         check_who(who)
         store.require_open(sample_id)  # 404 / 409 before any work
