@@ -109,6 +109,21 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
             changed[artefact_id] = "artefact"
             wait_for(driver, lambda d: len(get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")) == 6, 10,
                      "the six corrections were not all saved")
+            # z undoes the reviewer's last change (the artefact), and the arrows move the selection along the gallery
+            press(driver, "z")
+            wait_for(driver, lambda d: section_of(d, artefact_id) == before[artefact_id]["label"], 10, "z did not undo")
+            selected = lambda d: int(d.execute_script("return document.querySelector('.thumb.selected').dataset.id"))  # noqa: E731
+            assert selected(driver) == artefact_id
+            order = driver.execute_script("return [...document.querySelectorAll('#gallery .thumb')].map(f => +f.dataset.id)")
+            press(driver, "\ue014")  # ArrowRight
+            wait_for(driver, lambda d: selected(d) == order[order.index(artefact_id) + 1], 5, "ArrowRight did not move on")
+            press(driver, "\ue012")  # ArrowLeft
+            wait_for(driver, lambda d: selected(d) == artefact_id, 5, "ArrowLeft did not move back")
+            press(driver, "a")
+            wait_for(driver, lambda d: section_of(d, artefact_id) == "artefact", 10, "the artefact did not move again")
+            wait_for(driver, lambda d: len(get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")) == 8, 10,
+                     "the undo and the new change were not saved")
+
             driver.find_element(By.CSS_SELECTOR, f".thumb[data-id='{list(changed)[0]}']").click()
             wait_for(driver, lambda d: "→" in d.find_element(By.ID, "cell-history").text and "JS" in
                      d.find_element(By.ID, "cell-history").text, 10, "the cell's history does not show the change")

@@ -91,8 +91,9 @@ def count(cells: Iterable[CountedCell], lab_classes: Mapping[str, str] | None = 
     """The differential of `cells` (see the module docstring) with its flags.
 
     wbc_count: the analyser's white-cell count (10^9/L); each white-cell row then gets an absolute count.
-    Returns rows (label, display, kind, cells, percent, absolute), wbc_total, nrbc, nrbc_per_100_wbc,
-    not_counted (ood), unreviewed (model unsure, no person looked), wbc_count, wbc_count_corrected, flags.
+    Returns rows (label, display, kind, cells, percent, absolute, labels), cells, wbc_total, nrbc, nrbc_per_100_wbc,
+    not_counted_ood (flagged, nobody labelled them), unreviewed_unsure (the model was unsure, nobody looked),
+    wbc_count, wbc_count_corrected (for the nucleated red cells: WBC x 100 / (100 + NRBC per 100)), flags.
     """
     rows: dict[str, dict] = {}
     ood_uncounted = unsure_unreviewed = total = 0
