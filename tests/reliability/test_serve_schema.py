@@ -9,6 +9,7 @@ Run with -s to see how many cases were generated.
 from __future__ import annotations
 
 import io
+import tempfile
 from collections import Counter
 
 import numpy as np
@@ -17,7 +18,9 @@ import schemathesis
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from PIL import Image
+from schemathesis.specs.openapi.checks import positive_data_acceptance
 
+from bloodcell.data.images import MIN_CELL_SIDE
 from bloodcell.infer import Predictor
 from bloodcell.serve.app import create_app
 
@@ -31,7 +34,8 @@ ANSWERS: Counter[tuple[str, int]] = Counter()  # (operation, status) of every ge
 @st.composite
 def encoded_images(draw, fmt: str, modes: list[str]) -> bytes:
     """A small random image encoded as `fmt`."""
-    width, height = draw(st.integers(1, 64)), draw(st.integers(1, 64))
+    # smaller images are refused as too small to hold a cell (422), which the schema cannot say
+    width, height = draw(st.integers(MIN_CELL_SIDE, 64)), draw(st.integers(MIN_CELL_SIDE, 64))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
     img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(draw(st.sampled_from(modes)))
     buf = io.BytesIO()
@@ -44,9 +48,9 @@ def encoded_images(draw, fmt: str, modes: list[str]) -> bytes:
 schemathesis.openapi.media_type("image/png", encoded_images("PNG", ["RGB", "RGBA", "L", "P", "1"]))
 schemathesis.openapi.media_type("image/jpeg", encoded_images("JPEG", ["RGB", "L", "CMYK"]))
 
-# The app exactly as `bloodcell serve` builds it: bundled model, default limits. Built at import:
-# schemathesis' lazy loader (pytest.from_fixture) fails on pytest 9 (it sets Function._nodeid).
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Predictor.load()))
+# The app exactly as `bloodcell serve` builds it: bundled model, default limits, the review workstation on a fresh data
+# folder. Built at import: schemathesis' lazy loader (pytest.from_fixture) fails on pytest 9 (it sets Function._nodeid).
+schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Predictor.load(), data_dir=tempfile.mkdtemp(prefix="review-schema-")))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -61,5 +65,8 @@ def _report_cases():
 @schema.parametrize()
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_schema_cases_get_no_server_error_and_conform(case):
-    response = case.call_and_validate()
+    # The review API refuses some schema-valid values by the lab's state (a label that is not a class here, a sample
+    # signed off or unknown, a stale revision): every other check holds there too; tests/test_review.py tests those refusals.
+    review = case.operation.path.startswith("/api/")
+    response = case.call_and_validate(excluded_checks=[positive_data_acceptance] if review else None)
     ANSWERS[case.operation.label, response.status_code] += 1

@@ -176,11 +176,11 @@ class ReviewStore:
             raise ReviewError(f"class name {shown(name)} is not allowed: 1-40 letters, digits, spaces, '_' or '-'")
         if kind not in ("wbc", "other"):
             raise ReviewError(f"class kind must be 'wbc' (counted as a white cell) or 'other', got {shown(kind)}")
-        if name in self.lab_classes() and self.lab_classes()[name] == kind:
+        if self.lab_classes().get(name) == kind:  # added already: nothing to do
             return self.lab_classes()
         same = resolve_class(name, [*self.classes, *REVIEW_LABELS, *self.lab_classes()])  # case and plural ignored
         if same is not None:
-            raise ReviewError(f"class {shown(name)} is already a class ({same!r})")
+            raise Conflict(f"class {shown(name)} is already a class ({same!r})")
         with self._write() as c:
             c.execute("INSERT INTO lab_classes (name, kind, added) VALUES (?, ?, ?)", (name, kind, now()))
         return self.lab_classes()

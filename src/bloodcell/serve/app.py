@@ -21,8 +21,10 @@ import threading
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
@@ -301,7 +303,37 @@ def create_app(
         app.get("/classify", response_class=HTMLResponse, include_in_schema=False)(page("index.html"))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     return app
+
+
+async def _validation_error(request: Request, exc: RequestValidationError):
+    """A request FastAPI cannot validate: one line naming each key (at most three), not pydantic's list."""
+    from fastapi.responses import JSONResponse
+
+    from bloodcell.review.records import shown
+
+    parts = []
+    for error in exc.errors()[:3]:
+        where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" + (f" (got {shown(error['input'])})" if error.get("input") is not None else ""))
+    return JSONResponse({"detail": "; ".join(parts)}, status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """FastAPI's answer, except that a 405 lists every method of the path: Starlette names only those of the first
+    route that matched it (GET and POST of /api/samples are two routes)."""
+    from fastapi.exception_handlers import http_exception_handler
+    from starlette.routing import Match
+
+    if exc.status_code == 405:
+        allowed = set()
+        for route in request.app.routes:
+            if getattr(route, "methods", None) and route.matches(request.scope)[0] != Match.NONE:
+                allowed |= route.methods
+        exc.headers = {**(exc.headers or {}), "Allow": ", ".join(sorted(allowed))}
+    return await http_exception_handler(request, exc)
 
 
 def _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_pixels: int, max_files: int) -> None:

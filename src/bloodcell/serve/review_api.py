@@ -10,14 +10,14 @@ value (the message names the key), 507 the disk is full (the change was not save
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Annotated, Callable, Literal
 
-from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import HTMLResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from bloodcell.review.records import ReviewError
+from bloodcell.review.records import LAB_CLASS, MAX_NOTE, MAX_REASON, MAX_WHO, SAMPLE_ID, ReviewError
 from bloodcell.review.store import ReviewStore
 
 
@@ -26,47 +26,69 @@ class ErrorDetail(BaseModel):
 
 
 _ERRORS = {code: {"model": ErrorDetail, "description": what} for code, what in {
-    404: "no such sample or cell", 409: "changed since read, or signed off", 422: "a bad value",
+    400: "a body that cannot be parsed (not JSON; broken multipart)", 404: "no such sample or cell",
+    409: "changed since read, or signed off", 422: "a bad value",
     507: "disk full: the change was not saved"}.items()}
+# Routes that answer HTML, a zip or an image still answer errors in JSON: said so explicitly, as FastAPI would
+# document them in the route's own media type.
+_ERRORS_IN_JSON = {code: {"description": r["description"], "content": {"application/json": {"schema": ErrorDetail.model_json_schema()}}}
+                   for code, r in _ERRORS.items()}
 
 
-class NewSample(BaseModel):
-    sample_id: str = Field(description="the lab's ID: 1-64 letters, digits, '.', '_' or '-'", examples=["H26-00417"])
-    who: str = Field(description="who creates it (name or initials)")
-    date: str | None = Field(None, description="the sample's date, YYYY-MM-DD (default: today)")
-    note: str = Field("", description="free text")
+# The store checks every value itself (review.records); the schema says the same, so that clients can see it.
+_PRINTABLE = r"^[^\x00-\x1f\x7f]*[^\s\x00-\x1f\x7f][^\x00-\x1f\x7f]*$"
+Who_ = Annotated[str, Field(description="the reviewer's name or initials", max_length=MAX_WHO, pattern=_PRINTABLE)]
+_DATE = r"^\d{4}-\d{2}-\d{2}$"
+SampleId = Annotated[str, Path(description="the lab's sample ID", pattern=f"^{SAMPLE_ID.pattern}$")]
 
 
-class SampleEdit(BaseModel):
-    who: str
-    note: str | None = None
-    date: str | None = None
-    wbc_count: float | None = Field(None, description="the analyser's white-cell count, 10^9/L: gives absolute counts")
+class Body(BaseModel):
+    """A request body: values of the documented types only (no 0 for a date, no "1" for a number), no unknown keys."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class NewSample(Body):
+    sample_id: str = Field(description="the lab's ID: 1-64 letters, digits, '.', '_' or '-'", examples=["H26-00417"],
+                           pattern=f"^{SAMPLE_ID.pattern}$")
+    who: Who_
+    date: str | None = Field(None, description="the sample's date, YYYY-MM-DD (default: today)", pattern=_DATE,
+                             json_schema_extra={"format": "date"})
+    note: str = Field("", description="free text", max_length=MAX_NOTE)
+
+
+class SampleEdit(Body):
+    who: Who_
+    note: str | None = Field(None, max_length=MAX_NOTE)
+    date: str | None = Field(None, pattern=_DATE, json_schema_extra={"format": "date"})
+    wbc_count: float | None = Field(None, gt=0, lt=1000, description="the analyser's white-cell count, 10^9/L: gives absolute counts")
     clear_wbc_count: bool = False
 
 
-class Relabel(BaseModel):
-    label: str = Field(description="a model class, unidentified, smudge, artefact or one of the lab's classes")
-    who: str
+class Relabel(Body):
+    label: str = Field(description="a model class, unidentified, smudge, artefact or one of the lab's classes (GET /api/labels)")
+    who: Who_
     rev: int | None = Field(None, description="the cell's revision the change was made on; a stale one is refused (409)")
 
 
-class Who(BaseModel):
-    who: str
+class Who(Body):
+    who: Who_
 
 
-class SignOff(BaseModel):
-    who: str
+class SignOff(Body):
+    who: Who_
     rev: int | None = Field(None, description="the sample's revision the reviewer saw; refused (409) when it changed since")
 
 
-class Reopen(BaseModel):
-    who: str
-    reason: str = Field(description="why the signed-off sample is changed; kept with the new version")
+class Reopen(Body):
+    who: Who_
+    reason: str = Field(description="why the signed-off sample is changed; kept with the new version",
+                        max_length=MAX_REASON, pattern=_PRINTABLE)
 
 
-class LabClass(BaseModel):
-    name: str = Field(description="1-40 letters, digits, spaces, '_' or '-'", examples=["reactive lymphocyte"])
+class LabClass(Body):
+    name: str = Field(description="1-40 letters, digits, spaces, '_' or '-'", examples=["reactive lymphocyte"],
+                      pattern=f"^{LAB_CLASS.pattern}$")
     kind: Literal["wbc", "other"] = Field("wbc", description="wbc: counted as a white cell; other: listed, not counted")
 
 
@@ -135,16 +157,16 @@ def review_router(store: ReviewStore, classify: Callable, model: dict, max_files
         return store.create_sample(body.sample_id, body.who, body.date, body.note)
 
     @router.get("/samples/{sample_id}")
-    def sample(sample_id: str) -> Sample:
+    def sample(sample_id: SampleId) -> Sample:
         return store.sample(sample_id)
 
     @router.patch("/samples/{sample_id}")
-    def edit_sample(sample_id: str, body: SampleEdit) -> Sample:
+    def edit_sample(sample_id: SampleId, body: SampleEdit) -> Sample:
         """Change the note, the date or the analyser's white-cell count (not on a signed-off sample)."""
         return store.update_sample(sample_id, body.who, body.note, body.date, body.wbc_count, body.clear_wbc_count)
 
     @router.post("/samples/{sample_id}/uploads", openapi_extra={"requestBody": _upload_schema()})
-    async def upload(sample_id: str, request: Request, who: str = Query(..., description="who uploads"),
+    async def upload(sample_id: SampleId, request: Request, who: str = Query(..., description="who uploads", max_length=MAX_WHO, pattern=_PRINTABLE),
                      input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]})) -> dict:
         """Add images to the sample (multipart field `files`): single cells or smear photographs, classified and kept.
         Answers the new cells' ids and the files that could not be read."""
@@ -163,70 +185,70 @@ def review_router(store: ReviewStore, classify: Callable, model: dict, max_files
         return {"cells": [i for a in added for i in a["cells"]], "uploads": len(uploads), "unreadable": unreadable}
 
     @router.get("/samples/{sample_id}/uploads")
-    def uploads(sample_id: str) -> list[dict]:
+    def uploads(sample_id: SampleId) -> list[dict]:
         """The sample's uploads: name, kind (cell or field), size; photographs with their counts and checks."""
         return store.uploads(sample_id)
 
     @router.get("/samples/{sample_id}/uploads/{upload_id}/image", response_class=Response,
-                responses={200: {"content": {"image/*": {}}}})
-    def upload_image(sample_id: str, upload_id: int) -> Response:
+                responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS_IN_JSON})
+    def upload_image(sample_id: SampleId, upload_id: int) -> Response:
         return Response(store.upload_data(sample_id, upload_id), media_type="application/octet-stream",
                         headers={"Cache-Control": "private, max-age=86400, immutable"})
 
     @router.get("/samples/{sample_id}/cells")
-    def cells(sample_id: str) -> list[Cell]:
+    def cells(sample_id: SampleId) -> list[Cell]:
         return store.cells(sample_id)
 
     @router.get("/samples/{sample_id}/cells/{cell_id}/image", response_class=Response,
-                responses={200: {"content": {"image/*": {}}}})
-    def cell_image(sample_id: str, cell_id: int, thumb: bool = Query(False, description=f"a {THUMB_SIDE} px JPEG")) -> Response:
+                responses={200: {"content": {"image/*": {}}}, **_ERRORS_IN_JSON})
+    def cell_image(sample_id: SampleId, cell_id: int, thumb: bool = Query(False, description=f"a {THUMB_SIDE} px JPEG")) -> Response:
         data, kind = store.cell_image(sample_id, cell_id, thumb)
         return Response(data, media_type=kind, headers={"Cache-Control": "private, max-age=86400, immutable"})
 
     @router.post("/samples/{sample_id}/cells/{cell_id}/label")
-    def relabel(sample_id: str, cell_id: int, body: Relabel) -> Cell:
+    def relabel(sample_id: SampleId, cell_id: int, body: Relabel) -> Cell:
         """Give the cell a label (its own label again: confirm it)."""
         return store.relabel(sample_id, cell_id, body.label, body.who, body.rev)
 
     @router.post("/samples/{sample_id}/undo")
-    def undo(sample_id: str, body: Who) -> Cell:
+    def undo(sample_id: SampleId, body: Who) -> Cell:
         """Undo this reviewer's last change in the sample; answers the cell as it is again."""
         return store.undo(sample_id, body.who)
 
     @router.get("/samples/{sample_id}/corrections")
-    def corrections(sample_id: str) -> list[dict]:
+    def corrections(sample_id: SampleId) -> list[dict]:
         """Every change of a label: cell, before, after, who, when, version; undos marked."""
         return store.corrections(sample_id)
 
     @router.get("/samples/{sample_id}/count")
-    def sample_count(sample_id: str) -> dict:
+    def sample_count(sample_id: SampleId) -> dict:
         """The differential with every correction applied: rows in clinical order, totals, flags."""
         return store.count(sample_id)
 
     @router.post("/samples/{sample_id}/signoff")
-    def sign_off(sample_id: str, body: SignOff) -> Sample:
+    def sign_off(sample_id: SampleId, body: SignOff) -> Sample:
         """Sign the count off: the sample is locked and the count kept with the sign-off."""
         return store.sign_off(sample_id, body.who, body.rev)
 
     @router.post("/samples/{sample_id}/reopen")
-    def reopen(sample_id: str, body: Reopen) -> Sample:
+    def reopen(sample_id: SampleId, body: Reopen) -> Sample:
         """Open a signed-off sample for a change, as a new version, with the reason."""
         return store.reopen(sample_id, body.who, body.reason)
 
     @router.get("/samples/{sample_id}/history")
-    def history(sample_id: str) -> list[dict]:
+    def history(sample_id: SampleId) -> list[dict]:
         """Sign-offs and reopenings, each sign-off with the count it signed."""
         return store.history(sample_id)
 
-    @router.get("/samples/{sample_id}/report", response_class=HTMLResponse)
-    def report(sample_id: str) -> HTMLResponse:
+    @router.get("/samples/{sample_id}/report", response_class=HTMLResponse, responses=_ERRORS_IN_JSON)
+    def report(sample_id: SampleId) -> HTMLResponse:
         """The printable report (HTML; print it from the browser, or save it as PDF there)."""
         return HTMLResponse(render_report(store, sample_id, model), headers={
             "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"})
 
     @router.get("/samples/{sample_id}/export.zip", response_class=Response,
-                responses={200: {"content": {"application/zip": {}}}})
-    def export(sample_id: str, labels: Literal["all", "model"] = Query(
+                responses={200: {"content": {"application/zip": {}}}, **_ERRORS_IN_JSON})
+    def export(sample_id: SampleId, labels: Literal["all", "model"] = Query(
             "all", description="all labels, or only the model's classes (for fine-tuning the same classes)")) -> Response:
         """The sample's reviewed cells as training data: a folder per label and labels.csv (path,label,group)."""
         keep = store.classes if labels == "model" else None
