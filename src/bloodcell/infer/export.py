@@ -111,7 +111,8 @@ def export_onnx(
             full, single = got_full[k], np.concatenate([g[k] for g in got_single])
             if full.shape != want.shape:
                 raise ModelError(f"ONNX export of {model} gives {out_name} of shape {full.shape}, PyTorch {want.shape}")
-            diff = max(diff, output_difference(want, full), output_difference(want, single))
+            # np.max, not max(): max(0.0, nan) is 0.0, so a NaN output would pass as a perfect match
+            diff = float(np.max([diff, output_difference(want, full), output_difference(want, single)]))
         if not np.isfinite(diff) or diff > tolerance:
             raise ModelError(
                 f"ONNX export of {model} differs from PyTorch by up to {diff:.3g} on {len(x)} {source} "
