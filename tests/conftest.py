@@ -121,6 +121,7 @@ def with_ood(run: Path, threshold: float | None = None) -> Path:
 
     from bloodcell.evaluate.ood import fit_mahalanobis, mahalanobis_score
     from bloodcell.infer import Predictor
+    from bloodcell.models.metadata import write_model_json
     from bloodcell.models.ood import ood_features, save_ood
 
     p = Predictor.load(run)
@@ -134,7 +135,7 @@ def with_ood(run: Path, threshold: float | None = None) -> Path:
     scores = mahalanobis_score(feats, means, precision)
     meta = json.loads((run / "model.json").read_text())
     meta["ood"] = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(threshold if threshold is not None else np.median(scores))}
-    (run / "model.json").write_text(json.dumps(meta))
+    write_model_json(run, meta)  # and re-seal, as every writer of a model folder does
     return run
 
 
@@ -143,6 +144,7 @@ def set_ood_threshold(run: Path, files, flagged: int) -> float:
     import json
 
     from bloodcell.infer import Predictor
+    from bloodcell.models.metadata import write_model_json
 
     scores = sorted(q["ood_score"] for q in Predictor.load(run).predict_paths(files, progress=False)["predictions"])
     cut = len(scores) - flagged
@@ -155,7 +157,7 @@ def set_ood_threshold(run: Path, files, flagged: int) -> float:
         t = (scores[cut - 1] + scores[cut]) / 2
     meta = json.loads((run / "model.json").read_text())
     meta["ood"]["threshold"] = float(t)
-    (run / "model.json").write_text(json.dumps(meta))
+    write_model_json(run, meta)
     return t
 
 

@@ -18,6 +18,8 @@ from bloodcell.errors import DataError, ModelError
 from bloodcell.infer import Predictor, summarize
 from bloodcell.models import metadata as checkpoint_mod
 from bloodcell.models import create_model, save_checkpoint
+from bloodcell.models.metadata import write_model_json
+from bloodcell.models.seal import seal
 from conftest import set_ood_threshold, with_ood
 
 REPO = Path(__file__).resolve().parents[1]
@@ -111,7 +113,7 @@ def test_defaults_when_calibration_absent_and_recorded_interpolation(tmp_path):
     run = make_run(tmp_path / "run", training_config={"data": {"interpolation": "nearest"}})
     meta = json.loads((run / "model.json").read_text())
     del meta["temperature"], meta["review_threshold"]
-    (run / "model.json").write_text(json.dumps(meta))
+    write_model_json(run, meta)
     p = Predictor.load(run)
     assert (p.temperature, p.review_threshold, p.interpolation) == (1.0, 0.9, "nearest")
     files = sample_files()[:3]
@@ -216,9 +218,13 @@ def test_load_errors(tmp_path, run_dir, monkeypatch):
         Predictor.load(None)
     lone = tmp_path / "lone.onnx"
     lone.write_bytes(b"not onnx")
+    with pytest.raises(ModelError, match="is not sealed"):
+        Predictor.load(lone)
+    seal(tmp_path)
     with pytest.raises(ModelError, match="sidecar"):
         Predictor.load(lone)
     (tmp_path / "lone.onnx.json").write_text((run_dir / "model.json").read_text())
+    seal(tmp_path)
     with pytest.raises(ModelError, match="cannot load ONNX model"):
         Predictor.load(lone)
     with pytest.raises(DataError, match="not found"):

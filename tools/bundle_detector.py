@@ -29,6 +29,7 @@ from pathlib import Path
 
 from bloodcell import io
 from bloodcell.models.detector import DETECTOR_METADATA, DETECTOR_WEIGHTS, load_detector
+from bloodcell.models.metadata import write_sealed_json
 from bloodcell.models.detector_onnx import DETECTOR_ONNX
 
 
@@ -107,7 +108,7 @@ def bundle(run: Path, dest: Path, loso: list[Path] = ()) -> None:
             stale.unlink()
     if (run / DETECTOR_WEIGHTS).exists():
         shutil.copyfile(run / DETECTOR_WEIGHTS, dest / DETECTOR_WEIGHTS)
-    io.write_json(dest / DETECTOR_METADATA, meta)
+    write_sealed_json(dest / DETECTOR_METADATA, meta)  # and seal dest (bloodcell.models.seal)
     load_detector(dest)
     print(f"bundled {run} -> {dest}")
 

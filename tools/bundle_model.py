@@ -28,6 +28,7 @@ from bloodcell import io
 from bloodcell.infer.card import BUNDLED_SOURCE, model_card
 from bloodcell.infer.export import export_bundled
 from bloodcell.models.checkpoint import load_checkpoint
+from bloodcell.models.metadata import write_model_json
 
 
 def protocol_rows(study: Path) -> list[dict]:
@@ -87,7 +88,7 @@ def main() -> None:
             continue
         with io.atomic_path(dest / name) as tmp:
             shutil.copyfile(run / name, tmp)
-    io.write_json(dest / "model.json", meta)
+    write_model_json(dest, meta)  # and seal dest (bloodcell.models.seal); export_bundled re-seals with model.onnx
     finish(dest)
     print(f"bundled {meta['model_name']} ({(dest / 'model.safetensors').stat().st_size / 1e6:.1f} MB), test accuracy {test['accuracy']:.4f}, into {dest}")
 

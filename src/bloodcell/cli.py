@@ -779,3 +779,48 @@ def review_backup_cmd(target: Path = typer.Argument(..., help="New file for the 
                       data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP)) -> None:
     """A consistent copy of the review database, safe to take while the server runs."""
     typer.echo(f"backed up to {_review_store(data_dir).backup(target)}")
+
+
+# ---------------------------------------------------------------------------------------------- model: seal / verify
+
+model_app = typer.Typer(no_args_is_help=True, help="A model folder's seal (SEAL.json: the SHA-256 of every file the "
+                        "loader reads, checked at every load): verify it, or re-seal a folder edited on purpose.")
+app.add_typer(model_app, name="model")
+
+
+def _model_folder(folder: str) -> Path:
+    if folder == "default":
+        from bloodcell.models.metadata import bundled_model_dir
+
+        return bundled_model_dir()
+    path = Path(folder)
+    if not path.is_dir():
+        raise DataError(f"model folder not found: {path}" if not path.exists() else f"{path} is not a folder (pass the model's folder)")
+    return path
+
+
+@model_app.command("verify")
+@user_errors
+def model_verify_cmd(folder: str = typer.Argument(..., help="A model or detector folder ('default': the bundled model).")) -> None:
+    """Check a model folder against its seal: OK, or one line naming the first file that differs (exit 2)."""
+    from bloodcell.models.seal import verify
+
+    path = _model_folder(folder)
+    manifest = verify(path)
+    typer.echo(f"OK {path}: {len(manifest['files'])} files match the seal ({manifest.get('sealed_by', 'unknown version')})")
+
+
+@model_app.command("seal")
+@user_errors
+def model_seal_cmd(folder: str = typer.Argument(..., help="The model or detector folder to (re-)seal.")) -> None:
+    """Seal a model folder as it is now (after a deliberate edit) and print what changed since the last seal."""
+    from bloodcell.models.seal import reseal
+
+    path = _model_folder(folder)
+    manifest, found = reseal(path)
+    for c in found:
+        old = f"{c['old'][:12]}" if c["old"] else "-"
+        new = f"{c['new'][:12]}" if c["new"] else "-"
+        typer.echo(f"{c['change']:8} {c['file']}  sha256 {old} -> {new}")
+    what = f"{len(found)} file{'s' if len(found) != 1 else ''} changed" if found else "nothing changed"
+    typer.echo(f"sealed {path}: {len(manifest['files'])} files ({what})")

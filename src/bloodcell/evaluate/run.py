@@ -26,6 +26,7 @@ from bloodcell.evaluate.metrics import classification_metrics, expected_calibrat
 from bloodcell.evaluate.ood import energy_score, fit_mahalanobis, mahalanobis_score, threshold_for
 from bloodcell.evaluate.labs import evaluate_labs, lab_summary
 from bloodcell.evaluate.outputs import predict_logits, predict_outputs  # noqa: F401 - their home before evaluate/outputs.py
+from bloodcell.models.metadata import write_model_json
 from bloodcell.models.ood import METHOD as OOD_METHOD, OOD_FILE, save_ood
 from bloodcell.evaluate.plots import (
     plot_confident_mistakes,
@@ -153,7 +154,7 @@ def evaluate_run(run_dir: str | os.PathLike, cfg: RunConfig, data: PreparedData,
         else:
             meta.pop("labs", None)
         meta.update(temperature=temperature, review_threshold=review, test_metrics={k: metrics.get("test", {}).get(k) for k in ("accuracy", "f1_macro", "f1_weighted", "ece", "ece_calibrated")})
-        io.write_json(model_json, meta)
+        write_model_json(run_dir, meta)  # and re-seal the folder: model.json and ood.safetensors changed
 
     figures = run_dir / "figures"
     if (run_dir / "history.csv").exists():

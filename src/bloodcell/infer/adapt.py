@@ -30,7 +30,8 @@ from bloodcell.errors import DataError, ModelError
 from bloodcell.infer.predictor import BUNDLED_ONNX, Predictor, collect_images
 from bloodcell.models.adapt import MIN_ADAPT_IMAGES, minimise_entropy, norm_layers, recompute_norm_statistics  # needs torch
 from bloodcell.models.ood import OOD_FILE, save_ood
-from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE, _locate, bundled_model_dir, read_metadata
+from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE, _locate, bundled_model_dir, read_metadata, write_model_json
+from bloodcell.models.seal import SEAL_FILE, sealed_names
 
 METHOD = "batchnorm statistics re-estimated (AdaBN)"
 METHOD_TENT = "batchnorm statistics re-estimated (AdaBN), then entropy minimisation of the norm layers' scale and shift (Tent)"
@@ -172,13 +173,13 @@ def adapt_model(
         save_checkpoint(net, work, meta)
         adaptation["weights_sha256"] = io.file_sha256(work / WEIGHTS_FILE)
         written = dict(read_metadata(work), adaptation=adaptation)
-        io.write_json(work / METADATA_FILE, written)
+        write_model_json(work, written)  # and re-seal (bloodcell.models.seal)
         if ood_stats is not None:
             save_ood(work, ood_stats[0], ood_stats[1])
             written["ood"] = {**(meta.get("ood") or {}), "file": OOD_FILE, "threshold": ood_stats[2],
                               "fitted_on": f"{len(images)} unlabelled cells of {folder.name} after adaptation (classes as the "
                                            "adapted model names them; statistics on one half, threshold on the other)"}
-            io.write_json(work / METADATA_FILE, written)
+            write_model_json(work, written)
         if onnx:
             from bloodcell.infer.export import export_bundled
 
@@ -330,15 +331,16 @@ def _has_bundled() -> bool:
 
 
 def _move_into(work: Path, out_dir: Path) -> None:
-    """Move the finished folder `work` to `out_dir`: a rename when out_dir is new, else file by file, model.json last."""
+    """Move the finished folder `work` to `out_dir`: a rename when out_dir is new, else file by file, model.json and
+    then its seal last (until the seal lands, the folder fails its check instead of passing with old files)."""
     if not out_dir.exists():
         os.replace(work, out_dir)
         return
     (out_dir / METADATA_FILE).unlink(missing_ok=True)  # until the new one lands, the folder is no model at all
-    for stale in (BUNDLED_ONNX, "MODEL_CARD.md"):  # would describe other weights
+    for stale in (BUNDLED_ONNX, "MODEL_CARD.md", *sealed_names(out_dir)):  # would describe other weights, or be unsealed
         if not (work / stale).exists():
             (out_dir / stale).unlink(missing_ok=True)
-    for item in sorted(work.iterdir(), key=lambda p: p.name == METADATA_FILE):
+    for item in sorted(work.iterdir(), key=lambda p: (p.name == SEAL_FILE, p.name == METADATA_FILE)):
         os.replace(item, out_dir / item.name)
 
 

@@ -21,7 +21,8 @@ import numpy as np
 
 from bloodcell.errors import ModelError
 from bloodcell.infer.card import model_card
-from bloodcell.io import atomic_path, file_sha256, write_json, write_text
+from bloodcell.io import atomic_path, file_sha256, write_text
+from bloodcell.models.metadata import write_sealed_json
 
 PARITY_TOLERANCE = 1e-4
 DYNAMO_MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and up (lower: a version conversion that fails on ReduceMean)
@@ -137,7 +138,7 @@ def export_onnx(
             quantization = q.quantize_checked(predictor, tmp, final, calib, settings or q.QuantSettings(), limit, str(model))
             meta["quantization"] = quantization
     sidecar = onnx_sidecar(out)
-    write_json(sidecar, meta)
+    write_sealed_json(sidecar, meta)  # and seal out's folder: the .onnx and its sidecar (bloodcell.models.seal)
     write_text(card_path(out), model_card(meta, source=out.name))  # the card travels with the file
     return ExportReport(out, sidecar, diff, len(x), source, exporter, quantization, fallback_reason, meta["onnx"]["opset"])
 
@@ -248,7 +249,8 @@ def export_bundled(folder: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Exp
     import shutil
 
     from bloodcell.infer.predictor import BUNDLED_ONNX
-    from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE
+    from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE, write_model_json
+    from bloodcell.models.seal import member
 
     folder = Path(folder)
     with tempfile.TemporaryDirectory(prefix="bloodcell-bundle-") as work:
@@ -257,12 +259,12 @@ def export_bundled(folder: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Exp
         with atomic_path(folder / BUNDLED_ONNX) as tmp:
             shutil.copyfile(report.path, tmp)
     meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-    weights = [WEIGHTS_FILE] + ([str(meta["ood"].get("file") or "ood.safetensors")] if meta.get("ood") else [])
+    weights = [WEIGHTS_FILE] + ([meta["ood"].get("file") or "ood.safetensors"] if meta.get("ood") else [])
     section.update(
         file=BUNDLED_ONNX,
-        exported_from={name: file_sha256(folder / name) for name in weights},
+        exported_from={name: file_sha256(member(folder, name, "ood.file")) for name in weights},
     )
     meta["onnx"] = section
-    write_json(folder / METADATA_FILE, meta)
+    write_model_json(folder, meta)  # and re-seal: model.onnx is new
     return ExportReport(folder / BUNDLED_ONNX, folder / METADATA_FILE, report.max_abs_diff, report.images,
                         report.image_source, report.exporter, None, report.fallback_reason, report.opset)

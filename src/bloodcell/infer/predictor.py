@@ -41,6 +41,7 @@ from bloodcell.errors import DataError, ModelError
 from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
 from bloodcell.models.metadata import METADATA_FILE, bundled_model_dir, preprocessing, read_json_object
 from bloodcell.models.onnx_runtime import onnx_session
+from bloodcell.models.seal import member, verify
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -120,6 +121,7 @@ class Predictor:
             path = path / "model.onnx"  # a folder holding only an exported model
 
         if path.suffix.lower() == ".onnx":
+            verify(path.parent)  # the .onnx, its sidecar and the rest of the folder are what was sealed
             meta = _read_onnx_sidecar(path)
             device = _onnx_device(device)
             session = onnx_session(path, device)
@@ -140,12 +142,13 @@ class Predictor:
                 ) from None
 
             device = _torch_device(device)
-            net, meta = load_checkpoint(path)
+            net, meta = load_checkpoint(path)  # checks the folder's seal first
             net = net.to(device)
             predictor = cls._from_metadata(meta, str(path), model=net)
             if meta.get("ood"):
                 folder = path if path.is_dir() else path.parent
-                scorer = load_ood(folder / str(meta["ood"].get("file") or "ood.safetensors"), net.num_classes, ood_feature_dim(net))
+                ood_file = member(folder, meta["ood"].get("file") or "ood.safetensors", "ood.file", _meta_path(path))
+                scorer = load_ood(ood_file, net.num_classes, ood_feature_dim(net))
                 predictor.scored_model = ScoredModel(net, scorer).to(device).eval()
                 predictor.ood_threshold = _ood_threshold(meta, str(path))
         predictor.device = device
@@ -444,6 +447,12 @@ def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return files
 
 
+def _meta_path(path: Path) -> Path:
+    from bloodcell.models.metadata import _locate
+
+    return _locate(path)[1]
+
+
 def _ood_threshold(meta: dict, source: str) -> float:
     try:
         t = float(meta["ood"]["threshold"])
@@ -478,6 +487,9 @@ def _read_onnx_sidecar(path: Path) -> dict:
     if not sidecar.is_file():
         raise ModelError(f"{path}: metadata sidecar {onnx_sidecar(path)} not found (written by 'bloodcell export')")
     meta = read_json_object(sidecar, ("num_classes", "input_size"))
+    for section in ("onnx", "ood"):
+        if isinstance(meta.get(section), dict) and meta[section].get("file") not in (None, ""):
+            member(path.parent, meta[section]["file"], f"{section}.file", sidecar)
     if sidecar.name == METADATA_FILE and (meta.get("onnx") or {}).get("file") != path.name:
         raise ModelError(f"{path}: no sidecar {onnx_sidecar(path).name}, and {sidecar} does not describe it (no onnx.file '{path.name}')")
     return meta

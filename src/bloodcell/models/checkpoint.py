@@ -13,7 +13,7 @@ import torch
 
 from bloodcell.data.classes import resolve_class
 from bloodcell.errors import ModelError
-from bloodcell.io import write_bytes, write_json
+from bloodcell.io import write_bytes
 from bloodcell.models.base import BloodcellModel
 
 from bloodcell.models.metadata import (  # the torch-free half of a checkpoint; read_metadata re-exported
@@ -25,7 +25,9 @@ from bloodcell.models.metadata import (  # the torch-free half of a checkpoint; 
     bundled_model_dir,
     preprocessing,
     read_metadata,
+    write_model_json,
 )
+from bloodcell.models.seal import verify
 
 
 def save_checkpoint(model: BloodcellModel, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
@@ -65,21 +67,23 @@ def save_checkpoint(model: BloodcellModel, directory: str | os.PathLike, metadat
     # the header repeats what model.json must agree with, so a model.json swapped in from elsewhere is caught
     header = {"model_name": model.model_name, "num_classes": str(model.num_classes), "input_size": str(model.input_size)}
     write_bytes(directory / WEIGHTS_FILE, save(state, metadata=header))
-    write_json(directory / METADATA_FILE, meta)
+    write_model_json(directory, meta)  # and seal the folder (bloodcell.models.seal)
     return directory
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[BloodcellModel, dict]:
     """Rebuild the model named in model.json, load its weights strictly; return (model, metadata).
 
-    The model comes back in eval mode on `map_location`.
+    The model comes back in eval mode on `map_location`. The folder must match its seal (bloodcell.models.seal), and
+    model.json's model_kwargs must be options the model takes, with plain values (registry.check_model_options).
     """
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from bloodcell.models.registry import create_model
+    from bloodcell.models.registry import check_model_options, create_model
 
     weights_path, meta_path = _locate(Path(path))
+    verify(weights_path.parent)
     meta = read_metadata(path)
     if not weights_path.is_file():
         raise ModelError(f"checkpoint weights not found: {weights_path}")
@@ -105,12 +109,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             f"{meta_path} says input size {meta.get('input_size')} but {weights_path.name} was saved from a model "
             f"at {saved_size} px; the two files come from different checkpoints"
         )
-    model = create_model(
-        name,
-        num_classes=meta["num_classes"],
-        input_size=meta.get("input_size"),
-        **(meta.get("model_kwargs") or {}),
-    )
+    options = check_model_options(name, meta.get("model_kwargs"), f"{meta_path} model_kwargs")
+    model = create_model(name, num_classes=meta["num_classes"], input_size=meta.get("input_size"), **options)
     _check_fit(model, state, weights_path, meta)
     model.load_state_dict(state, strict=True)
     return model.to(map_location).eval(), meta

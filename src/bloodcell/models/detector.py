@@ -22,7 +22,9 @@ from scipy.optimize import linear_sum_assignment
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation
 from bloodcell.errors import ModelError
 from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
-from bloodcell.io import write_bytes, write_json
+from bloodcell.io import write_bytes
+from bloodcell.models.metadata import write_sealed_json
+from bloodcell.models.seal import member, verify
 
 if TYPE_CHECKING:  # torch is imported where a detector learns or loads weights: the light install has none
     import torch
@@ -290,7 +292,7 @@ def save_detector(detector: FieldDetector, directory: str | os.PathLike, metadat
     )
     if tensors:
         write_bytes(directory / DETECTOR_WEIGHTS, save(tensors, metadata={"detector": detector.name}))
-    write_json(directory / DETECTOR_METADATA, meta)
+    write_sealed_json(directory / DETECTOR_METADATA, meta)  # and seal the folder (bloodcell.models.seal)
     return directory
 
 
@@ -315,6 +317,7 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
         if onnx_file:
             raise ModelError(f"{path}: no {DETECTOR_METADATA} beside it (an ONNX detector is described by the {DETECTOR_METADATA} of its folder)")
         raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe {DETECTOR_WEIGHTS} or detector.onnx)")
+    verify(meta_file.parent)
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
@@ -325,6 +328,10 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
         if key not in meta:
             raise ModelError(f"{meta_file}: missing key '{key}'")
     section = meta.get("onnx") if isinstance(meta.get("onnx"), dict) else None
+    if section and section.get("file") is not None:
+        member(meta_file.parent, section["file"], "onnx.file", meta_file)
+    if meta.get("weights") is not None:
+        member(meta_file.parent, meta["weights"], "weights", meta_file)
     if onnx_file is None and section and not has_torch():  # the light install runs the same detector's ONNX export
         onnx_file = meta_file.parent / str(section.get("file"))
     if onnx_file is not None and (not section or section.get("file") != onnx_file.name or not section.get("detector")):

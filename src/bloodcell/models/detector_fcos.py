@@ -615,6 +615,7 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
     from bloodcell import io
     from bloodcell.models.detector import DETECTOR_METADATA, DETECTOR_WEIGHTS, create_detector, load_detector
     from bloodcell.models.detector_onnx import DETECTOR_ONNX, ONNX_DETECTOR
+    from bloodcell.models.seal import member, seal
 
     folder = Path(folder)
     meta = json.loads((folder / DETECTOR_METADATA).read_text())
@@ -624,7 +625,7 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
     digest = weights_digest(detector.tensors())
     previous = meta.get("onnx") if isinstance(meta.get("onnx"), dict) else {}
     if meta.get("weights"):  # a training run's weights file
-        exported_from = {meta["weights"]: io.file_sha256(folder / meta["weights"])}
+        exported_from = {meta["weights"]: io.file_sha256(member(folder, meta["weights"], "weights", folder / DETECTOR_METADATA))}
     elif previous.get("state_dict") == ONNX_STATE_DICT and previous.get("weights_sha256") == digest:
         exported_from = previous.get("exported_from") or {}  # the same weights, already exported once
     else:
@@ -671,4 +672,5 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
     io.write_json(folder / DETECTOR_METADATA, meta)
     for name in {DETECTOR_WEIGHTS, weights_file} - {None}:
         (folder / name).unlink(missing_ok=True)
+    seal(folder)  # detector.json + detector.onnx, as they are now
     return section

@@ -61,6 +61,23 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return meta
 
 
+def write_sealed_json(path: str | os.PathLike, meta: dict) -> Path:
+    """Write a model folder's description (model.json, detector.json, an .onnx.json sidecar) and re-seal the folder
+    (bloodcell.models.seal): every writer of a model folder goes through here, so no written model is left unsealed."""
+    from bloodcell.io import write_json
+    from bloodcell.models.seal import seal
+
+    path = Path(path)
+    write_json(path, meta)
+    seal(path.parent)
+    return path
+
+
+def write_model_json(folder: str | os.PathLike, meta: dict) -> Path:
+    """Write folder/model.json and re-seal the folder; see write_sealed_json."""
+    return write_sealed_json(Path(folder) / METADATA_FILE, meta)
+
+
 BUNDLED_MODEL = ("assets", "default_model")
 
 

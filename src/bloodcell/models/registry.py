@@ -110,6 +110,51 @@ def check_input_size(spec: ModelSpec, input_size: Any) -> int:
     return input_size
 
 
+# The model options a model.json may carry (its model_kwargs), each with the plain values it may take. A model folder
+# is data: nothing in it may name a file, a URL or weights to fetch (pretrained, checkpoint_path, ...), so an option
+# is accepted only when the model's builder takes it AND it is listed here with a value of the listed kind.
+def _int(lo: int, hi: int):
+    return lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _float(lo: float, hi: float):
+    return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi  # nan fails both
+
+
+MODEL_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "head_hidden": (_int(0, 65536), "an integer 0..65536"),
+    "head_dropout": (_float(0.0, 1.0), "a number 0..1"),
+    "projection_hidden": (_int(1, 65536), "an integer 1..65536"),
+    "projection_dim": (_int(1, 65536), "an integer 1..65536"),
+    "norm": (lambda v: v in ("batch", "group", "layer"), "one of batch, group, layer"),
+    "widths": (lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8 and all(_int(1, 4096)(w) for w in v),
+               "a list of 1..8 integers 1..4096"),
+}
+
+
+def check_model_options(name: str, options: Any, where: str) -> dict:
+    """`options` (a model.json's model_kwargs) checked before anything is built: a dict whose keys the builder of model
+    `name` takes and MODEL_OPTIONS lists, with plain values of the listed kind; else a one-line ModelError naming
+    `where` and the key. Never passes on pretrained / checkpoint_path / file / url or any other key."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise ModelError(f"{where} must be an object of model options, got {type(options).__name__}")
+    spec = get_spec(name)
+    takes = {k for k, p in inspect.signature(spec.builder).parameters.items()
+             if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    allowed = sorted((takes & set(MODEL_OPTIONS)))
+    for key, value in options.items():
+        if key not in allowed:
+            raise ModelError(f"{where}: '{key}' is not an option a model folder may set for '{name}' "
+                             f"(allowed: {', '.join(allowed) or 'none'})")
+        ok, kind = MODEL_OPTIONS[key]
+        if not ok(value):
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise ModelError(f"{where}: '{key}' must be {kind}, got {shown}")
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in options.items()}
+
+
 def create_model(
     name: str,
     num_classes: int = 8,
