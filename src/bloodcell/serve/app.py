@@ -16,8 +16,10 @@ multipart body; 501 /explain on an ONNX model. When at least one upload is reada
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from fastapi import FastAPI, HTTPException, Query, Request
@@ -28,11 +30,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from bloodcell.data.images import DEFAULT_MAX_PIXELS
+from bloodcell.review.records import shown
+from bloodcell.serve.guards import HeavyGate, HostOriginGuard, declared_pixels, read_body
+from bloodcell.serve.limits import ServerLimits
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
-DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-DEFAULT_MAX_FILES = 500
+DEFAULT_MAX_UPLOAD_BYTES = ServerLimits.max_upload_bytes
+DEFAULT_MAX_FILES = ServerLimits.max_files
 _MULTIPART_SCHEMA = {
     "required": True,
     "content": {
@@ -160,6 +164,7 @@ class Health(BaseModel):
     max_upload_bytes: int
     max_files: int
     max_pixels: int
+    max_request_pixels: int
     version: str
     review: bool = Field(False, description="the review workstation is on: samples kept under /api (serve.review_api)")
 
@@ -184,18 +189,25 @@ _PAGE_HEADERS = {
 
 def create_app(
     predictor,
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_files: int = DEFAULT_MAX_FILES,
+    max_upload_bytes: int | None = None,
+    max_pixels: int | None = None,
+    max_files: int | None = None,
     detector=None,
     data_dir: str | Path | None = None,
+    limits: ServerLimits | None = None,
 ):
-    """A FastAPI app serving `predictor` (a bloodcell.infer.Predictor) with the given limits.
+    """A FastAPI app serving `predictor` (a bloodcell.infer.Predictor) within `limits` (serve.limits; the three
+    limits named here, when given, replace those of `limits`).
 
     detector: a FieldDetector, its folder, or None for the bundled one (loaded on the first photograph).
     data_dir: the review workstation's folder (its SQLite database): then / is the workstation, /classify the
     one-off page, and /api the review API (serve.review_api). None: / is the one-off page, no workstation."""
     from bloodcell import __version__
+
+    given = {"max_upload_bytes": max_upload_bytes, "max_pixels": max_pixels, "max_files": max_files}
+    limits = replace(limits or ServerLimits(), **{k: v for k, v in given.items() if v is not None})
+    max_upload_bytes, max_pixels, max_files = limits.max_upload_bytes, limits.max_pixels, limits.max_files
+    heavy = HeavyGate(limits.heavy_workers, limits.heavy_queue, limits.retry_after())
 
     app = FastAPI(
         title="bloodcell",
@@ -203,7 +215,6 @@ def create_app(
         description="Classify images of single peripheral blood cells. "
         f"Model: {predictor.model_name} ({len(predictor.class_names)} classes).",
     )
-    mb = max_upload_bytes / (1024 * 1024)
     loaded: list = []
     lock = threading.Lock()
 
@@ -218,11 +229,39 @@ def create_app(
 
 
     async def read_uploads(request: Request, fields: tuple[str, ...]) -> list[tuple[str, bytes]]:
-        body = await _read_body(request, max_upload_bytes, mb)
+        body = await read_body(request, max_upload_bytes, limits.body_idle_seconds, limits.body_seconds)
         files = _parse_multipart(request.headers.get("content-type", ""), body, fields, max_files)
         if not files:
             raise HTTPException(422, f"no files: send images as multipart/form-data in the field '{fields[0]}'")
         return files
+
+    def within_pixel_budget(files: list[tuple[str, bytes]]) -> list[tuple[int, int] | None]:
+        """Each file's declared size; 413 when those the server would decode hold more pixels than the budget."""
+        sizes = [declared_pixels(data) for _, data in files]
+        total = sum(w * h for w, h in filter(None, sizes) if w * h <= max_pixels)
+        if total > limits.max_request_pixels:
+            raise HTTPException(413, f"the images of this request hold {total / 1e6:.1f} million pixels together, over the "
+                                     f"server's budget of {limits.max_request_pixels / 1e6:g} million per request "
+                                     "(--max-request-pixels): send fewer or smaller images at once")
+        return sizes
+
+    def is_heavy(sizes: list[tuple[int, int] | None], input_kind: str) -> bool:
+        """Smear photographs (read as fields) cost a detector pass and up to 0.5 GB: they go through the heavy gate."""
+        from bloodcell.infer.fields import CROP_MAX_ASPECT
+
+        if input_kind == "cell":
+            return False
+        if input_kind == "field":
+            return True
+        return any(s and max(s) > CROP_MAX_ASPECT * min(s) for s in sizes)
+
+    async def classify_upload(files, input_kind: str, work, *args):
+        """Run `work(files, input_kind, *args)` in a thread, through the heavy gate when it reads photographs."""
+        sizes = within_pixel_budget(files)
+        if is_heavy(sizes, input_kind):
+            async with heavy:
+                return await run_in_threadpool(work, files, input_kind, *args)
+        return await run_in_threadpool(work, files, input_kind, *args)
 
     @app.get("/health")
     def health() -> Health:
@@ -241,6 +280,7 @@ def create_app(
             "max_upload_bytes": max_upload_bytes,
             "max_files": max_files,
             "max_pixels": max_pixels,
+            "max_request_pixels": limits.max_request_pixels,
             "version": __version__,
             "review": data_dir is not None,
         }
@@ -259,12 +299,14 @@ def create_app(
         from bloodcell.errors import ModelError
         from bloodcell.infer.fields import INPUT_KINDS, predict_mixed
 
-        if input not in INPUT_KINDS:  # our one-line 422, not FastAPI's validation list
-            raise HTTPException(422, f"input must be one of {', '.join(INPUT_KINDS)}, got '{input}'")
+        if input not in INPUT_KINDS or len(request.query_params.getlist("input")) > 1:  # our one-line 422
+            raise HTTPException(422, f"input must be given once, one of {', '.join(INPUT_KINDS)}; got "
+                                     f"{', '.join(shown(v) for v in request.query_params.getlist('input'))}")
 
         files = await read_uploads(request, ("files",))
         try:
-            result = await run_in_threadpool(predict_mixed, predictor, files, input, detector_source, 32, False, max_pixels)
+            result = await classify_upload(files, input, lambda f, kind: predict_mixed(
+                predictor, f, kind, detector_source, 32, False, max_pixels))
         except ModelError as exc:  # ?input=field on a server without a usable detector
             raise HTTPException(503, f"cannot read smear fields: {exc}") from None
         if not result["predictions"] and not result["fields"]:
@@ -287,7 +329,9 @@ def create_app(
             raise HTTPException(422, f"/explain takes exactly one image, got {len(files)}")
         name, data = files[0]
         try:
-            png = await run_in_threadpool(explain_bytes, predictor, data, max_pixels)
+            within_pixel_budget(files)
+            async with heavy:
+                png = await run_in_threadpool(explain_bytes, predictor, data, max_pixels)
         except UnreadableImage as exc:
             raise HTTPException(422, f"'{name}': {exc}") from None
         return Response(png, media_type="image/png")
@@ -298,13 +342,15 @@ def create_app(
     if data_dir is None:
         app.get("/", response_class=HTMLResponse, include_in_schema=False)(page("index.html"))
     else:
-        _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_pixels, max_files)
+        _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_pixels, max_files, classify_upload)
         app.get("/", response_class=HTMLResponse, include_in_schema=False)(page("review.html"))
         app.get("/classify", response_class=HTMLResponse, include_in_schema=False)(page("index.html"))
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    if limits.allowed_hosts is not None:
+        app.add_middleware(HostOriginGuard, hosts=limits.allowed_hosts)
     return app
 
 
@@ -336,7 +382,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return await http_exception_handler(request, exc)
 
 
-def _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_pixels: int, max_files: int) -> None:
+def _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_pixels: int, max_files: int,
+                  classify_upload) -> None:
     """The review workstation's API over a ReviewStore in `data_dir` (serve.review_api)."""
     import hashlib
     import json
@@ -352,28 +399,14 @@ def _mount_review(app, predictor, data_dir, read_uploads, detector_source, max_p
     digest = hashlib.sha256(json.dumps(predictor.metadata, sort_keys=True, default=str).encode()).hexdigest()[:12]
     model = {"name": predictor.model_name, "version": digest, "bloodcell": __version__}
 
-    def classify(files, input_kind):
-        return classify_uploads(predictor, files, input_kind, detector_source, max_pixels)
+    async def classify(files, input_kind):
+        return await classify_upload(files, input_kind, lambda f, kind: classify_uploads(
+            predictor, f, kind, detector_source, max_pixels))
 
     app.state.review_store = store
     app.state.model_identity = model
     app.include_router(review_router(store, classify, model, max_files, lambda request: read_uploads(request, ("files",))))
     app.add_exception_handler(ReviewError, review_error_handler)
-
-
-async def _read_body(request, limit: int, mb: float) -> bytes:
-    """The whole request body, refusing (413) as soon as it passes `limit` bytes."""
-
-    too_big = HTTPException(413, f"upload too large: more than {mb:.4g} MB in one request (server limit --max-upload-mb {mb:.4g})")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_big
-    buf = bytearray()
-    async for chunk in request.stream():
-        buf += chunk
-        if len(buf) > limit:
-            raise too_big
-    return bytes(buf)
 
 
 def _parse_multipart(content_type: str, body: bytes, fields: tuple[str, ...], max_files: int) -> list[tuple[str, bytes]]:
@@ -417,7 +450,7 @@ def _parse_multipart(content_type: str, body: bytes, fields: tuple[str, ...], ma
         on_part_data=on_part_data,
     )
     try:
-        parser = MultipartParser(params[b"boundary"], callbacks)
+        parser = MultipartParser(params[b"boundary"], callbacks, **_part_header_limit(MultipartParser))
         parser.write(body)
         parser.finalize()
     except _TooMany:
@@ -435,6 +468,15 @@ def _parse_multipart(content_type: str, body: bytes, fields: tuple[str, ...], ma
     if len(files) > max_files:
         raise HTTPException(413, f"too many files: {len(files)} in one request (server limit {max_files})")
     return files
+
+
+@functools.lru_cache(maxsize=1)
+def _part_header_limit(parser_class) -> dict:
+    """A part's header holds the file name: python-multipart's 4 kB default refused a whole request over one long
+    name (which _clean_name cuts to 200 characters anyway). Older releases have no such limit and no such argument."""
+    import inspect
+
+    return {"max_header_size": 64 * 1024} if "max_header_size" in inspect.signature(parser_class).parameters else {}
 
 
 class _TooMany(Exception):

@@ -127,8 +127,8 @@ class Cell(BaseModel):
 
 
 def review_router(store: ReviewStore, classify: Callable, model: dict, max_files: int, read_uploads: Callable) -> APIRouter:
-    """The routes over `store`. classify(files, input_kind) -> (uploads, unreadable) (review.ingest.classify_uploads
-    bound to the server's predictor); read_uploads(request) -> [(name, bytes)] with the server's upload limits."""
+    """The routes over `store`. classify(files, input_kind) -> awaitable (uploads, unreadable) (review.ingest.classify_uploads
+    bound to the server's predictor, within its limits); read_uploads(request) -> [(name, bytes)] within the upload limits."""
     from bloodcell.review.export import export_zip
     from bloodcell.review.ingest import THUMB_SIDE
     from bloodcell.review.report import render_report
@@ -177,7 +177,7 @@ def review_router(store: ReviewStore, classify: Callable, model: dict, max_files
         if input not in ("auto", "cell", "field"):
             raise HTTPException(422, "input must be one of auto, cell, field")
         files = await read_uploads(request)
-        uploads, unreadable = await run_in_threadpool(classify, files, input)
+        uploads, unreadable = await classify(files, input)
         if not uploads:
             bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in unreadable)
             raise HTTPException(422, f"no readable image in the upload: {bad}")
