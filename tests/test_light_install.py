@@ -125,6 +125,24 @@ def test_summary_count_card_and_data_inspect_without_pytorch(torchless):
     assert imported() == []
 
 
+def test_the_seal_is_checked_without_pytorch(torchless, tmp_path):
+    """The light install checks the bundled model's seal (hashlib only) and refuses an edited copy in one line."""
+    run, imported = torchless
+    ok = run("model", "verify", "default")
+    assert ok.returncode == 0 and ok.stdout.startswith("OK "), ok.stderr
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("model.json", "model.onnx", "SEAL.json"):
+        (copy / name).write_bytes((bundled_model_dir() / name).read_bytes())
+    meta = json.loads((copy / "model.json").read_text())
+    meta["class_names"][0], meta["class_names"][1] = meta["class_names"][1], meta["class_names"][0]
+    (copy / "model.json").write_text(json.dumps(meta))
+    proc = run("predict", str(SAMPLE / "neutrophil"), "--model", str(copy / "model.onnx"))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and "model.json changed since it was sealed" in proc.stderr
+    assert imported() == []
+
+
 def test_evaluate_a_labelled_folder_without_pytorch(torchless, pytorch_result, tmp_path):
     run, imported = torchless
     out = tmp_path / "eval"

@@ -21,7 +21,9 @@ from bloodcell.models import (
     save_checkpoint,
     supcon_loss,
 )
+from bloodcell.models.metadata import write_model_json
 from bloodcell.models.registry import get_spec
+from bloodcell.models.seal import seal
 
 MODEL_NAMES = [
     "cnn", "unet", "resnet50", "densenet201", "vgg16",
@@ -339,7 +341,7 @@ def test_pretrained_true_uses_a_cached_download_offline(empty_weight_caches):
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path, name, options):
     model = create_model(name, num_classes=3, input_size=32, **options).eval()
     save_checkpoint(model, tmp_path / "ckpt", {"class_names": ["a", "b", "c"], "epoch": 4})
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["SEAL.json", "model.json", "model.safetensors"]
     x = min_batch(name)
     for path in (tmp_path / "ckpt", tmp_path / "ckpt" / "model.safetensors"):
         loaded, meta = load_checkpoint(path)
@@ -361,9 +363,10 @@ def cnn_checkpoint(tmp_path):
 
 
 def _edit_json(directory: Path, **changes) -> None:
+    """Edit model.json and re-seal it (as `bloodcell model seal` does): the checks behind the seal must hold too."""
     meta = json.loads((directory / "model.json").read_text())
     meta.update(changes)
-    (directory / "model.json").write_text(json.dumps(meta))
+    write_model_json(directory, meta)
 
 
 def test_checkpoint_refuses_pickle_files(tmp_path, cnn_checkpoint):
@@ -377,6 +380,9 @@ def test_checkpoint_refuses_pickle_files(tmp_path, cnn_checkpoint):
 def test_checkpoint_refuses_truncated_weights(cnn_checkpoint):
     weights = cnn_checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ModelError, match="model.safetensors changed since it was sealed"):
+        load_checkpoint(cnn_checkpoint)
+    seal(cnn_checkpoint)  # sealed that way: the check behind the seal still refuses it
     with pytest.raises(ModelError, match="model.safetensors are truncated or corrupt"):
         load_checkpoint(cnn_checkpoint)
 
@@ -392,6 +398,7 @@ def test_checkpoint_refuses_weights_that_do_not_fit_without_header(cnn_checkpoin
 
     weights = cnn_checkpoint / "model.safetensors"
     save_file(load_file(weights), weights)  # same tensors, no model name in the header
+    seal(cnn_checkpoint)
     _edit_json(cnn_checkpoint, model_name="unet")
     with pytest.raises(ModelError, match=r"do not fit model 'unet' named in model.json: \d+ missing"):
         load_checkpoint(cnn_checkpoint)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from bloodcell.config import parse_config, save_config
 from bloodcell.errors import ModelError
 from bloodcell.infer import Predictor
 from bloodcell.models import create_model, load_checkpoint, save_checkpoint
+from bloodcell.models.seal import seal, verify
 
 from conftest import CLASS_NAMES, SAMPLE, toy_run
 
@@ -82,6 +84,15 @@ def run(tmp_path) -> Path:
 
 def _replace_json(run: Path, other: Path) -> None:
     shutil.copy(other / "model.json", run / "model.json")
+    sealed_as_is(run, "model.json")
+
+
+def sealed_as_is(folder: Path, changed: str) -> None:
+    """The seal catches a changed or missing file first, naming it; then the folder is sealed as it is (a tool that
+    sealed a broken folder), and the checks behind the seal must still refuse it with their own message."""
+    with pytest.raises(ModelError, match=rf"^model folder {re.escape(str(folder))}: {re.escape(changed)} (changed since it was sealed|is missing)"):
+        verify(folder)
+    seal(folder)
 
 
 # ----------------------------------------------------------------------------- checkpoints that do not fit
@@ -93,12 +104,14 @@ def test_weights_of_another_model(run, tmp_path):
     resnet = create_model("resnet50", num_classes=8, input_size=SIZE)
     save_checkpoint(resnet, tmp_path / "resnet", {"class_names": CLASS_NAMES})
     shutil.copy(tmp_path / "resnet" / "model.safetensors", run / "model.safetensors")
+    sealed_as_is(run, "model.safetensors")
     message = f"{run / 'model.json'} names model 'cnn' but model.safetensors holds weights of 'resnet50'"
     assert_refused(run, message, tmp_path, evaluate_target=run)
     # the same weights without the header that names their model: the tensors themselves do not fit
     from safetensors.torch import load_file, save_file
 
     save_file(load_file(run / "model.safetensors"), run / "model.safetensors")
+    sealed_as_is(run, "model.safetensors")
     with pytest.raises(ModelError, match=rf"^weights {run / 'model.safetensors'} do not fit model 'cnn' named in model.json: \d+ missing, \d+ unexpected"):
         load_checkpoint(run)
 
@@ -115,6 +128,7 @@ def test_class_names_that_disagree_with_num_classes(run, tmp_path):
     meta = json.loads((run / "model.json").read_text())
     meta["class_names"] = CLASS_NAMES[:5]
     (run / "model.json").write_text(json.dumps(meta))
+    sealed_as_is(run, "model.json")
     message = f"checkpoint metadata {run / 'model.json'} lists 5 class_names but num_classes is 8"
     assert_refused(run, message, tmp_path, evaluate_target=run)
 
@@ -147,6 +161,7 @@ def test_onnx_sidecar_with_another_input_size_or_class_count(run, tmp_path):
         if key == "num_classes":
             bad["class_names"] = CLASS_NAMES[:5]
         sidecar.write_text(json.dumps(bad))
+        sealed_as_is(sidecar.parent, sidecar.name)
         with pytest.raises(ModelError) as err:
             Predictor.load(onnx)
         assert str(err.value) == message
@@ -160,6 +175,7 @@ def test_onnx_sidecar_with_another_input_size_or_class_count(run, tmp_path):
 def test_truncated_safetensors(run, tmp_path):
     weights = run / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    sealed_as_is(run, "model.safetensors")
     with pytest.raises(ModelError) as err:
         load_checkpoint(run)
     message = str(err.value)
@@ -169,6 +185,7 @@ def test_truncated_safetensors(run, tmp_path):
 
 def test_missing_model_json(run, tmp_path):
     (run / "model.json").unlink()
+    sealed_as_is(run, "model.json")
     message = f"checkpoint metadata not found: {run / 'model.json'} (written by save_checkpoint)"
     assert_refused(run, message, tmp_path, evaluate_target=run)
     assert_refused(run / "model.safetensors", message, tmp_path)
@@ -177,12 +194,14 @@ def test_missing_model_json(run, tmp_path):
 def test_corrupt_model_json(run, tmp_path):
     meta = run / "model.json"
     meta.write_text(meta.read_text()[:40])  # cut off mid-write by an old, non-atomic tool
+    sealed_as_is(run, "model.json")
     with pytest.raises(ModelError) as err:
         load_checkpoint(run)
     message = str(err.value)
     assert message.startswith(f"checkpoint metadata {meta} is not valid JSON (")
     assert_refused(run, message, tmp_path, evaluate_target=run)
     meta.write_text("[1, 2, 3]")  # valid JSON, not a checkpoint's metadata
+    sealed_as_is(run, "model.json")
     assert_refused(run, f"checkpoint metadata {meta} lacks model_name / num_classes", tmp_path, evaluate_target=run)
 
 
@@ -193,9 +212,11 @@ def test_missing_or_corrupt_onnx_sidecar(run, tmp_path):
     export_onnx(run, onnx)
     sidecar = onnx.with_name("model.onnx.json")
     sidecar.write_text("{not json")
+    sealed_as_is(sidecar.parent, sidecar.name)
     with pytest.raises(ModelError, match=rf"^{sidecar} is not valid JSON \("):
         Predictor.load(onnx)
     sidecar.unlink()
+    sealed_as_is(sidecar.parent, sidecar.name)
     message = f"{onnx}: metadata sidecar {sidecar} not found (written by 'bloodcell export')"
     with pytest.raises(ModelError) as err:
         Predictor.load(onnx)
@@ -239,6 +260,7 @@ def test_pickle_named_safetensors_is_refused_and_never_unpickled(run, tmp_path, 
         torch.save(payload, weights)
     else:
         weights.write_bytes(pickle.dumps(payload, protocol=4))
+    sealed_as_is(run, "model.safetensors")
     message = (
         f"refusing to load {weights}: it holds a pickle (torch.save) file, not safetensors; "
         f"pickle-based files can run code when loaded"

@@ -160,6 +160,8 @@ def verify(folder: str | os.PathLike) -> dict:
     """Check `folder` against its SEAL.json; return the manifest, or raise ModelError with one line naming the first
     file that changed, is missing, or was added (a sealed kind of file the seal does not list)."""
     folder = Path(folder)
+    if not (folder / SEAL_FILE).exists() and not sealed_names(folder):
+        return {"files": {}}  # no model here at all: the loader says what is missing
     manifest = read_seal(folder)
     found = changes(folder, manifest)
     if found:
