@@ -54,6 +54,26 @@ def user_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def writable_folder(folder: Path, option: str = "--out") -> Path:
+    """Create `folder` (and its parents) and check a file can be written in it, before any work: a read-only folder,
+    a file in the way or a permission denied is a one-line error naming the folder, not a traceback at the end."""
+    import os
+
+    if folder.exists() and not folder.is_dir():
+        raise BloodcellError(f"{option} {folder}: cannot write there: it is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".bloodcell-write-check-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+        if exc.filename and Path(exc.filename) != folder and not str(exc.filename).startswith(str(folder / ".bloodcell-write-check")):
+            why += f" ({exc.filename})"
+        raise BloodcellError(f"{option} {folder}: cannot write there: {why}") from None
+    return folder
+
+
 def _print_version(value: bool) -> None:
     """--version: an eager callback, so it answers before click asks for a command ("Missing command.")."""
     if value:
@@ -139,7 +159,7 @@ def train_cmd(
 
     extra = list(overrides) + ([f"data.root={data}"] if data else [])
     cfg = load_config(config, extra)
-    out = out or Path("runs") / (cfg.name or config.stem)
+    out = writable_folder(out or Path("runs") / (cfg.name or config.stem))
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     # DDP children re-run this command after rank 0 has created the run directory
@@ -204,8 +224,10 @@ def _evaluate_folder(folder: Path, model: str, maps: List[str], out: Optional[Pa
     mapping = parse_mappings(maps)
     if not folder.is_dir():
         raise BloodcellError(f"labelled folder not found: {folder}" if not folder.exists() else f"{folder} is not a folder (DIR must hold one sub-folder per class)")
+    if out is not None:
+        writable_folder(out)
     predictor = Predictor.load(None if model == "default" else model)
-    out = out or Path("runs") / "evaluate" / f"{folder.resolve().name}-{predictor.model_name}"
+    out = writable_folder(out or Path("runs") / "evaluate" / f"{folder.resolve().name}-{predictor.model_name}")
     metrics = evaluate_folder(predictor, folder, out, mapping, progress=True, n_bootstrap=bootstrap, model_source=model)
     c = Console(soft_wrap=True)
     for line in headline(metrics):
@@ -304,7 +326,7 @@ def study_cmd(
 
     workers = parse_parallel(parallel)
     spec, _ = load_study(config)
-    out = out or Path("runs") / spec.name
+    out = writable_folder(out or Path("runs") / spec.name)
     if estimate:
         _estimate_study(config, out, data, list(overrides), list(only) or None)
         return
@@ -515,6 +537,9 @@ def export_cmd(
     """Export a trained model to ONNX (dynamic batch) and check it against PyTorch with onnxruntime."""
     from bloodcell.infer.export import PARITY_TOLERANCE, export_onnx
 
+    if onnx.is_dir():
+        raise BloodcellError(f"--onnx {onnx}: is a folder; name the .onnx file to write, e.g. {onnx / 'model.onnx'}")
+    writable_folder(onnx.parent, "--onnx folder")
     report = export_onnx(run_dir, onnx, opset=opset, check_images=check or None, quantize=quantize,
                          calibration_images=calibration_images, calibration_dir=calibration_dir, data_root=data,
                          min_agreement=min_agreement)
@@ -672,7 +697,7 @@ def detector_train_cmd(
 
     extra = list(overrides) + ([f"data.root={data}"] if data else [])
     cfg = load_config(config, extra, schema=DetectorRunConfig)
-    out = out or Path("runs") / (cfg.name or config.stem)
+    out = writable_folder(out or Path("runs") / (cfg.name or config.stem))
     metrics = run_detector_config(cfg, out, resume=resume)
     _print_detector_metrics(metrics["test"], metrics["seconds_per_photo"])
     typer.echo(f"run directory: {out} (report.md, metrics.json, detector.json)")

@@ -23,13 +23,16 @@ import numpy as np
 
 from bloodcell import io
 from bloodcell.data.discover import Inventory, default_cache_dir
-from bloodcell.data.workers import exit_with_parent
+from bloodcell.data.workers import exit_with_parent, pool_context
 from bloodcell.data.images import DEFAULT_MAX_PIXELS, INTERPOLATIONS, WHITE_BALANCES, UnreadableImage, load_array
 from bloodcell.errors import DataError
 from bloodcell.progress import progress_bar
 
 CACHE_VERSION = 1
 _CHUNK = 64
+# Below this many images one process builds the cache sooner than a pool, whose spawned workers take about 0.5 s to
+# start (one process decodes about 1,000 images/s at 224 px; docs/reliability.md)
+_PARALLEL_MIN_IMAGES = 1024
 
 
 @dataclass
@@ -205,10 +208,10 @@ def _fill(inv: Inventory, size: int, interpolation: str, tmp: Path, workers, pro
     jobs = [(s, paths[s : s + _CHUNK], hashes[s : s + _CHUNK], size, interpolation, max_pixels, white_balance) for s in range(0, n, _CHUNK)]
     failures: list[tuple[int, str]] = []
     t0 = time.perf_counter()
-    n_workers = min(workers or os.cpu_count() or 1, len(jobs))
+    n_workers = min(workers or os.cpu_count() or 1, len(jobs)) if n >= _PARALLEL_MIN_IMAGES else 1
     with progress_bar(n, f"caching {n} images at {size}px", enabled=progress) as advance:
         if n_workers > 1:
-            with ProcessPoolExecutor(n_workers, initializer=_init_worker, initargs=(str(npy),)) as pool:
+            with ProcessPoolExecutor(n_workers, mp_context=pool_context(), initializer=_init_worker, initargs=(str(npy),)) as pool:
                 for done, bad in pool.map(_fill_chunk, jobs):
                     failures.extend(bad)
                     advance(done)

@@ -8,8 +8,10 @@ continues from that checkpoint, so kill -9 loses at most the epoch in progress.
 from __future__ import annotations
 
 import csv
+import functools
 import io as _io
 import logging
+import mmap
 import os
 import warnings
 from pathlib import Path
@@ -24,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from bloodcell import io
 from bloodcell.config import RunConfig
 from bloodcell.data.prepare import PreparedData
+from bloodcell.data.workers import loader_worker_init, pool_context
 from bloodcell.errors import ConfigError, ModelError, TrainingDiverged, WriteError
 from bloodcell.models import create_model
 from bloodcell.models.checkpoint import init_from_model, save_checkpoint
@@ -86,6 +89,22 @@ class ArrayBatches(Dataset):
 
     def __len__(self) -> int:
         return len(self.index)
+
+    def __getstate__(self) -> dict:
+        """Sent to a spawned loader worker: the preprocessing cache's memmap as its file (reopened there), not its
+        bytes."""
+        state = dict(self.__dict__)
+        a = self.images
+        if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename:
+            state["images"] = ("memmap", a.filename, a.offset, a.shape, a.dtype.str, bool(a.flags.f_contiguous and not a.flags.c_contiguous))
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        a = state["images"]
+        if isinstance(a, tuple):
+            _, filename, offset, shape, dtype, fortran = a
+            state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+        self.__dict__.update(state)
 
     def __getitem__(self, positions):
         idx = self.index[np.asarray(positions)]
@@ -301,6 +320,8 @@ def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resum
     rank, world = trainer.global_rank, trainer.world_size
     workers = cfg.train.workers if cfg.train.workers is not None else 0
     loader_args = dict(batch_size=None, num_workers=workers, persistent_workers=workers > 0, pin_memory=accelerator == "gpu" and not on_device)
+    if workers:  # spawned, never forked (a trainer has threads: see bloodcell.data.workers), and they die with it
+        loader_args.update(multiprocessing_context=pool_context(), worker_init_fn=functools.partial(loader_worker_init, rank=rank))
     train_loader = DataLoader(
         ArrayBatches(None if on_device else images, labels, train_idx),
         sampler=EpochBatches(len(train_idx), cfg.train.batch_size, cfg.train.epoch_shuffle, cfg.seed, rank, world),
