@@ -23,6 +23,7 @@ from bloodcell.models.detector import Detections, bundled_detector_dir, create_d
 from bloodcell.models import detector_fcos
 from bloodcell.models.detector_fcos import (FCOSDetector, _FieldBatches, choose_thresholds, export_bundled_detector, export_graph,
                                             graph_tensors, rot90_boxes, weights_digest)
+from bloodcell.models.seal import seal
 from bloodcell.models.detector_onnx import FCOSOnnxDetector, agreement, batched_nms, network_input, resized_size
 
 from conftest import BCCD, field_photo, needs_bccd
@@ -285,7 +286,7 @@ def test_an_exported_detector_keeps_its_weights_once_in_the_onnx_and_runs_any_sh
     save_detector(det, tmp_path)
     trained = _sha256(tmp_path / "detector.safetensors")
     section = export_bundled_detector(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "detector.onnx"]  # one copy of the weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SEAL.json", "detector.json", "detector.onnx"]  # one copy of the weights
     meta = json.loads((tmp_path / "detector.json").read_text())
     assert meta["onnx"] == json.loads(json.dumps(section)) and meta["detector"] == "fcos"  # one description
     assert meta["weights"] is None and section["state_dict"] == "initializers"
@@ -307,6 +308,9 @@ def test_an_exported_detector_keeps_its_weights_once_in_the_onnx_and_runs_any_sh
         levels = onnx.network(x)
         assert [lv[0].shape[1:] for lv in levels][0] == (x.shape[2] // 8, x.shape[3] // 8)
     (tmp_path / "other.onnx").write_bytes((tmp_path / "detector.onnx").read_bytes())
+    with pytest.raises(ModelError, match="other.onnx was added after it was sealed"):
+        load_detector(tmp_path / "other.onnx")
+    seal(tmp_path)
     with pytest.raises(ModelError, match="does not describe it"):  # an .onnx its detector.json does not name
         load_detector(tmp_path / "other.onnx")
 
@@ -341,6 +345,7 @@ def test_refresh_works_from_a_folder_that_has_only_the_onnx(tmp_path):
     save_detector(create_detector("fcos", **TINY), other)
     export_bundled_detector(other)
     (tmp_path / "detector.onnx").write_bytes((other / "detector.onnx").read_bytes())
+    seal(tmp_path)  # sealed that way: export still refuses a graph of other weights
     with pytest.raises(ModelError, match="not the ones detector.json records"):
         export_bundled_detector(tmp_path)
 
@@ -352,6 +357,9 @@ def test_onnx_weights_that_do_not_fit_are_one_line_errors(tmp_path):
     export_bundled_detector(tmp_path)
     onnx_file = tmp_path / "detector.onnx"
     export_graph(_tiny(fpn_channels=64), onnx_file)
+    with pytest.raises(ModelError, match=r"detector\.onnx changed since it was sealed"):  # the seal names it first
+        load_detector(tmp_path)
+    seal(tmp_path)  # sealed that way, each still fails on its own check
     with pytest.raises(ModelError, match=r"detector\.onnx: fcos weights do not fit this architecture: backbone\.fpn") as err:
         load_detector(tmp_path)
     assert len(str(err.value).splitlines()) == 1
@@ -359,12 +367,15 @@ def test_onnx_weights_that_do_not_fit_are_one_line_errors(tmp_path):
         warnings.simplefilter("ignore")
         torch.onnx.export(detector_fcos._RawOutputs(_tiny().model).eval(), (torch.zeros(1, 3, 96, 96),), str(onnx_file),
                           dynamo=False, opset_version=17)  # the exporter's defaults: folded, under generated names
+    seal(tmp_path)
     with pytest.raises(ModelError, match=r"detector\.onnx: the graph holds tensors the fcos detector lacks \(onnx::"):
         load_detector(tmp_path)
     onnx_file.write_bytes(b"not a graph")
+    seal(tmp_path)
     with pytest.raises(ModelError, match=r"detector\.onnx: not readable as ONNX"):
         load_detector(tmp_path)
     onnx_file.unlink()
+    seal(tmp_path)
     with pytest.raises(ModelError, match=r"detector\.onnx: the detector's ONNX file is missing"):
         load_detector(tmp_path)
 
@@ -375,7 +386,7 @@ def test_an_export_that_computes_something_else_is_refused(tmp_path, monkeypatch
     monkeypatch.setattr(FCOSOnnxDetector, "network", lambda self, x: [tuple(v + 0.01 for v in lv) for lv in real(self, x)])
     with pytest.raises(ModelError, match="differs from PyTorch"):
         export_bundled_detector(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "detector.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SEAL.json", "detector.json", "detector.safetensors"]
     assert "onnx" not in json.loads((tmp_path / "detector.json").read_text())
 
 
@@ -391,7 +402,7 @@ def test_an_export_that_does_not_hold_the_weights_is_refused(tmp_path, monkeypat
     monkeypatch.setattr(detector_fcos, "graph_tensors", one_changed)
     with pytest.raises(ModelError, match="does not hold its weights under their names .head.classification_head.cls_logits.bias"):
         export_bundled_detector(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["detector.json", "detector.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["SEAL.json", "detector.json", "detector.safetensors"]
 
 
 def test_without_pytorch_load_detector_takes_the_onnx_export(monkeypatch):
@@ -406,7 +417,7 @@ def test_the_bundled_detector_keeps_its_trained_weights_once_in_its_onnx():
     """detector.json + detector.onnx, nothing else: the file is the one exported (its SHA-256), and the weights the torch
     FCOS reads from it are the trained ones (weights_sha256, taken from the run's detector.safetensors at export)."""
     folder = bundled_detector_dir()
-    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == ["DETECTOR_CARD.md", "detector.json", "detector.onnx"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == ["DETECTOR_CARD.md", "SEAL.json", "detector.json", "detector.onnx"]
     meta = json.loads((folder / "detector.json").read_text())
     section = meta["onnx"]
     assert section["file"] == "detector.onnx" and section["detector"] == "fcos-onnx"

@@ -13,6 +13,7 @@ from PIL import Image
 from bloodcell.config import AugmentConfig, parse_config
 from bloodcell.data.images import balance_background, load_array
 from bloodcell.errors import ConfigError
+from bloodcell.models.metadata import write_model_json
 from bloodcell.train.augment import _gaussian_blur, _stain_shift, augment_batch
 
 from conftest import toy_run
@@ -66,7 +67,7 @@ def test_predictor_reads_the_step_from_model_json_and_uses_it(tmp_path):
     plain = Predictor.load(run)
     assert plain.white_balance == "none"
     meta["preprocess"] = {"input_size": 32, "interpolation": "bilinear", "white_balance": "background"}
-    (run / "model.json").write_text(json.dumps(meta))
+    write_model_json(run, meta)
     balanced = Predictor.load(run)
     assert balanced.white_balance == "background"
     np.testing.assert_array_equal(balanced.decode(buf.getvalue()), balance_background(plain.decode(buf.getvalue())))
@@ -74,7 +75,7 @@ def test_predictor_reads_the_step_from_model_json_and_uses_it(tmp_path):
     b = balanced.predict_images([("x.png", buf.getvalue())])["predictions"][0]["probabilities"]
     assert a != b  # the model really sees the balanced image
     meta["preprocess"]["white_balance"] = "magic"
-    (run / "model.json").write_text(json.dumps(meta))
+    write_model_json(run, meta)
     from bloodcell.errors import ModelError
 
     with pytest.raises(ModelError, match="unknown white_balance 'magic'"):

@@ -24,6 +24,7 @@ from bloodcell.extras import TRAIN_MODULES
 from bloodcell.infer import Predictor
 from bloodcell.models.detector import bundled_detector_dir
 from bloodcell.models.metadata import bundled_model_dir
+from bloodcell.models.seal import seal
 
 from conftest import REPO, SAMPLE, env_with_startup_hook, field_photo
 
@@ -291,6 +292,7 @@ def test_a_detector_without_an_onnx_export_needs_pytorch_and_says_so(torchless, 
     meta.pop("onnx")
     meta["weights"] = "detector.safetensors"  # as a training run saves it (the bundled folder keeps its weights in the ONNX)
     (folder / "detector.json").write_text(json.dumps(meta))
+    seal(folder)
     photo = field_photo(tmp_path / "smear.jpg")
     forced = run("predict", str(photo), "--input", "field", "--format", "json", "--detector", str(folder))
     assert forced.returncode == 2 and INSTALL_HINT in forced.stderr and len(forced.stderr.strip().splitlines()) == 1, forced.stderr
@@ -322,7 +324,7 @@ def test_a_real_install_without_torch(tmp_path, pytorch_result):
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not names & {"torch", "torchvision", "timm", "lightning", "nvidia-cudnn-cu12", "triton"}, names
     detector = next(env_dir.rglob("bloodcell/assets/default_detector"))
-    assert sorted(p.name for p in detector.iterdir()) == ["DETECTOR_CARD.md", "detector.json", "detector.onnx"]  # the weights once
+    assert sorted(p.name for p in detector.iterdir()) == ["DETECTOR_CARD.md", "SEAL.json", "detector.json", "detector.onnx"]  # the weights once
     out = tmp_path / "result.json"
     proc = subprocess.run([str(env_dir / "bin" / "bloodcell"), "predict", str(SAMPLE), "--format", "json", "--out", str(out)],
                           env=dict(env, BLOODCELL_PROGRESS="0"), capture_output=True, text=True, timeout=300, cwd=tmp_path)

@@ -18,6 +18,7 @@ from bloodcell.errors import ConfigError, ModelError
 from bloodcell.evaluate.ood import auroc, energy_score, fit_mahalanobis, mahalanobis_score, msp_score, threshold_for
 from bloodcell.infer import Predictor, summarize
 from bloodcell.models.ood import MahalanobisScore, load_ood, save_ood
+from bloodcell.models.seal import seal
 
 from conftest import CLASS_NAMES, SAMPLE, toy_run, with_ood
 
@@ -136,9 +137,13 @@ def test_missing_or_mismatched_ood_file_is_a_clear_error(ood_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ood_run, run)
     (run / "ood.safetensors").unlink()
+    with pytest.raises(ModelError, match="ood.safetensors is missing"):  # the seal names it
+        Predictor.load(run)
+    seal(run)  # sealed without it: the loader still says what is missing
     with pytest.raises(ModelError, match="ood.safetensors not found"):
         Predictor.load(run)
     save_ood(run, np.zeros((3, 262)), np.eye(262))
+    seal(run)
     with pytest.raises(ModelError, match="the model has 8 classes and 262 features"):  # 128 pooled + 128 centre + 6 input statistics
         Predictor.load(run)
     with pytest.raises(ModelError, match="holds inf or nan"):
