@@ -96,7 +96,9 @@ def zoo_run(name: str, directory: Path, size: int, bn_stats: bool = False) -> tu
     scores = np.sort(mahalanobis_score(feats, means, precision))
     meta = json.loads((directory / "model.json").read_text())
     meta["ood"] = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(scores[-3] + scores[-2]) / 2}
-    (directory / "model.json").write_text(json.dumps(meta))
+    from bloodcell.models.metadata import write_model_json
+
+    write_model_json(directory, meta)  # and re-seal the folder
     return directory, s
 
 
