@@ -207,3 +207,101 @@ def test_a_body_of_exactly_max_upload_bytes_is_accepted_and_one_byte_more_is_ref
     over = _multipart([_cell()], LIMIT_BYTES + 1)
     r = _post(client, over, streamed)
     assert r.status_code == 413 and "upload too large" in r.json()["detail"]
+
+
+# ------------------------------------------------------------------ survivors of the 20 sampled mutations (issue 27)
+
+
+def test_the_study_report_names_the_first_ten_skipped_and_dropped_files_with_their_reasons(tmp_path):
+    """Sampled mutation 5 (study/report.py): `skipped[:10]` -> `skipped[1:10]` left the first skipped file unnamed."""
+    from bloodcell.study.report import Doc, _dataset_section
+
+    skipped = [{"path": f"a/bad{i}.png", "reason": f"reason {i}"} for i in range(12)]
+    dropped = [{"path": f"b/twin{i}.png", "reason": "identical copies carry different labels"} for i in range(11)]
+    prov = {"dataset": {"images": 100, "classes": {"a": 50, "b": 50}, "unreadable": skipped, "dropped_by_split": dropped}}
+    doc = Doc()
+    _dataset_section(doc, tmp_path, prov)
+    md = doc.to_markdown(tmp_path)
+    assert "12 file(s) skipped" in md and "11 image(s) dropped" in md
+    named = [line for line in md.splitlines() if line.startswith("Skipped `")]
+    assert named == [f"Skipped `a/bad{i}.png`: reason {i}." for i in range(10)]  # the first ten, in order, no more
+    assert [line for line in md.splitlines() if line.startswith("Dropped `")] == [
+        f"Dropped `b/twin{i}.png`: identical copies carry different labels." for i in range(10)]
+
+
+def _prepared(n_per_part=(30, 18, 24), classes=3, size=32, seed=0):
+    from bloodcell.data.prepare import PreparedData
+
+    rng = np.random.default_rng(seed)
+    n = sum(n_per_part)
+    images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+    labels = np.arange(n) % classes
+    bounds = np.cumsum((0,) + tuple(n_per_part))
+    parts = {p: np.arange(bounds[i], bounds[i + 1]) for i, p in enumerate(("train", "val", "test")) if n_per_part[i]}
+    return PreparedData(images, labels.astype(np.int64), [f"c{k}" for k in range(classes)],
+                        [f"c{labels[i]}/{i}.png" for i in range(n)], parts)
+
+
+def test_evaluate_run_scores_the_training_and_validation_parts_too(tmp_path):
+    """Sampled mutation 11 (evaluate/run.py): `if part in logits` negated dropped metrics.json's train and val sections."""
+    import json
+
+    import torch
+
+    from bloodcell.config import parse_config
+    from bloodcell.evaluate.outputs import predict_outputs
+    from bloodcell.evaluate.run import evaluate_run
+    from bloodcell.models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("cnn", num_classes=3, input_size=32)
+    data = _prepared()
+    cfg = parse_config({"model": {"name": "cnn"}, "data": {"input_size": 32}, "eval": {"bootstrap": 0, "grid_images": 0}})
+    metrics = evaluate_run(tmp_path, cfg, data, model, progress=False)
+    for part in ("train", "val", "test"):
+        logits, _ = predict_outputs(model, data.images, data.parts[part])
+        want = float((logits.argmax(1) == data.labels[data.parts[part]]).mean())
+        assert metrics[part]["accuracy"] == pytest.approx(want), part
+    assert set(json.loads((tmp_path / "metrics.json").read_text())) >= {"train", "val", "test"}
+    no_val = _prepared((30, 0, 24))  # no validation part: no val section, and no crash
+    metrics = evaluate_run(tmp_path / "no-val", cfg, no_val, model, progress=False)
+    assert "train" in metrics and "val" not in metrics and metrics["temperature"] == 1.0
+
+
+def test_the_left_out_source_is_marked_in_the_per_source_table_and_only_it():
+    """Sampled mutation 18 (evaluate/detect.py): `src == left_out` -> `src != left_out` marked every other source."""
+    from bloodcell.evaluate.detect import detection_metrics, source_table
+
+    found, truth = _counting_case()
+    m = detection_metrics(found, truth, {"rbc": 0.5, "wbc": 0.5, "platelet": 0.5})
+    table = source_table({"txl": {"labA": m, "labB": m}, "bccd": {"bccd": m}}, left_out="labB")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in table.splitlines()[2:]}
+    assert list(rows) == ["txl / labA", "txl / labB (left out)", "bccd"]
+    assert "(left out)" not in source_table({"txl": {"labA": m, "labB": m}})
+
+
+def test_a_run_is_complete_only_when_marked_complete_and_its_metrics_are_written(tmp_path):
+    """Sampled mutation 19 (study/experiment.py): `and done` -> `or done` took a run killed after writing metrics.json
+    (status still `running`) for finished, skipping it and deleting its resume checkpoints."""
+    import json
+
+    from bloodcell.study.experiment import is_complete, remove_stale_checkpoints
+
+    def run(name, state, *files):
+        d = tmp_path / name
+        (d / "checkpoints").mkdir(parents=True)
+        (d / "checkpoints" / "last.ckpt").write_text("{}")
+        if state:
+            (d / "status.json").write_text(json.dumps({"state": state}))
+        for f in files:
+            (d / f).write_text("{}")
+        return d
+
+    killed = run("killed", "running", "metrics.json")  # killed between metrics.json and status `complete`
+    failed = run("failed", "failed", "metrics.json")
+    marked = run("marked", "complete")  # complete, yet its metrics are gone
+    finished = run("finished", "complete", "metrics.json")
+    folds = run("folds", "complete", "aggregate.json")
+    assert [is_complete(d) for d in (killed, failed, marked, finished, folds)] == [False, False, False, True, True]
+    remove_stale_checkpoints(tmp_path)
+    assert [(d / "checkpoints").exists() for d in (killed, failed, marked, finished, folds)] == [True, True, True, False, False]
