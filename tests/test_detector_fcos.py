@@ -166,9 +166,26 @@ def _log(run_dir):
         return list(csv.DictReader(fh))
 
 
-def test_fit_writes_a_checkpoint_and_resume_continues(synthetic_fields, tmp_path):
+class _SlowClock:
+    """time for detector_fcos in which every reading is a minute after the last: the first session's epoch looks long."""
+
+    def __init__(self) -> None:
+        import time
+
+        self._now = time.time()
+
+    def time(self) -> float:
+        self._now += 60.0
+        return self._now
+
+
+def test_fit_writes_a_checkpoint_and_resume_continues(synthetic_fields, tmp_path, monkeypatch):
+    from bloodcell.models import detector_fcos
+
     first = _tiny()
-    summary = first.fit(synthetic_fields[:3], synthetic_fields[3:], _settings(1), tmp_path, resume=False, progress=False)
+    with monkeypatch.context() as slow:
+        slow.setattr(detector_fcos, "time", _SlowClock())
+        summary = first.fit(synthetic_fields[:3], synthetic_fields[3:], _settings(1), tmp_path, resume=False, progress=False)
     assert summary["epochs"] == 1 and summary["resumed_from_epoch"] == 0
     assert set(summary["score_thresholds"]) == {"rbc", "wbc", "platelet"}
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
@@ -181,6 +198,8 @@ def test_fit_writes_a_checkpoint_and_resume_continues(synthetic_fields, tmp_path
     again = _log(tmp_path)
     assert [r["epoch"] for r in again] == ["1", "2"]
     assert again[0] == rows[0]  # epoch 1 was not run again (its wall seconds would differ)
+    # the fit's seconds are the whole fit: the first session's (slow-clock) epoch counts too (issue 27)
+    assert float(again[0]["seconds"]) >= 60 and summary["seconds"] >= float(again[0]["seconds"]) + float(again[1]["seconds"]) - 0.1
     assert second.model.training is False
     image = np.asarray(Image.open(synthetic_fields[0].path))
     assert isinstance(second.detect_one(image), Detections)

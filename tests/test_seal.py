@@ -198,6 +198,15 @@ def test_an_edited_detector_is_refused(tmp_path):
     (folder / "detector.json").write_text(json.dumps(meta))
     with pytest.raises(ModelError, match=r"^model folder .*det: detector.json changed since it was sealed"):
         load_detector(folder)
+    # a server does not start on it (the detector itself loads with the first photograph); a subprocess with a
+    # timeout, so that a server that does start fails the test instead of running for ever
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-m", "bloodcell", "serve", "--detector", str(folder), "--port", "0",
+                          "--data-dir", str(tmp_path / "lab")], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "detector.json changed since it was sealed" in res.stderr, res.stderr
+    assert res.stderr.strip().count("\n") == 0
 
 
 # ------------------------------------------------------------------------------------------ model_kwargs

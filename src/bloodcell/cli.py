@@ -629,6 +629,7 @@ def serve_cmd(
     from bloodcell.serve.server import run
 
     predictor = Predictor.load(model, max_pixels=max_pixels, device=device)
+    _check_detector_seal(detector)  # the detector loads with the first photograph; its seal is checked now
     data_dir = data_dir or default_data_dir()
     limits = ServerLimits(
         max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files, max_pixels=max_pixels,
@@ -643,6 +644,18 @@ def serve_cmd(
     typer.echo(f"bloodcell: model {predictor.model_name} ({predictor.backend}) on http://{url_host}:{sock.getsockname()[1]}/ "
                f"(samples kept in {data_dir}; answers to {', '.join(limits.allowed_hosts)})", err=True)
     run(app_, sock, limits)
+
+
+def _check_detector_seal(detector: Optional[Path]) -> None:
+    """A server must not start on a detector folder that was changed since it was sealed (models.seal); a folder or
+    file that is not there is left to the first photograph's one-line error, as before."""
+    from bloodcell.models.detector import bundled_detector_dir
+    from bloodcell.models.seal import verify
+
+    folder = bundled_detector_dir() if detector is None or str(detector) == "default" else Path(detector)
+    folder = folder.parent if folder.is_file() else folder
+    if folder.is_dir():
+        verify(folder)
 
 
 def _served_names(host: str, extra: List[str]) -> tuple[str, ...]:

@@ -425,7 +425,9 @@ def _fit(detector: FCOSDetector, train: list, val: list, settings: Any, run_dir:
         warnings.filterwarnings("ignore", message=".*does not have many workers.*|.*exists and is not empty.*|.*LeafSpec.*")
         trainer.fit(module, loader, ckpt_path=ckpt)
     detector.model = module.model.float().eval()
-    train_seconds = time.time() - start
+    # the epochs of earlier sessions (restored with the checkpoint) count too: a resumed run's time is its whole fit
+    earlier = sum(float(r.get("seconds") or 0) for r in module.history[:module.started_at_epoch])
+    train_seconds = earlier + time.time() - start
     summary: dict[str, Any] = {
         "epochs": len(module.history),
         "resumed_from_epoch": module.started_at_epoch,

@@ -77,6 +77,7 @@ def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = No
         if saved.model_dump() != cfg.model_dump():
             raise ConfigError(f"{run_dir} holds a run of a different config; choose another --out or delete it")
     t0 = time.perf_counter()
+    earlier = _earlier_epoch_seconds(run_dir) if resume else 0.0
     data = prepare_data(cfg, split_file=run_dir / "split.json", fold=fold, progress=progress)
     if rank_zero_only.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -87,12 +88,25 @@ def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = No
     model = fit(cfg, data, run_dir, resume=resume, progress=progress)
     if model is None:  # a non-zero DDP rank: rank 0 evaluates and writes
         return {}
-    train_seconds = time.perf_counter() - t0
+    train_seconds = earlier + time.perf_counter() - t0
     metrics = evaluate_run(run_dir, cfg, data, model, progress=progress, extra={"train_seconds": round(train_seconds, 2), "fold": fold, "precision": resolve_precision(cfg, resolve_accelerator(cfg)), "channels_last": resolve_channels_last(cfg, resolve_accelerator(cfg))})
     _set_status(run_dir, "complete", seconds=round(time.perf_counter() - t0, 2))
     # only now: a kill before this line leaves the resume checkpoint, never a finished run without either
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final model is model.safetensors
     return metrics
+
+
+def _earlier_epoch_seconds(run_dir: Path) -> float:
+    """Seconds of the epochs an interrupted run trained before this session (history.csv is written after each
+    epoch), so that a resumed run's train_seconds is its whole training, not its last part. An epoch that ended
+    after the last checkpoint was saved is trained again and counted twice: at most one epoch too many."""
+    import csv
+
+    try:
+        with open(run_dir / "history.csv", newline="", encoding="utf-8") as fh:
+            return sum(float(row.get("seconds") or 0) for row in csv.DictReader(fh))
+    except (OSError, ValueError):
+        return 0.0
 
 
 def aggregate(metrics_list: list[dict], labels: list[str]) -> dict:
