@@ -61,7 +61,9 @@ def running_server(*serve_args: str, startup_timeout: float = 120.0):
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "server.log"
-        cmd = [sys.executable, "-m", "bloodcell.cli", "serve", "--host", "127.0.0.1", "--port", "0", *serve_args]
+        # the review workstation's database in the temporary folder, never the user's (unless --data-dir is given)
+        data_dir = () if "--data-dir" in serve_args else ("--data-dir", str(Path(tmp) / "review"))
+        cmd = [sys.executable, "-m", "bloodcell.cli", "serve", "--host", "127.0.0.1", "--port", "0", *data_dir, *serve_args]
         with open(log, "wb") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         server = Server("", proc, log)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+
+import anyio
 import sys
 from typing import Iterable
 from urllib.parse import urlsplit
@@ -136,11 +138,12 @@ async def read_body(request, limit: int, idle_seconds: float, total_seconds: flo
         wait = min(idle_seconds, deadline - loop.time())
         try:
             if wait <= 0:
-                raise asyncio.TimeoutError
-            chunk = await asyncio.wait_for(chunks.__anext__(), wait)
+                raise TimeoutError
+            with anyio.fail_after(wait):  # a cancel scope: no task per chunk, as asyncio.wait_for would make
+                chunk = await chunks.__anext__()
         except StopAsyncIteration:
             return bytes(buf)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise HTTPException(408, f"request body too slow: {len(buf):,} bytes received, then nothing for "
                                      f"{idle_seconds:g} s or not all within {total_seconds:g} s (server limits "
                                      "--body-idle-seconds, --body-seconds)", headers={"Connection": "close"}) from None
