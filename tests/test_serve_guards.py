@@ -224,3 +224,16 @@ def test_a_file_name_of_9_kb_is_shortened_not_a_refusal_of_the_request(predictor
     res = client.post("/predict?input=cell", files=cell_upload("a" * 9000 + ".jpg") + cell_upload("b.jpg"))
     assert res.status_code == 200, res.text
     assert [len(p["path"]) for p in res.json()["predictions"]] == [200, 5]
+
+
+@pytest.mark.slow
+def test_the_abuse_benchmark_runs():
+    """benchmarks/serve_abuse.py's quick cases against the real server: it must not rot (figures are not checked)."""
+    import subprocess
+    import sys
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_abuse.py"
+    out = subprocess.run([sys.executable, str(bench), "--cases", "pixels,hosts"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| 200 PNGs declaring 3990 x 3990 px in one request" in out.stdout and "413" in out.stdout
+    assert "| `Host: evil.example.com` (DNS rebinding) | 400" in out.stdout and "machine: " in out.stdout
