@@ -15,7 +15,7 @@ _EXPORTS = {
     "create_model": "bloodcell.models.registry",
     "list_models": "bloodcell.models.registry",
     "model_info": "bloodcell.models.registry",
-    "register_model": "bloodcell.models.registry",
+    "register_model": "bloodcell.models.specs",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,8 @@
-"""Model registry: names -> builder functions plus what the paper and the CLI need to know."""
+"""Model registry: names -> builder functions plus what the paper and the CLI need to know.
+
+The table and `register_model` live in bloodcell.models.specs, which imports no model; this module is the factory
+that looks models up, and it imports the zoo (the built-in models) before its first look-up.
+"""
 
 from __future__ import annotations
 
@@ -8,22 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
 from bloodcell.errors import ModelError
-
-_REGISTRY: dict[str, "ModelSpec"] = {}
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to build one model and what it needs."""
-
-    name: str
-    builder: Callable[..., Any]
-    paper_row: str
-    default_input_size: int
-    min_input_size: int
-    input_multiple: int
-    timm_backbones: tuple[str, ...]
-    head: str
+from bloodcell.models.specs import _REGISTRY, ModelSpec, register_model  # noqa: F401  (register_model: its old home)
 
 
 @dataclass(frozen=True)
@@ -44,36 +33,6 @@ class ModelInfo:
         out = asdict(self)
         out["timm_backbones"] = list(self.timm_backbones)
         return out
-
-
-def register_model(
-    name: str,
-    *,
-    paper_row: str,
-    default_input_size: int = 224,
-    min_input_size: int = 32,
-    input_multiple: int = 1,
-    timm_backbones: tuple[str, ...] = (),
-    head: str = "",
-) -> Callable:
-    """Decorator: register `builder(num_classes, input_size, pretrained, **options)` as `name`."""
-
-    def decorate(builder: Callable) -> Callable:
-        if name in _REGISTRY:
-            raise ValueError(f"model name '{name}' registered twice")
-        _REGISTRY[name] = ModelSpec(
-            name=name,
-            builder=builder,
-            paper_row=paper_row,
-            default_input_size=default_input_size,
-            min_input_size=min_input_size,
-            input_multiple=input_multiple,
-            timm_backbones=tuple(timm_backbones),
-            head=head,
-        )
-        return builder
-
-    return decorate
 
 
 def _specs() -> dict[str, ModelSpec]:

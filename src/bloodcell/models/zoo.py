@@ -12,7 +12,7 @@ from typing import Any
 
 from bloodcell.errors import ModelError
 from bloodcell.models.cnn import SequentialCNN
-from bloodcell.models.registry import register_model
+from bloodcell.models.specs import register_model
 from bloodcell.models.transfer import HybridClassifier, SupConModel, TimmClassifier
 from bloodcell.models.unet import UNetClassifier
 
