@@ -33,7 +33,7 @@ from scipy import ndimage as ndi
 
 from bloodcell.data.fields import FIELD_CLASSES
 from bloodcell.errors import DataError, ModelError
-from bloodcell.models.detector import Detections, FieldDetector, matched, register_detector
+from bloodcell.models.detector_base import Detections, FieldDetector, matched, register_detector
 
 RBC, WBC, PLT = (FIELD_CLASSES.index(c) for c in ("rbc", "wbc", "platelet"))
 

@@ -27,7 +27,8 @@ from torch import nn
 
 from bloodcell.data.fields import FIELD_CLASSES
 from bloodcell.errors import ConfigError, DataError, ModelError
-from bloodcell.models.detector import ONNX_STATE_DICT, Detections, choose_thresholds, register_detector
+from bloodcell.models.detector import ONNX_STATE_DICT
+from bloodcell.models.detector_base import Detections, choose_thresholds, register_detector
 
 # normalisation (ImageNet's statistics; BatchNorm absorbs the rest), NMS, candidates and strides: one value each,
 # shared with the detector's ONNX export (detector_onnx does the same steps in numpy)

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from bloodcell.errors import ModelError
-from bloodcell.models.detector import Detections, FieldDetector, register_detector
+from bloodcell.models.detector_base import Detections, FieldDetector, register_detector
 
 DETECTOR_ONNX = "detector.onnx"  # described by detector.json's `onnx` section; a bundled detector's only weights file
 ONNX_DETECTOR = "fcos-onnx"

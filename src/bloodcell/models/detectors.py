@@ -8,7 +8,7 @@ import importlib
 
 import bloodcell.models.detector_onnx  # noqa: F401
 from bloodcell.extras import missing_train_module
-from bloodcell.models.detector import register_detector
+from bloodcell.models.detector_base import register_detector
 
 
 def _needs(exc: ModuleNotFoundError):
