@@ -55,17 +55,24 @@ def user_errors(fn: Callable) -> Callable:
 
 
 def writable_folder(folder: Path, option: str = "--out") -> Path:
-    """Create `folder` (and its parents) and check a file can be written in it, before any work: a read-only folder,
-    a file in the way or a permission denied is a one-line error naming the folder, not a traceback at the end."""
+    """Check, before any work, that `folder` can be made and written in: a read-only folder, a file in the way or a
+    permission denied is a one-line error naming the folder, not a traceback at the end. Folders the check had to
+    make are removed again: a run that then fails on its data leaves nothing behind."""
     import os
 
     if folder.exists() and not folder.is_dir():
         raise BloodcellError(f"{option} {folder}: cannot write there: it is a file, not a folder")
+    made, step = [], folder.absolute()
+    while not step.exists() and step != step.parent:
+        made.append(step)
+        step = step.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".bloodcell-write-check-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        for path in made:  # deepest first
+            path.rmdir()
     except OSError as exc:
         why = exc.strerror or str(exc)
         if exc.filename and Path(exc.filename) != folder and not str(exc.filename).startswith(str(folder / ".bloodcell-write-check")):

@@ -203,14 +203,14 @@ def test_decompression_bomb_is_422_and_not_decoded(server, name):
 @pytest.mark.slow
 def test_memory_probe_sees_a_decoded_image(server):
     """Control: an image just under the pixel limit is decoded, and the probe above sees it."""
-    data = png_bomb(6000, 6000)  # 36 million pixels: 36 MB grey, 108 MB once converted to RGB
+    data = png_bomb(3990, 3990)  # 15.9 million pixels, under the 16-million limit: 16 MB grey, 48 MB once converted to RGB
     with peak_growth(server.process.pid) as peak:
         r = httpx.post(server.url + "/predict", files=upload("big-but-allowed.png", data), timeout=60)
     assert r.status_code == 200 and r.json()["counted"] + r.json()["ood_count"] == 1  # classified (a flat grey field is OOD)
     if not peak["exact"]:
         pytest.skip("the kernel refused to reset the memory high-water mark (/proc/PID/clear_refs)")
     assert peak["mb"] > MEMORY_BOUND_MB
-    print(f"\nbig-but-allowed.png (6000x6000, decoded): server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB")
+    print(f"\nbig-but-allowed.png (3990x3990, decoded): server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB")
 
 
 UNREADABLE = {
