@@ -304,7 +304,7 @@ def worker_main() -> int:
 
     torch.set_num_threads(job["threads"])
     from bloodcell.config import RunConfig
-    from bloodcell.study.runner import train_run
+    from bloodcell.study.runs import train_run
 
     record = train_run(RunConfig.model_validate(job["config"]), Path(job["run_dir"]), progress=False)
     print(f"{job['key']}: {record['state']}" + (f": {record['error']}" if record["state"] == "failed" else ""), flush=True)

@@ -19,7 +19,7 @@ from bloodcell import io
 from bloodcell.evaluate.stats import mcnemar_test, mean_sd_ci, paired_difference_summary
 from bloodcell.study.experiment import lookup, read_status
 from bloodcell.study.labs_report import labs_section
-from bloodcell.study.runner import run_dir_for
+from bloodcell.study.runs import run_dir_for
 from bloodcell.intended_use import REPORT_NOTE
 from bloodcell.study.spec import RunSpec, StudySpec
 
