@@ -1,0 +1,6 @@
+"""Training: the Lightning module, the fit loop, augmentation, SMOTE and the safetensors checkpoints.
+
+Its public names are its modules, imported where they are used, not here: `import bloodcell.train` stays light.
+"""
+
+__all__ = ["augment", "checkpoint_io", "fit", "module", "smote"]
