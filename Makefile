@@ -26,6 +26,7 @@ demo: $(STAMP)
 	@echo "reports: $(DEMO_OUT)/report.html (study)  $(DEMO_OUT)/bundled-model/report.md (bundled model)"
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -q
 
 # Retrain the bundled model on PBC (PBC=path) and BCCD's white cells (BCCD=path), scored on the Tecom cells it never

@@ -51,9 +51,7 @@ def main() -> None:
             import tempfile
 
             with tempfile.TemporaryDirectory() as d:
-                t0 = time.perf_counter()
                 fit(cfg, data, d, progress=False)
-                total = time.perf_counter() - t0
                 import csv
 
                 rows = list(csv.DictReader(open(os.path.join(d, "history.csv"))))

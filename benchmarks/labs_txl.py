@@ -4,14 +4,19 @@ flagged and counted, not whether it is right). Old vs new: python benchmarks/lab
 TXL-PBC's BCCD test photographs are mostly in BCCD's own train split (sources.csv bccd_split): not held out for a
 model trained on BCCD's cells.
 """
-import csv, sys, collections
+import collections
+import csv
+import sys
 from pathlib import Path
+
 from PIL import Image
+
+from bloodcell.evaluate.machine import cpu_line
 from bloodcell.infer import Predictor
 from bloodcell.infer.fields import FieldReader
+
 root = Path("../shared/data/txl_pbc")
 rows = [r for r in csv.DictReader(open(root / "sources.csv")) if r["split"] == "test"]
-from bloodcell.evaluate.machine import cpu_line
 print(cpu_line())
 for model in (sys.argv[1:] or [None]):
     label = model or "bundled"
@@ -20,12 +25,18 @@ for model in (sys.argv[1:] or [None]):
     preds = collections.defaultdict(collections.Counter)
     for r in rows:
         res = reader.read(r["image"], Image.open(root / r["image"]).convert("RGB"))
-        s = r["source"]; by[s]["photos"] += 1; by[s]["boxed_wbc"] += int(r["wbc"])
+        s = r["source"]
+        by[s]["photos"] += 1
+        by[s]["boxed_wbc"] += int(r["wbc"])
         for c in res["cells"]:
-            if c["kind"] != "wbc": continue
-            by[s]["wbc"] += 1; by[s]["ood"] += bool(c["ood"]); by[s]["review"] += bool(c["review"])
+            if c["kind"] != "wbc":
+                continue
+            by[s]["wbc"] += 1
+            by[s]["ood"] += bool(c["ood"])
+            by[s]["review"] += bool(c["review"])
             by[s]["kept"] += (not c["ood"] and not c["review"])
-            if not c["ood"]: preds[s][c["label"]] += 1
+            if not c["ood"]:
+                preds[s][c["label"]] += 1
     print(f"## {label}")
     print("| source | photos | boxed WBC | WBC found | OOD % | review % | kept % | counted as (not OOD) |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")

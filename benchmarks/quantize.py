@@ -117,7 +117,7 @@ def figures(y: np.ndarray, ref: tuple, got: tuple, predictor) -> dict:
 
     (l0, o0), (l1, o1) = ref, got
     right0, right1 = l0.argmax(1) == y, l1.argmax(1) == y
-    review = [apply_temperature(l, predictor.temperature).max(1) < predictor.review_threshold for l in (l0, l1)]
+    review = [apply_temperature(lg, predictor.temperature).max(1) < predictor.review_threshold for lg in (l0, l1)]
     t = predictor.ood_threshold
     return {
         "accuracy": float(right1.mean()),

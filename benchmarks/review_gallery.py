@@ -108,7 +108,6 @@ def main() -> None:
     args = ap.parse_args()
 
     from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
 
     from bloodcell import __version__
     from bloodcell.evaluate.machine import cpu_line

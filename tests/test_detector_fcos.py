@@ -275,7 +275,10 @@ def test_the_numpy_postprocess_is_fcos_postprocess(original, resized, logit):
         h, w = -(-padded[0] // stride), -(-padded[1] // stride)
         levels.append((rng.normal(logit, 2, (4, h, w)).astype(np.float32), rng.uniform(0, 4, (4, h, w)).astype(np.float32),
                        rng.normal(0, 2, (1, h, w)).astype(np.float32)))
-    flat = lambda a: torch.from_numpy(a).permute(1, 2, 0).reshape(1, -1, a.shape[0])  # (C, h, w) -> (1, hw, C), as the head
+
+    def flat(a):  # (C, h, w) -> (1, hw, C), as the head
+        return torch.from_numpy(a).permute(1, 2, 0).reshape(1, -1, a.shape[0])
+
     images = ImageList(torch.zeros(1, 3, *padded), [resized])
     anchors = model.anchor_generator(images, [torch.zeros(1, 1, *lv[0].shape[1:]) for lv in levels])
     sizes = [lv[0].shape[1] * lv[0].shape[2] for lv in levels]

@@ -39,7 +39,7 @@ def yolo_folder(root: Path, splits=("train", "train", "val", "test"), sources=No
         img, boxes, labels = photograph(rbc_centres=((80 + 10 * k, 80), (300, 90), (520, 100)), wbc=(320, 260 + 10 * k, 70))
         name = f"img_{k}"
         Image.fromarray(img).save(root / "images" / split / f"{name}.jpg", quality=95)
-        (root / "labels" / split / f"{name}.txt").write_text("\n".join(yolo_line(b, l) for b, l in zip(boxes, labels)) + "\n")
+        (root / "labels" / split / f"{name}.txt").write_text("\n".join(yolo_line(b, k) for b, k in zip(boxes, labels)) + "\n")
         rows.append({"image": f"images/{split}/{name}.jpg", "split": split, "source": (sources or {}).get(k, "lab_a"),
                      "width": 640, "height": 480, "voc_name": ""})
     (root / "data.yaml").write_text("train: ./images/train/\nnc: 3\nnames: ['WBC', 'RBC', 'Platelets']\n")

@@ -326,7 +326,7 @@ def voc_folder(root: Path) -> Path:
                                         wbc=(320 + shift, 260, 70), platelets=((470, 250 + shift),))
         name = f"photo_{k}"
         Image.fromarray(img).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
-        voc_xml(root / "Annotations" / f"{name}.xml", [(("RBC", "WBC", "Platelets")[l], tuple(b)) for b, l in zip(boxes, labels)],
+        voc_xml(root / "Annotations" / f"{name}.xml", [(("RBC", "WBC", "Platelets")[k], tuple(b)) for b, k in zip(boxes, labels)],
                 filename=f"{name}.jpg")
         names.setdefault(split, []).append(name)
     for split, listed in names.items():

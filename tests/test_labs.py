@@ -200,7 +200,10 @@ def test_score_cells_counts_what_a_lab_relies_on():
 
 def test_the_report_tables_each_held_out_lab_apart_from_the_labs_trained_on():
     spec = StudySpec.model_validate({"name": "labs", "experiments": [{"name": "bn", "row": "BN"}, {"name": "multi"}]})
-    block = lambda acc, kept, share: {"n": 50, "accuracy": acc, "f1_macro": acc, "kept_fraction": share, "accuracy_kept": kept}
+
+    def block(acc, kept, share):
+        return {"n": 50, "accuracy": acc, "f1_macro": acc, "kept_fraction": share, "accuracy_kept": kept}
+
     by = {
         ("bn", "default"): [(None, {"labs": {"tecom": {"seen": False, "as_is": block(0.1, None, 0.0), "adapted": block(0.5, 0.97, 0.6)}}}),
                             (None, {"labs": {"tecom": {"seen": False, "as_is": block(0.2, None, 0.0), "adapted": block(0.6, 0.99, 0.7)}}})],

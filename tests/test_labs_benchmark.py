@@ -206,7 +206,7 @@ def test_real_run_on_small_parts_agrees_with_bloodcell_evaluate(tmp_path):
     bccd.mkdir()
     (bccd / "BCCD").symlink_to((BCCD / "BCCD").resolve(), target_is_directory=True)
     lines = (BCCD / "wbc_subtypes.csv").read_text().splitlines()
-    (bccd / "wbc_subtypes.csv").write_text("\n".join([lines[0]] + [l for l in lines[1:] if l.split(",")[1] == "test"]) + "\n")
+    (bccd / "wbc_subtypes.csv").write_text("\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[1] == "test"]) + "\n")
 
     out = tmp_path / "labs.json"
     r = lb.main(["--limit", "48", "--photo-limit", "3", "--bccd", str(bccd), "--tecom", str(tecom), "--bootstrap", "200",

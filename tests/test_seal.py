@@ -20,7 +20,7 @@ from bloodcell.models import registry
 from bloodcell.models.checkpoint import load_checkpoint
 from bloodcell.models.detector import bundled_detector_dir, create_detector, load_detector, save_detector
 from bloodcell.models.metadata import bundled_model_dir, write_model_json
-from bloodcell.models.seal import SEAL_FILE, seal, sealed_names, verify
+from bloodcell.models.seal import SEAL_FILE, sealed_names, verify
 
 from conftest import SAMPLE, toy_run, with_ood
 

@@ -19,7 +19,6 @@ from bloodcell.models.base import BloodcellModel
 from bloodcell.models.metadata import (  # the torch-free half of a checkpoint; read_metadata re-exported
     FORMAT,
     FORMAT_VERSION,
-    METADATA_FILE,
     WEIGHTS_FILE,
     _locate,
     bundled_model_dir,

@@ -140,7 +140,7 @@ def _write_examples(path: Path, detector, photos, raw) -> None:
     tiles = []
     for ann, det in zip(photos, raw):
         kept = detector.apply_thresholds(det)
-        cells = [{"box": b, "kind": FIELD_CLASSES[l]} for b, l in zip(kept.boxes, kept.labels)]
+        cells = [{"box": b, "kind": FIELD_CLASSES[k]} for b, k in zip(kept.boxes, kept.labels)]
         tiles.append(draw_cells(np.asarray(open_rgb(ann.path)), cells, truth=ann.boxes))
     w, h = tiles[0].size
     cols = min(3, len(tiles))
