@@ -1,5 +1,7 @@
 """Errors a user can act on. The CLI prints them as one line and exits 2."""
 
+import re
+
 
 class BloodcellError(Exception):
     """Base class: the message alone must tell the user what is wrong and where."""
@@ -23,3 +25,10 @@ class TrainingDiverged(BloodcellError):
 
 class WriteError(BloodcellError, OSError):
     """A file could not be written (disk full, read-only, no permission); nothing half-written is left."""
+
+
+def shown(value, limit: int = 60, quote: bool = True) -> str:
+    """A value someone sent, fit to quote in a one-line message: control characters as '?', cut to `limit`."""
+    text = re.sub(r"[\x00-\x1f\x7f]", "?", str(value))
+    text = text if len(text) <= limit else text[:limit] + "..."
+    return repr(text) if quote else text

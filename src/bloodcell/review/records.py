@@ -8,9 +8,8 @@ from dataclasses import dataclass, field
 from datetime import date as Date
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from bloodcell.errors import BloodcellError
+from bloodcell.errors import BloodcellError, shown
 
 DATABASE_FILE = "review.sqlite3"
 SCHEMA_VERSION = 1
@@ -175,12 +174,6 @@ def default_data_dir() -> Path:
 
 def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def shown(value: Any, limit: int = 60) -> str:
-    """A value a client sent, fit to quote in a one-line message: printable, and cut short."""
-    text = re.sub(r"[\x00-\x1f\x7f]", "?", str(value))
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 def check_sample_id(sample_id: str) -> str:

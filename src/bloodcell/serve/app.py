@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from bloodcell.review.records import shown
+from bloodcell.errors import shown
 from bloodcell.serve.guards import HeavyGate, HostOriginGuard, declared_pixels, read_body
 from bloodcell.serve.limits import ServerLimits
 
@@ -357,8 +357,6 @@ def create_app(
 async def _validation_error(request: Request, exc: RequestValidationError):
     """A request FastAPI cannot validate: one line naming each key (at most three), not pydantic's list."""
     from fastapi.responses import JSONResponse
-
-    from bloodcell.review.records import shown
 
     parts = []
     for error in exc.errors()[:3]:

@@ -20,6 +20,8 @@ from urllib.parse import urlsplit
 
 from fastapi import HTTPException
 
+from bloodcell.errors import shown
+
 _SAFE_METHODS = {"GET", "HEAD", "OPTIONS"}
 
 
@@ -44,19 +46,14 @@ class HostOriginGuard:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             host = host_name(headers.get("host", ""))
             if host not in self.hosts:
-                return await _refuse(send, 400, f"Host {_short(host)} is not a name of this server: if it is, start it "
-                                                f"with --allow-host {_short(host, quote=False)}")
+                return await _refuse(send, 400, f"Host {shown(host)} is not a name of this server: if it is, start it "
+                                                f"with --allow-host {shown(host, quote=False)}")
             origin = headers.get("origin")
             if origin is not None and scope["method"] not in _SAFE_METHODS:
                 if host_name(urlsplit(origin).netloc) not in self.hosts:
-                    return await _refuse(send, 403, f"cross-origin request refused: a page of {_short(origin)} may not "
+                    return await _refuse(send, 403, f"cross-origin request refused: a page of {shown(origin)} may not "
                                                     "change anything here (--allow-host names a trusted one)")
         await self.app(scope, receive, send)
-
-
-def _short(value: str, limit: int = 80, quote: bool = True) -> str:
-    text = "".join(c if c.isprintable() else "?" for c in value)[:limit]
-    return repr(text) if quote else text
 
 
 async def _refuse(send, status: int, detail: str) -> None:
