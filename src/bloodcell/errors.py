@@ -19,6 +19,12 @@ class ModelError(BloodcellError):
     """A model name, weight file or checkpoint cannot be used."""
 
 
+class MissingExtra(BloodcellError, ModuleNotFoundError):
+    """A feature needs a package this install lacks (the light install has no PyTorch); the message names the extra.
+
+    Also a ModuleNotFoundError, so code that already tells an absent module apart keeps working."""
+
+
 class TrainingDiverged(BloodcellError):
     """The loss became NaN or infinite; the last good epoch checkpoint is kept."""
 

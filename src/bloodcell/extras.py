@@ -8,6 +8,13 @@ export need PyTorch: `pip install 'bloodcell[train]'`.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+from collections.abc import Iterator
+from types import ModuleType
+
+from bloodcell.errors import MissingExtra
+
 TRAIN_EXTRA = "bloodcell[train]"
 INSTALL_TRAIN = f"pip install '{TRAIN_EXTRA}'"
 
@@ -46,3 +53,40 @@ def missing_train_module(exc: BaseException) -> str | None:
     if isinstance(exc, ModuleNotFoundError) and exc.name and exc.name.split(".")[0] in TRAIN_MODULES:
         return exc.name.split(".")[0]
     return None
+
+
+def optional(module: str) -> ModuleType | None:
+    """`module` imported, or None where this install lacks it: for what is only left out without it (a version in a
+    report, a faster path). A module that is there but fails to import still raises."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name and module.split(".")[0] == exc.name.split(".")[0]:
+            return None
+        raise
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """`module` imported, or a one-line MissingExtra naming `feature` and the install that has it.
+
+    Args:
+        module: a dotted module name, e.g. "torch" or "onnxruntime.quantization".
+        feature: what needs it, as the user would name it ("Grad-CAM", "the FCOS detector").
+    """
+    with needs_train_extra(feature):
+        return importlib.import_module(module)
+
+
+@contextlib.contextmanager
+def needs_train_extra(feature: str) -> Iterator[None]:
+    """Turn a ModuleNotFoundError for a [train]-extra module inside the block into a one-line MissingExtra naming
+    `feature`; any other missing module is a packaging bug and is raised as it is."""
+    try:
+        yield
+    except MissingExtra:
+        raise
+    except ModuleNotFoundError as exc:
+        missing = missing_train_module(exc)
+        if missing is None:
+            raise
+        raise MissingExtra(f"{feature} needs PyTorch and the training install ({missing} is not installed): {INSTALL_TRAIN}") from None
