@@ -100,7 +100,13 @@ def _root(
 
 
 def print_result(out: Path, result: dict) -> None:
-    """A run's test figures (or a study's mean +- SD per metric) and its folder, after `train` or `evaluate`."""
+    """A run's test figures (or mean +- SD per metric over seeds / folds) and its folder, after `train` or `evaluate`.
+
+    Args:
+        out: the run directory, printed last.
+        result: the metrics `run_config` or `evaluate_run` returned: `test` and `train` of one run, or `summary`
+            (mean, sd, n, ci95 per metric) of several.
+    """
     from rich.console import Console
 
     c = Console()

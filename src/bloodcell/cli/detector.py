@@ -40,6 +40,7 @@ def detector_train_cmd(
 
 
 def _print_detector_metrics(test: dict, seconds: float) -> None:
+    """One line per cell class (AP, precision, recall, count error), then the photographs and the time per one."""
     for cls, m in test["classes"].items():
         typer.echo(f"{cls:9s} AP@{test['match_iou']:.1f} {m['ap']:.3f}  "
                    f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  "

@@ -182,11 +182,14 @@ def card_cmd(
         raise ModelError(f"cannot read the metadata of {source}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
+# --------------------------------------------------------------------------- model: seal / verify
+
 model_app = typer.Typer(no_args_is_help=True, help="A model folder's seal (SEAL.json: the SHA-256 of every file the "
                         "loader reads, checked at every load): verify it, or re-seal a folder edited on purpose.")
 
 
 def _model_folder(folder: str) -> Path:
+    """The folder a `model` command works on ('default': the bundled model's); a missing one is a one-line error."""
     if folder == "default":
         from bloodcell.models.metadata import bundled_model_dir
 
@@ -200,9 +203,9 @@ def _model_folder(folder: str) -> Path:
 
 @model_app.command("verify")
 @user_errors
-def model_verify_cmd(folder: str = typer.Argument(
-    ..., help="A model or detector folder ('default': the bundled model)."
-)) -> None:
+def model_verify_cmd(
+    folder: str = typer.Argument(..., help="A model or detector folder ('default': the bundled model)."),
+) -> None:
     """Check a model folder against its seal: OK, or one line naming the first file that differs (exit 2)."""
     from bloodcell.models.seal import verify
 

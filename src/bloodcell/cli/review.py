@@ -20,6 +20,7 @@ _DATA_DIR_HELP = ("The workstation's folder (as given to serve --data-dir; "
 
 
 def _review_store(data_dir: Optional[Path]):
+    """The workstation's store in `data_dir` (default: where serve keeps it); one line if it has no database."""
     from bloodcell.review.records import DATABASE_FILE, default_data_dir
     from bloodcell.review.store import ReviewStore
 

@@ -115,6 +115,8 @@ def _served_names(host: str, extra: List[str]) -> tuple[str, ...]:
 
 
 def _bound_socket(host: str, port: int):
+    """A socket bound to host:port before the server starts: a port in use is a one-line error, and port 0's
+    choice can be printed."""
     import socket
 
     try:
