@@ -24,7 +24,7 @@ def evaluate_cmd(
              "with --model, a labelled folder (one sub-folder per class).",
     ),
     data: Optional[Path] = typer.Option(
-        None, "--data", readable=False, help="Dataset folder or CSV, if it moved since training."
+        None, "--data", readable=False, help="Dataset folder or CSV, if it moved since training.",
     ),
     model: Optional[str] = typer.Option(
         None, "--model",
@@ -32,13 +32,13 @@ def evaluate_cmd(
              "or 'default' (the bundled model).",
     ),
     maps: List[str] = typer.Option(
-        [], "--map", help="With --model: folder=class, for a folder name the model does not know (repeatable)."
+        [], "--map", help="With --model: folder=class, for a folder name the model does not know (repeatable).",
     ),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="With --model: output folder (default runs/evaluate/<DIR name>-<model name>)."
+        None, "--out", help="With --model: output folder (default runs/evaluate/<DIR name>-<model name>).",
     ),
     bootstrap: int = typer.Option(
-        1000, "--bootstrap", min=0, help="With --model: bootstrap resamples for the 95 % CIs."
+        1000, "--bootstrap", min=0, help="With --model: bootstrap resamples for the 95 % CIs.",
     ),
 ) -> None:
     """Re-evaluate a trained run on its own test part, or (--model M) score a model on any labelled folder."""
@@ -97,10 +97,10 @@ def _evaluate_folder(folder: Path, model: str, maps: List[str], out: Optional[Pa
 @user_errors
 def ensemble_cmd(
     run_dirs: list[Path] = typer.Argument(
-        ..., help="Two or more finished runs tested on the same split (their predictions.csv)."
+        ..., help="Two or more finished runs tested on the same split (their predictions.csv).",
     ),
     out: Path = typer.Option(
-        ..., "--out", help="Directory for the ensemble's metrics.json, predictions.csv and figures/."
+        ..., "--out", help="Directory for the ensemble's metrics.json, predictions.csv and figures/.",
     ),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the 95 % CIs."),
 ) -> None:

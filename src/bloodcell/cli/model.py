@@ -60,26 +60,26 @@ def models(
 @user_errors
 def adapt_cmd(
     folder: Path = typer.Argument(
-        ..., readable=False, help="Folder of the new lab's cell images, searched recursively; no labels needed."
+        ..., readable=False, help="Folder of the new lab's cell images, searched recursively; no labels needed.",
     ),
     out: Path = typer.Option(
-        ..., "--out", help="Folder for the adapted model (model.safetensors, model.json, ood.safetensors)."
+        ..., "--out", help="Folder for the adapted model (model.safetensors, model.json, ood.safetensors).",
     ),
     model: Optional[str] = typer.Option(
         None, "--model",
-        help="The model to adapt: a run directory, its model.safetensors, or 'default' (the bundled model)."
+        help="The model to adapt: a run directory, its model.safetensors, or 'default' (the bundled model).",
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     force: bool = typer.Option(
-        False, "--force", help="Write into --out although it holds files (its model files are replaced)."
+        False, "--force", help="Write into --out although it holds files (its model files are replaced).",
     ),
     onnx: bool = typer.Option(
-        False, "--onnx", help="Also write model.onnx (checked against PyTorch) for installs without PyTorch."
+        False, "--onnx", help="Also write model.onnx (checked against PyTorch) for installs without PyTorch.",
     ),
     tent: bool = typer.Option(
         False, "--tent/--no-tent",
         help="After AdaBN, minimise the prediction entropy on the folder (Tent): trains the norm layers' scale and "
-             "shift."
+             "shift.",
     ),
 ) -> None:
     """Adapt a model to a new lab without labels: re-estimate its BatchNorm statistics on that lab's cells (AdaBN)."""
@@ -114,28 +114,28 @@ def export_cmd(
     run_dir: Path = typer.Argument(..., help="Run directory (model.safetensors + model.json)."),
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file; metadata goes beside it as <file>.onnx.json."),
     opset: int = typer.Option(
-        18, "--opset", help="ONNX opset version (below 18 the deprecated TorchScript exporter writes it)."
+        18, "--opset", help="ONNX opset version (below 18 the deprecated TorchScript exporter writes it).",
     ),
     check: List[Path] = typer.Option(
-        [], "--check-image", help="Image(s) for the parity check (default: the embedded sample)."
+        [], "--check-image", help="Image(s) for the parity check (default: the embedded sample).",
     ),
     quantize: Optional[str] = typer.Option(
         None, "--quantize",
-        help="'int8': write the int8 static quantization (smaller, faster on CPU; docs/inference.md)."
+        help="'int8': write the int8 static quantization (smaller, faster on CPU; docs/inference.md).",
     ),
     calibration_images: Optional[int] = typer.Option(
-        None, "--calibration-images", help="With --quantize: how many images calibrate it (default 256)."
+        None, "--calibration-images", help="With --quantize: how many images calibrate it (default 256).",
     ),
     calibration_dir: Optional[Path] = typer.Option(
         None, "--calibration-dir",
-        help="With --quantize: calibrate on images of this folder instead of the model's validation part."
+        help="With --quantize: calibrate on images of this folder instead of the model's validation part.",
     ),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="With --quantize: the training data folder, when not where model.json says."
+        None, "--data", help="With --quantize: the training data folder, when not where model.json says.",
     ),
     min_agreement: Optional[float] = typer.Option(
         None, "--min-agreement",
-        help="With --quantize: refuse unless int8 and fp32 agree on this share of check images (default 0.98)."
+        help="With --quantize: refuse unless int8 and fp32 agree on this share of check images (default 0.98).",
     ),
 ) -> None:
     """Export a trained model to ONNX (dynamic batch) and check it against PyTorch with onnxruntime."""
@@ -152,7 +152,7 @@ def export_cmd(
     typer.echo(
         f"largest difference vs PyTorch (relative to the outputs' size when above 1) "
         f"on {report.images} {report.image_source}: "
-        f"{report.max_abs_diff:.3g} (tolerance {PARITY_TOLERANCE:g})"
+        f"{report.max_abs_diff:.3g} (tolerance {PARITY_TOLERANCE:g})",
     )
     if report.quantization:
         qz, c = report.quantization, report.quantization["check"]

@@ -22,10 +22,11 @@ def predict_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     fmt: str = typer.Option(
-        "table", "--format", help="table, summary (the table without a row per image), csv (one row per image) or json."
+        "table", "--format",
+        help="table, summary (the table without a row per image), csv (one row per image) or json.",
     ),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Write the output to this file (atomically) instead of stdout."
+        None, "--out", help="Write the output to this file (atomically) instead of stdout.",
     ),
     threshold: Optional[float] = typer.Option(
         None, "--threshold",
@@ -37,10 +38,10 @@ def predict_cmd(
         help="auto (decide per image), cell (each image is one cell crop) or field (a smear photograph).",
     ),
     detector: Optional[Path] = typer.Option(
-        None, "--detector", help="Detector folder or its .onnx for fields (default: the bundled one)."
+        None, "--detector", help="Detector folder or its .onnx for fields (default: the bundled one).",
     ),
     annotate: Optional[Path] = typer.Option(
-        None, "--annotate", help="Write each field photograph with its cells drawn here (PNG)."
+        None, "--annotate", help="Write each field photograph with its cells drawn here (PNG).",
     ),
     allow_unreadable: bool = typer.Option(
         False, "--allow-unreadable",
@@ -114,7 +115,7 @@ def _show_predictions(result: dict, fmt: str, out: Optional[Path], review_thresh
 def explain_cmd(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders."),
     model: Optional[Path] = typer.Option(
-        None, "--model", help="Run directory (a PyTorch model; not .onnx). Default: the bundled model."
+        None, "--model", help="Run directory (a PyTorch model; not .onnx). Default: the bundled model.",
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for the Grad-CAM PNGs (<image>.gradcam.png)."),

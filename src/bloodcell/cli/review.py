@@ -49,13 +49,13 @@ def review_list_cmd(data_dir: Optional[Path] = typer.Option(None, "--data-dir", 
 def review_export_cmd(
     samples: List[str] = typer.Argument(None, help="Sample IDs (default: every signed-off sample)."),
     out: Path = typer.Option(
-        ..., "--out", help="New folder: one sub-folder per label, and labels.csv (path,label,group)."
+        ..., "--out", help="New folder: one sub-folder per label, and labels.csv (path,label,group).",
     ),
     labels: str = typer.Option(
-        "all", "--labels", help="all: every label; model: only the classes of --model (fine-tune the same classes)."
+        "all", "--labels", help="all: every label; model: only the classes of --model (fine-tune the same classes).",
     ),
     model: Optional[Path] = typer.Option(
-        None, "--model", help="With --labels model: the model whose classes to keep (default: the bundled one)."
+        None, "--model", help="With --labels model: the model whose classes to keep (default: the bundled one).",
     ),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help=_DATA_DIR_HELP),
 ) -> None:

@@ -21,13 +21,13 @@ def serve_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     host: str = typer.Option(
-        "127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes the server to the network."
+        "127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes the server to the network.",
     ),
     port: int = typer.Option(
-        8000, "--port", min=0, max=65535, help="0 lets the system pick a free port (printed on start)."
+        8000, "--port", min=0, max=65535, help="0 lets the system pick a free port (printed on start).",
     ),
     detector: Optional[Path] = typer.Option(
-        None, "--detector", help="Detector folder or its .onnx for smear photographs (default: the bundled one)."
+        None, "--detector", help="Detector folder or its .onnx for smear photographs (default: the bundled one).",
     ),
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir",

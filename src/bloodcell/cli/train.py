@@ -20,11 +20,11 @@ def train_cmd(
     overrides: List[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
     data: Optional[Path] = typer.Option(
         None, "--data", readable=False,
-        help="Dataset folder (a sub-folder per class) or CSV of path,label[,group] (sets data.root)."
+        help="Dataset folder (a sub-folder per class) or CSV of path,label[,group] (sets data.root).",
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted run in --out from its last checkpoint."
+        False, "--resume", help="Continue an interrupted run in --out from its last checkpoint.",
     ),
 ) -> None:
     """Train a model (one run, or one per seed / fold) and evaluate it on the test part."""
@@ -54,18 +54,18 @@ def study_cmd(
     config: Path = typer.Argument(..., help="Study config (YAML), e.g. configs/paper.yaml or configs/demo.yaml."),
     data: Optional[Path] = typer.Option(
         None, "--data", readable=False,
-        help="Dataset folder or CSV of path,label[,group] (sets data.root of every run)."
+        help="Dataset folder or CSV of path,label[,group] (sets data.root of every run).",
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default runs/<study name>)."),
     only: List[str] = typer.Option([], "--only", help="Run only these experiments (repeatable)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),
     report_only: bool = typer.Option(
-        False, "--report-only", help="Train nothing: write the report from the runs already in --out."
+        False, "--report-only", help="Train nothing: write the report from the runs already in --out.",
     ),
     estimate: bool = typer.Option(
         False, "--estimate",
-        help="Train nothing: measure each model's epoch rate here and print how long every run will take (writes "
-             "--out/budget.json)."
+        help="Train nothing: measure each model's epoch rate here and print how long every run will take "
+             "(writes --out/budget.json).",
     ),
     parallel: str = typer.Option(
         "1", "--parallel", metavar="K|auto",
