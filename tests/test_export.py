@@ -114,7 +114,7 @@ def test_a_fallback_to_torchscript_says_why_in_the_sidecar_and_one_warning_line(
 def test_the_cli_default_opset_is_the_one_dynamo_writes():
     import inspect
 
-    from bloodcell.cli import export_cmd
+    from bloodcell.cli.model import export_cmd
 
     assert inspect.signature(export_cmd).parameters["opset"].default.default == ex.DEFAULT_OPSET == ex.DYNAMO_MIN_OPSET
 

@@ -72,7 +72,7 @@ def test_a_foreign_host_or_a_cross_origin_change_is_refused(predictor):
 
 
 def test_serve_answers_to_its_local_names_and_allow_host():
-    from bloodcell.cli import _served_names
+    from bloodcell.cli.serve import _served_names
 
     assert _served_names("127.0.0.1", []) == ("127.0.0.1", "localhost", "::1")
     assert _served_names("127.0.0.1", ["lab-pc.example.org", " "]) == ("127.0.0.1", "localhost", "::1", "lab-pc.example.org")
