@@ -36,9 +36,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from bloodcell.data.fields import by_source, combine_field_sets
-    from bloodcell.evaluate.counting import COUNT_RULES, count_errors, fit_count_rules, predict_counts, true_counts
-    from bloodcell.evaluate.detect import choose_thresholds, machine_line, run_detector
-    from bloodcell.models.detector import load_detector
+    from bloodcell.detect.counting import COUNT_RULES, count_errors, fit_count_rules, predict_counts, true_counts
+    from bloodcell.detect.metrics import choose_thresholds, machine_line, run_detector
+    from bloodcell.detect.registry import load_detector
 
     print(f"machine: {machine_line()}")
     spec = dict(train_split="train", val_split="val", test_split="test")

@@ -102,7 +102,7 @@ def test_no_cells_found_says_the_likely_reason():
 
 
 def test_detector_scale_reads_the_long_side_and_the_cell_scale():
-    from bloodcell.models.detector import FieldDetector
+    from bloodcell.detect.base import FieldDetector
 
     plain = FieldDetector(long_side=384)
     assert detector_scale(plain) == (384, None)

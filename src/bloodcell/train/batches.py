@@ -30,7 +30,10 @@ class EpochBatches(Sampler):
         self.epoch = epoch
 
     def _indices(self) -> np.ndarray:
-        order = np.random.default_rng(epoch_seed(self.seed, self.epoch, 7)).permutation(self.n) if self.shuffle else np.arange(self.n)
+        if self.shuffle:
+            order = np.random.default_rng(epoch_seed(self.seed, self.epoch, 7)).permutation(self.n)
+        else:
+            order = np.arange(self.n)
         if self.world_size > 1:  # equal shares for every rank (DDP needs the same number of steps)
             per_rank = -(-self.n // self.world_size)
             order = np.resize(order, per_rank * self.world_size)[self.rank :: self.world_size]
@@ -65,14 +68,16 @@ class ArrayBatches(Dataset):
         state = dict(self.__dict__)
         a = self.images
         if isinstance(a, np.memmap) and isinstance(a.base, mmap.mmap) and a.filename:
-            state["images"] = ("memmap", a.filename, a.offset, a.shape, a.dtype.str, bool(a.flags.f_contiguous and not a.flags.c_contiguous))
+            fortran = bool(a.flags.f_contiguous and not a.flags.c_contiguous)
+            state["images"] = ("memmap", a.filename, a.offset, a.shape, a.dtype.str, fortran)
         return state
 
     def __setstate__(self, state: dict) -> None:
         a = state["images"]
         if isinstance(a, tuple):
             _, filename, offset, shape, dtype, fortran = a
-            state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+            state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape,
+                                        order="F" if fortran else "C")
         self.__dict__.update(state)
 
     def __getitem__(self, positions):

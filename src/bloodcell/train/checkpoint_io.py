@@ -146,6 +146,7 @@ def resumable_checkpoint(path: Path) -> str | None:
         read_checkpoint(path)
     except ModelError as exc:
         if rank_zero_only.rank == 0:
-            console().print(f"warning: {exc}; training starts again from epoch 1", markup=False, highlight=False, soft_wrap=True)
+            console().print(f"warning: {exc}; training starts again from epoch 1", markup=False, highlight=False,
+                            soft_wrap=True)
         return None
     return str(path)

@@ -15,6 +15,7 @@ import logging
 import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import lightning as L
 import numpy as np
@@ -125,7 +126,8 @@ def _training_arrays(cfg: RunConfig, data: PreparedData) -> tuple[np.ndarray, np
     images, labels = data.images, data.labels
     if not cfg.smote.enabled:
         return images, labels, train_idx, val_idx
-    x, y = smote_oversample(np.asarray(images[np.sort(train_idx)]), labels[np.sort(train_idx)], cfg.smote, data.num_classes, cfg.seed)
+    ordered = np.sort(train_idx)
+    x, y = smote_oversample(np.asarray(images[ordered]), labels[ordered], cfg.smote, data.num_classes, cfg.seed)
     val_x = np.asarray(images[val_idx]) if len(val_idx) else np.empty((0,) + images.shape[1:], np.uint8)
     images = np.concatenate([x, val_x])
     labels = np.concatenate([y, labels[val_idx]])
@@ -138,14 +140,17 @@ def _images_on_device(cfg: RunConfig, accelerator: str, images: np.ndarray) -> b
     """`train.device_cache`: keep every image on the GPU (batches then send indices only); `auto` where they fit."""
     if cfg.train.device_cache == "on":
         return True
-    return cfg.train.device_cache == "auto" and accelerator == "gpu" and images.nbytes < 0.4 * torch.cuda.get_device_properties(0).total_memory
+    if cfg.train.device_cache != "auto" or accelerator != "gpu":
+        return False
+    return images.nbytes < 0.4 * torch.cuda.get_device_properties(0).total_memory
 
 
-def _trainer(cfg: RunConfig, accelerator: str, run_dir: Path, progress: bool, has_val: bool, train_size: int) -> L.Trainer:
+def _trainer(cfg: RunConfig, accelerator: str, run_dir: Path, progress: bool, has_val: bool,
+             train_size: int) -> L.Trainer:
     """The Lightning trainer: a checkpoint every epoch (safetensors), early stopping on val, the run's precision."""
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_last=False, save_top_k=-1, every_n_epochs=1,
-                        save_on_train_epoch_end=True, enable_version_counter=False),
+        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_last=False, save_top_k=-1,
+                        every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
     ]
     if progress and rank_zero_only.rank == 0:
         callbacks.append(RichProgressBar(leave=True))
@@ -181,7 +186,8 @@ def _loaders(cfg: RunConfig, trainer: L.Trainer, accelerator: str, images: np.nd
     loader_args = dict(batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                        pin_memory=accelerator == "gpu" and images is not None)
     if workers:  # spawned, never forked (a trainer has threads: see bloodcell.data.workers), and they die with it
-        loader_args.update(multiprocessing_context=pool_context(), worker_init_fn=functools.partial(loader_worker_init, rank=rank))
+        loader_args.update(multiprocessing_context=pool_context(),
+                           worker_init_fn=functools.partial(loader_worker_init, rank=rank))
     train_loader = DataLoader(
         ArrayBatches(images, labels, train_idx),
         sampler=EpochBatches(len(train_idx), cfg.train.batch_size, cfg.train.epoch_shuffle, cfg.seed, rank, world),
@@ -193,7 +199,8 @@ def _loaders(cfg: RunConfig, trainer: L.Trainer, accelerator: str, images: np.nd
     return train_loader, DataLoader(ArrayBatches(images, labels, val_idx), sampler=val_sampler, **loader_args)
 
 
-def _train(trainer: L.Trainer, module: Classifier, loaders: tuple, run_dir: Path, resume: bool, restore_torch_flags) -> None:
+def _train(trainer: L.Trainer, module: Classifier, loaders: tuple, run_dir: Path, resume: bool,
+           restore_torch_flags: Callable[[], None]) -> None:
     """trainer.fit from the last checkpoint when resuming; a diverged or failed write names the checkpoint kept."""
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     resume_from = resumable_checkpoint(ckpt_path) if resume else None

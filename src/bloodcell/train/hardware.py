@@ -58,6 +58,7 @@ def resolve_channels_last(cfg: RunConfig, accelerator: str) -> bool:
 
 
 def resolve_accelerator(cfg: RunConfig) -> str:
+    """`train.accelerator` for this machine: `auto` is the GPU where CUDA has one, else the CPU."""
     a = cfg.train.accelerator
     if a == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
