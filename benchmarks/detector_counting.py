@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/detector_counting.py --detector runs/detector-lab [--nms 0.5 0.6 0.7] [--out counting.json]
 
-Fits every count rule of bloodcell.evaluate.counting on the validation photographs of TXL-PBC (the thresholds are the
+Fits every count rule of bloodcell.detect.counting on the validation photographs of TXL-PBC (the thresholds are the
 detector's own, chosen on validation when it was fitted), then prints the count error per class, rule and source on
 TXL-PBC's test photographs and on BCCD's test split with BCCD's own labels. With --nms, the PyTorch detector is also
 run with red-cell-friendly non-maximum suppression IoUs (its thresholds re-chosen on validation for each), since
@@ -36,9 +36,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     from bloodcell.data.fields import by_source, combine_field_sets
-    from bloodcell.evaluate.counting import COUNT_RULES, count_errors, fit_count_rules, predict_counts, true_counts
-    from bloodcell.evaluate.detect import choose_thresholds, machine_line, run_detector
-    from bloodcell.models.detector import load_detector
+    from bloodcell.detect.counting import COUNT_RULES, count_errors, fit_count_rules, predict_counts, true_counts
+    from bloodcell.detect.metrics import choose_thresholds, machine_line, run_detector
+    from bloodcell.detect.registry import load_detector
 
     print(f"machine: {machine_line()}")
     spec = dict(train_split="train", val_split="val", test_split="test")

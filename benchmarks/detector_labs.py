@@ -46,10 +46,10 @@ def main() -> None:
     from PIL import Image
 
     from bloodcell.data.fields import by_source, load_fields
-    from bloodcell.evaluate.detect import detection_metrics, machine_line, source_table
+    from bloodcell.detect.metrics import detection_metrics, machine_line, source_table
     from bloodcell.infer import Predictor
     from bloodcell.infer.fields import FieldReader
-    from bloodcell.models.detector import bundled_detector_dir, load_detector
+    from bloodcell.detect.registry import bundled_detector_dir, load_detector
 
     print(f"machine: {machine_line()}")
     detector = load_detector(args.detector)

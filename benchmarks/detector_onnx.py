@@ -40,9 +40,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from bloodcell.data.fields import FIELD_CLASSES, load_voc
     from bloodcell.evaluate.machine import cpu_line
-    from bloodcell.models.detector import bundled_detector_dir, load_detector
-    from bloodcell.models.detector_fcos import load_field_image
-    from bloodcell.models.detector_onnx import DETECTOR_ONNX, agreement
+    from bloodcell.detect.registry import bundled_detector_dir, load_detector
+    from bloodcell.detect.data import load_field_image
+    from bloodcell.detect.fcos_onnx import DETECTOR_ONNX, agreement
 
     folder = bundled_detector_dir()
     torch_det = load_detector(folder)

@@ -41,7 +41,7 @@ CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocy
 
 
 def machine() -> str:
-    from bloodcell.evaluate.detect import machine_line
+    from bloodcell.detect.metrics import machine_line
 
     return machine_line()
 

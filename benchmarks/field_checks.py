@@ -6,7 +6,7 @@
 Detection runs once per photograph and variant and is kept in --cache (JSON lines: size, exposure, boxes);
 a second run only recomputes the checks, so thresholds can be tried without the detector. Prints, with the machine:
 1. scale: red-cell box sides (sqrt of the area, in the detector's pixels) on the training photographs (BCCD train,
-   TXL-PBC train), as the detector finds them and as labelled (models.detector.cell_scale): the fallback cell_scale;
+   TXL-PBC train), as the detector finds them and as labelled (detect.base.cell_scale): the fallback cell_scale;
 2. good photographs (TXL-PBC val + test, all BCCD photographs): how many get each problem, severe or not;
 3. spoiled versions of a seeded sample per source (TXL-PBC val/test per lab, BCCD's own test split for BCCD):
    darkened x0.25 and x0.5, brightened x2 and x1.5 (clipped), zoomed in x2 (the centre half enlarged to the full
@@ -135,7 +135,7 @@ def sides(r: dict) -> np.ndarray:
 def scale_report(rows: list[dict]) -> None:
     from bloodcell.data.fields import load_fields
     from bloodcell.infer.field_checks import MIN_RED_CELLS
-    from bloodcell.models.detector import cell_scale
+    from bloodcell.detect.base import cell_scale
 
     train = [r for r in rows if r["variant"] == "good" and r["set"] in ("txl_train", "bccd_train")]
     found = np.concatenate([sides(r) for r in train])
@@ -146,7 +146,7 @@ def scale_report(rows: list[dict]) -> None:
     print(f"   per photograph, median of {MIN_RED_CELLS}+ red cells ({len(medians)} photographs): "
           f"min {min(medians):.1f}, p05 {np.percentile(medians, 5):.1f}, p95 {np.percentile(medians, 95):.1f}, max {max(medians):.1f}")
     labelled = load_fields(SHARED / "txl_pbc", "train") + load_fields(SHARED / "bccd", "train")
-    print(f"   as labelled (models.detector.cell_scale): {cell_scale(labelled, 384)}")
+    print(f"   as labelled (detect.base.cell_scale): {cell_scale(labelled, 384)}")
     print(f"   BCCD train only, as labelled: {cell_scale(load_fields(SHARED / 'bccd', 'train'), 384)}")
 
 
@@ -228,9 +228,9 @@ def main() -> None:
     import os
 
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
-    from bloodcell.evaluate.detect import machine_line
+    from bloodcell.detect.metrics import machine_line
     from bloodcell.infer.field_checks import detector_scale
-    from bloodcell.models.detector import load_detector
+    from bloodcell.detect.registry import load_detector
 
     detector = load_detector(args.detector)
     long_side, cell_scale = detector_scale(detector)

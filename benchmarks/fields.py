@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO / "src"))
 
 
 def cpu_line() -> str:
-    from bloodcell.evaluate.detect import machine_line
+    from bloodcell.detect.metrics import machine_line
 
     return machine_line()
 
@@ -89,8 +89,8 @@ def main() -> None:
     from bloodcell.infer import Predictor
     from bloodcell.infer.fields import predict_mixed
     from bloodcell.infer.predictor import collect_images
-    from bloodcell.models.detector import load_detector
-    from bloodcell.study.detector import evaluate_detector
+    from bloodcell.detect.registry import load_detector
+    from bloodcell.detect.runs import evaluate_detector
 
     print(f"machine: {cpu_line()}")
     out: dict = {"machine": cpu_line(), "detector": args.detector}

@@ -87,7 +87,7 @@ def subset(labels: list[str], limit: int, seed: int) -> np.ndarray:
 
 def match_cell(box, cells: list[dict], min_iou: float = MATCH_IOU) -> tuple[int | None, float]:
     """(index into `cells` of the one whose "box" overlaps `box` most, that IoU); (None, best IoU) below min_iou."""
-    from bloodcell.models.detector_onnx import box_iou
+    from bloodcell.detect.fcos_onnx import box_iou
 
     if not cells:
         return None, 0.0
@@ -602,7 +602,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     detector = None
     if "photos" in args.labs and (args.bccd / "BCCD" / "ImageSets" / "Main" / "test.txt").is_file():
-        from bloodcell.models.detector import load_detector
+        from bloodcell.detect.registry import load_detector
 
         detector = load_detector(args.detector)
 

@@ -37,7 +37,8 @@ from bloodcell.data.images import is_image_name
 from bloodcell.data.prepare import PreparedData
 from bloodcell.evaluate.machine import cpu_line, environment
 from bloodcell.models import create_model, list_models, model_info
-from bloodcell.train.fit import fit, resolve_accelerator, resolve_precision
+from bloodcell.train.fit import fit
+from bloodcell.train.hardware import resolve_accelerator, resolve_precision
 
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 

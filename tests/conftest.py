@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from bloodcell.data.fields import FIELD_CLASSES
-from bloodcell.models.detector import Detections, FieldDetector
+from bloodcell.detect.base import Detections, FieldDetector
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"

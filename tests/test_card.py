@@ -61,7 +61,7 @@ def test_export_writes_the_card_beside_the_onnx_file(tmp_path):
 def test_the_bundled_detector_card_is_what_its_detector_json_gives():
     """Retraining or re-exporting the detector without rebuilding DETECTOR_CARD.md (tools/bundle_detector.py) fails here."""
     from bloodcell.infer.card import DETECTOR_CARD, detector_card_for
-    from bloodcell.models.detector import bundled_detector_dir
+    from bloodcell.detect.registry import bundled_detector_dir
 
     folder = bundled_detector_dir()
     card = (folder / DETECTOR_CARD).read_text()

@@ -10,8 +10,10 @@ from PIL import Image
 
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation, load_voc
 from bloodcell.errors import ModelError
-from bloodcell.models.detector import Detections, create_detector, load_detector, save_detector
-from bloodcell.models.detector import matched as matches
+from bloodcell.detect.base import Detections
+from bloodcell.detect.classical_fit import fit_classical
+from bloodcell.detect.metrics import matched as matches
+from bloodcell.detect.registry import create_detector, load_detector, save_detector
 
 BCCD = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
 RBC, WBC, PLT = (FIELD_CLASSES.index(c) for c in ("rbc", "wbc", "platelet"))
@@ -135,7 +137,7 @@ def test_fit_searches_and_logs(tmp_path):
         Image.fromarray(image).save(path)
         items.append(FieldAnnotation(path=path, width=640, height=480, boxes=boxes, labels=labels, name=path.stem))
     det = create_detector("classical")
-    summary = det.fit(items, [], None, tmp_path / "run", False, False)
+    summary = fit_classical(det, items, None, tmp_path / "run", False, False)
     assert (tmp_path / "run" / "search.csv").is_file()
     assert summary["train_wbc_f1"] == 1.0
     assert summary["train_platelet_f1"] == 1.0
@@ -161,7 +163,7 @@ def test_bccd_white_cells_found(bccd_val, detector):
 
 
 def test_overlapping_white_cell_boxes_merge():
-    from bloodcell.models.detector_classical import _merge_overlapping
+    from bloodcell.detect.classical import _merge_overlapping
 
     cells = [(np.array([0.0, 0, 100, 100]), 0.9), (np.array([40.0, 50, 130, 140]), 0.7), (np.array([200.0, 0, 260, 60]), 0.5)]
     merged = _merge_overlapping(cells)

@@ -1,5 +1,5 @@
 """The FCOS cell detector: outputs in the photograph's pixels, save/load, augmentation geometry, fit and resume; and
-its ONNX export (what the install without PyTorch runs: bloodcell.models.detector_onnx), which must find the same
+its ONNX export (what the install without PyTorch runs: bloodcell.detect.fcos_onnx), which must find the same
 cells."""
 
 from __future__ import annotations
@@ -15,16 +15,21 @@ import pytest
 import torch
 from PIL import Image
 
-from bloodcell.config import DetectorTrainConfig
 from bloodcell.data.fields import FieldAnnotation, load_voc
+from bloodcell.detect import export as detector_export
+from bloodcell.detect import registry as detector_module
+from bloodcell.detect.base import Detections
+from bloodcell.detect.config import DetectorTrainConfig
+from bloodcell.detect.data import FieldBatches, rot90_boxes
+from bloodcell.detect.export import export_bundled_detector, export_graph, weights_digest
+from bloodcell.detect.fcos import FCOSDetector, graph_tensors
+from bloodcell.detect.fcos_onnx import FCOSOnnxDetector, agreement, batched_nms, network_input, resized_size
+from bloodcell.detect.fcos_train import fit_fcos
+from bloodcell.detect.metrics import choose_thresholds
+from bloodcell.detect.registry import bundled_detector_dir, create_detector, load_detector, save_detector
+from bloodcell.detect.runs import fit_detector
 from bloodcell.errors import ConfigError, ModelError
-from bloodcell.models import detector as detector_module
-from bloodcell.models.detector import Detections, bundled_detector_dir, create_detector, load_detector, save_detector
-from bloodcell.models import detector_fcos
-from bloodcell.models.detector_fcos import (FCOSDetector, _FieldBatches, choose_thresholds, export_bundled_detector, export_graph,
-                                            graph_tensors, rot90_boxes, weights_digest)
 from bloodcell.models.seal import seal
-from bloodcell.models.detector_onnx import FCOSOnnxDetector, agreement, batched_nms, network_input, resized_size
 
 from conftest import BCCD, field_photo, needs_bccd
 TINY = dict(long_side=96, fpn_channels=32, head_convs=1, bf16=False)
@@ -128,7 +133,7 @@ def test_augmented_samples_keep_boxes_on_their_cells(tmp_path):
     path = tmp_path / "one.png"
     Image.fromarray(img).save(path)
     ann = FieldAnnotation(path=path, width=160, height=120, boxes=np.array([[100, 30, 140, 50]], np.float32), labels=np.array([1]))
-    data = _FieldBatches([ann], long_side=160, seed=3, augment=True)
+    data = FieldBatches([ann], long_side=160, seed=3, augment=True)
     shapes = set()
     for epoch in range(12):
         x, target = data.sample(0, epoch)
@@ -167,7 +172,7 @@ def _log(run_dir):
 
 
 class _SlowClock:
-    """time for detector_fcos in which every reading is a minute after the last: the first session's epoch looks long."""
+    """time for detect.fcos_train in which every reading is a minute after the last: the first session's epoch looks long."""
 
     def __init__(self) -> None:
         import time
@@ -180,12 +185,12 @@ class _SlowClock:
 
 
 def test_fit_writes_a_checkpoint_and_resume_continues(synthetic_fields, tmp_path, monkeypatch):
-    from bloodcell.models import detector_fcos
+    from bloodcell.detect import fcos_train
 
     first = _tiny()
     with monkeypatch.context() as slow:
-        slow.setattr(detector_fcos, "time", _SlowClock())
-        summary = first.fit(synthetic_fields[:3], synthetic_fields[3:], _settings(1), tmp_path, resume=False, progress=False)
+        slow.setattr(fcos_train, "time", _SlowClock())
+        summary, _ = fit_detector(first, synthetic_fields[:3], synthetic_fields[3:], _settings(1), tmp_path, resume=False, progress=False)
     assert summary["epochs"] == 1 and summary["resumed_from_epoch"] == 0
     assert set(summary["score_thresholds"]) == {"rbc", "wbc", "platelet"}
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
@@ -193,7 +198,7 @@ def test_fit_writes_a_checkpoint_and_resume_continues(synthetic_fields, tmp_path
     assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["loss"]) > 0
 
     second = _tiny()
-    summary = second.fit(synthetic_fields[:3], synthetic_fields[3:], _settings(2), tmp_path, resume=True, progress=False)
+    summary, _ = fit_detector(second, synthetic_fields[:3], synthetic_fields[3:], _settings(2), tmp_path, resume=True, progress=False)
     assert summary["epochs"] == 2 and summary["resumed_from_epoch"] == 1
     again = _log(tmp_path)
     assert [r["epoch"] for r in again] == ["1", "2"]
@@ -207,13 +212,13 @@ def test_fit_writes_a_checkpoint_and_resume_continues(synthetic_fields, tmp_path
 
 def test_fit_refuses_a_long_side_other_than_the_detectors(synthetic_fields, tmp_path):
     with pytest.raises(ConfigError, match="long_side"):
-        _tiny().fit(synthetic_fields, [], _settings(1).model_copy(update={"long_side": 128}), tmp_path, False, False)
+        fit_fcos(_tiny(), synthetic_fields, _settings(1).model_copy(update={"long_side": 128}), tmp_path, False, False)
 
 
 @needs_bccd()
 def test_bccd_photographs_are_resized_once_with_their_boxes():
     items = load_voc(BCCD, "train")[:2]
-    data = _FieldBatches(items, long_side=320, seed=0, augment=False)
+    data = FieldBatches(items, long_side=320, seed=0, augment=False)
     for ann, img, boxes in zip(items, data.images, data.boxes):
         assert img.shape == (240, 320, 3)
         np.testing.assert_allclose(boxes, ann.boxes * 0.5, atol=1e-4)
@@ -265,7 +270,7 @@ def test_the_numpy_postprocess_is_fcos_postprocess(original, resized, logit):
     (anchors from its AnchorGenerator: at 288 px the coarsest level has 5 cells, so a stride of 57, not 64)."""
     from torchvision.models.detection.image_list import ImageList
 
-    from bloodcell.models.detector_onnx import postprocess
+    from bloodcell.detect.fcos_onnx import postprocess
 
     model = _tiny(long_side=384).model
     padded = tuple(-(-s // 32) * 32 for s in resized)
@@ -387,7 +392,7 @@ def test_onnx_weights_that_do_not_fit_are_one_line_errors(tmp_path):
     assert len(str(err.value).splitlines()) == 1
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        torch.onnx.export(detector_fcos._RawOutputs(_tiny().model).eval(), (torch.zeros(1, 3, 96, 96),), str(onnx_file),
+        torch.onnx.export(detector_export._RawOutputs(_tiny().model).eval(), (torch.zeros(1, 3, 96, 96),), str(onnx_file),
                           dynamo=False, opset_version=17)  # the exporter's defaults: folded, under generated names
     seal(tmp_path)
     with pytest.raises(ModelError, match=r"detector\.onnx: the graph holds tensors the fcos detector lacks \(onnx::"):
@@ -414,14 +419,14 @@ def test_an_export_that_computes_something_else_is_refused(tmp_path, monkeypatch
 
 def test_an_export_that_does_not_hold_the_weights_is_refused(tmp_path, monkeypatch):
     save_detector(_tiny(), tmp_path)
-    real = detector_fcos.graph_tensors
+    real = detector_export.graph_tensors
 
     def one_changed(path):
         arrays = real(path)
         arrays["head.classification_head.cls_logits.bias"] = arrays["head.classification_head.cls_logits.bias"] + np.float32(1e-6)
         return arrays
 
-    monkeypatch.setattr(detector_fcos, "graph_tensors", one_changed)
+    monkeypatch.setattr(detector_export, "graph_tensors", one_changed)
     with pytest.raises(ModelError, match="does not hold its weights under their names .head.classification_head.cls_logits.bias"):
         export_bundled_detector(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SEAL.json", "detector.json", "detector.safetensors"]

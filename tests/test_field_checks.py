@@ -82,7 +82,7 @@ def test_magnification_is_judged_against_what_the_detector_knows():
     # too few red cells to tell: no verdict either way, a warning that says so
     (few,) = check_magnification(*red_cells(MIN_RED_CELLS - 1, 10), (640, 480), 384, None)
     assert few.code == "few_red_cells" and not few.severe and "too few to check the magnification" in few.message
-    # the detector's own cell_scale (models.detector.cell_scale) wins over the fallback
+    # the detector's own cell_scale (detect.base.cell_scale) wins over the fallback
     own = {"rbc_side_px": {"p05": 10.0, "p50": 20.0, "p95": 30.0}, "long_side": 384}
     assert codes(check_magnification(*red_cells(8, 20 * to_photo), (640, 480), 384, own)) == []
     assert codes(check_magnification(*red_cells(8, 74 * to_photo), (640, 480), 384, own)) == ["magnification"]
@@ -102,7 +102,7 @@ def test_no_cells_found_says_the_likely_reason():
 
 
 def test_detector_scale_reads_the_long_side_and_the_cell_scale():
-    from bloodcell.models.detector import FieldDetector
+    from bloodcell.detect.base import FieldDetector
 
     plain = FieldDetector(long_side=384)
     assert detector_scale(plain) == (384, None)

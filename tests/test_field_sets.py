@@ -167,7 +167,7 @@ def test_a_detector_run_on_two_sets_reports_each_source(tmp_path):
 
 
 def _dets(scores_by_photo):
-    from bloodcell.models.detector import Detections
+    from bloodcell.detect.base import Detections
 
     out = []
     for scores in scores_by_photo:
@@ -183,7 +183,7 @@ def _truth(counts):
 
 
 def test_count_rules_fitted_on_validation_correct_a_detector_that_misses_overlapping_cells():
-    from bloodcell.evaluate.counting import count_errors, fit_count_rules, predict_counts, true_counts
+    from bloodcell.detect.counting import count_errors, fit_count_rules, predict_counts, true_counts
 
     # each photograph: 3 sure boxes and, where 2 cells overlap, one half-sure box per pair (below the 0.5 threshold)
     val = _dets([[0.9, 0.9, 0.9, 0.3], [0.9, 0.9, 0.9, 0.3, 0.3]])
@@ -206,7 +206,8 @@ def test_count_rules_fitted_on_validation_correct_a_detector_that_misses_overlap
 def test_thresholds_are_found_for_a_rare_class_among_thousands_of_background_boxes():
     """A few white cells among many low-scoring candidates: a grid of score quantiles alone steps over them."""
     from bloodcell.data.fields import FieldAnnotation
-    from bloodcell.models.detector import Detections, choose_thresholds
+    from bloodcell.detect.base import Detections
+    from bloodcell.detect.metrics import choose_thresholds
 
     rng = np.random.default_rng(0)
     raw, truth = [], []

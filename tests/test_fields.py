@@ -11,8 +11,8 @@ from PIL import Image
 
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation, load_voc, read_voc
 from bloodcell.errors import DataError
-from bloodcell.evaluate.detect import choose_thresholds, class_counts, detection_metrics, matched
-from bloodcell.models.detector import Detections, FieldDetector
+from bloodcell.detect.base import Detections, FieldDetector
+from bloodcell.detect.metrics import choose_thresholds, class_counts, detection_metrics, matched
 
 from conftest import CLASS_NAMES, REPO, toy_run, with_ood
 
@@ -338,7 +338,7 @@ def test_detector_train_writes_a_run_directory_and_refuses_to_overwrite_it(tmp_p
     from typer.testing import CliRunner
 
     from bloodcell.cli import app
-    from bloodcell.models.detector import load_detector
+    from bloodcell.detect.registry import load_detector
 
     data = voc_folder(tmp_path / "voc")
     out = tmp_path / "run"

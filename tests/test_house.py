@@ -65,7 +65,6 @@ def test_every_package_has_a_place_in_the_pipeline():
     assert packages <= set(PIPELINE), f"give {sorted(packages - set(PIPELINE))} a place in PIPELINE"
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28 in progress: models/detector_fcos imports train/")
 def test_imports_flow_down_the_pipeline():
     upward = []
     for module, path in _modules().items():

@@ -22,7 +22,7 @@ import pytest
 
 from bloodcell.extras import TRAIN_MODULES
 from bloodcell.infer import Predictor
-from bloodcell.models.detector import bundled_detector_dir
+from bloodcell.detect.registry import bundled_detector_dir
 from bloodcell.models.metadata import bundled_model_dir
 from bloodcell.models.seal import seal
 
@@ -233,7 +233,7 @@ def test_a_command_that_needs_pytorch_names_the_extra_in_one_line(torchless, arg
 def assert_same_fields(got: dict, want: dict) -> None:
     """Same counts and white-cell classes; every cell paired with one of the same kind (IoU > 0.99 of the boxes as the
     JSON rounds them to 0.1 px), scores within 1e-3, white cells with the same label and flags."""
-    from bloodcell.models.detector_onnx import box_iou
+    from bloodcell.detect.fcos_onnx import box_iou
 
     assert got["counts"] == want["counts"] and got["wbc_classes"] == want["wbc_classes"]
     assert len(got["cells"]) == len(want["cells"])

@@ -71,7 +71,7 @@ def _counting_case():
     Best F1 keeps the 2 right boxes (threshold 0.8: F1 0.67, count 2 of 4); the best count keeps all 4 candidates
     (threshold <= 0.6: count 4 of 4, F1 0.5). Red cells are counted, white cells and platelets are located."""
     from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation
-    from bloodcell.models.detector import Detections
+    from bloodcell.detect.base import Detections
 
     true_boxes, true_labels, boxes, labels, scores = [], [], [], [], []
     for k in range(len(FIELD_CLASSES)):
@@ -88,7 +88,7 @@ def _counting_case():
 
 
 def test_red_cell_threshold_minimises_count_error_and_white_cell_threshold_maximises_f1():
-    from bloodcell.models.detector import choose_thresholds
+    from bloodcell.detect.metrics import choose_thresholds
 
     found, truth = _counting_case()
     t = choose_thresholds(found, truth)
@@ -269,7 +269,7 @@ def test_evaluate_run_scores_the_training_and_validation_parts_too(tmp_path):
 
 def test_the_left_out_source_is_marked_in_the_per_source_table_and_only_it():
     """Sampled mutation 18 (evaluate/detect.py): `src == left_out` -> `src != left_out` marked every other source."""
-    from bloodcell.evaluate.detect import detection_metrics, source_table
+    from bloodcell.detect.metrics import detection_metrics, source_table
 
     found, truth = _counting_case()
     m = detection_metrics(found, truth, {"rbc": 0.5, "wbc": 0.5, "platelet": 0.5})

@@ -18,7 +18,7 @@ from bloodcell.errors import ModelError
 from bloodcell.infer import Predictor
 from bloodcell.models import registry
 from bloodcell.models.checkpoint import load_checkpoint
-from bloodcell.models.detector import bundled_detector_dir, create_detector, load_detector, save_detector
+from bloodcell.detect.registry import bundled_detector_dir, create_detector, load_detector, save_detector
 from bloodcell.models.metadata import bundled_model_dir, write_model_json
 from bloodcell.models.seal import SEAL_FILE, sealed_names, verify
 

@@ -316,7 +316,7 @@ def test_ema_weights_are_what_training_hands_on_and_resume_exactly(tmp_path):
 def test_epoch_batches_cover_the_epoch_once_without_a_lone_last_image(n, world):
     """Every image once per epoch (DDP ranks: disjoint shards covering it), seeded reshuffling per epoch, and never
     a training batch of one image (BatchNorm cannot train on it when features are 1x1)."""
-    from bloodcell.train.fit import EpochBatches
+    from bloodcell.train.batches import EpochBatches
 
     for shuffle in (True, False):
         per_epoch = []

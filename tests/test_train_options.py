@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from bloodcell.cli import app
 from bloodcell.config import parse_config
 from bloodcell.data.prepare import prepare_data
-from bloodcell.train.fit import class_weights_for, fit, resolve_precision
+from bloodcell.train.fit import class_weights_for, fit
+from bloodcell.train.hardware import resolve_precision
 from bloodcell.train.module import Classifier
 
 from conftest import SAMPLE
@@ -169,7 +170,7 @@ def _native_bf16_in_subprocess(**env) -> bool:
     import subprocess
     import sys
 
-    code = "from bloodcell.train.fit import cpu_has_native_bf16; print(cpu_has_native_bf16())"
+    code = "from bloodcell.train.hardware import cpu_has_native_bf16; print(cpu_has_native_bf16())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
     return out.stdout.strip() == "True"
 
@@ -238,7 +239,7 @@ def test_a_logger_whose_package_is_missing_is_a_one_line_config_error(tmp_path, 
 
 
 def test_channels_last_resolves_per_machine_as_measured(monkeypatch):
-    from bloodcell.train.fit import resolve_channels_last
+    from bloodcell.train.hardware import resolve_channels_last
 
     vgg, resnet = parse_config({"model": {"name": "vgg16"}}), parse_config({"model": {"name": "resnet50"}})
     for capability, vgg_on_cpu in (("AVX512", True), ("AVX2", False), ("DEFAULT", False)):

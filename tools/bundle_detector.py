@@ -7,7 +7,7 @@ Copies detector.json (+ detector.safetensors when the detector has weights) and 
 config, the test figures of its run (pooled, and per set and source), the machine, and with --loso the rows of
 leave-one-source-out runs (each trained without one source: what a new lab can expect). Refuses a run without metrics.json (unfinished) or a
 detector that does not load. An FCOS detector is then exported to detector.onnx (what an install without PyTorch
-runs; bloodcell.models.detector_onnx), checked against PyTorch and described by detector.json's `onnx` section, and
+runs; bloodcell.detect.fcos_onnx), checked against PyTorch and described by detector.json's `onnx` section, and
 its detector.safetensors removed (DETECTOR_CARD.md is written last, from the final detector.json): the bundled folder keeps the weights once, as the graph's initializers, and the
 torch FCOS loads them from detector.onnx. The section records the hashes of detector.onnx, of the weights it holds
 and of the run's detector.safetensors it was exported from.
@@ -28,9 +28,9 @@ import sys
 from pathlib import Path
 
 from bloodcell import io
-from bloodcell.models.detector import DETECTOR_METADATA, DETECTOR_WEIGHTS, load_detector
+from bloodcell.detect.fcos_onnx import DETECTOR_ONNX
+from bloodcell.detect.registry import DETECTOR_METADATA, DETECTOR_WEIGHTS, load_detector
 from bloodcell.models.metadata import write_sealed_json
-from bloodcell.models.detector_onnx import DETECTOR_ONNX
 
 
 def main() -> None:
@@ -123,7 +123,7 @@ def finish(dest: Path, check_photos: Path | None, limit: int) -> None:
 
     from PIL import Image
 
-    from bloodcell.models.detector_fcos import export_bundled_detector
+    from bloodcell.detect.export import export_bundled_detector
 
     photos, source = None, ""
     if check_photos is not None:

@@ -28,8 +28,9 @@ def detector_train_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
 ) -> None:
     """Fit a detector on the train split, choose its thresholds on val, measure it on test; all in the run directory."""
-    from bloodcell.config import DetectorRunConfig, load_config
-    from bloodcell.study.detector import run_detector_config
+    from bloodcell.config import load_config
+    from bloodcell.detect.config import DetectorRunConfig
+    from bloodcell.detect.runs import run_detector_config
 
     extra = list(overrides) + ([f"data.root={data}"] if data else [])
     cfg = load_config(config, extra, schema=DetectorRunConfig)
@@ -63,12 +64,12 @@ def detector_evaluate_cmd(
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
 ) -> None:
     """Measure a saved detector on annotated photographs at its own thresholds."""
-    from bloodcell.study.detector import evaluate_detector
+    from bloodcell.detect.runs import evaluate_detector
 
     metrics = evaluate_detector(detector, data, split, iou)
     _print_detector_metrics(metrics, metrics["seconds_per_photo"])
     if len(metrics["sources"]) > 1:
-        from bloodcell.evaluate.detect import source_table
+        from bloodcell.detect.metrics import source_table
 
         typer.echo(source_table({Path(data).name: metrics["sources"]}))
     if out is not None:
@@ -87,7 +88,7 @@ def detector_card_cmd(
     """Print a detector's card (markdown): training data, per-source test figures, a lab it never saw, known limits."""
     from bloodcell.errors import ModelError
     from bloodcell.infer.card import detector_card_for
-    from bloodcell.models.detector import bundled_detector_dir
+    from bloodcell.detect.registry import bundled_detector_dir
 
     source = bundled_detector_dir() if detector == "default" else Path(detector)
     try:
@@ -101,7 +102,7 @@ def detector_card_cmd(
 @user_errors
 def detector_list_cmd() -> None:
     """The registered detectors."""
-    from bloodcell.models.detector import list_detectors
+    from bloodcell.detect.registry import list_detectors
 
     for name in list_detectors():
         typer.echo(name)

@@ -87,7 +87,7 @@ def serve_cmd(
 def _check_detector_seal(detector: Optional[Path]) -> None:
     """A server must not start on a detector folder that was changed since it was sealed (models.seal); a folder or
     file that is not there is left to the first photograph's one-line error, as before."""
-    from bloodcell.models.detector import bundled_detector_dir
+    from bloodcell.detect.registry import bundled_detector_dir
     from bloodcell.models.seal import verify
 
     folder = bundled_detector_dir() if detector is None or str(detector) == "default" else Path(detector)

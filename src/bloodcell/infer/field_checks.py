@@ -34,7 +34,7 @@ photograph (364). Spoiled: 25 val/test photographs per lab (BCCD's own test spli
   boxes (their largest photograph median is 1.71 x their p50) for a detector that boxes large cells as large.
 - Fallback reference (a detector without `cell_scale` in its state, as the BCCD-only detector bundled before this one): FALLBACK_CELL_SCALE, every
   red-cell box the bundled detector keeps on BCCD train + TXL-PBC train (1,213 photographs, 9,263 boxes): p05 57.9,
-  p50 74.3, p95 93.8 px at its 384 px scale. The labelled boxes of the same photographs (models.detector.cell_scale)
+  p50 74.3, p95 93.8 px at its 384 px scale. The labelled boxes of the same photographs (detect.base.cell_scale)
   give p50 67.1.
 
 Figures (benchmarks/field_checks.py):
@@ -74,7 +74,7 @@ MIN_RED_CELLS = 3  # as the crop ruler (data.fields.crop_side): a median of fewe
 
 # The red-cell box sides (sqrt of the area, in the detector's pixels) of the bundled detector's photographs, used
 # where the detector's state has no `cell_scale` of its own: every red-cell box the bundled detector keeps on the
-# training photographs of BCCD (train, 205) and TXL-PBC (train, 1,008), as models.detector.cell_scale writes it
+# training photographs of BCCD (train, 205) and TXL-PBC (train, 1,008), as detect.base.cell_scale writes it
 FALLBACK_CELL_SCALE = {"rbc_side_px": {"p05": 57.9, "p50": 74.3, "p95": 93.8}, "long_side": 384, "photos": 1213,
                        "boxes": 9263}
 # A photograph's median red-cell side is accepted from BAND_LOW to BAND_HIGH times the reference's p50. The p50, not
@@ -161,7 +161,7 @@ def red_cell_side(boxes: np.ndarray, labels: np.ndarray, size: tuple[int, int], 
     rbc = np.asarray(boxes, np.float64).reshape(-1, 4)[np.asarray(labels) == 0]
     if not len(rbc):
         return None, 0
-    sides = np.sqrt((rbc[:, 2] - rbc[:, 0]) * (rbc[:, 3] - rbc[:, 1]))  # as models.detector.cell_scale measures them
+    sides = np.sqrt((rbc[:, 2] - rbc[:, 0]) * (rbc[:, 3] - rbc[:, 1]))  # as detect.base.cell_scale measures them
     scale = long_side / max(size) if long_side else 1.0
     return float(np.median(sides) * scale), len(rbc)
 

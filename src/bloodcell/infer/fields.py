@@ -33,7 +33,8 @@ from bloodcell.data.images import UnreadableImage, open_rgb
 from bloodcell.errors import DataError, ModelError
 from bloodcell.infer.field_checks import Problem, answer, check_field, detector_scale, withheld
 from bloodcell.infer.predictor import Predictor, collect_images, summarize
-from bloodcell.models.detector import Detections, FieldDetector, load_detector
+from bloodcell.detect.base import Detections, FieldDetector
+from bloodcell.detect.registry import load_detector
 
 INPUT_KINDS = ("auto", "cell", "field")
 # A photograph larger than this is refused (it would be a stitched scan or a camera far from BCCD's scale)

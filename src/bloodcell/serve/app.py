@@ -220,7 +220,8 @@ def create_app(
 
     def detector_source():
         """The detector, loaded once on the first photograph (a server of single cells never pays for it)."""
-        from bloodcell.models.detector import FieldDetector, load_detector
+        from bloodcell.detect.base import FieldDetector
+        from bloodcell.detect.registry import load_detector
 
         with lock:
             if not loaded:

@@ -63,7 +63,8 @@ def lookup(metrics: dict, dotted: str):
 def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = None, resume: bool = True, progress: bool = True) -> dict:
     """Train and evaluate one run in run_dir; return its metrics. Skips a complete run, resumes an incomplete one."""
     from bloodcell.evaluate.run import evaluate_run
-    from bloodcell.train.fit import fit, resolve_accelerator, resolve_channels_last, resolve_precision
+    from bloodcell.train.fit import fit
+    from bloodcell.train.hardware import resolve_accelerator, resolve_channels_last, resolve_precision
 
     run_dir = Path(run_dir)
     if is_complete(run_dir) and (run_dir / "metrics.json").exists():

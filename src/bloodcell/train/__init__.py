@@ -3,4 +3,4 @@
 Its public names are its modules, imported where they are used, not here: `import bloodcell.train` stays light.
 """
 
-__all__ = ["augment", "checkpoint_io", "fit", "module", "smote"]
+__all__ = ["augment", "batches", "checkpoint_io", "fit", "hardware", "module", "smote"]

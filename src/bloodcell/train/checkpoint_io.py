@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 from lightning.fabric.plugins import CheckpointIO
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from safetensors.torch import load_file, save
 
 from bloodcell import io
 from bloodcell.errors import ModelError
+from bloodcell.progress import console
 
 FORMAT = "bloodcell-lightning-checkpoint/1"
 
@@ -134,3 +136,17 @@ def read_checkpoint(path, map_location=None) -> dict[str, Any]:
         raise ModelError(f"checkpoint {path} is incomplete: {tensor_file.name} is missing or does not match")
     tensors = load_file(str(tensor_file), device=str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu")
     return _decode(meta["tree"], tensors)
+
+
+def resumable_checkpoint(path: Path) -> str | None:
+    """`path` if it holds a whole checkpoint; None (train from the start) if there is none or it is unusable."""
+    if not path.exists():
+        return None
+    try:
+        read_checkpoint(path)
+    except ModelError as exc:
+        if rank_zero_only.rank == 0:
+            console().print(f"warning: {exc}; training starts again from epoch 1", markup=False, highlight=False,
+                            soft_wrap=True)
+        return None
+    return str(path)

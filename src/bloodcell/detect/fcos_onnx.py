@@ -22,14 +22,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
+from bloodcell.detect.base import Detections, FieldDetector, register_detector
 from bloodcell.errors import ModelError
-from bloodcell.models.detector_base import Detections, FieldDetector, register_detector
+from bloodcell.models.onnx_runtime import onnx_session
 
 DETECTOR_ONNX = "detector.onnx"  # described by detector.json's `onnx` section; a bundled detector's only weights file
+# detector.json's onnx.state_dict when the ONNX export's initializers are the torch detector's weights (by
+# state_dict name)
+ONNX_STATE_DICT = "initializers"
 ONNX_DETECTOR = "fcos-onnx"
 
-# What the torch FCOS is built with (bloodcell.models.detector_fcos imports these, so both sides share one value).
+# What the torch FCOS is built with (bloodcell.detect.fcos imports these, so both sides share one value).
 IMAGE_MEAN = (0.485, 0.456, 0.406)  # per-channel RGB statistics the network's input is normalised with (ImageNet's)
 IMAGE_STD = (0.229, 0.224, 0.225)
 SIZE_DIVISIBLE = 32  # the resized image is zero-padded to a multiple of this (torchvision's batch_images)
@@ -249,8 +254,6 @@ class FCOSOnnxDetector(FCOSOptions):
 
     def load_onnx(self, path: str | Path, section: dict) -> None:
         """Open the graph at `path` (described by `section`, detector.json's `onnx`) with ONNX Runtime on the CPU."""
-        from bloodcell.models.onnx_runtime import onnx_session
-
         path = Path(path)
         if not path.is_file():
             raise ModelError(f"{path}: the detector's ONNX file is missing (detector.json's onnx section names it)")
@@ -259,14 +262,16 @@ class FCOSOnnxDetector(FCOSOptions):
         levels = sum(n.startswith(f"{OUTPUTS[0]}_") for n in names)
         want = [f"{o}_{i}" for i in range(levels) for o in OUTPUTS]
         if not levels or sorted(names) != sorted(want):
-            raise ModelError(f"{path}: not an FCOS detector graph (outputs {names[:4]}..., expected {want[:3]}... per level)")
+            raise ModelError(f"{path}: not an FCOS detector graph (outputs {names[:4]}..., expected {want[:3]}... "
+                             "per level)")
         self.session, self.onnx_file, self.output_names = session, path, want
         self._input = session.get_inputs()[0].name
 
     def network(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The graph's outputs for a 1 x 3 x H x W input: per level (cls K x h x w, reg 4 x h x w, ctr 1 x h x w)."""
         if self.session is None:
-            raise ModelError(f"detector '{ONNX_DETECTOR}' has no graph loaded: load it with load_detector from a folder whose detector.json has an onnx section")
+            raise ModelError(f"detector '{ONNX_DETECTOR}' has no graph loaded: load it with load_detector from a "
+                             "folder whose detector.json has an onnx section")
         out = dict(zip(self.output_names, self.session.run(self.output_names, {self._input: x})))
         levels = len(self.output_names) // len(OUTPUTS)
         return [tuple(out[f"{o}_{i}"][0] for o in OUTPUTS) for i in range(levels)]
@@ -297,9 +302,8 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def agreement(want: Detections, got: Detections) -> dict:
     """How closely `got` reproduces `want`: boxes paired one-to-one by IoU (Hungarian), then the lowest IoU of a
     pair, the largest score difference and the label disagreements; `unpaired` counts boxes one side lacks."""
-    from scipy.optimize import linear_sum_assignment
-
-    out = {"boxes": len(want), "unpaired": abs(len(want) - len(got)), "min_iou": 1.0, "max_score_diff": 0.0, "label_mismatches": 0}
+    out = {"boxes": len(want), "unpaired": abs(len(want) - len(got)), "min_iou": 1.0, "max_score_diff": 0.0,
+           "label_mismatches": 0}
     if len(want) and len(got):
         iou = box_iou(want.boxes, got.boxes)
         rows, cols = linear_sum_assignment(iou, maximize=True)

@@ -1,8 +1,7 @@
-"""Cell detectors for smear-field photographs: one face, one registry, one file format.
+"""Create, save and load field detectors: the registry's look-ups and the one file format.
 
-The face (Detections, FieldDetector, register_detector, the matching rule) lives in bloodcell.models.detector_base,
-which imports no detector; this module creates, saves and loads detectors, and imports the built-ins
-(bloodcell.models.detectors) before its first look-up. Every name of the face is importable from here too.
+The table of detectors and their face live in bloodcell.detect.base, which imports no detector; this module imports
+the built-ins (bloodcell.detect.builtins) before its first look-up.
 
 A detector takes RGB photographs (H x W x 3 uint8) and returns boxes, a class from FIELD_CLASSES and a score
 per box. Every detector is saved as `detector.json` (name, options, fitted settings, operating thresholds)
@@ -19,36 +18,26 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from bloodcell import __version__
 from bloodcell.data.fields import FIELD_CLASSES
-from bloodcell.errors import ModelError
-from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
+from bloodcell.detect.base import DETECTORS, FieldDetector
+from bloodcell.detect.fcos_onnx import ONNX_STATE_DICT
+from bloodcell.errors import MissingExtra, ModelError
+from bloodcell.extras import INSTALL_TRAIN, has_torch
 from bloodcell.io import write_bytes
-from bloodcell.models.detector_base import (  # noqa: F401  (their old home: `from bloodcell.models.detector import ...`)
-    _DETECTORS,
-    Detections,
-    FieldDetector,
-    cell_scale,
-    choose_thresholds,
-    class_counts,
-    count_errors,
-    keep_above,
-    matched,
-    register_detector,
-)
 from bloodcell.models.metadata import write_sealed_json
 from bloodcell.models.seal import member, verify
 
 DETECTOR_WEIGHTS = "detector.safetensors"
 DETECTOR_METADATA = "detector.json"
 DETECTOR_FORMAT = "bloodcell-detector"
-# detector.json's onnx.state_dict when the ONNX export's initializers are the torch detector's weights (by state_dict name)
-ONNX_STATE_DICT = "initializers"
 
 
 def _registry() -> dict[str, Callable[..., FieldDetector]]:
-    import bloodcell.models.detectors  # noqa: F401  (registers the built-in detectors on first use)
+    # on first use, not at import: the built-ins import PyTorch, which a caller that never looks a detector up skips
+    import bloodcell.detect.builtins  # noqa: F401  (registers the built-in detectors)
 
-    return _DETECTORS
+    return DETECTORS
 
 
 def list_detectors() -> list[str]:
@@ -56,6 +45,8 @@ def list_detectors() -> list[str]:
 
 
 def create_detector(name: str, **options: Any) -> FieldDetector:
+    """A new detector of the registered `name`, built with `options`; a one-line ModelError for an unknown name or
+    option."""
     registry = _registry()
     if name not in registry:
         raise ModelError(f"unknown detector '{name}'; known detectors: {', '.join(registry)}")
@@ -68,10 +59,12 @@ def create_detector(name: str, **options: Any) -> FieldDetector:
 
 
 def save_detector(detector: FieldDetector, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
-    """Write detector.json (+ detector.safetensors when it has weights) atomically; return the folder."""
-    from safetensors.torch import save
+    """Write detector.json (+ detector.safetensors when it has weights) atomically and seal the folder; return it.
 
-    from bloodcell import __version__
+    Args:
+        metadata: more keys for detector.json (a run's `trained_on`, `test` figures); the format's own keys win.
+    """
+    from safetensors.torch import save  # the [train] extra: the light install loads detectors, never saves them
 
     directory = Path(directory)
     meta = dict(metadata or {})
@@ -102,7 +95,7 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     the one bundled with bloodcell.
 
     Without PyTorch (the light install), a folder whose detector.json has an `onnx` section (the bundled one has)
-    loads as that ONNX export (`fcos-onnx`, bloodcell.models.detector_onnx), which finds the same cells. With PyTorch,
+    loads as that ONNX export (`fcos-onnx`, bloodcell.detect.fcos_onnx), which finds the same cells. With PyTorch,
     a folder without a weights file whose `onnx` section says `"state_dict": "initializers"` (the bundled one) loads
     the torch detector's weights from that ONNX graph."""
     if path is None or str(path) == "default":
@@ -112,8 +105,10 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     meta_file = path.with_name(DETECTOR_METADATA) if onnx_file else path / DETECTOR_METADATA if path.is_dir() else path
     if not meta_file.is_file():
         if onnx_file:
-            raise ModelError(f"{path}: no {DETECTOR_METADATA} beside it (an ONNX detector is described by the {DETECTOR_METADATA} of its folder)")
-        raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe {DETECTOR_WEIGHTS} or detector.onnx)")
+            raise ModelError(f"{path}: no {DETECTOR_METADATA} beside it (an ONNX detector is described by the "
+                             f"{DETECTOR_METADATA} of its folder)")
+        raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe "
+                         f"{DETECTOR_WEIGHTS} or detector.onnx)")
     verify(meta_file.parent)
     try:
         meta = json.loads(meta_file.read_text())
@@ -132,14 +127,14 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     if onnx_file is None and section and not has_torch():  # the light install runs the same detector's ONNX export
         onnx_file = meta_file.parent / str(section.get("file"))
     if onnx_file is not None and (not section or section.get("file") != onnx_file.name or not section.get("detector")):
-        raise ModelError(f"{onnx_file}: {meta_file} does not describe it (no onnx section with file '{onnx_file.name}')")
+        raise ModelError(f"{onnx_file}: {meta_file} does not describe it "
+                         f"(no onnx section with file '{onnx_file.name}')")
     name = section["detector"] if onnx_file else meta["detector"]
     try:
         detector = create_detector(name, **meta["options"])
-    except ModuleNotFoundError as exc:
-        if missing_train_module(exc) is None:
-            raise
-        raise ModelError(f"the field detector ({meta['detector']}, {path}) runs on PyTorch, which this install lacks: {INSTALL_TRAIN}") from None
+    except MissingExtra:
+        raise ModelError(f"the field detector ({meta['detector']}, {path}) runs on PyTorch, which this install lacks: "
+                         f"{INSTALL_TRAIN}") from None
     detector.load_state(meta.get("state") or {})
     thresholds = meta["score_thresholds"]
     if set(thresholds) != set(FIELD_CLASSES):
@@ -151,7 +146,7 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
         weights = meta_file.parent / meta["weights"]
         if not weights.is_file():
             raise ModelError(f"{meta_file}: names weights {weights.name} but the file is missing")
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # the [train] extra: weights files are for the torch detectors
 
         try:
             detector.load_tensors(load_file(str(weights)))

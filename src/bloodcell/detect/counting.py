@@ -19,7 +19,8 @@ from typing import Sequence
 import numpy as np
 
 from bloodcell.data.fields import FIELD_CLASSES, FieldAnnotation
-from bloodcell.models.detector import Detections, count_errors  # noqa: F401  (one formula, shared with the detection metrics)
+from bloodcell.detect.base import Detections
+from bloodcell.detect.metrics import count_errors  # noqa: F401  (one formula, shared with the detection metrics)
 
 COUNT_RULES = ("boxes", "scaled", "score_sum")
 
