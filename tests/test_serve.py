@@ -12,7 +12,8 @@ from PIL import Image
 
 from bloodcell.infer import Predictor
 from conftest import CLASS_NAMES, FIXED_COUNTS, field_photo, set_ood_threshold, toy_run, with_ood
-from bloodcell.serve.app import _clean_name, create_app
+from bloodcell.serve.app import create_app
+from bloodcell.serve.uploads import clean_name as _clean_name
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
