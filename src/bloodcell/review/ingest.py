@@ -12,10 +12,12 @@ import io
 from collections import Counter
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image
 
 from bloodcell.data.fields import background_colour, crop_cell
 from bloodcell.data.images import open_rgb
+from bloodcell.infer.fields import predict_mixed
 from bloodcell.review.records import NewCell, NewUpload
 
 THUMB_SIDE = 96
@@ -55,8 +57,6 @@ def _model_said(pred: dict) -> dict:
 def classify_uploads(predictor, files: list[tuple[str, bytes]], input_kind: str = "auto",
                      detector: Any | Callable | None = None, max_pixels: int | None = None) -> tuple[list[NewUpload], list[dict]]:
     """Classify `files` (name, bytes) and return (uploads with their cells, unreadable files with reasons)."""
-    from bloodcell.infer.fields import predict_mixed
-
     files = unique_names(files)
     data = dict(files)
     result = predict_mixed(predictor, files, input_kind, detector, 32, False, max_pixels)
@@ -88,6 +88,4 @@ def classify_uploads(predictor, files: list[tuple[str, bytes]], input_kind: str 
 
 
 def _array(image: Image.Image):
-    import numpy as np
-
     return np.asarray(image)
