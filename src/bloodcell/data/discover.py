@@ -225,7 +225,16 @@ def scan(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = "default",
 ) -> Inventory:
-    """Walk `root/<class>/...`, validate every file and return the Inventory.
+    """Walk `root/<class>/...` (or read the list in a `path,label[,group]` CSV), validate every file and return the
+    Inventory.
+
+    Args:
+        root: the folder of class folders, or a CSV.
+        max_pixels: a larger image is unreadable (refused before it is decoded).
+        workers: processes that decode the images (None: one per core; a small folder is read in this process).
+        progress: show a progress bar.
+        cache_dir: where results per file are kept for the next scan; "default": $BLOODCELL_CACHE or
+            ~/.cache/bloodcell; None: no cache.
 
     Raises DataError (one line, naming the path) when root is missing, is not a folder or holds no class folders.
     Unreadable files and empty class folders are reported in the Inventory, never raised.

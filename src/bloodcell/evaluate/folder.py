@@ -244,7 +244,8 @@ def _ood_block(cells: _Cells, scores: _Scores) -> dict:
         "mean_score": float(np.mean(found)) if found else None,
         "kept_fraction": float(kept.mean()),
         "accuracy_kept": _accuracy(scores.pred_full == cells.y, kept),
-        "accuracy_kept_restricted": _accuracy(scores.pred_r == cells.y, kept) if scores.restricted is not None else None,
+        "accuracy_kept_restricted": _accuracy(scores.pred_r == cells.y, kept)
+        if scores.restricted is not None else None,
     }
 
 

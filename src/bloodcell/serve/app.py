@@ -236,7 +236,8 @@ def health(request: Request) -> Health:
 
 
 @router.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA}, responses={
-    **_UPLOAD_ERRORS, 503: {"model": ErrorMessage, "description": "input=field but the server has no usable field detector"}})
+    **_UPLOAD_ERRORS,
+    503: {"model": ErrorMessage, "description": "input=field but the server has no usable field detector"}})
 async def predict(
     request: Request,
     input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]},
@@ -268,7 +269,8 @@ async def explain(request: Request) -> Response:
     """Grad-CAM overlay of one image (multipart field `file`) as a PNG."""
     service = _service(request)
     if service.predictor.model is None:
-        raise HTTPException(501, "Grad-CAM needs the PyTorch model: start the server with --model RUN_DIR, not an .onnx file")
+        raise HTTPException(501, "Grad-CAM needs the PyTorch model: start the server with --model RUN_DIR, "
+                                 "not an .onnx file")
     files = await service.read_uploads(request, ("file", "files"))
     if len(files) != 1:
         raise HTTPException(422, f"/explain takes exactly one image, got {len(files)}")

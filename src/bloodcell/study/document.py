@@ -78,8 +78,10 @@ def _inline(text: str) -> str:
 _CSS = """
 body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1d2330;background:#f6f7f9;margin:0}
 main{max-width:1100px;margin:0 auto;padding:24px 32px;background:#fff}
-h1{font-size:26px;border-bottom:3px solid #7b2d8b;padding-bottom:6px}h2{margin-top:34px;color:#5a1f66}h3{margin-top:22px}
-table{border-collapse:collapse;margin:10px 0 18px;font-size:13.5px}th,td{border:1px solid #d9dce3;padding:4px 8px;text-align:right}
+h1{font-size:26px;border-bottom:3px solid #7b2d8b;padding-bottom:6px}h2{margin-top:34px;color:#5a1f66}\
+h3{margin-top:22px}
+table{border-collapse:collapse;margin:10px 0 18px;font-size:13.5px}\
+th,td{border:1px solid #d9dce3;padding:4px 8px;text-align:right}
 th{background:#f0edf3}td:first-child,th:first-child{text-align:left}tr:nth-child(even) td{background:#fafafc}
 figure{margin:12px 0}img{max-width:100%;border:1px solid #e3e5ea}figcaption{font-size:12.5px;color:#5b6170}
 code{background:#f1f1f4;padding:1px 4px;border-radius:3px}

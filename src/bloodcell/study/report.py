@@ -82,6 +82,14 @@ def _predictions(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | No
 
 
 def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict) -> Path:
+    """Write out/report.md and out/report.html from the runs' folders; return the HTML's path.
+
+    Args:
+        spec: the study (its protocols, experiments and the paper's numbers).
+        runs: every run of the study, finished or not (those not finished are shown as such).
+        out: the study's folder (runs under out/runs, figures written to out/figures).
+        summary: the study's status (study_status.json): runs, complete, parallel, git_commit.
+    """
     out = Path(out)
     doc = Doc()
     by = {}  # (experiment, protocol) -> list of (run, metrics)
