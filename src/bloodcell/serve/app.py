@@ -89,7 +89,6 @@ _PAGE_HEADERS = {
 }
 
 
-
 def create_app(
     predictor,
     max_upload_bytes: int | None = None,
