@@ -35,6 +35,9 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+from headless_chromium import CHROMIUM, chromium  # noqa: E402  (tools/: the browser's options, said once)
+
 SAMPLE = REPO / "examples" / "pbc-sample"
 SAMPLE_ID = "BENCH-1"
 
@@ -87,15 +90,7 @@ def fill(url: str, cells: int) -> float:
 
 
 def browser(profile: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = shutil.which("chromium") or shutil.which("chromium-browser")
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1400,1000",
-                "--no-first-run", f"--user-data-dir={profile}"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(shutil.which("chromedriver")), options=opts)
+    driver = chromium(profile, window="1400,1000")
     driver.set_script_timeout(60)
     return driver
 
@@ -170,7 +165,7 @@ def main() -> None:
 
 def driver_version() -> str:
     try:
-        out = subprocess.run([shutil.which("chromium") or "chromium", "--version"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run([CHROMIUM or "chromium", "--version"], capture_output=True, text=True, timeout=10)
         return out.stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "chromium ?"

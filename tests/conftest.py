@@ -35,11 +35,20 @@ def env_with_startup_hook(tmp_path: Path, code: str, **extra: str) -> dict:
 
 def load_benchmark(name: str):
     """benchmarks/<name>.py as a module, loaded once: tests reuse a benchmark's code instead of copying it."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
+    return _load_script(REPO / "benchmarks" / f"{name}.py")
+
+
+def load_tool(name: str):
+    """tools/<name>.py as a module, loaded once (tools/headless_chromium.py starts the tests' browser)."""
+    return _load_script(REPO / "tools" / f"{name}.py")
+
+
+def _load_script(path: Path):
+    if path.stem not in sys.modules:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        sys.modules[path.stem] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[path.stem])
+    return sys.modules[path.stem]
 
 os.environ.setdefault("BLOODCELL_PROGRESS", "0")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
-import shutil
 import socket
 import threading
 import time
@@ -18,13 +17,13 @@ from pathlib import Path
 import pytest
 
 from bloodcell.infer import Predictor
-from conftest import CLASS_NAMES, FIXED_COUNTS, field_photo, set_ood_threshold, toy_run, with_ood
+from conftest import CLASS_NAMES, FIXED_COUNTS, field_photo, load_tool, set_ood_threshold, toy_run, with_ood
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
 NAMES = CLASS_NAMES
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMEDRIVER = shutil.which("chromedriver")
+headless = load_tool("headless_chromium")
+CHROMIUM, CHROMEDRIVER = headless.CHROMIUM, headless.CHROMEDRIVER
 
 pytestmark = [
     pytest.mark.slow,
@@ -75,20 +74,9 @@ def server_url(predictor):
 
 
 def chromium(profile: Path, window: str = "1280,1000"):
-    """Headless Chromium driven by Selenium, its profile in `profile`, the browser console kept."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", f"--window-size={window}", f"--user-data-dir={profile}",
-    ):
-        opts.add_argument(arg)
-    opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    """Headless Chromium driven by Selenium (tools/headless_chromium.py), its profile in `profile`, the browser
+    console kept."""
+    driver = headless.chromium(profile, window)
     driver.set_page_load_timeout(30)
     return driver
 

@@ -156,6 +156,22 @@ def test_evaluate_a_labelled_folder_without_pytorch(torchless, pytorch_result, t
     assert imported() == []
 
 
+def test_evaluate_a_folder_of_fewer_classes_than_the_model_without_pytorch(torchless, tmp_path):
+    """The restricted scores (the classes present only) are numpy: they once came from a module that imports torch."""
+    run, imported = torchless
+    folder = tmp_path / "two"
+    for cls in ("neutrophil", "lymphocyte"):
+        (folder / cls).mkdir(parents=True)
+        for f in sorted((SAMPLE / cls).glob("*.jpg"))[:3]:
+            (folder / cls / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "eval"
+    proc = run("evaluate", str(folder), "--model", "default", "--out", str(out), "--bootstrap", "20")
+    assert proc.returncode == 0, proc.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sorted(metrics["restricted"]["class_names"]) == ["lymphocyte", "neutrophil"] and metrics["n"] == 6
+    assert imported() == []
+
+
 def test_serve_without_pytorch(torchless):
     run, imported = torchless
     image = sorted((SAMPLE / "eosinophil").iterdir())[0]

@@ -25,6 +25,7 @@ from bloodcell.review.export import export_zip, write_export
 from bloodcell.review.report import render_report
 from bloodcell.review.records import DATABASE_FILE, Conflict, NewCell, NewUpload, NotFound, ReviewError, StoreDamaged
 from bloodcell.review.store import ReviewStore
+from bloodcell.models.seal import read_seal
 from conftest import CLASS_NAMES, SAMPLE, FixedDetector, field_photo
 
 runner = CliRunner()
@@ -398,6 +399,22 @@ def test_the_review_api_is_documented(client):
                  "/api/samples/{sample_id}/report", "/api/samples/{sample_id}/export.zip", "/api/labels"):
         assert path in paths, path
     assert "409" in paths["/api/samples/{sample_id}/cells/{cell_id}/label"]["post"]["responses"]
+
+
+def test_the_report_names_the_model_by_the_digest_its_seal_records(client, bundled):
+    """One identity for one model: the version on every report is model.json's SHA-256 as SEAL.json records it."""
+    sealed = read_seal(Path(bundled.source))["files"]["model.json"]["sha256"]
+    assert client.app.state.model_identity["version"] == sealed
+    client.post("/api/samples", json={"sample_id": "S4", "who": "AB"})
+    report = client.get("/api/samples/S4/report").text
+    assert f"(version {sealed})" in report
+
+
+def test_a_wrong_method_is_405_naming_every_method_of_the_path(client):
+    res = client.delete("/api/samples")  # GET and POST are two routes of one included router
+    assert res.status_code == 405 and res.headers["allow"] == "GET, POST"
+    assert client.put("/api/samples/S5").headers["allow"] == "GET, PATCH"
+    assert client.delete("/health").headers["allow"] == "GET"
 
 
 def test_without_a_data_folder_the_server_is_the_one_off_page(bundled):

@@ -12,7 +12,8 @@ from PIL import Image
 
 from bloodcell.infer import Predictor
 from conftest import CLASS_NAMES, FIXED_COUNTS, field_photo, set_ood_threshold, toy_run, with_ood
-from bloodcell.serve.app import _clean_name, create_app
+from bloodcell.serve.app import create_app
+from bloodcell.serve.uploads import clean_name as _clean_name
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "examples" / "pbc-sample"
@@ -333,6 +334,24 @@ def test_page_and_static_assets(client):
         text = a.text.replace('"http://www.w3.org/2000/svg"', "")  # the SVG namespace is a name, never fetched
         assert "http://" not in text and "https://" not in text
     assert client.get("/static/../app.py").status_code == 404
+
+
+def test_the_model_version_is_the_digest_the_seal_records_for_the_description_it_was_read_from(tmp_path):
+    from types import SimpleNamespace
+
+    from bloodcell.models.seal import file_sha256, seal
+    from bloodcell.serve.app import model_version
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "model.json").write_text('{"model_name": "x", "num_classes": 2}')
+    (folder / "model.onnx").write_bytes(b"a graph")
+    (folder / "model.onnx.json").write_text('{"model_name": "x", "num_classes": 2, "onnx": {}}')
+    seal(folder)
+    assert model_version(SimpleNamespace(source=str(folder), metadata={})) == file_sha256(folder / "model.json")
+    onnx = SimpleNamespace(source=str(folder / "model.onnx"), metadata={})
+    assert model_version(onnx) == file_sha256(folder / "model.onnx.json")  # an export's sidecar describes it
+    assert len(model_version(SimpleNamespace(source="", metadata={"model_name": "x"}))) == 12  # no folder: no seal
 
 
 def test_openapi_documents_the_endpoints(client):

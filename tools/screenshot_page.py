@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 import uvicorn
-from selenium import webdriver
-from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from bloodcell.infer import Predictor
 from bloodcell.serve.app import create_app
+from headless_chromium import chromium  # tools/, beside this script
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pbc-sample"
 
@@ -51,13 +51,7 @@ def main() -> None:
     threading.Thread(target=server.run, daemon=True).start()
     while not server.started:
         time.sleep(0.05)
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = "/usr/bin/chromium"
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", f"--window-size=1400,{args.height}",
-                f"--user-data-dir={tempfile.mkdtemp()}"):
-        opts.add_argument(arg)
-    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
+    driver = chromium(tempfile.mkdtemp(), window=f"1400,{args.height}")
     try:
         if args.workstation:
             workstation(driver, f"http://127.0.0.1:{port}", args.photo)
@@ -80,8 +74,6 @@ def main() -> None:
 
 
 def workstation(driver, url: str, photo: Path | None) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-
     wait = WebDriverWait(driver, 60)
     driver.get(url + "/")
     wait.until(lambda d: "connecting" not in d.find_element(By.ID, "model-info").text)

@@ -13,7 +13,9 @@ size and mtime (git's stat cache has the same limit); deleting `<cache>/scans/` 
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io as _io
 import json
 import os
 from collections import Counter, defaultdict
@@ -21,6 +23,9 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable
+
+from rich.console import Console
+from rich.table import Table
 
 from bloodcell import io
 from bloodcell.data.images import DEFAULT_MAX_PIXELS, UnreadableImage, is_image_name, open_rgb
@@ -162,8 +167,6 @@ def _probe(args: tuple[str, str, int]) -> tuple[str, dict | str, list[int] | Non
 
 
 def _bytes_io(data: bytes):
-    import io as _io
-
     return _io.BytesIO(data)
 
 
@@ -222,7 +225,16 @@ def scan(
     progress: bool = True,
     cache_dir: str | os.PathLike | None = "default",
 ) -> Inventory:
-    """Walk `root/<class>/...`, validate every file and return the Inventory.
+    """Walk `root/<class>/...` (or read the list in a `path,label[,group]` CSV), validate every file and return the
+    Inventory.
+
+    Args:
+        root: the folder of class folders, or a CSV.
+        max_pixels: a larger image is unreadable (refused before it is decoded).
+        workers: processes that decode the images (None: one per core; a small folder is read in this process).
+        progress: show a progress bar.
+        cache_dir: where results per file are kept for the next scan; "default": $BLOODCELL_CACHE or
+            ~/.cache/bloodcell; None: no cache.
 
     Raises DataError (one line, naming the path) when root is missing, is not a folder or holds no class folders.
     Unreadable files and empty class folders are reported in the Inventory, never raised.
@@ -302,8 +314,6 @@ def _relpath(p: Path, root: Path) -> str:
 
 def _csv_entries(csv_path: Path) -> _Listing:
     """Rows of `path,label[,group]` (a header row names the columns; paths relative to the CSV's folder or absolute)."""
-    import csv
-
     root = csv_path.parent
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as fh:
@@ -432,9 +442,6 @@ def require_trainable(inv: Inventory) -> None:
 
 def print_summary(report: dict) -> None:
     """Human-readable tables of a summary() dict."""
-    from rich.console import Console
-    from rich.table import Table
-
     out = Console()
     table = Table(title=f"{report['root']}: {report['images']:,} images in {len(report['classes'])} classes")
     table.add_column("class")

@@ -20,6 +20,7 @@ import io as _io
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -27,7 +28,11 @@ import numpy as np
 
 from bloodcell import io
 from bloodcell.data.classes import normalise_name, resolve_class
+from bloodcell.data.discover import scan
 from bloodcell.errors import DataError
+from bloodcell.evaluate.machine import environment
+from bloodcell.evaluate.metrics import classification_metrics, restrict
+from bloodcell.evaluate.plots import plot_confusion_matrix, plot_reliability_diagram
 from bloodcell.intended_use import REPORT_NOTE
 
 
@@ -80,9 +85,7 @@ def match_folders(
 
 
 def _restrict(probs: np.ndarray, present: list[int]) -> tuple[np.ndarray, int]:
-    """evaluate.labs.restrict, and how many rows had no mass over the `present` columns (made uniform)."""
-    from bloodcell.evaluate.labs import restrict
-
+    """evaluate.metrics.restrict, and how many rows had no mass over the `present` columns (made uniform)."""
     return restrict(probs, present), int((probs[:, present].sum(axis=1) <= 0).sum())
 
 
@@ -104,23 +107,65 @@ def evaluate_folder(
 ) -> dict:
     """Classify every image of a labelled folder with `predictor`, score it, write the outputs; return metrics.
 
-    predictor: a bloodcell.infer.Predictor (anything with class_names, model_name, source and predict_paths).
-    mapping: {folder name: model class}, winning over automatic name matching.
+    Args:
+        predictor: a bloodcell.infer.Predictor (anything with class_names, model_name, source and predict_paths).
+        folder: ImageFolder style, one sub-folder per class (or a labels.csv data.discover.scan reads).
+        out_dir: where metrics.json, predictions.csv, figures/ and report.md are written.
+        mapping: {folder name: model class}, winning over automatic name matching.
+        n_bootstrap, seed: the bootstrap of the confidence intervals.
+        model_source: what the provenance names as the model (default: predictor.source).
     """
-    from bloodcell.data.discover import scan
-    from bloodcell.evaluate.metrics import classification_metrics
-    from bloodcell.evaluate.machine import environment
-
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     names = [str(c) for c in predictor.class_names]
-    k = len(names)
     inv = scan(folder, cache_dir=None, progress=progress)
     class_map = match_folders(inv.class_names, names, mapping)
+    cells = _classify(predictor, inv, class_map, names, batch_size, progress)
+    scores = _Scores.of(cells, names, n_bootstrap, seed)
+    metrics: dict = {
+        "folder": str(inv.root),
+        "n": cells.n,
+        "classes_present": scores.present_names,
+        "full": scores.full,
+        "restricted": scores.restricted,
+        "review": _review_block(cells, scores, getattr(predictor, "review_threshold", None)),
+        "ood": _ood_block(cells, scores) if cells.has_ood else None,
+        **_predicted_as(scores, names, cells.n),
+        "unreadable": cells.unreadable,
+        "provenance": _provenance(predictor, inv, cells.n, class_map, mapping, model_source, n_bootstrap, seed),
+    }
+    _write_predictions(out_dir / "predictions.csv", cells, names, scores.pred_full, scores.pred_r)
+    _figures(out_dir / "figures", metrics, cells.probs, cells.y, scores.present, names)
+    metrics["provenance"]["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
+    io.write_json(out_dir / "metrics.json", metrics)
+    io.write_text(out_dir / "report.md", report_markdown(metrics))
+    return metrics
+
+
+@dataclass
+class _Cells:
+    """The folder's classified images: where they are, their true class and what the model said."""
+
+    relpaths: list[str]
+    true_names: list[str]
+    preds: list[dict]  # Predictor results, one per image
+    y: np.ndarray  # true class indices into the model's classes
+    probs: np.ndarray  # (n, k), rows summing to 1
+    review: np.ndarray  # flagged for review
+    ood: np.ndarray  # flagged out-of-distribution
+    has_ood: bool  # the model has an OOD score at all
+    unreadable: list[dict]  # {path, reason}: to the scan or to the model's decoder
+
+    @property
+    def n(self) -> int:
+        return len(self.relpaths)
+
+
+def _classify(predictor, inv, class_map: dict, names: list[str], batch_size: int, progress: bool) -> _Cells:
+    """Every readable image of the inventory `inv` classified; a one-line DataError when none is."""
     unreadable = [{"path": s.path, "reason": s.reason} for s in inv.skipped]
     if not inv.records:
         raise DataError(f"no readable images in {inv.root} ({len(unreadable)} unreadable)")
-
     files = [inv.path(i) for i in range(len(inv.records))]
     rel_of = {str(p): r.relpath for p, r in zip(files, inv.records)}
     result = predictor.predict_paths(files, batch_size=batch_size, progress=progress)
@@ -130,109 +175,117 @@ def evaluate_folder(
     rows = [(rel_of[str(f)], class_map[r.label], by_path[str(f)]) for f, r in zip(files, inv.records) if str(f) in by_path]
     if not rows:
         raise DataError(f"no image in {inv.root} could be classified ({len(unreadable)} unreadable)")
-
-    relpaths = [r[0] for r in rows]
-    true_names = [r[1] for r in rows]
     preds = [r[2] for r in rows]
-    y = np.array([names.index(t) for t in true_names], dtype=int)
     probs = np.array([[float(p["probabilities"][c]) for c in names] for p in preds], dtype=np.float64)
-    probs = probs / probs.sum(axis=1, keepdims=True)
-    review = np.array([bool(p.get("review", False)) for p in preds])
-    has_ood = any(p.get("ood") is not None for p in preds)  # None: the model has no OOD score
-    ood = np.array([bool(p.get("ood", False)) for p in preds])
-    n = len(rows)
+    return _Cells(
+        relpaths=[r[0] for r in rows],
+        true_names=[r[1] for r in rows],
+        preds=preds,
+        y=np.array([names.index(r[1]) for r in rows], dtype=int),
+        probs=probs / probs.sum(axis=1, keepdims=True),
+        review=np.array([bool(p.get("review", False)) for p in preds]),
+        ood=np.array([bool(p.get("ood", False)) for p in preds]),
+        has_ood=any(p.get("ood") is not None for p in preds),  # None: the model has no OOD score
+        unreadable=unreadable,
+    )
 
-    full = classification_metrics(y, probs, names, n_bootstrap=n_bootstrap, seed=seed)
-    pred_full = probs.argmax(axis=1)
-    correct_full = pred_full == y
 
-    present = sorted({names.index(t) for t in true_names})
-    present_names = [names[i] for i in present]
-    restricted: dict | None = None
-    if len(present) < k:
-        probs_r, no_mass = _restrict(probs, present)
-        y_r = np.array([present.index(t) for t in y], dtype=int)
-        pred_r_local = probs_r.argmax(axis=1)
-        pred_r = np.array([present[j] for j in pred_r_local], dtype=int)
+@dataclass
+class _Scores:
+    """The cells scored over all the model's classes and over the classes present in the folder (restricted)."""
+
+    full: dict
+    pred_full: np.ndarray
+    present: list[int]
+    present_names: list[str]
+    restricted: dict | None  # None: every class of the model is present
+    pred_r: np.ndarray  # restricted predictions (model class indices); pred_full when not restricted
+
+    @classmethod
+    def of(cls, cells: _Cells, names: list[str], n_bootstrap: int, seed: int) -> "_Scores":
+        full = classification_metrics(cells.y, cells.probs, names, n_bootstrap=n_bootstrap, seed=seed)
+        pred_full = cells.probs.argmax(axis=1)
+        present = sorted({names.index(t) for t in cells.true_names})
+        present_names = [names[i] for i in present]
+        if len(present) == len(names):
+            return cls(full, pred_full, present, present_names, None, pred_full)
+        probs_r, no_mass = _restrict(cells.probs, present)
+        y_r = np.array([present.index(t) for t in cells.y], dtype=int)
+        pred_r = np.array([present[j] for j in probs_r.argmax(axis=1)], dtype=int)
         if len(present) >= 2:
             restricted = classification_metrics(y_r, probs_r, present_names, n_bootstrap=n_bootstrap, seed=seed)
         else:  # one class: every restricted prediction is right by construction
-            restricted = {"n": n, "class_names": present_names, "accuracy": 1.0, "ci95": None,
+            restricted = {"n": cells.n, "class_names": present_names, "accuracy": 1.0, "ci95": None,
                           "note": "one class present: restricted accuracy is 1 by construction"}
         restricted["rows_without_mass"] = no_mass
-    else:
-        probs_r, pred_r = probs, pred_full
-    correct_r = pred_r == y
+        return cls(full, pred_full, present, present_names, restricted, pred_r)
 
-    unflagged = ~review
-    review_block = {
-        "threshold": getattr(predictor, "review_threshold", None),
-        "fraction": float(review.mean()),
-        "n_flagged": int(review.sum()),
-        "accuracy_unflagged": _accuracy(correct_full, unflagged),
-        "accuracy_unflagged_restricted": _accuracy(correct_r, unflagged) if restricted is not None else None,
+
+def _review_block(cells: _Cells, scores: _Scores, threshold: float | None) -> dict:
+    """How many cells the review threshold flags, and the accuracy of those it does not."""
+    unflagged = ~cells.review
+    return {
+        "threshold": threshold,
+        "fraction": float(cells.review.mean()),
+        "n_flagged": int(cells.review.sum()),
+        "accuracy_unflagged": _accuracy(scores.pred_full == cells.y, unflagged),
+        "accuracy_unflagged_restricted": _accuracy(scores.pred_r == cells.y, unflagged)
+        if scores.restricted is not None else None,
     }
-    ood_block = None
-    if has_ood:
-        kept = ~review & ~ood
-        scores = [p.get("ood_score") for p in preds if p.get("ood_score") is not None]
-        ood_block = {
-            "fraction": float(ood.mean()),
-            "n_flagged": int(ood.sum()),
-            "mean_score": float(np.mean(scores)) if scores else None,
-            "kept_fraction": float(kept.mean()),
-            "accuracy_kept": _accuracy(correct_full, kept),
-            "accuracy_kept_restricted": _accuracy(correct_r, kept) if restricted is not None else None,
-        }
-    counts = Counter(names[i] for i in pred_full)
+
+
+def _ood_block(cells: _Cells, scores: _Scores) -> dict:
+    """How many cells the OOD check flags, and the accuracy of those neither it nor the review threshold flags."""
+    kept = ~cells.review & ~cells.ood
+    found = [p.get("ood_score") for p in cells.preds if p.get("ood_score") is not None]
+    return {
+        "fraction": float(cells.ood.mean()),
+        "n_flagged": int(cells.ood.sum()),
+        "mean_score": float(np.mean(found)) if found else None,
+        "kept_fraction": float(kept.mean()),
+        "accuracy_kept": _accuracy(scores.pred_full == cells.y, kept),
+        "accuracy_kept_restricted": _accuracy(scores.pred_r == cells.y, kept)
+        if scores.restricted is not None else None,
+    }
+
+
+def _predicted_as(scores: _Scores, names: list[str], n: int) -> dict:
+    """Cells per predicted class (all the model's classes), and how many fell on a class absent from the folder."""
+    counts = Counter(names[i] for i in scores.pred_full)
     predicted_as = {c: int(counts.get(c, 0)) for c in names}
-    outside = sum(v for c, v in predicted_as.items() if c not in present_names)
+    outside = sum(v for c, v in predicted_as.items() if c not in scores.present_names)
+    return {"predicted_as": predicted_as, "predicted_outside_present": {"n": int(outside), "fraction": outside / n}}
 
-    metrics: dict = {
+
+def _provenance(predictor, inv, n: int, class_map: dict, mapping: Mapping[str, str] | None, model_source: str | None,
+                n_bootstrap: int, seed: int) -> dict:
+    """What was scored, by which model, how the folders were matched, and on which machine."""
+    return {
         "folder": str(inv.root),
-        "n": n,
-        "classes_present": present_names,
-        "full": full,
-        "restricted": restricted,
-        "review": review_block,
-        "ood": ood_block,
-        "predicted_as": predicted_as,
-        "predicted_outside_present": {"n": int(outside), "fraction": outside / n},
-        "unreadable": unreadable,
-        "provenance": {
-            "folder": str(inv.root),
-            "model_source": model_source if model_source is not None else str(getattr(predictor, "source", "")),
-            "model_name": str(getattr(predictor, "model_name", "unknown")),
-            "backend": getattr(predictor, "backend", None),
-            "model_classes": names,
-            "temperature": getattr(predictor, "temperature", None),
-            "n_images": n,
-            "files": inv.files,
-            "images_per_folder": dict(Counter(r.label for r in inv.records)),
-            "class_mapping": class_map,
-            "explicit_mapping": dict(mapping or {}),
-            "ignored": [{"path": s.path, "reason": s.reason} for s in inv.ignored],
-            "empty_folders": list(inv.empty_classes),
-            "warnings": list(inv.warnings),
-            "n_bootstrap": n_bootstrap,
-            "seed": seed,
-            "environment": environment(),
-        },
+        "model_source": model_source if model_source is not None else str(getattr(predictor, "source", "")),
+        "model_name": str(getattr(predictor, "model_name", "unknown")),
+        "backend": getattr(predictor, "backend", None),
+        "model_classes": [str(c) for c in predictor.class_names],
+        "temperature": getattr(predictor, "temperature", None),
+        "n_images": n,
+        "files": inv.files,
+        "images_per_folder": dict(Counter(r.label for r in inv.records)),
+        "class_mapping": class_map,
+        "explicit_mapping": dict(mapping or {}),
+        "ignored": [{"path": s.path, "reason": s.reason} for s in inv.ignored],
+        "empty_folders": list(inv.empty_classes),
+        "warnings": list(inv.warnings),
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+        "environment": environment(),
     }
 
-    _write_predictions(out_dir / "predictions.csv", relpaths, true_names, preds, probs, names, pred_full, pred_r, has_ood)
-    _figures(out_dir / "figures", metrics, probs, y, probs_r, present, names)
-    metrics["provenance"]["evaluate_seconds"] = round(time.perf_counter() - t0, 2)
-    io.write_json(out_dir / "metrics.json", metrics)
-    io.write_text(out_dir / "report.md", report_markdown(metrics))
-    return metrics
 
-
-def _write_predictions(path: Path, relpaths, true_names, preds, probs, names, pred_full, pred_r, has_ood) -> None:
+def _write_predictions(path: Path, cells: _Cells, names: list[str], pred_full, pred_r) -> None:
     buf = _io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "true", "pred", "pred_restricted", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in names])
-    for rel, true, p, row, a, b in zip(relpaths, true_names, preds, probs, pred_full, pred_r):
+    for rel, true, p, row, a, b in zip(cells.relpaths, cells.true_names, cells.preds, cells.probs, pred_full, pred_r):
         ood = p.get("ood")
         score = p.get("ood_score")
         w.writerow(
@@ -243,9 +296,7 @@ def _write_predictions(path: Path, relpaths, true_names, preds, probs, names, pr
     io.write_text(path, buf.getvalue())
 
 
-def _figures(figures: Path, metrics: dict, probs, y, probs_r, present, names) -> None:
-    from bloodcell.evaluate.plots import plot_confusion_matrix, plot_reliability_diagram
-
+def _figures(figures: Path, metrics: dict, probs, y, present, names) -> None:
     label = f"{metrics['provenance']['model_name']} on {Path(metrics['folder']).name}"
     plot_confusion_matrix(np.asarray(metrics["full"]["confusion_matrix"]), names, figures / "confusion.png",
                           normalize="both", title=f"{label}: all {len(names)} classes")

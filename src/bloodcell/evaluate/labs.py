@@ -19,16 +19,9 @@ import numpy as np
 
 from bloodcell import io
 from bloodcell.evaluate.calibration import apply_temperature
-from bloodcell.evaluate.metrics import classification_metrics
+from bloodcell.evaluate.metrics import classification_metrics, restrict
 from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled, mahalanobis_score
 from bloodcell.evaluate.outputs import predict_outputs
-
-
-def restrict(probs: np.ndarray, present: list[int]) -> np.ndarray:
-    """Probabilities renormalised over the `present` columns; a row with no mass there becomes uniform."""
-    sub = probs[:, present]
-    sums = sub.sum(axis=1, keepdims=True)
-    return np.where(sums > 0, sub / np.where(sums > 0, sums, 1.0), 1.0 / len(present))
 
 
 def score_cells(y: np.ndarray, probs: np.ndarray, names: list[str], review_threshold: float,

@@ -87,6 +87,13 @@ def classification_metrics(
     return out
 
 
+def restrict(probs: np.ndarray, present: list[int]) -> np.ndarray:
+    """Probabilities renormalised over the `present` columns; a row with no mass there becomes uniform."""
+    sub = probs[:, present]
+    sums = sub.sum(axis=1, keepdims=True)
+    return np.where(sums > 0, sub / np.where(sums > 0, sums, 1.0), 1.0 / len(present))
+
+
 def normalize_confusion_matrix(cm) -> np.ndarray:
     """Return `cm` with each row divided by its sum; rows summing to 0 stay all zeros (no NaN)."""
     cm = np.asarray(cm, dtype=float)

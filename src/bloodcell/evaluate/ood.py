@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 from scipy.special import logsumexp, softmax
+from sklearn.covariance import LedoitWolf
+from sklearn.metrics import roc_auc_score
+from threadpoolctl import threadpool_limits
 
 from bloodcell.errors import DataError
 
@@ -19,9 +22,6 @@ DEFAULT_FALSE_ALARM = 0.01
 
 def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     """(means (K, D), precision (D, D)) from training features; a class with no sample gets the overall mean."""
-    from sklearn.covariance import LedoitWolf
-    from threadpoolctl import threadpool_limits
-
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     if x.ndim != 2 or len(x) != len(y) or len(x) < 2:
@@ -37,8 +37,6 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) 
 
 def mahalanobis_score(features: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
     """Squared distance to the nearest class mean: whiten once (precision = L L^T), then plain distances."""
-    from threadpoolctl import threadpool_limits
-
     with threadpool_limits(1):  # one summation order: the same threshold in a resumed and an uninterrupted run
         whiten = np.linalg.cholesky(np.asarray(precision, np.float64))
         z, m = np.asarray(features, np.float64) @ whiten, np.asarray(means, np.float64) @ whiten
@@ -63,8 +61,6 @@ def threshold_for(scores: np.ndarray, false_alarm: float = DEFAULT_FALSE_ALARM) 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     """Area under the ROC curve for telling `out` from `in` by score (1.0: every out scores above every in)."""
-    from sklearn.metrics import roc_auc_score
-
     y = np.r_[np.zeros(len(in_scores)), np.ones(len(out_scores))]
     return float(roc_auc_score(y, np.r_[in_scores, out_scores]))
 

@@ -14,8 +14,16 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
+from bloodcell.data.images import UnreadableImage, open_rgb
 from bloodcell.errors import ModelError
+from bloodcell.extras import needs_train_extra
+from bloodcell.infer.predictor import collect_images
+from bloodcell.io import write_bytes
+
+# torch, pytorch-grad-cam and the models are imported in the functions that use them: the server imports this module
+# in the light install, which has none of them (a server of an ONNX model answers /explain with 501).
 
 DISPLAY_SIZE = 256  # pixels per panel in the written PNG
 
@@ -61,11 +69,12 @@ def _require_torch(predictor):
 
 def gradcam(predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(cams (N, S, S) in [0, 1], calibrated probabilities (N, K)) for uint8 images (N, S, S, 3)."""
-    import torch
-    from pytorch_grad_cam import GradCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
     _require_torch(predictor)
+    with needs_train_extra("Grad-CAM"):
+        import torch
+        from pytorch_grad_cam import GradCAM
+        from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
     probs = predictor.probabilities(images)
     x = torch.from_numpy(predictor.normalise(images)).to(predictor.device)
     model = predictor.model
@@ -79,12 +88,14 @@ def gradcam(predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def render_overlay(image, cam: np.ndarray, title: str) -> bytes:
     """PNG bytes: the cell beside its Grad-CAM overlay, with `title` above."""
+    # matplotlib here, not at the top: a server that never draws an overlay does not pay for it at start-up
     import matplotlib
-    from PIL import Image
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+
+    with needs_train_extra("Grad-CAM"):
+        from pytorch_grad_cam.utils.image import show_cam_on_image
 
     shown = np.asarray(image.convert("RGB").resize((DISPLAY_SIZE, DISPLAY_SIZE)), dtype=np.float32) / 255.0
     heat = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((DISPLAY_SIZE, DISPLAY_SIZE), Image.BILINEAR))
@@ -112,8 +123,6 @@ def _title(predictor, p: np.ndarray) -> str:
 
 def explain_bytes(predictor, data: bytes, max_pixels: int | None = None) -> bytes:
     """One encoded image in memory -> PNG overlay; raises UnreadableImage for bad content."""
-    from bloodcell.data.images import open_rgb
-
     _require_torch(predictor)
     img = open_rgb(data, max_pixels=max_pixels or predictor.max_pixels)
     arr = predictor.decode(data, max_pixels)
@@ -133,10 +142,6 @@ def explain_paths(
     Folders are searched recursively like `predict`. Unreadable files are skipped and, when
     `skipped` is a list, appended to it as {"path", "reason"}.
     """
-    from bloodcell.data.images import UnreadableImage, open_rgb
-    from bloodcell.infer.predictor import collect_images
-    from bloodcell.io import write_bytes
-
     _require_torch(predictor)
     out_dir = Path(out_dir)
     loaded = []

@@ -10,6 +10,8 @@ import math
 from bloodcell.infer.predictor import WBC_CLASSES
 
 FORMATS = ("table", "summary", "csv", "json")  # summary: the table without its row per image
+# rich is imported in the two functions that draw tables: `predict --format csv / json`, what scripts run, does not
+# pay for it at start-up.
 
 
 def to_csv(result: dict) -> str:

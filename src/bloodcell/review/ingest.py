@@ -12,10 +12,12 @@ import io
 from collections import Counter
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image
 
 from bloodcell.data.fields import background_colour, crop_cell
 from bloodcell.data.images import open_rgb
+from bloodcell.infer.fields import predict_mixed
 from bloodcell.review.records import NewCell, NewUpload
 
 THUMB_SIDE = 96
@@ -54,9 +56,16 @@ def _model_said(pred: dict) -> dict:
 
 def classify_uploads(predictor, files: list[tuple[str, bytes]], input_kind: str = "auto",
                      detector: Any | Callable | None = None, max_pixels: int | None = None) -> tuple[list[NewUpload], list[dict]]:
-    """Classify `files` (name, bytes) and return (uploads with their cells, unreadable files with reasons)."""
-    from bloodcell.infer.fields import predict_mixed
+    """Classify `files` and return (uploads with their cells, unreadable files with reasons).
 
+    Args:
+        predictor: a bloodcell.infer.Predictor.
+        files: (name, bytes) of each upload; names made unique first (a second "a.jpg" becomes "a.jpg (2)").
+        input_kind: auto (decide per image), cell or field (a smear photograph: its white cells are the cells).
+        detector: the field detector (infer.fields.predict_mixed): a FieldDetector, a callable giving one, its
+            folder, or None for the bundled one.
+        max_pixels: the largest image to decode (default: the predictor's).
+    """
     files = unique_names(files)
     data = dict(files)
     result = predict_mixed(predictor, files, input_kind, detector, 32, False, max_pixels)
@@ -88,6 +97,4 @@ def classify_uploads(predictor, files: list[tuple[str, bytes]], input_kind: str 
 
 
 def _array(image: Image.Image):
-    import numpy as np
-
     return np.asarray(image)

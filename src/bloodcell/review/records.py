@@ -3,7 +3,9 @@ every value a client sends (one line each, naming the key, quoting at most 60 ch
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from dataclasses import dataclass, field
 from datetime import date as Date
 from datetime import datetime, timezone
@@ -158,9 +160,6 @@ class NewUpload:
 def default_data_dir() -> Path:
     """Where `bloodcell serve` keeps its samples unless told (--data-dir): $BLOODCELL_DATA_DIR, else the user's data
     folder (Linux: $XDG_DATA_HOME or ~/.local/share; macOS: ~/Library/Application Support; Windows: %LOCALAPPDATA%)."""
-    import os
-    import sys
-
     if os.environ.get("BLOODCELL_DATA_DIR"):
         return Path(os.environ["BLOODCELL_DATA_DIR"])
     if sys.platform == "win32":

@@ -23,6 +23,7 @@ from datetime import date as Date
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from bloodcell.data.classes import resolve_class
 from bloodcell.review.counting import REVIEW_LABELS, CountedCell, count, role_of
 from bloodcell.review.records import (
     DATABASE_FILE,
@@ -169,8 +170,6 @@ class ReviewStore:
         return {r["name"]: r["kind"] for r in self._read("SELECT name, kind FROM lab_classes ORDER BY rowid")}
 
     def add_lab_class(self, name: str, kind: str = "wbc") -> dict[str, str]:
-        from bloodcell.data.classes import resolve_class
-
         name = (name or "").strip()
         if not LAB_CLASS.fullmatch(name):
             raise ReviewError(f"class name {shown(name)} is not allowed: 1-40 letters, digits, spaces, '_' or '-'")

@@ -3,4 +3,4 @@
 Its public names are its modules, imported where they are used, not here: `import bloodcell.serve` stays light.
 """
 
-__all__ = ["app", "guards", "limits", "review_api", "server"]
+__all__ = ["app", "guards", "limits", "review_api", "schemas", "server", "uploads"]

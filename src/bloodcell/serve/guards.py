@@ -11,14 +11,16 @@
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import io
-
-import anyio
+import json
 import sys
 from typing import Iterable
 from urllib.parse import urlsplit
 
+import anyio
 from fastapi import HTTPException
+from PIL import Image
 
 from bloodcell.errors import shown
 
@@ -57,8 +59,6 @@ class HostOriginGuard:
 
 
 async def _refuse(send, status: int, detail: str) -> None:
-    import json
-
     body = json.dumps({"detail": detail}).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
@@ -102,8 +102,6 @@ def give_back_memory() -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        import ctypes
-
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):
         pass
@@ -111,8 +109,6 @@ def give_back_memory() -> None:
 
 def declared_pixels(data: bytes) -> tuple[int, int] | None:
     """(width, height) from an image's header, without decoding it; None when it is no image PIL knows."""
-    from PIL import Image
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             return img.size

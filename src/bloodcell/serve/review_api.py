@@ -10,14 +10,18 @@ value (the message names the key), 507 the disk is full (the change was not save
 
 from __future__ import annotations
 
-from typing import Annotated, Callable, Literal
+from dataclasses import dataclass
+from typing import Annotated, Awaitable, Callable, Literal
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request
-from fastapi.responses import HTMLResponse, Response
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from bloodcell.review.records import LAB_CLASS, MAX_NOTE, MAX_REASON, MAX_WHO, SAMPLE_ID, ReviewError
+from bloodcell.review.export import export_zip
+from bloodcell.review.ingest import THUMB_SIDE
+from bloodcell.review.records import LAB_CLASS, MAX_NOTE, MAX_REASON, MAX_WHO, SAMPLE_ID, ReviewError, check_who
+from bloodcell.review.report import render_report
 from bloodcell.review.store import ReviewStore
 
 
@@ -126,146 +130,185 @@ class Cell(BaseModel):
     sample_rev: int | None = Field(None, description="after a change: the sample's revision it left")
 
 
-def review_router(store: ReviewStore, classify: Callable, model: dict, max_files: int, read_uploads: Callable) -> APIRouter:
-    """The routes over `store`. classify(files, input_kind) -> awaitable (uploads, unreadable) (review.ingest.classify_uploads
-    bound to the server's predictor, within its limits); read_uploads(request) -> [(name, bytes)] within the upload limits."""
-    from bloodcell.review.export import export_zip
-    from bloodcell.review.ingest import THUMB_SIDE
-    from bloodcell.review.report import render_report
-
-    router = APIRouter(prefix="/api", tags=["review"], responses=_ERRORS)
-
-    @router.get("/labels")
-    def labels() -> dict:
-        """Every label a cell may be given, in the order the page numbers them (keys 1-9): the model's classes,
-        unidentified, smudge, artefact, then the lab's own classes."""
-        return {"labels": store.labels(), "model_classes": store.classes, "lab_classes": store.lab_classes()}
-
-    @router.post("/labels")
-    def add_label(body: LabClass) -> dict:
-        """Add a class of the lab's own (kept in the database)."""
-        store.add_lab_class(body.name, body.kind)
-        return labels()
-
-    @router.get("/samples")
-    def samples() -> list[dict]:
-        """Every sample, newest first."""
-        return store.samples()
-
-    @router.post("/samples", status_code=201)
-    def create_sample(body: NewSample) -> Sample:
-        return store.create_sample(body.sample_id, body.who, body.date, body.note)
-
-    @router.get("/samples/{sample_id}")
-    def sample(sample_id: SampleId) -> Sample:
-        return store.sample(sample_id)
-
-    @router.patch("/samples/{sample_id}")
-    def edit_sample(sample_id: SampleId, body: SampleEdit) -> Sample:
-        """Change the note, the date or the analyser's white-cell count (not on a signed-off sample)."""
-        return store.update_sample(sample_id, body.who, body.note, body.date, body.wbc_count, body.clear_wbc_count)
-
-    @router.post("/samples/{sample_id}/uploads", openapi_extra={"requestBody": _upload_schema()})
-    async def upload(sample_id: SampleId, request: Request, who: str = Query(..., description="who uploads", max_length=MAX_WHO, pattern=_PRINTABLE),
-                     input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]})) -> dict:
-        """Add images to the sample (multipart field `files`): single cells or smear photographs, classified and kept.
-        Answers the new cells' ids and the files that could not be read."""
-        from bloodcell.review.records import check_who
-
-        check_who(who)
-        store.require_open(sample_id)  # 404 / 409 before any work
-        if input not in ("auto", "cell", "field"):
-            raise HTTPException(422, "input must be one of auto, cell, field")
-        files = await read_uploads(request)
-        uploads, unreadable = await classify(files, input)
-        if not uploads:
-            bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in unreadable)
-            raise HTTPException(422, f"no readable image in the upload: {bad}")
-        added = await run_in_threadpool(store.add_uploads, sample_id, uploads)  # the whole request, or none of it
-        return {"cells": [i for a in added for i in a["cells"]], "uploads": len(uploads), "unreadable": unreadable}
-
-    @router.get("/samples/{sample_id}/uploads")
-    def uploads(sample_id: SampleId) -> list[dict]:
-        """The sample's uploads: name, kind (cell or field), size; photographs with their counts and checks."""
-        return store.uploads(sample_id)
-
-    @router.get("/samples/{sample_id}/uploads/{upload_id}/image", response_class=Response,
-                responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS_IN_JSON})
-    def upload_image(sample_id: SampleId, upload_id: int) -> Response:
-        return Response(store.upload_data(sample_id, upload_id), media_type="application/octet-stream",
-                        headers={"Cache-Control": "private, max-age=86400, immutable"})
-
-    @router.get("/samples/{sample_id}/cells")
-    def cells(sample_id: SampleId) -> list[Cell]:
-        return store.cells(sample_id)
-
-    @router.get("/samples/{sample_id}/cells/{cell_id}/image", response_class=Response,
-                responses={200: {"content": {"image/*": {}}}, **_ERRORS_IN_JSON})
-    def cell_image(sample_id: SampleId, cell_id: int, thumb: bool = Query(False, description=f"a {THUMB_SIDE} px JPEG")) -> Response:
-        data, kind = store.cell_image(sample_id, cell_id, thumb)
-        return Response(data, media_type=kind, headers={"Cache-Control": "private, max-age=86400, immutable"})
-
-    @router.post("/samples/{sample_id}/cells/{cell_id}/label")
-    def relabel(sample_id: SampleId, cell_id: int, body: Relabel) -> Cell:
-        """Give the cell a label (its own label again: confirm it)."""
-        return store.relabel(sample_id, cell_id, body.label, body.who, body.rev)
-
-    @router.post("/samples/{sample_id}/undo")
-    def undo(sample_id: SampleId, body: Who) -> Cell:
-        """Undo this reviewer's last change in the sample; answers the cell as it is again."""
-        return store.undo(sample_id, body.who)
-
-    @router.get("/samples/{sample_id}/corrections")
-    def corrections(sample_id: SampleId) -> list[dict]:
-        """Every change of a label: cell, before, after, who, when, version; undos marked."""
-        return store.corrections(sample_id)
-
-    @router.get("/samples/{sample_id}/count")
-    def sample_count(sample_id: SampleId) -> dict:
-        """The differential with every correction applied: rows in clinical order, totals, flags."""
-        return store.count(sample_id)
-
-    @router.post("/samples/{sample_id}/signoff")
-    def sign_off(sample_id: SampleId, body: SignOff) -> Sample:
-        """Sign the count off: the sample is locked and the count kept with the sign-off."""
-        return store.sign_off(sample_id, body.who, body.rev)
-
-    @router.post("/samples/{sample_id}/reopen")
-    def reopen(sample_id: SampleId, body: Reopen) -> Sample:
-        """Open a signed-off sample for a change, as a new version, with the reason."""
-        return store.reopen(sample_id, body.who, body.reason)
-
-    @router.get("/samples/{sample_id}/history")
-    def history(sample_id: SampleId) -> list[dict]:
-        """Sign-offs and reopenings, each sign-off with the count it signed."""
-        return store.history(sample_id)
-
-    @router.get("/samples/{sample_id}/report", response_class=HTMLResponse, responses=_ERRORS_IN_JSON)
-    def report(sample_id: SampleId) -> HTMLResponse:
-        """The printable report (HTML; print it from the browser, or save it as PDF there)."""
-        return HTMLResponse(render_report(store, sample_id, model), headers={
-            "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"})
-
-    @router.get("/samples/{sample_id}/export.zip", response_class=Response,
-                responses={200: {"content": {"application/zip": {}}}, **_ERRORS_IN_JSON})
-    def export(sample_id: SampleId, labels: Literal["all", "model"] = Query(
-            "all", description="all labels, or only the model's classes (for fine-tuning the same classes)")) -> Response:
-        """The sample's reviewed cells as training data: a folder per label and labels.csv (path,label,group)."""
-        keep = store.classes if labels == "model" else None
-        data = export_zip(store, sample_id, keep)
-        return Response(data, media_type="application/zip",
-                        headers={"Content-Disposition": f'attachment; filename="{sample_id}-cells.zip"'})
-
-    return router
-
-
 def _upload_schema() -> dict:
     return {"required": True, "content": {"multipart/form-data": {"schema": {
         "type": "object", "required": ["files"],
         "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}}}}
 
 
-def review_error_handler(request: Request, exc: ReviewError):
-    from fastapi.responses import JSONResponse
+_IMMUTABLE = {"Cache-Control": "private, max-age=86400, immutable"}  # an image never changes under its id
 
+
+@dataclass(frozen=True)
+class ReviewContext:
+    """What the review routes of one app work on (app.state.review)."""
+
+    store: ReviewStore
+    # classify(files, input_kind) -> awaitable (uploads, unreadable): review.ingest.classify_uploads bound to the
+    # server's predictor, within its limits
+    classify: Callable[[list, str], Awaitable[tuple[list, list]]]
+    model: dict  # {'name', 'version', 'bloodcell'}: shown on every report
+    # read_uploads(request) -> awaitable [(name, bytes)] within the upload limits
+    read_uploads: Callable[[Request], Awaitable[list[tuple[str, bytes]]]]
+
+
+def mount(app: FastAPI, context: ReviewContext) -> None:
+    """Serve the review API under /api in `app`, over `context`."""
+    app.state.review = context
+    app.include_router(router)
+    app.add_exception_handler(ReviewError, review_error_handler)
+
+
+async def _context(request: Request) -> ReviewContext:  # async: no thread for a lookup
+    return request.app.state.review
+
+
+# The app's ReviewContext, passed to each route (FastAPI's dependency injection; no parameter of the API).
+Review = Annotated[ReviewContext, Depends(_context)]
+router = APIRouter(prefix="/api", tags=["review"], responses=_ERRORS)
+
+
+@router.get("/labels")
+def labels(review: Review) -> dict:
+    """Every label a cell may be given, in the order the page numbers them (keys 1-9): the model's classes,
+    unidentified, smudge, artefact, then the lab's own classes."""
+    store = review.store
+    return {"labels": store.labels(), "model_classes": store.classes, "lab_classes": store.lab_classes()}
+
+
+@router.post("/labels")
+def add_label(body: LabClass, review: Review) -> dict:
+    """Add a class of the lab's own (kept in the database)."""
+    review.store.add_lab_class(body.name, body.kind)
+    return labels(review)
+
+
+@router.get("/samples")
+def samples(review: Review) -> list[dict]:
+    """Every sample, newest first."""
+    return review.store.samples()
+
+
+@router.post("/samples", status_code=201)
+def create_sample(body: NewSample, review: Review) -> Sample:
+    return review.store.create_sample(body.sample_id, body.who, body.date, body.note)
+
+
+@router.get("/samples/{sample_id}")
+def sample(sample_id: SampleId, review: Review) -> Sample:
+    return review.store.sample(sample_id)
+
+
+@router.patch("/samples/{sample_id}")
+def edit_sample(sample_id: SampleId, body: SampleEdit, review: Review) -> Sample:
+    """Change the note, the date or the analyser's white-cell count (not on a signed-off sample)."""
+    return review.store.update_sample(sample_id, body.who, body.note, body.date, body.wbc_count, body.clear_wbc_count)
+
+
+@router.post("/samples/{sample_id}/uploads", openapi_extra={"requestBody": _upload_schema()})
+async def upload(sample_id: SampleId, request: Request, review: Review,
+                 who: str = Query(..., description="who uploads", max_length=MAX_WHO, pattern=_PRINTABLE),
+                 input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]})) -> dict:
+    """Add images to the sample (multipart field `files`): single cells or smear photographs, classified and kept.
+    Answers the new cells' ids and the files that could not be read."""
+    check_who(who)
+    review.store.require_open(sample_id)  # 404 / 409 before any work
+    if input not in ("auto", "cell", "field"):
+        raise HTTPException(422, "input must be one of auto, cell, field")
+    files = await review.read_uploads(request)
+    uploads, unreadable = await review.classify(files, input)
+    if not uploads:
+        bad = "; ".join(f"'{u['path']}': {u['reason']}" for u in unreadable)
+        raise HTTPException(422, f"no readable image in the upload: {bad}")
+    added = await run_in_threadpool(review.store.add_uploads, sample_id, uploads)  # the whole request, or none of it
+    return {"cells": [i for a in added for i in a["cells"]], "uploads": len(uploads), "unreadable": unreadable}
+
+
+@router.get("/samples/{sample_id}/uploads")
+def uploads(sample_id: SampleId, review: Review) -> list[dict]:
+    """The sample's uploads: name, kind (cell or field), size; photographs with their counts and checks."""
+    return review.store.uploads(sample_id)
+
+
+@router.get("/samples/{sample_id}/uploads/{upload_id}/image", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS_IN_JSON})
+def upload_image(sample_id: SampleId, upload_id: int, review: Review) -> Response:
+    return Response(review.store.upload_data(sample_id, upload_id), media_type="application/octet-stream",
+                    headers=_IMMUTABLE)
+
+
+@router.get("/samples/{sample_id}/cells")
+def cells(sample_id: SampleId, review: Review) -> list[Cell]:
+    return review.store.cells(sample_id)
+
+
+@router.get("/samples/{sample_id}/cells/{cell_id}/image", response_class=Response,
+            responses={200: {"content": {"image/*": {}}}, **_ERRORS_IN_JSON})
+def cell_image(sample_id: SampleId, cell_id: int, review: Review,
+               thumb: bool = Query(False, description=f"a {THUMB_SIDE} px JPEG")) -> Response:
+    data, kind = review.store.cell_image(sample_id, cell_id, thumb)
+    return Response(data, media_type=kind, headers=_IMMUTABLE)
+
+
+@router.post("/samples/{sample_id}/cells/{cell_id}/label")
+def relabel(sample_id: SampleId, cell_id: int, body: Relabel, review: Review) -> Cell:
+    """Give the cell a label (its own label again: confirm it)."""
+    return review.store.relabel(sample_id, cell_id, body.label, body.who, body.rev)
+
+
+@router.post("/samples/{sample_id}/undo")
+def undo(sample_id: SampleId, body: Who, review: Review) -> Cell:
+    """Undo this reviewer's last change in the sample; answers the cell as it is again."""
+    return review.store.undo(sample_id, body.who)
+
+
+@router.get("/samples/{sample_id}/corrections")
+def corrections(sample_id: SampleId, review: Review) -> list[dict]:
+    """Every change of a label: cell, before, after, who, when, version; undos marked."""
+    return review.store.corrections(sample_id)
+
+
+@router.get("/samples/{sample_id}/count")
+def sample_count(sample_id: SampleId, review: Review) -> dict:
+    """The differential with every correction applied: rows in clinical order, totals, flags."""
+    return review.store.count(sample_id)
+
+
+@router.post("/samples/{sample_id}/signoff")
+def sign_off(sample_id: SampleId, body: SignOff, review: Review) -> Sample:
+    """Sign the count off: the sample is locked and the count kept with the sign-off."""
+    return review.store.sign_off(sample_id, body.who, body.rev)
+
+
+@router.post("/samples/{sample_id}/reopen")
+def reopen(sample_id: SampleId, body: Reopen, review: Review) -> Sample:
+    """Open a signed-off sample for a change, as a new version, with the reason."""
+    return review.store.reopen(sample_id, body.who, body.reason)
+
+
+@router.get("/samples/{sample_id}/history")
+def history(sample_id: SampleId, review: Review) -> list[dict]:
+    """Sign-offs and reopenings, each sign-off with the count it signed."""
+    return review.store.history(sample_id)
+
+
+@router.get("/samples/{sample_id}/report", response_class=HTMLResponse, responses=_ERRORS_IN_JSON)
+def report(sample_id: SampleId, review: Review) -> HTMLResponse:
+    """The printable report (HTML; print it from the browser, or save it as PDF there)."""
+    return HTMLResponse(render_report(review.store, sample_id, review.model), headers={
+        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"})
+
+
+@router.get("/samples/{sample_id}/export.zip", response_class=Response,
+            responses={200: {"content": {"application/zip": {}}}, **_ERRORS_IN_JSON})
+def export(sample_id: SampleId, review: Review, labels: Literal["all", "model"] = Query(
+        "all", description="all labels, or only the model's classes (for fine-tuning the same classes)")) -> Response:
+    """The sample's reviewed cells as training data: a folder per label and labels.csv (path,label,group)."""
+    keep = review.store.classes if labels == "model" else None
+    data = export_zip(review.store, sample_id, keep)
+    return Response(data, media_type="application/zip",
+                    headers={"Content-Disposition": f'attachment; filename="{sample_id}-cells.zip"'})
+
+
+def review_error_handler(request: Request, exc: ReviewError) -> JSONResponse:
     return JSONResponse({"detail": str(exc)}, status_code=exc.status)

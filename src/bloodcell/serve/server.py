@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import socket
 
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from bloodcell.serve.limits import ServerLimits
@@ -40,8 +41,6 @@ def protocol_with_header_deadline(seconds: float) -> type:
 
 def run(app, sock: socket.socket, limits: ServerLimits, log_level: str = "info") -> None:
     """Serve `app` on the bound socket `sock` until interrupted."""
-    import uvicorn
-
     config = uvicorn.Config(app, log_level=log_level, http=protocol_with_header_deadline(limits.header_seconds),
                             limit_concurrency=limits.max_connections, timeout_keep_alive=5)
     uvicorn.Server(config).run(sockets=[sock])

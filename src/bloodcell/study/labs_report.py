@@ -55,6 +55,13 @@ def lab_rows(spec, by: dict) -> dict[tuple[str, bool], list[list[str]]]:
 
 
 def labs_section(doc, spec, by: dict) -> None:
+    """The report's leave-one-lab-out section (see the module docstring), added to `doc` (study.document.Doc).
+
+    Args:
+        doc: the report being written.
+        spec: the study (its experiments and protocols).
+        by: {(experiment name, protocol): [(RunSpec, metrics or None)]}, as study.report.write_report gathers them.
+    """
     tables = lab_rows(spec, by)
     if not tables:
         return

@@ -32,7 +32,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
+from bloodcell import io
 from bloodcell.errors import ConfigError
+
+# torch, lightning (study.experiment) and what trains are imported where they are used: the light install's CLI
+# imports this module for parse_parallel, and has none of them.
 
 GRACE_SECONDS = 10.0  # a stopped worker gets this long to exit after SIGTERM before SIGKILL
 POLL_SECONDS = 0.1
@@ -215,7 +219,6 @@ def _start(run, run_dir: Path, slot: Slot, out: Path) -> _Live:
 
 def _outcome(w: _Live) -> dict:
     """What a finished worker left: the run complete, failed (the worker wrote why), or the worker died."""
-    from bloodcell import io
     from bloodcell.study.experiment import is_complete, read_status, remove_stale_checkpoints
 
     seconds = round(time.perf_counter() - w.t0, 1)

@@ -6,98 +6,22 @@ read from the study config and always labelled as the paper's.
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from bloodcell import io
+from bloodcell.data.figures import plot_part_counts
+from bloodcell.evaluate.plots import plot_protocol_curves
 from bloodcell.evaluate.stats import mcnemar_test, mean_sd_ci, paired_difference_summary
+from bloodcell.study.document import Doc
 from bloodcell.study.experiment import lookup, read_status
 from bloodcell.study.labs_report import labs_section
 from bloodcell.study.runs import run_dir_for
 from bloodcell.intended_use import REPORT_NOTE
 from bloodcell.study.spec import RunSpec, StudySpec
-
-# ------------------------------------------------------------------ a tiny document model, rendered twice
-
-
-@dataclass
-class Doc:
-    blocks: list[tuple] = field(default_factory=list)
-
-    def h(self, level: int, text: str) -> None:
-        self.blocks.append(("h", level, text))
-
-    def p(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def table(self, headers: list[str], rows: list[list[str]]) -> None:
-        self.blocks.append(("table", headers, rows))
-
-    def img(self, path: Path, caption: str) -> None:
-        if path.exists():
-            self.blocks.append(("img", path, caption))
-
-    def to_markdown(self, base: Path) -> str:
-        out = []
-        for b in self.blocks:
-            if b[0] == "h":
-                out.append("#" * b[1] + " " + b[2])
-            elif b[0] == "p":
-                out.append(b[1])
-            elif b[0] == "table":
-                out.append("| " + " | ".join(b[1]) + " |")
-                out.append("|" + "---|" * len(b[1]))
-                out += ["| " + " | ".join(r) + " |" for r in b[2]]
-            elif b[0] == "img":
-                out.append(f"![{b[2]}]({b[1].relative_to(base).as_posix()})")
-            out.append("")
-        return "\n".join(out)
-
-    def to_html(self, title: str) -> str:
-        parts = [
-            "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
-            f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body><main>",
-        ]
-        for b in self.blocks:
-            if b[0] == "h":
-                parts.append(f"<h{b[1]}>{html.escape(b[2])}</h{b[1]}>")
-            elif b[0] == "p":
-                parts.append(f"<p>{_inline(b[1])}</p>")
-            elif b[0] == "table":
-                head = "".join(f"<th>{_inline(h)}</th>" for h in b[1])
-                body = "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in b[2])
-                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
-            elif b[0] == "img":
-                data = base64.b64encode(b[1].read_bytes()).decode()
-                parts.append(f"<figure><img alt='{html.escape(b[2])}' src='data:image/png;base64,{data}'><figcaption>{html.escape(b[2])}</figcaption></figure>")
-        parts.append("</main></body></html>")
-        return "\n".join(parts)
-
-
-def _inline(text: str) -> str:
-    """Escape, then the two bits of markdown the report uses: **bold** and `code`."""
-    import re
-
-    t = html.escape(text)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", t)
-    return re.sub(r"`(.+?)`", r"<code>\1</code>", t)
-
-
-_CSS = """
-body{font:15px/1.5 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;color:#1d2330;background:#f6f7f9;margin:0}
-main{max-width:1100px;margin:0 auto;padding:24px 32px;background:#fff}
-h1{font-size:26px;border-bottom:3px solid #7b2d8b;padding-bottom:6px}h2{margin-top:34px;color:#5a1f66}h3{margin-top:22px}
-table{border-collapse:collapse;margin:10px 0 18px;font-size:13.5px}th,td{border:1px solid #d9dce3;padding:4px 8px;text-align:right}
-th{background:#f0edf3}td:first-child,th:first-child{text-align:left}tr:nth-child(even) td{background:#fafafc}
-figure{margin:12px 0}img{max-width:100%;border:1px solid #e3e5ea}figcaption{font-size:12.5px;color:#5b6170}
-code{background:#f1f1f4;padding:1px 4px;border-radius:3px}
-"""
 
 # ------------------------------------------------------------------ reading runs
 
@@ -158,6 +82,14 @@ def _predictions(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | No
 
 
 def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict) -> Path:
+    """Write out/report.md and out/report.html from the runs' folders; return the HTML's path.
+
+    Args:
+        spec: the study (its protocols, experiments and the paper's numbers).
+        runs: every run of the study, finished or not (those not finished are shown as such).
+        out: the study's folder (runs under out/runs, figures written to out/figures).
+        summary: the study's status (study_status.json): runs, complete, parallel, git_commit.
+    """
     out = Path(out)
     doc = Doc()
     by = {}  # (experiment, protocol) -> list of (run, metrics)
@@ -201,8 +133,6 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
 
 
 def _dataset_section(doc: Doc, out: Path, prov: dict) -> None:
-    from bloodcell.data.figures import plot_part_counts
-
     doc.h(2, "Dataset")
     ds = prov.get("dataset") or {}
     if not ds:
@@ -438,8 +368,6 @@ def _ablation_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
 
 def _paper_figures_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
     """The paper's run figures rebuilt from our runs: SupCon curves (Figs 7-9), the hybrid's predictions (Fig 14)."""
-    from bloodcell.evaluate.plots import plot_protocol_curves
-
     doc.h(2, "The paper's figures, from these runs")
     doc.p("Fig. 2 (class distribution) is in the Dataset section; every run's training curves and confusion matrix are under Per run.")
     figures = out / "figures"
