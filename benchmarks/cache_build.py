@@ -45,7 +45,9 @@ def main() -> None:
     print(f"images: {n:,} from {args.root}")
     print(f"scan (decode + sha256 + validate): {scan_s:.1f} s = {n / scan_s:,.0f} img/s")
     print(f"rescan with the scan cache (stat only): {rescan_s:.2f} s")
-    print(f"cache build at {args.size}px {args.interpolation}: {cache.build_seconds:.1f} s = {n / cache.build_seconds:,.0f} img/s")
+    print(
+        f"cache build at {args.size}px {args.interpolation}: {cache.build_seconds:.1f} s = {n / cache.build_seconds:,.0f} img/s"
+    )
     print(f"cache reuse check: {reuse_s * 1000:.0f} ms")
 
 

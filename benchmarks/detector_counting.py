@@ -27,7 +27,9 @@ def main() -> None:
     ap.add_argument("--detector", default="default")
     ap.add_argument("--txl", type=Path, default=SHARED / "txl_pbc")
     ap.add_argument("--bccd", type=Path, default=SHARED / "bccd")
-    ap.add_argument("--nms", type=float, nargs="*", default=[], help="also run at these NMS IoUs (PyTorch detector only)")
+    ap.add_argument(
+        "--nms", type=float, nargs="*", default=[], help="also run at these NMS IoUs (PyTorch detector only)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
@@ -42,8 +44,12 @@ def main() -> None:
 
     print(f"machine: {machine_line()}")
     spec = dict(train_split="train", val_split="val", test_split="test")
-    sets = combine_field_sets({"txl_pbc": {"root": args.txl, **spec}, "bccd": {"root": args.bccd, **spec, "thresholds": False}})
-    groups = {f"txl_pbc/{s}": v for s, v in sorted(by_source(sets.tests["txl_pbc"]).items())} | {"bccd (own labels)": sets.tests["bccd"]}
+    sets = combine_field_sets(
+        {"txl_pbc": {"root": args.txl, **spec}, "bccd": {"root": args.bccd, **spec, "thresholds": False}}
+    )
+    groups = {f"txl_pbc/{s}": v for s, v in sorted(by_source(sets.tests["txl_pbc"]).items())} | {
+        "bccd (own labels)": sets.tests["bccd"]
+    }
     detector = load_detector(args.detector)
     settings = [None] + list(args.nms)
     results = {"machine": machine_line(), "detector": str(args.detector), "val_photos": len(sets.val), "variants": {}}
@@ -63,11 +69,14 @@ def main() -> None:
                 truth = true_counts(photos, cls)
                 for rule in COUNT_RULES:
                     rows.setdefault(cls, {}).setdefault(rule, {})[label] = count_errors(
-                        predict_counts(raw, cls, thresholds[cls], rule, fitted[cls][rule]), truth)
+                        predict_counts(raw, cls, thresholds[cls], rule, fitted[cls][rule]), truth
+                    )
         results["variants"][name] = {"thresholds": thresholds, "factors": fitted, "test": rows}
         print(f"\n## {name}: thresholds {json.dumps({k: round(v, 3) for k, v in thresholds.items()})}")
         for cls in ("rbc", "wbc", "platelet"):
-            print(f"\n{cls}: count error (mean |found - true| / mean true), bias per photograph; factors fitted on {len(sets.val)} val photographs")
+            print(
+                f"\n{cls}: count error (mean |found - true| / mean true), bias per photograph; factors fitted on {len(sets.val)} val photographs"
+            )
             print("| rule (factor) | " + " | ".join(groups) + " |")
             print("|---|" + "---|" * len(groups))
             for rule in COUNT_RULES:

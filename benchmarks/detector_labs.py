@@ -26,8 +26,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO / "src"))
 
-TARGETS = {"rbc_count_error": 0.10, "wbc_recall": 0.98, "wbc_precision": 0.95, "wbc_exact": 0.95, "platelet_recall": 0.85,
-           "seconds_per_photo": 0.3, "bundle_mb": 20.0}
+TARGETS = {
+    "rbc_count_error": 0.10,
+    "wbc_recall": 0.98,
+    "wbc_precision": 0.95,
+    "wbc_exact": 0.95,
+    "platelet_recall": 0.85,
+    "seconds_per_photo": 0.3,
+    "bundle_mb": 20.0,
+}
 
 
 def main() -> None:
@@ -56,7 +63,12 @@ def main() -> None:
     reader = FieldReader(Predictor.load(args.model), detector)
     groups = {f"txl_pbc/{s}": v for s, v in sorted(by_source(load_fields(args.txl, "test", "txl_pbc")).items())}
     groups["bccd (own labels)"] = load_fields(args.bccd, "test", "bccd")
-    results = {"machine": machine_line(), "detector": str(args.detector), "threshold": detector.score_thresholds, "sources": {}}
+    results = {
+        "machine": machine_line(),
+        "detector": str(args.detector),
+        "threshold": detector.score_thresholds,
+        "sources": {},
+    }
     reader.read("warm-up", Image.open(groups["bccd (own labels)"][0].path).convert("RGB"))
     for label, photos in groups.items():
         raw, seconds, counted = [], [], []
@@ -69,8 +81,14 @@ def main() -> None:
             raw.append(det)
             counted.append(result.get("counts") or {})
         metrics = detection_metrics(raw, photos, detector.score_thresholds)
-        results["sources"][label] = {**metrics, "seconds_end_to_end": float(np.mean(seconds)), "median_seconds": float(np.median(seconds))}
-        print(f"{label}: {len(photos)} photographs, {np.mean(seconds):.3f} s per photograph end to end (median {np.median(seconds):.3f})")
+        results["sources"][label] = {
+            **metrics,
+            "seconds_end_to_end": float(np.mean(seconds)),
+            "median_seconds": float(np.median(seconds)),
+        }
+        print(
+            f"{label}: {len(photos)} photographs, {np.mean(seconds):.3f} s per photograph end to end (median {np.median(seconds):.3f})"
+        )
     print()
     print(source_table({"": results["sources"]}).replace("|  / ", "| "))
     folder = bundled_detector_dir() if args.detector == "default" else Path(args.detector)
@@ -82,14 +100,19 @@ def main() -> None:
     for label, m in results["sources"].items():
         c = m["classes"]
         checks = {
-            f"red-cell count error {100 * c['rbc']['count_error_ratio']:.1f} % <= 10 %": c["rbc"]["count_error_ratio"] <= TARGETS["rbc_count_error"],
+            f"red-cell count error {100 * c['rbc']['count_error_ratio']:.1f} % <= 10 %": c["rbc"]["count_error_ratio"]
+            <= TARGETS["rbc_count_error"],
             f"white recall {c['wbc']['recall']:.3f} >= 0.98": c["wbc"]["recall"] >= TARGETS["wbc_recall"],
             f"white precision {c['wbc']['precision']:.3f} >= 0.95": c["wbc"]["precision"] >= TARGETS["wbc_precision"],
-            f"white count exact {100 * c['wbc']['count_exact']:.0f} % >= 95 %": c["wbc"]["count_exact"] >= TARGETS["wbc_exact"],
-            f"end to end {m['seconds_end_to_end']:.3f} s <= 0.3 s": m["seconds_end_to_end"] <= TARGETS["seconds_per_photo"],
+            f"white count exact {100 * c['wbc']['count_exact']:.0f} % >= 95 %": c["wbc"]["count_exact"]
+            >= TARGETS["wbc_exact"],
+            f"end to end {m['seconds_end_to_end']:.3f} s <= 0.3 s": m["seconds_end_to_end"]
+            <= TARGETS["seconds_per_photo"],
         }
         if c["platelet"]["true_total"]:
-            checks[f"platelet recall {c['platelet']['recall']:.3f} >= 0.85"] = c["platelet"]["recall"] >= TARGETS["platelet_recall"]
+            checks[f"platelet recall {c['platelet']['recall']:.3f} >= 0.85"] = (
+                c["platelet"]["recall"] >= TARGETS["platelet_recall"]
+            )
         m["targets"] = checks
         print(f"- {label}: " + "; ".join(("met: " if ok else "MISSED: ") + k for k, ok in checks.items()))
     print(f"- bundle {size:.1f} MB <= 20 MB: {'met' if size <= TARGETS['bundle_mb'] else 'MISSED'}")

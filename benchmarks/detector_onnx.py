@@ -50,15 +50,26 @@ def main() -> None:
     opts = onnxruntime.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.log_severity_level = 3
-    onnx_det.session = onnxruntime.InferenceSession(str(folder / DETECTOR_ONNX), sess_options=opts, providers=["CPUExecutionProvider"])
+    onnx_det.session = onnxruntime.InferenceSession(
+        str(folder / DETECTOR_ONNX), sess_options=opts, providers=["CPUExecutionProvider"]
+    )
     splits = ("train", "val", "test") if args.split == "all" else (args.split,)
     photos = [a for s in splits for a in load_voc(args.bccd, s)]
-    print(f"machine: {cpu_line()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads")
+    print(
+        f"machine: {cpu_line()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads"
+    )
 
     for det in (torch_det, onnx_det):  # warm-up: first-call allocations
         det.raw([load_field_image(photos[0])])
     seconds = {"pytorch": [], "onnxruntime": []}
-    kept = {"boxes": 0, "photos_with_other_counts": 0, "unpaired": 0, "label_mismatches": 0, "min_iou": 1.0, "max_score_diff": 0.0}
+    kept = {
+        "boxes": 0,
+        "photos_with_other_counts": 0,
+        "unpaired": 0,
+        "label_mismatches": 0,
+        "min_iou": 1.0,
+        "max_score_diff": 0.0,
+    }
     raw = dict(kept)
     per_class = {c: [0, 0] for c in FIELD_CLASSES}
     for ann in photos:
@@ -70,7 +81,10 @@ def main() -> None:
         t2 = time.perf_counter()
         seconds["pytorch"].append(t1 - t0)
         seconds["onnxruntime"].append(t2 - t1)
-        for figures, a_det, b_det in ((raw, want, got), (kept, torch_det.apply_thresholds(want), onnx_det.apply_thresholds(got))):
+        for figures, a_det, b_det in (
+            (raw, want, got),
+            (kept, torch_det.apply_thresholds(want), onnx_det.apply_thresholds(got)),
+        ):
             a = agreement(a_det, b_det)
             figures["boxes"] += a["boxes"]
             figures["unpaired"] += a["unpaired"]
@@ -83,15 +97,24 @@ def main() -> None:
         for c, n in onnx_det.apply_thresholds(got).counts().items():
             per_class[c][1] += n
     out = {
-        "machine": cpu_line(), "threads": args.threads, "photos": len(photos), "split": args.split,
-        "at_thresholds": kept, "before_thresholds": raw, "counts_pytorch_onnx": per_class,
-        "seconds_per_photo": {k: {"median": float(np.median(v)), "mean": float(np.mean(v))} for k, v in seconds.items()},
+        "machine": cpu_line(),
+        "threads": args.threads,
+        "photos": len(photos),
+        "split": args.split,
+        "at_thresholds": kept,
+        "before_thresholds": raw,
+        "counts_pytorch_onnx": per_class,
+        "seconds_per_photo": {
+            k: {"median": float(np.median(v)), "mean": float(np.mean(v))} for k, v in seconds.items()
+        },
     }
     print(f"\n1. parity on {len(photos)} BCCD photographs ({args.split}):")
     for name, f in (("at the operating thresholds", kept), ("before the thresholds", raw)):
-        print(f"   {name}: {f['boxes']} boxes, lowest IoU of a pair {f['min_iou']:.6f}, largest score difference "
-              f"{f['max_score_diff']:.2g}, {f['label_mismatches']} label disagreements, {f['unpaired']} unpaired, "
-              f"{f['photos_with_other_counts']} photographs with other counts")
+        print(
+            f"   {name}: {f['boxes']} boxes, lowest IoU of a pair {f['min_iou']:.6f}, largest score difference "
+            f"{f['max_score_diff']:.2g}, {f['label_mismatches']} label disagreements, {f['unpaired']} unpaired, "
+            f"{f['photos_with_other_counts']} photographs with other counts"
+        )
     print("   counts (pytorch / onnx): " + ", ".join(f"{c} {a} / {b}" for c, (a, b) in per_class.items()))
     print(f"\n2. seconds per photograph, detection only, {args.threads} threads:")
     for k, v in out["seconds_per_photo"].items():

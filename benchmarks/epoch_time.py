@@ -34,7 +34,9 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     env = environment()
-    print(f"machine: {cpu_line()}, {env['cpus']} cores, torch threads {torch.get_num_threads()}; torch {env['torch']}, lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}")
+    print(
+        f"machine: {cpu_line()}, {env['cpus']} cores, torch threads {torch.get_num_threads()}; torch {env['torch']}, lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}"
+    )
     print(f"epoch = {args.images} images, batch 32, Adam, {args.precision}, CPU\n")
     print(f"{'model':12s} {'size':>5s} {'s/epoch':>9s} {'img/s':>8s}")
     rng = np.random.default_rng(0)
@@ -43,11 +45,24 @@ def main() -> None:
             s = max(size, model_info(name).min_input_size)
             imgs = rng.integers(0, 256, (args.images + 8, s, s, 3), dtype=np.uint8)
             labels = np.arange(len(imgs)) % 8
-            data = PreparedData(imgs, labels.astype(np.int64), [f"c{k}" for k in range(8)], [str(i) for i in range(len(imgs))],
-                                {"train": np.arange(args.images), "val": np.arange(args.images, args.images + 8), "test": np.arange(0)})
-            cfg = parse_config({"model": {"name": name}, "data": {"input_size": s}, "train": {"epochs": 2, "batch_size": 32, "accelerator": "cpu", "precision": args.precision}})
+            data = PreparedData(
+                imgs,
+                labels.astype(np.int64),
+                [f"c{k}" for k in range(8)],
+                [str(i) for i in range(len(imgs))],
+                {"train": np.arange(args.images), "val": np.arange(args.images, args.images + 8), "test": np.arange(0)},
+            )
+            cfg = parse_config(
+                {
+                    "model": {"name": name},
+                    "data": {"input_size": s},
+                    "train": {"epochs": 2, "batch_size": 32, "accelerator": "cpu", "precision": args.precision},
+                }
+            )
             if name == "supcon":
-                cfg = parse_config({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "stages": None, "epochs": 2}})
+                cfg = parse_config(
+                    {**cfg.model_dump(), "train": {**cfg.train.model_dump(), "stages": None, "epochs": 2}}
+                )
             import tempfile
 
             with tempfile.TemporaryDirectory() as d:

@@ -104,12 +104,20 @@ def main(argv: list[str] | None = None) -> dict:
     for k in args.k:
         for seed in args.seeds:
             train, test = draw(args.folder, k, seed)
-            model = base if k == 0 else Predictor.load(finetune(args.base, train, work / f"k{k}-s{seed}", args.config, seed))
+            model = (
+                base
+                if k == 0
+                else Predictor.load(finetune(args.base, train, work / f"k{k}-s{seed}", args.config, seed))
+            )
             acc, n = restricted_accuracy(model, test)
             rows.setdefault(k, []).append(acc)
             print(f"k={k:>2} seed={seed}: {100 * acc:.1f} % of {n} test cells", flush=True)
-    print(f"\n# Few-shot adaptation, {time.strftime('%Y-%m-%d')}, {cpu_line()}, {os.cpu_count()} cpus, torch {torch.__version__}")
-    print(f"base {args.base}, folder {args.folder}, config {args.config.name}, seeds {args.seeds}, {time.perf_counter() - t0:.0f} s in all\n")
+    print(
+        f"\n# Few-shot adaptation, {time.strftime('%Y-%m-%d')}, {cpu_line()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+    )
+    print(
+        f"base {args.base}, folder {args.folder}, config {args.config.name}, seeds {args.seeds}, {time.perf_counter() - t0:.0f} s in all\n"
+    )
     print("| k per class | accuracy (mean) | sd | 95 % t-interval | seeds |")
     print("|---:|---:|---:|---|---:|")
     summary = {}

@@ -36,9 +36,17 @@ sys.path.insert(0, str(REPO / "src"))
 
 VARIANTS = ("dark25", "dark50", "bright2", "bright15", "zoom2", "zoom05", "resize2", "resize05", "strip")
 # what each spoiled version should be caught as (resized photographs are the same field: nothing to catch)
-EXPECTED = {"dark25": "dark", "dark50": "dark", "bright2": "overexposed", "bright15": "overexposed",
-            "zoom2": "magnification", "zoom05": "magnification",
-            "resize2": None, "resize05": None, "strip": "panorama"}
+EXPECTED = {
+    "dark25": "dark",
+    "dark50": "dark",
+    "bright2": "overexposed",
+    "bright15": "overexposed",
+    "zoom2": "magnification",
+    "zoom05": "magnification",
+    "resize2": None,
+    "resize05": None,
+    "strip": "panorama",
+}
 
 
 def rgb(path: Path) -> np.ndarray:
@@ -58,7 +66,7 @@ def spoiled(a: np.ndarray, others: list[np.ndarray], kind: str) -> np.ndarray:
     if kind.startswith("bright"):
         return np.clip(a.astype(np.float32) * {"bright2": 2.0, "bright15": 1.5}[kind], 0, 255).astype(np.uint8)
     if kind == "zoom2":
-        return resized(a[h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2], w, h)
+        return resized(a[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2], w, h)
     if kind == "zoom05":
         half = [resized(b, w // 2, h // 2) for b in [a] + others]
         return np.concatenate([np.concatenate(half[:2], 1), np.concatenate(half[2:], 1)], 0)
@@ -85,8 +93,13 @@ def record(detector, a: np.ndarray, **keys) -> dict:
     from bloodcell.infer.field_checks import exposure
 
     det = detector.detect([np.ascontiguousarray(a)])[0]
-    return {**keys, "size": [a.shape[1], a.shape[0]], **exposure(a), "boxes": np.round(det.boxes, 1).tolist(),
-            "labels": det.labels.tolist()}
+    return {
+        **keys,
+        "size": [a.shape[1], a.shape[0]],
+        **exposure(a),
+        "boxes": np.round(det.boxes, 1).tolist(),
+        "labels": det.labels.tolist(),
+    }
 
 
 def detect_all(detector, cache: Path, per_source: int, seed: int) -> list[dict]:
@@ -95,6 +108,7 @@ def detect_all(detector, cache: Path, per_source: int, seed: int) -> list[dict]:
     seen = {(r["set"], r["name"], r["variant"]) for r in done}
     photos = photographs()
     with cache.open("a") as out:
+
         def keep(r: dict) -> None:
             done.append(r)
             out.write(json.dumps(r) + "\n")
@@ -122,8 +136,10 @@ def sample(photos, per_source: int, seed: int) -> dict[str, list[Path]]:
         if (group in ("txl_val", "txl_test") and lab != "bccd") or group == "bccd_test":
             pools[lab].append(p)
     rng = np.random.default_rng(seed)
-    return {lab: [pool[i] for i in sorted(rng.choice(len(pool), min(per_source, len(pool)), replace=False))]
-            for lab, pool in sorted(pools.items())}
+    return {
+        lab: [pool[i] for i in sorted(rng.choice(len(pool), min(per_source, len(pool)), replace=False))]
+        for lab, pool in sorted(pools.items())
+    }
 
 
 def sides(r: dict) -> np.ndarray:
@@ -143,8 +159,10 @@ def scale_report(rows: list[dict]) -> None:
     print(f"1. training photographs: {len(train)} (BCCD train + TXL-PBC train)")
     print(f"   red-cell sides found by the detector, every box ({len(found)}): p05 {q[0]}, p50 {q[1]}, p95 {q[2]}")
     medians = [np.median(sides(r)) for r in train if len(sides(r)) >= MIN_RED_CELLS]
-    print(f"   per photograph, median of {MIN_RED_CELLS}+ red cells ({len(medians)} photographs): "
-          f"min {min(medians):.1f}, p05 {np.percentile(medians, 5):.1f}, p95 {np.percentile(medians, 95):.1f}, max {max(medians):.1f}")
+    print(
+        f"   per photograph, median of {MIN_RED_CELLS}+ red cells ({len(medians)} photographs): "
+        f"min {min(medians):.1f}, p05 {np.percentile(medians, 5):.1f}, p95 {np.percentile(medians, 95):.1f}, max {max(medians):.1f}"
+    )
     labelled = load_fields(SHARED / "txl_pbc", "train") + load_fields(SHARED / "bccd", "train")
     print(f"   as labelled (detect.base.cell_scale): {cell_scale(labelled, 384)}")
     print(f"   BCCD train only, as labelled: {cell_scale(load_fields(SHARED / 'bccd', 'train'), 384)}")
@@ -153,11 +171,17 @@ def scale_report(rows: list[dict]) -> None:
 def problems_of(r: dict, cell_scale: dict | None):
     from bloodcell.infer.field_checks import field_problems
 
-    return field_problems(tuple(r["size"]), r, np.asarray(r["boxes"]).reshape(-1, 4), np.asarray(r["labels"]), 384, cell_scale)
+    return field_problems(
+        tuple(r["size"]), r, np.asarray(r["boxes"]).reshape(-1, 4), np.asarray(r["labels"]), 384, cell_scale
+    )
 
 
 def good_report(rows: list[dict], cell_scale: dict | None) -> None:
-    good = [r for r in rows if r["variant"] == "good" and r["set"] in ("txl_val", "txl_test", "bccd_train", "bccd_val", "bccd_test")]
+    good = [
+        r
+        for r in rows
+        if r["variant"] == "good" and r["set"] in ("txl_val", "txl_test", "bccd_train", "bccd_val", "bccd_test")
+    ]
     flagged, severe = Counter(), Counter()
     for r in good:
         for p in problems_of(r, cell_scale):
@@ -169,8 +193,10 @@ def good_report(rows: list[dict], cell_scale: dict | None) -> None:
 
 
 def bad_report(rows: list[dict], cell_scale: dict | None) -> None:
-    print("3. spoiled photographs: caught as expected (resized: the same problems as the original) / withheld / "
-          "codes, per lab")
+    print(
+        "3. spoiled photographs: caught as expected (resized: the same problems as the original) / withheld / "
+        "codes, per lab"
+    )
     original = {r["name"]: [p.code for p in problems_of(r, cell_scale)] for r in rows if r["variant"] == "good"}
     by = defaultdict(list)
     for r in rows:
@@ -181,13 +207,18 @@ def bad_report(rows: list[dict], cell_scale: dict | None) -> None:
         caught, withheld, codes = Counter(), Counter(), Counter()
         for r in by[v]:
             found = problems_of(r, cell_scale)
-            caught[r["lab"]] += any(p.code == want for p in found) if want else [p.code for p in found] == original[r["name"]]
+            caught[r["lab"]] += (
+                any(p.code == want for p in found) if want else [p.code for p in found] == original[r["name"]]
+            )
             withheld[r["lab"]] += any(p.severe for p in found)
             codes.update(p.code for p in found)
         n = Counter(r["lab"] for r in by[v])
         total = f"{sum(caught.values())}/{len(by[v])}"
-        print(f"   {v:8s} {'as ' + want if want else 'as the original':20s} {total:8s} withheld {sum(withheld.values())}/{len(by[v])}  "
-              + " ".join(f"{lab} {caught[lab]}/{n[lab]}" for lab in sorted(n)) + f"  codes {dict(codes)}")
+        print(
+            f"   {v:8s} {'as ' + want if want else 'as the original':20s} {total:8s} withheld {sum(withheld.values())}/{len(by[v])}  "
+            + " ".join(f"{lab} {caught[lab]}/{n[lab]}" for lab in sorted(n))
+            + f"  codes {dict(codes)}"
+        )
 
 
 def exposure_report(rows: list[dict]) -> None:
@@ -195,13 +226,21 @@ def exposure_report(rows: list[dict]) -> None:
     original = {r["name"]: len(sides(r)) for r in rows if r["variant"] == "good"}
     spoilt = [r for r in rows if r["set"] == "sample" and r["variant"].startswith(("dark", "bright"))]
     print("4. red cells found against the original photograph (median ratio, p10), by exposure of the spoiled version")
-    bins = (("dark", "median_luminance", (0, 73, 92, 125, 256)), ("bright", "white_fraction", (0, 0.05, 0.6, 0.8, 0.9, 1.01)))
+    bins = (
+        ("dark", "median_luminance", (0, 73, 92, 125, 256)),
+        ("bright", "white_fraction", (0, 0.05, 0.6, 0.8, 0.9, 1.01)),
+    )
     for kind, key, edges in bins:
         for lo, hi in zip(edges[:-1], edges[1:]):
-            ratio = [len(sides(r)) / max(1, original[r["name"]]) for r in spoilt
-                     if r["variant"].startswith(kind) and lo <= r[key] < hi]
+            ratio = [
+                len(sides(r)) / max(1, original[r["name"]])
+                for r in spoilt
+                if r["variant"].startswith(kind) and lo <= r[key] < hi
+            ]
             if ratio:
-                print(f"   {key} {lo}-{hi}: {len(ratio)} photographs, ratio {np.median(ratio):.2f} (p10 {np.percentile(ratio, 10):.2f})")
+                print(
+                    f"   {key} {lo}-{hi}: {len(ratio)} photographs, ratio {np.median(ratio):.2f} (p10 {np.percentile(ratio, 10):.2f})"
+                )
 
 
 def dim_report(rows: list[dict]) -> None:
@@ -213,13 +252,18 @@ def dim_report(rows: list[dict]) -> None:
         sel = [r for r in txl if lo <= r["median_luminance"] < hi]
         if sel:
             found, true = sum(len(sides(r)) for r in sel), sum(labelled[r["name"]] for r in sel)
-            print(f"   {lo}-{hi}: {len(sel)} photographs ({dict(Counter(r['lab'] for r in sel))}), {found}/{true} = {found / true:.2f}")
+            print(
+                f"   {lo}-{hi}: {len(sel)} photographs ({dict(Counter(r['lab'] for r in sel))}), {found}/{true} = {found / true:.2f}"
+            )
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--detector", default=str(REPO / "src/bloodcell/assets/default_detector/detector.onnx"),
-                    help="detector folder or .onnx (default: the bundled one's ONNX export, which finds the same cells)")
+    ap.add_argument(
+        "--detector",
+        default=str(REPO / "src/bloodcell/assets/default_detector/detector.onnx"),
+        help="detector folder or .onnx (default: the bundled one's ONNX export, which finds the same cells)",
+    )
     ap.add_argument("--cache", type=Path, default=Path("/tmp/bloodcell-field-checks.jsonl"))
     ap.add_argument("--per-source", type=int, default=25)
     ap.add_argument("--seed", type=int, default=0)

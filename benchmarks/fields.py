@@ -56,16 +56,22 @@ def measure_view(detector, files: list[Path], scale: float) -> dict:
         side = max(big.size)
         rbc = det.of_class("rbc")
         if len(rbc) >= 3:
-            rbc_ratio.append(side / np.median(np.maximum(rbc.boxes[:, 2] - rbc.boxes[:, 0], rbc.boxes[:, 3] - rbc.boxes[:, 1])))
+            rbc_ratio.append(
+                side / np.median(np.maximum(rbc.boxes[:, 2] - rbc.boxes[:, 0], rbc.boxes[:, 3] - rbc.boxes[:, 1]))
+            )
         wbc = det.of_class("wbc")
         if len(wbc) == 1:
             b = wbc.boxes[0]
             wbc_ratio.append(side / max(b[2] - b[0], b[3] - b[1]))
     return {
         "rbc_diameters": float(np.median(rbc_ratio)) if rbc_ratio else None,
-        "rbc_diameters_iqr": [float(np.percentile(rbc_ratio, 25)), float(np.percentile(rbc_ratio, 75))] if rbc_ratio else None,
+        "rbc_diameters_iqr": [float(np.percentile(rbc_ratio, 25)), float(np.percentile(rbc_ratio, 75))]
+        if rbc_ratio
+        else None,
         "wbc_sides": float(np.median(wbc_ratio)) if wbc_ratio else None,
-        "wbc_sides_iqr": [float(np.percentile(wbc_ratio, 25)), float(np.percentile(wbc_ratio, 75))] if wbc_ratio else None,
+        "wbc_sides_iqr": [float(np.percentile(wbc_ratio, 25)), float(np.percentile(wbc_ratio, 75))]
+        if wbc_ratio
+        else None,
         "cells_measured": {"rbc": len(rbc_ratio), "wbc": len(wbc_ratio), "of": len(files)},
     }
 
@@ -96,10 +102,14 @@ def main() -> None:
     out: dict = {"machine": cpu_line(), "detector": args.detector}
     metrics = evaluate_detector(args.detector, args.bccd, "test", progress=False)
     out["detection_test"] = metrics
-    print(f"\n1. detector '{args.detector}' on BCCD test ({metrics['photos']} photographs), IoU {metrics['match_iou']}:")
+    print(
+        f"\n1. detector '{args.detector}' on BCCD test ({metrics['photos']} photographs), IoU {metrics['match_iou']}:"
+    )
     for cls, m in metrics["classes"].items():
-        print(f"   {cls:9s} precision {m['precision']:.3f} recall {m['recall']:.3f} AP {m['ap']:.3f}  "
-              f"count error {m['count_mae']:.2f} / photo ({100 * m['count_rel_error']:.1f} %), bias {m['count_bias']:+.2f}")
+        print(
+            f"   {cls:9s} precision {m['precision']:.3f} recall {m['recall']:.3f} AP {m['ap']:.3f}  "
+            f"count error {m['count_mae']:.2f} / photo ({100 * m['count_rel_error']:.1f} %), bias {m['count_bias']:+.2f}"
+        )
 
     predictor = Predictor.load(args.model)
     detector = load_detector(args.detector)
@@ -112,9 +122,13 @@ def main() -> None:
     out["seconds_per_photo_end_to_end"] = per_photo
     s = result["field_summary"]
     out["field_summary_test"] = s
-    print(f"\n2. end to end (decode + detect + classify white cells), {len(items)} photographs, {args.threads} threads: "
-          f"{per_photo:.3f} s per photograph")
-    print(f"   white cells found {s['totals']['wbc']}, counted {s['wbc_counted']}, OOD {s['wbc_ood']}, review {s['wbc_review']}")
+    print(
+        f"\n2. end to end (decode + detect + classify white cells), {len(items)} photographs, {args.threads} threads: "
+        f"{per_photo:.3f} s per photograph"
+    )
+    print(
+        f"   white cells found {s['totals']['wbc']}, counted {s['wbc_counted']}, OOD {s['wbc_ood']}, review {s['wbc_review']}"
+    )
 
     decisions = {}
     sets = {"bccd_test": [a.path for a in test], "pbc_test": pbc_test_files(predictor, args.pbc, args.pbc_n)}
@@ -123,19 +137,27 @@ def main() -> None:
     for name, files in sets.items():
         r = predict_mixed(predictor, [(str(p), p) for p in files], "auto", detector)
         n = len(r["predictions"]) + len(r["fields"])
-        decisions[name] = {"images": n, "fields": len(r["fields"]), "cells": len(r["predictions"]),
-                           "cells_ood": sum(bool(p["ood"]) for p in r["predictions"])}
+        decisions[name] = {
+            "images": n,
+            "fields": len(r["fields"]),
+            "cells": len(r["predictions"]),
+            "cells_ood": sum(bool(p["ood"]) for p in r["predictions"]),
+        }
     out["auto"] = decisions
     print("\n3. --input auto:")
     for name, d in decisions.items():
-        print(f"   {name:10s} {d['images']:5d} images -> {d['fields']} fields, {d['cells']} single cells "
-              f"({d['cells_ood']} of them OOD)")
+        print(
+            f"   {name:10s} {d['images']:5d} images -> {d['fields']} fields, {d['cells']} single cells "
+            f"({d['cells_ood']} of them OOD)"
+        )
 
     view = measure_view(detector, pbc_test_files(predictor, args.pbc, args.pbc_n, seed=1), scale=2.5)
     out["pbc_field_of_view"] = view
-    print(f"\n4. PBC crop side, measured on {view['cells_measured']} (x2.5 to BCCD's magnification): "
-          f"{view['rbc_diameters']} red-cell diameters (IQR {view['rbc_diameters_iqr']}), "
-          f"{view['wbc_sides']} white-cell sides (IQR {view['wbc_sides_iqr']})")
+    print(
+        f"\n4. PBC crop side, measured on {view['cells_measured']} (x2.5 to BCCD's magnification): "
+        f"{view['rbc_diameters']} red-cell diameters (IQR {view['rbc_diameters_iqr']}), "
+        f"{view['wbc_sides']} white-cell sides (IQR {view['wbc_sides_iqr']})"
+    )
     if args.out:
         from bloodcell.io import write_json
 

@@ -51,7 +51,9 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--min-seconds", type=float, default=3.0)
-    ap.add_argument("--threads", type=int, default=None, help="torch and onnxruntime intra-op threads (default: library defaults)")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch and onnxruntime intra-op threads (default: library defaults)"
+    )
     args = ap.parse_args()
 
     import onnxruntime as ort
@@ -67,7 +69,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         if args.arch:
-            names = sorted(d.name for d in SAMPLE.iterdir() if d.is_dir()) if SAMPLE.is_dir() else [f"class_{i}" for i in range(8)]
+            names = (
+                sorted(d.name for d in SAMPLE.iterdir() if d.is_dir())
+                if SAMPLE.is_dir()
+                else [f"class_{i}" for i in range(8)]
+            )
             net = create_model(args.arch, num_classes=len(names), input_size=args.size)
             source = save_checkpoint(net, Path(tmp) / "run", {"class_names": names})
             label = f"untrained {args.arch} (fresh weights)"
@@ -85,11 +91,17 @@ def main() -> None:
 
         print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
         print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-        print(f"machine: {cpu_line()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}; "
-              f"torch threads {torch.get_num_threads()}, onnxruntime intra-op threads {args.threads or 'default'}")
-        print(f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, bloodcell {__version__}")
-        print(f"model: {pt.model_name} ({label}), {params:,} parameters, input {pt.input_size}x{pt.input_size}; "
-              f"ONNX parity {report.max_abs_diff:.2g} on {report.images} {report.image_source}")
+        print(
+            f"machine: {cpu_line()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}; "
+            f"torch threads {torch.get_num_threads()}, onnxruntime intra-op threads {args.threads or 'default'}"
+        )
+        print(
+            f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, bloodcell {__version__}"
+        )
+        print(
+            f"model: {pt.model_name} ({label}), {params:,} parameters, input {pt.input_size}x{pt.input_size}; "
+            f"ONNX parity {report.max_abs_diff:.2g} on {report.images} {report.image_source}"
+        )
         print()
         print("| backend | batch | images/s | ms per batch (median) |")
         print("|---|---:|---:|---:|")
@@ -106,7 +118,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 predictor.predict_paths(files, batch_size=32, progress=False)
                 dt = time.perf_counter() - t0
-                print(f"| {name}, predict_paths (decode + resize + forward) on {len(files)} sample JPEGs | 32 | {len(files) / dt:,.1f} | - |")
+                print(
+                    f"| {name}, predict_paths (decode + resize + forward) on {len(files)} sample JPEGs | 32 | {len(files) / dt:,.1f} | - |"
+                )
 
 
 if __name__ == "__main__":

@@ -36,21 +36,37 @@ def folder_size(path: Path) -> int:
 def measure(name: str, extra: str, root: Path, source: Path) -> dict:
     env_dir = root / name
     venv.create(env_dir, with_pip=True)
-    py, env = env_dir / "bin" / "python", {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    py, env = (
+        env_dir / "bin" / "python",
+        {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")},
+    )
     t0 = time.perf_counter()
-    pip = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"{source}{extra}"],
-                         env=env, capture_output=True, text=True)
+    pip = subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", f"{source}{extra}"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     if pip.returncode:
         sys.exit(f"pip install {source}{extra} failed:\n{pip.stderr[-3000:]}")
     install_s = time.perf_counter() - t0
     site = next((env_dir / "lib").glob("python*/site-packages"))
     sizes = sorted(((folder_size(p) if p.is_dir() else p.stat().st_size, p.name) for p in site.iterdir()), reverse=True)
     t0 = time.perf_counter()
-    subprocess.run([str(env_dir / "bin" / "bloodcell"), "predict", str(SAMPLE), "--format", "summary"],
-                   env=dict(env, BLOODCELL_PROGRESS="0"), check=True, capture_output=True)
+    subprocess.run(
+        [str(env_dir / "bin" / "bloodcell"), "predict", str(SAMPLE), "--format", "summary"],
+        env=dict(env, BLOODCELL_PROGRESS="0"),
+        check=True,
+        capture_output=True,
+    )
     predict_s = time.perf_counter() - t0
-    return {"install": f"pip install bloodcell{extra}", "install_seconds": round(install_s, 1), "venv_mb": round(folder_size(env_dir) / 1e6),
-            "largest": [f"{n} {s / 1e6:.0f} MB" for s, n in sizes[:6]], "first_predict_seconds": round(predict_s, 1)}
+    return {
+        "install": f"pip install bloodcell{extra}",
+        "install_seconds": round(install_s, 1),
+        "venv_mb": round(folder_size(env_dir) / 1e6),
+        "largest": [f"{n} {s / 1e6:.0f} MB" for s, n in sizes[:6]],
+        "first_predict_seconds": round(predict_s, 1),
+    }
 
 
 def main() -> None:

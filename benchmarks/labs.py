@@ -105,8 +105,16 @@ def verdict(value: float | None, target: float, none_text: str = "no cell kept")
     return f"missed by {100 * (target - value):.1f} points"
 
 
-def score_cells(y: np.ndarray, probs: np.ndarray, review: np.ndarray, ood: np.ndarray | None, class_names: list[str],
-                *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def score_cells(
+    y: np.ndarray,
+    probs: np.ndarray,
+    review: np.ndarray,
+    ood: np.ndarray | None,
+    class_names: list[str],
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
     """The lab figures of calibrated `probs` against true class indices `y`, with the predictor's review / OOD flags.
 
     Computed as bloodcell.evaluate.folder.evaluate_folder computes them, so the two cannot drift: over all classes,
@@ -154,7 +162,9 @@ def score_cells(y: np.ndarray, probs: np.ndarray, review: np.ndarray, ood: np.nd
     }
 
 
-def score_photos(labelled: list[dict], fields: dict[str, dict], class_names: list[str], min_iou: float = MATCH_IOU) -> dict:
+def score_photos(
+    labelled: list[dict], fields: dict[str, dict], class_names: list[str], min_iou: float = MATCH_IOU
+) -> dict:
     """Labelled white cells of photographs against what the field reader found and named.
 
     labelled: rows {"image", "label", "box"}; fields: photograph name -> FieldReader.read result. A labelled cell's
@@ -170,15 +180,32 @@ def score_photos(labelled: list[dict], fields: dict[str, dict], class_names: lis
         truth = resolve_class(r["label"], class_names)
         cells = [c for c in fields[r["image"]]["cells"] if c["kind"] == "wbc"]
         i, iou = match_cell(r["box"], cells, min_iou)
-        row = {"image": r["image"], "truth": r["label"], "found": i is not None, "iou": round(iou, 4), "label": None,
-               "label_wbc": None, "review": None, "ood": None, "right": False, "right_wbc": False, "kept": False}
+        row = {
+            "image": r["image"],
+            "truth": r["label"],
+            "found": i is not None,
+            "iou": round(iou, 4),
+            "label": None,
+            "label_wbc": None,
+            "review": None,
+            "ood": None,
+            "right": False,
+            "right_wbc": False,
+            "kept": False,
+        }
         if i is not None:
             c = cells[i]
             p = np.asarray([c["probabilities"][n] for n in class_names], dtype=np.float64)
             label_wbc = class_names[max(wbc_cols, key=lambda j: p[j])] if wbc_cols else None
-            row.update(label=c["label"], label_wbc=label_wbc, review=bool(c["review"]), ood=bool(c.get("ood")),
-                       right=c["label"] == truth, right_wbc=label_wbc == truth,
-                       kept=not (c["review"] or c.get("ood")))
+            row.update(
+                label=c["label"],
+                label_wbc=label_wbc,
+                review=bool(c["review"]),
+                ood=bool(c.get("ood")),
+                right=c["label"] == truth,
+                right_wbc=label_wbc == truth,
+                kept=not (c["review"] or c.get("ood")),
+            )
         rows.append(row)
     n = len(rows)
     found = sum(r["found"] for r in rows)
@@ -211,20 +238,33 @@ def targets(labs: dict) -> list[dict]:
 
     def add(lab: str, what: str, threshold: float, value: float | None, none_text: str = "no cell kept") -> None:
         v = verdict(value, threshold, none_text)
-        out.append({"lab": lab, "target": what, "threshold": threshold, "value": value, "verdict": v, "met": v == "met"})
+        out.append(
+            {"lab": lab, "target": what, "threshold": threshold, "value": value, "verdict": v, "met": v == "met"}
+        )
 
     for key, r in labs.items():
         if r.get("skipped"):
             continue
         if key == "photos":
-            add(key, f"labelled white cells named right >= {100 * TARGET_PHOTOS_RIGHT:.0f} %", TARGET_PHOTOS_RIGHT, r["right_fraction"], "no labelled cell")
+            add(
+                key,
+                f"labelled white cells named right >= {100 * TARGET_PHOTOS_RIGHT:.0f} %",
+                TARGET_PHOTOS_RIGHT,
+                r["right_fraction"],
+                "no labelled cell",
+            )
             add(key, f"kept cells right >= {100 * TARGET_KEPT_RIGHT:.0f} %", TARGET_KEPT_RIGHT, r["accuracy_kept"])
             add(key, f"cells kept >= {100 * TARGET_KEPT:.0f} %", TARGET_KEPT, r["kept_fraction"], "no labelled cell")
             continue
         if key == "pbc":
             add(key, f"test part right >= {100 * TARGET_PBC:.1f} %", TARGET_PBC, r["accuracy"])
         elif r.get("held_out"):
-            add(key, f"held out, zero-shot right over its classes >= {100 * TARGET_ZERO_SHOT:.0f} %", TARGET_ZERO_SHOT, r["accuracy"])
+            add(
+                key,
+                f"held out, zero-shot right over its classes >= {100 * TARGET_ZERO_SHOT:.0f} %",
+                TARGET_ZERO_SHOT,
+                r["accuracy"],
+            )
         add(key, f"kept cells right >= {100 * TARGET_KEPT_RIGHT:.0f} %", TARGET_KEPT_RIGHT, r["accuracy_kept"])
         add(key, f"cells kept >= {100 * TARGET_KEPT:.0f} %", TARGET_KEPT, r["kept_fraction"])
     return out
@@ -257,7 +297,11 @@ def lab_source(meta: dict, root: Path, word: str) -> dict | None:
     mine = {root.resolve(), (root / "BCCD").resolve()}
     for lab in trained_labs(meta):
         places = _places(str(lab.get("root", "")))
-        if places & mine or word in str(lab.get("name", "")).lower() or word in Path(str(lab.get("root", ""))).name.lower():
+        if (
+            places & mine
+            or word in str(lab.get("name", "")).lower()
+            or word in Path(str(lab.get("root", ""))).name.lower()
+        ):
             return lab
     return None
 
@@ -272,7 +316,9 @@ def folder_cells(folder: Path, class_names: list[str]) -> tuple[list[Path], list
     return [inv.path(i) for i in range(len(inv.records))], [class_map[r.label] for r in inv.records]
 
 
-def predict_and_score(predictor, files: list[Path], truth: list[str], *, n_bootstrap: int, seed: int, progress: bool) -> dict:
+def predict_and_score(
+    predictor, files: list[Path], truth: list[str], *, n_bootstrap: int, seed: int, progress: bool
+) -> dict:
     """Classify files through Predictor.predict_paths, then score_cells; unreadable files are listed and left out."""
     names = list(predictor.class_names)
     result = predictor.predict_paths(files, progress=progress)
@@ -295,8 +341,13 @@ def read_subtypes(bccd: Path, names: set[str]) -> list[dict]:
     with open(bccd / "wbc_subtypes.csv", newline="", encoding="utf-8-sig") as fh:
         for r in csv.DictReader(fh):
             if r["image"].strip() in names:
-                rows.append({"image": r["image"].strip(), "label": r["label"].strip(),
-                             "box": [float(r[k]) for k in ("xmin", "ymin", "xmax", "ymax")]})
+                rows.append(
+                    {
+                        "image": r["image"].strip(),
+                        "label": r["label"].strip(),
+                        "box": [float(r[k]) for k in ("xmin", "ymin", "xmax", "ymax")],
+                    }
+                )
     return rows
 
 
@@ -310,7 +361,9 @@ def run_model(predictor, args, detector, say) -> dict:
     meta = predictor.metadata
     progress = not args.no_progress
     labs: dict = {}
-    skip = lambda key, reason: labs.__setitem__(key, {"skipped": reason}) or say(f"{LAB_TITLES[key]}: {reason}: skipped")  # noqa: E731
+    def skip(key: str, reason: str) -> None:
+        labs[key] = {"skipped": reason}
+        say(f"{LAB_TITLES[key]}: {reason}: skipped")
 
     if "pbc" in args.labs:
         t0 = time.perf_counter()
@@ -324,18 +377,32 @@ def run_model(predictor, args, detector, say) -> dict:
 
             cfg = parse_config(meta["training_config"])
             try:
-                files, truth = split_files(cfg, args.pbc, "test", progress=progress, fingerprint=meta.get("data_fingerprint"))
+                files, truth = split_files(
+                    cfg, args.pbc, "test", progress=progress, fingerprint=meta.get("data_fingerprint")
+                )
             except BloodcellError as exc:
                 skip("pbc", str(exc))
             else:
                 keep = subset(truth, args.limit, args.seed)
-                r = predict_and_score(predictor, [files[i] for i in keep], [truth[i] for i in keep],
-                                      n_bootstrap=args.bootstrap, seed=args.seed, progress=progress)
+                r = predict_and_score(
+                    predictor,
+                    [files[i] for i in keep],
+                    [truth[i] for i in keep],
+                    n_bootstrap=args.bootstrap,
+                    seed=args.seed,
+                    progress=progress,
+                )
                 s = _split_config(cfg)
-                r.update(status="own test part", held_out=False, root=str(args.pbc), test_part=len(files),
-                         subset={"n": int(len(keep)), "limit": args.limit, "seed": args.seed, "stratified": True},
-                         split={"seed": s.seed, "test_size": s.test_size, "val_size": s.val_size, "dedup": s.dedup},
-                         fingerprint_checked=bool(meta.get("data_fingerprint")), seconds=round(time.perf_counter() - t0, 1))
+                r.update(
+                    status="own test part",
+                    held_out=False,
+                    root=str(args.pbc),
+                    test_part=len(files),
+                    subset={"n": int(len(keep)), "limit": args.limit, "seed": args.seed, "stratified": True},
+                    split={"seed": s.seed, "test_size": s.test_size, "val_size": s.val_size, "dedup": s.dedup},
+                    fingerprint_checked=bool(meta.get("data_fingerprint")),
+                    seconds=round(time.perf_counter() - t0, 1),
+                )
                 labs["pbc"] = r
 
     bccd_seen = lab_source(meta, args.bccd, "bccd")
@@ -356,10 +423,18 @@ def run_model(predictor, args, detector, say) -> dict:
                     f, t = folder_cells(cut / part, predictor.class_names)
                     files += f
                     truth += t
-            r = predict_and_score(predictor, files, truth, n_bootstrap=args.bootstrap, seed=args.seed, progress=progress)
+            r = predict_and_score(
+                predictor, files, truth, n_bootstrap=args.bootstrap, seed=args.seed, progress=progress
+            )
             seen_note = "seen (own test part)" if parts == ["test"] else "seen (train and val parts trained on!)"
-            r.update(status=seen_note if bccd_seen else "held out", held_out=bccd_seen is None, parts=parts,
-                     folder=str(cut), view=view, seconds=round(time.perf_counter() - t0, 1))
+            r.update(
+                status=seen_note if bccd_seen else "held out",
+                held_out=bccd_seen is None,
+                parts=parts,
+                folder=str(cut),
+                view=view,
+                seconds=round(time.perf_counter() - t0, 1),
+            )
             labs["bccd"] = r
 
     if "photos" in args.labs:
@@ -386,11 +461,15 @@ def run_model(predictor, args, detector, say) -> dict:
             labelled = read_subtypes(args.bccd, set(fields))
             r = score_photos(labelled, fields, predictor.class_names)
             summary = field_summary(list(fields.values()), predictor)
-            r.update(status="seen (own test part)" if bccd_seen else "held out", held_out=bccd_seen is None,
-                     photos=len(fields), field_summary=summary,
-                     ig_alarm=any(f.startswith("immature granulocytes present") for f in summary["flags"]),
-                     erythroblast_alarm=any(f.startswith("erythroblasts") for f in summary["flags"]),
-                     seconds=round(time.perf_counter() - t0, 1))
+            r.update(
+                status="seen (own test part)" if bccd_seen else "held out",
+                held_out=bccd_seen is None,
+                photos=len(fields),
+                field_summary=summary,
+                ig_alarm=any(f.startswith("immature granulocytes present") for f in summary["flags"]),
+                erythroblast_alarm=any(f.startswith("erythroblasts") for f in summary["flags"]),
+                seconds=round(time.perf_counter() - t0, 1),
+            )
             labs["photos"] = r
 
     if "tecom" in args.labs:
@@ -406,14 +485,26 @@ def run_model(predictor, args, detector, say) -> dict:
                 from bloodcell.data.labs import lab_parts
                 from bloodcell.data.prepare import _split_config
 
-                part = lab_parts(seen.get("name", "tecom"), args.tecom, predictor.class_names, parts=["test"],
-                                 split_config=_split_config(parse_config(meta["training_config"])), progress=False,
-                                 classes=seen.get("classes"))[0]
+                part = lab_parts(
+                    seen.get("name", "tecom"),
+                    args.tecom,
+                    predictor.class_names,
+                    parts=["test"],
+                    split_config=_split_config(parse_config(meta["training_config"])),
+                    progress=False,
+                    classes=seen.get("classes"),
+                )[0]
                 files = [part.inventory.path(i) for i in range(len(part.inventory.records))]
                 truth = [predictor.class_names[int(v)] for v in part.labels]
-            r = predict_and_score(predictor, files, truth, n_bootstrap=args.bootstrap, seed=args.seed, progress=progress)
-            r.update(status="seen (own test part)" if seen else "held out", held_out=seen is None, root=str(args.tecom),
-                     seconds=round(time.perf_counter() - t0, 1))
+            r = predict_and_score(
+                predictor, files, truth, n_bootstrap=args.bootstrap, seed=args.seed, progress=progress
+            )
+            r.update(
+                status="seen (own test part)" if seen else "held out",
+                held_out=seen is None,
+                root=str(args.tecom),
+                seconds=round(time.perf_counter() - t0, 1),
+            )
             labs["tecom"] = r
     return labs
 
@@ -454,17 +545,26 @@ def run_adapted(name: str, spec: str, predictor, base: dict, args, detector, wor
         label = f"{name} + AdaBN on {lab}"
         try:
             folder = adaptation_folder(lab, predictor, args, work)
-            a = adapt_model(folder, Path(tempfile.mkdtemp(prefix=f"model-{lab}-", dir=work)), None if spec == "default" else spec,
-                            progress=not args.no_progress)
+            a = adapt_model(
+                folder,
+                Path(tempfile.mkdtemp(prefix=f"model-{lab}-", dir=work)),
+                None if spec == "default" else spec,
+                progress=not args.no_progress,
+            )
         except BloodcellError as exc:
             say(f"{label}: {exc}: skipped")
             continue
         adapted = Predictor.load(a["out"])
         sub = argparse.Namespace(**{**vars(args), "labs": scored})
-        info = {"adapted_on": str(folder if lab == "tecom" else "BCCD train and val cells (cut), no labels"),
-                "images": a["images"], "norm_layers": a["norm_layers"], "ood_before": a["ood_before"],
-                "ood_after": a["ood_after"], "warnings": a["warnings"],
-                "weights_sha256": a["adaptation"].get("weights_sha256")}
+        info = {
+            "adapted_on": str(folder if lab == "tecom" else "BCCD train and val cells (cut), no labels"),
+            "images": a["images"],
+            "norm_layers": a["norm_layers"],
+            "ood_before": a["ood_before"],
+            "ood_after": a["ood_after"],
+            "warnings": a["warnings"],
+            "weights_sha256": a["adaptation"].get("weights_sha256"),
+        }
         for w in a["warnings"]:
             say(f"{label}: warning: {w}")
         out[label] = (adapted, run_model(adapted, sub, detector, say), info)
@@ -473,8 +573,12 @@ def run_adapted(name: str, spec: str, predictor, base: dict, args, detector, wor
 
 # ---------------------------------------------------------------------------------------------- output
 
-LAB_TITLES = {"pbc": "PBC test part", "bccd": "BCCD white cells (crops)", "photos": "BCCD photographs end to end",
-              "tecom": "Tecom (another lab)"}
+LAB_TITLES = {
+    "pbc": "PBC test part",
+    "bccd": "BCCD white cells (crops)",
+    "photos": "BCCD photographs end to end",
+    "tecom": "Tecom (another lab)",
+}
 
 
 def _pct(v: float | None, digits: int = 1) -> str:
@@ -482,8 +586,20 @@ def _pct(v: float | None, digits: int = 1) -> str:
 
 
 def cells_table(results: dict) -> str:
-    head = ["model", "lab", "status", "n", "acc all classes %", "acc own classes % [95% CI]", "macro F1",
-            "review %", "OOD %", "kept %", "kept right % (own classes)", "kept right % (all classes)"]
+    head = [
+        "model",
+        "lab",
+        "status",
+        "n",
+        "acc all classes %",
+        "acc own classes % [95% CI]",
+        "macro F1",
+        "review %",
+        "OOD %",
+        "kept %",
+        "kept right % (own classes)",
+        "kept right % (all classes)",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|"]
     for model, labs in results.items():
         for key in ("pbc", "bccd", "tecom"):
@@ -492,19 +608,49 @@ def cells_table(results: dict) -> str:
                 continue
             ci = r["accuracy_ci95"]
             acc = _pct(r["accuracy"]) + (f" [{_pct(ci[0])}, {_pct(ci[1])}]" if ci else "")
-            lines.append("| " + " | ".join([
-                model, LAB_TITLES[key], r["status"], f"{r['n']:,}", _pct(r["accuracy_all_classes"]), acc,
-                "-" if r["f1_macro"] is None else f"{r['f1_macro']:.3f}", _pct(r["review_fraction"]),
-                _pct(r["ood_fraction"]), _pct(r["kept_fraction"]), _pct(r["accuracy_kept"]),
-                _pct(r["accuracy_kept_all_classes"])]) + " |")
+            lines.append(
+                "| "
+                + " | ".join(
+                    [
+                        model,
+                        LAB_TITLES[key],
+                        r["status"],
+                        f"{r['n']:,}",
+                        _pct(r["accuracy_all_classes"]),
+                        acc,
+                        "-" if r["f1_macro"] is None else f"{r['f1_macro']:.3f}",
+                        _pct(r["review_fraction"]),
+                        _pct(r["ood_fraction"]),
+                        _pct(r["kept_fraction"]),
+                        _pct(r["accuracy_kept"]),
+                        _pct(r["accuracy_kept_all_classes"]),
+                    ]
+                )
+                + " |"
+            )
     return "\n".join(lines)
 
 
 def photos_table(results: dict) -> str:
-    head = ["model", "status", "photographs", "labelled cells", "found", "named right (all classes)",
-            "named right (5 WBC classes)", "kept", "kept and right", "kept right %", "white cells found / counted",
-            "IG alarm", "erythroblast alarm"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 4) + ["---"] * 2) + "|"]
+    head = [
+        "model",
+        "status",
+        "photographs",
+        "labelled cells",
+        "found",
+        "named right (all classes)",
+        "named right (5 WBC classes)",
+        "kept",
+        "kept and right",
+        "kept right %",
+        "white cells found / counted",
+        "IG alarm",
+        "erythroblast alarm",
+    ]
+    lines = [
+        "| " + " | ".join(head) + " |",
+        "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 4) + ["---"] * 2) + "|",
+    ]
     notes = []
     for model, labs in results.items():
         r = labs.get("photos")
@@ -513,11 +659,31 @@ def photos_table(results: dict) -> str:
         n = r["labelled"]
         frac = lambda k: f"{r[k]} ({_pct(r[k] / n if n else None)} %)"  # noqa: E731
         s = r["field_summary"]
-        lines.append("| " + " | ".join([
-            model, r["status"], str(r["photos"]), str(n), frac("found"), frac("right"), frac("right_wbc"), frac("kept"),
-            str(r["kept_right"]), _pct(r["accuracy_kept"]), f"{s['totals']['wbc']} / {s['wbc_counted']}",
-            "yes" if r["ig_alarm"] else "no", "yes" if r["erythroblast_alarm"] else "no"]) + " |")
-        notes += [f"- {model}: the differential over the {r['photos']} photographs flags: " + ("; ".join(s["flags"]) or "nothing")]
+        lines.append(
+            "| "
+            + " | ".join(
+                [
+                    model,
+                    r["status"],
+                    str(r["photos"]),
+                    str(n),
+                    frac("found"),
+                    frac("right"),
+                    frac("right_wbc"),
+                    frac("kept"),
+                    str(r["kept_right"]),
+                    _pct(r["accuracy_kept"]),
+                    f"{s['totals']['wbc']} / {s['wbc_counted']}",
+                    "yes" if r["ig_alarm"] else "no",
+                    "yes" if r["erythroblast_alarm"] else "no",
+                ]
+            )
+            + " |"
+        )
+        notes += [
+            f"- {model}: the differential over the {r['photos']} photographs flags: "
+            + ("; ".join(s["flags"]) or "nothing")
+        ]
     return "\n".join(lines + ([""] + notes if notes else []))
 
 
@@ -534,19 +700,42 @@ def targets_table(verdicts: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", default=None, help="'default' (bundled), run dir, .safetensors or .onnx (repeatable)")
-    ap.add_argument("--name", action="append", default=None, help="the name of each --model, in order (default: bundled / the path's name)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="'default' (bundled), run dir, .safetensors or .onnx (repeatable)",
+    )
+    ap.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="the name of each --model, in order (default: bundled / the path's name)",
+    )
     ap.add_argument("--labs", nargs="+", choices=LABS, default=list(LABS), help="labs to score (default: all)")
     ap.add_argument("--pbc", type=Path, default=SHARED / "pbc")
-    ap.add_argument("--bccd", type=Path, default=SHARED / "bccd", help="BCCD: the folder with wbc_subtypes.csv and BCCD/")
+    ap.add_argument(
+        "--bccd", type=Path, default=SHARED / "bccd", help="BCCD: the folder with wbc_subtypes.csv and BCCD/"
+    )
     ap.add_argument("--tecom", type=Path, default=SHARED / "external" / "tecom_zheng2018")
-    ap.add_argument("--limit", type=int, default=0, help="PBC test images: a stratified, seeded subset (0: all; default)")
-    ap.add_argument("--bccd-parts", choices=("test", "all"), default="test", help="BCCD white cells: BCCD's test part (default) or all parts")
+    ap.add_argument(
+        "--limit", type=int, default=0, help="PBC test images: a stratified, seeded subset (0: all; default)"
+    )
+    ap.add_argument(
+        "--bccd-parts",
+        choices=("test", "all"),
+        default="test",
+        help="BCCD white cells: BCCD's test part (default) or all parts",
+    )
     ap.add_argument("--photo-limit", type=int, default=0, help="only the first N BCCD test photographs (0: all 72)")
     ap.add_argument("--detector", default=None, help="field detector for the photographs (default: the bundled one)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the PBC subset and the bootstrap (default 0)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs (default 1000)")
-    ap.add_argument("--adapted", action="store_true", help="also adapt each model (AdaBN, no labels) to each held-out lab and score it again")
+    ap.add_argument(
+        "--adapted",
+        action="store_true",
+        help="also adapt each model (AdaBN, no labels) to each held-out lab and score it again",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write every figure here")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -559,7 +748,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(args.name or [])
     if len(names) > len(specs):
         ap.error(f"{len(names)} --name for {len(specs)} --model")
-    names += [("bundled" if m == "default" else Path(m).name) for m in specs[len(names):]]
+    names += [("bundled" if m == "default" else Path(m).name) for m in specs[len(names) :]]
     if len(set(names)) != len(names):
         ap.error(f"model names must differ, got {names}: pass --name")
 
@@ -574,28 +763,45 @@ def main(argv: list[str] | None = None) -> dict:
     started = datetime.now(timezone.utc)
     say(f"# Labs benchmark (issue 24 targets), {started:%Y-%m-%d %H:%M} UTC")
     say()
-    say(f"- machine: {cpu_line()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+    say(
+        f"- machine: {cpu_line()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
         + ", ".join(f"{k} {env[k]}" for k in ("torch", "onnxruntime") if k in env)
-        + (f" ({env['torch_threads']} torch threads)" if "torch_threads" in env else ""))
+        + (f" ({env['torch_threads']} torch threads)" if "torch_threads" in env else "")
+    )
     say(f"- command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
 
     predictors = {n: Predictor.load(None if m == "default" else m) for n, m in zip(names, specs)}
     models_info = {}
     for n, p in predictors.items():
         w = weights_file(p)
-        info = {"spec": specs[names.index(n)], "source": p.source, "model_name": p.model_name, "input_size": p.input_size,
-                "backend": p.backend, "weights": str(w), "sha256": io.file_sha256(w) if w.is_file() else None,
-                "classes": list(p.class_names), "review_threshold": p.review_threshold, "ood_threshold": p.ood_threshold,
-                "trained_labs": [lab.get("name") for lab in trained_labs(p.metadata)],
-                "split_seed": p.metadata.get("split_seed")}
+        info = {
+            "spec": specs[names.index(n)],
+            "source": p.source,
+            "model_name": p.model_name,
+            "input_size": p.input_size,
+            "backend": p.backend,
+            "weights": str(w),
+            "sha256": io.file_sha256(w) if w.is_file() else None,
+            "classes": list(p.class_names),
+            "review_threshold": p.review_threshold,
+            "ood_threshold": p.ood_threshold,
+            "trained_labs": [lab.get("name") for lab in trained_labs(p.metadata)],
+            "split_seed": p.metadata.get("split_seed"),
+        }
         models_info[n] = info
-        say(f"- model {n}: {p.source} ({p.model_name}, {p.input_size} px, {p.backend}); weights {w.name} sha256 {info['sha256']}; "
-            f"trained on PBC" + (f" + {', '.join(map(str, info['trained_labs']))}" if info["trained_labs"] else " only"))
-    say(f"- data: PBC {args.pbc}: test part of each model's own split (its training_config, e.g. seed 42, test 0.3), "
-        + (f"a stratified subset of {args.limit} (seed {args.seed})" if args.limit else "all of it"))
-    say(f"- data: BCCD {args.bccd}: white cells cut by the field crop rule, part(s) {args.bccd_parts}; photographs: "
+        say(
+            f"- model {n}: {p.source} ({p.model_name}, {p.input_size} px, {p.backend}); weights {w.name} sha256 {info['sha256']}; "
+            f"trained on PBC" + (f" + {', '.join(map(str, info['trained_labs']))}" if info["trained_labs"] else " only")
+        )
+    say(
+        f"- data: PBC {args.pbc}: test part of each model's own split (its training_config, e.g. seed 42, test 0.3), "
+        + (f"a stratified subset of {args.limit} (seed {args.seed})" if args.limit else "all of it")
+    )
+    say(
+        f"- data: BCCD {args.bccd}: white cells cut by the field crop rule, part(s) {args.bccd_parts}; photographs: "
         f"BCCD's own test split (ImageSets/Main/test.txt){f', first {args.photo_limit}' if args.photo_limit else ''}, "
-        f"labelled cell matched at IoU >= {MATCH_IOU}")
+        f"labelled cell matched at IoU >= {MATCH_IOU}"
+    )
     say(f"- data: Tecom {args.tecom}: every cell (held out) or, for a model that trained on it, its test part")
     say(f"- CIs: percentile bootstrap, {args.bootstrap} resamples, seed {args.seed}")
     say()
@@ -615,12 +821,20 @@ def main(argv: list[str] | None = None) -> dict:
         work = Path(tempfile.mkdtemp(prefix="labs-adapted-"))
         try:
             for n, p in list(predictors.items()):
-                for label, (adapted, r, info) in run_adapted(n, models_info[n]["spec"], p, results[n], args, detector, work, say).items():
+                for label, (adapted, r, info) in run_adapted(
+                    n, models_info[n]["spec"], p, results[n], args, detector, work, say
+                ).items():
                     results[label], verdicts[label] = r, targets(r)
-                    models_info[label] = {**models_info[n], "source": f"{models_info[n]['source']}, adapted", "adaptation": info,
-                                          "sha256": info["weights_sha256"]}
-                    say(f"- model {label}: {info['adapted_on']}, {info['images']} images, {info['norm_layers']} BatchNorm layers; "
-                        f"OOD {_pct(info['ood_before'])} % -> {_pct(info['ood_after'])} % of them; weights sha256 {info['weights_sha256']}")
+                    models_info[label] = {
+                        **models_info[n],
+                        "source": f"{models_info[n]['source']}, adapted",
+                        "adaptation": info,
+                        "sha256": info["weights_sha256"],
+                    }
+                    say(
+                        f"- model {label}: {info['adapted_on']}, {info['images']} images, {info['norm_layers']} BatchNorm layers; "
+                        f"OOD {_pct(info['ood_before'])} % -> {_pct(info['ood_after'])} % of them; weights sha256 {info['weights_sha256']}"
+                    )
         finally:
             shutil.rmtree(work, ignore_errors=True)
         say()
@@ -630,7 +844,9 @@ def main(argv: list[str] | None = None) -> dict:
     say()
     say(cells_table(results))
     say()
-    say(f"## BCCD photographs end to end (labelled white cell = the detected one with the largest IoU >= {MATCH_IOU}; kept: neither review nor OOD)")
+    say(
+        f"## BCCD photographs end to end (labelled white cell = the detected one with the largest IoU >= {MATCH_IOU}; kept: neither review nor OOD)"
+    )
     say()
     say(photos_table(results))
     say()
@@ -646,12 +862,24 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": {"cpu": cpu_line(), **env},
         "date": started.isoformat(timespec="seconds"),
         "command": [Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]),
-        "data": {"pbc": str(args.pbc), "bccd": str(args.bccd), "tecom": str(args.tecom), "pbc_limit": args.limit,
-                 "bccd_parts": args.bccd_parts, "photo_limit": args.photo_limit, "match_iou": MATCH_IOU},
+        "data": {
+            "pbc": str(args.pbc),
+            "bccd": str(args.bccd),
+            "tecom": str(args.tecom),
+            "pbc_limit": args.limit,
+            "bccd_parts": args.bccd_parts,
+            "photo_limit": args.photo_limit,
+            "match_iou": MATCH_IOU,
+        },
         "seed": args.seed,
         "bootstrap": args.bootstrap,
-        "targets": {"zero_shot": TARGET_ZERO_SHOT, "kept_right": TARGET_KEPT_RIGHT, "kept": TARGET_KEPT, "pbc": TARGET_PBC,
-                    "photos_right": TARGET_PHOTOS_RIGHT},
+        "targets": {
+            "zero_shot": TARGET_ZERO_SHOT,
+            "kept_right": TARGET_KEPT_RIGHT,
+            "kept": TARGET_KEPT,
+            "pbc": TARGET_PBC,
+            "photos_right": TARGET_PHOTOS_RIGHT,
+        },
         "seconds": round(seconds, 1),
         "adapted": bool(args.adapted),
         "models": {n: {**models_info[n], "labs": results[n], "verdicts": verdicts[n]} for n in results},

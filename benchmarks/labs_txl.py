@@ -4,6 +4,7 @@ flagged and counted, not whether it is right). Old vs new: python benchmarks/lab
 TXL-PBC's BCCD test photographs are mostly in BCCD's own train split (sources.csv bccd_split): not held out for a
 model trained on BCCD's cells.
 """
+
 import collections
 import csv
 import sys
@@ -18,7 +19,7 @@ from bloodcell.infer.fields import FieldReader
 root = Path("../shared/data/txl_pbc")
 rows = [r for r in csv.DictReader(open(root / "sources.csv")) if r["split"] == "test"]
 print(cpu_line())
-for model in (sys.argv[1:] or [None]):
+for model in sys.argv[1:] or [None]:
     label = model or "bundled"
     reader = FieldReader.load(Predictor.load(model))
     by = collections.defaultdict(lambda: collections.Counter())
@@ -34,7 +35,7 @@ for model in (sys.argv[1:] or [None]):
             by[s]["wbc"] += 1
             by[s]["ood"] += bool(c["ood"])
             by[s]["review"] += bool(c["review"])
-            by[s]["kept"] += (not c["ood"] and not c["review"])
+            by[s]["kept"] += not c["ood"] and not c["review"]
             if not c["ood"]:
                 preds[s][c["label"]] += 1
     print(f"## {label}")
@@ -42,4 +43,8 @@ for model in (sys.argv[1:] or [None]):
     print("|---|---:|---:|---:|---:|---:|---:|---|")
     for s, c in sorted(by.items()):
         n = max(c["wbc"], 1)
-        print(f"| {s} | {c['photos']} | {c['boxed_wbc']} | {c['wbc']} | {100*c['ood']/n:.0f} | {100*c['review']/n:.0f} | {100*c['kept']/n:.0f} | " + ", ".join(f"{k} {v}" for k, v in preds[s].most_common()) + " |")
+        print(
+            f"| {s} | {c['photos']} | {c['boxed_wbc']} | {c['wbc']} | {100 * c['ood'] / n:.0f} | {100 * c['review'] / n:.0f} | {100 * c['kept'] / n:.0f} | "
+            + ", ".join(f"{k} {v}" for k, v in preds[s].most_common())
+            + " |"
+        )

@@ -168,7 +168,9 @@ def main(argv: list[str] | None = None) -> dict:
     for name, a in r["auroc"].items():
         print(f"| {name} | {r['n'][name]} | " + " | ".join(f"{a[m]:.4f}" for m in r["methods"]) + " |")
     if "pbc_false_alarm" in r:
-        print(f"\nPBC test cells flagged OOD at the model's threshold ({r['ood_threshold']:.1f}): {100 * r['pbc_false_alarm']:.2f} %")
+        print(
+            f"\nPBC test cells flagged OOD at the model's threshold ({r['ood_threshold']:.1f}): {100 * r['pbc_false_alarm']:.2f} %"
+        )
     if "tecom" in r:
         t = r["tecom"]
         kept = "-" if t["accuracy_kept"] is None else f"{100 * t['accuracy_kept']:.1f} %"

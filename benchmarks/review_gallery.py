@@ -62,8 +62,11 @@ def start_server(data_dir: Path) -> tuple[subprocess.Popen, str]:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     bloodcell = Path(sys.executable).parent / "bloodcell"
-    proc = subprocess.Popen([str(bloodcell), "serve", "--port", str(port), "--data-dir", str(data_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(bloodcell), "serve", "--port", str(port), "--data-dir", str(data_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     for _ in range(600):
         try:
@@ -82,9 +85,20 @@ def fill(url: str, cells: int) -> float:
     t0 = time.perf_counter()
     sent = 0
     while sent < cells:
-        batch = [("files", (f"{sent + i:05d}-{images[(sent + i) % len(images)].name}", images[(sent + i) % len(images)].read_bytes(),
-                             "image/jpeg")) for i in range(min(200, cells - sent))]
-        httpx.post(f"{url}/api/samples/{SAMPLE_ID}/uploads?who=bench&input=cell", files=batch, timeout=600).raise_for_status()
+        batch = [
+            (
+                "files",
+                (
+                    f"{sent + i:05d}-{images[(sent + i) % len(images)].name}",
+                    images[(sent + i) % len(images)].read_bytes(),
+                    "image/jpeg",
+                ),
+            )
+            for i in range(min(200, cells - sent))
+        ]
+        httpx.post(
+            f"{url}/api/samples/{SAMPLE_ID}/uploads?who=bench&input=cell", files=batch, timeout=600
+        ).raise_for_status()
         sent += len(batch)
     return time.perf_counter() - t0
 
@@ -148,19 +162,31 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
     print(f"# review workstation benchmark, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    print(f"machine: {cpu_line()}, {os.cpu_count()} cores, {platform.platform()}; bloodcell {__version__}, "
-          f"python {platform.python_version()}, {driver_version()}")
-    print(f"command: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}; {args.cells} cells uploaded and classified in "
-          f"{upload_s:.1f} s (bundled model, ONNX Runtime)\n")
+    print(
+        f"machine: {cpu_line()}, {os.cpu_count()} cores, {platform.platform()}; bloodcell {__version__}, "
+        f"python {platform.python_version()}, {driver_version()}"
+    )
+    print(
+        f"command: {' '.join([Path(sys.argv[0]).name, *sys.argv[1:]])}; {args.cells} cells uploaded and classified in "
+        f"{upload_s:.1f} s (bundled model, ONNX Runtime)\n"
+    )
     print("| measure | n | median | max | target |\n|---|---|---|---|---|")
-    print(f"| gallery open, {args.cells} cells (navigation -> all cells placed, visible thumbnails loaded) | {len(opens)} | "
-          f"{statistics.median(opens):.0f} ms | {max(opens):.0f} ms | <= 1000 ms |")
-    print(f"| reclassification in the page (key -> thumbnail moved, next cell selected) | {len(shown)} | "
-          f"{statistics.median(shown):.1f} ms | {max(shown):.1f} ms | - |")
-    print(f"| reclassification shown (key -> the next frame painted) | {len(painted)} | "
-          f"{statistics.median(painted):.1f} ms | {max(painted):.1f} ms | <= 100 ms |")
-    print(f"| reclassification saved (key -> server's answer) | {len(saved)} | {statistics.median(saved):.1f} ms | "
-          f"{max(saved):.1f} ms | - |")
+    print(
+        f"| gallery open, {args.cells} cells (navigation -> all cells placed, visible thumbnails loaded) | {len(opens)} | "
+        f"{statistics.median(opens):.0f} ms | {max(opens):.0f} ms | <= 1000 ms |"
+    )
+    print(
+        f"| reclassification in the page (key -> thumbnail moved, next cell selected) | {len(shown)} | "
+        f"{statistics.median(shown):.1f} ms | {max(shown):.1f} ms | - |"
+    )
+    print(
+        f"| reclassification shown (key -> the next frame painted) | {len(painted)} | "
+        f"{statistics.median(painted):.1f} ms | {max(painted):.1f} ms | <= 100 ms |"
+    )
+    print(
+        f"| reclassification saved (key -> server's answer) | {len(saved)} | {statistics.median(saved):.1f} ms | "
+        f"{max(saved):.1f} ms | - |"
+    )
 
 
 def driver_version() -> str:

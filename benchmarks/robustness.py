@@ -74,11 +74,15 @@ def rescale(image: np.ndarray, s: float, pad_mode: str = "reflect") -> np.ndarra
     if pad_mode == "background":
         border = np.concatenate([small[0], small[-1], small[:, 0], small[:, -1]])
         colour = np.median(border, axis=0)
-        return np.stack([np.pad(small[..., c], widths, mode="constant", constant_values=colour[c]) for c in range(3)], axis=-1)
+        return np.stack(
+            [np.pad(small[..., c], widths, mode="constant", constant_values=colour[c]) for c in range(3)], axis=-1
+        )
     return np.pad(small, widths + ((0, 0),), mode=pad_mode)
 
 
-def stain(image: np.ndarray, h_scale: float, e_scale: float, h_offset: float = 0.0, e_offset: float = 0.0) -> np.ndarray:
+def stain(
+    image: np.ndarray, h_scale: float, e_scale: float, h_offset: float = 0.0, e_offset: float = 0.0
+) -> np.ndarray:
     """Haematoxylin / eosin shift by colour deconvolution (skimage rgb2hed -> scale and offset H, E -> hed2rgb)."""
     from skimage.color import hed2rgb, rgb2hed
 
@@ -177,11 +181,18 @@ def load_test_part(data_root: Path, split_meta: dict, progress: bool) -> tuple[l
     split = make_split(inv, _split_config(cfg))
     paths = [inv.path(i) for i in split.test]
     labels = [inv.records[i].label for i in split.test]
-    info = {"root": str(inv.root), "images": len(inv.records), "fingerprint": inv.fingerprint(), "test": len(paths),
-            "split": {k: getattr(_split_config(cfg), k) for k in ("seed", "test_size", "val_size", "dedup", "order")}}
+    info = {
+        "root": str(inv.root),
+        "images": len(inv.records),
+        "fingerprint": inv.fingerprint(),
+        "test": len(paths),
+        "split": {k: getattr(_split_config(cfg), k) for k in ("seed", "test_size", "val_size", "dedup", "order")},
+    }
     expected = (split_meta.get("bundled") or {}).get("test_n")
     if expected and inv.fingerprint() == split_meta.get("data_fingerprint") and len(paths) != expected:
-        raise SystemExit(f"the test part of {inv.root} has {len(paths)} images, the bundled model's has {expected}: the split is not reproduced")
+        raise SystemExit(
+            f"the test part of {inv.root} has {len(paths)} images, the bundled model's has {expected}: the split is not reproduced"
+        )
     info["matches_bundled"] = bool(expected and inv.fingerprint() == split_meta.get("data_fingerprint"))
     return paths, labels, info
 
@@ -240,17 +251,33 @@ def save_montage(path: Path, image: np.ndarray, seed: int, index: int, title: st
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", action="append", default=None, help="run dir, .safetensors, .onnx or 'default' (repeatable; default: default)")
-    ap.add_argument("--name", action="append", default=None, help="column header of each --model, in order (default: the model path's name)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=None,
+        help="run dir, .safetensors, .onnx or 'default' (repeatable; default: default)",
+    )
+    ap.add_argument(
+        "--name",
+        action="append",
+        default=None,
+        help="column header of each --model, in order (default: the model path's name)",
+    )
     ap.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"class-per-folder data (default: {DEFAULT_DATA})")
-    ap.add_argument("--limit", type=int, default=1000, help="stratified seeded subset of the test part (0: all; default 1000)")
+    ap.add_argument(
+        "--limit", type=int, default=1000, help="stratified seeded subset of the test part (0: all; default 1000)"
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the subset, the noise and the bootstrap (default 0)")
-    ap.add_argument("--shifts", nargs="+", default=None, help="only these shifts (names as in the table; 'none' is always run)")
+    ap.add_argument(
+        "--shifts", nargs="+", default=None, help="only these shifts (names as in the table; 'none' is always run)"
+    )
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--chunk", type=int, default=256, help="images shifted and encoded at a time (bounds memory)")
     ap.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples per cell (default 1000)")
     ap.add_argument("--json", type=Path, default=None, help="also write the raw numbers here")
-    ap.add_argument("--save-examples", type=Path, default=None, metavar="PNG", help="montage of one test image under every shift")
+    ap.add_argument(
+        "--save-examples", type=Path, default=None, metavar="PNG", help="montage of one test image under every shift"
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -266,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     names = list(args.name or [])
     if len(names) > len(specs):
         ap.error(f"{len(names)} --name for {len(specs)} --model")
-    names += [("bundled" if m == "default" else Path(m).name) for m in specs[len(names):]]
+    names += [("bundled" if m == "default" else Path(m).name) for m in specs[len(names) :]]
     if len(set(names)) != len(names):
         ap.error(f"column names must differ, got {names}: pass --name")
     shifts = dict(SHIFTS)
@@ -288,14 +315,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     print(f"# Robustness to image shifts on the {'PBC ' if info['matches_bundled'] else ''}test part")
     print()
-    print(f"- machine: {cpu_line()}, {os.cpu_count()} CPUs, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}")
+    print(
+        f"- machine: {cpu_line()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    )
     print(f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"- command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
-    print(f"- data: {info['root']} ({info['images']:,} images); test part of the split {info['split']}: {info['test']:,} images"
-          + (" (= the bundled model's recorded test part)" if info["matches_bundled"] else ""))
-    sub = f"a stratified subset of {len(keep):,} (seed {args.seed})" if len(keep) < len(labels) else f"all {len(keep):,}"
-    print(f"- images scored: {sub}; noise seeded per image with (seed {args.seed}, index); 95% CI: percentile bootstrap, {args.bootstrap} resamples")
+    print(
+        f"- data: {info['root']} ({info['images']:,} images); test part of the split {info['split']}: {info['test']:,} images"
+        + (" (= the bundled model's recorded test part)" if info["matches_bundled"] else "")
+    )
+    sub = (
+        f"a stratified subset of {len(keep):,} (seed {args.seed})" if len(keep) < len(labels) else f"all {len(keep):,}"
+    )
+    print(
+        f"- images scored: {sub}; noise seeded per image with (seed {args.seed}, index); 95% CI: percentile bootstrap, {args.bootstrap} resamples"
+    )
     for n, p in predictors.items():
         print(f"- model {n}: {p.source} ({p.model_name}, input {p.input_size} px, {p.backend})")
     print(flush=True)
@@ -303,16 +338,25 @@ def main(argv: list[str] | None = None) -> dict:
     truth = {n: np.asarray([p.class_names.index(labels[i]) for i in keep]) for n, p in predictors.items()}
     preds = {s: {n: np.full(len(keep), -1) for n in predictors} for s in shifts}
     t0 = time.perf_counter()
-    with progress_bar(len(shifts) * len(keep), f"{len(shifts)} shifts x {len(keep)} images x {len(predictors)} model(s)", enabled=progress) as advance:
+    with progress_bar(
+        len(shifts) * len(keep),
+        f"{len(shifts)} shifts x {len(keep)} images x {len(predictors)} model(s)",
+        enabled=progress,
+    ) as advance:
         for start in range(0, len(keep), args.chunk):
             idx = keep[start : start + args.chunk]
             images = [load_array(paths[i]) for i in idx]  # stored resolution, RGB
             for s, fn in shifts.items():
-                items = [(str(k), png_bytes(fn(im, image_rng(args.seed, int(i))))) for k, (i, im) in enumerate(zip(idx, images))]
+                items = [
+                    (str(k), png_bytes(fn(im, image_rng(args.seed, int(i)))))
+                    for k, (i, im) in enumerate(zip(idx, images))
+                ]
                 for n, p in predictors.items():
                     out = p.predict_images(items, batch_size=args.batch_size)
                     if out["unreadable"]:
-                        raise SystemExit(f"shift {s!r}: {len(out['unreadable'])} shifted image(s) unreadable, e.g. {out['unreadable'][0]}")
+                        raise SystemExit(
+                            f"shift {s!r}: {len(out['unreadable'])} shifted image(s) unreadable, e.g. {out['unreadable'][0]}"
+                        )
                     for r in out["predictions"]:
                         preds[s][n][start + int(r["path"])] = p.class_names.index(r["label"])
                 advance(len(idx))
@@ -325,23 +369,38 @@ def main(argv: list[str] | None = None) -> dict:
             y, yhat = truth[n], preds[s][n]
             lo, hi = bootstrap_ci(y, yhat, "accuracy", n=args.bootstrap, seed=args.seed, n_classes=len(p.class_names))
             counts = np.bincount(yhat, minlength=len(p.class_names))
-            results[s][n] = {"accuracy": float(np.mean(y == yhat)), "ci95": [lo, hi], "n": int(len(y)), "correct": int(np.sum(y == yhat)),
-                             "predicted": {c: int(k) for c, k in zip(p.class_names, counts)}}
+            results[s][n] = {
+                "accuracy": float(np.mean(y == yhat)),
+                "ci95": [lo, hi],
+                "n": int(len(y)),
+                "correct": int(np.sum(y == yhat)),
+                "predicted": {c: int(k) for c, k in zip(p.class_names, counts)},
+            }
     for s in shifts:
         for n in predictors:
             results[s][n]["drop_vs_none"] = results["none"][n]["accuracy"] - results[s][n]["accuracy"]
 
     print(table(results, list(predictors)))
     print()
-    print(f"{len(shifts)} shifts x {len(keep):,} images x {len(predictors)} model(s) in {seconds:.0f} s. "
-          "'vs none' is the change in accuracy points against the unshifted images (same images, same model).")
+    print(
+        f"{len(shifts)} shifts x {len(keep):,} images x {len(predictors)} model(s) in {seconds:.0f} s. "
+        "'vs none' is the change in accuracy points against the unshifted images (same images, same model)."
+    )
 
     report = {
-        "machine": {"cpu": cpu_line(), "cpus": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version()},
+        "machine": {
+            "cpu": cpu_line(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "data": info,
         "subset": {"n": int(len(keep)), "limit": args.limit, "seed": args.seed, "stratified": True},
-        "models": {n: {"source": p.source, "model_name": p.model_name, "input_size": p.input_size, "backend": p.backend} for n, p in predictors.items()},
+        "models": {
+            n: {"source": p.source, "model_name": p.model_name, "input_size": p.input_size, "backend": p.backend}
+            for n, p in predictors.items()
+        },
         "shifts": list(shifts),
         "bootstrap": args.bootstrap,
         "seconds": seconds,
@@ -352,7 +411,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"raw numbers: {args.json}")
     if args.save_examples:
         first = int(keep[0])
-        save_montage(args.save_examples, load_array(paths[first]), args.seed, first, f"{Path(paths[first]).parent.name}/{Path(paths[first]).name} under every shift")
+        save_montage(
+            args.save_examples,
+            load_array(paths[first]),
+            args.seed,
+            first,
+            f"{Path(paths[first]).parent.name}/{Path(paths[first]).name} under every shift",
+        )
         print(f"examples: {args.save_examples}")
     return report
 

@@ -63,13 +63,16 @@ def png_declaring(side: int) -> bytes:
 def big_photo() -> tuple[bytes, str]:
     size = (4000, 3000)
     if BCCD_PHOTO.is_file():
-        img, what = Image.open(BCCD_PHOTO).convert("RGB").resize(size, Image.Resampling.BICUBIC), "BCCD BloodImage_00002 scaled to 4000x3000"
+        img, what = (
+            Image.open(BCCD_PHOTO).convert("RGB").resize(size, Image.Resampling.BICUBIC),
+            "BCCD BloodImage_00002 scaled to 4000x3000",
+        )
     else:
         rng = np.random.default_rng(0)
         arr = np.full((size[1], size[0], 3), (236, 226, 232), np.uint8)
         for _ in range(400):
             x, y, r = rng.integers(0, size[0]), rng.integers(0, size[1]), rng.integers(60, 110)
-            arr[max(0, y - r):y + r, max(0, x - r):x + r] = (214, 140, 150)
+            arr[max(0, y - r) : y + r, max(0, x - r) : x + r] = (214, 140, 150)
         img, what = Image.fromarray(arr), "generated 4000x3000 field"
     out = io.BytesIO()
     img.save(out, "JPEG", quality=90)
@@ -82,9 +85,15 @@ def case_pixels(url: str, pid: int) -> list[str]:
     t0 = time.perf_counter()
     r = httpx.post(url + "/predict?input=cell", files=files, timeout=300)
     body = r.json()
-    said = body["detail"][:90] + "..." if "detail" in body else f"{len(body['predictions'])} classified, {len(body['unreadable'])} unreadable"
-    return [f"| 200 PNGs declaring 3990 x 3990 px in one request ({size / 1e6:.2f} MB) | {r.status_code}: {said} | "
-            f"{time.perf_counter() - t0:.2f} s |"]
+    said = (
+        body["detail"][:90] + "..."
+        if "detail" in body
+        else f"{len(body['predictions'])} classified, {len(body['unreadable'])} unreadable"
+    )
+    return [
+        f"| 200 PNGs declaring 3990 x 3990 px in one request ({size / 1e6:.2f} MB) | {r.status_code}: {said} | "
+        f"{time.perf_counter() - t0:.2f} s |"
+    ]
 
 
 def case_fields(url: str, pid: int) -> list[str]:
@@ -93,8 +102,12 @@ def case_fields(url: str, pid: int) -> list[str]:
 
     async def burst():
         async with httpx.AsyncClient(timeout=600) as client:
-            return await asyncio.gather(*(client.post(url + "/predict?input=field", files={"files": ("f.jpg", photo, "image/jpeg")})
-                                          for _ in range(8)))
+            return await asyncio.gather(
+                *(
+                    client.post(url + "/predict?input=field", files={"files": ("f.jpg", photo, "image/jpeg")})
+                    for _ in range(8)
+                )
+            )
 
     peak = [0.0]
     stop = threading.Event()
@@ -114,8 +127,10 @@ def case_fields(url: str, pid: int) -> list[str]:
     time.sleep(10)
     after = status_mb(pid)["VmRSS"]
     codes = sorted(a.status_code for a in answers)
-    return [f"| 8 concurrent field requests, {what} ({len(photo) / 1e6:.1f} MB) | answers {codes} in {seconds:.1f} s | "
-            f"RSS {before:.0f} MB before, peak {peak[0]:.0f} MB, {after:.0f} MB 10 s after |"]
+    return [
+        f"| 8 concurrent field requests, {what} ({len(photo) / 1e6:.1f} MB) | answers {codes} in {seconds:.1f} s | "
+        f"RSS {before:.0f} MB before, peak {peak[0]:.0f} MB, {after:.0f} MB 10 s after |"
+    ]
 
 
 def case_stalled(url: str, pid: int, n: int = 1000) -> list[str]:
@@ -145,15 +160,20 @@ def case_stalled(url: str, pid: int, n: int = 1000) -> list[str]:
     for c in conns:
         c.close()
     times = sorted(closed_at.values())
-    return [f"| {n} connections sending part of their headers, then nothing | {len(times)} closed by the server "
-            f"within 60 s | last closed {times[-1]:.1f} s after the last opened (--header-seconds 10) |" if times else
-            f"| {n} stalled connections | none closed within 60 s | - |"]
+    return [
+        f"| {n} connections sending part of their headers, then nothing | {len(times)} closed by the server "
+        f"within 60 s | last closed {times[-1]:.1f} s after the last opened (--header-seconds 10) |"
+        if times
+        else f"| {n} stalled connections | none closed within 60 s | - |"
+    ]
 
 
 def case_bodies(url: str, pid: int, n: int = 30) -> list[str]:
     host, port = url.removeprefix("http://").split(":")
-    head = (b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-            b"Content-Length: 20000000\r\n\r\n")
+    head = (
+        b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+        b"Content-Length: 20000000\r\n\r\n"
+    )
     before = status_mb(pid)["VmRSS"]
     conns = []
     chunk = b"a" * 1_000_000
@@ -185,9 +205,11 @@ def case_bodies(url: str, pid: int, n: int = 30) -> list[str]:
         c.close()
     time.sleep(2)
     after = status_mb(pid)["VmRSS"]
-    return [f"| {n} clients send 15 MB of a 20 MB body and stop | answers {sorted(set(answers))} "
-            f"{seconds:.1f} s after they stopped (--body-idle-seconds 10) | RSS {before:.0f} MB before, {during:.0f} MB "
-            f"while they hang, {after:.0f} MB after the clients closed |"]
+    return [
+        f"| {n} clients send 15 MB of a 20 MB body and stop | answers {sorted(set(answers))} "
+        f"{seconds:.1f} s after they stopped (--body-idle-seconds 10) | RSS {before:.0f} MB before, {during:.0f} MB "
+        f"while they hang, {after:.0f} MB after the clients closed |"
+    ]
 
 
 def case_hosts(url: str, pid: int) -> list[str]:
@@ -211,12 +233,20 @@ def case_throughput(url: str, pid: int) -> list[str]:
     uploads = serve_load.make_uploads(serve_load.sample_images(), 400, 1)
     serve_load.run_load(url, uploads[:8], 8)  # warm
     answers, s = serve_load.run_load(url, uploads, 8)
-    return [f"| 400 single-cell requests, 8 clients | {s['errors']} errors, p50 {s['p50_ms']:.0f} ms | "
-            f"{s['requests_per_s']:.1f} requests/s |"]
+    return [
+        f"| 400 single-cell requests, 8 clients | {s['errors']} errors, p50 {s['p50_ms']:.0f} ms | "
+        f"{s['requests_per_s']:.1f} requests/s |"
+    ]
 
 
-CASES = {"pixels": case_pixels, "fields": case_fields, "stalled": case_stalled, "bodies": case_bodies,
-         "hosts": case_hosts, "throughput": case_throughput}
+CASES = {
+    "pixels": case_pixels,
+    "fields": case_fields,
+    "stalled": case_stalled,
+    "bodies": case_bodies,
+    "hosts": case_hosts,
+    "throughput": case_throughput,
+}
 
 
 def main() -> None:
@@ -231,7 +261,9 @@ def main() -> None:
         with serve_load.running_server() as server:  # a fresh server per case: one case's peak is not the next's
             rows += CASES[name](server.url, server.process.pid)
     print(f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
-    print(f"machine: {cpu_line()}, {os.cpu_count()} cores, {platform.platform()}; bloodcell {__version__}, python {platform.python_version()}")
+    print(
+        f"machine: {cpu_line()}, {os.cpu_count()} cores, {platform.platform()}; bloodcell {__version__}, python {platform.python_version()}"
+    )
     print("server: `bloodcell serve` with default limits, bundled model, one uvicorn process on 127.0.0.1\n")
     print("| case | answer | figures |\n|---|---|---|")
     print("\n".join(rows))

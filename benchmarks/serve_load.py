@@ -63,7 +63,18 @@ def running_server(*serve_args: str, startup_timeout: float = 120.0):
         log = Path(tmp) / "server.log"
         # the review workstation's database in the temporary folder, never the user's (unless --data-dir is given)
         data_dir = () if "--data-dir" in serve_args else ("--data-dir", str(Path(tmp) / "review"))
-        cmd = [sys.executable, "-m", "bloodcell.cli", "serve", "--host", "127.0.0.1", "--port", "0", *data_dir, *serve_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "bloodcell.cli",
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            *data_dir,
+            *serve_args,
+        ]
         with open(log, "wb") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
         server = Server("", proc, log)
@@ -125,12 +136,16 @@ def check_answer(answer: Answer) -> None:
     # the counts leave out images flagged OOD: they add up to the counted images, and those plus the OOD ones to all
     counted, ood = body.get("counted"), body.get("ood_count", 0)
     if sum(body.get("counts", {}).values()) != counted or counted + ood != len(answer.sent):
-        answer.problems.append(f"counts {body.get('counts')} (counted {counted}, OOD {ood}) do not add up to {len(answer.sent)}")
+        answer.problems.append(
+            f"counts {body.get('counts')} (counted {counted}, OOD {ood}) do not add up to {len(answer.sent)}"
+        )
     if body.get("unreadable"):
         answer.problems.append(f"unreadable: {body['unreadable']}")
 
 
-async def upload_all(url: str, uploads: list[list[tuple[str, bytes]]], concurrency: int, timeout: float = 120.0) -> list[Answer]:
+async def upload_all(
+    url: str, uploads: list[list[tuple[str, bytes]]], concurrency: int, timeout: float = 120.0
+) -> list[Answer]:
     """POST every upload to url/predict at once, at most `concurrency` in flight; answers in order."""
     import httpx
 
@@ -156,7 +171,9 @@ async def upload_all(url: str, uploads: list[list[tuple[str, bytes]]], concurren
         return list(await asyncio.gather(*(one(client, files) for files in uploads)))
 
 
-def make_uploads(images: list[tuple[str, bytes]], requests: int, files_per_request: int) -> list[list[tuple[str, bytes]]]:
+def make_uploads(
+    images: list[tuple[str, bytes]], requests: int, files_per_request: int
+) -> list[list[tuple[str, bytes]]]:
     """`requests` uploads of `files_per_request` images each, cycling through `images`."""
     n = len(images)
     return [[images[(r * files_per_request + k) % n] for k in range(files_per_request)] for r in range(requests)]
@@ -217,9 +234,13 @@ def main() -> None:
         f"fastapi {fastapi.__version__}, uvicorn {uvicorn.__version__}, httpx {httpx.__version__}"
     )
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
-    print(f"model: {args.model or 'bundled model'}; server: one uvicorn process on 127.0.0.1; client: httpx.AsyncClient")
+    print(
+        f"model: {args.model or 'bundled model'}; server: one uvicorn process on 127.0.0.1; client: httpx.AsyncClient"
+    )
     print()
-    print("| requests | concurrency | files/request | errors | p50 ms | p90 ms | p99 ms | max ms | requests/s | images/s |")
+    print(
+        "| requests | concurrency | files/request | errors | p50 ms | p90 ms | p99 ms | max ms | requests/s | images/s |"
+    )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {s['requests']} | {args.concurrency} | {args.files_per_request} | {s['errors']} | {s['p50_ms']:.0f} | "

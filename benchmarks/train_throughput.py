@@ -43,16 +43,34 @@ from bloodcell.train.hardware import resolve_accelerator, resolve_precision
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
-def reference_epoch_rate(root: str, model_name: str, size: int, n: int, batch: int, workers: int, precision: str, device: str, timed: int = 1) -> float:
+def reference_epoch_rate(
+    root: str, model_name: str, size: int, n: int, batch: int, workers: int, precision: str, device: str, timed: int = 1
+) -> float:
     """torchvision-reference style: PIL decode + transforms per image per epoch in DataLoader workers."""
     from torchvision import transforms as T
 
-    tf = T.Compose([T.Resize((size, size)), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    tf = T.Compose(
+        [
+            T.Resize((size, size)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+        ]
+    )
     # the suffixes bloodcell's scan reads (the device pack is WebP), hidden files left out as the scan does
-    ds = torchvision.datasets.ImageFolder(root, transform=tf, is_valid_file=lambda p: is_image_name(p) and not os.path.basename(p).startswith("."))
+    ds = torchvision.datasets.ImageFolder(
+        root, transform=tf, is_valid_file=lambda p: is_image_name(p) and not os.path.basename(p).startswith(".")
+    )
     idx = np.random.default_rng(0).permutation(len(ds))[:n]
-    loader = DataLoader(Subset(ds, idx.tolist()), batch_size=batch, shuffle=True, num_workers=workers, drop_last=False,
-                        persistent_workers=workers > 0, pin_memory=device == "cuda")
+    loader = DataLoader(
+        Subset(ds, idx.tolist()),
+        batch_size=batch,
+        shuffle=True,
+        num_workers=workers,
+        drop_last=False,
+        persistent_workers=workers > 0,
+        pin_memory=device == "cuda",
+    )
     torch.manual_seed(0)
     model = create_model(model_name, num_classes=len(ds.classes), input_size=size).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -79,16 +97,53 @@ def reference_epoch_rate(root: str, model_name: str, size: int, n: int, batch: i
     return rate
 
 
-def bloodcell_epoch_rate(cache, model_name: str, size: int, n: int, batch: int, precision: str, timed: int = 1, train_extra: dict | None = None) -> float:
+def bloodcell_epoch_rate(
+    cache,
+    model_name: str,
+    size: int,
+    n: int,
+    batch: int,
+    precision: str,
+    timed: int = 1,
+    train_extra: dict | None = None,
+) -> float:
     idx = np.random.default_rng(0).permutation(len(cache.labels))[:n]
-    data = PreparedData(cache.images, cache.labels, cache.class_names, cache.relpaths, {"train": idx, "val": np.arange(0), "test": np.arange(0)})
-    train = {"epochs": 1 + timed, "batch_size": batch, "optimizer": "sgd", "lr": 0.01, "precision": precision, **(train_extra or {})}
+    data = PreparedData(
+        cache.images,
+        cache.labels,
+        cache.class_names,
+        cache.relpaths,
+        {"train": idx, "val": np.arange(0), "test": np.arange(0)},
+    )
+    train = {
+        "epochs": 1 + timed,
+        "batch_size": batch,
+        "optimizer": "sgd",
+        "lr": 0.01,
+        "precision": precision,
+        **(train_extra or {}),
+    }
     if model_name == "supcon":  # time the cross-entropy objective, as the reference loop trains
         train["stages"] = None
-    cfg = parse_config({
-        "model": {"name": model_name}, "data": {"input_size": size, "interpolation": "bilinear"}, "train": train,
-        "augment": {"enabled": True, "rot90": False, "vflip": False, "degrees": 0, "translate": 0, "scale": [1.0, 1.0], "brightness": 0, "contrast": 0, "saturation": 0, "hue": 0},
-    })
+    cfg = parse_config(
+        {
+            "model": {"name": model_name},
+            "data": {"input_size": size, "interpolation": "bilinear"},
+            "train": train,
+            "augment": {
+                "enabled": True,
+                "rot90": False,
+                "vflip": False,
+                "degrees": 0,
+                "translate": 0,
+                "scale": [1.0, 1.0],
+                "brightness": 0,
+                "contrast": 0,
+                "saturation": 0,
+                "hue": 0,
+            },
+        }
+    )
     with tempfile.TemporaryDirectory() as d:
         fit(cfg, data, d, progress=False)
         rows = list(csv.DictReader(open(os.path.join(d, "history.csv"))))
@@ -104,9 +159,24 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1), help="reference DataLoader workers")
     ap.add_argument("--precision", default="auto", help="bloodcell precision (auto resolves per device)")
-    ap.add_argument("--timed-epochs", type=int, default=1, help="timed epochs per loop after the warm-up one; the fastest is reported")
-    ap.add_argument("--train-set", nargs="*", default=[], metavar="KEY=VALUE", help="bloodcell train.* options to try, e.g. channels_last=false")
-    ap.add_argument("--skip-usual", action="store_true", help="time the reference loop only at bloodcell's precision (saves a loop where they differ)")
+    ap.add_argument(
+        "--timed-epochs",
+        type=int,
+        default=1,
+        help="timed epochs per loop after the warm-up one; the fastest is reported",
+    )
+    ap.add_argument(
+        "--train-set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="bloodcell train.* options to try, e.g. channels_last=false",
+    )
+    ap.add_argument(
+        "--skip-usual",
+        action="store_true",
+        help="time the reference loop only at bloodcell's precision (saves a loop where they differ)",
+    )
     args = ap.parse_args()
     models = list_models() if args.models == ["all"] else args.models
     train_extra = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.train_set)}
@@ -115,21 +185,54 @@ def main() -> None:
     base = parse_config({"train": {"precision": args.precision}})
     ours = resolve_precision(base, resolve_accelerator(base))
     usual = "16-mixed" if device == "cuda" else "32-true"  # torchvision reference --amp: CUDA fp16 autocast only
-    print(f"machine: {cpu_line()}, {env['cpus']} cores, device {env['device']}; torch {env['torch']} ({torch.get_num_threads()} threads), "
-          f"lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}")
-    print(f"{args.images} PBC images per epoch at {args.size}px, batch {args.batch}, SGD, best of {args.timed_epochs} timed epoch(s) after a warm-up; reference DataLoader workers {args.workers}; "
-          f"bloodcell precision {ours}, reference usual {usual}" + (f"; bloodcell train options {train_extra}" if train_extra else "") + "\n")
+    print(
+        f"machine: {cpu_line()}, {env['cpus']} cores, device {env['device']}; torch {env['torch']} ({torch.get_num_threads()} threads), "
+        f"lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}"
+    )
+    print(
+        f"{args.images} PBC images per epoch at {args.size}px, batch {args.batch}, SGD, best of {args.timed_epochs} timed epoch(s) after a warm-up; reference DataLoader workers {args.workers}; "
+        f"bloodcell precision {ours}, reference usual {usual}"
+        + (f"; bloodcell train options {train_extra}" if train_extra else "")
+        + "\n"
+    )
     cache = build_cache(scan(args.root, progress=False), args.size, "bilinear", progress=False)
-    print(f"| model | reference, usual ({usual}) img/s | reference, {ours} img/s | bloodcell ({ours}) img/s | vs usual | vs same precision |")
+    print(
+        f"| model | reference, usual ({usual}) img/s | reference, {ours} img/s | bloodcell ({ours}) img/s | vs usual | vs same precision |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     for name in models:
         size = max(args.size, model_info(name).min_input_size)
-        ref_usual = None if args.skip_usual and ours != usual else reference_epoch_rate(args.root, name, size, args.images, args.batch, args.workers, usual, device, args.timed_epochs)
-        ref_same = ref_usual if ours == usual else reference_epoch_rate(args.root, name, size, args.images, args.batch, args.workers, ours, device, args.timed_epochs)
-        rate = bloodcell_epoch_rate(cache if size == args.size else build_cache(scan(args.root, progress=False), size, "bilinear", progress=False),
-                                    name, size, args.images, args.batch, args.precision, args.timed_epochs, train_extra)
+        ref_usual = (
+            None
+            if args.skip_usual and ours != usual
+            else reference_epoch_rate(
+                args.root, name, size, args.images, args.batch, args.workers, usual, device, args.timed_epochs
+            )
+        )
+        ref_same = (
+            ref_usual
+            if ours == usual
+            else reference_epoch_rate(
+                args.root, name, size, args.images, args.batch, args.workers, ours, device, args.timed_epochs
+            )
+        )
+        rate = bloodcell_epoch_rate(
+            cache
+            if size == args.size
+            else build_cache(scan(args.root, progress=False), size, "bilinear", progress=False),
+            name,
+            size,
+            args.images,
+            args.batch,
+            args.precision,
+            args.timed_epochs,
+            train_extra,
+        )
         usual_cells = ("-", "-") if ref_usual is None else (f"{ref_usual:.1f}", f"{rate / ref_usual:.2f}x")
-        print(f"| {name}{'' if size == args.size else f' ({size}px)'} | {usual_cells[0]} | {ref_same:.1f} | {rate:.1f} | {usual_cells[1]} | {rate / ref_same:.2f}x |", flush=True)
+        print(
+            f"| {name}{'' if size == args.size else f' ({size}px)'} | {usual_cells[0]} | {ref_same:.1f} | {rate:.1f} | {usual_cells[1]} | {rate / ref_same:.2f}x |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

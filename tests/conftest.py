@@ -50,6 +50,7 @@ def _load_script(path: Path):
         spec.loader.exec_module(sys.modules[path.stem])
     return sys.modules[path.stem]
 
+
 os.environ.setdefault("BLOODCELL_PROGRESS", "0")
 
 # The only skips CI accepts, each with why. Under CI=true any other skip (a missing Chromium, PBC copy, setpriv...)
@@ -143,7 +144,11 @@ def with_ood(run: Path, threshold: float | None = None) -> Path:
     save_ood(run, means, precision)
     scores = mahalanobis_score(feats, means, precision)
     meta = json.loads((run / "model.json").read_text())
-    meta["ood"] = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(threshold if threshold is not None else np.median(scores))}
+    meta["ood"] = {
+        "method": "mahalanobis",
+        "file": "ood.safetensors",
+        "threshold": float(threshold if threshold is not None else np.median(scores)),
+    }
     write_model_json(run, meta)  # and re-seal, as every writer of a model folder does
     return run
 
@@ -177,7 +182,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("BLOODCELL_DATA_DIR", str(tmp_path_factory.mktemp("review-data")))
 
 
-def write_image(path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 36), mode: str = "RGB", fmt: str | None = None) -> Path:
+def write_image(
+    path: Path, rng: np.random.Generator, size: tuple[int, int] = (40, 36), mode: str = "RGB", fmt: str | None = None
+) -> Path:
     """A random image (unique content) of the given mode; the format follows the suffix unless given."""
     path.parent.mkdir(parents=True, exist_ok=True)
     w, h = size
@@ -215,8 +222,10 @@ class FixedDetector(FieldDetector):
     name = "fixed"
     BOXES = [  # kind, x0 and y0 as shares of width and height (None: centred), side as a share of the short side, score
         ("wbc", None, None, 0.25, 0.9),
-        ("rbc", 0.03, 0.04, 0.2, 0.9), ("rbc", 0.76, 0.04, 0.2, 0.9),
-        ("rbc", 0.03, 0.72, 0.2, 0.9), ("rbc", 0.76, 0.72, 0.2, 0.9),
+        ("rbc", 0.03, 0.04, 0.2, 0.9),
+        ("rbc", 0.76, 0.04, 0.2, 0.9),
+        ("rbc", 0.03, 0.72, 0.2, 0.9),
+        ("rbc", 0.76, 0.72, 0.2, 0.9),
         ("platelet", 0.5, 0.06, 0.04, 0.9),
         ("rbc", 0.3, 0.75, 0.2, 0.3),
     ]

@@ -85,9 +85,16 @@ def test_only_the_norm_statistics_change_and_they_are_the_labs(lab, adapted):
 def test_written_folder_predicts_keeps_the_calibration_and_refits_the_ood_check_to_the_lab(lab, adapted):
     out, report = adapted
     source, p = Predictor.load(None), Predictor.load(out)
-    assert (p.class_names, p.temperature, p.review_threshold) == (source.class_names, source.temperature, source.review_threshold)
+    assert (p.class_names, p.temperature, p.review_threshold) == (
+        source.class_names,
+        source.temperature,
+        source.review_threshold,
+    )
     # the OOD check is refitted on the lab's own cells: few of them flagged now, where the source flagged them all
-    assert p.ood_threshold != source.ood_threshold and (out / "ood.safetensors").read_bytes() != (bundled_model_dir() / "ood.safetensors").read_bytes()
+    assert (
+        p.ood_threshold != source.ood_threshold
+        and (out / "ood.safetensors").read_bytes() != (bundled_model_dir() / "ood.safetensors").read_bytes()
+    )
     assert "unlabelled cells" in json.loads((out / "model.json").read_text())["ood"]["fitted_on"]
     assert report["ood_before"] > 0.9 and report["ood_after"] < 0.1
     files = collect_images(lab)
@@ -108,26 +115,35 @@ def test_model_json_stays_consistent_and_records_the_adaptation(lab, adapted):
     assert a == report["adaptation"] and a["method"] == METHOD == "batchnorm statistics re-estimated (AdaBN)"
     assert a["folder"] == str(lab.resolve()) and a["images"] == 64 and a["unreadable"] == 0 and a["norm_layers"] == 4
     assert datetime.fromisoformat(a["date"]).tzinfo is not None
-    assert a["source"] == {"model": "default", "model_name": "cnn", "weights_sha256": file_sha256(bundled_model_dir() / "model.safetensors")}
+    assert a["source"] == {
+        "model": "default",
+        "model_name": "cnn",
+        "weights_sha256": file_sha256(bundled_model_dir() / "model.safetensors"),
+    }
     assert a["weights_sha256"] == file_sha256(out / "model.safetensors") != a["source"]["weights_sha256"]
     assert a["warnings"] == report["warnings"]
     # no model.onnx was written, so no `onnx` section may describe one (with the source weights' hashes)
     assert "onnx" in source and "onnx" not in meta and not (out / "model.onnx").exists()
     for key in ("class_names", "temperature", "review_threshold", "preprocess", "training_config", "mean", "std"):
         assert meta[key] == source[key], key
-    assert {k: v for k, v in meta["ood"].items() if k not in ("threshold", "fitted_on")} == \
-           {k: v for k, v in source["ood"].items() if k not in ("threshold", "fitted_on")}  # same method and false-alarm target
+    assert {k: v for k, v in meta["ood"].items() if k not in ("threshold", "fitted_on")} == {
+        k: v for k, v in source["ood"].items() if k not in ("threshold", "fitted_on")
+    }  # same method and false-alarm target
     load_checkpoint(out)  # the weights' header agrees with model.json
     assert not list(out.parent.glob(".*"))  # no temporary folder left beside it
 
 
 def test_evaluate_card_and_predict_take_the_adapted_folder(lab, adapted, tmp_path):
     out, _ = adapted
-    res = runner.invoke(app, ["evaluate", str(lab), "--model", str(out), "--out", str(tmp_path / "ev"), "--bootstrap", "0"])
+    res = runner.invoke(
+        app, ["evaluate", str(lab), "--model", str(out), "--out", str(tmp_path / "ev"), "--bootstrap", "0"]
+    )
     assert res.exit_code == 0, res.output
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 64
     res = runner.invoke(app, ["card", "--model", str(out)])
-    assert res.exit_code == 0 and "# Model card: cnn at " in res.stdout and " px (model)" in res.stdout, res.output  # not "bundled with bloodcell"
+    assert res.exit_code == 0 and "# Model card: cnn at " in res.stdout and " px (model)" in res.stdout, (
+        res.output
+    )  # not "bundled with bloodcell"
     assert "## Adapted to a lab" in res.stdout and "on 64 unlabelled images of" in res.stdout
     res = runner.invoke(app, ["predict", str(lab / "neutrophil"), "--model", str(out), "--format", "json"])
     assert res.exit_code == 0 and len(json.loads(res.stdout)["predictions"]) == 8, res.output
@@ -147,7 +163,9 @@ def test_onnx_flag_writes_a_checked_export_described_with_the_new_weights(lab, t
     adapt_model(lab, out, progress=False, onnx=True)
     section = json.loads((out / "model.json").read_text())["onnx"]
     assert section["file"] == "model.onnx" and section["max_abs_diff"] <= 1e-4
-    assert section["exported_from"] == {name: file_sha256(out / name) for name in ("model.safetensors", "ood.safetensors")}
+    assert section["exported_from"] == {
+        name: file_sha256(out / name) for name in ("model.safetensors", "ood.safetensors")
+    }
     files = collect_images(lab)
     torch_run = Predictor.load(out).predict_paths(files, progress=False)
     onnx_run = Predictor.load(out / "model.onnx").predict_paths(files, progress=False)
@@ -171,7 +189,9 @@ def test_fewer_images_than_the_minimum_are_refused_in_one_line(tmp_path):
 
 def test_a_model_without_batchnorm_is_refused(tmp_path, lab):
     torch.manual_seed(0)
-    run = save_checkpoint(create_model("cnn", num_classes=8, input_size=32, norm="group"), tmp_path / "gn", {"class_names": CLASS_NAMES})
+    run = save_checkpoint(
+        create_model("cnn", num_classes=8, input_size=32, norm="group"), tmp_path / "gn", {"class_names": CLASS_NAMES}
+    )
     with pytest.raises(ModelError, match="has no BatchNorm layers .*nothing to adapt"):
         adapt_model(lab, tmp_path / "m", model=run, progress=False)
     line = one_line_error(runner.invoke(app, ["adapt", str(lab), "--out", str(tmp_path / "m"), "--model", str(run)]))
@@ -212,11 +232,18 @@ def test_needs_pytorch_in_one_line(tmp_path, lab):
         "            raise ModuleNotFoundError(f\"No module named '{name}'\", name=name)\n"
         "sys.meta_path.insert(0, _NoTorch())\n"
     )
-    proc = subprocess.run([sys.executable, "-m", "bloodcell", "adapt", str(lab), "--out", str(tmp_path / "m")],
-                          env=env_with_startup_hook(tmp_path, block_torch), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bloodcell", "adapt", str(lab), "--out", str(tmp_path / "m")],
+        env=env_with_startup_hook(tmp_path, block_torch),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("error: 'bloodcell adapt' needs PyTorch") and "pip install 'bloodcell[train]'" in lines[0]
+    assert (
+        lines[0].startswith("error: 'bloodcell adapt' needs PyTorch") and "pip install 'bloodcell[train]'" in lines[0]
+    )
 
 
 # ---------------------------------------------------------------------- what it warns of
@@ -231,7 +258,9 @@ def test_a_folder_of_one_kind_of_cell_warns_and_records_it(tmp_path):
         img.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(folder / f"{f.stem}-flipped.png")
     report = adapt_model(folder, tmp_path / "m", progress=False)
     one_kind = [w for w in report["warnings"] if "statistics re-estimated from one kind of cell shift every class" in w]
-    assert len(one_kind) == 1 and "adapt on a folder of mixed cells as a smear gives them" in one_kind[0], report["warnings"]
+    assert len(one_kind) == 1 and "adapt on a folder of mixed cells as a smear gives them" in one_kind[0], report[
+        "warnings"
+    ]
     assert "\n" not in one_kind[0]
     assert json.loads((tmp_path / "m" / "model.json").read_text())["adaptation"]["warnings"] == report["warnings"]
     # the sample is the bundled model's own lab: adapting to it is not needed, and the warning says so
@@ -283,5 +312,7 @@ def test_tent_moves_only_the_norm_layers_scale_and_shift(lab, tmp_path):
     changed = {k for k in source if not torch.equal(source[k], new[k])}
     bn_affine = {k for k in source if k.startswith("features.") and k.endswith((".1.weight", ".1.bias"))}
     assert bn_affine and bn_affine <= changed  # Tent trained them
-    assert changed <= bn_affine | {k for k in source if "running_" in k or "num_batches" in k}  # and nothing but the statistics
+    assert changed <= bn_affine | {
+        k for k in source if "running_" in k or "num_batches" in k
+    }  # and nothing but the statistics
     assert Predictor.load(out).predict_paths(collect_images(lab), progress=False)["predictions"]

@@ -16,7 +16,18 @@ from bloodcell.evaluate.run import choose_review_threshold
 from bloodcell.train.augment import augment_batch
 
 B, S = 64, 32  # batch size, image side
-ALL_OFF = dict(hflip=False, vflip=False, rot90=False, degrees=0.0, translate=0.0, scale=(1.0, 1.0), brightness=0.0, contrast=0.0, saturation=0.0, hue=0.0)
+ALL_OFF = dict(
+    hflip=False,
+    vflip=False,
+    rot90=False,
+    degrees=0.0,
+    translate=0.0,
+    scale=(1.0, 1.0),
+    brightness=0.0,
+    contrast=0.0,
+    saturation=0.0,
+    hue=0.0,
+)
 GRAY = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # luma weights (ITU-R 601)
 
 
@@ -203,8 +214,19 @@ def test_hue_rotates_colour_around_the_grey_axis_by_at_most_hue_turns():
 
 @pytest.mark.parametrize(
     "ops",
-    [dict(hflip=True), dict(vflip=True), dict(rot90=True), dict(degrees=180.0), dict(translate=0.5), dict(scale=(0.5, 2.0)),
-     dict(brightness=1.0), dict(contrast=1.0), dict(saturation=1.0), dict(hue=0.5), {}],
+    [
+        dict(hflip=True),
+        dict(vflip=True),
+        dict(rot90=True),
+        dict(degrees=180.0),
+        dict(translate=0.5),
+        dict(scale=(0.5, 2.0)),
+        dict(brightness=1.0),
+        dict(contrast=1.0),
+        dict(saturation=1.0),
+        dict(hue=0.5),
+        {},
+    ],
     ids=lambda ops: ",".join(ops) or "defaults",
 )
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -232,8 +254,12 @@ def test_augmentation_sees_only_training_batches_never_validation_or_test(tmp_pa
     seen = []
     original = module.augment_batch
     monkeypatch.setattr(module, "augment_batch", lambda x, cfg, g: seen.append(len(x)) or original(x, cfg, g))
-    base = {"model": {"name": "cnn"}, "data": {"input_size": 16}, "train": {"epochs": 2, "batch_size": 32, "precision": "32-true", "accelerator": "cpu"},
-            "eval": {"bootstrap": 0, "grid_images": 0}}
+    base = {
+        "model": {"name": "cnn"},
+        "data": {"input_size": 16},
+        "train": {"epochs": 2, "batch_size": 32, "precision": "32-true", "accelerator": "cpu"},
+        "eval": {"bootstrap": 0, "grid_images": 0},
+    }
     metrics = train(write_cfg(tmp_path / "on.yaml", {**base, "augment": {"enabled": True}}), tmp_path / "on")
     sizes = metrics["provenance"]["sizes"]
     assert sizes["val"] > 0 and sizes["test"] > 0
@@ -245,6 +271,7 @@ def test_augmentation_sees_only_training_batches_never_validation_or_test(tmp_pa
 
 
 # ---------------------------------------------------------------------- review threshold
+
 
 def confidences(groups: list[tuple[int, float, bool]]) -> tuple[np.ndarray, np.ndarray]:
     """Four-class probabilities and labels from (count, top probability, right?) groups; class 0 is always predicted."""

@@ -51,7 +51,9 @@ def serving(predictor, detector=None, **app_options):
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor, detector=detector, **app_options), log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(predictor, detector=detector, **app_options), log_level="warning")
+    )
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -131,7 +133,9 @@ def test_upload_two_images_shows_the_predicted_classes(browser, server_url, pred
     assert severe == []
 
 
-OOD_FILES = [sorted((SAMPLE / c).glob("*.jpg"))[2] for c in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")]
+OOD_FILES = [
+    sorted((SAMPLE / c).glob("*.jpg"))[2] for c in ("basophil", "eosinophil", "lymphocyte", "monocyte", "neutrophil")
+]
 
 
 @pytest.fixture(scope="module")
@@ -167,15 +171,24 @@ def test_page_marks_ood_cells_and_says_what_the_count_rests_on(browser, ood_pred
             badges = card.find_elements(By.CSS_SELECTOR, ".ood-badge")
             assert len(badges) == int(is_ood) and ("is-ood" in card.get_attribute("class").split()) == is_ood
             if is_ood:
-                assert badges[0].text == "OOD" and "unlike the cells the model was trained on" in badges[0].get_attribute("title")
+                assert badges[0].text == "OOD" and "unlike the cells the model was trained on" in badges[
+                    0
+                ].get_attribute("title")
                 thumb_filter = card.find_element(By.CSS_SELECTOR, ".thumb img").value_of_css_property("filter")
                 assert "grayscale" in thumb_filter
 
         # the counts rest on the 3 counted cells, and the page says so
-        assert browser.find_element(By.ID, "count-caption").text == "Counts rest on 3 of 5 images; 2 left out as OOD (unlike the training cells)."
+        assert (
+            browser.find_element(By.ID, "count-caption").text
+            == "Counts rest on 3 of 5 images; 2 left out as OOD (unlike the training cells)."
+        )
         note = browser.find_element(By.ID, "ood-note")
-        assert note.is_displayed() and note.text.startswith("2 of 5 images look unlike the cells this model was trained on (OOD)")
-        assert not any("(OOD)" in f.text for f in browser.find_elements(By.CSS_SELECTOR, "#flags li"))  # said once, in the note
+        assert note.is_displayed() and note.text.startswith(
+            "2 of 5 images look unlike the cells this model was trained on (OOD)"
+        )
+        assert not any(
+            "(OOD)" in f.text for f in browser.find_elements(By.CSS_SELECTOR, "#flags li")
+        )  # said once, in the note
         for cls, n in want["counts"].items():
             row = browser.find_element(By.CSS_SELECTOR, f"#differential tbody tr[data-cls='{cls}']")
             assert row.find_elements(By.TAG_NAME, "td")[0].text == str(n)
@@ -204,7 +217,10 @@ def test_field_photographs_show_their_boxes_labels_and_summed_counts(browser, pr
     from bloodcell.infer.report import to_csv
 
     # two photographs of one name (from two folders) and different sizes: the page must show each its own picture
-    photos = [field_photo(tmp_path / "a" / "smear.jpg", (640, 480), seed=1), field_photo(tmp_path / "b" / "smear.jpg", (800, 600), seed=2)]
+    photos = [
+        field_photo(tmp_path / "a" / "smear.jpg", (640, 480), seed=1),
+        field_photo(tmp_path / "b" / "smear.jpg", (800, 600), seed=2),
+    ]
     want = predict_mixed(predictor, [(p.name, p.read_bytes()) for p in photos], "field", fixed_detector)
     assert [f["size"] for f in want["fields"]] == [[640, 480], [800, 600]]
 
@@ -230,7 +246,9 @@ def test_field_photographs_show_their_boxes_labels_and_summed_counts(browser, pr
             # the overlay covers the picture as shown, in the photograph's pixel coordinates
             layer = card.find_element(By.CSS_SELECTOR, "svg.field-overlay")
             assert layer.get_dom_attribute("viewBox") == f"0 0 {w} {h}"
-            assert abs(layer.rect["width"] - img.rect["width"]) < 1 and abs(layer.rect["height"] - img.rect["height"]) < 1
+            assert (
+                abs(layer.rect["width"] - img.rect["width"]) < 1 and abs(layer.rect["height"] - img.rect["height"]) < 1
+            )
             assert img.rect["width"] > 300 and abs(img.rect["width"] / img.rect["height"] - w / h) < 0.02
             # one box per cell found, where the server says, coloured by kind
             rects = layer.find_elements(By.CSS_SELECTOR, "rect.box")
@@ -250,13 +268,17 @@ def test_field_photographs_show_their_boxes_labels_and_summed_counts(browser, pr
             # each white cell labelled with its class and confidence
             wbc = [c for c in f["cells"] if c["kind"] == "wbc"]
             labels = [t.text for t in layer.find_elements(By.CSS_SELECTOR, ".box-label-text")]
-            assert labels == [f"{c['label']} {100 * c['confidence']:.0f}%" + (" OOD" if c["ood"] else " review" if c["review"] else "")
-                              for c in wbc]
+            assert labels == [
+                f"{c['label']} {100 * c['confidence']:.0f}%"
+                + (" OOD" if c["ood"] else " review" if c["review"] else "")
+                for c in wbc
+            ]
             # its counts and why it was read as a field (the mode chosen on the page was sent)
             for kind, n in f["counts"].items():
                 assert card.find_element(By.CSS_SELECTOR, f".field-counts li[data-kind={kind}] strong").text == str(n)
             assert [li.text for li in card.find_elements(By.CSS_SELECTOR, ".field-classes li")] == [
-                f"{c} {n}" for c, n in f["wbc_classes"].items() if n]
+                f"{c} {n}" for c, n in f["wbc_classes"].items() if n
+            ]
             assert card.find_element(By.CSS_SELECTOR, ".field-reason").text == "read as a field: --input field"
             assert card.find_elements(By.CSS_SELECTOR, ".field-note") == []
 
@@ -277,7 +299,10 @@ def test_field_photographs_show_their_boxes_labels_and_summed_counts(browser, pr
             tds = browser.find_elements(By.CSS_SELECTOR, f"#field-differential tbody tr[data-cls='{cls}'] td")
             p = s["differential_percent"].get(cls)
             assert [td.text for td in tds] == [str(n), "—" if p is None else f"{p:.1f}%"]
-        assert "2 smear photographs read: 2 white cells, 8 red cells, 2 platelets found" in browser.find_element(By.ID, "status").text
+        assert (
+            "2 smear photographs read: 2 white cells, 8 red cells, 2 platelets found"
+            in browser.find_element(By.ID, "status").text
+        )
 
         # the page's CSV is the CLI's: one row per white cell found, '<photo>#wbc<k>', with input and box at the end
         page_csv = list(csv.reader(io.StringIO(browser.execute_script("return csvText(state.result)"))))
@@ -288,12 +313,17 @@ def test_field_photographs_show_their_boxes_labels_and_summed_counts(browser, pr
         # a blank photograph: an answer saying so plainly, no box
         blank = field_photo(tmp_path / "blank.jpg", blank=True)
         browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(blank))
-        shown = "return Array.from(document.querySelectorAll('.field-card'), (c) => c.dataset.name)"  # no stale elements
+        shown = (
+            "return Array.from(document.querySelectorAll('.field-card'), (c) => c.dataset.name)"  # no stale elements
+        )
         wait.until(lambda d: d.execute_script(shown) == ["blank.jpg"])
         card = browser.find_element(By.CSS_SELECTOR, ".field-card")
         assert card.find_element(By.CSS_SELECTOR, ".field-note").text == "no cells found"
         assert card.find_elements(By.CSS_SELECTOR, "rect.box") == []
-        assert [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#field-totals tr[data-key=rbc] td")] == ["0", "0.0"]
+        assert [td.text for td in browser.find_elements(By.CSS_SELECTOR, "#field-totals tr[data-key=rbc] td")] == [
+            "0",
+            "0.0",
+        ]
 
         # back to auto: a single-cell crop renders as before (a card, the differential), the fields are gone
         cell = sorted((SAMPLE / "neutrophil").glob("*.jpg"))[0]

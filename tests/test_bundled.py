@@ -67,7 +67,10 @@ def test_bundled_model_carries_its_preprocessing_and_ood_score():
 
 
 @needs_pbc()
-@pytest.mark.skipif(not (SHARED / "bccd").is_dir() or not (SHARED / "external").is_dir(), reason="BCCD / Tecom sets not beside the checkout")
+@pytest.mark.skipif(
+    not (SHARED / "bccd").is_dir() or not (SHARED / "external").is_dir(),
+    reason="BCCD / Tecom sets not beside the checkout",
+)
 def test_bundled_ood_score_tells_cells_from_photographs_and_non_cells():
     """The figures docs/robustness.md reports, on a 600-image subset of the PBC test part (seeded)."""
     ood = load_benchmark("ood")
@@ -80,7 +83,9 @@ def test_bundled_ood_score_tells_cells_from_photographs_and_non_cells():
     # (`--input auto`), and this keeps the score from sliding further.
     assert maha["BCCD photographs"] >= 0.95, maha
     assert r["pbc_false_alarm"] <= 0.02
-    assert r["tecom"]["wrong_flagged"] >= 0.9  # cells from the other lab that the model gets wrong are flagged, not counted
+    assert (
+        r["tecom"]["wrong_flagged"] >= 0.9
+    )  # cells from the other lab that the model gets wrong are flagged, not counted
 
 
 @needs_pbc()
@@ -116,8 +121,13 @@ def test_bundled_model_headline_figures_recomputed_on_its_test_part():
     flagged = np.array([p["confidence"] for p in preds]) < meta["review_threshold"]
     lo, hi = m["ci95"]["accuracy"]
     readme = " ".join((REPO / "README.md").read_text().split())
-    assert f"**accuracy {100 * m['accuracy']:.2f} %** (bootstrap 95 % CI {100 * lo:.2f}-{100 * hi:.2f}), macro F1 {100 * m['f1_macro']:.2f} %" in readme
-    assert (f"Its review threshold ({meta['review_threshold']:.2f}) flags {100 * flagged.mean():.1f} % of test cells; the other "
-            f"{100 * (1 - flagged.mean()):.1f} % are {100 * correct[~flagged].mean():.2f} % right") in readme
+    assert (
+        f"**accuracy {100 * m['accuracy']:.2f} %** (bootstrap 95 % CI {100 * lo:.2f}-{100 * hi:.2f}), macro F1 {100 * m['f1_macro']:.2f} %"
+        in readme
+    )
+    assert (
+        f"Its review threshold ({meta['review_threshold']:.2f}) flags {100 * flagged.mean():.1f} % of test cells; the other "
+        f"{100 * (1 - flagged.mean()):.1f} % are {100 * correct[~flagged].mean():.2f} % right"
+    ) in readme
     recalls = ", ".join(f"{c} {100 * correct[y_true == k].mean():.1f}" for k, c in enumerate(names))
     assert f"Recall per class: {recalls} %" in readme

@@ -30,7 +30,16 @@ print(json.dumps({"built": cache.build_seconds is not None, "sum": int(cache.ima
 def test_concurrent_builders_of_one_cache_build_it_once_and_agree(tmp_path):
     go, cache_root = tmp_path / "go", tmp_path / "cache"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", BLOODCELL_PROGRESS="0")
-    procs = [subprocess.Popen([sys.executable, "-c", CHILD, str(SAMPLE), str(go), str(cache_root)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CHILD, str(SAMPLE), str(go), str(cache_root)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     time.sleep(0.5)  # not a timing assumption: the children wait for `go`; this only lets them finish importing
     go.touch()
     results = []

@@ -27,15 +27,23 @@ def test_the_bundled_card_states_use_figures_and_the_other_lab():
     card = card_for(folder)
     b = meta["bundled"]
     assert INTENDED_USE in card and "not a diagnosis" in card
-    assert f"Accuracy: {100 * b['test_accuracy']:.2f} % (95 % bootstrap CI {100 * b['test_accuracy_ci95'][0]:.2f} % to {100 * b['test_accuracy_ci95'][1]:.2f} %) on {b['test_n']:,} images" in card
-    assert f"Review threshold {meta['review_threshold']:.2f}" in card and f"threshold {meta['ood']['threshold']:.1f}" in card
+    assert (
+        f"Accuracy: {100 * b['test_accuracy']:.2f} % (95 % bootstrap CI {100 * b['test_accuracy_ci95'][0]:.2f} % to {100 * b['test_accuracy_ci95'][1]:.2f} %) on {b['test_n']:,} images"
+        in card
+    )
+    assert (
+        f"Review threshold {meta['review_threshold']:.2f}" in card
+        and f"threshold {meta['ood']['threshold']:.1f}" in card
+    )
     assert all(limit in card for limit in b["known_limits"]) and "Tecom" in card
 
 
 def test_a_runs_card_takes_its_figures_from_metrics_json(tmp_path):
     run = toy_run(tmp_path / "run")
     per_class = {name: {"recall": 0.5 + k / 100} for k, name in enumerate(CLASS_NAMES)}
-    (run / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.8125, "n": 64, "ci95": {"accuracy": [0.7, 0.9]}, "per_class": per_class}}))
+    (run / "metrics.json").write_text(
+        json.dumps({"test": {"accuracy": 0.8125, "n": 64, "ci95": {"accuracy": [0.7, 0.9]}, "per_class": per_class}})
+    )
     card = card_for(run)
     assert "Accuracy: 81.25 % (95 % bootstrap CI 70.00 % to 90.00 %) on 64 images." in card
     assert "neutrophil 56.00 %" in card and "Review threshold 0.60" in card

@@ -6,7 +6,7 @@ from conftest import REPO
 
 pytest_plugins = "pytester"
 
-TESTS = '''
+TESTS = """
 import pytest
 
 def test_tool_missing():
@@ -17,7 +17,7 @@ def test_container_limit():
 
 def test_runs():
     assert True
-'''
+"""
 
 
 def test_unlisted_skip_fails_on_ci_listed_skip_stays_a_skip(pytester, monkeypatch):

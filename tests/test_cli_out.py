@@ -18,7 +18,13 @@ runner = CliRunner()
 COMMANDS = {
     "train": lambda out: ["train", str(REPO / "configs/train/cnn.yaml"), "--data", str(SAMPLE), "--out", str(out)],
     "study": lambda out: ["study", str(REPO / "configs/demo.yaml"), "--out", str(out)],
-    "detector train": lambda out: ["detector", "train", str(REPO / "configs/detector-classical.yaml"), "--out", str(out)],
+    "detector train": lambda out: [
+        "detector",
+        "train",
+        str(REPO / "configs/detector-classical.yaml"),
+        "--out",
+        str(out),
+    ],
     "evaluate --out": lambda out: ["evaluate", str(SAMPLE), "--model", "default", "--out", str(out)],
     "export --onnx": lambda out: ["export", str(REPO / "no-such-run"), "--onnx", str(out / "model.onnx")],
 }

@@ -23,7 +23,9 @@ def result_for(labels: list[str], ood: list[bool] | None = None) -> dict:
     """summarize() of confident predictions `labels`; OOD scores 5 (flagged) or 0 (not) against a threshold of 1."""
     probs = np.eye(len(NAMES))[[NAMES.index(c) for c in labels]] * 0.93 + 0.01
     scores = None if ood is None else np.where(ood, 5.0, 0.0)
-    return summarize([f"{i}.jpg" for i in range(len(labels))], probs, NAMES, 0.5, [], scores, None if ood is None else 1.0)
+    return summarize(
+        [f"{i}.jpg" for i in range(len(labels))], probs, NAMES, 0.5, [], scores, None if ood is None else 1.0
+    )
 
 
 def rendered(result: dict) -> str:
@@ -41,8 +43,12 @@ def rendered(result: dict) -> str:
 def test_half_the_images_ood_gives_one_verdict_first_with_what_to_do():
     r = result_for(["neutrophil"] * 8 + ["ig"] * 2, [True] * 5 + [False] * 5)
     v = r["verdict"]
-    assert v["kind"] == "unlike_training_labs" and v["ood_fraction"] == 0.5 and v["ood_count"] == 5 and v["counted"] == 5
-    assert "bloodcell adapt FOLDER --out" in v["advice"] and "bloodcell train configs/finetune.yaml --data" in v["advice"]
+    assert (
+        v["kind"] == "unlike_training_labs" and v["ood_fraction"] == 0.5 and v["ood_count"] == 5 and v["counted"] == 5
+    )
+    assert (
+        "bloodcell adapt FOLDER --out" in v["advice"] and "bloodcell train configs/finetune.yaml --data" in v["advice"]
+    )
     assert "5 cells per class" in v["advice"]
     assert r["flags"][0] == v["message"] and v["message"].startswith(VERDICT_START)
     assert "5 of 10 (50%)" in v["message"] and "rests on the 5 others only" in v["message"]
@@ -65,7 +71,9 @@ def test_no_verdict_below_half_or_below_five_images():
 
 def test_verdict_when_nothing_was_counted_and_nan_scores_count_as_ood():
     probs = np.eye(len(NAMES))[[6] * 6]
-    r = summarize([f"{i}.jpg" for i in range(6)], probs, NAMES, 0.5, [], np.array([5.0, 5.0, np.nan, np.nan, np.inf, 9.0]), 1.0)
+    r = summarize(
+        [f"{i}.jpg" for i in range(6)], probs, NAMES, 0.5, [], np.array([5.0, 5.0, np.nan, np.nan, np.inf, 9.0]), 1.0
+    )
     assert r["verdict"]["ood_count"] == 6 and r["verdict"]["ood_fraction"] == 1.0 and r["counted"] == 0
     assert "no cell was counted" in r["verdict"]["message"]
     assert json.loads(to_json(r))["verdict"] == r["verdict"]  # the JSON output carries it as it is
@@ -94,9 +102,12 @@ def test_few_white_cells_flag_with_the_number_counted():
 def test_no_few_cells_flag_for_one_image_or_no_white_cell():
     assert result_for(["neutrophil"])["flags"] == []  # one image is a question about one cell, not a count
     assert result_for(["neutrophil"] * 2)["flags"] == [
-        "the differential rests on 2 white cells (fewer than 100): read the percentages with care"]
+        "the differential rests on 2 white cells (fewer than 100): read the percentages with care"
+    ]
     assert result_for(["platelet"] * 10)["flags"] == []  # no white cell counted: no differential to qualify
-    assert result_for(["neutrophil"] * 10, [True] * 10)["flags"] == [result_for(["neutrophil"] * 10, [True] * 10)["verdict"]["message"]]
+    assert result_for(["neutrophil"] * 10, [True] * 10)["flags"] == [
+        result_for(["neutrophil"] * 10, [True] * 10)["verdict"]["message"]
+    ]
 
 
 # ---------------------------------------------------------------------- on another lab's real cells

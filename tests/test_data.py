@@ -39,10 +39,18 @@ def test_inspect_real_pbc_matches_its_readme(tmp_path):
     report = json.loads(result.stdout)
     assert report["files"] == 17_093
     assert report["images"] == 17_092
-    assert report["unreadable"] == [{"path": "neutrophil/.DS_169665.jpg", "reason": "not an image (unrecognised content)"}]
+    assert report["unreadable"] == [
+        {"path": "neutrophil/.DS_169665.jpg", "reason": "not an image (unrecognised content)"}
+    ]
     assert report["classes"] == {
-        "basophil": 1218, "eosinophil": 3117, "erythroblast": 1551, "ig": 2895,
-        "lymphocyte": 1214, "monocyte": 1420, "neutrophil": 3329, "platelet": 2348,
+        "basophil": 1218,
+        "eosinophil": 3117,
+        "erythroblast": 1551,
+        "ig": 2895,
+        "lymphocyte": 1214,
+        "monocyte": 1420,
+        "neutrophil": 3329,
+        "platelet": 2348,
     }
     assert len(report["duplicate_groups"]) == 17
     assert report["conflicting_groups"] == [["eosinophil/EO_225902.jpg", "neutrophil/BNE_191112.jpg"]]
@@ -53,7 +61,16 @@ def test_inspect_real_pbc_matches_its_readme(tmp_path):
 
 def test_embedded_sample_is_25_per_class():
     inv = scan(SAMPLE, progress=False)
-    assert inv.class_names == ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+    assert inv.class_names == [
+        "basophil",
+        "eosinophil",
+        "erythroblast",
+        "ig",
+        "lymphocyte",
+        "monocyte",
+        "neutrophil",
+        "platelet",
+    ]
     assert {r.label for r in inv.records} == set(inv.class_names)
     assert all(sum(r.label == c for r in inv.records) == 25 for c in inv.class_names)
     assert inv.skipped == []
@@ -75,7 +92,9 @@ def test_scan_recurses_into_nested_folders_and_reports_root_files(tree):
     (tree / "notes.txt").write_text("hello")
     inv = scan(tree, progress=False)
     assert "alpha/deeper/more/x.png" in [r.relpath for r in inv.records]
-    assert [(s.path, s.reason) for s in inv.ignored] == [("notes.txt", "file at dataset root, not inside a class folder")]
+    assert [(s.path, s.reason) for s in inv.ignored] == [
+        ("notes.txt", "file at dataset root, not inside a class folder")
+    ]
     assert inv.files == 30 and "notes.txt" not in reasons(inv)
 
 
@@ -102,7 +121,8 @@ def test_duplicates_and_conflicts_are_grouped(tree):
     inv = scan(tree, progress=False)
     summary = inv.summary()
     assert sorted(map(sorted, summary["duplicate_groups"])) == [
-        ["alpha/alpha_0000.png", "alpha/copy.png"], ["beta/beta_0001.png", "gamma/stolen.png"]
+        ["alpha/alpha_0000.png", "alpha/copy.png"],
+        ["beta/beta_0001.png", "gamma/stolen.png"],
     ]
     assert summary["conflicting_groups"] == [["beta/beta_0001.png", "gamma/stolen.png"]]
 
@@ -145,7 +165,7 @@ def test_class_folder_without_images_is_reported_and_left_out(tree):
 
 def test_broken_files_are_skipped_with_reasons(tree):
     (tree / "alpha" / "empty.jpg").write_bytes(b"")
-    good = (tree / "alpha" / "alpha_0000.png")
+    good = tree / "alpha" / "alpha_0000.png"
     jpeg = tree / "alpha" / "cut.jpg"
     Image.open(good).save(jpeg, quality=90)
     jpeg.write_bytes(jpeg.read_bytes()[: jpeg.stat().st_size // 2])
@@ -349,7 +369,9 @@ def test_npz_at_another_size_goes_through_a_uint8_cache_resized_like_folder_imag
     npz = _write_npz(tmp_path / "bloodmnist.npz")
     cfg = parse_config({"data": {"npz": str(npz), "input_size": 40, "interpolation": "bicubic"}})
     first = prepare_data(cfg, progress=False)
-    assert isinstance(first.images, np.memmap) and first.images.dtype == np.uint8 and first.images.shape == (13, 40, 40, 3)
+    assert (
+        isinstance(first.images, np.memmap) and first.images.dtype == np.uint8 and first.images.shape == (13, 40, 40, 3)
+    )
     raw = load_npz(npz).images
     want = np.stack([prepare_array(Image.fromarray(im), 40, "bicubic") for im in raw])
     np.testing.assert_array_equal(np.asarray(first.images), want)

@@ -43,9 +43,13 @@ def patients(rows: list[tuple[str, str]], n: int = 20) -> list[list[str]]:
 
 
 def test_a_csv_listing_a_folder_gives_its_inventory_fingerprint_and_split(sample_copy):
-    listed = scan(write_csv(sample_copy / "all.csv", ["path", "label"], [list(r) for r in sample_rows()]), progress=False)
+    listed = scan(
+        write_csv(sample_copy / "all.csv", ["path", "label"], [list(r) for r in sample_rows()]), progress=False
+    )
     folder = scan(sample_copy, progress=False)
-    assert [(r.relpath, r.label, r.sha256) for r in listed.records] == [(r.relpath, r.label, r.sha256) for r in folder.records]
+    assert [(r.relpath, r.label, r.sha256) for r in listed.records] == [
+        (r.relpath, r.label, r.sha256) for r in folder.records
+    ]
     assert listed.fingerprint() == folder.fingerprint() and listed.csv == sample_copy / "all.csv"
     a, b = make_split(listed, SplitConfig(seed=3)), make_split(folder, SplitConfig(seed=3))
     assert (a.train, a.val, a.test) == (b.train, b.val, b.test)
@@ -87,16 +91,27 @@ def test_bad_csv_is_a_one_line_error_naming_the_file(tmp_path, content, message)
 
 
 def test_no_patient_has_cells_in_two_parts_or_two_folds(sample_copy):
-    inv = scan(write_csv(sample_copy / "patients.csv", ["path", "label", "group"], patients(sample_rows())), progress=False)
+    inv = scan(
+        write_csv(sample_copy / "patients.csv", ["path", "label", "group"], patients(sample_rows())), progress=False
+    )
     assert inv.has_groups
     group_of = {i: r.group for i, r in enumerate(inv.records)}
     for seed in (0, 1, 2):
         split = make_split(inv, SplitConfig(seed=seed, test_size=0.3, val_size=0.2))
         parts = {p: {group_of[i] for i in split.part(p)} for p in ("train", "val", "test")}
-        assert not parts["train"] & parts["val"] and not parts["train"] & parts["test"] and not parts["val"] & parts["test"]
+        assert (
+            not parts["train"] & parts["val"]
+            and not parts["train"] & parts["test"]
+            and not parts["val"] & parts["test"]
+        )
         assert all(parts.values()), "every part gets some patients"
         counts = split.group_counts()
-        assert counts == {"train": len(parts["train"]), "val": len(parts["val"]), "test": len(parts["test"]), "in_more_than_one_part": 0}
+        assert counts == {
+            "train": len(parts["train"]),
+            "val": len(parts["val"]),
+            "test": len(parts["test"]),
+            "in_more_than_one_part": 0,
+        }
         assert split.to_dict()["groups"] == counts
         folds = make_folds(inv, split, 4)
         val_groups = [{group_of[i] for i in f.val} for f in folds]
@@ -115,13 +130,23 @@ def test_a_copy_of_an_image_under_another_patient_binds_the_two_patients(sample_
     group_of = {i: r.group for i, r in enumerate(inv.records)}
     for seed in range(4):
         split = make_split(inv, SplitConfig(seed=seed))
-        side = {p for p in ("train", "val", "test") for i in split.part(p) if group_of[i] in ("patient-00", "patient-07")}
+        side = {
+            p for p in ("train", "val", "test") for i in split.part(p) if group_of[i] in ("patient-00", "patient-07")
+        }
         assert len(side) == 1
 
 
 def test_train_from_a_csv_records_the_groups_in_split_json_and_metrics(sample_copy, tmp_path):
     table = write_csv(sample_copy / "train.csv", ["path", "label", "group"], patients(sample_rows(), n=12))
-    cfg = write_cfg(tmp_path / "run.yaml", {"model": {"name": "cnn"}, "data": {"input_size": 16}, "train": {"epochs": 1, "batch_size": 32, "precision": "32"}, "eval": {"bootstrap": 0, "grid_images": 0}})
+    cfg = write_cfg(
+        tmp_path / "run.yaml",
+        {
+            "model": {"name": "cnn"},
+            "data": {"input_size": 16},
+            "train": {"epochs": 1, "batch_size": 32, "precision": "32"},
+            "eval": {"bootstrap": 0, "grid_images": 0},
+        },
+    )
     from typer.testing import CliRunner
 
     from bloodcell.cli import app
@@ -130,6 +155,9 @@ def test_train_from_a_csv_records_the_groups_in_split_json_and_metrics(sample_co
     assert result.exit_code == 0, result.output
     split = json.loads((tmp_path / "run" / "split.json").read_text())
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert split["groups"]["in_more_than_one_part"] == 0 and sum(split["groups"][p] for p in ("train", "val", "test")) == 12
+    assert (
+        split["groups"]["in_more_than_one_part"] == 0
+        and sum(split["groups"][p] for p in ("train", "val", "test")) == 12
+    )
     dataset = metrics["provenance"]["dataset"]
     assert dataset["kind"] == "csv" and dataset["groups"] == 12 and dataset["split_groups"] == split["groups"]

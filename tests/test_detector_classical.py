@@ -126,7 +126,9 @@ def test_save_load_round_trip(tmp_path):
     assert again.score_thresholds == detector.score_thresholds
     assert again.params == detector.params
     a, b = detector.detect([image])[0], again.detect([image])[0]
-    assert np.array_equal(a.boxes, b.boxes) and np.array_equal(a.labels, b.labels) and np.array_equal(a.scores, b.scores)
+    assert (
+        np.array_equal(a.boxes, b.boxes) and np.array_equal(a.labels, b.labels) and np.array_equal(a.scores, b.scores)
+    )
 
 
 def test_fit_searches_and_logs(tmp_path):
@@ -165,7 +167,11 @@ def test_bccd_white_cells_found(bccd_val, detector):
 def test_overlapping_white_cell_boxes_merge():
     from bloodcell.detect.classical import _merge_overlapping
 
-    cells = [(np.array([0.0, 0, 100, 100]), 0.9), (np.array([40.0, 50, 130, 140]), 0.7), (np.array([200.0, 0, 260, 60]), 0.5)]
+    cells = [
+        (np.array([0.0, 0, 100, 100]), 0.9),
+        (np.array([40.0, 50, 130, 140]), 0.7),
+        (np.array([200.0, 0, 260, 60]), 0.5),
+    ]
     merged = _merge_overlapping(cells)
     assert len(merged) == 2
     assert np.array_equal(merged[0][0], [0, 0, 130, 140]) and merged[0][1] == 0.9

@@ -32,6 +32,7 @@ from bloodcell.errors import ConfigError, ModelError
 from bloodcell.models.seal import seal
 
 from conftest import BCCD, field_photo, needs_bccd
+
 TINY = dict(long_side=96, fpn_channels=32, head_convs=1, bf16=False)
 
 
@@ -132,7 +133,9 @@ def test_augmented_samples_keep_boxes_on_their_cells(tmp_path):
     img[30:50, 100:140] = 255
     path = tmp_path / "one.png"
     Image.fromarray(img).save(path)
-    ann = FieldAnnotation(path=path, width=160, height=120, boxes=np.array([[100, 30, 140, 50]], np.float32), labels=np.array([1]))
+    ann = FieldAnnotation(
+        path=path, width=160, height=120, boxes=np.array([[100, 30, 140, 50]], np.float32), labels=np.array([1])
+    )
     data = FieldBatches([ann], long_side=160, seed=3, augment=True)
     shapes = set()
     for epoch in range(12):
@@ -149,8 +152,11 @@ def test_augmented_samples_keep_boxes_on_their_cells(tmp_path):
 
 def test_thresholds_maximise_f1_and_rbc_counts():
     truth = FieldAnnotation(
-        path=Path("x"), width=100, height=100,
-        boxes=np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 70, 70]], np.float32), labels=np.array([0, 0, 1]),
+        path=Path("x"),
+        width=100,
+        height=100,
+        boxes=np.array([[0, 0, 10, 10], [20, 20, 30, 30], [50, 50, 70, 70]], np.float32),
+        labels=np.array([0, 0, 1]),
     )
     det = Detections(
         np.array([[0, 0, 10, 10], [20, 20, 30, 30], [80, 80, 90, 90], [50, 50, 70, 70], [0, 50, 20, 70]], np.float32),
@@ -190,7 +196,9 @@ def test_fit_writes_a_checkpoint_and_resume_continues(synthetic_fields, tmp_path
     first = _tiny()
     with monkeypatch.context() as slow:
         slow.setattr(fcos_train, "time", _SlowClock())
-        summary, _ = fit_detector(first, synthetic_fields[:3], synthetic_fields[3:], _settings(1), tmp_path, resume=False, progress=False)
+        summary, _ = fit_detector(
+            first, synthetic_fields[:3], synthetic_fields[3:], _settings(1), tmp_path, resume=False, progress=False
+        )
     assert summary["epochs"] == 1 and summary["resumed_from_epoch"] == 0
     assert set(summary["score_thresholds"]) == {"rbc", "wbc", "platelet"}
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
@@ -198,13 +206,18 @@ def test_fit_writes_a_checkpoint_and_resume_continues(synthetic_fields, tmp_path
     assert [r["epoch"] for r in rows] == ["1"] and float(rows[0]["loss"]) > 0
 
     second = _tiny()
-    summary, _ = fit_detector(second, synthetic_fields[:3], synthetic_fields[3:], _settings(2), tmp_path, resume=True, progress=False)
+    summary, _ = fit_detector(
+        second, synthetic_fields[:3], synthetic_fields[3:], _settings(2), tmp_path, resume=True, progress=False
+    )
     assert summary["epochs"] == 2 and summary["resumed_from_epoch"] == 1
     again = _log(tmp_path)
     assert [r["epoch"] for r in again] == ["1", "2"]
     assert again[0] == rows[0]  # epoch 1 was not run again (its wall seconds would differ)
     # the fit's seconds are the whole fit: the first session's (slow-clock) epoch counts too (issue 27)
-    assert float(again[0]["seconds"]) >= 60 and summary["seconds"] >= float(again[0]["seconds"]) + float(again[1]["seconds"]) - 0.1
+    assert (
+        float(again[0]["seconds"]) >= 60
+        and summary["seconds"] >= float(again[0]["seconds"]) + float(again[1]["seconds"]) - 0.1
+    )
     assert second.model.training is False
     image = np.asarray(Image.open(synthetic_fields[0].path))
     assert isinstance(second.detect_one(image), Detections)
@@ -264,7 +277,10 @@ def test_batched_nms_keeps_what_torchvision_keeps(n):
 
 
 # (photograph, resized, mean logit): many candidates (top-k, NMS and max_detections decide) or few (min_score decides)
-@pytest.mark.parametrize("original, resized, logit", [((480, 640), (288, 384), -4), ((500, 375), (384, 288), -4), ((150, 200), (288, 384), -9)])
+@pytest.mark.parametrize(
+    "original, resized, logit",
+    [((480, 640), (288, 384), -4), ((500, 375), (384, 288), -4), ((150, 200), (288, 384), -9)],
+)
 def test_the_numpy_postprocess_is_fcos_postprocess(original, resized, logit):
     """Same head outputs in, same boxes, labels and scores out as FCOS's own postprocess_detections + transform
     (anchors from its AnchorGenerator: at 288 px the coarsest level has 5 cells, so a stride of 57, not 64)."""
@@ -278,8 +294,13 @@ def test_the_numpy_postprocess_is_fcos_postprocess(original, resized, logit):
     levels = []
     for stride in (8, 16, 32, 64):
         h, w = -(-padded[0] // stride), -(-padded[1] // stride)
-        levels.append((rng.normal(logit, 2, (4, h, w)).astype(np.float32), rng.uniform(0, 4, (4, h, w)).astype(np.float32),
-                       rng.normal(0, 2, (1, h, w)).astype(np.float32)))
+        levels.append(
+            (
+                rng.normal(logit, 2, (4, h, w)).astype(np.float32),
+                rng.uniform(0, 4, (4, h, w)).astype(np.float32),
+                rng.normal(0, 2, (1, h, w)).astype(np.float32),
+            )
+        )
 
     def flat(a):  # (C, h, w) -> (1, hw, C), as the head
         return torch.from_numpy(a).permute(1, 2, 0).reshape(1, -1, a.shape[0])
@@ -287,7 +308,9 @@ def test_the_numpy_postprocess_is_fcos_postprocess(original, resized, logit):
     images = ImageList(torch.zeros(1, 3, *padded), [resized])
     anchors = model.anchor_generator(images, [torch.zeros(1, 1, *lv[0].shape[1:]) for lv in levels])
     sizes = [lv[0].shape[1] * lv[0].shape[2] for lv in levels]
-    outputs = {name: [flat(lv[k]) for lv in levels] for k, name in enumerate(("cls_logits", "bbox_regression", "bbox_ctrness"))}
+    outputs = {
+        name: [flat(lv[k]) for lv in levels] for k, name in enumerate(("cls_logits", "bbox_regression", "bbox_ctrness"))
+    }
     with torch.inference_mode():
         want = model.postprocess_detections(outputs, [list(anchors[0].split(sizes))], [resized])
         want = model.transform.postprocess(want, [resized], [original])[0]
@@ -313,7 +336,11 @@ def test_an_exported_detector_keeps_its_weights_once_in_the_onnx_and_runs_any_sh
     save_detector(det, tmp_path)
     trained = _sha256(tmp_path / "detector.safetensors")
     section = export_bundled_detector(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["SEAL.json", "detector.json", "detector.onnx"]  # one copy of the weights
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "SEAL.json",
+        "detector.json",
+        "detector.onnx",
+    ]  # one copy of the weights
     meta = json.loads((tmp_path / "detector.json").read_text())
     assert meta["onnx"] == json.loads(json.dumps(section)) and meta["detector"] == "fcos"  # one description
     assert meta["weights"] is None and section["state_dict"] == "initializers"
@@ -323,7 +350,9 @@ def test_an_exported_detector_keeps_its_weights_once_in_the_onnx_and_runs_any_sh
     assert section["max_abs_diff"] < 1e-3
     # with PyTorch, the folder is still the torch detector: its weights read from the graph, bit for bit
     back = load_detector(tmp_path)
-    assert isinstance(back, FCOSDetector) and back.options == det.options and back.score_thresholds == det.score_thresholds
+    assert (
+        isinstance(back, FCOSDetector) and back.options == det.options and back.score_thresholds == det.score_thresholds
+    )
     assert weights_digest(back.tensors()) == section["weights_sha256"]
     image = np.random.default_rng(2).integers(0, 256, (120, 160, 3), dtype=np.uint8)
     _same(back.detect_one(image), det.detect_one(image))
@@ -356,7 +385,10 @@ def test_the_graph_holds_every_tensor_by_its_state_dict_name(tmp_path):
     import onnx
 
     stored = {t.name for t in onnx.load(str(tmp_path / "g.onnx")).graph.initializer}
-    assert "backbone.body.layer2.0.downsample.1.bias" not in stored and "backbone.body.layer2.0.downsample.1.bias" in arrays
+    assert (
+        "backbone.body.layer2.0.downsample.1.bias" not in stored
+        and "backbone.body.layer2.0.downsample.1.bias" in arrays
+    )
 
 
 def test_refresh_works_from_a_folder_that_has_only_the_onnx(tmp_path):
@@ -387,13 +419,20 @@ def test_onnx_weights_that_do_not_fit_are_one_line_errors(tmp_path):
     with pytest.raises(ModelError, match=r"detector\.onnx changed since it was sealed"):  # the seal names it first
         load_detector(tmp_path)
     seal(tmp_path)  # sealed that way, each still fails on its own check
-    with pytest.raises(ModelError, match=r"detector\.onnx: fcos weights do not fit this architecture: backbone\.fpn") as err:
+    with pytest.raises(
+        ModelError, match=r"detector\.onnx: fcos weights do not fit this architecture: backbone\.fpn"
+    ) as err:
         load_detector(tmp_path)
     assert len(str(err.value).splitlines()) == 1
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("ignore")
-        torch.onnx.export(detector_export._RawOutputs(_tiny().model).eval(), (torch.zeros(1, 3, 96, 96),), str(onnx_file),
-                          dynamo=False, opset_version=17)  # the exporter's defaults: folded, under generated names
+        torch.onnx.export(
+            detector_export._RawOutputs(_tiny().model).eval(),
+            (torch.zeros(1, 3, 96, 96),),
+            str(onnx_file),
+            dynamo=False,
+            opset_version=17,
+        )  # the exporter's defaults: folded, under generated names
     seal(tmp_path)
     with pytest.raises(ModelError, match=r"detector\.onnx: the graph holds tensors the fcos detector lacks \(onnx::"):
         load_detector(tmp_path)
@@ -410,7 +449,9 @@ def test_onnx_weights_that_do_not_fit_are_one_line_errors(tmp_path):
 def test_an_export_that_computes_something_else_is_refused(tmp_path, monkeypatch):
     save_detector(_tiny(), tmp_path)
     real = FCOSOnnxDetector.network
-    monkeypatch.setattr(FCOSOnnxDetector, "network", lambda self, x: [tuple(v + 0.01 for v in lv) for lv in real(self, x)])
+    monkeypatch.setattr(
+        FCOSOnnxDetector, "network", lambda self, x: [tuple(v + 0.01 for v in lv) for lv in real(self, x)]
+    )
     with pytest.raises(ModelError, match="differs from PyTorch"):
         export_bundled_detector(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SEAL.json", "detector.json", "detector.safetensors"]
@@ -423,11 +464,15 @@ def test_an_export_that_does_not_hold_the_weights_is_refused(tmp_path, monkeypat
 
     def one_changed(path):
         arrays = real(path)
-        arrays["head.classification_head.cls_logits.bias"] = arrays["head.classification_head.cls_logits.bias"] + np.float32(1e-6)
+        arrays["head.classification_head.cls_logits.bias"] = arrays[
+            "head.classification_head.cls_logits.bias"
+        ] + np.float32(1e-6)
         return arrays
 
     monkeypatch.setattr(detector_export, "graph_tensors", one_changed)
-    with pytest.raises(ModelError, match="does not hold its weights under their names .head.classification_head.cls_logits.bias"):
+    with pytest.raises(
+        ModelError, match="does not hold its weights under their names .head.classification_head.cls_logits.bias"
+    ):
         export_bundled_detector(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["SEAL.json", "detector.json", "detector.safetensors"]
 
@@ -444,15 +489,24 @@ def test_the_bundled_detector_keeps_its_trained_weights_once_in_its_onnx():
     """detector.json + detector.onnx, nothing else: the file is the one exported (its SHA-256), and the weights the torch
     FCOS reads from it are the trained ones (weights_sha256, taken from the run's detector.safetensors at export)."""
     folder = bundled_detector_dir()
-    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == ["DETECTOR_CARD.md", "SEAL.json", "detector.json", "detector.onnx"]
+    assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == [
+        "DETECTOR_CARD.md",
+        "SEAL.json",
+        "detector.json",
+        "detector.onnx",
+    ]
     meta = json.loads((folder / "detector.json").read_text())
     section = meta["onnx"]
     assert section["file"] == "detector.onnx" and section["detector"] == "fcos-onnx"
     assert meta["weights"] is None and section["state_dict"] == "initializers"
-    assert section["sha256"] == _sha256(folder / "detector.onnx"), \
+    assert section["sha256"] == _sha256(folder / "detector.onnx"), (
         "detector.onnx is not the file detector.json describes: tools/bundle_detector.py RUN src/bloodcell/assets/default_detector"
+    )
     assert weights_digest(load_detector(folder).tensors()) == section["weights_sha256"]
-    assert list(section["exported_from"]) == ["detector.safetensors"] and len(section["exported_from"]["detector.safetensors"]) == 64
+    assert (
+        list(section["exported_from"]) == ["detector.safetensors"]
+        and len(section["exported_from"]["detector.safetensors"]) == 64
+    )
     assert (folder / "detector.onnx").stat().st_size < 20e6
 
 
@@ -486,6 +540,8 @@ def test_onnx_detector_finds_what_pytorch_finds_on_generated_photographs(bundled
 def test_onnx_detector_finds_what_pytorch_finds_on_bccd_photographs(bundled_pair):
     torch_det, onnx_det = bundled_pair
     test = load_voc(BCCD, "test")
-    found = sum(assert_same_detections(torch_det, onnx_det, np.array(Image.open(a.path).convert("RGB")), a.name)
-                for a in test[::6])  # 12 of the 72
+    found = sum(
+        assert_same_detections(torch_det, onnx_det, np.array(Image.open(a.path).convert("RGB")), a.name)
+        for a in test[::6]
+    )  # 12 of the 72
     assert found > 100

@@ -44,6 +44,7 @@ def sample_labels(probs, rng):
 
 # ------------------------------------------------------------------ metrics vs scikit-learn
 
+
 def test_metrics_match_sklearn_on_random_predictions():
     y, p = random_probs(2000, seed=1)
     pred = p.argmax(1)
@@ -62,7 +63,8 @@ def test_metrics_match_sklearn_on_random_predictions():
     pr, rc, f1, sup = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
     for i, name in enumerate(NAMES):
         assert m["per_class"][name] == pytest.approx(
-            {"precision": pr[i], "recall": rc[i], "f1": f1[i], "support": sup[i]})
+            {"precision": pr[i], "recall": rc[i], "f1": f1[i], "support": sup[i]}
+        )
     assert np.allclose(np.sum(m["confusion_matrix_normalized"], axis=1), 1.0)
     assert 0.3 < m["accuracy"] < 0.9 and m["top2_accuracy"] > m["accuracy"]
     json.dumps(m)  # plain Python types only
@@ -71,14 +73,16 @@ def test_metrics_match_sklearn_on_random_predictions():
 def test_metrics_hand_example():
     # y_pred = [0, 1, 1, 1, 2, 0]; top-2 sets put the true class second for samples 1 and 5 only.
     y = [0, 0, 1, 1, 2, 2]
-    p = np.array([
-        [0.7, 0.2, 0.1],
-        [0.4, 0.5, 0.1],  # true 0 is second: top-2 hit
-        [0.1, 0.8, 0.1],
-        [0.2, 0.6, 0.2],
-        [0.1, 0.1, 0.8],
-        [0.6, 0.3, 0.1],  # true 2 is third: top-2 miss
-    ])
+    p = np.array(
+        [
+            [0.7, 0.2, 0.1],
+            [0.4, 0.5, 0.1],  # true 0 is second: top-2 hit
+            [0.1, 0.8, 0.1],
+            [0.2, 0.6, 0.2],
+            [0.1, 0.1, 0.8],
+            [0.6, 0.3, 0.1],  # true 2 is third: top-2 miss
+        ]
+    )
     m = classification_metrics(y, p, ["a", "b", "c"], n_bootstrap=0)
     # Per class: a P=1/2 R=1/2 F=1/2; b P=2/3 R=1 F=4/5; c P=1 R=1/2 F=2/3; equal supports of 2.
     assert m["accuracy"] == pytest.approx(4 / 6)
@@ -133,10 +137,19 @@ def test_bad_inputs_raise_data_error():
 
 # ------------------------------------------------------------------ ECE and reliability
 
+
 def test_ece_matches_hand_loop():
-    p = np.array([
-        [0.95, 0.05], [0.90, 0.10], [0.20, 0.80], [0.45, 0.55], [0.60, 0.40], [0.30, 0.70], [0.51, 0.49],
-    ])
+    p = np.array(
+        [
+            [0.95, 0.05],
+            [0.90, 0.10],
+            [0.20, 0.80],
+            [0.45, 0.55],
+            [0.60, 0.40],
+            [0.30, 0.70],
+            [0.51, 0.49],
+        ]
+    )
     y = np.array([0, 1, 1, 0, 0, 1, 1])
     n_bins = 5
     conf, pred = p.max(1), p.argmax(1)
@@ -186,6 +199,7 @@ def test_softmax_is_stable_and_temperature_keeps_argmax():
 
 # ------------------------------------------------------------------ bootstrap
 
+
 def test_bootstrap_ci_contains_estimate_is_seeded_and_narrows():
     y, p = random_probs(5000, seed=2)
     pred = p.argmax(1)
@@ -218,6 +232,7 @@ def test_vectorised_f1_macro_matches_sklearn_callable():
 
 # ------------------------------------------------------------------ stats
 
+
 def test_mcnemar():
     rng = np.random.default_rng(5)
     y = rng.integers(0, K, 500)
@@ -231,8 +246,8 @@ def test_mcnemar():
     a[60:62] = (y[60:62] + 2) % K  # both wrong: not discordant
     res = mcnemar_test(y, a, b_pred)
     assert (res["b"], res["c"], res["method"]) == (60, 0, "chi2_cc")
-    assert res["statistic"] == pytest.approx(59 ** 2 / 60)
-    assert res["p_value"] == pytest.approx(sps.chi2.sf(59 ** 2 / 60, 1)) and res["p_value"] < 1e-10
+    assert res["statistic"] == pytest.approx(59**2 / 60)
+    assert res["p_value"] == pytest.approx(sps.chi2.sf(59**2 / 60, 1)) and res["p_value"] < 1e-10
 
     small_a, small_b = y.copy(), y.copy()
     small_b[:3] = (y[:3] + 1) % K  # b = 3
@@ -269,6 +284,7 @@ def test_paired_difference_summary():
 
 # ------------------------------------------------------------------ plots
 
+
 @pytest.fixture(scope="module")
 def plots():
     from bloodcell.evaluate import plots as module
@@ -291,8 +307,10 @@ def test_plots_write_pngs(tmp_path, plots):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(120, 24, 24, 3), dtype=np.uint8)
     m = classification_metrics(y, p, NAMES, n_bootstrap=0)
-    history = [{"epoch": e, "train_loss": 1 / e, "train_acc": 1 - 0.5 / e, "val_loss": 1.2 / e, "val_acc": 0.9 - 0.5 / e}
-               for e in range(1, 6)]
+    history = [
+        {"epoch": e, "train_loss": 1 / e, "train_acc": 1 - 0.5 / e, "val_loss": 1.2 / e, "val_acc": 0.9 - 0.5 / e}
+        for e in range(1, 6)
+    ]
     csv_path = tmp_path / "history" / "metrics.csv"
     csv_path.parent.mkdir()
     csv_path.write_text("epoch,train_loss,train_acc,val_loss,val_acc\n1,1.0,0.5,,\n2,0.8,0.6,,\n")
@@ -305,8 +323,9 @@ def test_plots_write_pngs(tmp_path, plots):
         plots.plot_confusion_matrix(m["confusion_matrix"], NAMES, out / "cm.png"),
         plots.plot_confusion_matrix(m["confusion_matrix"], NAMES, out / "cm_both.png", normalize="both", title="t"),
         plots.plot_reliability_diagram(p, y, out / "rel.png", title="raw"),
-        plots.plot_reliability_diagram(softmax(np.log(p) * 2), y, out / "rel_cal.png",
-                                       probs_calibrated=apply_temperature(np.log(p) * 2, temp)),
+        plots.plot_reliability_diagram(
+            softmax(np.log(p) * 2), y, out / "rel_cal.png", probs_calibrated=apply_temperature(np.log(p) * 2, temp)
+        ),
         plots.plot_prediction_grid(images, y, pred, p, NAMES, out / "grid.png"),
         plots.plot_confident_mistakes(images, y, p, NAMES, out / "mistakes.png"),
         plots.plot_confident_mistakes(images[:5], pred[:5], p[:5], NAMES, out / "none.png"),
@@ -334,8 +353,7 @@ def test_torch_tensors_are_accepted():
     zt, yt = torch.tensor(z, dtype=torch.float32), torch.tensor(y)
     assert fit_temperature(zt, yt) == pytest.approx(fit_temperature(z, y), rel=1e-4)
     pt = torch.softmax(zt, dim=1)  # float32 rows: renormalised, not rejected
-    assert classification_metrics(yt, pt, NAMES, n_bootstrap=0)["accuracy"] == pytest.approx(
-        np.mean(z.argmax(1) == y))
+    assert classification_metrics(yt, pt, NAMES, n_bootstrap=0)["accuracy"] == pytest.approx(np.mean(z.argmax(1) == y))
 
 
 def _member(run_dir, y, probs, classes=("a", "b", "c"), paths=None):
@@ -384,6 +402,10 @@ def test_ensemble_refuses_runs_tested_on_other_images_or_classes(tmp_path):
     a = _member(tmp_path / "a", y, probs)
     other_split = _member(tmp_path / "b", y, probs, paths=["x0.jpg", "img1.jpg", "img2.jpg", "img3.jpg"])
     other_classes = _member(tmp_path / "c", y, probs, classes=("a", "b", "z"))
-    for other, words in ((other_split, "different images"), (other_classes, "one class list"), (tmp_path / "nothing", "predictions.csv not found")):
+    for other, words in (
+        (other_split, "different images"),
+        (other_classes, "one class list"),
+        (tmp_path / "nothing", "predictions.csv not found"),
+    ):
         out = CliRunner().invoke(app, ["ensemble", str(a), str(other), "--out", str(tmp_path / "o")])
         assert out.exit_code == 2 and words in out.output and "Traceback" not in out.output, out.output

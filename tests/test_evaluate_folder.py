@@ -54,7 +54,10 @@ def test_folder_names_match_case_plural_and_separators():
 
 
 def test_map_wins_over_name_matching():
-    assert match_folders(["monocytes", "lymphocytes"], CLASS_NAMES, {"monocytes": "ig"}) == {"monocytes": "ig", "lymphocytes": "lymphocyte"}
+    assert match_folders(["monocytes", "lymphocytes"], CLASS_NAMES, {"monocytes": "ig"}) == {
+        "monocytes": "ig",
+        "lymphocytes": "lymphocyte",
+    }
 
 
 def test_unknown_folder_is_one_line_error_listing_classes():
@@ -85,11 +88,11 @@ def test_restrict_renormalises_and_handles_rows_without_mass():
 
 # file -> (folder, {class: probability}); the rest of each row's mass is spread over nothing (rows sum to 1)
 SCRIPT = {
-    "n1": ("Neutrophils", {"neutrophil": 0.9, "ig": 0.1}),                        # right, right
-    "n2": ("Neutrophils", {"ig": 0.6, "neutrophil": 0.3, "lymphocyte": 0.1}),      # wrong, right
-    "n3": ("Neutrophils", {"ig": 0.6, "lymphocyte": 0.3, "neutrophil": 0.1}),      # wrong, wrong
-    "n4": ("Neutrophils", {"neutrophil": 0.5, "lymphocyte": 0.4, "ig": 0.1}),      # right, right
-    "l1": ("LYMPHOCYTE", {"lymphocyte": 0.95, "monocyte": 0.05}),                  # right, right
+    "n1": ("Neutrophils", {"neutrophil": 0.9, "ig": 0.1}),  # right, right
+    "n2": ("Neutrophils", {"ig": 0.6, "neutrophil": 0.3, "lymphocyte": 0.1}),  # wrong, right
+    "n3": ("Neutrophils", {"ig": 0.6, "lymphocyte": 0.3, "neutrophil": 0.1}),  # wrong, wrong
+    "n4": ("Neutrophils", {"neutrophil": 0.5, "lymphocyte": 0.4, "ig": 0.1}),  # right, right
+    "l1": ("LYMPHOCYTE", {"lymphocyte": 0.95, "monocyte": 0.05}),  # right, right
     "l2": ("LYMPHOCYTE", {"platelet": 0.7, "lymphocyte": 0.2, "neutrophil": 0.1}),  # wrong, right
     "l3": ("LYMPHOCYTE", {"platelet": 0.7, "neutrophil": 0.2, "lymphocyte": 0.1}),  # wrong, wrong
     "l4": ("LYMPHOCYTE", {"erythroblast": 0.99, "lymphocyte": 0.006, "neutrophil": 0.004}),  # wrong, right; OOD
@@ -144,12 +147,22 @@ def test_scripted_numbers(scripted):
     lo, hi = m["restricted"]["ci95"]["accuracy"]
     assert 0 <= lo <= 6 / 8 <= hi <= 1 and hi - lo > 0
     assert np.array(m["full"]["confusion_matrix"]).shape == (8, 8)
-    assert m["predicted_as"] == {"basophil": 0, "eosinophil": 0, "erythroblast": 1, "ig": 2, "lymphocyte": 1,
-                                 "monocyte": 0, "neutrophil": 2, "platelet": 2}
+    assert m["predicted_as"] == {
+        "basophil": 0,
+        "eosinophil": 0,
+        "erythroblast": 1,
+        "ig": 2,
+        "lymphocyte": 1,
+        "monocyte": 0,
+        "neutrophil": 2,
+        "platelet": 2,
+    }
     assert m["predicted_outside_present"]["n"] == 5
     rv = m["review"]
     assert rv["fraction"] == pytest.approx(5 / 8)
-    assert rv["accuracy_unflagged"] == pytest.approx(2 / 3) and rv["accuracy_unflagged_restricted"] == pytest.approx(1.0)
+    assert rv["accuracy_unflagged"] == pytest.approx(2 / 3) and rv["accuracy_unflagged_restricted"] == pytest.approx(
+        1.0
+    )
     ood = m["ood"]
     assert ood["fraction"] == pytest.approx(1 / 8) and ood["kept_fraction"] == pytest.approx(2 / 8)
     assert ood["accuracy_kept"] == pytest.approx(1.0) and ood["accuracy_kept_restricted"] == pytest.approx(1.0)
@@ -215,14 +228,20 @@ def test_an_image_too_small_to_hold_a_cell_is_unreadable_not_scored(toy, tmp_pat
     write_image(cells / "Neutrophils" / "dot.png", rng, size=(1, 1))
     m = evaluate_folder(Predictor.load(run), cells, tmp_path / "out", progress=False, n_bootstrap=20)
     assert m["n"] == 3 and len(read_csv(tmp_path / "out" / "predictions.csv")) == 3
-    assert m["unreadable"] == [{"path": "Neutrophils/dot.png",
-                                "reason": "too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)"}]
+    assert m["unreadable"] == [
+        {
+            "path": "Neutrophils/dot.png",
+            "reason": "too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)",
+        }
+    ]
 
 
 def test_real_predictor_matches_hand_computation(toy, tmp_path):
     run, folder = toy
     predictor = Predictor.load(run)
-    m = evaluate_folder(predictor, folder, tmp_path / "out", {"band cells": "neutrophil"}, progress=False, n_bootstrap=100)
+    m = evaluate_folder(
+        predictor, folder, tmp_path / "out", {"band cells": "neutrophil"}, progress=False, n_bootstrap=100
+    )
     rows = read_csv(tmp_path / "out" / "predictions.csv")
     assert m["n"] == len(rows) == 12 and [u["path"] for u in m["unreadable"]] == ["LYMPHOCYTE/empty.jpg"]
     assert Counter(r["true"] for r in rows) == {"neutrophil": 8, "lymphocyte": 4}
@@ -245,17 +264,24 @@ def test_real_predictor_matches_hand_computation(toy, tmp_path):
 def test_cli_evaluate_folder(toy, tmp_path, monkeypatch):
     run, folder = toy
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["evaluate", str(folder), "--model", str(run), "--map", "band cells=neutrophil", "--bootstrap", "50"])
+    result = runner.invoke(
+        app, ["evaluate", str(folder), "--model", str(run), "--map", "band cells=neutrophil", "--bootstrap", "50"]
+    )
     assert result.exit_code == 0, result.output
     out = tmp_path / "runs" / "evaluate" / "cells-cnn"
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["provenance"]["model_source"] == str(run) and metrics["provenance"]["n_bootstrap"] == 50
     assert f"restricted to the 2 classes present: {metrics['restricted']['accuracy']:.4f}" in result.stdout
-    assert "unreadable: LYMPHOCYTE/empty.jpg" in result.stdout and str(Path("runs") / "evaluate" / "cells-cnn") in result.stdout
+    assert (
+        "unreadable: LYMPHOCYTE/empty.jpg" in result.stdout
+        and str(Path("runs") / "evaluate" / "cells-cnn") in result.stdout
+    )
 
     unknown = runner.invoke(app, ["evaluate", str(folder), "--model", str(run), "--out", str(tmp_path / "o2")])
     assert unknown.exit_code == 2 and len(unknown.stderr.splitlines()) == 1
-    assert unknown.stderr.startswith("error: class folder 'band cells' matches no class") and "platelet" in unknown.stderr
+    assert (
+        unknown.stderr.startswith("error: class folder 'band cells' matches no class") and "platelet" in unknown.stderr
+    )
     bad = runner.invoke(app, ["evaluate", str(folder), "--model", str(run), "--map", "band cells=bands"])
     assert bad.exit_code == 2 and bad.stderr.splitlines() == [
         f"error: --map band cells=bands: 'bands' is not a class of the model (its classes: {', '.join(CLASS_NAMES)})"
@@ -265,7 +291,9 @@ def test_cli_evaluate_folder(toy, tmp_path, monkeypatch):
 
 def test_cli_without_model_keeps_run_behaviour(tmp_path):
     result = runner.invoke(app, ["evaluate", str(tmp_path)])
-    assert result.exit_code == 2 and result.stderr.splitlines() == [f"error: {tmp_path} is not a run directory (no config.yaml)"]
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        f"error: {tmp_path} is not a run directory (no config.yaml)"
+    ]
     result = runner.invoke(app, ["evaluate", str(tmp_path), "--map", "a=ig"])
     assert result.exit_code == 2 and "need --model" in result.stderr
 

@@ -40,7 +40,9 @@ def _check_against_pytorch(path, predictor) -> None:
     ones = [session.run(None, {"input": x[i : i + 1]}) for i in range(len(x))]
     for k, scale in ((0, 1.0), (1, max(1.0, float(np.abs(want[1]).max())))):  # the OOD score relative to its size
         assert five[k].shape == want[k].shape == (5,) + want[k].shape[1:]
-        np.testing.assert_allclose(np.concatenate([o[k] for o in ones]), five[k], rtol=0, atol=ex.PARITY_TOLERANCE * scale)
+        np.testing.assert_allclose(
+            np.concatenate([o[k] for o in ones]), five[k], rtol=0, atol=ex.PARITY_TOLERANCE * scale
+        )
         np.testing.assert_allclose(five[k], want[k], rtol=0, atol=ex.PARITY_TOLERANCE * scale)
 
 
@@ -80,18 +82,25 @@ def _dynamo_fails(monkeypatch):
     monkeypatch.setattr(torch.onnx, "export", export)
 
 
-@pytest.mark.parametrize("case, reason", [
-    ("dynamo raises", "dynamo exporter failed: RuntimeError: cannot trace this model"),
-    ("opset 17", "opset 17 asked; the dynamo exporter writes opset 18 or later"),
-    ("no onnxscript", "onnxscript is not installed (pip install onnxscript)"),
-])
-def test_a_fallback_to_torchscript_says_why_in_the_sidecar_and_one_warning_line(ood_run, tmp_path, monkeypatch, capsys, case, reason):
+@pytest.mark.parametrize(
+    "case, reason",
+    [
+        ("dynamo raises", "dynamo exporter failed: RuntimeError: cannot trace this model"),
+        ("opset 17", "opset 17 asked; the dynamo exporter writes opset 18 or later"),
+        ("no onnxscript", "onnxscript is not installed (pip install onnxscript)"),
+    ],
+)
+def test_a_fallback_to_torchscript_says_why_in_the_sidecar_and_one_warning_line(
+    ood_run, tmp_path, monkeypatch, capsys, case, reason
+):
     kwargs = {}
     if case == "no onnxscript":
         import importlib.util
 
         real = importlib.util.find_spec
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a, **k: None if name == "onnxscript" else real(name, *a, **k))
+        monkeypatch.setattr(
+            importlib.util, "find_spec", lambda name, *a, **k: None if name == "onnxscript" else real(name, *a, **k)
+        )
     else:
         monkeypatch.setattr(ex, "dynamo_unavailable", lambda: None)  # as where onnxscript is installed
         if case == "dynamo raises":
@@ -139,7 +148,9 @@ def test_parity_is_relative_to_the_size_of_the_outputs(tmp_path):
     assert np.abs(logits).max() > 1e4 and report.max_abs_diff <= ex.PARITY_TOLERANCE
 
     want = np.array([[1e5, -2e5, 3.0]], np.float32)
-    assert ex.output_difference(want, want + 0.05) == pytest.approx(0.05 / 2e5, rel=1e-2)  # rounding at this size: accepted
+    assert ex.output_difference(want, want + 0.05) == pytest.approx(
+        0.05 / 2e5, rel=1e-2
+    )  # rounding at this size: accepted
     assert ex.output_difference(want, want * 1.001) > ex.PARITY_TOLERANCE  # 0.1 % off: refused
     small = np.array([[0.5, -0.25]], np.float32)
     assert ex.output_difference(small, small + 2e-4) == pytest.approx(2e-4, rel=1e-3)  # below 1: absolute

@@ -31,8 +31,9 @@ from conftest import REPO, cli_env, load_benchmark
 SHARED = REPO.parent / "shared" / "data"
 TXL = SHARED / "txl_pbc"
 BCCD = SHARED / "bccd" / "BCCD"
-needs_photos = pytest.mark.skipif(not (TXL.is_dir() and BCCD.is_dir()),
-                                  reason=f"TXL-PBC or BCCD photographs not beside the checkout ({SHARED})")
+needs_photos = pytest.mark.skipif(
+    not (TXL.is_dir() and BCCD.is_dir()), reason=f"TXL-PBC or BCCD photographs not beside the checkout ({SHARED})"
+)
 
 
 def codes(problems) -> list[str]:
@@ -112,8 +113,10 @@ def test_detector_scale_reads_the_long_side_and_the_cell_scale():
 
 
 def test_the_checks_run_without_pytorch():
-    code = ("import sys; sys.modules['torch'] = None; import bloodcell.infer.field_checks as f; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))")
+    code = (
+        "import sys; sys.modules['torch'] = None; import bloodcell.infer.field_checks as f; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['torch']"  # only the blocked placeholder: nothing imported it
@@ -163,7 +166,9 @@ def test_real_photographs_of_every_lab_pass(reader):
     # other labs' photographs: a warning at most (few red cells found, dim), never counts withheld
     for a in txl_photos("raabin", 2) + txl_photos("bcd", 2):
         found = problems(reader, a)
-        assert not any(p.severe for p in found) and set(codes(found)) <= {"few_red_cells", "dark"}, [p.message for p in found]
+        assert not any(p.severe for p in found) and set(codes(found)) <= {"few_red_cells", "dark"}, [
+            p.message for p in found
+        ]
 
 
 @needs_photos
@@ -192,14 +197,21 @@ def test_severe_problems_withhold_the_counts_and_say_why(reader):
     from bloodcell.infer.report import tables, to_json
 
     (photo,) = bccd_photos(1)
-    items = [("good.png", png(photo)), ("dark.png", png(spoiled([photo], "dark25"))),
-             ("strip.png", png(spoiled(bccd_photos(4), "strip"))), ("small.png", png(spoiled(txl_photos("pbc", 4), "zoom05")))]
+    items = [
+        ("good.png", png(photo)),
+        ("dark.png", png(spoiled([photo], "dark25"))),
+        ("strip.png", png(spoiled(bccd_photos(4), "strip"))),
+        ("small.png", png(spoiled(txl_photos("pbc", 4), "zoom05"))),
+    ]
     result = predict_mixed(reader.predictor, items, "field", reader.detector)
     good, dark, panorama, small = result["fields"]
     assert good["counts"]["rbc"] > 0 and not good["withheld"] and good["note"] == ""
     # the dark photograph's note may open with "no cells found: " (a detector that finds nothing in it) or not
-    for f, code, said in ((dark, "dark", "too dark to count"), (panorama, "panorama", "a stitched panorama"),
-                          (small, "magnification", "wrong magnification")):
+    for f, code, said in (
+        (dark, "dark", "too dark to count"),
+        (panorama, "panorama", "a stitched panorama"),
+        (small, "magnification", "wrong magnification"),
+    ):
         assert f["withheld"] and f["counts"] is None and f["wbc_classes"] is None and f["cells"] == []
         assert f["problems"][0]["code"] == code and said in f["note"], f["note"]
     summary = result["field_summary"]

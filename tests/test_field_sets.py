@@ -19,7 +19,9 @@ from test_fields import photograph, voc_folder
 
 TXL = REPO.parent / "shared" / "data" / "txl_pbc"
 BCCD = REPO.parent / "shared" / "data" / "bccd"
-needs_txl = pytest.mark.skipif(not (TXL.is_dir() and BCCD.is_dir()), reason=f"TXL-PBC or BCCD not beside the checkout ({TXL})")
+needs_txl = pytest.mark.skipif(
+    not (TXL.is_dir() and BCCD.is_dir()), reason=f"TXL-PBC or BCCD not beside the checkout ({TXL})"
+)
 NAMES = ["WBC", "RBC", "Platelets"]  # TXL-PBC's order: the file's class numbers are not ours
 
 
@@ -36,12 +38,24 @@ def yolo_folder(root: Path, splits=("train", "train", "val", "test"), sources=No
     for k, split in enumerate(splits):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        img, boxes, labels = photograph(rbc_centres=((80 + 10 * k, 80), (300, 90), (520, 100)), wbc=(320, 260 + 10 * k, 70))
+        img, boxes, labels = photograph(
+            rbc_centres=((80 + 10 * k, 80), (300, 90), (520, 100)), wbc=(320, 260 + 10 * k, 70)
+        )
         name = f"img_{k}"
         Image.fromarray(img).save(root / "images" / split / f"{name}.jpg", quality=95)
-        (root / "labels" / split / f"{name}.txt").write_text("\n".join(yolo_line(b, k) for b, k in zip(boxes, labels)) + "\n")
-        rows.append({"image": f"images/{split}/{name}.jpg", "split": split, "source": (sources or {}).get(k, "lab_a"),
-                     "width": 640, "height": 480, "voc_name": ""})
+        (root / "labels" / split / f"{name}.txt").write_text(
+            "\n".join(yolo_line(b, k) for b, k in zip(boxes, labels)) + "\n"
+        )
+        rows.append(
+            {
+                "image": f"images/{split}/{name}.jpg",
+                "split": split,
+                "source": (sources or {}).get(k, "lab_a"),
+                "width": 640,
+                "height": 480,
+                "voc_name": "",
+            }
+        )
     (root / "data.yaml").write_text("train: ./images/train/\nnc: 3\nnames: ['WBC', 'RBC', 'Platelets']\n")
     return root, rows
 
@@ -72,7 +86,9 @@ def test_yolo_clips_drops_empty_boxes_and_names_bad_lines(tmp_path):
     ann = read_yolo(labels, tmp_path / "a.jpg", [1, 0, 2], size=(100, 50))
     np.testing.assert_allclose(ann.boxes, [[85, 22.5, 100, 27.5]])
     assert ann.labels.tolist() == [0] and ann.dropped == 1
-    assert len(read_yolo(tmp_path / "none.txt", tmp_path / "a.jpg", [1, 0, 2], size=(10, 10)).labels) == 0  # no file: no cells
+    assert (
+        len(read_yolo(tmp_path / "none.txt", tmp_path / "a.jpg", [1, 0, 2], size=(10, 10)).labels) == 0
+    )  # no file: no cells
     labels.write_text("1 0.5 0.5 0.2\n")
     with pytest.raises(DataError, match=r"a\.txt:1: expected 'class cx cy w h'"):
         read_yolo(labels, tmp_path / "a.jpg", [1, 0, 2], size=(100, 50))
@@ -93,8 +109,11 @@ def test_a_yolo_folder_without_its_class_names_or_split_is_refused(tmp_path):
 def test_combined_sets_never_train_on_a_photograph_another_set_tests(tmp_path):
     """The YOLO set holds the VOC set's photographs under other splits (as TXL-PBC holds BCCD's)."""
     voc = voc_folder(tmp_path / "voc")  # photo_0, photo_1 train; photo_2, photo_3 val; photo_4, photo_5 test
-    root, rows = yolo_folder(tmp_path / "y", splits=("train", "train", "train", "val", "test"),
-                             sources={0: "lab_a", 1: "lab_b", 2: "lab_b", 3: "lab_a", 4: "lab_b"})
+    root, rows = yolo_folder(
+        tmp_path / "y",
+        splits=("train", "train", "train", "val", "test"),
+        sources={0: "lab_a", 1: "lab_b", 2: "lab_b", 3: "lab_a", 4: "lab_b"},
+    )
     rows[0]["voc_name"] = "photo_4"  # YOLO train img_0 is the VOC set's test photo_4: never trained on
     rows[1]["voc_name"] = "photo_0"  # YOLO train img_1 is VOC train photo_0: kept once, from the set listed first
     rows[2]["voc_name"] = "photo_2"  # YOLO train img_2 is VOC val photo_2: an evaluation split wins
@@ -104,7 +123,10 @@ def test_combined_sets_never_train_on_a_photograph_another_set_tests(tmp_path):
     sets = combine_field_sets({"y": {"root": root, **spec}, "voc": {"root": voc, **spec, "thresholds": False}})
     assert sorted(a.name for a in sets.train) == ["img_1"]
     assert sorted(a.name for a in sets.val) == ["img_3"]  # the VOC set's val photographs do not choose thresholds
-    assert {k: sorted(a.name for a in v) for k, v in sets.tests.items()} == {"y": ["img_4"], "voc": ["photo_4", "photo_5"]}
+    assert {k: sorted(a.name for a in v) for k, v in sets.tests.items()} == {
+        "y": ["img_4"],
+        "voc": ["photo_4", "photo_5"],
+    }
     assert sets.removed == {"train: in an evaluation split": 3, "train: a duplicate": 1}
     assert [a.source for a in sets.train] == ["lab_b"] and sets.tests["voc"][0].source == "voc"
 
@@ -129,8 +151,14 @@ def test_txl_pbc_and_bccd_combined_as_the_bundled_detector_trains_on_them():
     # every TXL-PBC train photograph that is no evaluation photograph of either set, and BCCD's train ones TXL-PBC lacks
     assert len(sets.train) == 1025 and {a.source for a in sets.train} == {"raabin", "pbc", "bccd", "bcd"}
     assert {a.source for a in sets.tests["txl_pbc"]} == {"raabin", "pbc", "bccd", "bcd"}
-    counts = {s: sum(a.count(c) for a in sets.tests["txl_pbc"] if a.source == s for c in FIELD_CLASSES) for s in ("raabin",)}
-    boxed = sum(int(r["wbc"]) + int(r["rbc"]) + int(r["platelet"]) for r in table if r["source"] == "raabin" and r["split"] == "test")
+    counts = {
+        s: sum(a.count(c) for a in sets.tests["txl_pbc"] if a.source == s for c in FIELD_CLASSES) for s in ("raabin",)
+    }
+    boxed = sum(
+        int(r["wbc"]) + int(r["rbc"]) + int(r["platelet"])
+        for r in table
+        if r["source"] == "raabin" and r["split"] == "test"
+    )
     assert counts["raabin"] == boxed  # the YOLO boxes read are the ones sources.csv counts
 
 
@@ -140,11 +168,22 @@ def test_a_detector_run_on_two_sets_reports_each_source(tmp_path):
     from bloodcell.cli import app
 
     voc = voc_folder(tmp_path / "voc")
-    root, rows = yolo_folder(tmp_path / "y", splits=("train", "train", "val", "test", "test"), sources={3: "lab_a", 4: "lab_b"})
+    root, rows = yolo_folder(
+        tmp_path / "y", splits=("train", "train", "val", "test", "test"), sources={3: "lab_a", 4: "lab_b"}
+    )
     write_sources(root, rows)
     out = tmp_path / "run"
-    args = ["detector", "train", str(REPO / "configs" / "detector-classical.yaml"), "--out", str(out),
-            "--set", f"data.sets.y.root={root}", "--set", f"data.sets.voc.root={voc}"]
+    args = [
+        "detector",
+        "train",
+        str(REPO / "configs" / "detector-classical.yaml"),
+        "--out",
+        str(out),
+        "--set",
+        f"data.sets.y.root={root}",
+        "--set",
+        f"data.sets.voc.root={voc}",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
@@ -155,9 +194,14 @@ def test_a_detector_run_on_two_sets_reports_each_source(tmp_path):
     assert "| y / lab_a | 1 |" in report and "| voc | 2 |" in report
     detector = json.loads((out / "detector.json").read_text())
     assert set(detector["test_by_source"]) == {"y/lab_a", "y/lab_b", "voc"}
-    assert detector["state"]["cell_scale"]["rbc_side_px"]["p50"] == pytest.approx(90.0, abs=1)  # drawn red cells: r = 45
+    assert detector["state"]["cell_scale"]["rbc_side_px"]["p50"] == pytest.approx(
+        90.0, abs=1
+    )  # drawn red cells: r = 45
 
-    evaluated = CliRunner().invoke(app, ["detector", "evaluate", str(out), "--data", str(root), "--split", "test", "--out", str(tmp_path / "m.json")])
+    evaluated = CliRunner().invoke(
+        app,
+        ["detector", "evaluate", str(out), "--data", str(root), "--split", "test", "--out", str(tmp_path / "m.json")],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert set(json.loads((tmp_path / "m.json").read_text())["sources"]) == {"lab_a", "lab_b"}
     assert "lab_b" in evaluated.output
@@ -172,14 +216,23 @@ def _dets(scores_by_photo):
     out = []
     for scores in scores_by_photo:
         n = len(scores)
-        out.append(Detections(np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1)), np.zeros(n, np.int64), np.array(scores, np.float32)))
+        out.append(
+            Detections(
+                np.tile(np.array([[0, 0, 10, 10]], np.float32), (n, 1)),
+                np.zeros(n, np.int64),
+                np.array(scores, np.float32),
+            )
+        )
     return out
 
 
 def _truth(counts):
     from bloodcell.data.fields import FieldAnnotation
 
-    return [FieldAnnotation(Path(f"p{i}.jpg"), 100, 100, np.zeros((n, 4), np.float32), np.zeros(n, np.int64)) for i, n in enumerate(counts)]
+    return [
+        FieldAnnotation(Path(f"p{i}.jpg"), 100, 100, np.zeros((n, 4), np.float32), np.zeros(n, np.int64))
+        for i, n in enumerate(counts)
+    ]
 
 
 def test_count_rules_fitted_on_validation_correct_a_detector_that_misses_overlapping_cells():

@@ -25,8 +25,10 @@ def voc_xml(path: Path, objects: list[tuple[str, tuple]], size=(640, 480), filen
         f"<object><name>{n}</name><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin><xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>"
         for n, b in objects
     )
-    path.write_text(f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
-                    f"<depth>3</depth></size>{objs}</annotation>")
+    path.write_text(
+        f"<annotation><filename>{filename}</filename><size><width>{size[0]}</width><height>{size[1]}</height>"
+        f"<depth>3</depth></size>{objs}</annotation>"
+    )
     return path
 
 
@@ -34,8 +36,15 @@ def voc_xml(path: Path, objects: list[tuple[str, tuple]], size=(640, 480), filen
 
 
 def test_read_voc_maps_labels_clips_and_drops_empty_boxes(tmp_path):
-    xml = voc_xml(tmp_path / "a.xml", [("RBC", (10, 10, 60, 70)), ("Platelets", (600, 400, 700, 500)),
-                                       ("WBC", (5, 5, 5, 40)), ("wbc", (100, 100, 300, 280))])
+    xml = voc_xml(
+        tmp_path / "a.xml",
+        [
+            ("RBC", (10, 10, 60, 70)),
+            ("Platelets", (600, 400, 700, 500)),
+            ("WBC", (5, 5, 5, 40)),
+            ("wbc", (100, 100, 300, 280)),
+        ],
+    )
     ann = read_voc(xml, tmp_path)
     assert ann.path == tmp_path / "a.jpg" and (ann.width, ann.height) == (640, 480)
     assert [FIELD_CLASSES[k] for k in ann.labels] == ["rbc", "platelet", "wbc"]
@@ -76,11 +85,15 @@ def test_bccd_splits_are_the_datasets_own():
 
 
 def ann(boxes, labels) -> FieldAnnotation:
-    return FieldAnnotation(Path("x.jpg"), 640, 480, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64))
+    return FieldAnnotation(
+        Path("x.jpg"), 640, 480, np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64)
+    )
 
 
 def det(boxes, labels, scores) -> Detections:
-    return Detections(np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64), np.asarray(scores, np.float32))
+    return Detections(
+        np.asarray(boxes, np.float32).reshape(-1, 4), np.asarray(labels, np.int64), np.asarray(scores, np.float32)
+    )
 
 
 def test_matching_is_one_to_one_at_the_iou():
@@ -91,10 +104,18 @@ def test_matching_is_one_to_one_at_the_iou():
 
 
 def test_detection_metrics_on_known_answers():
-    truth = [ann([[0, 0, 100, 100], [200, 200, 300, 300], [400, 50, 600, 250]], [RBC, RBC, WBC]),
-             ann([[10, 10, 110, 110], [300, 300, 340, 340]], [RBC, PLT])]
-    found = [det([[0, 0, 100, 100], [202, 198, 300, 300], [400, 50, 600, 250], [500, 400, 600, 470]], [RBC, RBC, WBC, RBC], [.9, .8, .95, .3]),
-             det([[10, 10, 110, 110]], [RBC], [.7])]
+    truth = [
+        ann([[0, 0, 100, 100], [200, 200, 300, 300], [400, 50, 600, 250]], [RBC, RBC, WBC]),
+        ann([[10, 10, 110, 110], [300, 300, 340, 340]], [RBC, PLT]),
+    ]
+    found = [
+        det(
+            [[0, 0, 100, 100], [202, 198, 300, 300], [400, 50, 600, 250], [500, 400, 600, 470]],
+            [RBC, RBC, WBC, RBC],
+            [0.9, 0.8, 0.95, 0.3],
+        ),
+        det([[10, 10, 110, 110]], [RBC], [0.7]),
+    ]
     m = detection_metrics(found, truth, {c: 0.5 for c in FIELD_CLASSES})
     rbc, wbc, plt = (m["classes"][c] for c in FIELD_CLASSES)
     assert (rbc["tp"], rbc["fp"], rbc["fn"]) == (3, 0, 0)  # the 0.3 box is below the threshold
@@ -113,13 +134,20 @@ def test_thresholds_chosen_on_validation_separate_right_from_wrong():
         boxes = [[x, 40, x + 90, 130] for x in range(0, 540, 100)]
         truth.append(ann(boxes + [[100, 250, 300, 450]], [RBC] * len(boxes) + [WBC]))
         junk = [[x + 30, 300, x + 60, 330] for x in range(0, 300, 60)]  # false boxes, scored lower
-        found.append(det(boxes + [[100, 250, 300, 450]] + junk, [RBC] * len(boxes) + [WBC] + [WBC] * len(junk),
-                         np.r_[rng.uniform(.6, .9, len(boxes)), .9, rng.uniform(.1, .4, len(junk))]))
+        found.append(
+            det(
+                boxes + [[100, 250, 300, 450]] + junk,
+                [RBC] * len(boxes) + [WBC] + [WBC] * len(junk),
+                np.r_[rng.uniform(0.6, 0.9, len(boxes)), 0.9, rng.uniform(0.1, 0.4, len(junk))],
+            )
+        )
     t = choose_thresholds(found, truth)
     junk_max = max(d.scores[d.labels == WBC][1:].max() for d in found)
     assert junk_max < t["wbc"] <= 0.9  # keeps the real white cell, drops the junk
     assert t["rbc"] <= min(d.scores[d.labels == RBC].min() for d in found)  # every red cell kept: no count error
-    stats = class_counts([d.select(d.scores >= np.where(d.labels == WBC, t["wbc"], t["rbc"])) for d in found], truth, "wbc", 0.5)
+    stats = class_counts(
+        [d.select(d.scores >= np.where(d.labels == WBC, t["wbc"], t["rbc"])) for d in found], truth, "wbc", 0.5
+    )
     assert (stats["precision"], stats["recall"]) == (1.0, 1.0)
 
 
@@ -129,8 +157,13 @@ def test_thresholds_chosen_on_validation_separate_right_from_wrong():
 NUCLEUS = (90, 40, 150)
 
 
-def photograph(size=(640, 480), rbc_centres=((80, 80), (300, 90), (520, 100), (100, 380), (540, 400)), r=45,
-               wbc=(320, 260, 70), platelets=((460, 250),)) -> tuple[np.ndarray, list, list]:
+def photograph(
+    size=(640, 480),
+    rbc_centres=((80, 80), (300, 90), (520, 100), (100, 380), (540, 400)),
+    r=45,
+    wbc=(320, 260, 70),
+    platelets=((460, 250),),
+) -> tuple[np.ndarray, list, list]:
     """A drawn smear field and its true boxes: pink red cells, a white cell with a purple nucleus, platelets."""
     from skimage.draw import disk
 
@@ -237,7 +270,10 @@ def test_predict_mixed_auto_keeps_cells_and_reads_fields(toy_ood_run, tmp_path):
     inside = [p for p, s in zip(cells, scores) if s <= predictor.ood_threshold]
     assert scores[6] > predictor.ood_threshold and scores[7] > predictor.ood_threshold
     detector = FixedDetector()
-    items = [(p.name, p.read_bytes()) for p in inside] + [("field.png", photo.read_bytes()), ("blank.png", blank.read_bytes())]
+    items = [(p.name, p.read_bytes()) for p in inside] + [
+        ("field.png", photo.read_bytes()),
+        ("blank.png", blank.read_bytes()),
+    ]
     result = predict_mixed(predictor, items, "auto", detector)
     assert detector.calls == 2  # only the two images the classifier flagged were shown to the detector
     assert [f["path"] for f in result["fields"]] == ["field.png"]
@@ -255,7 +291,9 @@ def test_predict_mixed_auto_keeps_cells_and_reads_fields(toy_ood_run, tmp_path):
     # --input cell: exactly the classifier's answer, no detector
     plain = predictor._predict(items, 32, False)
     as_cells = predict_mixed(predictor, items, "cell", FixedDetector())
-    assert [{k: v for k, v in p.items() if not k.startswith("input")} for p in as_cells["predictions"]] == plain["predictions"]
+    assert [{k: v for k, v in p.items() if not k.startswith("input")} for p in as_cells["predictions"]] == plain[
+        "predictions"
+    ]
     assert as_cells["fields"] == [] and as_cells["counts"] == plain["counts"]
 
 
@@ -271,7 +309,11 @@ def test_field_mode_sums_photographs_and_answers_an_empty_one(toy_ood_run, tmp_p
     assert result["predictions"] == [] and len(result["fields"]) == 3
     assert [f["path"] for f in result["fields"]] == ["a.png", "a.png", "b.png"]
     empty = result["fields"][2]
-    assert empty["note"] == "no cells found" and empty["counts"] == {"rbc": 0, "wbc": 0, "platelet": 0} and empty["cells"] == []
+    assert (
+        empty["note"] == "no cells found"
+        and empty["counts"] == {"rbc": 0, "wbc": 0, "platelet": 0}
+        and empty["cells"] == []
+    )
     summary = result["field_summary"]
     assert summary["photos"] == 3 and summary["totals"] == {"rbc": 10, "wbc": 2, "platelet": 2}
     assert summary["per_photo"]["rbc"] == pytest.approx(10 / 3, abs=0.01)
@@ -322,12 +364,18 @@ def voc_folder(root: Path) -> Path:
     names = {}
     for k, split in enumerate(["train", "train", "val", "val", "test", "test"]):
         shift = 12 * k
-        img, boxes, labels = photograph(rbc_centres=((80 + shift, 80), (300, 90 + shift), (520, 100), (100, 380)),
-                                        wbc=(320 + shift, 260, 70), platelets=((470, 250 + shift),))
+        img, boxes, labels = photograph(
+            rbc_centres=((80 + shift, 80), (300, 90 + shift), (520, 100), (100, 380)),
+            wbc=(320 + shift, 260, 70),
+            platelets=((470, 250 + shift),),
+        )
         name = f"photo_{k}"
         Image.fromarray(img).save(root / "JPEGImages" / f"{name}.jpg", quality=95)
-        voc_xml(root / "Annotations" / f"{name}.xml", [(("RBC", "WBC", "Platelets")[k], tuple(b)) for b, k in zip(boxes, labels)],
-                filename=f"{name}.jpg")
+        voc_xml(
+            root / "Annotations" / f"{name}.xml",
+            [(("RBC", "WBC", "Platelets")[k], tuple(b)) for b, k in zip(boxes, labels)],
+            filename=f"{name}.jpg",
+        )
         names.setdefault(split, []).append(name)
     for split, listed in names.items():
         (root / "ImageSets" / "Main" / f"{split}.txt").write_text("\n".join(listed) + "\n")
@@ -342,7 +390,15 @@ def test_detector_train_writes_a_run_directory_and_refuses_to_overwrite_it(tmp_p
 
     data = voc_folder(tmp_path / "voc")
     out = tmp_path / "run"
-    args = ["detector", "train", str(REPO / "configs" / "detector-classical.yaml"), "--data", str(data), "--out", str(out)]
+    args = [
+        "detector",
+        "train",
+        str(REPO / "configs" / "detector-classical.yaml"),
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     for name in ("config.yaml", "detector.json", "metrics.json", "report.md", "examples.png"):
@@ -351,13 +407,19 @@ def test_detector_train_writes_a_run_directory_and_refuses_to_overwrite_it(tmp_p
     assert {k: metrics["photos"][k] for k in ("train", "val", "test")} == {"train": 2, "val": 2, "test": {"voc": 2}}
     assert metrics["test"]["classes"]["wbc"]["recall"] == 1.0  # a drawn white cell is found in both test photographs
     detector = load_detector(out)
-    assert detector.name == "classical" and detector.score_thresholds == json.loads((out / "detector.json").read_text())["score_thresholds"]
+    assert (
+        detector.name == "classical"
+        and detector.score_thresholds == json.loads((out / "detector.json").read_text())["score_thresholds"]
+    )
     assert "| voc | 2 |" in (out / "report.md").read_text()
 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 2 and "already holds a detector run" in again.output
     other = CliRunner().invoke(app, args + ["--resume", "--set", "seed=1"])
     assert other.exit_code == 2 and "started with another config" in other.output
-    evaluated = CliRunner().invoke(app, ["detector", "evaluate", str(out), "--data", str(data), "--split", "val", "--out", str(tmp_path / "m.json")])
+    evaluated = CliRunner().invoke(
+        app,
+        ["detector", "evaluate", str(out), "--data", str(data), "--split", "val", "--out", str(tmp_path / "m.json")],
+    )
     assert evaluated.exit_code == 0, evaluated.output
     assert json.loads((tmp_path / "m.json").read_text())["photos"] == 2

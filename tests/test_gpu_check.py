@@ -39,8 +39,14 @@ def webp_pack(path: Path, per_class: int = 12) -> Path:
 def run_check(out: Path, *args: str, script: Path = REPO / "tools" / "gpu_check.sh") -> subprocess.CompletedProcess:
     env = dict(os.environ, PY=sys.executable, OMP_NUM_THREADS="1", TMPDIR=str(out.parent))
     env.pop("OUT", None)  # the device tool's variable must not redirect a test's output
-    return subprocess.run(["bash", str(script), "--dry-run", *args, str(out)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=400)
+    return subprocess.run(
+        ["bash", str(script), "--dry-run", *args, str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
 
 
 def step_table(summary: str) -> dict[str, tuple[str, int]]:
@@ -85,7 +91,8 @@ def test_dry_run_passes_every_step_and_writes_the_figures(tmp_path):
     assert re.search(r"\*\*test accuracy \d+\.\d\d %\*\*", summary)
     # nothing else: the device returns at most 8 files, two folders deep
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["env.txt", "gpu_check.log", "summary.md", "throughput.md", "train_history.csv", "train_metrics.json"])
+        ["env.txt", "gpu_check.log", "summary.md", "throughput.md", "train_history.csv", "train_metrics.json"]
+    )
     assert not list(tmp_path.glob("gpu_check.*")), "the scratch folder is left behind"
 
 

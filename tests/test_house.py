@@ -53,7 +53,9 @@ def _imports(tree: ast.Module, module_level_only: bool) -> list[tuple[int, str]]
     for node in nodes:
         if isinstance(node, ast.Import):
             found += [(node.lineno, a.name) for a in node.names if a.name.startswith("bloodcell")]
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bloodcell") and not node.level:
+        elif (
+            isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("bloodcell") and not node.level
+        ):
             for alias in node.names:
                 sub = f"{node.module}.{alias.name}"
                 found.append((node.lineno, sub if sub in modules else node.module))
@@ -89,7 +91,7 @@ def test_no_import_circle():
         stack.append(node)
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                circles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+                circles.append(" -> ".join(stack[stack.index(nxt) :] + [nxt]))
             elif nxt not in state:
                 visit(nxt, stack)
         stack.pop()
@@ -118,6 +120,8 @@ def test_modules_and_functions_stay_small(limit):
         if limit == "module" and len(text.splitlines()) > MAX_MODULE_LINES:
             over.append(f"{path.relative_to(REPO)}: {len(text.splitlines())} lines")
         if limit == "function":
-            over += [f"{path.relative_to(REPO)}:{line} {name}: {n} lines" for line, name, n in _too_long(ast.parse(text))]
+            over += [
+                f"{path.relative_to(REPO)}:{line} {name}: {n} lines" for line, name, n in _too_long(ast.parse(text))
+            ]
     top = MAX_MODULE_LINES if limit == "module" else MAX_FUNCTION_LINES
     assert not over, f"over {top} lines (split by idea):\n" + "\n".join(over)

@@ -63,7 +63,9 @@ def manual_probs(run_dir: Path, files, temperature: float, interpolation=Image.R
     from bloodcell.models import load_checkpoint
 
     model, meta = load_checkpoint(run_dir)
-    arrays = [np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE), interpolation), dtype=np.float32) for f in files]
+    arrays = [
+        np.asarray(Image.open(f).convert("RGB").resize((SIZE, SIZE), interpolation), dtype=np.float32) for f in files
+    ]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 255.0
     x = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
     with torch.no_grad():
@@ -82,9 +84,22 @@ def prob_matrix(result) -> np.ndarray:
 def test_result_shape_and_keys(predictor):
     files = sample_files()
     r = predictor.predict_paths(files, progress=False)
-    assert list(r) == ["predictions", "counted", "ood_count", "ood_check", "counts", "percent", "wbc_percent", "flags", "verdict", "unreadable"]
+    assert list(r) == [
+        "predictions",
+        "counted",
+        "ood_count",
+        "ood_check",
+        "counts",
+        "percent",
+        "wbc_percent",
+        "flags",
+        "verdict",
+        "unreadable",
+    ]
     assert r["verdict"] is None  # no OOD score: no folder-level verdict
-    assert r["ood_check"] is False and r["counted"] == len(files) and r["ood_count"] == 0  # this toy model has no OOD score
+    assert (
+        r["ood_check"] is False and r["counted"] == len(files) and r["ood_count"] == 0
+    )  # this toy model has no OOD score
     assert [p["path"] for p in r["predictions"]] == [str(f) for f in files]
     for p in r["predictions"]:
         assert set(p) == {"path", "label", "probabilities", "confidence", "review", "ood", "ood_score"}
@@ -123,7 +138,9 @@ def test_defaults_when_calibration_absent_and_recorded_interpolation(tmp_path):
 
 def test_review_flag_follows_threshold(run_dir):
     files = sample_files(3)
-    conf = np.array([p["confidence"] for p in Predictor.load(run_dir).predict_paths(files, progress=False)["predictions"]])
+    conf = np.array(
+        [p["confidence"] for p in Predictor.load(run_dir).predict_paths(files, progress=False)["predictions"]]
+    )
     threshold = float(np.median(conf))
     r = Predictor.load(run_dir, review_threshold=threshold).predict_paths(files, progress=False)
     review = np.array([p["review"] for p in r["predictions"]])
@@ -134,12 +151,29 @@ def test_review_flag_follows_threshold(run_dir):
 
 
 def test_counts_percent_and_flags_arithmetic():
-    labels = ["neutrophil"] * 12 + ["lymphocyte"] * 8 + ["monocyte"] * 4 + ["eosinophil"] * 2 + ["ig"] * 3 + ["erythroblast"] * 1 + ["platelet"] * 10
+    labels = (
+        ["neutrophil"] * 12
+        + ["lymphocyte"] * 8
+        + ["monocyte"] * 4
+        + ["eosinophil"] * 2
+        + ["ig"] * 3
+        + ["erythroblast"] * 1
+        + ["platelet"] * 10
+    )
     probs = np.full((len(labels), len(NAMES)), 0.02)
     for i, lab in enumerate(labels):
         probs[i, NAMES.index(lab)] = 1 - 0.02 * (len(NAMES) - 1)
     r = summarize([f"c{i}" for i in range(len(labels))], probs, NAMES, 0.9)
-    assert r["counts"] == {"basophil": 0, "eosinophil": 2, "erythroblast": 1, "ig": 3, "lymphocyte": 8, "monocyte": 4, "neutrophil": 12, "platelet": 10}
+    assert r["counts"] == {
+        "basophil": 0,
+        "eosinophil": 2,
+        "erythroblast": 1,
+        "ig": 3,
+        "lymphocyte": 8,
+        "monocyte": 4,
+        "neutrophil": 12,
+        "platelet": 10,
+    }
     assert r["percent"]["ig"] == 7.5 and r["percent"]["neutrophil"] == 30.0 and r["percent"]["platelet"] == 25.0
     assert sum(r["percent"].values()) == pytest.approx(100.0)
     # white cells: 12 + 8 + 4 + 2 + 0 = 26
@@ -191,7 +225,9 @@ def test_unreadable_files_are_listed_not_fatal(tmp_path, predictor):
     assert sorted(Path(p["path"]).name for p in r["predictions"]) == sorted(f.name for f in good)
     reasons = {Path(u["path"]).name: u["reason"] for u in r["unreadable"]}
     assert set(reasons) == {"text.jpg", "empty.png", "cut.jpg"}
-    assert "not an image" in reasons["text.jpg"] and "empty" in reasons["empty.png"] and "truncated" in reasons["cut.jpg"]
+    assert (
+        "not an image" in reasons["text.jpg"] and "empty" in reasons["empty.png"] and "truncated" in reasons["cut.jpg"]
+    )
 
 
 def test_predict_images_from_bytes_matches_paths(predictor):
@@ -237,7 +273,9 @@ def test_load_errors(tmp_path, run_dir, monkeypatch):
 def test_load_by_safetensors_path(run_dir, predictor):
     files = sample_files()
     a = Predictor.load(run_dir / "model.safetensors").predict_paths(files, progress=False)
-    assert [p["label"] for p in a["predictions"]] == [p["label"] for p in predictor.predict_paths(files, progress=False)["predictions"]]
+    assert [p["label"] for p in a["predictions"]] == [
+        p["label"] for p in predictor.predict_paths(files, progress=False)["predictions"]
+    ]
 
 
 # ---------------------------------------------------------------------- CLI predict
@@ -262,7 +300,21 @@ def test_cli_predict_json(run_dir, predictor):
 def test_cli_predict_csv_and_out(tmp_path, run_dir, predictor):
     files = sample_files()[:3]
     out = tmp_path / "sub" / "pred.csv"
-    res = runner.invoke(app, ["predict", *map(str, files), "--model", str(run_dir), "--format", "csv", "--out", str(out), "--threshold", "0.95"])
+    res = runner.invoke(
+        app,
+        [
+            "predict",
+            *map(str, files),
+            "--model",
+            str(run_dir),
+            "--format",
+            "csv",
+            "--out",
+            str(out),
+            "--threshold",
+            "0.95",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = list(csv.reader(io.StringIO(out.read_text())))
     assert rows[0] == ["path", "label", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in NAMES]
@@ -361,7 +413,9 @@ def test_json_output_is_strict_json_with_a_nan_ood_score():
 
 def test_table_when_every_image_is_ood():
     probs = np.eye(len(NAMES))[[0, 4, 6]]
-    result = summarize(["a.jpg", "b.jpg", "c.jpg"], probs, NAMES, 0.5, ood_scores=np.array([9.0, 8.0, 7.0]), ood_threshold=1.0)
+    result = summarize(
+        ["a.jpg", "b.jpg", "c.jpg"], probs, NAMES, 0.5, ood_scores=np.array([9.0, 8.0, 7.0]), ood_threshold=1.0
+    )
     text = " ".join(rendered(result, 100).split())
     assert "differential count (0 of 3 images; 3 OOD not counted)" in text
     assert "ALL 3 images look unlike the cells this model was trained on (OOD): no cell was counted" in text
@@ -393,8 +447,10 @@ def test_cli_predict_names_unreadable_inputs_on_stderr_and_exits_3_unless_allowe
     res = runner.invoke(app, args)
     assert res.exit_code == 3, res.output
     said = [line for line in res.stderr.splitlines() if line.startswith("unreadable: ")]
-    assert said == [f"unreadable: {bad}: not an image (unrecognised content)",
-                    f"unreadable: {tiny}: too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)"]
+    assert said == [
+        f"unreadable: {bad}: not an image (unrecognised content)",
+        f"unreadable: {tiny}: too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)",
+    ]
     assert "2 input(s) unreadable: exit status 3" in res.stderr
     if fmt == "csv":  # the readable rows, the columns unchanged
         rows = list(csv.reader(io.StringIO(res.stdout)))
@@ -415,7 +471,10 @@ def test_cli_predict_out_file_with_unreadable_inputs_exits_3(tmp_path, run_dir):
     out = tmp_path / "pred.csv"
     bad = tmp_path / "bad.jpg"
     bad.write_text("text")
-    res = runner.invoke(app, ["predict", str(sample_files()[0]), str(bad), "--model", str(run_dir), "--format", "csv", "--out", str(out)])
+    res = runner.invoke(
+        app,
+        ["predict", str(sample_files()[0]), str(bad), "--model", str(run_dir), "--format", "csv", "--out", str(out)],
+    )
     assert res.exit_code == 3, res.output
     assert len(out.read_text().splitlines()) == 2 and f"unreadable: {bad}: not an image" in res.stderr
     assert "(1 cells, 0 fields, 1 unreadable)" in res.stderr
@@ -445,7 +504,10 @@ def test_cli_predict_of_only_a_tiny_image_is_a_one_line_error(tmp_path, run_dir)
     tiny = tiny_image(tmp_path / "tiny.png")
     res = runner.invoke(app, ["predict", str(tiny), "--model", str(run_dir)])
     assert res.exit_code == 2 and len(res.stderr.splitlines()) == 1
-    assert res.stderr.startswith("error: no readable image among 1 file(s)") and "too small to hold a blood cell: 1x1 px" in res.stderr
+    assert (
+        res.stderr.startswith("error: no readable image among 1 file(s)")
+        and "too small to hold a blood cell: 1x1 px" in res.stderr
+    )
 
 
 # ---------------------------------------------------------------------- ONNX export
@@ -530,7 +592,9 @@ def test_gradcam_targets_last_feature_map_and_is_normalised(predictor):
 
 
 def test_explain_refuses_onnx(onnx_file, tmp_path):
-    res = runner.invoke(app, ["explain", str(sample_files()[0]), "--model", str(onnx_file), "--out", str(tmp_path / "c")])
+    res = runner.invoke(
+        app, ["explain", str(sample_files()[0]), "--model", str(onnx_file), "--out", str(tmp_path / "c")]
+    )
     assert res.exit_code == 2 and "Grad-CAM needs the PyTorch model" in res.output
 
 
@@ -548,8 +612,11 @@ def test_device_option_runs_where_asked_and_refuses_a_missing_gpu_in_one_line(tm
     on_cpu = Predictor.load(run, device="cpu")
     auto = Predictor.load(run, device="auto")
     assert auto.device == ("cuda" if torch.cuda.is_available() else "cpu")
-    np.testing.assert_allclose(auto.probabilities(np.stack([auto.decode(p) for p in images])),
-                               on_cpu.probabilities(np.stack([on_cpu.decode(p) for p in images])), atol=1e-4)
+    np.testing.assert_allclose(
+        auto.probabilities(np.stack([auto.decode(p) for p in images])),
+        on_cpu.probabilities(np.stack([on_cpu.decode(p) for p in images])),
+        atol=1e-4,
+    )
     with pytest.raises(ModelError, match="--device must be cpu, cuda, cuda:N or auto, got 'tpu'"):
         Predictor.load(run, device="tpu")
     onnx = export_onnx(run, tmp_path / "m.onnx").path
@@ -557,4 +624,6 @@ def test_device_option_runs_where_asked_and_refuses_a_missing_gpu_in_one_line(tm
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, ["predict", str(images[0]), "--model", str(run), "--device", "cuda"])
         assert result.exit_code == 2
-        assert result.output.strip() == "error: --device cuda: no CUDA device is visible to PyTorch here; use --device cpu"
+        assert (
+            result.output.strip() == "error: --device cuda: no CUDA device is visible to PyTorch here; use --device cpu"
+        )

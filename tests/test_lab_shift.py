@@ -100,16 +100,45 @@ def test_cache_keeps_balanced_and_plain_arrays_apart(tmp_path):
 
 def batch(n=6, size=32, seed=0) -> torch.Tensor:
     rng = np.random.default_rng(seed)
-    imgs = np.stack([smear(tuple(int(v) for v in rng.integers(200, 256, 3)), tuple(int(v) for v in rng.integers(40, 160, 3)), size) for _ in range(n)])
+    imgs = np.stack(
+        [
+            smear(
+                tuple(int(v) for v in rng.integers(200, 256, 3)), tuple(int(v) for v in rng.integers(40, 160, 3)), size
+            )
+            for _ in range(n)
+        ]
+    )
     return torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 255
 
 
-OFF = dict(enabled=True, hflip=False, vflip=False, rot90=False, degrees=0, translate=0, scale=(1.0, 1.0), brightness=0, contrast=0, saturation=0, hue=0)
+OFF = dict(
+    enabled=True,
+    hflip=False,
+    vflip=False,
+    rot90=False,
+    degrees=0,
+    translate=0,
+    scale=(1.0, 1.0),
+    brightness=0,
+    contrast=0,
+    saturation=0,
+    hue=0,
+)
 
 
 @pytest.mark.parametrize(
     "option",
-    [{"stain": 0.3}, {"stain_bias": 0.05}, {"white_balance": 0.2}, {"color_matrix": 0.2}, {"gamma": 0.4}, {"grayscale": 1.0}, {"blur": 2.0}, {"noise": 0.05}, {"scale": (1.5, 2.5)}],
+    [
+        {"stain": 0.3},
+        {"stain_bias": 0.05},
+        {"white_balance": 0.2},
+        {"color_matrix": 0.2},
+        {"gamma": 0.4},
+        {"grayscale": 1.0},
+        {"blur": 2.0},
+        {"noise": 0.05},
+        {"scale": (1.5, 2.5)},
+    ],
 )
 def test_each_lab_shift_changes_the_batch_keeps_shape_range_and_repeats_with_the_seed(option):
     x = batch()

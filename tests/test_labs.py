@@ -54,10 +54,14 @@ def make_smear_set(root: Path, per_part: dict[str, int] = {"train": 6, "val": 3,
             draw.ellipse(box, fill=WBC_COLOURS[label])
             objects.append(("WBC", *box))
             img.save(voc / "JPEGImages" / f"{name}.jpg", quality=95)
-            xml = "".join(f"<object><name>{o[0]}</name><bndbox><xmin>{o[1]}</xmin><ymin>{o[2]}</ymin><xmax>{o[3]}</xmax>"
-                          f"<ymax>{o[4]}</ymax></bndbox></object>" for o in objects)
+            xml = "".join(
+                f"<object><name>{o[0]}</name><bndbox><xmin>{o[1]}</xmin><ymin>{o[2]}</ymin><xmax>{o[3]}</xmax>"
+                f"<ymax>{o[4]}</ymax></bndbox></object>"
+                for o in objects
+            )
             (voc / "Annotations" / f"{name}.xml").write_text(
-                f"<annotation><filename>{name}.jpg</filename><size><width>160</width><height>120</height></size>{xml}</annotation>")
+                f"<annotation><filename>{name}.jpg</filename><size><width>160</width><height>120</height></size>{xml}</annotation>"
+            )
             rows.append([name, part, label, *box])
             k += 1
     with open(root / "wbc_subtypes.csv", "w", newline="") as fh:
@@ -87,12 +91,16 @@ def test_smear_cells_are_cut_by_the_field_readers_rule_once(tmp_path, monkeypatc
         row = next(csv.DictReader(fh))
     photo = Image.open(root / "BCCD" / "JPEGImages" / f"{row['image']}.jpg").convert("RGB")
     box = [float(row[k]) for k in ("xmin", "ymin", "xmax", "ymax")]
-    rbc = np.array([[5 + 30 * j, 5 if j % 2 else 95, 5 + 30 * j + RBC_SIDE, (5 if j % 2 else 95) + RBC_SIDE] for j in range(5)])
+    rbc = np.array(
+        [[5 + 30 * j, 5 if j % 2 else 95, 5 + 30 * j + RBC_SIDE, (5 if j % 2 else 95) + RBC_SIDE] for j in range(5)]
+    )
     s, _ = crop_side(rbc, np.array([box]))
     from bloodcell.data.fields import background_colour
 
     expected = np.asarray(crop_cell(photo, box, s, background_colour(np.asarray(photo))))
-    np.testing.assert_array_equal(np.asarray(Image.open(out / row["split"] / row["label"] / f"{row['image']}.png")), expected)
+    np.testing.assert_array_equal(
+        np.asarray(Image.open(out / row["split"] / row["label"] / f"{row['image']}.png")), expected
+    )
     stamp = (out / "manifest.json").stat().st_mtime_ns
     assert cut_smear_cells(root, cache_dir=tmp_path / "cache", progress=False) == out
     assert (out / "manifest.json").stat().st_mtime_ns == stamp  # reused, not cut again
@@ -128,8 +136,11 @@ def test_a_run_trains_on_a_second_lab_and_scores_every_lab_apart(tmp_path, monke
         "model": {"name": "cnn"},
         "data": {"input_size": 24, "labs": [{"name": "smears", "root": str(smears)}]},
         "train": {"epochs": 1, "batch_size": 32},
-        "eval": {"bootstrap": 20, "grid_images": 0, "labs": [{"name": "tinted", "root": str(held_out)},
-                                                             {"name": "smears", "root": str(smears)}]},
+        "eval": {
+            "bootstrap": 20,
+            "grid_images": 0,
+            "labs": [{"name": "tinted", "root": str(held_out)}, {"name": "smears", "root": str(smears)}],
+        },
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     out = tmp_path / "run"
@@ -139,14 +150,29 @@ def test_a_run_trains_on_a_second_lab_and_scores_every_lab_apart(tmp_path, monke
     labs = m["labs"]
     # the second lab's own split: 6 train + 3 val join ours, its 3 test cells are scored apart (not re-scored whole)
     assert labs["smears"]["seen"] is True and labs["smears"]["as_is"]["n"] == 3
-    assert m["provenance"]["dataset"]["labs"]["smears"] == {"root": str(smears), "parts": None, "train": 6, "val": 3, "test": 3}
+    assert m["provenance"]["dataset"]["labs"]["smears"] == {
+        "root": str(smears),
+        "parts": None,
+        "train": 6,
+        "val": 3,
+        "test": 3,
+    }
     split = json.loads((out / "split.json").read_text())
-    assert m["provenance"]["sizes"]["train"] == len(split["train"]) + 6 and m["provenance"]["sizes"]["val"] == len(split["val"]) + 3
+    assert (
+        m["provenance"]["sizes"]["train"] == len(split["train"]) + 6
+        and m["provenance"]["sizes"]["val"] == len(split["val"]) + 3
+    )
     with open(out / "predictions.csv") as fh:
-        assert not any(r["path"].startswith("smears:") for r in csv.DictReader(fh))  # the main test part stays the main lab's
+        assert not any(
+            r["path"].startswith("smears:") for r in csv.DictReader(fh)
+        )  # the main test part stays the main lab's
     # the held-out lab: every cell, over its two classes, as is and after re-estimating BatchNorm statistics
     tinted = labs["tinted"]
-    assert tinted["seen"] is False and tinted["as_is"]["n"] == 10 and tinted["as_is"]["classes_present"] == ["eosinophil", "neutrophil"]
+    assert (
+        tinted["seen"] is False
+        and tinted["as_is"]["n"] == 10
+        and tinted["as_is"]["classes_present"] == ["eosinophil", "neutrophil"]
+    )
     assert "adapted" not in tinted  # 10 images are fewer than MIN_ADAPT_IMAGES: no adaptation from so few
     assert (out / "labs" / "tinted" / "predictions_as_is.csv").is_file()
     assert labs["pbc-sample"]["seen"] is True and labs["pbc-sample"]["as_is"]["n"] == m["test"]["n"]
@@ -185,10 +211,14 @@ def test_group_and_layer_norm_cnn_have_no_batch_statistics():
 def test_score_cells_counts_what_a_lab_relies_on():
     names = ["a", "b", "c"]
     y = np.array([0, 0, 1, 1])
-    probs = np.array([[0.9, 0.05, 0.05],   # right, confident, in-distribution: kept and right
-                      [0.2, 0.1, 0.7],     # "c" over all classes; "a" once restricted to a and b; unsure: review
-                      [0.05, 0.9, 0.05],   # right but OOD: not kept
-                      [0.8, 0.15, 0.05]])  # wrong and confident: kept and wrong
+    probs = np.array(
+        [
+            [0.9, 0.05, 0.05],  # right, confident, in-distribution: kept and right
+            [0.2, 0.1, 0.7],  # "c" over all classes; "a" once restricted to a and b; unsure: review
+            [0.05, 0.9, 0.05],  # right but OOD: not kept
+            [0.8, 0.15, 0.05],
+        ]
+    )  # wrong and confident: kept and wrong
     scores = np.array([1.0, 1.0, 9.0, 1.0])
     s = score_cells(y, probs, names, 0.75, scores, 5.0, n_bootstrap=0)
     assert s["classes_present"] == ["a", "b"] and s["n"] == 4
@@ -205,8 +235,16 @@ def test_the_report_tables_each_held_out_lab_apart_from_the_labs_trained_on():
         return {"n": 50, "accuracy": acc, "f1_macro": acc, "kept_fraction": share, "accuracy_kept": kept}
 
     by = {
-        ("bn", "default"): [(None, {"labs": {"tecom": {"seen": False, "as_is": block(0.1, None, 0.0), "adapted": block(0.5, 0.97, 0.6)}}}),
-                            (None, {"labs": {"tecom": {"seen": False, "as_is": block(0.2, None, 0.0), "adapted": block(0.6, 0.99, 0.7)}}})],
+        ("bn", "default"): [
+            (
+                None,
+                {"labs": {"tecom": {"seen": False, "as_is": block(0.1, None, 0.0), "adapted": block(0.5, 0.97, 0.6)}}},
+            ),
+            (
+                None,
+                {"labs": {"tecom": {"seen": False, "as_is": block(0.2, None, 0.0), "adapted": block(0.6, 0.99, 0.7)}}},
+            ),
+        ],
         ("multi", "default"): [(None, {"labs": {"tecom": {"seen": True, "as_is": block(0.9, 0.96, 0.8)}}})],
     }
     tables = lab_rows(spec, by)
@@ -269,12 +307,42 @@ def test_the_card_says_how_the_model_does_on_each_lab():
     from bloodcell.evaluate.run import lab_summary
     from bloodcell.infer.card import model_card
 
-    block = {"n": 300, "accuracy": 0.42, "accuracy_ci95": [0.37, 0.47], "f1_macro": 0.3, "kept_fraction": 0.0,
-             "accuracy_kept": None, "ood_fraction": 1.0, "review_fraction": 0.5, "recall": {"neutrophil": 0.5}}
-    labs = {"tecom": {"seen": False, "part": "all", "as_is": block, "adapted": {**block, "accuracy": 0.61, "kept_fraction": 0.55, "accuracy_kept": 0.96}},
-            "bccd": {"seen": True, "part": "test", "as_is": {**block, "n": 64, "accuracy": 0.9}}}
-    meta = {"model_name": "cnn", "labs": lab_summary(labs),
-            "bundled": {"lab_protocol": [{"lab": "tecom", "recipe": "BN", "seeds": "2", "accuracy": "9.7 [1, 2]", "kept": "0.0", "kept_right": "–"}]}}
+    block = {
+        "n": 300,
+        "accuracy": 0.42,
+        "accuracy_ci95": [0.37, 0.47],
+        "f1_macro": 0.3,
+        "kept_fraction": 0.0,
+        "accuracy_kept": None,
+        "ood_fraction": 1.0,
+        "review_fraction": 0.5,
+        "recall": {"neutrophil": 0.5},
+    }
+    labs = {
+        "tecom": {
+            "seen": False,
+            "part": "all",
+            "as_is": block,
+            "adapted": {**block, "accuracy": 0.61, "kept_fraction": 0.55, "accuracy_kept": 0.96},
+        },
+        "bccd": {"seen": True, "part": "test", "as_is": {**block, "n": 64, "accuracy": 0.9}},
+    }
+    meta = {
+        "model_name": "cnn",
+        "labs": lab_summary(labs),
+        "bundled": {
+            "lab_protocol": [
+                {
+                    "lab": "tecom",
+                    "recipe": "BN",
+                    "seeds": "2",
+                    "accuracy": "9.7 [1, 2]",
+                    "kept": "0.0",
+                    "kept_right": "–",
+                }
+            ]
+        },
+    }
     card = model_card(meta)
     assert "## Cells from other labs" in card
     assert "| tecom | no (never seen) | 300 | 42.00 % | 0.00 % | - | 61.00 % | 55.00 % | 96.00 % |" in card

@@ -22,9 +22,11 @@ NAMES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte
 
 def test_match_cell_takes_the_largest_iou_above_the_bar():
     labelled = [100, 100, 200, 200]
-    cells = [{"box": [0, 0, 50, 50]},          # no overlap
-             {"box": [120, 120, 220, 220]},    # IoU 6400 / 13600 = 0.47
-             {"box": [105, 100, 205, 200]}]    # IoU 9500 / 10500 = 0.905
+    cells = [
+        {"box": [0, 0, 50, 50]},  # no overlap
+        {"box": [120, 120, 220, 220]},  # IoU 6400 / 13600 = 0.47
+        {"box": [105, 100, 205, 200]},
+    ]  # IoU 9500 / 10500 = 0.905
     i, iou = lb.match_cell(labelled, cells)
     assert i == 2 and iou == pytest.approx(9500 / 10500)
     i, iou = lb.match_cell(labelled, cells[:2])
@@ -73,7 +75,9 @@ def test_score_cells_all_classes_restricted_kept():
     assert r["accuracy"] == pytest.approx(3 / 4)  # cell 2 right once restricted, cell 3 wrong either way
     assert r["review_fraction"] == 0.25 and r["ood_fraction"] == 0.25
     assert r["kept_fraction"] == 0.5 and r["n_kept"] == 2  # cells 0 and 2
-    assert r["accuracy_kept"] == 1.0 and r["accuracy_kept_all_classes"] == 0.5  # cell 2: right over its lab's classes only
+    assert (
+        r["accuracy_kept"] == 1.0 and r["accuracy_kept_all_classes"] == 0.5
+    )  # cell 2: right over its lab's classes only
     lo, hi = r["accuracy_ci95"]
     assert 0 <= lo <= r["accuracy"] <= hi <= 1
     assert r["predicted_as"] == {"eosinophil": 1, "ig": 1, "lymphocyte": 2}
@@ -107,15 +111,27 @@ def test_score_photos_counts_misses_as_wrong_and_not_kept():
         # top class ig (wrong over all), neutrophil among the white-cell classes; flagged for review
         "b": field([([10, 10, 110, 110], "ig", {"ig": 0.6, "neutrophil": 0.3, "lymphocyte": 0.1}, True, False)]),
         # two white cells: the labelled one is the second; wrong but kept
-        "c": field([([300, 300, 400, 400], "neutrophil", {"neutrophil": 1.0}, False, False),
-                    ([12, 8, 108, 112], "lymphocyte", {"lymphocyte": 0.97, "monocyte": 0.03}, False, False)]),
+        "c": field(
+            [
+                ([300, 300, 400, 400], "neutrophil", {"neutrophil": 1.0}, False, False),
+                ([12, 8, 108, 112], "lymphocyte", {"lymphocyte": 0.97, "monocyte": 0.03}, False, False),
+            ]
+        ),
         # the only white cell found is elsewhere: a miss
         "d": field([([300, 300, 400, 400], "neutrophil", {"neutrophil": 1.0}, False, False)]),
         # the labelled rbc-only photograph: a miss
         "e": {"cells": [{"kind": "rbc", "box": [10, 10, 110, 110]}]},
     }
-    labelled = [{"image": k, "label": lab, "box": [10, 10, 110, 110]}
-                for k, lab in [("a", "neutrophil"), ("b", "neutrophils"), ("c", "monocyte"), ("d", "eosinophil"), ("e", "neutrophil")]]
+    labelled = [
+        {"image": k, "label": lab, "box": [10, 10, 110, 110]}
+        for k, lab in [
+            ("a", "neutrophil"),
+            ("b", "neutrophils"),
+            ("c", "monocyte"),
+            ("d", "eosinophil"),
+            ("e", "neutrophil"),
+        ]
+    ]
     r = lb.score_photos(labelled, fields, NAMES)
     assert r["labelled"] == 5 and r["found"] == 3
     assert r["right"] == 1 and r["right_fraction"] == pytest.approx(0.2)
@@ -130,15 +146,21 @@ def test_score_photos_counts_misses_as_wrong_and_not_kept():
 
 def test_targets_follow_held_out_and_lab():
     cell = {"accuracy": 0.9, "accuracy_kept": 0.96, "kept_fraction": 0.4}
-    labs = {"pbc": {**cell, "held_out": False}, "bccd": {**cell, "held_out": False}, "tecom": {**cell, "held_out": True},
-            "photos": {"right_fraction": 0.85, "accuracy_kept": None, "kept_fraction": 0.0},
-            "other": {"skipped": "not there"}}
+    labs = {
+        "pbc": {**cell, "held_out": False},
+        "bccd": {**cell, "held_out": False},
+        "tecom": {**cell, "held_out": True},
+        "photos": {"right_fraction": 0.85, "accuracy_kept": None, "kept_fraction": 0.0},
+        "other": {"skipped": "not there"},
+    }
     rows = lb.targets(labs)
     by = {(t["lab"], t["target"].split(" >=")[0]): t for t in rows}
     assert by[("pbc", "test part right")]["verdict"] == "missed by 8.0 points"
     assert ("bccd", "held out, zero-shot right over its classes") not in by  # trained on: no zero-shot target
     assert by[("tecom", "held out, zero-shot right over its classes")]["met"]
-    assert by[("tecom", "kept cells right")]["met"] and by[("tecom", "cells kept")]["verdict"] == "missed by 10.0 points"
+    assert (
+        by[("tecom", "kept cells right")]["met"] and by[("tecom", "cells kept")]["verdict"] == "missed by 10.0 points"
+    )
     assert by[("photos", "labelled white cells named right")]["met"]
     assert by[("photos", "kept cells right")]["verdict"] == "missed (no cell kept)"
     assert {t["lab"] for t in rows} == {"pbc", "bccd", "tecom", "photos"}
@@ -158,8 +180,24 @@ def test_lab_source_says_whether_a_model_trained_on_a_lab(tmp_path):
 
 
 def test_missing_data_is_one_line_per_lab_and_skipped(tmp_path, capsys):
-    r = lb.main(["--labs", "pbc", "bccd", "photos", "tecom", "--pbc", str(tmp_path / "no-pbc"), "--bccd", str(tmp_path / "no-bccd"),
-                 "--tecom", str(tmp_path / "no-tecom"), "--no-progress", "--json", str(tmp_path / "out.json")])
+    r = lb.main(
+        [
+            "--labs",
+            "pbc",
+            "bccd",
+            "photos",
+            "tecom",
+            "--pbc",
+            str(tmp_path / "no-pbc"),
+            "--bccd",
+            str(tmp_path / "no-bccd"),
+            "--tecom",
+            str(tmp_path / "no-tecom"),
+            "--no-progress",
+            "--json",
+            str(tmp_path / "out.json"),
+        ]
+    )
     out = capsys.readouterr().out
     labs = r["models"]["bundled"]["labs"]
     assert set(labs) == {"pbc", "bccd", "photos", "tecom"} and all("skipped" in v for v in labs.values())
@@ -188,8 +226,10 @@ def assert_same_as_evaluate(ev: dict, lab: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.pbc
-@pytest.mark.skipif(not (PBC.is_dir() and (BCCD / "wbc_subtypes.csv").is_file() and TECOM.is_dir()),
-                    reason="needs ../shared/data (PBC, BCCD with wbc_subtypes.csv, Tecom)")
+@pytest.mark.skipif(
+    not (PBC.is_dir() and (BCCD / "wbc_subtypes.csv").is_file() and TECOM.is_dir()),
+    reason="needs ../shared/data (PBC, BCCD with wbc_subtypes.csv, Tecom)",
+)
 def test_real_run_on_small_parts_agrees_with_bloodcell_evaluate(tmp_path):
     from typer.testing import CliRunner
 
@@ -206,26 +246,57 @@ def test_real_run_on_small_parts_agrees_with_bloodcell_evaluate(tmp_path):
     bccd.mkdir()
     (bccd / "BCCD").symlink_to((BCCD / "BCCD").resolve(), target_is_directory=True)
     lines = (BCCD / "wbc_subtypes.csv").read_text().splitlines()
-    (bccd / "wbc_subtypes.csv").write_text("\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[1] == "test"]) + "\n")
+    (bccd / "wbc_subtypes.csv").write_text(
+        "\n".join([lines[0]] + [line for line in lines[1:] if line.split(",")[1] == "test"]) + "\n"
+    )
 
     out = tmp_path / "labs.json"
-    r = lb.main(["--limit", "48", "--photo-limit", "3", "--bccd", str(bccd), "--tecom", str(tecom), "--bootstrap", "200",
-                 "--no-progress", "--json", str(out)])
+    r = lb.main(
+        [
+            "--limit",
+            "48",
+            "--photo-limit",
+            "3",
+            "--bccd",
+            str(bccd),
+            "--tecom",
+            str(tecom),
+            "--bootstrap",
+            "200",
+            "--no-progress",
+            "--json",
+            str(out),
+        ]
+    )
     saved = json.loads(out.read_text())
     assert set(saved) >= {"machine", "date", "command", "data", "models", "targets", "seconds"}
     assert "avx" in saved["machine"]["cpu"] or "no AVX2/AVX-512 flags seen" in saved["machine"]["cpu"]
     m = saved["models"]["bundled"]
     from bloodcell.models.metadata import bundled_model_dir
 
-    trained = [lab["name"] for lab in json.loads((bundled_model_dir() / "model.json").read_text())["training_config"]["data"]["labs"]]
+    trained = [
+        lab["name"]
+        for lab in json.loads((bundled_model_dir() / "model.json").read_text())["training_config"]["data"]["labs"]
+    ]
     assert trained == ["bccd"]  # the bundled model trains on PBC and BCCD's white cells, never on Tecom
     assert len(m["sha256"]) == 64 and m["trained_labs"] == trained
     labs = m["labs"]
     assert set(labs) == {"pbc", "bccd", "photos", "tecom"}
     for key in ("pbc", "bccd", "tecom"):
         lab = labs[key]
-        for k in ("n", "accuracy", "accuracy_all_classes", "accuracy_ci95", "f1_macro", "review_fraction", "ood_fraction",
-                  "kept_fraction", "accuracy_kept", "status", "held_out"):
+        for k in (
+            "n",
+            "accuracy",
+            "accuracy_all_classes",
+            "accuracy_ci95",
+            "f1_macro",
+            "review_fraction",
+            "ood_fraction",
+            "kept_fraction",
+            "accuracy_kept",
+            "status",
+            "held_out",
+        ):
             assert k in lab, (key, k)
         for k in ("accuracy", "accuracy_all_classes", "f1_macro", "review_fraction", "ood_fraction", "kept_fraction"):
             assert 0 <= lab[k] <= 1, (key, k)
@@ -246,7 +317,9 @@ def test_real_run_on_small_parts_agrees_with_bloodcell_evaluate(tmp_path):
 
     # the same folders through `bloodcell evaluate DIR --model default`: the two paths give the same figures
     for key, folder in (("tecom", tecom), ("bccd", Path(labs["bccd"]["folder"]) / "test")):
-        res = CliRunner().invoke(app, ["evaluate", str(folder), "--model", "default", "--out", str(tmp_path / key), "--bootstrap", "200"])
+        res = CliRunner().invoke(
+            app, ["evaluate", str(folder), "--model", "default", "--out", str(tmp_path / key), "--bootstrap", "200"]
+        )
         assert res.exit_code == 0, res.output
         assert_same_as_evaluate(json.loads((tmp_path / key / "metrics.json").read_text()), labs[key])
 

@@ -32,7 +32,7 @@ BLOODCELL = [sys.executable, "-m", "bloodcell"]
 INSTALL_HINT = "pip install 'bloodcell[train]'"
 
 # Start-up hook: every module of the [train] extra is "not installed"; at exit, the names of any that got imported.
-BLOCK_TRAIN_MODULES = f'''
+BLOCK_TRAIN_MODULES = f"""
 import atexit, importlib.abc, json, os, sys
 BLOCKED = {sorted(TRAIN_MODULES)!r}
 class _NotInstalled(importlib.abc.MetaPathFinder):
@@ -45,7 +45,7 @@ sys.meta_path.insert(0, _NotInstalled())
 def _report():
     with open(os.environ["IMPORTED_LOG"], "a") as fh:
         fh.write(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)) + "\\n")
-'''
+"""
 
 
 @pytest.fixture()
@@ -79,7 +79,9 @@ def assert_same_answers(got: dict, want: dict) -> None:
     assert set(g) == set(w) and len(g) == 200
     for path, want_p in w.items():
         got_p = g[path]
-        assert (got_p["label"], got_p["review"], got_p["ood"]) == (want_p["label"], want_p["review"], want_p["ood"]), path
+        assert (got_p["label"], got_p["review"], got_p["ood"]) == (want_p["label"], want_p["review"], want_p["ood"]), (
+            path
+        )
         diff = max(abs(got_p["probabilities"][c] - v) for c, v in want_p["probabilities"].items())
         assert diff < 1e-4, (path, diff)
         assert abs(got_p["ood_score"] - want_p["ood_score"]) <= 1e-4 * max(1.0, abs(want_p["ood_score"])) + 1e-3, path
@@ -91,7 +93,9 @@ def test_bundled_onnx_is_the_bundled_model():
     folder = bundled_model_dir()
     section = json.loads((folder / "model.json").read_text())["onnx"]
     for name, digest in section["exported_from"].items():
-        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, f"{name} changed since model.onnx was made: tools/bundle_model.py --refresh"
+        assert hashlib.sha256((folder / name).read_bytes()).hexdigest() == digest, (
+            f"{name} changed since model.onnx was made: tools/bundle_model.py --refresh"
+        )
     onnx = Predictor.load(folder / "model.onnx")
     assert onnx.backend == "onnxruntime" and onnx.has_ood
     assert onnx.metadata["class_names"] == Predictor.load(None).class_names
@@ -263,7 +267,11 @@ def assert_same_fields(got: dict, want: dict) -> None:
         assert len(set(pair.tolist())) == len(w) and iou.max(axis=1).min() > 0.99, kind
         for wc, j in zip(w, pair):
             assert abs(g[j]["score"] - wc["score"]) < 1e-3 + 1e-4, (kind, wc, g[j])  # + the JSON's rounding
-            assert (g[j].get("label"), g[j].get("review"), g[j].get("ood")) == (wc.get("label"), wc.get("review"), wc.get("ood"))
+            assert (g[j].get("label"), g[j].get("review"), g[j].get("ood")) == (
+                wc.get("label"),
+                wc.get("review"),
+                wc.get("ood"),
+            )
 
 
 def test_fields_without_pytorch_find_the_cells_pytorch_finds(torchless, tmp_path):
@@ -306,12 +314,16 @@ def test_a_detector_without_an_onnx_export_needs_pytorch_and_says_so(torchless, 
     folder.mkdir()
     meta = json.loads((bundled_detector_dir() / "detector.json").read_text())
     meta.pop("onnx")
-    meta["weights"] = "detector.safetensors"  # as a training run saves it (the bundled folder keeps its weights in the ONNX)
+    meta["weights"] = (
+        "detector.safetensors"  # as a training run saves it (the bundled folder keeps its weights in the ONNX)
+    )
     (folder / "detector.json").write_text(json.dumps(meta))
     seal(folder)
     photo = field_photo(tmp_path / "smear.jpg")
     forced = run("predict", str(photo), "--input", "field", "--format", "json", "--detector", str(folder))
-    assert forced.returncode == 2 and INSTALL_HINT in forced.stderr and len(forced.stderr.strip().splitlines()) == 1, forced.stderr
+    assert forced.returncode == 2 and INSTALL_HINT in forced.stderr and len(forced.stderr.strip().splitlines()) == 1, (
+        forced.stderr
+    )
     auto = run("predict", str(photo), "--format", "json", "--detector", str(folder))
     assert auto.returncode == 0, auto.stderr
     result = json.loads(auto.stdout)
@@ -333,21 +345,45 @@ def test_a_real_install_without_torch(tmp_path, pytorch_result):
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    install = subprocess.run([str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO)],
-                             env=env, capture_output=True, text=True, timeout=900)
+    install = subprocess.run(
+        [str(py), "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(REPO)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert install.returncode == 0, install.stderr[-3000:]
-    listed = subprocess.run([str(py), "-m", "pip", "list", "--format", "json"], env=env, capture_output=True, text=True, check=True)
+    listed = subprocess.run(
+        [str(py), "-m", "pip", "list", "--format", "json"], env=env, capture_output=True, text=True, check=True
+    )
     names = {p["name"].lower() for p in json.loads(listed.stdout)}
     assert not names & {"torch", "torchvision", "timm", "lightning", "nvidia-cudnn-cu12", "triton"}, names
     detector = next(env_dir.rglob("bloodcell/assets/default_detector"))
-    assert sorted(p.name for p in detector.iterdir()) == ["DETECTOR_CARD.md", "SEAL.json", "detector.json", "detector.onnx"]  # the weights once
+    assert sorted(p.name for p in detector.iterdir()) == [
+        "DETECTOR_CARD.md",
+        "SEAL.json",
+        "detector.json",
+        "detector.onnx",
+    ]  # the weights once
     out = tmp_path / "result.json"
-    proc = subprocess.run([str(env_dir / "bin" / "bloodcell"), "predict", str(SAMPLE), "--format", "json", "--out", str(out)],
-                          env=dict(env, BLOODCELL_PROGRESS="0"), capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    proc = subprocess.run(
+        [str(env_dir / "bin" / "bloodcell"), "predict", str(SAMPLE), "--format", "json", "--out", str(out)],
+        env=dict(env, BLOODCELL_PROGRESS="0"),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert_same_answers(json.loads(out.read_text()), pytorch_result)
-    train = subprocess.run([str(env_dir / "bin" / "bloodcell"), "train", str(REPO / "configs" / "demo-cnn.yaml")],
-                           env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    train = subprocess.run(
+        [str(env_dir / "bin" / "bloodcell"), "train", str(REPO / "configs" / "demo-cnn.yaml")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert train.returncode == 2 and INSTALL_HINT in train.stderr, train.stderr
     size = sum(f.stat().st_size for f in env_dir.rglob("*") if f.is_file())
     print(f"light install: {size / 1e6:.0f} MB in the venv")

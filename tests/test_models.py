@@ -36,7 +36,6 @@ TABLE2_ROWS = {
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "models.md"
 
 
-
 def min_batch(name: str, batch: int = 2) -> torch.Tensor:
     size = get_spec(name).min_input_size
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -140,7 +139,9 @@ def test_freeze_blocks_and_prefixes_resnet50():
     model = create_model("resnet50")
     assert model.num_blocks == 5
     frozen = model.freeze(blocks=2)  # stem + layer1
-    expected = {n for n, _ in model.named_parameters() if n.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1."))}
+    expected = {
+        n for n, _ in model.named_parameters() if n.startswith(("backbone.conv1", "backbone.bn1", "backbone.layer1."))
+    }
     assert set(frozen) == expected
     assert {n for n, p in model.named_parameters() if not p.requires_grad} == expected
 
@@ -256,7 +257,9 @@ def test_pretrained_files_that_do_not_fit_are_refused(tmp_path):
     with pytest.raises(ModelError, match="not found: .*missing.safetensors"):
         create_model("mobilenetv2", pretrained=tmp_path / "missing.safetensors")
     save_file(timm.create_model("resnet18").state_dict(), tmp_path / "r18.safetensors")
-    with pytest.raises(ModelError, match=r"r18.safetensors does not fit the backbone of 'mobilenetv2': \d+ of \d+ tensors matched"):
+    with pytest.raises(
+        ModelError, match=r"r18.safetensors does not fit the backbone of 'mobilenetv2': \d+ of \d+ tensors matched"
+    ):
         create_model("mobilenetv2", pretrained=tmp_path / "r18.safetensors")
     (tmp_path / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     with pytest.raises(ModelError, match="broken.safetensors is truncated"):
@@ -289,7 +292,9 @@ def test_hybrid_takes_one_weights_file_per_backbone(tmp_path):
     xception = timm.create_model("legacy_xception", num_classes=0)
     save_file(inception.state_dict(), tmp_path / "inc.safetensors")
     save_file(xception.state_dict(), tmp_path / "xcp.safetensors")
-    model = create_model("hybrid", input_size=75, pretrained=f"{tmp_path / 'inc.safetensors'},{tmp_path / 'xcp.safetensors'}")
+    model = create_model(
+        "hybrid", input_size=75, pretrained=f"{tmp_path / 'inc.safetensors'},{tmp_path / 'xcp.safetensors'}"
+    )
     assert torch.equal(model.inception.Mixed_7c.branch1x1.conv.weight, inception.Mixed_7c.branch1x1.conv.weight)
     assert torch.equal(model.xception.conv4.pointwise.weight, xception.conv4.pointwise.weight)
     with pytest.raises(ModelError, match="one weights file per backbone"):
@@ -312,7 +317,9 @@ def empty_weight_caches(tmp_path, monkeypatch):
 
 def test_pretrained_true_offline_fails_fast_with_a_hint(empty_weight_caches):
     started = time.monotonic()
-    with pytest.raises(ModelError, match=r"could not fetch ImageNet weights for 'resnet50' \(offline\?\): pass pretrained="):
+    with pytest.raises(
+        ModelError, match=r"could not fetch ImageNet weights for 'resnet50' \(offline\?\): pass pretrained="
+    ):
         create_model("resnet50", pretrained=True)
     with pytest.raises(ModelError, match="'xception'"):  # weights published by URL, not on the Hub
         create_model("xception", pretrained=True)

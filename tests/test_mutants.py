@@ -29,9 +29,13 @@ def test_a_name_whose_singular_and_plural_match_two_classes_is_ambiguous_not_the
 def test_a_folder_name_matching_two_model_classes_is_a_one_line_error_asking_for_map():
     from bloodcell.evaluate.folder import match_folders
 
-    with pytest.raises(DataError, match=r"class folder 'Neutrophiles' matches no class of the model.*--map 'Neutrophiles=CLASS'"):
+    with pytest.raises(
+        DataError, match=r"class folder 'Neutrophiles' matches no class of the model.*--map 'Neutrophiles=CLASS'"
+    ):
         match_folders(["Neutrophiles"], ["Neutrophil", "Neutrophile"])
-    assert match_folders(["Neutrophiles"], ["Neutrophil", "Neutrophile"], {"Neutrophiles": "Neutrophile"}) == {"Neutrophiles": "Neutrophile"}
+    assert match_folders(["Neutrophiles"], ["Neutrophil", "Neutrophile"], {"Neutrophiles": "Neutrophile"}) == {
+        "Neutrophiles": "Neutrophile"
+    }
 
 
 # ------------------------------------------------------------------------------------------------- evaluate/run.py
@@ -164,10 +168,13 @@ def _cell() -> bytes:
 
 def _multipart(files: list[bytes], size: int | None = None, boundary: str = "edgeboundary") -> bytes:
     """A multipart body of `files`, padded to exactly `size` bytes with a field the server ignores."""
+
     def part(headers: str, data: bytes) -> bytes:
         return f"--{boundary}\r\n{headers}\r\n\r\n".encode() + data + b"\r\n"
 
-    body = b"".join(part(f'Content-Disposition: form-data; name="files"; filename="c{i}.jpg"', f) for i, f in enumerate(files))
+    body = b"".join(
+        part(f'Content-Disposition: form-data; name="files"; filename="c{i}.jpg"', f) for i, f in enumerate(files)
+    )
     end = f"--{boundary}--\r\n".encode()
     if size is not None:
         pad_header = 'Content-Disposition: form-data; name="padding"'
@@ -180,6 +187,7 @@ def _multipart(files: list[bytes], size: int | None = None, boundary: str = "edg
 def _post(client, body: bytes, streamed: bool):
     headers = {"content-type": "multipart/form-data; boundary=edgeboundary"}
     if streamed:  # no content-length: the server counts the bytes as they come
+
         def chunks():
             for i in range(0, len(body), 7_000):
                 yield body[i : i + 7_000]
@@ -217,7 +225,9 @@ def test_the_study_report_names_the_first_ten_skipped_and_dropped_files_with_the
 
     skipped = [{"path": f"a/bad{i}.png", "reason": f"reason {i}"} for i in range(12)]
     dropped = [{"path": f"b/twin{i}.png", "reason": "identical copies carry different labels"} for i in range(11)]
-    prov = {"dataset": {"images": 100, "classes": {"a": 50, "b": 50}, "unreadable": skipped, "dropped_by_split": dropped}}
+    prov = {
+        "dataset": {"images": 100, "classes": {"a": 50, "b": 50}, "unreadable": skipped, "dropped_by_split": dropped}
+    }
     doc = Doc()
     _dataset_section(doc, tmp_path, prov)
     md = doc.to_markdown(tmp_path)
@@ -225,7 +235,8 @@ def test_the_study_report_names_the_first_ten_skipped_and_dropped_files_with_the
     named = [line for line in md.splitlines() if line.startswith("Skipped `")]
     assert named == [f"Skipped `a/bad{i}.png`: reason {i}." for i in range(10)]  # the first ten, in order, no more
     assert [line for line in md.splitlines() if line.startswith("Dropped `")] == [
-        f"Dropped `b/twin{i}.png`: identical copies carry different labels." for i in range(10)]
+        f"Dropped `b/twin{i}.png`: identical copies carry different labels." for i in range(10)
+    ]
 
 
 def _prepared(n_per_part=(30, 18, 24), classes=3, size=32, seed=0):
@@ -237,8 +248,13 @@ def _prepared(n_per_part=(30, 18, 24), classes=3, size=32, seed=0):
     labels = np.arange(n) % classes
     bounds = np.cumsum((0,) + tuple(n_per_part))
     parts = {p: np.arange(bounds[i], bounds[i + 1]) for i, p in enumerate(("train", "val", "test")) if n_per_part[i]}
-    return PreparedData(images, labels.astype(np.int64), [f"c{k}" for k in range(classes)],
-                        [f"c{labels[i]}/{i}.png" for i in range(n)], parts)
+    return PreparedData(
+        images,
+        labels.astype(np.int64),
+        [f"c{k}" for k in range(classes)],
+        [f"c{labels[i]}/{i}.png" for i in range(n)],
+        parts,
+    )
 
 
 def test_evaluate_run_scores_the_training_and_validation_parts_too(tmp_path):
@@ -255,7 +271,9 @@ def test_evaluate_run_scores_the_training_and_validation_parts_too(tmp_path):
     torch.manual_seed(0)
     model = create_model("cnn", num_classes=3, input_size=32)
     data = _prepared()
-    cfg = parse_config({"model": {"name": "cnn"}, "data": {"input_size": 32}, "eval": {"bootstrap": 0, "grid_images": 0}})
+    cfg = parse_config(
+        {"model": {"name": "cnn"}, "data": {"input_size": 32}, "eval": {"bootstrap": 0, "grid_images": 0}}
+    )
     metrics = evaluate_run(tmp_path, cfg, data, model, progress=False)
     for part in ("train", "val", "test"):
         logits, _ = predict_outputs(model, data.images, data.parts[part])
@@ -303,4 +321,10 @@ def test_a_run_is_complete_only_when_marked_complete_and_its_metrics_are_written
     folds = run("folds", "complete", "aggregate.json")
     assert [is_complete(d) for d in (killed, failed, marked, finished, folds)] == [False, False, False, True, True]
     remove_stale_checkpoints(tmp_path)
-    assert [(d / "checkpoints").exists() for d in (killed, failed, marked, finished, folds)] == [True, True, True, False, False]
+    assert [(d / "checkpoints").exists() for d in (killed, failed, marked, finished, folds)] == [
+        True,
+        True,
+        True,
+        False,
+        False,
+    ]

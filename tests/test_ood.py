@@ -60,7 +60,9 @@ def test_torch_score_equals_numpy_score():
     want = mahalanobis_score(probe, means, precision)
     diff = probe[:, None, :] - means[None]  # the definition, written out: min over k of (f - mu_k)^T P (f - mu_k)
     np.testing.assert_allclose(want, np.einsum("nkd,de,nke->nk", diff, precision, diff).min(1), rtol=1e-9)
-    got = MahalanobisScore(torch.tensor(means), torch.tensor(precision))(torch.tensor(probe, dtype=torch.float32)).numpy()
+    got = MahalanobisScore(torch.tensor(means), torch.tensor(precision))(
+        torch.tensor(probe, dtype=torch.float32)
+    ).numpy()
     np.testing.assert_allclose(got, want, rtol=1e-4)
 
 
@@ -102,17 +104,24 @@ def test_predictions_carry_the_score_and_ood_cells_are_not_counted(ood_run):
         assert result["verdict"]["ood_count"] == flagged.sum() and result["flags"][0] == result["verdict"]["message"]
     else:
         assert result["verdict"] is None
-        assert result["flags"][0] == f"{flagged.sum()} of {len(files)} images look unlike the cells this model was trained on (OOD): not counted"
+        assert (
+            result["flags"][0]
+            == f"{flagged.sum()} of {len(files)} images look unlike the cells this model was trained on (OOD): not counted"
+        )
 
 
 def test_summarize_without_and_with_all_ood():
     probs = np.eye(8)[[0, 1, 1]]
     plain = summarize(["a", "b", "c"], probs, CLASS_NAMES, 0.5)
     assert plain["ood_check"] is False and plain["counted"] == 3 and plain["predictions"][0]["ood"] is None
-    allout = summarize(["a", "b", "c"], probs, CLASS_NAMES, 0.5, ood_scores=np.array([5.0, 6.0, np.nan]), ood_threshold=1.0)
+    allout = summarize(
+        ["a", "b", "c"], probs, CLASS_NAMES, 0.5, ood_scores=np.array([5.0, 6.0, np.nan]), ood_threshold=1.0
+    )
     assert allout["counted"] == 0 and all(v == 0 for v in allout["counts"].values())
     assert allout["flags"][0].startswith("all images look unlike")
-    assert allout["predictions"][2]["ood"] is True and allout["predictions"][2]["ood_score"] is None  # nan: no number, still flagged
+    assert (
+        allout["predictions"][2]["ood"] is True and allout["predictions"][2]["ood_score"] is None
+    )  # nan: no number, still flagged
     json.dumps(allout, allow_nan=False)
     assert all(v == 0.0 for v in allout["percent"].values())
 
@@ -123,7 +132,10 @@ def test_onnx_export_computes_the_same_score(ood_run, tmp_path):
     out = tmp_path / "m.onnx"
     res = runner.invoke(app, ["export", str(ood_run), "--onnx", str(out)])
     assert res.exit_code == 0, res.output
-    assert [o.name for o in ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_outputs()] == ["logits", "ood_score"]
+    assert [o.name for o in ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).get_outputs()] == [
+        "logits",
+        "ood_score",
+    ]
     files = sorted(SAMPLE.rglob("*.jpg"))[:6]
     a = Predictor.load(ood_run).predict_paths(files, progress=False)
     b = Predictor.load(out).predict_paths(files, progress=False)
@@ -144,7 +156,9 @@ def test_missing_or_mismatched_ood_file_is_a_clear_error(ood_run, tmp_path):
         Predictor.load(run)
     save_ood(run, np.zeros((3, 262)), np.eye(262))
     seal(run)
-    with pytest.raises(ModelError, match="the model has 8 classes and 262 features"):  # 128 pooled + 128 centre + 6 input statistics
+    with pytest.raises(
+        ModelError, match="the model has 8 classes and 262 features"
+    ):  # 128 pooled + 128 centre + 6 input statistics
         Predictor.load(run)
     with pytest.raises(ModelError, match="holds inf or nan"):
         save_ood(run, np.full((8, 262), np.inf), np.eye(262))
@@ -153,7 +167,12 @@ def test_missing_or_mismatched_ood_file_is_a_clear_error(ood_run, tmp_path):
 
 # ---------------------------------------------------------------------- a trained run fits it; fine-tuning from a model
 
-TINY = {"model": {"name": "cnn"}, "data": {"input_size": 32}, "train": {"epochs": 2, "batch_size": 16, "lr": 0.002}, "eval": {"bootstrap": 0, "grid_images": 0}}
+TINY = {
+    "model": {"name": "cnn"},
+    "data": {"input_size": 32},
+    "train": {"epochs": 2, "batch_size": 16, "lr": 0.002},
+    "eval": {"bootstrap": 0, "grid_images": 0},
+}
 
 
 @pytest.fixture(scope="module")
@@ -204,12 +223,25 @@ def test_fine_tuning_starts_from_the_model_and_keeps_shared_class_rows(trained, 
         if not key.startswith("head.3."):
             assert torch.equal(model.state_dict()[key], value), key
     w, src = model.head[3].weight, base.head[3].weight
-    assert torch.equal(w[0], src[CLASS_NAMES.index("neutrophil")]) and torch.equal(w[1], src[CLASS_NAMES.index("lymphocyte")])
+    assert torch.equal(w[0], src[CLASS_NAMES.index("neutrophil")]) and torch.equal(
+        w[1], src[CLASS_NAMES.index("lymphocyte")]
+    )
     assert not any(torch.equal(w[2], src[i]) for i in range(8))  # a class the model never knew starts fresh
     with pytest.raises(ConfigError, match="trained with white balance 'none': set data.white_balance=none"):
-        build_model(parse_config({**TINY, "data": {"input_size": 32, "white_balance": "background"}, "model": {"name": "cnn", "pretrained": str(trained)}}), 3)
+        build_model(
+            parse_config(
+                {
+                    **TINY,
+                    "data": {"input_size": 32, "white_balance": "background"},
+                    "model": {"name": "cnn", "pretrained": str(trained)},
+                }
+            ),
+            3,
+        )
     with pytest.raises(ConfigError, match="trained at 32 px: set data.input_size=32"):
-        build_model(parse_config({**TINY, "data": {"input_size": 48}, "model": {"name": "cnn", "pretrained": str(trained)}}), 3)
+        build_model(
+            parse_config({**TINY, "data": {"input_size": 48}, "model": {"name": "cnn", "pretrained": str(trained)}}), 3
+        )
     with pytest.raises(ModelError, match="it is a 'cnn'"):
         from bloodcell.models import create_model
 
@@ -222,10 +254,24 @@ def test_a_lab_fine_tunes_with_the_two_commands(trained, tmp_path):
     cfg["data"]["input_size"], cfg["data"]["white_balance"] = 32, "none"  # the toy base model's preprocessing
     cfg["train"]["epochs"] = 2
     (tmp_path / "ft.yaml").write_text(yaml.safe_dump(cfg))
-    res = runner.invoke(app, ["train", str(tmp_path / "ft.yaml"), "--data", str(lab), "--out", str(tmp_path / "ft"), "--set", f"model.pretrained={trained}"])
+    res = runner.invoke(
+        app,
+        [
+            "train",
+            str(tmp_path / "ft.yaml"),
+            "--data",
+            str(lab),
+            "--out",
+            str(tmp_path / "ft"),
+            "--set",
+            f"model.pretrained={trained}",
+        ],
+    )
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "ft" / "model.json").read_text())
-    assert meta["class_names"] == ["Lymphocyte", "Neutrophil"] and meta["training_config"]["model"]["pretrained"] == str(trained)
+    assert meta["class_names"] == ["Lymphocyte", "Neutrophil"] and meta["training_config"]["model"][
+        "pretrained"
+    ] == str(trained)
     res = runner.invoke(app, ["predict", str(lab), "--model", str(tmp_path / "ft"), "--format", "json"])
     assert res.exit_code == 0, res.output
     assert len(json.loads(res.output)["predictions"]) == 12

@@ -88,7 +88,9 @@ def test_guard_refuses_an_int8_model_that_disagrees(run, tmp_path, monkeypatch):
     (The toy's top-1 labels survive, its head being sharpened 25-fold; its OOD flags do not, and the guard names them.)
     """
     real = q.quantize_file
-    monkeypatch.setattr(q, "quantize_file", lambda p, src, out, images, s: real(p, src, out, np.full_like(images, 128), s))
+    monkeypatch.setattr(
+        q, "quantize_file", lambda p, src, out, images, s: real(p, src, out, np.full_like(images, 128), s)
+    )
     out = tmp_path / "int8.onnx"
     with pytest.raises(BloodcellError) as err:
         export_onnx(run, out, quantize="int8", calibration_images=64, calibration_dir=SAMPLE)
@@ -105,7 +107,10 @@ def test_calibration_on_the_validation_part_of_the_recorded_split(tmp_path):
     from bloodcell.data.prepare import split_files
 
     data = make_tree(tmp_path / "data", {"basophil": 30, "eosinophil": 30, "platelet": 30})
-    meta = {"training_config": {"data": {"root": str(data)}, "seed": 7}, "data_fingerprint": scan(data, progress=False).fingerprint()}
+    meta = {
+        "training_config": {"data": {"root": str(data)}, "seed": 7},
+        "data_fingerprint": scan(data, progress=False).fingerprint(),
+    }
     cs = q.calibration_set(meta, "toy", n=8, check=4)
     cfg = parse_config(meta["training_config"])
     val, test = split_files(cfg, data, "val")[0], split_files(cfg, data, "test")[0]
@@ -126,13 +131,30 @@ def test_calibration_on_the_validation_part_of_the_recorded_split(tmp_path):
 def test_too_few_images_check_on_the_calibration_images(tmp_path):
     folder = make_tree(tmp_path / "few", {"a": 3})
     cs = q.calibration_set({}, "toy", n=10, calibration_dir=folder)
-    assert len(cs.calibration) == 3 and cs.check == cs.calibration and cs.check_description == "the 3 calibration images (no others left)"
+    assert (
+        len(cs.calibration) == 3
+        and cs.check == cs.calibration
+        and cs.check_description == "the 3 calibration images (no others left)"
+    )
 
 
 def test_cli_writes_int8_and_says_what_it_checked(run, tmp_path):
     out = tmp_path / "m.onnx"
-    result = CliRunner().invoke(app, ["export", str(run), "--onnx", str(out), "--quantize", "int8",
-                                      "--calibration-dir", str(SAMPLE), "--calibration-images", "100"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "export",
+            str(run),
+            "--onnx",
+            str(out),
+            "--quantize",
+            "int8",
+            "--calibration-dir",
+            str(SAMPLE),
+            "--calibration-images",
+            "100",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "int8: calibrated on 100 images from" in result.output and "top-1" in result.output
     assert json.loads((tmp_path / "m.onnx.json").read_text())["quantization"]["settings"]["fmt"] == "QDQ"
@@ -147,8 +169,14 @@ def test_cli_writes_int8_and_says_what_it_checked(run, tmp_path):
         (["--calibration-images", "8"], "only apply with --quantize int8"),
         (["--min-agreement", "0.5"], "only apply with --quantize int8"),
         (["--quantize", "int8", "--calibration-dir", str(SAMPLE), "--data", str(SAMPLE)], "not both"),
-        (["--quantize", "int8", "--calibration-images", "0", "--calibration-dir", str(SAMPLE)], "--calibration-images must be >= 1"),
-        (["--quantize", "int8", "--calibration-dir", str(SAMPLE), "--min-agreement", "1.5"], "--min-agreement must be in (0, 1]"),
+        (
+            ["--quantize", "int8", "--calibration-images", "0", "--calibration-dir", str(SAMPLE)],
+            "--calibration-images must be >= 1",
+        ),
+        (
+            ["--quantize", "int8", "--calibration-dir", str(SAMPLE), "--min-agreement", "1.5"],
+            "--min-agreement must be in (0, 1]",
+        ),
     ],
 )
 def test_bad_quantize_input_is_one_line(run, tmp_path, extra, expected):
@@ -174,5 +202,7 @@ def test_bundled_model_calibrates_on_its_validation_part_only():
     val, test = split_files(cfg, PBC, "val")[0], split_files(cfg, PBC, "test")[0]
     assert len(test) == meta["bundled"]["test_n"]
     used = set(cs.calibration) | set(cs.check)
-    assert len(used) == q.DEFAULT_CALIBRATION_IMAGES + q.DEFAULT_CHECK_IMAGES and used <= set(val) and not used & set(test)
+    assert (
+        len(used) == q.DEFAULT_CALIBRATION_IMAGES + q.DEFAULT_CHECK_IMAGES and used <= set(val) and not used & set(test)
+    )
     assert "validation images of split seed 42" in cs.description

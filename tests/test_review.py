@@ -41,8 +41,18 @@ def png(seed: int, side: int = 40) -> bytes:
 
 
 def new_cell(label: str, i: int = 0, ood: bool = False, review: bool = False) -> NewCell:
-    return NewCell(name=f"cell{i}.png", label=label, probabilities={label: 0.9}, confidence=0.9, review=review, ood=ood,
-                   ood_score=1.0, image=png(i), image_type="image/png", thumb=b"jpeg")
+    return NewCell(
+        name=f"cell{i}.png",
+        label=label,
+        probabilities={label: 0.9},
+        confidence=0.9,
+        review=review,
+        ood=ood,
+        ood_score=1.0,
+        image=png(i),
+        image_type="image/png",
+        thumb=b"jpeg",
+    )
 
 
 def upload(labels: list[str], ood: set[int] = frozenset(), review: set[int] = frozenset()) -> NewUpload:
@@ -65,8 +75,18 @@ def sample_with(store: ReviewStore, labels: list[str], sample_id: str = "S-1", *
 
 
 def test_the_count_is_written_in_clinical_order_with_nucleated_red_cells_per_100_white_cells():
-    labels = ["basophil"] + ["monocyte"] * 10 + ["neutrophil"] * 60 + ["ig"] * 4 + ["lymphocyte"] * 25 + \
-             ["erythroblast"] * 5 + ["platelet"] * 7 + ["smudge"] * 3 + ["artefact"] * 2 + ["eosinophil"] * 0
+    labels = (
+        ["basophil"]
+        + ["monocyte"] * 10
+        + ["neutrophil"] * 60
+        + ["ig"] * 4
+        + ["lymphocyte"] * 25
+        + ["erythroblast"] * 5
+        + ["platelet"] * 7
+        + ["smudge"] * 3
+        + ["artefact"] * 2
+        + ["eosinophil"] * 0
+    )
     res = count([CountedCell(label) for label in labels], wbc_count=8.0)
     wbc = [r for r in res["rows"] if r["kind"] == "wbc"]
     assert [r["label"] for r in wbc] == ["neutrophil", "lymphocyte", "monocyte", "basophil", "ig"]
@@ -83,14 +103,27 @@ def test_the_count_is_written_in_clinical_order_with_nucleated_red_cells_per_100
 
 
 def test_a_model_s_plural_or_capitalised_class_names_fall_in_the_clinical_rows():
-    res = count([CountedCell(n) for n in ["Neutrophils", "LYMPHOCYTE", "Erythroblasts", "Band neutrophil", "reactive lymphocyte"]],
-                {"reactive lymphocyte": "wbc"})
+    res = count(
+        [
+            CountedCell(n)
+            for n in ["Neutrophils", "LYMPHOCYTE", "Erythroblasts", "Band neutrophil", "reactive lymphocyte"]
+        ],
+        {"reactive lymphocyte": "wbc"},
+    )
     assert [(r["label"], r["cells"]) for r in res["rows"]] == [
-        ("neutrophil", 2), ("lymphocyte", 1), ("reactive lymphocyte", 1), ("nrbc", 1)]
+        ("neutrophil", 2),
+        ("lymphocyte", 1),
+        ("reactive lymphocyte", 1),
+        ("nrbc", 1),
+    ]
 
 
 def test_a_cell_unlike_the_training_cells_counts_only_once_a_person_labels_it():
-    cells = [CountedCell("neutrophil", ood=True), CountedCell("neutrophil", ood=True, reviewed=True), CountedCell("lymphocyte")]
+    cells = [
+        CountedCell("neutrophil", ood=True),
+        CountedCell("neutrophil", ood=True, reviewed=True),
+        CountedCell("lymphocyte"),
+    ]
     res = count(cells)
     assert res["wbc_total"] == 2 and res["not_counted_ood"] == 1
     assert any("1 of 3 cells (33%) look unlike" in f for f in res["flags"])
@@ -137,7 +170,16 @@ def test_a_label_is_a_class_of_the_model_a_review_label_or_one_of_the_lab_s(stor
     assert store.count("S-1")["rows"][0]["kind"] == "other" and store.count("S-1")["wbc_total"] == 0
     again = ReviewStore(store.folder, "toy", CLASS_NAMES)  # kept in the database
     assert again.lab_classes() == {"giant platelet": "other", "reactive lymphocyte": "wbc"}
-    assert again.labels()[:8] == ["neutrophil", "lymphocyte", "monocyte", "eosinophil", "basophil", "ig", "erythroblast", "platelet"]
+    assert again.labels()[:8] == [
+        "neutrophil",
+        "lymphocyte",
+        "monocyte",
+        "eosinophil",
+        "basophil",
+        "ig",
+        "erythroblast",
+        "platelet",
+    ]
     assert again.labels()[8:] == ["unidentified", "smudge", "artefact", "giant platelet", "reactive lymphocyte"]
 
 
@@ -152,9 +194,12 @@ def test_a_signed_off_sample_is_locked_and_a_change_needs_a_reason_and_makes_a_n
         store.sign_off("S-1", "AB", rev=rev)
     signed = store.sign_off("S-1", "AB", rev=store.sample("S-1")["rev"])
     assert signed["status"] == "signed" and signed["version"] == 1
-    for change in (lambda: store.relabel("S-1", cell["id"], "monocyte", "AB"), lambda: store.undo("S-1", "AB"),
-                   lambda: store.add_upload("S-1", upload(["neutrophil"])),
-                   lambda: store.update_sample("S-1", "AB", note="x")):
+    for change in (
+        lambda: store.relabel("S-1", cell["id"], "monocyte", "AB"),
+        lambda: store.undo("S-1", "AB"),
+        lambda: store.add_upload("S-1", upload(["neutrophil"])),
+        lambda: store.update_sample("S-1", "AB", note="x"),
+    ):
         with pytest.raises(Conflict, match="signed off \\(version 1\\): reopen it with a reason"):
             change()
     with pytest.raises(ReviewError, match="reason"):
@@ -164,9 +209,15 @@ def test_a_signed_off_sample_is_locked_and_a_change_needs_a_reason_and_makes_a_n
     store.relabel("S-1", cell["id"], "monocyte", "CD")
     store.sign_off("S-1", "CD")
     history = store.history("S-1")
-    assert [(h["version"], h["action"], h["who"]) for h in history] == [(1, "signed", "AB"), (2, "reopened", "CD"), (2, "signed", "CD")]
+    assert [(h["version"], h["action"], h["who"]) for h in history] == [
+        (1, "signed", "AB"),
+        (2, "reopened", "CD"),
+        (2, "signed", "CD"),
+    ]
     # each sign-off keeps the count it signed: version 1 had a lymphocyte, version 2 a monocyte
-    rows = [{r["label"]: r["cells"] for r in h["snapshot"]["count"]["rows"]} for h in history if h["action"] == "signed"]
+    rows = [
+        {r["label"]: r["cells"] for r in h["snapshot"]["count"]["rows"]} for h in history if h["action"] == "signed"
+    ]
     assert rows[0]["lymphocyte"] == 1 and "monocyte" not in rows[0] and rows[1]["monocyte"] == 1
     report = render_report(store, "S-1", MODEL)
     assert "Signed off by CD" in report and "cell 1 is a monocyte on second look" in report and "(version 2)" in report
@@ -187,7 +238,9 @@ def test_an_open_sample_s_report_is_a_draft_with_the_count_and_flags(store):
 # ---------------------------------------------------------------------- bad input
 
 
-@pytest.mark.parametrize("bad", ["../etc", "a/b", "", "x" * 65, "a\x00b", "<script>", "Ünïcode", " lead", "-dash", "a b"])
+@pytest.mark.parametrize(
+    "bad", ["../etc", "a/b", "", "x" * 65, "a\x00b", "<script>", "Ünïcode", " lead", "-dash", "a b"]
+)
 def test_a_sample_id_with_odd_characters_is_one_clear_line_and_nothing_saved_is_lost(store, bad):
     sample_with(store, ["neutrophil"])
     with pytest.raises(ReviewError) as info:
@@ -268,7 +321,9 @@ print(json.dumps({"saved": saved, "refused": refused, "after": after.status_code
 @pytest.mark.slow
 def test_a_full_disk_while_saving_refuses_the_change_and_loses_nothing_saved_before(tmp_path):
     folder = tmp_path / "lab"
-    out = subprocess.run([sys.executable, "-c", FULL_DISK_CHILD, str(folder)], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_CHILD, str(folder)], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["saved"] >= 2 and result["refused"] is not None, result
@@ -278,7 +333,9 @@ def test_a_full_disk_while_saving_refuses_the_change_and_loses_nothing_saved_bef
     assert result["after"] == 200  # once there is room, the same server saves again
     store = ReviewStore(folder, "bundled", CLASS_NAMES)
     cells = store.cells("FULL-1")
-    assert [c["name"] for c in cells] == [f"c{i}-{k}.png" for i in range(result["saved"]) for k in (0, 1)] + ["after.png"]
+    assert [c["name"] for c in cells] == [f"c{i}-{k}.png" for i in range(result["saved"]) for k in (0, 1)] + [
+        "after.png"
+    ]
     assert store._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
@@ -298,7 +355,11 @@ def test_the_export_holds_what_a_person_vouched_for_in_folders_and_a_csv_the_tra
     done = write_export(store, ["S-1"], tmp_path / "signed")
     assert done["per_label"] == {"artefact": 1, "lymphocyte": 1, "ig": 1}
     inventory = scan(tmp_path / "signed" / "labels.csv")
-    assert sorted((r.label, r.group) for r in inventory.records) == [("artefact", "S-1"), ("ig", "S-1"), ("lymphocyte", "S-1")]
+    assert sorted((r.label, r.group) for r in inventory.records) == [
+        ("artefact", "S-1"),
+        ("ig", "S-1"),
+        ("lymphocyte", "S-1"),
+    ]
     assert {r.relpath.split("/")[0] for r in inventory.records} == {"artefact", "ig", "lymphocyte"}
     folders = scan(tmp_path / "signed")  # the folders alone too (labels.csv beside them is no image)
     assert sorted(r.label for r in folders.records) == ["artefact", "ig", "lymphocyte"]
@@ -339,7 +400,10 @@ def test_the_api_keeps_cells_and_photographs_with_what_the_model_said(client, tm
     assert client.post("/api/samples", json={"sample_id": "H26-1", "who": "AB", "note": "n"}).status_code == 201
     photo = field_photo(tmp_path / "field.jpg")
     files = [("files", (f.name, f.read_bytes(), "image/jpeg")) for f in sample_files(4)]
-    files += [("files", ("field.jpg", photo.read_bytes(), "image/jpeg")), ("files", ("broken.png", b"not an image", "image/png"))]
+    files += [
+        ("files", ("field.jpg", photo.read_bytes(), "image/jpeg")),
+        ("files", ("broken.png", b"not an image", "image/png")),
+    ]
     res = client.post("/api/samples/H26-1/uploads?who=AB", files=files)
     assert res.status_code == 200, res.text
     body = res.json()
@@ -357,18 +421,26 @@ def test_the_api_keeps_cells_and_photographs_with_what_the_model_said(client, tm
     assert thumb.format == "JPEG" and max(thumb.size) == 96
     first = sample_files(1)[0].read_bytes()
     assert client.get(f"/api/samples/H26-1/cells/{cells[0]['id']}/image").content == first  # the upload, kept as sent
-    relabelled = client.post(f"/api/samples/H26-1/cells/{cells[0]['id']}/label", json={"label": "smudge", "who": "AB", "rev": 0})
-    assert relabelled.json()["label"] == "smudge" and relabelled.json()["sample_rev"] == client.get("/api/samples/H26-1").json()["rev"]
+    relabelled = client.post(
+        f"/api/samples/H26-1/cells/{cells[0]['id']}/label", json={"label": "smudge", "who": "AB", "rev": 0}
+    )
+    assert (
+        relabelled.json()["label"] == "smudge"
+        and relabelled.json()["sample_rev"] == client.get("/api/samples/H26-1").json()["rev"]
+    )
     stale = client.post(f"/api/samples/H26-1/cells/{cells[0]['id']}/label", json={"label": "ig", "who": "CD", "rev": 0})
     assert stale.status_code == 409 and "changed by AB" in stale.json()["detail"]
     assert client.get("/api/samples/H26-1/count").json()["rows"][-1]["label"] == "smudge"
 
 
-@pytest.mark.parametrize("path, status, words", [
-    ("/api/samples/NOPE/cells", 404, "no sample 'NOPE'"),
-    ("/api/samples/a%3Cb%3E/cells", 422, "sample_id: String should match pattern '^[A-Za-z0-9]"),
-    ("/api/samples/" + "x" * 5000, 422, "xxx...')"),
-])
+@pytest.mark.parametrize(
+    "path, status, words",
+    [
+        ("/api/samples/NOPE/cells", 404, "no sample 'NOPE'"),
+        ("/api/samples/a%3Cb%3E/cells", 422, "sample_id: String should match pattern '^[A-Za-z0-9]"),
+        ("/api/samples/" + "x" * 5000, 422, "xxx...')"),
+    ],
+)
 def test_api_refusals_are_one_short_line(client, path, status, words):
     res = client.get(path)
     assert res.status_code == status and words in res.json()["detail"] and len(res.json()["detail"]) < 200
@@ -378,7 +450,9 @@ def test_an_upload_of_nothing_readable_is_refused_and_adds_nothing(client):
     client.post("/api/samples", json={"sample_id": "S2", "who": "AB"})
     res = client.post("/api/samples/S2/uploads?who=AB", files=[("files", ("x.png", b"junk", "image/png"))])
     assert res.status_code == 422 and "'x.png'" in res.json()["detail"]
-    assert client.post("/api/samples/S2/uploads", files=[("files", ("x.png", b"junk", "image/png"))]).status_code == 422  # no who
+    assert (
+        client.post("/api/samples/S2/uploads", files=[("files", ("x.png", b"junk", "image/png"))]).status_code == 422
+    )  # no who
     assert client.get("/api/samples/S2").json()["cells"] == 0
 
 
@@ -394,9 +468,17 @@ def test_an_upload_to_a_signed_off_sample_is_refused_before_any_work(client):
 
 def test_the_review_api_is_documented(client):
     paths = client.get("/openapi.json").json()["paths"]
-    for path in ("/api/samples", "/api/samples/{sample_id}/uploads", "/api/samples/{sample_id}/cells/{cell_id}/label",
-                 "/api/samples/{sample_id}/undo", "/api/samples/{sample_id}/signoff", "/api/samples/{sample_id}/reopen",
-                 "/api/samples/{sample_id}/report", "/api/samples/{sample_id}/export.zip", "/api/labels"):
+    for path in (
+        "/api/samples",
+        "/api/samples/{sample_id}/uploads",
+        "/api/samples/{sample_id}/cells/{cell_id}/label",
+        "/api/samples/{sample_id}/undo",
+        "/api/samples/{sample_id}/signoff",
+        "/api/samples/{sample_id}/reopen",
+        "/api/samples/{sample_id}/report",
+        "/api/samples/{sample_id}/export.zip",
+        "/api/labels",
+    ):
         assert path in paths, path
     assert "409" in paths["/api/samples/{sample_id}/cells/{cell_id}/label"]["post"]["responses"]
 
@@ -442,8 +524,19 @@ def test_a_reviewed_sample_fine_tunes_the_bundled_model_with_the_shipped_config(
     assert listed.exit_code == 0 and "FT-1" in listed.output and "signed v1" in listed.output
     res = runner.invoke(cli, ["review", "export", "--out", str(tmp_path / "cells"), "--labels", "model"])
     assert res.exit_code == 0 and "CSV:" in res.output, res.output
-    res = runner.invoke(cli, ["train", str(REPO / "configs" / "finetune.yaml"), "--data", str(tmp_path / "cells" / "labels.csv"),
-                             "--out", str(tmp_path / "ft"), "--set", "train.epochs=1"])
+    res = runner.invoke(
+        cli,
+        [
+            "train",
+            str(REPO / "configs" / "finetune.yaml"),
+            "--data",
+            str(tmp_path / "cells" / "labels.csv"),
+            "--out",
+            str(tmp_path / "ft"),
+            "--set",
+            "train.epochs=1",
+        ],
+    )
     assert res.exit_code == 0, res.output
     meta = json.loads((tmp_path / "ft" / "model.json").read_text())
     assert meta["training_config"]["model"]["pretrained"] == "default" and "monocyte" in meta["class_names"]

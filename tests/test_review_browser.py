@@ -23,8 +23,10 @@ from test_browser import CHROMEDRIVER, CHROMIUM, chromium, serving
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER), reason="needs chromium and chromedriver on PATH "
-                       "(Debian: apt-get install chromium chromium-driver)"),
+    pytest.mark.skipif(
+        not (CHROMIUM and CHROMEDRIVER),
+        reason="needs chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)",
+    ),
 ]
 SAMPLE_ID = "H26-00417"
 
@@ -60,7 +62,9 @@ def thumbs(driver) -> list:
 
 def section_of(driver, cell_id: int) -> str:
     return driver.execute_script(
-        "return document.querySelector(`.thumb[data-id='${arguments[0]}']`).closest('.class-group').dataset.label", cell_id)
+        "return document.querySelector(`.thumb[data-id='${arguments[0]}']`).closest('.class-group').dataset.label",
+        cell_id,
+    )
 
 
 def press(driver, key: str) -> None:
@@ -79,13 +83,21 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
     try:
         with serving(predictor, FixedDetector(), data_dir=data_dir) as url:
             driver.get(url + "/")
-            wait_for(driver, lambda d: "bloodcell" in d.find_element(By.ID, "model-info").text and
-                     "connecting" not in d.find_element(By.ID, "model-info").text, what="page did not reach the server")
+            wait_for(
+                driver,
+                lambda d: (
+                    "bloodcell" in d.find_element(By.ID, "model-info").text
+                    and "connecting" not in d.find_element(By.ID, "model-info").text
+                ),
+                what="page did not reach the server",
+            )
             driver.find_element(By.ID, "who").send_keys("JS")
             driver.find_element(By.ID, "new-id").send_keys(SAMPLE_ID)
             driver.find_element(By.ID, "new-note").send_keys("routine differential")
             driver.find_element(By.CSS_SELECTOR, "#new-sample button[type=submit]").click()
-            wait_for(driver, lambda d: SAMPLE_ID in d.find_element(By.ID, "sample-title").text, what="sample not opened")
+            wait_for(
+                driver, lambda d: SAMPLE_ID in d.find_element(By.ID, "sample-title").text, what="sample not opened"
+            )
 
             # 20 single cells and one photograph in one upload; auto reads the 4:3 photograph as a field
             driver.find_element(By.ID, "upload-input").send_keys("\n".join(str(p) for p in [*cells, photo]))
@@ -100,55 +112,96 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
                 driver.find_element(By.CSS_SELECTOR, f".thumb[data-id='{cell_id}']").click()
                 target = next(label for label in labels[:8] if label != before[cell_id]["label"])
                 press(driver, str(labels.index(target) + 1))
-                wait_for(driver, lambda d: section_of(d, cell_id) == target, 10, f"cell {cell_id} did not move to {target}")
+                wait_for(
+                    driver, lambda d: section_of(d, cell_id) == target, 10, f"cell {cell_id} did not move to {target}"
+                )
                 changed[cell_id] = target
             artefact_id = list(before)[10]
             driver.find_element(By.CSS_SELECTOR, f".thumb[data-id='{artefact_id}']").click()
             press(driver, "a")
             wait_for(driver, lambda d: section_of(d, artefact_id) == "artefact", 10, "the artefact did not move")
             changed[artefact_id] = "artefact"
-            wait_for(driver, lambda d: len(get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")) == 6, 10,
-                     "the six corrections were not all saved")
+            wait_for(
+                driver,
+                lambda d: len(get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")) == 6,
+                10,
+                "the six corrections were not all saved",
+            )
             # z undoes the reviewer's last change (the artefact), and the arrows move the selection along the gallery
             press(driver, "z")
             wait_for(driver, lambda d: section_of(d, artefact_id) == before[artefact_id]["label"], 10, "z did not undo")
             selected = lambda d: int(d.execute_script("return document.querySelector('.thumb.selected').dataset.id"))  # noqa: E731
             assert selected(driver) == artefact_id
-            order = driver.execute_script("return [...document.querySelectorAll('#gallery .thumb')].map(f => +f.dataset.id)")
+            order = driver.execute_script(
+                "return [...document.querySelectorAll('#gallery .thumb')].map(f => +f.dataset.id)"
+            )
             press(driver, "\ue014")  # ArrowRight
-            wait_for(driver, lambda d: selected(d) == order[order.index(artefact_id) + 1], 5, "ArrowRight did not move on")
+            wait_for(
+                driver, lambda d: selected(d) == order[order.index(artefact_id) + 1], 5, "ArrowRight did not move on"
+            )
             press(driver, "\ue012")  # ArrowLeft
             wait_for(driver, lambda d: selected(d) == artefact_id, 5, "ArrowLeft did not move back")
             press(driver, "a")
             wait_for(driver, lambda d: section_of(d, artefact_id) == "artefact", 10, "the artefact did not move again")
-            wait_for(driver, lambda d: len(get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")) == 8, 10,
-                     "the undo and the new change were not saved")
+            wait_for(
+                driver,
+                lambda d: len(get_json(f"{url}/api/samples/{SAMPLE_ID}/corrections")) == 8,
+                10,
+                "the undo and the new change were not saved",
+            )
 
             driver.find_element(By.CSS_SELECTOR, f".thumb[data-id='{list(changed)[0]}']").click()
-            wait_for(driver, lambda d: "→" in d.find_element(By.ID, "cell-history").text and "JS" in
-                     d.find_element(By.ID, "cell-history").text, 10, "the cell's history does not show the change")
+            wait_for(
+                driver,
+                lambda d: (
+                    "→" in d.find_element(By.ID, "cell-history").text
+                    and "JS" in d.find_element(By.ID, "cell-history").text
+                ),
+                10,
+                "the cell's history does not show the change",
+            )
             # a class of the lab's own, added in the page, is offered on every sample from then on
             driver.find_element(By.CSS_SELECTOR, ".lab-classes summary").click()
             driver.find_element(By.ID, "new-class-name").send_keys("reactive lymphocyte\n")
-            wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#label-bar button[data-label='reactive lymphocyte']"),
-                     10, "the lab's class is not offered")
+            wait_for(
+                driver,
+                lambda d: d.find_elements(By.CSS_SELECTOR, "#label-bar button[data-label='reactive lymphocyte']"),
+                10,
+                "the lab's class is not offered",
+            )
             saved = {c["id"]: c["label"] for c in get_json(f"{url}/api/samples/{SAMPLE_ID}/cells")}
             assert {i: saved[i] for i in changed} == changed
             assert all(saved[i] == before[i]["label"] for i in before if i not in changed)
 
             # another reviewer (another tab) changes a cell: this page shows it within its poll, without a reload
             other = list(before)[12]
-            assert urllib.request.urlopen(urllib.request.Request(
-                f"{url}/api/samples/{SAMPLE_ID}/cells/{other}/label", method="POST", headers={"Content-Type": "application/json"},
-                data=json.dumps({"label": "unidentified", "who": "CD"}).encode()), timeout=10).status == 200
-            wait_for(driver, lambda d: section_of(d, other) == "unidentified", 10, "the other reviewer's change did not show")
+            assert (
+                urllib.request.urlopen(
+                    urllib.request.Request(
+                        f"{url}/api/samples/{SAMPLE_ID}/cells/{other}/label",
+                        method="POST",
+                        headers={"Content-Type": "application/json"},
+                        data=json.dumps({"label": "unidentified", "who": "CD"}).encode(),
+                    ),
+                    timeout=10,
+                ).status
+                == 200
+            )
+            wait_for(
+                driver, lambda d: section_of(d, other) == "unidentified", 10, "the other reviewer's change did not show"
+            )
             changed[other] = "unidentified"
 
             # the analyser's count gives absolute counts; sign off locks the sample
             wbc = driver.find_element(By.ID, "wbc-count")
             wbc.send_keys("7.5\n")
             driver.find_element(By.TAG_NAME, "body").click()
-            wait_for(driver, lambda d: get_json(f"{url}/api/samples/{SAMPLE_ID}")["wbc_count"] == 7.5, 10, "WBC count not saved")
+            wait_for(
+                driver,
+                lambda d: get_json(f"{url}/api/samples/{SAMPLE_ID}")["wbc_count"] == 7.5,
+                10,
+                "WBC count not saved",
+            )
             driver.find_element(By.ID, "signoff").click()
             wait_for(driver, lambda d: "signed off" in d.find_element(By.ID, "sample-meta").text, 10, "not signed off")
             signed = get_json(f"{url}/api/samples/{SAMPLE_ID}")
@@ -156,7 +209,12 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
             # a key press on a signed-off sample changes nothing: it asks for a reason instead
             driver.find_element(By.CSS_SELECTOR, f".thumb[data-id='{list(before)[15]}']").click()
             press(driver, "1")
-            wait_for(driver, lambda d: d.find_element(By.ID, "reason-dialog").get_attribute("open") is not None, 5, "no reason asked")
+            wait_for(
+                driver,
+                lambda d: d.find_element(By.ID, "reason-dialog").get_attribute("open") is not None,
+                5,
+                "no reason asked",
+            )
             driver.find_element(By.ID, "reason-cancel").click()
             count_before = get_json(f"{url}/api/samples/{SAMPLE_ID}/count")
 
@@ -208,7 +266,15 @@ def test_the_gallery_benchmark_runs(tmp_path):
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "review_gallery.py"
-    out = subprocess.run([sys.executable, str(bench), "--cells", "60", "--relabels", "3", "--repeats", "1"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(bench), "--cells", "60", "--relabels", "3", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "| gallery open, 60 cells" in out.stdout and "| reclassification shown" in out.stdout and "machine: " in out.stdout
+    assert (
+        "| gallery open, 60 cells" in out.stdout
+        and "| reclassification shown" in out.stdout
+        and "machine: " in out.stdout
+    )

@@ -62,7 +62,9 @@ def test_shift_keeps_shape_and_dtype_and_changes_the_image(name):
         assert diff > 1.0, f"{name} barely changes the image (mean |diff| {diff:.2f})"
 
 
-@pytest.mark.parametrize("name", ["rescale 2x", "rescale 1.5x", "rescale 0.75x", "rescale 0.5x", "rescale 0.5x (flat pad)"])
+@pytest.mark.parametrize(
+    "name", ["rescale 2x", "rescale 1.5x", "rescale 0.75x", "rescale 0.5x", "rescale 0.5x (flat pad)"]
+)
 def test_rescale_scales_a_centred_disc(name):
     s = {"rescale 2x": 2.0, "rescale 1.5x": 1.5, "rescale 0.75x": 0.75}.get(name, 0.5)
     r = 16.0
@@ -135,8 +137,28 @@ def test_main_end_to_end_on_a_tiny_folder(tmp_path, capsys):
     run = tiny_run(tmp_path / "run", names)
     out = tmp_path / "out" / "robustness.json"
     png = tmp_path / "out" / "shifts.png"
-    report = rb.main(["--model", str(run), "--name", "tiny", "--model", str(Path(run) / "model.safetensors"),
-                      "--data", str(data), "--limit", "0", "--chunk", "4", "--bootstrap", "50", "--json", str(out), "--save-examples", str(png)])
+    report = rb.main(
+        [
+            "--model",
+            str(run),
+            "--name",
+            "tiny",
+            "--model",
+            str(Path(run) / "model.safetensors"),
+            "--data",
+            str(data),
+            "--limit",
+            "0",
+            "--chunk",
+            "4",
+            "--bootstrap",
+            "50",
+            "--json",
+            str(out),
+            "--save-examples",
+            str(png),
+        ]
+    )
     text = capsys.readouterr().out
     saved = json.loads(out.read_text())
     assert saved["results"] == json.loads(json.dumps(report["results"]))

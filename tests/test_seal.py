@@ -65,7 +65,9 @@ def test_swapped_class_names_are_a_one_line_error_naming_model_json(run):
     names = meta["class_names"]
     names[0], names[1] = names[1], names[0]
     (run / "model.json").write_text(json.dumps(meta))
-    message = _refused(run, f"model folder {run}: model.json changed since it was sealed", f"bloodcell model seal {run}")
+    message = _refused(
+        run, f"model folder {run}: model.json changed since it was sealed", f"bloodcell model seal {run}"
+    )
     assert message.count("sha256") == 1
 
 
@@ -126,18 +128,28 @@ def test_model_seal_after_a_deliberate_edit_says_what_changed_and_loads_again(ru
     meta["review_threshold"] = 0.75
     (run / "model.json").write_text(json.dumps(meta))
     result = runner.invoke(app, ["model", "verify", str(run)])
-    assert result.exit_code == 2 and result.stderr.splitlines()[0].startswith(f"error: model folder {run}: model.json changed")
+    assert result.exit_code == 2 and result.stderr.splitlines()[0].startswith(
+        f"error: model folder {run}: model.json changed"
+    )
     result = runner.invoke(app, ["model", "seal", str(run)])
     assert result.exit_code == 0, result.output
     new = verify(run)["files"]["model.json"]["sha256"]
-    assert result.stdout.splitlines() == [f"changed  model.json  sha256 {old[:12]} -> {new[:12]}", f"sealed {run}: 2 files (1 file changed)"]
+    assert result.stdout.splitlines() == [
+        f"changed  model.json  sha256 {old[:12]} -> {new[:12]}",
+        f"sealed {run}: 2 files (1 file changed)",
+    ]
     assert Predictor.load(run).review_threshold == 0.75
     result = runner.invoke(app, ["model", "verify", str(run)])
     assert result.exit_code == 0 and result.stdout.startswith(f"OK {run}: 2 files match the seal")
 
 
 def test_the_bundled_model_and_detector_verify():
-    assert sorted(verify(bundled_model_dir())["files"]) == ["model.json", "model.onnx", "model.safetensors", "ood.safetensors"]
+    assert sorted(verify(bundled_model_dir())["files"]) == [
+        "model.json",
+        "model.onnx",
+        "model.safetensors",
+        "ood.safetensors",
+    ]
     assert sorted(verify(bundled_detector_dir())["files"]) == ["detector.json", "detector.onnx"]
     assert runner.invoke(app, ["model", "verify", "default"]).exit_code == 0
     assert runner.invoke(app, ["model", "verify", str(bundled_detector_dir())]).exit_code == 0
@@ -154,7 +166,9 @@ def test_writers_leave_sealed_folders(run, tmp_path):
 # ------------------------------------------------------------------------------------------ paths stay inside the folder
 
 
-@pytest.mark.parametrize("name", ["../ood.safetensors", "/etc/passwd", "sub/ood.safetensors", "..\\ood.safetensors", "link"])
+@pytest.mark.parametrize(
+    "name", ["../ood.safetensors", "/etc/passwd", "sub/ood.safetensors", "..\\ood.safetensors", "link"]
+)
 def test_ood_file_outside_the_folder_is_refused_naming_the_key(run, monkeypatch, name):
     with_ood(run)
     if name == "link":
@@ -203,8 +217,23 @@ def test_an_edited_detector_is_refused(tmp_path):
     import subprocess
     import sys
 
-    res = subprocess.run([sys.executable, "-m", "bloodcell", "serve", "--detector", str(folder), "--port", "0",
-                          "--data-dir", str(tmp_path / "lab")], capture_output=True, text=True, timeout=60)
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bloodcell",
+            "serve",
+            "--detector",
+            str(folder),
+            "--port",
+            "0",
+            "--data-dir",
+            str(tmp_path / "lab"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert res.returncode == 2 and "detector.json changed since it was sealed" in res.stderr, res.stderr
     assert res.stderr.strip().count("\n") == 0
 
@@ -212,16 +241,19 @@ def test_an_edited_detector_is_refused(tmp_path):
 # ------------------------------------------------------------------------------------------ model_kwargs
 
 
-@pytest.mark.parametrize("kwargs,fragment", [
-    ({"pretrained": "/etc/passwd"}, "'pretrained' is not an option"),
-    ({"checkpoint_path": "x.pth"}, "'checkpoint_path' is not an option"),
-    ({"pretrained_cfg": {"url": "https://example.com/w.bin"}}, "'pretrained_cfg' is not an option"),
-    ({"depth": 3}, "'depth' is not an option"),
-    ({"head_hidden": "64"}, "'head_hidden' must be an integer"),
-    ({"norm": "/etc/passwd"}, "'norm' must be one of batch, group, layer"),
-    ({"head_dropout": float("nan")}, "'head_dropout' must be a number 0..1"),
-    ([1, 2], "must be an object"),
-])
+@pytest.mark.parametrize(
+    "kwargs,fragment",
+    [
+        ({"pretrained": "/etc/passwd"}, "'pretrained' is not an option"),
+        ({"checkpoint_path": "x.pth"}, "'checkpoint_path' is not an option"),
+        ({"pretrained_cfg": {"url": "https://example.com/w.bin"}}, "'pretrained_cfg' is not an option"),
+        ({"depth": 3}, "'depth' is not an option"),
+        ({"head_hidden": "64"}, "'head_hidden' must be an integer"),
+        ({"norm": "/etc/passwd"}, "'norm' must be one of batch, group, layer"),
+        ({"head_dropout": float("nan")}, "'head_dropout' must be a number 0..1"),
+        ([1, 2], "must be an object"),
+    ],
+)
 def test_model_kwargs_are_checked_before_the_model_is_built(run, monkeypatch, kwargs, fragment):
     meta = _meta(run)
     meta["model_kwargs"] = kwargs
@@ -235,7 +267,10 @@ def test_model_kwargs_are_checked_before_the_model_is_built(run, monkeypatch, kw
 def test_plain_model_kwargs_still_load(tmp_path):
     from bloodcell.models import create_model, save_checkpoint
 
-    folder = save_checkpoint(create_model("cnn", num_classes=3, input_size=32, head_hidden=16, norm="group", widths=(8, 16)),
-                             tmp_path / "m", {"class_names": ["a", "b", "c"]})
+    folder = save_checkpoint(
+        create_model("cnn", num_classes=3, input_size=32, head_hidden=16, norm="group", widths=(8, 16)),
+        tmp_path / "m",
+        {"class_names": ["a", "b", "c"]},
+    )
     model, _ = load_checkpoint(folder)
     assert model.model_kwargs == {"head_hidden": 16, "norm": "group", "widths": [8, 16]}

@@ -89,7 +89,9 @@ def test_predict_json_carries_ood_and_counts_leave_flagged_images_out(ood_predic
     want = ood_predictor.predict_paths(FOUR, progress=False)
     assert [p["ood"] for p in got["predictions"]] == [p["ood"] for p in want["predictions"]]
     assert [p["ood"] for p in got["predictions"]].count(True) == 2
-    assert [p["ood_score"] for p in got["predictions"]] == pytest.approx([p["ood_score"] for p in want["predictions"]], abs=1e-3)
+    assert [p["ood_score"] for p in got["predictions"]] == pytest.approx(
+        [p["ood_score"] for p in want["predictions"]], abs=1e-3
+    )
     assert all(isinstance(p["ood_score"], float) for p in got["predictions"])
     assert got["ood_check"] is True and got["ood_count"] == 2 and got["counted"] == 2
     counted = [p["label"] for p in got["predictions"] if not p["ood"]]
@@ -120,7 +122,9 @@ def photo(tmp_path: Path, name: str, seed: int = 0, size=(640, 480), blank: bool
     return name, field_photo(tmp_path / f"{seed}-{name}", size, seed, blank).read_bytes()
 
 
-def test_input_field_returns_every_cell_with_its_box_and_summed_counts(field_client, fixed_detector, predictor, tmp_path):
+def test_input_field_returns_every_cell_with_its_box_and_summed_counts(
+    field_client, fixed_detector, predictor, tmp_path
+):
     a, b = photo(tmp_path, "a.jpg", 1), photo(tmp_path, "b.jpg", 2, size=(800, 600))
     r = field_client.post("/predict?input=field", files=upload(a, b))
     assert r.status_code == 200, r.text
@@ -196,8 +200,11 @@ def test_bad_input_kind_is_422(field_client, query):
 
 def test_server_without_detector_reads_cells_and_refuses_fields(predictor, tmp_path):
     # auto: the detector cannot be loaded, every image is read as a cell (and says why); field: 503, not a crash
-    client = TestClient(create_app(predictor, max_upload_bytes=200_000, max_pixels=1_000_000, max_files=5,
-                                   detector=tmp_path / "no-detector"))
+    client = TestClient(
+        create_app(
+            predictor, max_upload_bytes=200_000, max_pixels=1_000_000, max_files=5, detector=tmp_path / "no-detector"
+        )
+    )
     photo = ("smear.jpg", field_photo(tmp_path / "smear.jpg").read_bytes())  # rectangular: a field candidate
     r = client.post("/predict", files=upload(photo))
     assert r.status_code == 200, r.text
@@ -240,7 +247,12 @@ def test_an_upload_too_small_to_hold_a_cell_is_listed_not_classified(client):
     assert r.status_code == 200, r.text
     body = r.json()
     assert [p["path"] for p in body["predictions"]] == [TWO[0].name]
-    assert body["unreadable"] == [{"path": "dot.png", "reason": "too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)"}]
+    assert body["unreadable"] == [
+        {
+            "path": "dot.png",
+            "reason": "too small to hold a blood cell: 1x1 px (a cell image needs at least 16 px a side)",
+        }
+    ]
     alone = client.post("/predict", files=upload(("dot.png", png_bytes(1, 1))))
     assert alone.status_code == 422 and "too small to hold a blood cell" in alone.json()["detail"]
 

@@ -47,8 +47,17 @@ def png_declaring(width: int, height: int) -> bytes:
 # ---------------------------------------------------------------------- Host and Origin
 
 
-@pytest.mark.parametrize("value, name", [("127.0.0.1:8000", "127.0.0.1"), ("[::1]:8000", "::1"), ("Lab-PC.local", "lab-pc.local"),
-                                          ("[fe80::1]", "fe80::1"), ("::1", "::1"), ("", "")])
+@pytest.mark.parametrize(
+    "value, name",
+    [
+        ("127.0.0.1:8000", "127.0.0.1"),
+        ("[::1]:8000", "::1"),
+        ("Lab-PC.local", "lab-pc.local"),
+        ("[fe80::1]", "fe80::1"),
+        ("::1", "::1"),
+        ("", ""),
+    ],
+)
 def test_host_names_are_read_with_and_without_port_and_ipv6_brackets(value, name):
     assert host_name(value) == name
 
@@ -67,7 +76,9 @@ def test_a_foreign_host_or_a_cross_origin_change_is_refused(predictor):
     assert res.status_code == 403 and "cross-origin request refused" in res.json()["detail"]
     assert local.post("/predict", files=cell_upload(), headers={"Origin": "http://127.0.0.1:8000"}).status_code == 200
     assert local.post("/predict", files=cell_upload()).status_code == 200
-    assert local.get("/health", headers={"Origin": "http://evil.example.com"}).status_code == 200  # reads change nothing
+    assert (
+        local.get("/health", headers={"Origin": "http://evil.example.com"}).status_code == 200
+    )  # reads change nothing
     assert local.post("/predict", files=cell_upload(), headers={"Origin": "null"}).status_code == 403
 
 
@@ -75,7 +86,12 @@ def test_serve_answers_to_its_local_names_and_allow_host():
     from bloodcell.cli.serve import _served_names
 
     assert _served_names("127.0.0.1", []) == ("127.0.0.1", "localhost", "::1")
-    assert _served_names("127.0.0.1", ["lab-pc.example.org", " "]) == ("127.0.0.1", "localhost", "::1", "lab-pc.example.org")
+    assert _served_names("127.0.0.1", ["lab-pc.example.org", " "]) == (
+        "127.0.0.1",
+        "localhost",
+        "::1",
+        "lab-pc.example.org",
+    )
     every = _served_names("0.0.0.0", [])
     assert "0.0.0.0" not in every and socket.gethostname() in every
 
@@ -98,7 +114,9 @@ def test_a_request_over_the_pixel_budget_is_refused_before_anything_is_decoded(p
     assert res.status_code == 413 and "10.8 million pixels together" in res.json()["detail"]
     assert "--max-request-pixels" in res.json()["detail"] and not decoded
     # images over the per-image limit are not decoded either, so they do not count: each is refused on its own
-    res = client.post("/predict?input=cell", files=[("files", ("huge.png", png_declaring(2100, 2100), "image/png"))] + cell_upload())
+    res = client.post(
+        "/predict?input=cell", files=[("files", ("huge.png", png_declaring(2100, 2100), "image/png"))] + cell_upload()
+    )
     assert res.status_code == 200 and res.json()["unreadable"][0]["path"] == "huge.png"
     assert "too many pixels (2100x2100 > 4,000,000)" in res.json()["unreadable"][0]["reason"]
 
@@ -122,7 +140,10 @@ def test_heavy_work_is_bounded_and_the_rest_is_turned_away_with_retry_after(pred
     async def burst():
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
-            fields = [client.post("/predict?input=auto", files={"files": ("field.jpg", photo, "image/jpeg")}) for _ in range(3)]
+            fields = [
+                client.post("/predict?input=auto", files={"files": ("field.jpg", photo, "image/jpeg")})
+                for _ in range(3)
+            ]
             cells = client.post("/predict?input=auto", files={"files": ("cell.jpg", CELL.read_bytes(), "image/jpeg")})
             started = time.monotonic()
             answers = await asyncio.gather(*fields, cells)
@@ -148,8 +169,12 @@ def real_server(app, limits: ServerLimits):
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(app, log_level="warning", http=protocol_with_header_deadline(limits.header_seconds),
-                            limit_concurrency=limits.max_connections)
+    config = uvicorn.Config(
+        app,
+        log_level="warning",
+        http=protocol_with_header_deadline(limits.header_seconds),
+        limit_concurrency=limits.max_connections,
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -198,8 +223,10 @@ def test_a_body_that_stalls_is_refused_with_408_and_its_memory_freed(predictor):
     limits = ServerLimits(body_idle_seconds=1.0, body_seconds=30)
     with real_server(create_app(predictor, limits=limits), limits) as port:
         conn = socket.create_connection(("127.0.0.1", port))
-        conn.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
-                     b"Content-Length: 1000000\r\n\r\n" + b"a" * 100_000)
+        conn.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=x\r\n"
+            b"Content-Length: 1000000\r\n\r\n" + b"a" * 100_000
+        )
         started = time.monotonic()
         closed, answer = closed_within(conn, 5)
         assert closed and answer.startswith(b"HTTP/1.1 408") and b"request body too slow: 100,000 bytes" in answer
@@ -232,7 +259,9 @@ def test_the_abuse_benchmark_runs():
     import sys
 
     bench = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_abuse.py"
-    out = subprocess.run([sys.executable, str(bench), "--cases", "pixels,hosts"], capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, str(bench), "--cases", "pixels,hosts"], capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "| 200 PNGs declaring 3990 x 3990 px in one request" in out.stdout and "413" in out.stdout
     assert "| `Host: evil.example.com` (DNS rebinding) | 400" in out.stdout and "machine: " in out.stdout

@@ -15,8 +15,16 @@ from bloodcell.data.split import SPLIT_ORDERS, SplitConfig, load_split, make_fol
 from bloodcell.errors import DataError
 
 # The real PBC class sizes, so stratification is tested at the scale it is used.
-PBC_COUNTS = {"basophil": 1218, "eosinophil": 3117, "erythroblast": 1551, "ig": 2895,
-              "lymphocyte": 1214, "monocyte": 1420, "neutrophil": 3329, "platelet": 2348}
+PBC_COUNTS = {
+    "basophil": 1218,
+    "eosinophil": 3117,
+    "erythroblast": 1551,
+    "ig": 2895,
+    "lymphocyte": 1214,
+    "monocyte": 1420,
+    "neutrophil": 3329,
+    "platelet": 2348,
+}
 
 
 def fake_inventory(counts: dict[str, int], duplicates: list[list[tuple[str, int]]] = ()) -> Inventory:
@@ -38,8 +46,12 @@ def group_of(inv: Inventory) -> dict[int, str]:
     return {i: r.sha256 for i, r in enumerate(inv.records)}
 
 
-DUPS = [[("basophil", 1), ("basophil", 2)], [("eosinophil", 5), ("eosinophil", 6), ("eosinophil", 7)],
-        [("ig", 10), ("ig", 11)], [("eosinophil", 100), ("neutrophil", 50)]]
+DUPS = [
+    [("basophil", 1), ("basophil", 2)],
+    [("eosinophil", 5), ("eosinophil", 6), ("eosinophil", 7)],
+    [("ig", 10), ("ig", 11)],
+    [("eosinophil", 100), ("neutrophil", 50)],
+]
 
 
 @pytest.fixture(scope="module")

@@ -29,18 +29,38 @@ def tiny_study(tmp_path: Path, extra_experiments: list[dict] | None = None, seed
         "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 20, "grid_images": 4}},
         "seeds": list(seeds),
         "protocols": {
-            "no_shuffle": {"title": "Without shuffling", "table": 2, "set": {"data.split.order": "keras"}, "note": "The paper's order, read from its code."},
+            "no_shuffle": {
+                "title": "Without shuffling",
+                "table": 2,
+                "set": {"data.split.order": "keras"},
+                "note": "The paper's order, read from its code.",
+            },
             "shuffle": {"title": "With shuffling", "table": 3, "set": {"data.split.order": "keras_shuffled"}},
-            "sorted": {"title": "Ablation: class-sorted", "set": {"data.split.order": "sorted", "train.epoch_shuffle": False}},
+            "sorted": {
+                "title": "Ablation: class-sorted",
+                "set": {"data.split.order": "sorted", "train.epoch_shuffle": False},
+            },
         },
         "compare": ["no_shuffle", "shuffle"],
         "experiments": [
-            {"name": "cnn", "row": "CNN", "config": str(REPO / "configs/train/cnn.yaml"), "set": {"data.input_size": 16, "train.epochs": 2, "train.batch_size": 32},
-             "protocols": ["no_shuffle", "shuffle"], "paper": {"no_shuffle": [97.15, 86.60], "shuffle": [95.76, 91.08]}},
-            {"name": "mobilenetv2", "row": "MobileNet-V2", "config": str(REPO / "configs/train/mobilenetv2.yaml"),
-             "set": {"data.input_size": 32, "train.epochs": 1, "smote.enabled": False, "augment.enabled": False},
-             "protocols": ["no_shuffle", "shuffle"], "paper": {"no_shuffle": [89.13, 85.39], "shuffle": [90.54, 85.61]}},
-        ] + (extra_experiments or []),
+            {
+                "name": "cnn",
+                "row": "CNN",
+                "config": str(REPO / "configs/train/cnn.yaml"),
+                "set": {"data.input_size": 16, "train.epochs": 2, "train.batch_size": 32},
+                "protocols": ["no_shuffle", "shuffle"],
+                "paper": {"no_shuffle": [97.15, 86.60], "shuffle": [95.76, 91.08]},
+            },
+            {
+                "name": "mobilenetv2",
+                "row": "MobileNet-V2",
+                "config": str(REPO / "configs/train/mobilenetv2.yaml"),
+                "set": {"data.input_size": 32, "train.epochs": 1, "smote.enabled": False, "augment.enabled": False},
+                "protocols": ["no_shuffle", "shuffle"],
+                "paper": {"no_shuffle": [89.13, 85.39], "shuffle": [90.54, 85.61]},
+            },
+        ]
+        + (extra_experiments or []),
     }
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -48,16 +68,30 @@ def tiny_study(tmp_path: Path, extra_experiments: list[dict] | None = None, seed
 
 
 def test_tiny_study_writes_both_reports_with_every_section(tmp_path):
-    sorted_cnn = {"name": "cnn-sorted", "row": "CNN", "config": str(REPO / "configs/train/cnn.yaml"), "seeds": [1],
-                  "set": {"data.input_size": 16, "train.epochs": 1, "train.batch_size": 32}, "protocols": ["sorted"]}
+    sorted_cnn = {
+        "name": "cnn-sorted",
+        "row": "CNN",
+        "config": str(REPO / "configs/train/cnn.yaml"),
+        "seeds": [1],
+        "set": {"data.input_size": 16, "train.epochs": 1, "train.batch_size": 32},
+        "protocols": ["sorted"],
+    }
     cfg = tiny_study(tmp_path, [sorted_cnn])
     out = tmp_path / "study"
     result = runner.invoke(app, ["study", str(cfg), "--out", str(out)])
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert "runs complete: 9 of 9" in result.output and "recall %" in result.output
     md = (out / "report.md").read_text()
-    sections = ["## The shuffling question", "## Dataset", "## Table 2: Without shuffling", "## Table 3: With shuffling",
-                "## Ablation: class-sorted", "## The paper's figures", "## Per run", "## Environment"]
+    sections = [
+        "## The shuffling question",
+        "## Dataset",
+        "## Table 2: Without shuffling",
+        "## Table 3: With shuffling",
+        "## Ablation: class-sorted",
+        "## The paper's figures",
+        "## Per run",
+        "## Environment",
+    ]
     for section in sections:
         assert section in md, section
     assert [md.index(s) for s in sections] == sorted(md.index(s) for s in sections)  # the question comes first
@@ -69,7 +103,7 @@ def test_tiny_study_writes_both_reports_with_every_section(tmp_path):
         sentence = next(line for line in md.splitlines() if line.startswith(row))
         assert "95% CI" in sentence and "McNemar p < 0.05 on" in sentence and "of 2 seeds" in sentence
         assert ("no evidence of an effect" in sentence) != ("beyond seed-to-seed noise" in sentence)
-    ablation = md[md.index("## Ablation: class-sorted"):md.index("## The paper's figures")]
+    ablation = md[md.index("## Ablation: class-sorted") : md.index("## The paper's figures")]
     assert "| CNN | " in ablation and "Test acc % under no_shuffle" in ablation
     assert "trained from scratch" in md
     html = (out / "report.html").read_text()
@@ -97,7 +131,12 @@ def _complete_runs(out: Path) -> list[Path]:
 def test_killed_study_resumes_without_redoing_finished_runs(tmp_path):
     cfg = tiny_study(tmp_path, seeds=(1,))
     out = tmp_path / "study"
-    proc = subprocess.Popen(BLOODCELL + ["study", str(cfg), "--out", str(out)], env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        BLOODCELL + ["study", str(cfg), "--out", str(out)],
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     t0 = time.time()
     while len(_complete_runs(out)) < 2:
         assert proc.poll() is None, "study ended before it could be killed"
@@ -129,7 +168,12 @@ def test_report_only_trains_nothing(tmp_path):
 
 
 def test_a_failing_run_is_reported_and_the_rest_go_on(tmp_path):
-    broken = {"name": "broken", "row": "Broken", "set": {"model.name": "no-such-model", "data.input_size": 16}, "protocols": ["shuffle"]}
+    broken = {
+        "name": "broken",
+        "row": "Broken",
+        "set": {"model.name": "no-such-model", "data.input_size": 16},
+        "protocols": ["shuffle"],
+    }
     cfg = tiny_study(tmp_path, [broken], seeds=(1,))
     out = tmp_path / "study"
     result = runner.invoke(app, ["study", str(cfg), "--out", str(out), "--only", "cnn", "--only", "broken"])
@@ -159,7 +203,9 @@ def test_paper_and_paper_cpu_share_protocols_and_runs():
     full, _ = load_study(REPO / "configs" / "paper.yaml")
     cpu, _ = load_study(REPO / "configs" / "paper-cpu.yaml")
     assert full.protocols == cpu.protocols and full.compare == cpu.compare
-    assert [(e.name, e.row, e.protocols, e.seeds, e.paper) for e in full.experiments] == [(e.name, e.row, e.protocols, e.seeds, e.paper) for e in cpu.experiments]
+    assert [(e.name, e.row, e.protocols, e.seeds, e.paper) for e in full.experiments] == [
+        (e.name, e.row, e.protocols, e.seeds, e.paper) for e in cpu.experiments
+    ]
 
 
 @pytest.mark.parametrize("name", ["paper.yaml", "paper-cpu.yaml", "demo.yaml", "recipe-search.yaml"])
@@ -171,13 +217,18 @@ def test_shipped_study_configs_expand(name):
         rows = {r.experiment.row for r in runs}
         assert len(rows) == 11 + 1  # the 11 models of Tables 2-3 and Table 1's CNN with 5-fold CV
         assert {r.protocol for r in runs} == {"no_shuffle", "shuffle", "cv", "sorted"}
-        assert len([r for r in runs if r.protocol in ("no_shuffle", "shuffle")]) == 2 * 9 + 2 * 2 * 5  # 5 seeds: CNN, MobileNet-V2
+        assert (
+            len([r for r in runs if r.protocol in ("no_shuffle", "shuffle")]) == 2 * 9 + 2 * 2 * 5
+        )  # 5 seeds: CNN, MobileNet-V2
         orders = {r.protocol: r.config.data.split.order for r in runs}
         assert orders == {"no_shuffle": "keras", "shuffle": "keras_shuffled", "sorted": "sorted", "cv": "stratified"}
         assert spec.compare == ("no_shuffle", "shuffle")
     if name == "recipe-search.yaml":  # from scratch, one split, 3 seeds, EMA on: the runs of a seed can be ensembled
         assert len(runs) == 9 and {r.seed for r in runs} == {42, 43, 44}
-        assert all(r.config.model.pretrained in (None, False) and r.config.train.ema_decay and not r.config.smote.enabled for r in runs)
+        assert all(
+            r.config.model.pretrained in (None, False) and r.config.train.ema_decay and not r.config.smote.enabled
+            for r in runs
+        )
         assert len({r.config.split_seed for r in runs}) == 1
 
 
@@ -210,12 +261,19 @@ def test_estimate_measures_each_setup_once_and_writes_the_budget(tmp_path, monke
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert not (out / "runs").exists()  # nothing trained
     # two set-ups (cnn 16 px, mobilenetv2 32 px), each probed at two sizes, once for all its seeds and protocols
-    assert sorted(probes) == sorted([("cnn", 16, "ce", n) for n in budget.PROBE_IMAGES] + [("mobilenetv2", 32, "ce", n) for n in budget.PROBE_IMAGES])
+    assert sorted(probes) == sorted(
+        [("cnn", 16, "ce", n) for n in budget.PROBE_IMAGES]
+        + [("mobilenetv2", 32, "ce", n) for n in budget.PROBE_IMAGES]
+    )
     record = json.loads((out / "budget.json").read_text())
     assert [r["run"] for r in record["runs"]] == [r.key for r in expand_runs(*load_study(cfg))]
     train, val, test, _ = budget.part_sizes(expand_runs(*load_study(cfg))[0].config, budget.class_counts(SAMPLE))
     cnn = record["runs"][0]  # 2 epochs of (2 s + train x 10 ms + val x 10 ms / 3), then test and val evaluated once
-    want = 2 * (2.0 + train * 0.01 + val * 0.01 * budget.EVAL_COST) + (test + val) * 0.01 * budget.EVAL_COST + budget.RUN_OVERHEAD_S
+    want = (
+        2 * (2.0 + train * 0.01 + val * 0.01 * budget.EVAL_COST)
+        + (test + val) * 0.01 * budget.EVAL_COST
+        + budget.RUN_OVERHEAD_S
+    )
     assert cnn["seconds"] == pytest.approx(want, abs=0.1)
     assert record["total_seconds"] == pytest.approx(sum(r["seconds"] for r in record["runs"]), abs=0.5)
     assert "total:" in result.output and "budget.json" in result.output
@@ -225,6 +283,14 @@ def test_measure_rate_times_real_training_epochs():
     from bloodcell.config import parse_config
     from bloodcell.study.budget import measure_rate
 
-    cfg = parse_config({"model": {"name": "cnn"}, "data": {"input_size": 16}, "train": {"epochs": 9, "precision": "32-true"}, "smote": {"enabled": True}, "cv": {"folds": 3}})
+    cfg = parse_config(
+        {
+            "model": {"name": "cnn"},
+            "data": {"input_size": 16},
+            "train": {"epochs": 9, "precision": "32-true"},
+            "smote": {"enabled": True},
+            "cv": {"folds": 3},
+        }
+    )
     rate, fixed = measure_rate(cfg)
     assert 0 < rate < 1 and 0 <= fixed < 30  # seconds per image of a 16 px CNN, and per epoch

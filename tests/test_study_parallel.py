@@ -32,11 +32,37 @@ BROKEN = "broken/default/seed-1"
 
 def spec(path: Path, broken: bool = True, **train) -> Path:
     """Two short CNN runs (seeds 1 and 2) and, after them, one that fails at run time (an unknown model)."""
-    experiments = [{"name": "cnn", "seeds": [1, 2], "set": {"model.name": "cnn", "data.input_size": 16, "train.epochs": 2, "train.batch_size": 32,
-                                                           **{f"train.{k}": v for k, v in train.items()}}}]
+    experiments = [
+        {
+            "name": "cnn",
+            "seeds": [1, 2],
+            "set": {
+                "model.name": "cnn",
+                "data.input_size": 16,
+                "train.epochs": 2,
+                "train.batch_size": 32,
+                **{f"train.{k}": v for k, v in train.items()},
+            },
+        }
+    ]
     if broken:
-        experiments.append({"name": "broken", "row": "Broken", "seeds": [1], "set": {"model.name": "no-such-model", "data.input_size": 16}})
-    path.write_text(yaml.safe_dump({"name": "par", "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 20, "grid_images": 0}}, "experiments": experiments}))
+        experiments.append(
+            {
+                "name": "broken",
+                "row": "Broken",
+                "seeds": [1],
+                "set": {"model.name": "no-such-model", "data.input_size": 16},
+            }
+        )
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "par",
+                "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 20, "grid_images": 0}},
+                "experiments": experiments,
+            }
+        )
+    )
     return path
 
 
@@ -63,8 +89,14 @@ def studies(tmp_path_factory) -> dict:
             par = study(cfg, base / "par", "--parallel", "2")
         finally:
             torch.set_num_threads(1)
-    return {"cfg": cfg, "seq": base / "seq", "par": base / "par", "output": par.output, "seq_output": sequential.output,
-            "events": events.read(base / "events.jsonl")}
+    return {
+        "cfg": cfg,
+        "seq": base / "seq",
+        "par": base / "par",
+        "output": par.output,
+        "seq_output": sequential.output,
+        "events": events.read(base / "events.jsonl"),
+    }
 
 
 def test_parallel_study_equals_the_sequential_one(studies):
@@ -72,19 +104,23 @@ def test_parallel_study_equals_the_sequential_one(studies):
         seq, par = studies["seq"] / "runs" / key, studies["par"] / "runs" / key
         assert outcome(par) == outcome(seq), key  # metrics (wall time aside), history, weights
         assert (par / "predictions.csv").read_bytes() == (seq / "predictions.csv").read_bytes()
-        assert json.loads((par / "metrics.json").read_text())["provenance"]["environment"]["torch_threads"] == 1  # 2 threads // 2 workers
+        assert (
+            json.loads((par / "metrics.json").read_text())["provenance"]["environment"]["torch_threads"] == 1
+        )  # 2 threads // 2 workers
     # the report and the status come from the run directories in study order, whatever order the runs finished in
     status = json.loads((studies["par"] / "study_status.json").read_text())
     assert [r["run"] for r in status["results"]] == GOOD
     assert status["results"] == json.loads((studies["seq"] / "study_status.json").read_text())["results"]
     assert status["parallel"] == 2
     md = (studies["par"] / "report.md").read_text()
-    per_run = md[md.index("## Environment"):]
+    per_run = md[md.index("## Environment") :]
     assert [per_run.index(k) for k in GOOD + [BROKEN]] == sorted(per_run.index(k) for k in GOOD + [BROKEN])
     assert "| runs at once (--parallel) | 2 |" in md
     for key in GOOD + [BROKEN]:  # each worker's output is kept, the run's directory stays as a sequential run leaves it
         assert (studies["par"] / "logs" / f"{key}.log").is_file()
-    assert sorted(p.name for p in (studies["par"] / "runs" / GOOD[0]).iterdir()) == sorted(p.name for p in (studies["seq"] / "runs" / GOOD[0]).iterdir())
+    assert sorted(p.name for p in (studies["par"] / "runs" / GOOD[0]).iterdir()) == sorted(
+        p.name for p in (studies["seq"] / "runs" / GOOD[0]).iterdir()
+    )
 
 
 def test_parallel_runs_train_at_the_same_time(studies):
@@ -97,7 +133,10 @@ def test_parallel_runs_train_at_the_same_time(studies):
             pid_of[Path(e["path"]).parent.relative_to(runs).as_posix()] = e["pid"]
     assert set(GOOD) <= set(pid_of) and len({pid_of[k] for k in GOOD}) == 2, pid_of
     first_batch = {k: min(e["time"] for e in log if e["event"] == "batch" and e["pid"] == pid_of[k]) for k in GOOD}
-    completed = {k: max(e["time"] for e in log if e["event"] == "wrote" and e["path"] == str(runs / k / "status.json")) for k in GOOD}
+    completed = {
+        k: max(e["time"] for e in log if e["event"] == "wrote" and e["path"] == str(runs / k / "status.json"))
+        for k in GOOD
+    }
     a, b = GOOD
     assert first_batch[b] < completed[a] and first_batch[a] < completed[b], (first_batch, completed)
     assert os.getpid() not in {pid_of[k] for k in GOOD}  # trained in workers, not in the study's process
@@ -117,17 +156,31 @@ def test_bad_parallel_values_are_one_line_errors(tmp_path, value):
     out = tmp_path / "out"
     result = runner.invoke(app, ["study", str(spec(tmp_path / "s.yaml")), "--out", str(out), "--parallel", value])
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: --parallel: expected how many runs") and result.output.count("\n") == 1, result.output
+    assert result.output.startswith("error: --parallel: expected how many runs") and result.output.count("\n") == 1, (
+        result.output
+    )
     assert not out.exists()
 
 
-@pytest.mark.parametrize("train, key", [({"devices": 2}, "train.devices: 2"), ({"devices": [0, 1]}, "train.devices: [0,1]"),
-                                        ({"devices": "0,1"}, "train.devices: 0,1"), ({"num_nodes": 2}, "train.num_nodes: 2")])
+@pytest.mark.parametrize(
+    "train, key",
+    [
+        ({"devices": 2}, "train.devices: 2"),
+        ({"devices": [0, 1]}, "train.devices: [0,1]"),
+        ({"devices": "0,1"}, "train.devices: 0,1"),
+        ({"num_nodes": 2}, "train.num_nodes: 2"),
+    ],
+)
 def test_runs_on_several_devices_are_refused_in_parallel(tmp_path, train, key):
     out = tmp_path / "out"
-    result = runner.invoke(app, ["study", str(spec(tmp_path / "s.yaml", broken=False, **train)), "--out", str(out), "--parallel", "2"])
+    result = runner.invoke(
+        app, ["study", str(spec(tmp_path / "s.yaml", broken=False, **train)), "--out", str(out), "--parallel", "2"]
+    )
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: --parallel 2: run cnn/default/seed-1 sets " + key) and result.output.count("\n") == 1, result.output
+    assert (
+        result.output.startswith("error: --parallel 2: run cnn/default/seed-1 sets " + key)
+        and result.output.count("\n") == 1
+    ), result.output
     assert not out.exists()  # refused before anything is written
 
 

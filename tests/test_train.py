@@ -44,7 +44,11 @@ def write_cfg(path: Path, cfg: dict) -> Path:
 def train(cfg_path: Path, out: Path, *extra: str) -> dict:
     result = runner.invoke(app, ["train", str(cfg_path), "--data", str(SAMPLE), "--out", str(out), *extra])
     assert result.exit_code == 0, result.output + repr(result.exception)
-    return json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").exists() else json.loads((out / "aggregate.json").read_text())
+    return (
+        json.loads((out / "metrics.json").read_text())
+        if (out / "metrics.json").exists()
+        else json.loads((out / "aggregate.json").read_text())
+    )
 
 
 def read_history(run: Path) -> list[dict]:
@@ -59,12 +63,32 @@ def test_short_cnn_run_learns_well_above_chance(tmp_path):
     metrics = train(cfg, run)
     assert metrics["test"]["accuracy"] >= 0.30
     assert metrics["test"]["n"] == 60 and metrics["provenance"]["sizes"] == {"train": 112, "val": 28, "test": 60}
-    for name in ("config.yaml", "split.json", "history.csv", "metrics.json", "predictions.csv", "model.safetensors", "model.json", "status.json"):
+    for name in (
+        "config.yaml",
+        "split.json",
+        "history.csv",
+        "metrics.json",
+        "predictions.csv",
+        "model.safetensors",
+        "model.json",
+        "status.json",
+    ):
         assert (run / name).is_file(), name
     for fig in ("curves", "confusion", "reliability", "predictions", "mistakes"):
         assert (run / "figures" / f"{fig}.png").stat().st_size > 1000
     assert not (run / "checkpoints").exists()
-    keys = ("accuracy", "precision_weighted", "recall_weighted", "f1_weighted", "f1_macro", "ece", "ece_calibrated", "per_class", "confusion_matrix", "ci95")
+    keys = (
+        "accuracy",
+        "precision_weighted",
+        "recall_weighted",
+        "f1_weighted",
+        "f1_macro",
+        "ece",
+        "ece_calibrated",
+        "per_class",
+        "confusion_matrix",
+        "ci95",
+    )
     assert all(k in metrics["test"] for k in keys) and "accuracy" in metrics["train"]
     model_json = json.loads((run / "model.json").read_text())
     assert model_json["class_names"][0] == "basophil" and model_json["temperature"] > 0
@@ -104,10 +128,19 @@ def _wait_for_epochs(run: Path, n: int, proc: subprocess.Popen, timeout: float =
 
 
 def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", {**TINY, "train": {"epochs": 5, "batch_size": 16, "lr": 0.002}, "augment": {"enabled": True}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {**TINY, "train": {"epochs": 5, "batch_size": 16, "lr": 0.002}, "augment": {"enabled": True}},
+    )
     full = train(cfg, tmp_path / "full")
     run = tmp_path / "killed"
-    proc = subprocess.Popen(BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)], env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)],
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     _wait_for_epochs(run, 2, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -127,9 +160,17 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_two_process_ddp_on_cpu_completes(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", {**TINY, "train": {**TINY["train"], "devices": 2, "strategy": "ddp", "accelerator": "cpu"}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml", {**TINY, "train": {**TINY["train"], "devices": 2, "strategy": "ddp", "accelerator": "cpu"}}
+    )
     run = tmp_path / "ddp"
-    proc = subprocess.run(BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)], env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert json.loads((run / "status.json").read_text())["state"] == "complete"
     assert len(read_history(run)) == 3
@@ -137,7 +178,10 @@ def test_two_process_ddp_on_cpu_completes(tmp_path):
 
 
 def test_kfold_writes_every_fold_and_the_aggregate(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", {**TINY, "train": {"epochs": 1, "batch_size": 32}, "cv": {"folds": 5}, "data": {"input_size": 16}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {**TINY, "train": {"epochs": 1, "batch_size": 32}, "cv": {"folds": 5}, "data": {"input_size": 16}},
+    )
     agg = train(cfg, tmp_path / "cv")
     assert agg["runs"] == [f"fold-{k}" for k in range(5)]
     assert agg["summary"]["test.accuracy"]["n"] == 5
@@ -175,10 +219,21 @@ def test_smote_that_cannot_fit_is_refused_with_the_figure():
 
 
 def test_supcon_two_stage_run(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", {
-        "model": {"name": "supcon"}, "data": {"input_size": 32}, "eval": {"bootstrap": 0, "grid_images": 0},
-        "train": {"batch_size": 64, "stages": [{"epochs": 1, "objective": "supcon"}, {"epochs": 1, "objective": "ce", "freeze_encoder": True, "lr": 0.01}]},
-    })
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {
+            "model": {"name": "supcon"},
+            "data": {"input_size": 32},
+            "eval": {"bootstrap": 0, "grid_images": 0},
+            "train": {
+                "batch_size": 64,
+                "stages": [
+                    {"epochs": 1, "objective": "supcon"},
+                    {"epochs": 1, "objective": "ce", "freeze_encoder": True, "lr": 0.01},
+                ],
+            },
+        },
+    )
     run = tmp_path / "supcon"
     train(cfg, run)
     h = read_history(run)
@@ -187,7 +242,17 @@ def test_supcon_two_stage_run(tmp_path):
 
 
 def test_staged_schedule_rebuilds_the_optimizer(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", {**TINY, "train": {"batch_size": 32, "lr": 0.002, "stages": [{"epochs": 2}, {"epochs": 1, "lr": 0.0005, "optimizer": "sgd"}]}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {
+            **TINY,
+            "train": {
+                "batch_size": 32,
+                "lr": 0.002,
+                "stages": [{"epochs": 2}, {"epochs": 1, "lr": 0.0005, "optimizer": "sgd"}],
+            },
+        },
+    )
     run = tmp_path / "staged"
     train(cfg, run)
     h = read_history(run)
@@ -195,7 +260,9 @@ def test_staged_schedule_rebuilds_the_optimizer(tmp_path):
 
 
 def test_nan_loss_stops_with_a_clear_message(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", {**TINY, "train": {"epochs": 3, "batch_size": 16, "lr": 1e12, "optimizer": "sgd"}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml", {**TINY, "train": {"epochs": 3, "batch_size": 16, "lr": 1e12, "optimizer": "sgd"}}
+    )
     result = runner.invoke(app, ["train", str(cfg), "--data", str(SAMPLE), "--out", str(tmp_path / "nan")])
     assert result.exit_code == 2
     assert result.output.startswith("error: training loss is nan") and "lower train.lr" in result.output
@@ -224,7 +291,9 @@ def test_bad_configs_name_the_key(tmp_path, raw, message):
 
 
 def test_overrides_set_nested_keys_and_reject_unknown_ones(tmp_path):
-    cfg = load_config(REPO / "configs" / "train" / "cnn.yaml", ["train.epochs=2", "data.split.order=sorted", "seeds=[1, 2]"])
+    cfg = load_config(
+        REPO / "configs" / "train" / "cnn.yaml", ["train.epochs=2", "data.split.order=sorted", "seeds=[1, 2]"]
+    )
     assert cfg.train.epochs == 2 and cfg.data.split.order == "sorted" and cfg.seeds == [1, 2]
     with pytest.raises(ConfigError, match="unknown key 'train.epoch'"):
         load_config(REPO / "configs" / "train" / "cnn.yaml", ["train.epoch=2"])
@@ -251,12 +320,22 @@ def test_shipped_train_configs_are_valid(path):
 
 
 def test_training_checkpoints_round_trip_without_pickle(tmp_path):
-    state = {"epoch": 3, "state_dict": {"w": torch.randn(3, 2)}, "optimizer_states": [{"state": {0: {"step": torch.tensor(4.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}], "best": float("inf"), "t": (1, 2)}
+    state = {
+        "epoch": 3,
+        "state_dict": {"w": torch.randn(3, 2)},
+        "optimizer_states": [{"state": {0: {"step": torch.tensor(4.0)}}, "param_groups": [{"lr": 0.1, "params": [0]}]}],
+        "best": float("inf"),
+        "t": (1, 2),
+    }
     io = SafetensorsCheckpointIO()
     io.save_checkpoint(state, tmp_path / "last.ckpt")
     back = read_checkpoint(tmp_path / "last.ckpt")
     assert back["epoch"] == 3 and torch.equal(back["state_dict"]["w"], state["state_dict"]["w"])
-    assert back["optimizer_states"][0]["state"][0]["step"].item() == 4.0 and back["best"] == float("inf") and back["t"] == (1, 2)
+    assert (
+        back["optimizer_states"][0]["state"][0]["step"].item() == 4.0
+        and back["best"] == float("inf")
+        and back["t"] == (1, 2)
+    )
     # a torn pair (tensor file from another save) is refused, never loaded
     io.save_checkpoint({"x": torch.zeros(1)}, tmp_path / "other.ckpt")
     tensor_file = lambda ckpt: tmp_path / json.loads((tmp_path / ckpt).read_text())["tensors_file"]  # noqa: E731
@@ -285,19 +364,32 @@ def test_ema_weights_are_what_training_hands_on_and_resume_exactly(tmp_path):
     from bloodcell.train.fit import fit
     from bloodcell.train.module import Classifier
 
-    base = {**TINY, "data": {"root": str(SAMPLE), "input_size": 32}, "train": {"epochs": 2, "batch_size": 16, "lr": 0.002, "precision": "32-true"}}
+    base = {
+        **TINY,
+        "data": {"root": str(SAMPLE), "input_size": 32},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 0.002, "precision": "32-true"},
+    }
     with_ema = {**base, "train": {**base["train"], "ema_decay": 0.8}}
     data = prepare_data(parse_config(base), progress=False)
     plain = fit(parse_config(base), data, tmp_path / "plain", progress=False)
     ema = fit(parse_config(with_ema), data, tmp_path / "ema", progress=False)
     # the average only reads the weights: the training trajectory is the same step for step
-    assert [r["train_loss"] for r in read_history(tmp_path / "plain")] == [r["train_loss"] for r in read_history(tmp_path / "ema")]
+    assert [r["train_loss"] for r in read_history(tmp_path / "plain")] == [
+        r["train_loss"] for r in read_history(tmp_path / "ema")
+    ]
     # ...but what is saved and evaluated is the average, not the last weights
     differs = [not torch.equal(a, b) for a, b in zip(plain.state_dict().values(), ema.state_dict().values())]
     assert any(differs)
-    assert [r["val_loss"] for r in read_history(tmp_path / "plain")] != [r["val_loss"] for r in read_history(tmp_path / "ema")]
+    assert [r["val_loss"] for r in read_history(tmp_path / "plain")] != [
+        r["val_loss"] for r in read_history(tmp_path / "ema")
+    ]
     # the average is in the checkpoint: one epoch, then resumed to two, gives the same weights
-    fit(parse_config({**with_ema, "train": {**with_ema["train"], "epochs": 1}}), data, tmp_path / "resumed", progress=False)
+    fit(
+        parse_config({**with_ema, "train": {**with_ema["train"], "epochs": 1}}),
+        data,
+        tmp_path / "resumed",
+        progress=False,
+    )
     first_epoch = (tmp_path / "resumed" / "history.csv").read_text().splitlines()
     steps = []
     original_step = Classifier.training_step
@@ -344,7 +436,7 @@ def test_epoch_batches_cover_the_epoch_once_without_a_lone_last_image(n, world):
 # Loaded at start-up by every process of the study below (sitecustomize on PYTHONPATH). Only in DDP rank 1 (the
 # process Lightning launches with LOCAL_RANK=1), the 3rd cross-entropy (a training step) returns NaN, once: one rank
 # diverges alone.
-NAN_ON_RANK_1 = '''
+NAN_ON_RANK_1 = """
 import os
 if os.environ.get("LOCAL_RANK") == "1":
     import torch, torch.nn.functional as F
@@ -354,7 +446,7 @@ if os.environ.get("LOCAL_RANK") == "1":
         loss = _ce(*args, **kwargs)
         return loss * float("nan") if _calls[0] == 3 else loss
     F.cross_entropy = cross_entropy
-'''
+"""
 
 
 @pytest.mark.slow
@@ -364,15 +456,32 @@ def test_a_loss_that_diverges_on_one_ddp_rank_stops_every_rank_and_the_study_goe
         "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 0, "grid_images": 0}},
         "seeds": [1],
         "experiments": [
-            {"name": f"run{k}", "set": {"model.name": "cnn", "data.input_size": 16, "train.epochs": 1, "train.batch_size": 16,
-                                        "train.devices": 2, "train.strategy": "ddp", "train.accelerator": "cpu", "train.precision": "32"}}
+            {
+                "name": f"run{k}",
+                "set": {
+                    "model.name": "cnn",
+                    "data.input_size": 16,
+                    "train.epochs": 1,
+                    "train.batch_size": 16,
+                    "train.devices": 2,
+                    "train.strategy": "ddp",
+                    "train.accelerator": "cpu",
+                    "train.precision": "32",
+                },
+            }
             for k in (1, 2)
         ],
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec))
     env = env_with_startup_hook(tmp_path, NAN_ON_RANK_1)
     # without the shared stop, rank 0 waits in the gradient all-reduce for rank 1 until this timeout
-    proc = subprocess.run(BLOODCELL + ["study", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        BLOODCELL + ["study", str(tmp_path / "study.yaml"), "--out", str(tmp_path / "out")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     status = json.loads((tmp_path / "out" / "study_status.json").read_text())
     assert status["failed"] == ["run1/default/seed-1"] and status["complete"] == 1
@@ -380,7 +489,7 @@ def test_a_loss_that_diverges_on_one_ddp_rank_stops_every_rank_and_the_study_goe
     assert failed["state"] == "failed" and "not finite on another process" in failed["error"]
 
 
-RECORD_SUPCON_ROWS = '''
+RECORD_SUPCON_ROWS = """
 import os
 import bloodcell.train.module as m
 _loss = m.supcon_loss
@@ -389,23 +498,43 @@ def supcon_loss(embeddings, labels, temperature):
         fh.write(f"{os.environ.get('LOCAL_RANK', '0')} {embeddings.shape[0]} {labels.shape[0]}\\n")
     return _loss(embeddings, labels, temperature)
 m.supcon_loss = supcon_loss
-'''
+"""
 
 
 @pytest.mark.slow
 def test_supcon_under_ddp_contrasts_the_global_batch(tmp_path):
     """Two ranks of 8 cells, two views each: the loss of each rank sees 2 x 2 x 8 = 32 embeddings, not its own 16."""
     rows = tmp_path / "rows.txt"
-    cfg = write_cfg(tmp_path / "c.yaml", {
-        "model": {"name": "supcon"}, "data": {"input_size": 32}, "eval": {"bootstrap": 0, "grid_images": 0},
-        "augment": {"enabled": False}, "smote": {"enabled": False},
-        # the SupCon stage leaves the classifier head unused, which plain "ddp" refuses (Lightning says so in one line)
-        "train": {"batch_size": 8, "devices": 2, "strategy": "ddp_find_unused_parameters_true", "accelerator": "cpu", "precision": "32",
-                  "stages": [{"epochs": 1, "objective": "supcon", "optimizer": "adam", "lr": 0.001},
-                             {"epochs": 1, "objective": "ce", "freeze_encoder": True, "optimizer": "adam", "lr": 0.001}]},
-    })
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {
+            "model": {"name": "supcon"},
+            "data": {"input_size": 32},
+            "eval": {"bootstrap": 0, "grid_images": 0},
+            "augment": {"enabled": False},
+            "smote": {"enabled": False},
+            # the SupCon stage leaves the classifier head unused, which plain "ddp" refuses (Lightning says so in one line)
+            "train": {
+                "batch_size": 8,
+                "devices": 2,
+                "strategy": "ddp_find_unused_parameters_true",
+                "accelerator": "cpu",
+                "precision": "32",
+                "stages": [
+                    {"epochs": 1, "objective": "supcon", "optimizer": "adam", "lr": 0.001},
+                    {"epochs": 1, "objective": "ce", "freeze_encoder": True, "optimizer": "adam", "lr": 0.001},
+                ],
+            },
+        },
+    )
     env = env_with_startup_hook(tmp_path, RECORD_SUPCON_ROWS, SUPCON_ROWS=str(rows))
-    proc = subprocess.run(BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(tmp_path / "run")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     seen = [tuple(map(int, line.split())) for line in rows.read_text().splitlines()]
     assert {rank for rank, _, _ in seen} == {0, 1} and all(e == n for _, e, n in seen)

@@ -149,7 +149,10 @@ def test_metrics_record_the_precision_the_run_trained_in(tmp_path, asked, record
 
 def test_training_from_a_medmnist_npz_runs_end_to_end(tmp_path):
     npz = _write_npz(tmp_path / "bloodmnist.npz", n=(48, 16, 20))  # 28 px, random labels of the 8 classes
-    cfg = write_cfg(tmp_path / "c.yaml", {**SMALL, "data": {"npz": str(npz), "input_size": 16}, "train": {**SMALL["train"], "epochs": 2}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {**SMALL, "data": {"npz": str(npz), "input_size": 16}, "train": {**SMALL["train"], "epochs": 2}},
+    )
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", str(cfg), "--out", str(run)])  # no --data: the npz is the data
     assert result.exit_code == 0, result.output + repr(result.exception)
@@ -171,7 +174,9 @@ def _native_bf16_in_subprocess(**env) -> bool:
     import sys
 
     code = "from bloodcell.train.hardware import cpu_has_native_bf16; print(cpu_has_native_bf16())"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, check=True
+    )
     return out.stdout.strip() == "True"
 
 
@@ -247,7 +252,10 @@ def test_channels_last_resolves_per_machine_as_measured(monkeypatch):
         assert resolve_channels_last(vgg, "cpu") is vgg_on_cpu
         assert resolve_channels_last(resnet, "cpu") is True
         assert resolve_channels_last(vgg, "gpu") is True
-    assert resolve_channels_last(parse_config({"model": {"name": "resnet50"}, "train": {"channels_last": False}}), "gpu") is False
+    assert (
+        resolve_channels_last(parse_config({"model": {"name": "resnet50"}, "train": {"channels_last": False}}), "gpu")
+        is False
+    )
 
 
 def test_the_resolved_channels_last_reaches_the_batches(tmp_path, monkeypatch):

@@ -38,9 +38,13 @@ def main() -> None:
     ap.add_argument("run", type=Path, nargs="?", help="the finished detector run (left out with --refresh)")
     ap.add_argument("dest", type=Path)
     ap.add_argument("--refresh", action="store_true", help="only redo the ONNX export of the detector in DEST")
-    ap.add_argument("--check-photos", type=Path, default=None, help="check the ONNX export on these photographs (a folder)")
+    ap.add_argument(
+        "--check-photos", type=Path, default=None, help="check the ONNX export on these photographs (a folder)"
+    )
     ap.add_argument("--limit", type=int, default=24, help="at most this many of --check-photos, spread over the folder")
-    ap.add_argument("--loso", type=Path, nargs="*", default=[], help="finished leave-one-source-out runs (data.leave_out set)")
+    ap.add_argument(
+        "--loso", type=Path, nargs="*", default=[], help="finished leave-one-source-out runs (data.leave_out set)"
+    )
     args = ap.parse_args()
     if not args.refresh:
         if args.run is None:
@@ -58,7 +62,16 @@ def write_card(dest: Path) -> None:
     print(f"wrote {dest / DETECTOR_CARD}")
 
 
-HEADLINE = ("precision", "recall", "ap", "count_mae", "count_rel_error", "count_error_ratio", "count_bias", "count_exact")
+HEADLINE = (
+    "precision",
+    "recall",
+    "ap",
+    "count_mae",
+    "count_rel_error",
+    "count_error_ratio",
+    "count_bias",
+    "count_exact",
+)
 
 
 def _headline(classes: dict) -> dict:
@@ -67,8 +80,11 @@ def _headline(classes: dict) -> dict:
 
 def by_source(metrics: dict) -> dict:
     """{"txl_pbc/raabin": {photos, classes: headline}, "bccd": ...} from a run's metrics.json."""
-    return {f"{name}/{src}" if len(groups) > 1 else name: {"photos": m["photos"], "classes": _headline(m["classes"])}
-            for name, groups in metrics.get("test_sets", {}).items() for src, m in groups.items()}
+    return {
+        f"{name}/{src}" if len(groups) > 1 else name: {"photos": m["photos"], "classes": _headline(m["classes"])}
+        for name, groups in metrics.get("test_sets", {}).items()
+        for src, m in groups.items()
+    }
 
 
 def left_out_rows(runs: list[Path]) -> dict:
@@ -80,8 +96,13 @@ def left_out_rows(runs: list[Path]) -> dict:
             sys.exit(f"error: {run} is not a finished leave-one-source-out run (metrics.json with leave_out)")
         source = metrics["leave_out"]
         seen = {k: v for k, v in by_source(metrics).items() if k.split("/")[-1] == source}
-        rows[source] = {"run": run.name, "test": seen, "train_photographs": metrics["photos"]["train"],
-                        "epochs": metrics["fit"].get("epochs"), "initial_weights": metrics["fit"].get("initial_weights")}
+        rows[source] = {
+            "run": run.name,
+            "test": seen,
+            "train_photographs": metrics["photos"]["train"],
+            "epochs": metrics["fit"].get("epochs"),
+            "initial_weights": metrics["fit"].get("initial_weights"),
+        }
     return rows
 
 
@@ -130,15 +151,19 @@ def finish(dest: Path, check_photos: Path | None, limit: int) -> None:
         files = sorted(p for p in check_photos.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
         if not files:
             sys.exit(f"error: no photographs in {check_photos}")
-        picked = [files[i] for i in np.unique(np.linspace(0, len(files) - 1, min(limit, len(files))).round().astype(int))]
+        picked = [
+            files[i] for i in np.unique(np.linspace(0, len(files) - 1, min(limit, len(files))).round().astype(int))
+        ]
         photos = [np.array(Image.open(f).convert("RGB")) for f in picked]
         source = f"photographs of {check_photos.parent.name}/{check_photos.name}, evenly spread over its {len(files)}"
     section = export_bundled_detector(dest, photos, source)
     at = section["at_thresholds"]
-    print(f"exported {dest / DETECTOR_ONNX} ({(dest / DETECTOR_ONNX).stat().st_size / 1e6:.1f} MB, {section['exporter']}), "
-          f"checked on {section['checked_on']}: largest output difference vs PyTorch {section['max_abs_diff']:.2g}; "
-          f"{at['boxes']} boxes at the thresholds, lowest IoU {at['min_iou']:.6f}, largest score difference {at['max_score_diff']:.2g}; "
-          f"{dest} holds {', '.join(sorted(p.name for p in dest.iterdir()))}")
+    print(
+        f"exported {dest / DETECTOR_ONNX} ({(dest / DETECTOR_ONNX).stat().st_size / 1e6:.1f} MB, {section['exporter']}), "
+        f"checked on {section['checked_on']}: largest output difference vs PyTorch {section['max_abs_diff']:.2g}; "
+        f"{at['boxes']} boxes at the thresholds, lowest IoU {at['min_iou']:.6f}, largest score difference {at['max_score_diff']:.2g}; "
+        f"{dest} holds {', '.join(sorted(p.name for p in dest.iterdir()))}"
+    )
 
 
 if __name__ == "__main__":

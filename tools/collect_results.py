@@ -1,6 +1,6 @@
 """Copy a study's report and small per-run artefacts (no weights, no checkpoints) into docs/results/NAME/.
 
-    .venv/bin/python tools/collect_results.py /path/to/study docs/results/paper-cpu
+.venv/bin/python tools/collect_results.py /path/to/study docs/results/paper-cpu
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ def main() -> None:
             shutil.copy2(src / name, dst / name)
     if (src / "figures").exists():
         shutil.copytree(src / "figures", dst / "figures", dirs_exist_ok=True)
-    shown = set(re.findall(r"\]\((runs/[^)]+\.png)\)", (src / "report.md").read_text())) if (src / "report.md").exists() else set()
+    shown = (
+        set(re.findall(r"\]\((runs/[^)]+\.png)\)", (src / "report.md").read_text()))
+        if (src / "report.md").exists()
+        else set()
+    )
     for f in (src / "runs").rglob("*"):
         rel = f.relative_to(src)
         # a run's figures only where the report shows them (each run keeps its own in the study folder)

@@ -17,9 +17,18 @@ def options(profile: str | Path, window: str = "1280,1000") -> list[str]:
     """Chromium's command-line options: headless, in a container (no sandbox, GPU or /dev/shm), quiet (no background
     networking, component updates, sync or first-run pages), the window `window` ("WIDTH,HEIGHT") and its profile in
     the folder `profile`."""
-    return ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            "--no-first-run", f"--window-size={window}", f"--user-data-dir={profile}"]
+    return [
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--window-size={window}",
+        f"--user-data-dir={profile}",
+    ]
 
 
 def chromium(profile: str | Path, window: str = "1280,1000"):

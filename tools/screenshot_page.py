@@ -35,7 +35,9 @@ SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "pbc-sample"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--model", default=None, help="run directory, .safetensors or .onnx (default: the bundled model)")
+    parser.add_argument(
+        "--model", default=None, help="run directory, .safetensors or .onnx (default: the bundled model)"
+    )
     parser.add_argument("--height", type=int, default=1100, help="window height in pixels (taller: more cards in view)")
     parser.add_argument("--add", nargs="*", default=[], type=Path, help="more images to upload after the samples")
     parser.add_argument("--workstation", action="store_true", help="the review workstation instead of the one-off page")

@@ -16,7 +16,6 @@ from bloodcell import io
 from bloodcell.errors import ConfigError
 
 
-
 def _fits_float32(lr: float) -> float:
     # optimizers keep the learning rate in float32 state: a larger one would fail inside torch with a traceback
     if lr > 3.4e38:
@@ -25,6 +24,7 @@ def _fits_float32(lr: float) -> float:
 
 
 LearningRate = Annotated[float, AfterValidator(_fits_float32)]
+
 
 class StrictSection(BaseModel):
     """A config section: unknown keys and wrong types are errors (the detector's sections too: bloodcell.detect.config)."""
@@ -71,7 +71,9 @@ class LabSource(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     root: str
     parts: Optional[list[Literal["train", "val", "test"]]] = None  # None: all; a folder has parts only when trained on
-    classes: Optional[list[str]] = None  # keep these classes only (e.g. the white-cell classes a model knows); None: all
+    classes: Optional[list[str]] = (
+        None  # keep these classes only (e.g. the white-cell classes a model knows); None: all
+    )
 
 
 class DataConfig(_Strict):
@@ -271,7 +273,9 @@ def parse_config(raw: dict, source: str = "config", schema: type[BaseModel] = Ru
         raise ConfigError(_format_validation_error(exc, source)) from None
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None, schema: type[BaseModel] = RunConfig):
+def load_config(
+    path: str | os.PathLike | None, overrides: list[str] | None = None, schema: type[BaseModel] = RunConfig
+):
     """Read a YAML config (or start from defaults when path is None), apply overrides, validate."""
     raw: dict = {}
     source = "defaults"

@@ -89,4 +89,6 @@ def needs_train_extra(feature: str) -> Iterator[None]:
         missing = missing_train_module(exc)
         if missing is None:
             raise
-        raise MissingExtra(f"{feature} needs PyTorch and the training install ({missing} is not installed): {INSTALL_TRAIN}") from None
+        raise MissingExtra(
+            f"{feature} needs PyTorch and the training install ({missing} is not installed): {INSTALL_TRAIN}"
+        ) from None

@@ -17,7 +17,10 @@ def outcome(run: Path) -> dict:
     metrics["provenance"].pop("train_seconds")
     history = [{k: v for k, v in row.items() if k != "seconds"} for row in read_history(run)]
     # tensor by tensor: the file's bytes are not reproducible (safetensors writes its metadata in hash-map order)
-    weights = {name: hashlib.sha256(t.numpy().tobytes()).hexdigest() for name, t in load_file(run / "model.safetensors").items()}
+    weights = {
+        name: hashlib.sha256(t.numpy().tobytes()).hexdigest()
+        for name, t in load_file(run / "model.safetensors").items()
+    }
     return {"metrics": metrics, "history": history, "weights": weights}
 
 

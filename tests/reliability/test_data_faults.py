@@ -141,7 +141,9 @@ def test_non_image_file_named_jpg_is_unreadable(tree):
     inv = scan(tree, progress=False)
     assert unreadable(inv) == {"alpha/notes.jpg": "not an image (unrecognised content)"}
     assert len(inv.records) == 28 and inv.files == 29
-    assert inspect_json(tree)["unreadable"] == [{"path": "alpha/notes.jpg", "reason": "not an image (unrecognised content)"}]
+    assert inspect_json(tree)["unreadable"] == [
+        {"path": "alpha/notes.jpg", "reason": "not an image (unrecognised content)"}
+    ]
 
 
 def test_truncated_jpeg_is_unreadable(tree):
@@ -187,7 +189,12 @@ def test_grayscale_rgba_cmyk_16bit_images_are_converted_to_rgb(tmp_path):
         write_image(root / rel, rng, mode=mode)
     inv = scan(root, progress=False)
     modes = {r.relpath: r.mode for r in inv.records}
-    assert {rel: modes[rel] for rel in odd} == {"a/gray.png": "L", "a/alpha.png": "RGBA", "b/print.jpg": "CMYK", "b/deep.png": "I;16"}
+    assert {rel: modes[rel] for rel in odd} == {
+        "a/gray.png": "L",
+        "a/alpha.png": "RGBA",
+        "b/print.jpg": "CMYK",
+        "b/deep.png": "I;16",
+    }
     assert inv.skipped == []
     cache = build_cache(inv, SIZE, progress=False, workers=1)
     assert cache.images.dtype == np.uint8 and cache.images.shape == (10, SIZE, SIZE, 3)
@@ -215,7 +222,11 @@ def test_upper_and_mixed_case_extensions_are_images(tmp_path):
     rng = np.random.default_rng(6)
     root = tmp_path / "ds"
     for rel in ("a/one.JPG", "a/two.Jpeg", "b/three.PNG", "b/four.TiF"):
-        write_image(root / rel, rng, fmt={".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF"}[Path(rel).suffix.lower()])
+        write_image(
+            root / rel,
+            rng,
+            fmt={".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".tif": "TIFF"}[Path(rel).suffix.lower()],
+        )
     (root / "b" / "readme.TXT").write_text("x")
     inv = scan(root, progress=False)
     assert [r.relpath for r in inv.records] == ["a/one.JPG", "a/two.Jpeg", "b/four.TiF", "b/three.PNG"]
@@ -233,7 +244,10 @@ def test_hidden_files_and_folders_are_reported_not_used(tree):
         "beta/._beta_0000.png": "not an image (unrecognised content)",
     }
     assert inv.class_names == ["alpha", "beta", "gamma"]
-    assert [w for w in inv.warnings if "hidden" in w] == [".git/: hidden folder ignored", "__MACOSX/: hidden folder ignored"]
+    assert [w for w in inv.warnings if "hidden" in w] == [
+        ".git/: hidden folder ignored",
+        "__MACOSX/: hidden folder ignored",
+    ]
 
 
 # ----------------------------------------------------------------------------- folders and layout
@@ -251,7 +265,9 @@ def test_empty_class_folder_is_reported_and_left_out(tree):
 def test_class_folder_that_is_a_file_is_ignored_and_listed(tree):
     shutil.copy(tree / "alpha" / "alpha_0000.png", tree / "monocyte")  # a file where a class folder would be
     inv = scan(tree, progress=False)
-    assert [(s.path, s.reason) for s in inv.ignored] == [("monocyte", "file at dataset root, not inside a class folder")]
+    assert [(s.path, s.reason) for s in inv.ignored] == [
+        ("monocyte", "file at dataset root, not inside a class folder")
+    ]
     assert inv.class_names == ["alpha", "beta", "gamma"] and inv.skipped == [] and len(inv.records) == 28
     text = runner.invoke(app, ["data", "inspect", str(tree)])
     assert text.exit_code == 0 and "ignored monocyte: file at dataset root, not inside a class folder" in text.stdout
@@ -280,7 +296,9 @@ def test_data_dir_without_class_folders_is_one_line_error(tmp_path):
 def test_data_path_that_is_a_file_is_one_line_error(tmp_path):
     target = tmp_path / "data.zip"
     target.write_bytes(b"PK\x03\x04")
-    assert_one_line_error(runner.invoke(app, ["data", "inspect", str(target)]), f"dataset path is not a folder or a .csv: {target}")
+    assert_one_line_error(
+        runner.invoke(app, ["data", "inspect", str(target)]), f"dataset path is not a folder or a .csv: {target}"
+    )
 
 
 def test_symlinks_inside_class_folders(tree, tmp_path):
@@ -360,7 +378,9 @@ def test_permission_faults_under_a_real_chmod(tmp_path):
         pytest.skip("setpriv could not drop the DAC capabilities here")
     result = subprocess.run(
         [*drop, sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "permission_denied", __file__],
-        capture_output=True, text=True, env=dict(os.environ, BLOODCELL_PROGRESS="0"),
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, BLOODCELL_PROGRESS="0"),
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
     assert "3 passed" in result.stdout
@@ -524,9 +544,15 @@ def test_cache_folder_not_writable_is_one_line_error(tree, tmp_path, monkeypatch
     monkeypatch.setenv("BLOODCELL_CACHE", str(blocker / "cache"))
     with pytest.raises(DataError) as err:
         prepare_data(run_config(tree), progress=False)
-    assert str(err.value).startswith(f"cannot write the preprocessing cache in {blocker / 'cache' / 'arrays'} (Not a directory; it needs ")
+    assert str(err.value).startswith(
+        f"cannot write the preprocessing cache in {blocker / 'cache' / 'arrays'} (Not a directory; it needs "
+    )
     out = tmp_path / "run"
-    assert_one_line_error(train_cli(tmp_path, tree, out), "cannot write the preprocessing cache in", "set BLOODCELL_CACHE to another folder")
+    assert_one_line_error(
+        train_cli(tmp_path, tree, out),
+        "cannot write the preprocessing cache in",
+        "set BLOODCELL_CACHE to another folder",
+    )
     assert not out.exists()
 
 

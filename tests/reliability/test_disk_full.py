@@ -81,7 +81,9 @@ def fill_up_on(pattern: str, nth: int):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("pattern", ["last.ckpt.*.safetensors", "last.ckpt"], ids=["tensor-file", "json-file"])
-def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_works(tmp_path, monkeypatch, reference_run, pattern):
+def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_works(
+    tmp_path, monkeypatch, reference_run, pattern
+):
     run = tmp_path / "run"
     args = ["train", str(reference_run["config"]), "--data", str(SAMPLE), "--out", str(run)]
     with monkeypatch.context() as mp:
@@ -93,7 +95,9 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one_and_resume_
     ckpt = run / "checkpoints" / "last.ckpt"
     named = f"{ckpt}:" if pattern == "last.ckpt" else f"{ckpt}."
     assert lines[0].startswith(f"error: cannot write {named}") and ": No space left on device; " in lines[0], lines[0]
-    assert lines[0].endswith(f"the checkpoint of epoch 1, the last good one, is kept: {ckpt}; a resumed run continues from it")
+    assert lines[0].endswith(
+        f"the checkpoint of epoch 1, the last good one, is kept: {ckpt}; a resumed run continues from it"
+    )
     assert_previous_checkpoint_intact(run, epochs=1)
 
     resumed = runner.invoke(app, args + ["--resume"])  # room again
@@ -105,7 +109,9 @@ def _mount_tmpfs(where: Path, size_mb: int) -> None:
     if not sys.platform.startswith("linux") or os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("a real full disk needs root on Linux (mount -t tmpfs)")
     where.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(where)], capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(where)], capture_output=True, text=True
+    )
     if proc.returncode != 0:
         pytest.skip(f"mount -t tmpfs is not permitted here: {proc.stderr.strip()}")
 
@@ -119,7 +125,14 @@ def test_real_full_tmpfs_while_writing_a_checkpoint(tmp_path, reference_run):
     try:
         run = disk / "run"
         args = ["train", str(reference_run["config"]), "--data", str(SAMPLE), "--out", str(run)]
-        proc = subprocess.Popen(BLOODCELL + args, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            BLOODCELL + args,
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         try:
             t0 = time.time()
             while checkpoint_epoch(run) < 1:
@@ -141,8 +154,13 @@ def test_real_full_tmpfs_while_writing_a_checkpoint(tmp_path, reference_run):
         assert proc.returncode == 2, stdout + stderr
         assert "Traceback" not in stdout + stderr
         errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-        assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {run / 'checkpoints' / 'last.ckpt'}."), stderr
-        assert "No space left on device" in errors[0] and "the checkpoint of epoch 1, the last good one, is kept" in errors[0]
+        assert len(errors) == 1 and errors[0].startswith(f"error: cannot write {run / 'checkpoints' / 'last.ckpt'}."), (
+            stderr
+        )
+        assert (
+            "No space left on device" in errors[0]
+            and "the checkpoint of epoch 1, the last good one, is kept" in errors[0]
+        )
         assert_previous_checkpoint_intact(run, epochs=1)
 
         (disk / "filler").unlink()  # free the space, then continue
@@ -231,5 +249,7 @@ def test_resume_from_a_truncated_checkpoint_warns_and_starts_over_exactly(tmp_pa
     resumed = runner.invoke(app, args + ["--resume"])
     assert resumed.exit_code == 0, resumed.output
     warning = f"warning: checkpoint {run / 'checkpoints' / 'last.ckpt'} is incomplete"
-    assert [line for line in resumed.output.splitlines() if line.startswith("warning:")][0].startswith(warning), resumed.output
+    assert [line for line in resumed.output.splitlines() if line.startswith("warning:")][0].startswith(warning), (
+        resumed.output
+    )
     assert outcome(run) == reference_run["outcome"]

@@ -66,16 +66,34 @@ def alive(pid: int) -> bool:
 def test_a_killed_process_leaves_no_pool_worker_behind(tmp_path, what):
     if not sys.platform.startswith("linux"):
         pytest.skip("reads /proc")
-    marker = f"fork-safety-{what}-{os.getpid()}-{tmp_path.name}"  # on the command line of the process and any fork of it
+    marker = (
+        f"fork-safety-{what}-{os.getpid()}-{tmp_path.name}"  # on the command line of the process and any fork of it
+    )
     env = dict(os.environ, BLOODCELL_PROGRESS="0")
-    proc = subprocess.Popen([sys.executable, "-c", DRIVER, what, str(SAMPLE), str(tmp_path / "cache"), marker],
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, what, str(SAMPLE), str(tmp_path / "cache"), marker],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+    )
     workers: set[int] = set()
     try:
         t0 = time.time()
         while True:  # the pool's workers are there (a scan's pool: the whole scan; a build's: build after build)
-            assert proc.poll() is None, f"the process ended (rc {proc.returncode}) before its pool started: {proc.stderr.read().decode()[-2000:]}"
-            workers |= {pid for pid in children_of(proc.pid) if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")} if alive(proc.pid) else set()
+            assert proc.poll() is None, (
+                f"the process ended (rc {proc.returncode}) before its pool started: {proc.stderr.read().decode()[-2000:]}"
+            )
+            workers |= (
+                {
+                    pid
+                    for pid in children_of(proc.pid)
+                    if "resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+                }
+                if alive(proc.pid)
+                else set()
+            )
             if len(workers) >= 2:
                 break
             assert time.time() - t0 < 60, "timed out waiting for the pool's workers"
@@ -85,9 +103,13 @@ def test_a_killed_process_leaves_no_pool_worker_behind(tmp_path, what):
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         deadline = time.time() + 5  # PDEATHSIG is immediate; a worker still starting up sees it is orphaned within 1 s
-        while (left := sorted({p for p in workers if alive(p)} | set(processes_running(marker)))) and time.time() < deadline:
+        while (
+            left := sorted({p for p in workers if alive(p)} | set(processes_running(marker)))
+        ) and time.time() < deadline:
             time.sleep(0.05)
-        assert left == [], f"left behind after kill -9 of the process: {[Path(f'/proc/{p}/cmdline').read_bytes()[:120] for p in left if alive(p)]}"
+        assert left == [], (
+            f"left behind after kill -9 of the process: {[Path(f'/proc/{p}/cmdline').read_bytes()[:120] for p in left if alive(p)]}"
+        )
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -63,7 +63,11 @@ def run_state(run: Path) -> str:
 
 def writes_under(log: list[dict], root: Path) -> list[str]:
     """The files written under `root`, in order, as paths relative to it."""
-    return [Path(e["path"]).relative_to(root).as_posix() for e in log if e["event"] == "wrote" and Path(e["path"]).is_relative_to(root)]
+    return [
+        Path(e["path"]).relative_to(root).as_posix()
+        for e in log
+        if e["event"] == "wrote" and Path(e["path"]).is_relative_to(root)
+    ]
 
 
 def batches(log: list[dict]) -> list[tuple[int, int]]:
@@ -90,7 +94,9 @@ def wait_for(condition, proc: subprocess.Popen, what: str, timeout: float = 120)
 def spawn(args: list[str], log: Path) -> subprocess.Popen:
     # its own session, so whatever it started can be cleaned up by its process group after the test
     env = dict(cli_env(), **{events.ENV: str(log)})
-    return subprocess.Popen(BLOODCELL + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    return subprocess.Popen(
+        BLOODCELL + args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
 
 
 def kill_9(proc: subprocess.Popen) -> None:
@@ -128,7 +134,12 @@ def reference_run(tmp_path_factory, isolated_cache) -> dict:
     lrs = [float(row["lr"]) for row in read_history(base / "run")]
     assert lrs == pytest.approx([0.001, 0.002, 0.0015, 0.0005])  # warm-up, then cosine: a position a resume must keep
     log = events.read(base / "events.jsonl")
-    return {"config": cfg, "outcome": outcome(base / "run"), "writes": writes_under(log, base / "run"), "batches": batches(log)}
+    return {
+        "config": cfg,
+        "outcome": outcome(base / "run"),
+        "writes": writes_under(log, base / "run"),
+        "batches": batches(log),
+    }
 
 
 def train_kill_point(point_id: str, ref: dict, rng: random.Random) -> tuple[str, object]:
@@ -138,7 +149,11 @@ def train_kill_point(point_id: str, ref: dict, rng: random.Random) -> tuple[str,
     if point_id.startswith("batch"):
         epoch, batch = rng.choice([b for b in ref["batches"] if (b[0] == 1) == (point_id == "batch-epoch-1")])
         return f"as batch {batch} of epoch {epoch} starts", lambda log, run: (epoch, batch) in batches(log)
-    i = {"training-write": lambda: rng.randrange(model_at), "evaluation-write": lambda: rng.randrange(model_at, metrics_at + 1), "metrics": lambda: metrics_at}[point_id]()
+    i = {
+        "training-write": lambda: rng.randrange(model_at),
+        "evaluation-write": lambda: rng.randrange(model_at, metrics_at + 1),
+        "metrics": lambda: metrics_at,
+    }[point_id]()
     return f"after write {i + 1} of {len(writes)} ({writes[i]})", lambda log, run: len(writes_under(log, run)) > i
 
 
@@ -178,7 +193,16 @@ def study_config(path: Path) -> Path:
         "base": {"data": {"root": str(SAMPLE)}, "eval": {"bootstrap": 20, "grid_images": 0}},
         "seeds": [1, 2],
         "experiments": [
-            {"name": "cnn", "set": {"model.name": "cnn", "data.input_size": 32, "train.epochs": 2, "train.batch_size": 16, "train.schedule": "cosine"}},
+            {
+                "name": "cnn",
+                "set": {
+                    "model.name": "cnn",
+                    "data.input_size": 32,
+                    "train.epochs": 2,
+                    "train.batch_size": 16,
+                    "train.schedule": "cosine",
+                },
+            },
         ],
     }
     path.write_text(yaml.safe_dump(spec))
@@ -211,12 +235,19 @@ def reference_study(tmp_path_factory, isolated_cache) -> dict:
     assert result.exit_code == 0 and "runs complete: 2 of 2" in result.output, result.output
     status = json.loads((base / "out" / "study_status.json").read_text())
     log = events.read(base / "events.jsonl")
-    return {"config": cfg, "outcomes": [outcome(r) for r in study_runs(base / "out")], "results": status["results"],
-            "writes": writes_under(log, base / "out"), "batches": batches(log)}
+    return {
+        "config": cfg,
+        "outcomes": [outcome(r) for r in study_runs(base / "out")],
+        "results": status["results"],
+        "writes": writes_under(log, base / "out"),
+        "batches": batches(log),
+    }
 
 
 @pytest.mark.parametrize("point_id", STUDY_POINTS)
-def test_study_killed_then_rerun_redoes_nothing_finished_and_equals_an_uninterrupted_study(tmp_path, reference_study, point_id):
+def test_study_killed_then_rerun_redoes_nothing_finished_and_equals_an_uninterrupted_study(
+    tmp_path, reference_study, point_id
+):
     rng = random.Random(f"{KILL_SEED}/study/{point_id}")
     out, log = tmp_path / "out", tmp_path / "events.jsonl"
     first, second = study_runs(out)
@@ -228,7 +259,10 @@ def test_study_killed_then_rerun_redoes_nothing_finished_and_equals_an_uninterru
     else:
         writes = reference_study["writes"]
         i = rng.randrange(writes.index("study_status.json"), writes.index("report.html"))
-        where, reached = f"after write {i + 1} of {len(writes)} ({writes[i]})", lambda: len(writes_under(events.read(log), out)) > i
+        where, reached = (
+            f"after write {i + 1} of {len(writes)} ({writes[i]})",
+            lambda: len(writes_under(events.read(log), out)) > i,
+        )
     proc = spawn(["study", str(reference_study["config"]), "--out", str(out)], log)
     try:
         wait_for(reached, proc, where)
@@ -236,9 +270,14 @@ def test_study_killed_then_rerun_redoes_nothing_finished_and_equals_an_uninterru
     finally:
         clean_up(proc)
     finished = [r for r in (first, second) if is_complete(r)]
-    stamps = {r: {f: (r / f).stat().st_mtime_ns for f in ("metrics.json", "model.safetensors", "history.csv")} for r in finished}
-    print(f"\n[seed {KILL_SEED}] study killed {where}: complete runs {[r.name for r in finished]}; "
-          + "; ".join(f"{r.name}: {run_state(r)}" for r in (first, second)))
+    stamps = {
+        r: {f: (r / f).stat().st_mtime_ns for f in ("metrics.json", "model.safetensors", "history.csv")}
+        for r in finished
+    }
+    print(
+        f"\n[seed {KILL_SEED}] study killed {where}: complete runs {[r.name for r in finished]}; "
+        + "; ".join(f"{r.name}: {run_state(r)}" for r in (first, second))
+    )
 
     result = runner.invoke(app, ["study", str(reference_study["config"]), "--out", str(out)])
     assert result.exit_code == 0, result.output

@@ -47,7 +47,10 @@ class MarkerPayload:
 
 def make_run_dir(directory: Path) -> Path:
     """A run directory as `bloodcell evaluate` wants it: checkpoint + config.yaml (its data is never reached)."""
-    save_config(parse_config({"model": {"name": "cnn"}, "data": {"root": str(SAMPLE), "input_size": SIZE}}), directory / "config.yaml")
+    save_config(
+        parse_config({"model": {"name": "cnn"}, "data": {"root": str(SAMPLE), "input_size": SIZE}}),
+        directory / "config.yaml",
+    )
     return directory
 
 
@@ -90,7 +93,10 @@ def _replace_json(run: Path, other: Path) -> None:
 def sealed_as_is(folder: Path, changed: str) -> None:
     """The seal catches a changed or missing file first, naming it; then the folder is sealed as it is (a tool that
     sealed a broken folder), and the checks behind the seal must still refuse it with their own message."""
-    with pytest.raises(ModelError, match=rf"^model folder {re.escape(str(folder))}: {re.escape(changed)} (changed since it was sealed|is missing)"):
+    with pytest.raises(
+        ModelError,
+        match=rf"^model folder {re.escape(str(folder))}: {re.escape(changed)} (changed since it was sealed|is missing)",
+    ):
         verify(folder)
     seal(folder)
 
@@ -112,13 +118,18 @@ def test_weights_of_another_model(run, tmp_path):
 
     save_file(load_file(run / "model.safetensors"), run / "model.safetensors")
     sealed_as_is(run, "model.safetensors")
-    with pytest.raises(ModelError, match=rf"^weights {run / 'model.safetensors'} do not fit model 'cnn' named in model.json: \d+ missing, \d+ unexpected"):
+    with pytest.raises(
+        ModelError,
+        match=rf"^weights {run / 'model.safetensors'} do not fit model 'cnn' named in model.json: \d+ missing, \d+ unexpected",
+    ):
         load_checkpoint(run)
 
 
 def test_another_class_list(run, tmp_path):
     """model.json of a 5-class run beside the weights of an 8-class run."""
-    five = save_checkpoint(create_model("cnn", num_classes=5, input_size=SIZE), tmp_path / "five", {"class_names": list("abcde")})
+    five = save_checkpoint(
+        create_model("cnn", num_classes=5, input_size=SIZE), tmp_path / "five", {"class_names": list("abcde")}
+    )
     _replace_json(run, five)
     message = f"checkpoint {run}: model.json says 5 classes but the weights have 8 outputs"
     assert_refused(run, message, tmp_path, evaluate_target=run)
@@ -135,7 +146,9 @@ def test_class_names_that_disagree_with_num_classes(run, tmp_path):
 
 def test_another_input_size(run, tmp_path):
     """Before: a model.json from a 64 px run was accepted and images were resized to 64 px for a 32 px model."""
-    other = save_checkpoint(create_model("cnn", num_classes=8, input_size=64), tmp_path / "big", {"class_names": CLASS_NAMES})
+    other = save_checkpoint(
+        create_model("cnn", num_classes=8, input_size=64), tmp_path / "big", {"class_names": CLASS_NAMES}
+    )
     _replace_json(run, other)
     message = (
         f"{run / 'model.json'} says input size 64 but model.safetensors was saved from a model at 32 px; "
@@ -246,7 +259,9 @@ def test_pt_pickle_file_is_refused_and_never_unpickled(run, tmp_path):
     )
     assert_refused(evil, message, tmp_path)
     result = runner.invoke(app, ["evaluate", str(evil)])
-    assert result.exit_code == 2 and result.stderr.splitlines() == [f"error: {evil} is not a run directory (no config.yaml)"]
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        f"error: {evil} is not a run directory (no config.yaml)"
+    ]
     assert not marker.exists()
 
 

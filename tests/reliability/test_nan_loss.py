@@ -27,7 +27,10 @@ def config(batch_size: int, bad_lr: float, bad_optimizer: str = "sgd", bad_epoch
     return {
         "model": {"name": "cnn"},
         "data": {"input_size": 32},
-        "train": {"batch_size": batch_size, "stages": [{"epochs": 1, "lr": 0.002}, {"epochs": bad_epochs, "optimizer": bad_optimizer, "lr": bad_lr}]},
+        "train": {
+            "batch_size": batch_size,
+            "stages": [{"epochs": 1, "lr": 0.002}, {"epochs": bad_epochs, "optimizer": bad_optimizer, "lr": bad_lr}],
+        },
         "eval": {"bootstrap": 0, "grid_images": 0},
     }
 
@@ -50,14 +53,23 @@ def assert_kept_good_checkpoint(run: Path, epochs: int) -> None:
 def test_nan_loss_stops_with_one_line_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = write_cfg(tmp_path / "c.yaml", config(batch_size=16, bad_lr=1e12))
     run = tmp_path / "run"
-    proc = subprocess.run(BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)], env=cli_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        BLOODCELL + ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, proc.stderr
     message = errors[0]
     # the first SGD steps at lr 1e12 are taken on finite losses; a later batch of epoch 2 sees the wreck
-    assert re.match(r"error: training loss is (nan|-?inf) at epoch 2, step [1-9]\d*; lower train\.lr \(now 1000000000000\.0\); ", message), message
+    assert re.match(
+        r"error: training loss is (nan|-?inf) at epoch 2, step [1-9]\d*; lower train\.lr \(now 1000000000000\.0\); ",
+        message,
+    ), message
     assert f"the checkpoint of epoch 1, the last good one, is kept: {run / 'checkpoints' / 'last.ckpt'}" in message
     assert_kept_good_checkpoint(run, epochs=1)
 
@@ -69,17 +81,24 @@ def test_weights_turned_inf_by_an_epochs_last_step_are_never_checkpointed(tmp_pa
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)])
     assert result.exit_code == 2, result.output
-    assert result.output.startswith("error: weights became inf or nan in epoch 2; lower train.lr (now 2e+38)"), result.output
+    assert result.output.startswith("error: weights became inf or nan in epoch 2; lower train.lr (now 2e+38)"), (
+        result.output
+    )
     assert "the checkpoint of epoch 1, the last good one, is kept" in result.output
     assert_kept_good_checkpoint(run, epochs=1)
 
 
 def test_nan_loss_in_the_first_epoch_says_no_checkpoint_was_kept(tmp_path):
-    cfg = write_cfg(tmp_path / "c.yaml", {**config(16, 1e12), "train": {"batch_size": 16, "epochs": 2, "optimizer": "sgd", "lr": 1e12}})
+    cfg = write_cfg(
+        tmp_path / "c.yaml",
+        {**config(16, 1e12), "train": {"batch_size": 16, "epochs": 2, "optimizer": "sgd", "lr": 1e12}},
+    )
     run = tmp_path / "run"
     result = runner.invoke(app, ["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)])
     assert result.exit_code == 2, result.output
-    assert re.match(r"error: training loss is (nan|-?inf) at epoch 1, step [1-9]\d*; lower train\.lr ", result.output), result.output
+    assert re.match(
+        r"error: training loss is (nan|-?inf) at epoch 1, step [1-9]\d*; lower train\.lr ", result.output
+    ), result.output
     assert result.output.strip().endswith("no epoch finished, so no checkpoint was kept")
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
     assert not (run / "model.safetensors").exists()

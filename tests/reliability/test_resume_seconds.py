@@ -25,14 +25,23 @@ def epoch_seconds(run: Path) -> list[float]:
 
 
 def test_a_resumed_run_counts_the_epochs_before_the_kill(tmp_path):
-    cfg = write_cfg(tmp_path / "run.yaml", {"model": {"name": "cnn"}, "data": {"input_size": 48},
-                                            "train": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.002},
-                                            "eval": {"bootstrap": 20, "grid_images": 0}})
+    cfg = write_cfg(
+        tmp_path / "run.yaml",
+        {
+            "model": {"name": "cnn"},
+            "data": {"input_size": 48},
+            "train": {"epochs": EPOCHS, "batch_size": 16, "lr": 0.002},
+            "eval": {"bootstrap": 20, "grid_images": 0},
+        },
+    )
     run, log = tmp_path / "run", tmp_path / "events.jsonl"
     proc = spawn(["train", str(cfg), "--data", str(SAMPLE), "--out", str(run)], log)
     try:
-        wait_for(lambda: any(e["event"] == "batch" and e.get("epoch") == EPOCHS for e in events.read(log)), proc,
-                 f"epoch {EPOCHS} to start")
+        wait_for(
+            lambda: any(e["event"] == "batch" and e.get("epoch") == EPOCHS for e in events.read(log)),
+            proc,
+            f"epoch {EPOCHS} to start",
+        )
         kill_9(proc)
     finally:
         clean_up(proc)

@@ -136,9 +136,14 @@ def test_oversize_upload_is_413_without_reading_it(server):
     with peak_growth(server.process.pid) as peak:
         r = httpx.post(server.url + "/predict", files=upload("big.jpg", body), timeout=60)
     assert r.status_code == 413
-    assert r.json()["detail"] == f"upload too large: more than {LIMIT_MB} MB in one request (server limit --max-upload-mb {LIMIT_MB})"
+    assert (
+        r.json()["detail"]
+        == f"upload too large: more than {LIMIT_MB} MB in one request (server limit --max-upload-mb {LIMIT_MB})"
+    )
     assert peak["mb"] < MEMORY_BOUND_MB - LIMIT_MB  # refused on its Content-Length: the body is never buffered
-    print(f"\noversize upload ({len(body) / 2**20:.0f} MB, Content-Length): server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB")
+    print(
+        f"\noversize upload ({len(body) / 2**20:.0f} MB, Content-Length): server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB"
+    )
 
 
 @pytest.mark.slow
@@ -155,12 +160,17 @@ def test_oversize_upload_streamed_without_length_is_413(server):
         r = httpx.post(server.url + "/predict", content=body(), headers=headers, timeout=60)
     assert r.status_code == 413 and r.json()["detail"].startswith(f"upload too large: more than {LIMIT_MB} MB")
     assert peak["mb"] < MEMORY_BOUND_MB
-    print(f"\noversize upload ({LIMIT_MB + 5} MB, chunked): server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB")
+    print(
+        f"\noversize upload ({LIMIT_MB + 5} MB, chunked): server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB"
+    )
 
 
 BOMBS = {
     # the server's own limit (16 million pixels: the largest smear photograph it reads) stops it
-    "bomb-9000.png": (lambda: png_bomb(9000, 9000), f"too many pixels (9000x9000 > {ServerLimits.max_pixels:,}); possible decompression bomb"),
+    "bomb-9000.png": (
+        lambda: png_bomb(9000, 9000),
+        f"too many pixels (9000x9000 > {ServerLimits.max_pixels:,}); possible decompression bomb",
+    ),
     # over PIL's MAX_IMAGE_PIXELS: PIL's DecompressionBombWarning, turned into an error, stops it in Image.open
     "bomb-10000.png": (
         lambda: png_bomb(10000, 10000),
@@ -191,7 +201,9 @@ def test_decompression_bomb_is_422_and_not_decoded(server, name):
         r = httpx.post(server.url + "/explain", files=upload(name, data, field="file"), timeout=60)
         assert r.status_code == 422 and r.json()["detail"].startswith(f"'{name}': {reason}")
         # beside a good image: 200, the bomb listed under `unreadable`
-        r = httpx.post(server.url + "/predict", files=upload(CELL.name, CELL.read_bytes()) + upload(name, data), timeout=60)
+        r = httpx.post(
+            server.url + "/predict", files=upload(CELL.name, CELL.read_bytes()) + upload(name, data), timeout=60
+        )
         assert r.status_code == 200
         assert [p["path"] for p in r.json()["predictions"]] == [CELL.name]
         [bad] = r.json()["unreadable"]
@@ -203,10 +215,14 @@ def test_decompression_bomb_is_422_and_not_decoded(server, name):
 @pytest.mark.slow
 def test_memory_probe_sees_a_decoded_image(server):
     """Control: an image just under the pixel limit is decoded, and the probe above sees it."""
-    data = png_bomb(3990, 3990)  # 15.9 million pixels, under the 16-million limit: 16 MB grey, 48 MB once converted to RGB
+    data = png_bomb(
+        3990, 3990
+    )  # 15.9 million pixels, under the 16-million limit: 16 MB grey, 48 MB once converted to RGB
     with peak_growth(server.process.pid) as peak:
         r = httpx.post(server.url + "/predict", files=upload("big-but-allowed.png", data), timeout=60)
-    assert r.status_code == 200 and r.json()["counted"] + r.json()["ood_count"] == 1  # classified (a flat grey field is OOD)
+    assert (
+        r.status_code == 200 and r.json()["counted"] + r.json()["ood_count"] == 1
+    )  # classified (a flat grey field is OOD)
     if not peak["exact"]:
         pytest.skip("the kernel refused to reset the memory high-water mark (/proc/PID/clear_refs)")
     assert peak["mb"] > MEMORY_BOUND_MB
@@ -214,7 +230,10 @@ def test_memory_probe_sees_a_decoded_image(server):
 
 
 UNREADABLE = {
-    "not-an-image.jpg": (lambda: b"%PDF-1.4 this is a document, not a picture\n", "not an image (unrecognised content)"),
+    "not-an-image.jpg": (
+        lambda: b"%PDF-1.4 this is a document, not a picture\n",
+        "not an image (unrecognised content)",
+    ),
     "empty.png": (lambda: b"", "empty file (0 bytes)"),
     "truncated.jpg": (lambda: CELL.read_bytes()[:2000], "truncated image data"),
 }

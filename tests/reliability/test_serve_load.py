@@ -44,5 +44,7 @@ def test_100_concurrent_uploads_all_answered_correctly():
         assert answer.body["counts"][got["label"]] == (0 if got["ood"] else 1)  # an OOD image is shown, not counted
         total[got["label"]] = total.get(got["label"], 0) + 1
     assert sum(total.values()) == REQUESTS
-    print(f"\n{REQUESTS} uploads, {CONCURRENCY} in flight: p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms, "
-          f"{stats['requests_per_s']:.1f} requests/s (figures for the doc: benchmarks/serve_load.py)")
+    print(
+        f"\n{REQUESTS} uploads, {CONCURRENCY} in flight: p50 {stats['p50_ms']:.0f} ms, p99 {stats['p99_ms']:.0f} ms, "
+        f"{stats['requests_per_s']:.1f} requests/s (figures for the doc: benchmarks/serve_load.py)"
+    )

@@ -37,7 +37,9 @@ def encoded_images(draw, fmt: str, modes: list[str]) -> bytes:
     # smaller images are refused as too small to hold a cell (422), which the schema cannot say
     width, height = draw(st.integers(MIN_CELL_SIDE, 64)), draw(st.integers(MIN_CELL_SIDE, 64))
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(draw(st.sampled_from(modes)))
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).convert(
+        draw(st.sampled_from(modes))
+    )
     buf = io.BytesIO()
     img.save(buf, format=fmt)
     return buf.getvalue()
@@ -50,13 +52,18 @@ schemathesis.openapi.media_type("image/jpeg", encoded_images("JPEG", ["RGB", "L"
 
 # The app exactly as `bloodcell serve` builds it: bundled model, default limits, the review workstation on a fresh data
 # folder. Built at import: schemathesis' lazy loader (pytest.from_fixture) fails on pytest 9 (it sets Function._nodeid).
-schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Predictor.load(), data_dir=tempfile.mkdtemp(prefix="review-schema-")))
+schema = schemathesis.openapi.from_asgi(
+    "/openapi.json", create_app(Predictor.load(), data_dir=tempfile.mkdtemp(prefix="review-schema-"))
+)
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _report_cases():
     yield
-    print(f"\nschemathesis: {sum(ANSWERS.values())} generated cases; (operation, status): count", dict(sorted(ANSWERS.items())))
+    print(
+        f"\nschemathesis: {sum(ANSWERS.values())} generated cases; (operation, status): count",
+        dict(sorted(ANSWERS.items())),
+    )
     # the image strategies above are in use: valid uploads were classified, not only refused
     for operation in {op for op, _ in ANSWERS} & {"POST /predict", "POST /explain"}:
         assert ANSWERS[operation, 200] > 0, f"{operation}: no generated case was accepted"

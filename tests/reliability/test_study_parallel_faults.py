@@ -40,8 +40,14 @@ def sequential(tmp_path_factory) -> Path:
 
 def spawn(cfg: Path, out: Path, log: Path) -> subprocess.Popen:
     env = dict(cli_env(), **{events.ENV: str(log)})
-    return subprocess.Popen(BLOODCELL + ["study", str(cfg), "--out", str(out), "--parallel", "2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+        BLOODCELL + ["study", str(cfg), "--out", str(out), "--parallel", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
 
 
 def workers_at_work(log: Path, parent: int, n: int = 2, ended=lambda: None) -> list[int]:
@@ -57,7 +63,12 @@ def workers_at_work(log: Path, parent: int, n: int = 2, ended=lambda: None) -> l
 
 
 def at_work(log: Path, proc: subprocess.Popen, n: int = 2) -> list[int]:
-    return workers_at_work(log, proc.pid, n, lambda: None if proc.poll() is None else f"the study ended (rc {proc.returncode}): {proc.stdout.read()}")
+    return workers_at_work(
+        log,
+        proc.pid,
+        n,
+        lambda: None if proc.poll() is None else f"the study ended (rc {proc.returncode}): {proc.stdout.read()}",
+    )
 
 
 def gone(out: Path, timeout: float = 15) -> list[int]:
@@ -69,6 +80,7 @@ def gone(out: Path, timeout: float = 15) -> list[int]:
 
 def children_running(out: Path, parent: int) -> list[int]:
     """The live processes of `out` whose parent is `parent` (the workers themselves, not what they forked)."""
+
     def ppid(pid: int) -> int:
         try:
             return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])

@@ -10,7 +10,17 @@ from bloodcell.cli.common import app
 # `bloodcell --help` lists commands in the order they were registered: keep the order users know, whichever module
 # defines a command (a new command must be placed here).
 COMMAND_ORDER = (
-    "train", "evaluate", "ensemble", "study", "models", "predict", "adapt", "export", "card", "explain", "serve",
+    "train",
+    "evaluate",
+    "ensemble",
+    "study",
+    "models",
+    "predict",
+    "adapt",
+    "export",
+    "card",
+    "explain",
+    "serve",
 )
 app.registered_commands.sort(key=lambda command: COMMAND_ORDER.index(command.name))
 app.add_typer(data.data_app, name="data")

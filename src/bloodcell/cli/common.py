@@ -119,7 +119,9 @@ def print_result(out: Path, result: dict) -> None:
         t = result.get("test", {})
         if t:
             lo, hi = (t.get("ci95") or {}).get("accuracy", [float("nan")] * 2)
-            c.print(f"test accuracy {t['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), macro F1 {t['f1_macro']:.4f}, "
-                    f"ECE {t['ece']:.4f} -> {t['ece_calibrated']:.4f} calibrated; "
-                    f"train accuracy {result['train']['accuracy']:.4f}")
+            c.print(
+                f"test accuracy {t['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), macro F1 {t['f1_macro']:.4f}, "
+                f"ECE {t['ece']:.4f} -> {t['ece_calibrated']:.4f} calibrated; "
+                f"train accuracy {result['train']['accuracy']:.4f}"
+            )
     c.print(f"run directory: {out}")

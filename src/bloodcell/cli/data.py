@@ -18,12 +18,14 @@ data_app = typer.Typer(help="Inspect, validate and plot an image dataset.", no_a
 @user_errors
 def data_inspect(
     root: Path = typer.Argument(
-        ..., readable=False,
+        ...,
+        readable=False,
         help="Dataset folder (one sub-folder per class, ImageFolder layout) or CSV of path,label[,group].",
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of tables."),
     max_pixels: int = typer.Option(
-        None, help="Images with more pixels than this are skipped as possible decompression bombs.",
+        None,
+        help="Images with more pixels than this are skipped as possible decompression bombs.",
     ),
 ) -> None:
     """Count images per class, list unreadable files and duplicate groups."""

@@ -22,7 +22,9 @@ def detector_train_cmd(
     config: Path = typer.Argument(..., help="Detector run config (YAML), e.g. configs/detector-classical.yaml."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="Annotated photographs, a Pascal VOC or YOLO folder (sets data.root).",
+        None,
+        "--data",
+        help="Annotated photographs, a Pascal VOC or YOLO folder (sets data.root).",
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in --out."),
@@ -43,9 +45,11 @@ def detector_train_cmd(
 def _print_detector_metrics(test: dict, seconds: float) -> None:
     """One line per cell class (AP, precision, recall, count error), then the photographs and the time per one."""
     for cls, m in test["classes"].items():
-        typer.echo(f"{cls:9s} AP@{test['match_iou']:.1f} {m['ap']:.3f}  "
-                   f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
-                   f"count error {m['count_mae']:.2f} / photo ({100 * m['count_rel_error']:.1f} %)")
+        typer.echo(
+            f"{cls:9s} AP@{test['match_iou']:.1f} {m['ap']:.3f}  "
+            f"precision {m['precision']:.3f}  recall {m['recall']:.3f}  "
+            f"count error {m['count_mae']:.2f} / photo ({100 * m['count_rel_error']:.1f} %)"
+        )
     typer.echo(f"{test['photos']} photographs, {seconds:.3f} s per photograph")
 
 
@@ -54,11 +58,14 @@ def _print_detector_metrics(test: dict, seconds: float) -> None:
 def detector_evaluate_cmd(
     detector: str = typer.Argument("default", help="Detector folder (or 'default', the bundled one)."),
     data: Path = typer.Option(
-        ..., "--data",
+        ...,
+        "--data",
         help="Annotated photographs: a Pascal VOC folder or a YOLO folder (images/, labels/, data.yaml).",
     ),
     split: str = typer.Option(
-        "test", "--split", help="The split to measure on (VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/).",
+        "test",
+        "--split",
+        help="The split to measure on (VOC: ImageSets/Main/<split>.txt; YOLO: images/<split>/).",
     ),
     iou: float = typer.Option(0.5, "--iou", min=0.05, max=0.95, help="IoU at which a found box counts as the cell."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write the metrics as JSON here."),
@@ -82,7 +89,8 @@ def detector_evaluate_cmd(
 @user_errors
 def detector_card_cmd(
     detector: str = typer.Argument(
-        "default", help="Detector folder or its detector.json (or 'default', the bundled one).",
+        "default",
+        help="Detector folder or its detector.json (or 'default', the bundled one).",
     ),
 ) -> None:
     """Print a detector's card (markdown): training data, per-source test figures, a lab it never saw, known limits."""

@@ -19,26 +19,38 @@ from bloodcell.errors import BloodcellError
 @user_errors
 def evaluate_cmd(
     run_dir: Path = typer.Argument(
-        ..., readable=False,
+        ...,
+        readable=False,
         help="A finished run directory (holds config.yaml and model.safetensors); "
-             "with --model, a labelled folder (one sub-folder per class).",
+        "with --model, a labelled folder (one sub-folder per class).",
     ),
     data: Optional[Path] = typer.Option(
-        None, "--data", readable=False, help="Dataset folder or CSV, if it moved since training.",
+        None,
+        "--data",
+        readable=False,
+        help="Dataset folder or CSV, if it moved since training.",
     ),
     model: Optional[str] = typer.Option(
-        None, "--model",
+        None,
+        "--model",
         help="Score this model on the labelled folder DIR: a run directory, its model.safetensors, an .onnx, "
-             "or 'default' (the bundled model).",
+        "or 'default' (the bundled model).",
     ),
     maps: List[str] = typer.Option(
-        [], "--map", help="With --model: folder=class, for a folder name the model does not know (repeatable).",
+        [],
+        "--map",
+        help="With --model: folder=class, for a folder name the model does not know (repeatable).",
     ),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="With --model: output folder (default runs/evaluate/<DIR name>-<model name>).",
+        None,
+        "--out",
+        help="With --model: output folder (default runs/evaluate/<DIR name>-<model name>).",
     ),
     bootstrap: int = typer.Option(
-        1000, "--bootstrap", min=0, help="With --model: bootstrap resamples for the 95 % CIs.",
+        1000,
+        "--bootstrap",
+        min=0,
+        help="With --model: bootstrap resamples for the 95 % CIs.",
     ),
 ) -> None:
     """Re-evaluate a trained run on its own test part, or (--model M) score a model on any labelled folder."""
@@ -76,8 +88,11 @@ def _evaluate_folder(folder: Path, model: str, maps: List[str], out: Optional[Pa
 
     mapping = parse_mappings(maps)
     if not folder.is_dir():
-        raise BloodcellError(f"labelled folder not found: {folder}" if not folder.exists()
-                             else f"{folder} is not a folder (DIR must hold one sub-folder per class)")
+        raise BloodcellError(
+            f"labelled folder not found: {folder}"
+            if not folder.exists()
+            else f"{folder} is not a folder (DIR must hold one sub-folder per class)"
+        )
     if out is not None:
         writable_folder(out)
     predictor = Predictor.load(None if model == "default" else model)
@@ -97,10 +112,13 @@ def _evaluate_folder(folder: Path, model: str, maps: List[str], out: Optional[Pa
 @user_errors
 def ensemble_cmd(
     run_dirs: list[Path] = typer.Argument(
-        ..., help="Two or more finished runs tested on the same split (their predictions.csv).",
+        ...,
+        help="Two or more finished runs tested on the same split (their predictions.csv).",
     ),
     out: Path = typer.Option(
-        ..., "--out", help="Directory for the ensemble's metrics.json, predictions.csv and figures/.",
+        ...,
+        "--out",
+        help="Directory for the ensemble's metrics.json, predictions.csv and figures/.",
     ),
     bootstrap: int = typer.Option(1000, "--bootstrap", min=0, help="Bootstrap resamples for the 95 % CIs."),
 ) -> None:
@@ -115,7 +133,9 @@ def ensemble_cmd(
     for member, acc in result["member_accuracy"].items():
         c.print(f"member {member}: test accuracy {acc:.4f}")
     lo, hi = (t.get("ci95") or {}).get("accuracy", [float("nan")] * 2)
-    c.print(f"ensemble of {len(run_dirs)}: test accuracy {t['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), "
-            f"macro F1 {t['f1_macro']:.4f}; "
-            f"vs best member McNemar p = {vs['p_value']:.3g}")
+    c.print(
+        f"ensemble of {len(run_dirs)}: test accuracy {t['accuracy']:.4f} (95% CI {lo:.4f}-{hi:.4f}), "
+        f"macro F1 {t['f1_macro']:.4f}; "
+        f"vs best member McNemar p = {vs['p_value']:.3g}"
+    )
     c.print(f"written to {out}")

@@ -60,26 +60,36 @@ def models(
 @user_errors
 def adapt_cmd(
     folder: Path = typer.Argument(
-        ..., readable=False, help="Folder of the new lab's cell images, searched recursively; no labels needed.",
+        ...,
+        readable=False,
+        help="Folder of the new lab's cell images, searched recursively; no labels needed.",
     ),
     out: Path = typer.Option(
-        ..., "--out", help="Folder for the adapted model (model.safetensors, model.json, ood.safetensors).",
+        ...,
+        "--out",
+        help="Folder for the adapted model (model.safetensors, model.json, ood.safetensors).",
     ),
     model: Optional[str] = typer.Option(
-        None, "--model",
+        None,
+        "--model",
         help="The model to adapt: a run directory, its model.safetensors, or 'default' (the bundled model).",
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     force: bool = typer.Option(
-        False, "--force", help="Write into --out although it holds files (its model files are replaced).",
+        False,
+        "--force",
+        help="Write into --out although it holds files (its model files are replaced).",
     ),
     onnx: bool = typer.Option(
-        False, "--onnx", help="Also write model.onnx (checked against PyTorch) for installs without PyTorch.",
+        False,
+        "--onnx",
+        help="Also write model.onnx (checked against PyTorch) for installs without PyTorch.",
     ),
     tent: bool = typer.Option(
-        False, "--tent/--no-tent",
+        False,
+        "--tent/--no-tent",
         help="After AdaBN, minimise the prediction entropy on the folder (Tent): trains the norm layers' scale and "
-             "shift.",
+        "shift.",
     ),
 ) -> None:
     """Adapt a model to a new lab without labels: re-estimate its BatchNorm statistics on that lab's cells (AdaBN)."""
@@ -95,13 +105,16 @@ def adapt_cmd(
     skipped = f", {len(report['unreadable'])} unreadable skipped" if report["unreadable"] else ""
     readable = report["images_found"] - len(report["unreadable"])
     sampled = f" (a seeded sample of the {report['images_found']} found)" if report["images"] < readable else ""
-    typer.echo(f"adapted on {report['images']} images{sampled}{skipped}: "
-               f"{report['norm_layers']} BatchNorm layers re-estimated")
+    typer.echo(
+        f"adapted on {report['images']} images{sampled}{skipped}: {report['norm_layers']} BatchNorm layers re-estimated"
+    )
     if report["ood_before"] is not None:
-        typer.echo(f"flagged OOD: {100 * report['ood_before']:.1f} % of the images before, "
-                   f"{100 * report['ood_after']:.1f} % after "
-                   "(before: the source model's OOD check; "
-                   "after: refitted on this folder's cells, flagging what looks unlike them)")
+        typer.echo(
+            f"flagged OOD: {100 * report['ood_before']:.1f} % of the images before, "
+            f"{100 * report['ood_after']:.1f} % after "
+            "(before: the source model's OOD check; "
+            "after: refitted on this folder's cells, flagging what looks unlike them)"
+        )
     predicted = sorted(report["predicted_after"].items(), key=lambda kv: -kv[1])
     shares = (f"{c} {k} ({100 * k / report['images']:.0f} %)" for c, k in predicted if k)
     typer.echo("predicted after: " + ", ".join(shares))
@@ -114,27 +127,38 @@ def export_cmd(
     run_dir: Path = typer.Argument(..., help="Run directory (model.safetensors + model.json)."),
     onnx: Path = typer.Option(..., "--onnx", help="Output .onnx file; metadata goes beside it as <file>.onnx.json."),
     opset: int = typer.Option(
-        18, "--opset", help="ONNX opset version (below 18 the deprecated TorchScript exporter writes it).",
+        18,
+        "--opset",
+        help="ONNX opset version (below 18 the deprecated TorchScript exporter writes it).",
     ),
     check: List[Path] = typer.Option(
-        [], "--check-image", help="Image(s) for the parity check (default: the embedded sample).",
+        [],
+        "--check-image",
+        help="Image(s) for the parity check (default: the embedded sample).",
     ),
     quantize: Optional[str] = typer.Option(
-        None, "--quantize",
+        None,
+        "--quantize",
         help="'int8': write the int8 static quantization (smaller, faster on CPU; docs/inference.md).",
     ),
     calibration_images: Optional[int] = typer.Option(
-        None, "--calibration-images", help="With --quantize: how many images calibrate it (default 256).",
+        None,
+        "--calibration-images",
+        help="With --quantize: how many images calibrate it (default 256).",
     ),
     calibration_dir: Optional[Path] = typer.Option(
-        None, "--calibration-dir",
+        None,
+        "--calibration-dir",
         help="With --quantize: calibrate on images of this folder instead of the model's validation part.",
     ),
     data: Optional[Path] = typer.Option(
-        None, "--data", help="With --quantize: the training data folder, when not where model.json says.",
+        None,
+        "--data",
+        help="With --quantize: the training data folder, when not where model.json says.",
     ),
     min_agreement: Optional[float] = typer.Option(
-        None, "--min-agreement",
+        None,
+        "--min-agreement",
         help="With --quantize: refuse unless int8 and fp32 agree on this share of check images (default 0.98).",
     ),
 ) -> None:
@@ -144,11 +168,20 @@ def export_cmd(
     if onnx.is_dir():
         raise BloodcellError(f"--onnx {onnx}: is a folder; name the .onnx file to write, e.g. {onnx / 'model.onnx'}")
     writable_folder(onnx.parent, "--onnx folder")
-    report = export_onnx(run_dir, onnx, opset=opset, check_images=check or None, quantize=quantize,
-                         calibration_images=calibration_images, calibration_dir=calibration_dir, data_root=data,
-                         min_agreement=min_agreement)
-    typer.echo(f"wrote {report.path}, {report.sidecar} and its model card "
-               f"({report.exporter} exporter, opset {report.opset})")
+    report = export_onnx(
+        run_dir,
+        onnx,
+        opset=opset,
+        check_images=check or None,
+        quantize=quantize,
+        calibration_images=calibration_images,
+        calibration_dir=calibration_dir,
+        data_root=data,
+        min_agreement=min_agreement,
+    )
+    typer.echo(
+        f"wrote {report.path}, {report.sidecar} and its model card ({report.exporter} exporter, opset {report.opset})"
+    )
     typer.echo(
         f"largest difference vs PyTorch (relative to the outputs' size when above 1) "
         f"on {report.images} {report.image_source}: "
@@ -156,11 +189,15 @@ def export_cmd(
     )
     if report.quantization:
         qz, c = report.quantization, report.quantization["check"]
-        typer.echo(f"int8: calibrated on {qz['calibration']}; "
-                   f"{qz['int8_bytes'] / 1e3:,.0f} kB instead of {qz['fp32_bytes'] / 1e3:,.0f} kB")
+        typer.echo(
+            f"int8: calibrated on {qz['calibration']}; "
+            f"{qz['int8_bytes'] / 1e3:,.0f} kB instead of {qz['fp32_bytes'] / 1e3:,.0f} kB"
+        )
         ood = f", OOD flags {100 * c['ood_flag_agreement']:.1f} %" if "ood_flag_agreement" in c else ""
-        typer.echo(f"int8 agrees with fp32 on {c['on']}: top-1 {100 * c['top1_agreement']:.1f} %{ood} "
-                   f"(minimum {100 * c['min_agreement']:g} %)")
+        typer.echo(
+            f"int8 agrees with fp32 on {c['on']}: top-1 {100 * c['top1_agreement']:.1f} %{ood} "
+            f"(minimum {100 * c['min_agreement']:g} %)"
+        )
 
 
 @app.command("card")
@@ -184,8 +221,11 @@ def card_cmd(
 
 # --------------------------------------------------------------------------- model: seal / verify
 
-model_app = typer.Typer(no_args_is_help=True, help="A model folder's seal (SEAL.json: the SHA-256 of every file the "
-                        "loader reads, checked at every load): verify it, or re-seal a folder edited on purpose.")
+model_app = typer.Typer(
+    no_args_is_help=True,
+    help="A model folder's seal (SEAL.json: the SHA-256 of every file the "
+    "loader reads, checked at every load): verify it, or re-seal a folder edited on purpose.",
+)
 
 
 def _model_folder(folder: str) -> Path:
@@ -196,8 +236,11 @@ def _model_folder(folder: str) -> Path:
         return bundled_model_dir()
     path = Path(folder)
     if not path.is_dir():
-        raise DataError(f"model folder not found: {path}" if not path.exists()
-                        else f"{path} is not a folder (pass the model's folder)")
+        raise DataError(
+            f"model folder not found: {path}"
+            if not path.exists()
+            else f"{path} is not a folder (pass the model's folder)"
+        )
     return path
 
 

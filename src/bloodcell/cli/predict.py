@@ -22,29 +22,39 @@ def predict_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     fmt: str = typer.Option(
-        "table", "--format",
+        "table",
+        "--format",
         help="table, summary (the table without a row per image), csv (one row per image) or json.",
     ),
     out: Optional[Path] = typer.Option(
-        None, "--out", help="Write the output to this file (atomically) instead of stdout.",
+        None,
+        "--out",
+        help="Write the output to this file (atomically) instead of stdout.",
     ),
     threshold: Optional[float] = typer.Option(
-        None, "--threshold",
+        None,
+        "--threshold",
         help="Review threshold: flag cells whose calibrated confidence is below it (default: the model's).",
     ),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per forward pass."),
     input_kind: str = typer.Option(
-        "auto", "--input",
+        "auto",
+        "--input",
         help="auto (decide per image), cell (each image is one cell crop) or field (a smear photograph).",
     ),
     detector: Optional[Path] = typer.Option(
-        None, "--detector", help="Detector folder or its .onnx for fields (default: the bundled one).",
+        None,
+        "--detector",
+        help="Detector folder or its .onnx for fields (default: the bundled one).",
     ),
     annotate: Optional[Path] = typer.Option(
-        None, "--annotate", help="Write each field photograph with its cells drawn here (PNG).",
+        None,
+        "--annotate",
+        help="Write each field photograph with its cells drawn here (PNG).",
     ),
     allow_unreadable: bool = typer.Option(
-        False, "--allow-unreadable",
+        False,
+        "--allow-unreadable",
         help="Exit 0 although some inputs could not be read (they are still listed on stderr).",
     ),
 ) -> None:
@@ -70,15 +80,20 @@ def predict_cmd(
         raise BloodcellError(f"no readable image among {len(bad)} file(s); first: {bad[0]['path']}: {bad[0]['reason']}")
     if annotate is not None:
         written = annotate_fields(result, {}, annotate)
-        typer.echo(f"wrote {len(written)} annotated photograph(s) to {annotate}" if written
-                   else f"--annotate: no field photograph among the inputs, nothing written to {annotate}", err=True)
+        typer.echo(
+            f"wrote {len(written)} annotated photograph(s) to {annotate}"
+            if written
+            else f"--annotate: no field photograph among the inputs, nothing written to {annotate}",
+            err=True,
+        )
     unreadable = result["unreadable"]
     for u in unreadable:
         typer.echo(f"unreadable: {u['path']}: {u['reason']}", err=True)
     _show_predictions(result, fmt, out, predictor.review_threshold)
     if unreadable and not allow_unreadable:
-        typer.echo(f"{len(unreadable)} input(s) unreadable: exit status {EXIT_UNREADABLE} (--allow-unreadable: 0)",
-                   err=True)
+        typer.echo(
+            f"{len(unreadable)} input(s) unreadable: exit status {EXIT_UNREADABLE} (--allow-unreadable: 0)", err=True
+        )
         raise typer.Exit(EXIT_UNREADABLE)
 
 
@@ -106,8 +121,11 @@ def _show_predictions(result: dict, fmt: str, out: Optional[Path], review_thresh
         from bloodcell.io import write_text
 
         write_text(out, text)
-        typer.echo(f"wrote {out} ({len(result['predictions'])} cells, {len(result['fields'])} fields, "
-                   f"{len(unreadable)} unreadable)", err=True)
+        typer.echo(
+            f"wrote {out} ({len(result['predictions'])} cells, {len(result['fields'])} fields, "
+            f"{len(unreadable)} unreadable)",
+            err=True,
+        )
 
 
 @app.command("explain")
@@ -115,7 +133,9 @@ def _show_predictions(result: dict, fmt: str, out: Optional[Path], review_thresh
 def explain_cmd(
     images: List[Path] = typer.Argument(..., help="Image files and/or folders."),
     model: Optional[Path] = typer.Option(
-        None, "--model", help="Run directory (a PyTorch model; not .onnx). Default: the bundled model.",
+        None,
+        "--model",
+        help="Run directory (a PyTorch model; not .onnx). Default: the bundled model.",
     ),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     out: Path = typer.Option(..., "--out", help="Folder for the Grad-CAM PNGs (<image>.gradcam.png)."),

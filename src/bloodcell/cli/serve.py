@@ -21,18 +21,27 @@ def serve_cmd(
     model: Optional[Path] = typer.Option(None, "--model", help=MODEL_HELP),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     host: str = typer.Option(
-        "127.0.0.1", "--host", help="Interface to bind; 0.0.0.0 exposes the server to the network.",
+        "127.0.0.1",
+        "--host",
+        help="Interface to bind; 0.0.0.0 exposes the server to the network.",
     ),
     port: int = typer.Option(
-        8000, "--port", min=0, max=65535, help="0 lets the system pick a free port (printed on start).",
+        8000,
+        "--port",
+        min=0,
+        max=65535,
+        help="0 lets the system pick a free port (printed on start).",
     ),
     detector: Optional[Path] = typer.Option(
-        None, "--detector", help="Detector folder or its .onnx for smear photographs (default: the bundled one).",
+        None,
+        "--detector",
+        help="Detector folder or its .onnx for smear photographs (default: the bundled one).",
     ),
     data_dir: Optional[Path] = typer.Option(
-        None, "--data-dir",
+        None,
+        "--data-dir",
         help="Folder of the review workstation's database "
-             "(default: $BLOODCELL_DATA_DIR, else the user's data folder, e.g. ~/.local/share/bloodcell).",
+        "(default: $BLOODCELL_DATA_DIR, else the user's data folder, e.g. ~/.local/share/bloodcell).",
     ),
     allow_host: List[str] = typer.Option([], "--allow-host", help=SERVE_HELP["allow_host"]),
     max_upload_mb: float = typer.Option(
@@ -68,19 +77,30 @@ def serve_cmd(
     _check_detector_seal(detector)  # the detector loads with the first photograph; its seal is checked now
     data_dir = data_dir or default_data_dir()
     limits = ServerLimits(
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_files=max_files, max_pixels=max_pixels,
-        max_request_pixels=max_request_pixels, heavy_workers=heavy_workers, heavy_queue=heavy_queue,
-        header_seconds=header_seconds, body_idle_seconds=body_idle_seconds, body_seconds=body_seconds,
-        allowed_hosts=_served_names(host, allow_host))
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_files=max_files,
+        max_pixels=max_pixels,
+        max_request_pixels=max_request_pixels,
+        heavy_workers=heavy_workers,
+        heavy_queue=heavy_queue,
+        header_seconds=header_seconds,
+        body_idle_seconds=body_idle_seconds,
+        body_seconds=body_seconds,
+        allowed_hosts=_served_names(host, allow_host),
+    )
     app_ = create_app(predictor, detector=detector, data_dir=data_dir, limits=limits)
     if host not in ("127.0.0.1", "localhost", "::1"):
-        typer.echo(f"warning: binding {host}: anyone who can reach this machine can upload images; no authentication",
-                   err=True)
+        typer.echo(
+            f"warning: binding {host}: anyone who can reach this machine can upload images; no authentication", err=True
+        )
     sock = _bound_socket(host, port)  # bound here, so the line below names the real port even for --port 0
     url_host = f"[{host}]" if ":" in host else host
-    typer.echo(f"bloodcell: model {predictor.model_name} ({predictor.backend}) "
-               f"on http://{url_host}:{sock.getsockname()[1]}/ "
-               f"(samples kept in {data_dir}; answers to {', '.join(limits.allowed_hosts)})", err=True)
+    typer.echo(
+        f"bloodcell: model {predictor.model_name} ({predictor.backend}) "
+        f"on http://{url_host}:{sock.getsockname()[1]}/ "
+        f"(samples kept in {data_dir}; answers to {', '.join(limits.allowed_hosts)})",
+        err=True,
+    )
     run(app_, sock, limits)
 
 

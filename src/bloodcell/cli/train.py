@@ -19,12 +19,16 @@ def train_cmd(
     config: Path = typer.Argument(..., help="Run config (YAML), e.g. configs/train/cnn.yaml."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key: --set train.epochs=5 (repeatable)."),
     data: Optional[Path] = typer.Option(
-        None, "--data", readable=False,
+        None,
+        "--data",
+        readable=False,
         help="Dataset folder (a sub-folder per class) or CSV of path,label[,group] (sets data.root).",
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory (default runs/<config name>)."),
     resume: bool = typer.Option(
-        False, "--resume", help="Continue an interrupted run in --out from its last checkpoint.",
+        False,
+        "--resume",
+        help="Continue an interrupted run in --out from its last checkpoint.",
     ),
 ) -> None:
     """Train a model (one run, or one per seed / fold) and evaluate it on the test part."""
@@ -53,24 +57,31 @@ def train_cmd(
 def study_cmd(
     config: Path = typer.Argument(..., help="Study config (YAML), e.g. configs/paper.yaml or configs/demo.yaml."),
     data: Optional[Path] = typer.Option(
-        None, "--data", readable=False,
+        None,
+        "--data",
+        readable=False,
         help="Dataset folder or CSV of path,label[,group] (sets data.root of every run).",
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Study directory (default runs/<study name>)."),
     only: List[str] = typer.Option([], "--only", help="Run only these experiments (repeatable)."),
     overrides: List[str] = typer.Option([], "--set", help="Override a key of every run: --set train.epochs=2."),
     report_only: bool = typer.Option(
-        False, "--report-only", help="Train nothing: write the report from the runs already in --out.",
+        False,
+        "--report-only",
+        help="Train nothing: write the report from the runs already in --out.",
     ),
     estimate: bool = typer.Option(
-        False, "--estimate",
+        False,
+        "--estimate",
         help="Train nothing: measure each model's epoch rate here and print how long every run will take "
-             "(writes --out/budget.json).",
+        "(writes --out/budget.json).",
     ),
     parallel: str = typer.Option(
-        "1", "--parallel", metavar="K|auto",
+        "1",
+        "--parallel",
+        metavar="K|auto",
         help="Train K runs at once, each in its own process on one device: on CUDA worker i sees only GPU i, "
-             "on CPU each gets 1/K of the torch threads. auto: one per visible GPU (1 without CUDA).",
+        "on CPU each gets 1/K of the torch threads. auto: one per visible GPU (1 without CUDA).",
     ),
 ) -> None:
     """Run many experiments (model x protocol x seed), resumably, and write report.md + report.html."""
@@ -84,8 +95,15 @@ def study_cmd(
     if estimate:
         _estimate_study(config, out, data, list(overrides), list(only) or None)
         return
-    summary = run_study(config, out, data=str(data) if data else None, overrides=list(overrides),
-                        only=list(only) or None, report_only=report_only, parallel=workers)
+    summary = run_study(
+        config,
+        out,
+        data=str(data) if data else None,
+        overrides=list(overrides),
+        only=list(only) or None,
+        report_only=report_only,
+        parallel=workers,
+    )
     failed = f"; failed: {', '.join(summary['failed'])}" if summary["failed"] else ""
     typer.echo(f"runs complete: {summary['complete']} of {summary['runs']}" + failed)
     _print_study_summary(summary)
@@ -122,8 +140,9 @@ def _estimate_study(
     record = budget_record(estimates)
     out.mkdir(parents=True, exist_ok=True)
     io.write_json(out / "budget.json", record)
-    typer.echo(f"total: {record['total_seconds'] / 60:.0f} min on {record['machine']} "
-               f"(written to {out / 'budget.json'})")
+    typer.echo(
+        f"total: {record['total_seconds'] / 60:.0f} min on {record['machine']} (written to {out / 'budget.json'})"
+    )
 
 
 def _print_study_summary(summary: dict) -> None:

@@ -4,5 +4,15 @@ Its public names are its modules, imported where they are used, not here: `impor
 """
 
 __all__ = [
-    "cache", "classes", "discover", "fields", "figures", "images", "labs", "medmnist", "prepare", "split", "workers"
+    "cache",
+    "classes",
+    "discover",
+    "fields",
+    "figures",
+    "images",
+    "labs",
+    "medmnist",
+    "prepare",
+    "split",
+    "workers",
 ]

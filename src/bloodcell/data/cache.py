@@ -87,7 +87,13 @@ def _fill_chunk(args: tuple[int, list[str], list[str], int, str, int, str]) -> t
     return len(paths), failures
 
 
-def load_cache(inv: Inventory, size: int = 224, interpolation: str = "nearest", cache_root: str | os.PathLike | None = None, white_balance: str = "none") -> ImageCache | None:
+def load_cache(
+    inv: Inventory,
+    size: int = 224,
+    interpolation: str = "nearest",
+    cache_root: str | os.PathLike | None = None,
+    white_balance: str = "none",
+) -> ImageCache | None:
     """The cache for this inventory if a complete, matching one exists, else None."""
     folder = Path(cache_root or default_cache_dir()) / "arrays" / cache_key(inv, size, interpolation, white_balance)
     manifest_path = folder / "manifest.json"
@@ -105,7 +111,9 @@ def load_cache(inv: Inventory, size: int = 224, interpolation: str = "nearest", 
         or images.shape != (len(expected), size, size, 3)
     ):
         return None
-    return ImageCache(folder, images, np.asarray(inv.labels, dtype=np.int64), list(inv.class_names), expected, size, interpolation)
+    return ImageCache(
+        folder, images, np.asarray(inv.labels, dtype=np.int64), list(inv.class_names), expected, size, interpolation
+    )
 
 
 def build_cache(
@@ -142,7 +150,18 @@ def build_cache(
             found = load_cache(inv, size, interpolation, cache_root, white_balance)
             if found is not None:
                 return found
-        return _build(inv, size, interpolation, arrays_dir, arrays_dir / key, workers, progress, max_pixels, white_balance, cache_root)
+        return _build(
+            inv,
+            size,
+            interpolation,
+            arrays_dir,
+            arrays_dir / key,
+            workers,
+            progress,
+            max_pixels,
+            white_balance,
+            cache_root,
+        )
 
 
 @contextlib.contextmanager
@@ -190,7 +209,18 @@ def _building(arrays_dir: Path, final: Path, n: int, size: int):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _build(inv: Inventory, size: int, interpolation: str, arrays_dir: Path, final: Path, workers, progress: bool, max_pixels: int, white_balance: str, cache_root) -> ImageCache:
+def _build(
+    inv: Inventory,
+    size: int,
+    interpolation: str,
+    arrays_dir: Path,
+    final: Path,
+    workers,
+    progress: bool,
+    max_pixels: int,
+    white_balance: str,
+    cache_root,
+) -> ImageCache:
     with _building(arrays_dir, final, len(inv.records), size) as tmp:
         seconds = _fill(inv, size, interpolation, tmp, workers, progress, max_pixels, white_balance)
     cache = load_cache(inv, size, interpolation, cache_root, white_balance)
@@ -199,19 +229,33 @@ def _build(inv: Inventory, size: int, interpolation: str, arrays_dir: Path, fina
     return cache
 
 
-def _fill(inv: Inventory, size: int, interpolation: str, tmp: Path, workers, progress: bool, max_pixels: int, white_balance: str) -> float:
+def _fill(
+    inv: Inventory,
+    size: int,
+    interpolation: str,
+    tmp: Path,
+    workers,
+    progress: bool,
+    max_pixels: int,
+    white_balance: str,
+) -> float:
     """Decode every image into tmp/images.npy (in worker processes), then write tmp/manifest.json; return seconds."""
     n = len(inv.records)
     npy = tmp / "images.npy"
     paths = [str(inv.path(i)) for i in range(n)]
     hashes = [r.sha256 for r in inv.records]
-    jobs = [(s, paths[s : s + _CHUNK], hashes[s : s + _CHUNK], size, interpolation, max_pixels, white_balance) for s in range(0, n, _CHUNK)]
+    jobs = [
+        (s, paths[s : s + _CHUNK], hashes[s : s + _CHUNK], size, interpolation, max_pixels, white_balance)
+        for s in range(0, n, _CHUNK)
+    ]
     failures: list[tuple[int, str]] = []
     t0 = time.perf_counter()
     n_workers = min(workers or os.cpu_count() or 1, len(jobs)) if n >= _PARALLEL_MIN_IMAGES else 1
     with progress_bar(n, f"caching {n} images at {size}px", enabled=progress) as advance:
         if n_workers > 1:
-            with ProcessPoolExecutor(n_workers, mp_context=pool_context(), initializer=_init_worker, initargs=(str(npy),)) as pool:
+            with ProcessPoolExecutor(
+                n_workers, mp_context=pool_context(), initializer=_init_worker, initargs=(str(npy),)
+            ) as pool:
                 for done, bad in pool.map(_fill_chunk, jobs):
                     failures.extend(bad)
                     advance(done)
@@ -297,7 +341,9 @@ def resized_array_cache(
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"unknown interpolation '{interpolation}'; choose one of {sorted(INTERPOLATIONS)}")
     arrays_dir = Path(cache_root or default_cache_dir()) / "arrays"
-    h = hashlib.sha256(f"v{CACHE_VERSION}|array|{fingerprint}|{size}|{interpolation}|{white_balance}".encode()).hexdigest()
+    h = hashlib.sha256(
+        f"v{CACHE_VERSION}|array|{fingerprint}|{size}|{interpolation}|{white_balance}".encode()
+    ).hexdigest()
     final = arrays_dir / f"array-{size}-{interpolation}-{h[:24]}"
     n = len(images)
 
@@ -307,7 +353,11 @@ def resized_array_cache(
             cached = np.load(final / "images.npy", mmap_mode="r")
         except (OSError, ValueError):
             return None
-        ok = manifest.get("complete") is True and manifest.get("fingerprint") == fingerprint and cached.shape == (n, size, size, 3)
+        ok = (
+            manifest.get("complete") is True
+            and manifest.get("fingerprint") == fingerprint
+            and cached.shape == (n, size, size, 3)
+        )
         return cached if ok else None
 
     found = complete()
@@ -329,8 +379,18 @@ def resized_array_cache(
                     advance()
             out.flush()
             del out
-            io.write_json(tmp / "manifest.json", {"version": CACHE_VERSION, "complete": True, "fingerprint": fingerprint, "size": size,
-                                                   "interpolation": interpolation, "white_balance": white_balance, "images": n})
+            io.write_json(
+                tmp / "manifest.json",
+                {
+                    "version": CACHE_VERSION,
+                    "complete": True,
+                    "fingerprint": fingerprint,
+                    "size": size,
+                    "interpolation": interpolation,
+                    "white_balance": white_balance,
+                    "images": n,
+                },
+            )
     found = complete()
     assert found is not None, "array cache just built does not validate"
     return found

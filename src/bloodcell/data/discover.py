@@ -156,14 +156,18 @@ def _probe(args: tuple[str, str, int]) -> tuple[str, dict | str, list[int] | Non
             width, height, mode = header.size[0], header.size[1], header.mode
     except UnreadableImage as exc:
         return path, str(exc), key
-    return path, {
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "width": width,
-        "height": height,
-        "mode": mode,
-        "size_bytes": st.st_size,
-        "mtime_ns": st.st_mtime_ns,
-    }, key
+    return (
+        path,
+        {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "width": width,
+            "height": height,
+            "mode": mode,
+            "size_bytes": st.st_size,
+            "mtime_ns": st.st_mtime_ns,
+        },
+        key,
+    )
 
 
 def _bytes_io(data: bytes):
@@ -193,7 +197,9 @@ def _walk_files(class_dir: Path, root: Path, warnings: list[str], unlisted: list
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
             reason = "permission denied" if isinstance(exc, PermissionError) else f"cannot list ({exc.strerror or exc})"
-            unlisted.append(Skipped(folder.relative_to(root).as_posix() + "/", f"{reason}: folder and its contents skipped"))
+            unlisted.append(
+                Skipped(folder.relative_to(root).as_posix() + "/", f"{reason}: folder and its contents skipped")
+            )
             continue
         for entry in entries:
             p = Path(entry.path)
@@ -241,7 +247,9 @@ def scan(
     """
     root = Path(root).expanduser()
     if root.suffix.lower() == ".csv" and root.is_file():
-        return _scan_entries(_csv_entries(root.resolve()), max_pixels=max_pixels, workers=workers, progress=progress, cache_dir=cache_dir)
+        return _scan_entries(
+            _csv_entries(root.resolve()), max_pixels=max_pixels, workers=workers, progress=progress, cache_dir=cache_dir
+        )
     if not root.exists():
         raise DataError(f"dataset folder not found: {root}")
     if not root.is_dir():
@@ -270,7 +278,9 @@ def scan(
         else:
             files += 1
             broken = entry.is_symlink() and not os.path.exists(entry.path)
-            reason = "broken symbolic link at dataset root" if broken else "file at dataset root, not inside a class folder"
+            reason = (
+                "broken symbolic link at dataset root" if broken else "file at dataset root, not inside a class folder"
+            )
             ignored.append(Skipped(entry.name, reason))
     if not class_dirs:
         raise DataError(f"no class folders in {root} (expected one sub-folder of images per class)")
@@ -325,7 +335,9 @@ def _csv_entries(csv_path: Path) -> _Listing:
     header = [h.strip().lower() for h in rows[0]]
     for column in ("path", "label"):
         if column not in header:
-            raise DataError(f"dataset CSV {csv_path} has no '{column}' column (header: {','.join(rows[0])}; expected path,label[,group])")
+            raise DataError(
+                f"dataset CSV {csv_path} has no '{column}' column (header: {','.join(rows[0])}; expected path,label[,group])"
+            )
     unknown = [h for h in header if h not in CSV_COLUMNS]
     if unknown:
         raise DataError(f"dataset CSV {csv_path}: unknown column '{unknown[0]}' (expected path,label[,group])")
@@ -345,7 +357,9 @@ def _csv_entries(csv_path: Path) -> _Listing:
         p = p if p.is_absolute() else root / p
         rel = _relpath(p, root)
         if rel in seen:
-            raise DataError(f"dataset CSV {csv_path}, line {line}: {cells['path']} is listed again (first on line {seen[rel]})")
+            raise DataError(
+                f"dataset CSV {csv_path}, line {line}: {cells['path']} is listed again (first on line {seen[rel]})"
+            )
         seen[rel] = line
         if not is_image_name(p):
             skipped.append(Skipped(rel, f"not an image file type ({p.suffix or 'no extension'})"))
@@ -384,7 +398,9 @@ def _scan_entries(listing: _Listing, *, max_pixels: int, workers: int | None, pr
     n_workers = workers or os.cpu_count() or 1
     with progress_bar(len(todo), f"checking {len(todo)} images", enabled=progress) as advance:
         if len(todo) >= _PARALLEL_MIN_FILES and n_workers > 1:
-            with ProcessPoolExecutor(max_workers=n_workers, mp_context=pool_context(), initializer=exit_with_parent) as pool:
+            with ProcessPoolExecutor(
+                max_workers=n_workers, mp_context=pool_context(), initializer=exit_with_parent
+            ) as pool:
                 for path, res, stat_key in pool.map(_probe, todo, chunksize=64):
                     results[path] = (res, stat_key)
                     advance()
@@ -417,7 +433,9 @@ def _scan_entries(listing: _Listing, *, max_pixels: int, workers: int | None, pr
     present = {r.label for r in records}
     empty = [name for name in listing.classes if name not in present]
     for name in empty:
-        warnings.append(f"{name}{'' if listing.csv else '/'}: class {'label' if listing.csv else 'folder'} has no readable images; class left out")
+        warnings.append(
+            f"{name}{'' if listing.csv else '/'}: class {'label' if listing.csv else 'folder'} has no readable images; class left out"
+        )
     return Inventory(
         root=root,
         class_names=sorted(present),

@@ -29,9 +29,18 @@ DEFAULT_VIEW = {"rbc_diameters": 4.4, "wbc_sides": 2.7}
 MIN_RULER_RBC = 3  # fewer red cells than this: the white cell's own box sets the scale
 # label spellings seen in public smear sets -> our class; matched after lower-casing
 LABEL_ALIASES = {
-    "rbc": "rbc", "red blood cell": "rbc", "red_blood_cell": "rbc", "erythrocyte": "rbc",
-    "wbc": "wbc", "white blood cell": "wbc", "white_blood_cell": "wbc", "leukocyte": "wbc",
-    "platelets": "platelet", "platelet": "platelet", "plt": "platelet", "thrombocyte": "platelet",
+    "rbc": "rbc",
+    "red blood cell": "rbc",
+    "red_blood_cell": "rbc",
+    "erythrocyte": "rbc",
+    "wbc": "wbc",
+    "white blood cell": "wbc",
+    "white_blood_cell": "wbc",
+    "leukocyte": "wbc",
+    "platelets": "platelet",
+    "platelet": "platelet",
+    "plt": "platelet",
+    "thrombocyte": "platelet",
 }
 
 
@@ -45,7 +54,9 @@ class FieldAnnotation:
     boxes: np.ndarray  # (N, 4) float32 x0, y0, x1, y1 in pixels
     labels: np.ndarray  # (N,) int64
     dropped: int = 0  # boxes in the file that had no area (counted, not used)
-    duplicates: int = 0  # boxes in the file repeating one before it (same class, IoU >= DUPLICATE_IOU): one cell, one box
+    duplicates: int = (
+        0  # boxes in the file repeating one before it (same class, IoU >= DUPLICATE_IOU): one cell, one box
+    )
     name: str = field(default="")
     source: str = ""  # the lab or set the photograph comes from (TXL-PBC's sources.csv; a VOC set's name)
     # the same photograph in every set that holds it, e.g. "bccd:BloodImage_00370" (see combine_field_sets)
@@ -89,7 +100,9 @@ def read_voc(xml_path: str | Path, image_dir: str | Path) -> FieldAnnotation:
             continue
         boxes.append((x0, y0, x1, y1))
         labels.append(field_class(label, str(xml_path)))
-    boxes, labels, duplicates = without_duplicates(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
+    boxes, labels, duplicates = without_duplicates(
+        np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+    )
     return FieldAnnotation(
         path=Path(image_dir) / name,
         width=width,
@@ -190,7 +203,9 @@ def _yolo_sources(root: Path) -> dict[str, dict]:
     return {r["image"]: r for r in rows}
 
 
-def read_yolo(label_path: Path, image_path: Path, classes: list[int], size: tuple[int, int] | None = None) -> FieldAnnotation:
+def read_yolo(
+    label_path: Path, image_path: Path, classes: list[int], size: tuple[int, int] | None = None
+) -> FieldAnnotation:
     """One YOLO label file; `classes` maps its class numbers to FIELD_CLASSES indices; size (w, h) read from the
     image when not given."""
     if size is None:
@@ -219,9 +234,19 @@ def read_yolo(label_path: Path, image_path: Path, classes: list[int], size: tupl
             continue
         boxes.append((x0, y0, x1, y1))
         labels.append(classes[k])
-    boxes, labels, duplicates = without_duplicates(np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64))
-    return FieldAnnotation(path=image_path, width=int(width), height=int(height), boxes=boxes, labels=labels,
-                           dropped=dropped, duplicates=duplicates, name=image_path.stem)
+    boxes, labels, duplicates = without_duplicates(
+        np.asarray(boxes, dtype=np.float32).reshape(-1, 4), np.asarray(labels, dtype=np.int64)
+    )
+    return FieldAnnotation(
+        path=image_path,
+        width=int(width),
+        height=int(height),
+        boxes=boxes,
+        labels=labels,
+        dropped=dropped,
+        duplicates=duplicates,
+        name=image_path.stem,
+    )
 
 
 def load_yolo(root: str | Path, split: str, set_name: str = "") -> list[FieldAnnotation]:
@@ -283,8 +308,10 @@ def combine_field_sets(sets: dict[str, dict], leave_out: str | None = None) -> F
     tuned on, nothing in any val split is trained on, and a photograph in two train splits is kept once, from the set
     listed first. `leave_out` names a source kept out of train and val entirely (its photographs are only tested).
     """
-    loaded = {name: {part: load_fields(spec["root"], spec[f"{part}_split"], name) for part in ("train", "val", "test")}
-              for name, spec in sets.items()}
+    loaded = {
+        name: {part: load_fields(spec["root"], spec[f"{part}_split"], name) for part in ("train", "val", "test")}
+        for name, spec in sets.items()
+    }
     tested = {a.identity for parts in loaded.values() for a in parts["test"]}
     removed: dict[str, int] = {}
 
@@ -294,8 +321,15 @@ def combine_field_sets(sets: dict[str, dict], leave_out: str | None = None) -> F
             if not use(name):
                 continue
             for ann in parts[part]:
-                reason = ("in an evaluation split" if ann.identity in barred else f"of left-out source {leave_out}"
-                          if leave_out in (ann.source, name) else "a duplicate" if ann.identity in seen else None)
+                reason = (
+                    "in an evaluation split"
+                    if ann.identity in barred
+                    else f"of left-out source {leave_out}"
+                    if leave_out in (ann.source, name)
+                    else "a duplicate"
+                    if ann.identity in seen
+                    else None
+                )
                 if reason:
                     key = f"{part}: {reason}"
                     removed[key] = removed.get(key, 0) + 1
@@ -337,7 +371,9 @@ def crop_side(rbc_boxes: np.ndarray, wbc_boxes: np.ndarray, view: dict | None = 
     wbc = np.asarray(wbc_boxes, dtype=np.float64).reshape(-1, 4)
     if len(wbc):
         side = float(np.median(np.maximum(wbc[:, 2] - wbc[:, 0], wbc[:, 3] - wbc[:, 1])))
-        return side * view["wbc_sides"], f"white-cell boxes, median {side:.0f} px (fewer than {MIN_RULER_RBC} red cells)"
+        return side * view[
+            "wbc_sides"
+        ], f"white-cell boxes, median {side:.0f} px (fewer than {MIN_RULER_RBC} red cells)"
     return 0.0, "no cells"
 
 

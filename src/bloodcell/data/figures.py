@@ -58,7 +58,9 @@ def plot_sample_grid(inv: Inventory, path: str | Path, per_class: int = 6, seed:
     for i, r in enumerate(inv.records):
         by_class[r.label].append(i)
     rows = len(inv.class_names)
-    fig, axes = plt.subplots(rows, per_class, figsize=(1.4 * per_class, 1.5 * rows), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        rows, per_class, figsize=(1.4 * per_class, 1.5 * rows), squeeze=False, layout="constrained"
+    )
     for r, name in enumerate(inv.class_names):
         members = by_class[name]
         picks = rng.choice(members, size=min(per_class, len(members)), replace=False) if members else []

@@ -109,7 +109,9 @@ def check_cell_size(size: tuple[int, int]) -> None:
     """Raise UnreadableImage when an image of `size` (width, height) is too small to be classified as one cell."""
     w, h = size
     if min(w, h) < MIN_CELL_SIDE:
-        raise UnreadableImage(f"too small to hold a blood cell: {w}x{h} px (a cell image needs at least {MIN_CELL_SIDE} px a side)")
+        raise UnreadableImage(
+            f"too small to hold a blood cell: {w}x{h} px (a cell image needs at least {MIN_CELL_SIDE} px a side)"
+        )
 
 
 def balance_background(arr: np.ndarray) -> np.ndarray:
@@ -133,7 +135,9 @@ def load_array(
     return prepare_array(open_rgb(source, max_pixels=max_pixels), size, interpolation, white_balance)
 
 
-def prepare_array(img: Image.Image, size: int | None = None, interpolation: str = "nearest", white_balance: str = "none") -> np.ndarray:
+def prepare_array(
+    img: Image.Image, size: int | None = None, interpolation: str = "nearest", white_balance: str = "none"
+) -> np.ndarray:
     """An RGB image as a model sees it: resized to size x size when `size` is given, then white-balanced."""
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), INTERPOLATIONS[interpolation])

@@ -26,7 +26,15 @@ import numpy as np
 from bloodcell import io
 from bloodcell.data.classes import resolve_class
 from bloodcell.data.discover import Inventory, default_cache_dir, scan
-from bloodcell.data.fields import DEFAULT_VIEW, FIELD_CLASSES, background_colour, crop_cell, crop_side, load_voc, voc_root
+from bloodcell.data.fields import (
+    DEFAULT_VIEW,
+    FIELD_CLASSES,
+    background_colour,
+    crop_cell,
+    crop_side,
+    load_voc,
+    voc_root,
+)
 from bloodcell.data.images import UnreadableImage, open_rgb
 from bloodcell.errors import DataError
 from bloodcell.progress import progress_bar
@@ -52,8 +60,13 @@ def is_smear_set(root: str | os.PathLike) -> bool:
     return (root / SUBTYPES_FILE).is_file() and any((c / "Annotations").is_dir() for c in (root, root / "BCCD"))
 
 
-def cut_smear_cells(root: str | os.PathLike, *, view: dict | None = None, cache_dir: str | os.PathLike | None = None,
-                    progress: bool = True) -> Path:
+def cut_smear_cells(
+    root: str | os.PathLike,
+    *,
+    view: dict | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Path:
     """Cut every labelled white cell of a smear set into `<folder>/<part>/<label>/<photo>.png`; return the folder.
 
     Each row of wbc_subtypes.csv (image, split, label, xmin, ymin, xmax, ymax) gives a photograph and its one white
@@ -105,8 +118,16 @@ def cut_smear_cells(root: str | os.PathLike, *, view: dict | None = None, cache_
             buf = _png_bytes(cell)
             io.write_bytes(target, buf)
             written += 1
-    io.write_json(out / "manifest.json", {"source": str(root.resolve()), "rule": "bloodcell.data.fields.crop_cell",
-                                          "view": view, "cells": written, "skipped": skipped})
+    io.write_json(
+        out / "manifest.json",
+        {
+            "source": str(root.resolve()),
+            "rule": "bloodcell.data.fields.crop_cell",
+            "view": view,
+            "cells": written,
+            "skipped": skipped,
+        },
+    )
     return out
 
 
@@ -118,9 +139,18 @@ def _png_bytes(img) -> bytes:
     return buf.getvalue()
 
 
-def lab_parts(name: str, root: str | os.PathLike, class_names: list[str], *, parts: list[str] | None = None,
-              split_config=None, view: dict | None = None, progress: bool = True, max_pixels: int | None = None,
-              classes: list[str] | None = None) -> list[LabPart]:
+def lab_parts(
+    name: str,
+    root: str | os.PathLike,
+    class_names: list[str],
+    *,
+    parts: list[str] | None = None,
+    split_config=None,
+    view: dict | None = None,
+    progress: bool = True,
+    max_pixels: int | None = None,
+    classes: list[str] | None = None,
+) -> list[LabPart]:
     """The lab's cells as LabParts, their labels matched to `class_names` (data.classes.resolve_class).
 
     A smear set keeps its own split; a folder or CSV with `split_config` is split by it (a lab a run trains on),
@@ -164,7 +194,9 @@ def _keep_classes(name: str, inv: Inventory, classes: list[str] | None) -> Inven
     keep = {c: resolve_class(c, inv.class_names) for c in classes}
     missing = [c for c, folder in keep.items() if folder is None]
     if missing:
-        raise DataError(f"lab '{name}': {inv.root} has no class '{missing[0]}' (its classes: {', '.join(inv.class_names)})")
+        raise DataError(
+            f"lab '{name}': {inv.root} has no class '{missing[0]}' (its classes: {', '.join(inv.class_names)})"
+        )
     folders = sorted(set(keep.values()))
     records = [r for r in inv.records if r.label in folders]
     return Inventory(inv.root, folders, records, inv.skipped, len(records), csv=inv.csv, warnings=inv.warnings)
@@ -175,7 +207,9 @@ def _labels(name: str, inv: Inventory, class_names: list[str]) -> np.ndarray:
     for folder in inv.class_names:
         cls = resolve_class(folder, class_names)
         if cls is None:
-            raise DataError(f"lab '{name}': class '{folder}' of {inv.root} matches no class of the model ({', '.join(class_names)})")
+            raise DataError(
+                f"lab '{name}': class '{folder}' of {inv.root} matches no class of the model ({', '.join(class_names)})"
+            )
         mapping[folder] = class_names.index(cls)
     return np.asarray([mapping[inv.class_names[label]] for label in inv.labels], dtype=np.int64)
 
@@ -191,16 +225,35 @@ class LabImages:
     parts: np.ndarray  # (N,) the part each image comes from ("train", "val", "test" or "all")
 
 
-def lab_images(source, class_names: list[str], *, size: int, interpolation: str, white_balance: str = "none",
-               max_pixels: int, split_config=None, progress: bool = True) -> LabImages:
+def lab_images(
+    source,
+    class_names: list[str],
+    *,
+    size: int,
+    interpolation: str,
+    white_balance: str = "none",
+    max_pixels: int,
+    split_config=None,
+    progress: bool = True,
+) -> LabImages:
     """Every cell of `source` (a config LabSource) the model's way: cut, scanned, resized and balanced as in training."""
     from bloodcell.data.cache import build_cache
 
-    parts = lab_parts(source.name, source.root, class_names, parts=source.parts, split_config=split_config,
-                      progress=progress, max_pixels=max_pixels, classes=source.classes)
+    parts = lab_parts(
+        source.name,
+        source.root,
+        class_names,
+        parts=source.parts,
+        split_config=split_config,
+        progress=progress,
+        max_pixels=max_pixels,
+        classes=source.classes,
+    )
     images, labels, relpaths, names = [], [], [], []
     for lp in parts:
-        cache = build_cache(lp.inventory, size, interpolation, max_pixels=max_pixels, progress=progress, white_balance=white_balance)
+        cache = build_cache(
+            lp.inventory, size, interpolation, max_pixels=max_pixels, progress=progress, white_balance=white_balance
+        )
         images.append(np.asarray(cache.images))
         labels.append(lp.labels)
         relpaths += [f"{source.name}:{lp.part}/{r.relpath}" for r in lp.inventory.records]

@@ -16,7 +16,16 @@ import numpy as np
 from bloodcell.errors import DataError
 
 # BloodMNIST's label order (its info dict), the same eight PBC classes in the same order as PBC's folders.
-BLOODMNIST_CLASSES = ["basophil", "eosinophil", "erythroblast", "ig", "lymphocyte", "monocyte", "neutrophil", "platelet"]
+BLOODMNIST_CLASSES = [
+    "basophil",
+    "eosinophil",
+    "erythroblast",
+    "ig",
+    "lymphocyte",
+    "monocyte",
+    "neutrophil",
+    "platelet",
+]
 PARTS = ("train", "val", "test")
 
 
@@ -65,7 +74,9 @@ def load_npz(path: str | Path, class_names: list[str] | None = None) -> NpzDatas
             start += len(x)
     labels_all = np.concatenate(labels)
     n_classes = int(labels_all.max()) + 1 if len(labels_all) else 0
-    names = class_names or (BLOODMNIST_CLASSES if n_classes <= len(BLOODMNIST_CLASSES) else [str(k) for k in range(n_classes)])
+    names = class_names or (
+        BLOODMNIST_CLASSES if n_classes <= len(BLOODMNIST_CLASSES) else [str(k) for k in range(n_classes)]
+    )
     if labels_all.min(initial=0) < 0 or n_classes > len(names):
         raise DataError(f"{path}: labels range over {n_classes} classes but {len(names)} class names were given")
     return NpzDataset(np.concatenate(images), labels_all, list(names), parts)

@@ -30,7 +30,9 @@ class PreparedData:
     parts: dict[str, np.ndarray]  # train (in training order) / val / test -> indices into images
     source: dict = field(default_factory=dict)  # provenance: root, fingerprint, counts, skipped...
     split: Split | None = None
-    lab_tests: dict[str, np.ndarray] = field(default_factory=dict)  # data.labs: each lab's own test part, indices into images
+    lab_tests: dict[str, np.ndarray] = field(
+        default_factory=dict
+    )  # data.labs: each lab's own test part, indices into images
 
     @property
     def num_classes(self) -> int:
@@ -53,13 +55,17 @@ def split_files(
     """
     inv = scan(root, max_pixels=cfg.data.max_pixels, progress=progress)
     if fingerprint is not None and inv.fingerprint() != fingerprint:
-        raise DataError(f"{inv.root} is not the data the model was trained on (its fingerprint differs from model.json's data_fingerprint)")
+        raise DataError(
+            f"{inv.root} is not the data the model was trained on (its fingerprint differs from model.json's data_fingerprint)"
+        )
     split = make_split(inv, _split_config(cfg))
     idx = split.part(part)
     return [inv.path(int(i)) for i in idx], [inv.class_names[inv.labels[int(i)]] for i in idx]
 
 
-def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None, fold: int | None = None, progress: bool = True) -> PreparedData:
+def prepare_data(
+    cfg: RunConfig, *, split_file: str | os.PathLike | None = None, fold: int | None = None, progress: bool = True
+) -> PreparedData:
     """Load, validate, split and cache the data of `cfg` (see module docstring).
 
     `split_file`: reuse this saved split when it exists (a resumed or re-evaluated run keeps its images).
@@ -77,7 +83,14 @@ def prepare_data(cfg: RunConfig, *, split_file: str | os.PathLike | None = None,
         split = make_split(inv, _split_config(cfg))
         if fold is not None:
             split = make_folds(inv, split, cfg.cv.folds or 5)[fold]
-    cache = build_cache(inv, cfg.data.input_size, cfg.data.interpolation, max_pixels=cfg.data.max_pixels, progress=progress, white_balance=cfg.data.white_balance)
+    cache = build_cache(
+        inv,
+        cfg.data.input_size,
+        cfg.data.interpolation,
+        max_pixels=cfg.data.max_pixels,
+        progress=progress,
+        white_balance=cfg.data.white_balance,
+    )
     summary = inv.summary()
     source = {
         "kind": "csv" if inv.csv else "folder",
@@ -116,9 +129,16 @@ def _add_labs(data: PreparedData, cfg: RunConfig, progress: bool) -> PreparedDat
     parts = {k: [v] for k, v in data.parts.items()}
     offset, counts, lab_tests = len(data.labels), {}, {}
     for source in cfg.data.labs:
-        lab = lab_images(source, data.class_names, size=cfg.data.input_size, interpolation=cfg.data.interpolation,
-                         white_balance=cfg.data.white_balance, max_pixels=cfg.data.max_pixels,
-                         split_config=_split_config(cfg), progress=progress)
+        lab = lab_images(
+            source,
+            data.class_names,
+            size=cfg.data.input_size,
+            interpolation=cfg.data.interpolation,
+            white_balance=cfg.data.white_balance,
+            max_pixels=cfg.data.max_pixels,
+            split_config=_split_config(cfg),
+            progress=progress,
+        )
         index = offset + np.arange(len(lab.labels))
         for part in ("train", "val"):
             parts[part].append(index[lab.parts == part])
@@ -146,7 +166,9 @@ def _prepare_npz(cfg: RunConfig, progress: bool = True) -> PreparedData:
     images = ds.images
     if images.shape[1:3] != (cfg.data.input_size, cfg.data.input_size) or cfg.data.white_balance != "none":
         # through a uint8 cache, image by image: BloodMNIST upscaled to 224 px as one float32 tensor was about 10 GB
-        images = resized_array_cache(ds.images, fp, cfg.data.input_size, cfg.data.interpolation, cfg.data.white_balance, progress=progress)
+        images = resized_array_cache(
+            ds.images, fp, cfg.data.input_size, cfg.data.interpolation, cfg.data.white_balance, progress=progress
+        )
     parts = dict(ds.parts)
     if cfg.data.split.order != "sorted":
         rng = np.random.default_rng(cfg.split_seed)
@@ -158,6 +180,11 @@ def _prepare_npz(cfg: RunConfig, progress: bool = True) -> PreparedData:
         class_names=ds.class_names,
         relpaths=ds.relpaths,
         parts=parts,
-        source={"kind": "npz", "root": str(cfg.data.npz), "fingerprint": fp, "images": int(len(ds.labels)),
-                "classes": {n: int(c) for n, c in zip(ds.class_names, counts)}},
+        source={
+            "kind": "npz",
+            "root": str(cfg.data.npz),
+            "fingerprint": fp,
+            "images": int(len(ds.labels)),
+            "classes": {n: int(c) for n, c in zip(ds.class_names, counts)},
+        },
     )

@@ -108,7 +108,9 @@ class Split:
         if self.group_counts() is not None:
             out["groups"] = self.group_counts()
         if self.sha256:
-            out["sha256_16"] = {p: [self.sha256[i][:_HASH_DIGITS] for i in self.part(p)] for p in ("train", "val", "test")}
+            out["sha256_16"] = {
+                p: [self.sha256[i][:_HASH_DIGITS] for i in self.part(p)] for p in ("train", "val", "test")
+            }
         return out
 
     def save(self, path: str | os.PathLike) -> None:
@@ -129,7 +131,10 @@ def _groups(inv: Inventory, dedup: bool) -> tuple[list[list[int]], list[dict]]:
         for members in by_hash.values():
             if len({inv.records[i].label for i in members}) > 1:
                 others = ", ".join(inv.records[j].relpath for j in members)
-                dropped += [{"path": inv.records[i].relpath, "reason": f"identical images with different labels: {others}"} for i in members]
+                dropped += [
+                    {"path": inv.records[i].relpath, "reason": f"identical images with different labels: {others}"}
+                    for i in members
+                ]
                 conflicting.update(members)
         keep = [i for i in keep if i not in conflicting]
     parent = {i: i for i in keep}
@@ -158,7 +163,9 @@ def _group_label(members: list[int], labels: list[int]) -> int:
     return Counter(labels[i] for i in members).most_common(1)[0][0] if len(members) > 1 else labels[members[0]]
 
 
-def _stratified_cut(group_ids: list[int], group_labels: list[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
+def _stratified_cut(
+    group_ids: list[int], group_labels: list[int], fraction: float, seed: int
+) -> tuple[list[int], list[int]]:
     """Split groups into (keep, cut) with ~fraction of groups per class in `cut`, seeded."""
     if fraction == 0 or not group_ids:
         return list(group_ids), []
@@ -236,7 +243,19 @@ def make_folds(inv: Inventory, split: Split, k: int = 5) -> list[Split]:
         if split.config.order != "sorted":
             train = [train[i] for i in rng.permutation(len(train))]
         folds.append(
-            Split(split.config, split.class_names, split.relpaths, split.labels, train, sorted(pool[i] for i in va), list(split.test), split.dropped, fold=f, sha256=split.sha256, groups=split.groups)
+            Split(
+                split.config,
+                split.class_names,
+                split.relpaths,
+                split.labels,
+                train,
+                sorted(pool[i] for i in va),
+                list(split.test),
+                split.dropped,
+                fold=f,
+                sha256=split.sha256,
+                groups=split.groups,
+            )
         )
     return folds
 
@@ -253,7 +272,9 @@ def load_split(path: str | os.PathLike, inv: Inventory) -> Split:
     for part in ("train", "val", "test"):
         missing = [p for p in data.get(part, []) if p not in index]
         if missing:
-            raise DataError(f"split file {path}: {len(missing)} {part} image(s) no longer in {inv.root}, e.g. {missing[0]}")
+            raise DataError(
+                f"split file {path}: {len(missing)} {part} image(s) no longer in {inv.root}, e.g. {missing[0]}"
+            )
         parts[part] = [index[p] for p in data[part]]
     saved_hashes = data.get("sha256_16", {})  # absent in splits written before it was recorded
     changed = [

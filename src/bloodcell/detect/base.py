@@ -110,8 +110,12 @@ def cell_scale(photos: Sequence[FieldAnnotation], long_side: int | None) -> dict
     if not len(sides):
         return {}
     q = np.percentile(sides, [5, 50, 95])
-    return {"rbc_side_px": {"p05": round(float(q[0]), 1), "p50": round(float(q[1]), 1), "p95": round(float(q[2]), 1)},
-            "long_side": long_side, "photos": len(photos), "boxes": int(len(sides))}
+    return {
+        "rbc_side_px": {"p05": round(float(q[0]), 1), "p50": round(float(q[1]), 1), "p95": round(float(q[2]), 1)},
+        "long_side": long_side,
+        "photos": len(photos),
+        "boxes": int(len(sides)),
+    }
 
 
 def keep_above(det: Detections, thresholds: dict[str, float]) -> Detections:

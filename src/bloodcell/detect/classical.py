@@ -72,8 +72,9 @@ class ClassicalDetector(FieldDetector):
     def __init__(self, **options: Any) -> None:
         unknown = sorted(set(options) - set(DEFAULTS))
         if unknown:
-            raise ModelError(f"classical detector: unknown option(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(DEFAULTS)}")
+            raise ModelError(
+                f"classical detector: unknown option(s) {', '.join(unknown)}; known: {', '.join(DEFAULTS)}"
+            )
         merged = {**DEFAULTS, **options}
         if int(merged["downscale"]) < 1:
             raise ModelError(f"classical detector: downscale must be an integer >= 1, got {merged['downscale']}")
@@ -112,11 +113,17 @@ class ClassicalDetector(FieldDetector):
         stain = img[..., 2] / (g + 1.0)
         purple = img[..., 2] / (img[..., 0] + 1.0)
         background = float(np.percentile(g, 90)) if g.size else 0.0
-        return {"green": g, "stain": stain, "purple": purple, "background": np.array(background),
-                "shape": np.array([h, w])}
+        return {
+            "green": g,
+            "stain": stain,
+            "purple": purple,
+            "background": np.array(background),
+            "shape": np.array([h, w]),
+        }
 
-    def white_and_platelets(self, prep: dict[str, np.ndarray], platelets: bool = True,
-                            groups: list | None = None) -> tuple[list, list, np.ndarray]:
+    def white_and_platelets(
+        self, prep: dict[str, np.ndarray], platelets: bool = True, groups: list | None = None
+    ) -> tuple[list, list, np.ndarray]:
         """(white cells, platelets, white-cell exclusion mask); cells are (box in working px, score)."""
         p = self.params
         H, W = prep["stain"].shape
@@ -190,8 +197,9 @@ class ClassicalDetector(FieldDetector):
             return np.zeros(fg.shape, np.int32), 0
         dist = ndi.gaussian_filter(ndi.distance_transform_edt(fg), 1.0)
         md = max(int(self.params["rbc_min_distance"]), 1)
-        peaks = peak_local_max(dist, min_distance=md, threshold_abs=md * 0.5, labels=ndi.label(fg)[0],
-                               exclude_border=False)
+        peaks = peak_local_max(
+            dist, min_distance=md, threshold_abs=md * 0.5, labels=ndi.label(fg)[0], exclude_border=False
+        )
         if len(peaks) == 0:
             return np.zeros(fg.shape, np.int32), 0
         markers = np.zeros(fg.shape, np.int32)
@@ -218,8 +226,11 @@ class ClassicalDetector(FieldDetector):
             if area < p["rbc_min_area"]:
                 continue
             k = max(1, int(round(area / split))) if split > 0 else 1
-            parts = _kmeans_parts(np.stack([ys + sl[0].start, xs + sl[1].start], axis=1), k) if k > 1 else [
-                np.stack([ys + sl[0].start, xs + sl[1].start], axis=1)]
+            parts = (
+                _kmeans_parts(np.stack([ys + sl[0].start, xs + sl[1].start], axis=1), k)
+                if k > 1
+                else [np.stack([ys + sl[0].start, xs + sl[1].start], axis=1)]
+            )
             for pts in parts:
                 a = len(pts)
                 if a < p["rbc_min_area"] * (0.6 if k > 1 else 1.0):
@@ -258,6 +269,7 @@ class ClassicalDetector(FieldDetector):
 
 
 # ---------------------------------------------------------------- helpers
+
 
 def _merge_overlapping(cells: list, share: float = 0.3) -> list:
     """One box per white cell: boxes sharing more than `share` of the smaller one's area (two nucleus groups of
@@ -312,6 +324,14 @@ def nucleus_groups(det: ClassicalDetector, prep: dict[str, np.ndarray]) -> list[
         if area[i] < 2:
             continue
         ys, xs = sl
-        groups.append((float(area[i]), (xs.start + xs.stop) / 2, (ys.start + ys.stop) / 2,
-                       float(xs.stop - xs.start), float(ys.stop - ys.start), float(strength[i])))
+        groups.append(
+            (
+                float(area[i]),
+                (xs.start + xs.stop) / 2,
+                (ys.start + ys.stop) / 2,
+                float(xs.stop - xs.start),
+                float(ys.stop - ys.start),
+                float(strength[i]),
+            )
+        )
     return groups

@@ -39,8 +39,14 @@ PLATELET_KEYS = ("platelet_threshold", "platelet_dark", "platelet_min_area", "pl
 RBC_SHAPE_KEYS = ("rbc_level", "rbc_close", "rbc_hole_max")
 
 
-def fit_classical(detector: ClassicalDetector, train: Sequence[FieldAnnotation], settings: Any = None,
-                  run_dir: str | Path | None = None, resume: bool = False, progress: bool = True) -> dict:
+def fit_classical(
+    detector: ClassicalDetector,
+    train: Sequence[FieldAnnotation],
+    settings: Any = None,
+    run_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict:
     """Search `detector`'s thresholds on the `train` photographs (in place); return the fit's summary.
 
     Args:
@@ -137,8 +143,13 @@ class _Search:
                 for ma in SEARCH_GRID["wbc_min_area"]:
                     det.params["wbc_min_area"] = ma
                     m = self._white_scores(groups)
-                    chosen = {"nucleus_threshold": nt, "lobe_merge": lm, "wbc_min_area": ma, "wbc_grow": grow,
-                              "wbc_pad": pad}
+                    chosen = {
+                        "nucleus_threshold": nt,
+                        "lobe_merge": lm,
+                        "wbc_min_area": ma,
+                        "wbc_grow": grow,
+                        "wbc_pad": pad,
+                    }
                     self.record("wbc", chosen, m)
                     key = (m["wbc_f1"], m["wbc_recall"])
                     if best is None or key > best[0]:
@@ -188,8 +199,15 @@ class _Search:
         det.params["rbc_min_distance"] = DEFAULTS["rbc_min_distance"]
         for level, close, hole in itertools.product(*(SEARCH_GRID[k] for k in RBC_SHAPE_KEYS)):
             det.params.update(rbc_level=level, rbc_close=close, rbc_hole_max=hole)
-            self._red_search({"rbc_level": level, "rbc_close": close, "rbc_hole_max": hole,
-                              "rbc_min_distance": det.params["rbc_min_distance"]}, self._foregrounds())
+            self._red_search(
+                {
+                    "rbc_level": level,
+                    "rbc_close": close,
+                    "rbc_hole_max": hole,
+                    "rbc_min_distance": det.params["rbc_min_distance"],
+                },
+                self._foregrounds(),
+            )
         det.params.update({k: self.best_red[1][k] for k in RBC_SHAPE_KEYS})
         fgs = self._foregrounds()
         for md in SEARCH_GRID["rbc_min_distance"]:

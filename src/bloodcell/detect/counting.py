@@ -43,8 +43,11 @@ def fit_count_rules(raw: Sequence[Detections], photos: Sequence[FieldAnnotation]
     for cls in FIELD_CLASSES:
         boxes, scores = raw_counts(raw, cls, thresholds[cls])
         truth = true_counts(photos, cls).sum()
-        fitted[cls] = {"boxes": 1.0, "scaled": truth / boxes.sum() if boxes.sum() else 1.0,
-                       "score_sum": truth / scores.sum() if scores.sum() else 1.0}
+        fitted[cls] = {
+            "boxes": 1.0,
+            "scaled": truth / boxes.sum() if boxes.sum() else 1.0,
+            "score_sum": truth / scores.sum() if scores.sum() else 1.0,
+        }
     return fitted
 
 

@@ -89,8 +89,9 @@ class FieldBatches(Dataset):
             if abs(scale - 1) > 1e-3:
                 size = (max(32, round(x.shape[1] * scale)), max(32, round(x.shape[2] * scale)))
                 b = b * torch.tensor([size[1] / x.shape[2], size[0] / x.shape[1]] * 2)
-                x = torch.nn.functional.interpolate(x[None], size=size, mode="bilinear", align_corners=False,
-                                                    antialias=scale < 1)[0]
+                x = torch.nn.functional.interpolate(
+                    x[None], size=size, mode="bilinear", align_corners=False, antialias=scale < 1
+                )[0]
             gain = torch.from_numpy(rng.uniform(0.93, 1.07, 3).astype(np.float32))[:, None, None]
             brightness, contrast = float(rng.uniform(0.85, 1.15)), float(rng.uniform(0.85, 1.15))
             mean = x.mean()

@@ -53,8 +53,11 @@ class _RawOutputs(nn.Module):
         outputs = []
         for feature in self.backbone(x).values():
             box_feature = reg.conv(feature)
-            outputs += [cls.cls_logits(cls.conv(feature)), nn.functional.relu(reg.bbox_reg(box_feature)),
-                        reg.bbox_ctrness(box_feature)]
+            outputs += [
+                cls.cls_logits(cls.conv(feature)),
+                nn.functional.relu(reg.bbox_reg(box_feature)),
+                reg.bbox_ctrness(box_feature),
+            ]
         return tuple(outputs)
 
 
@@ -77,9 +80,18 @@ def export_graph(detector: FCOSDetector, path: Path, opset: int = 17) -> str:
     try:
         with warnings.catch_warnings(), torch.inference_mode():
             warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
-            torch.onnx.export(net, (torch.zeros(1, 3, 256, 320),), str(path), dynamo=False, input_names=["input"],
-                              output_names=names, dynamic_axes=axes, opset_version=opset, do_constant_folding=False,
-                              training=torch.onnx.TrainingMode.PRESERVE)
+            torch.onnx.export(
+                net,
+                (torch.zeros(1, 3, 256, 320),),
+                str(path),
+                dynamo=False,
+                input_names=["input"],
+                output_names=names,
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=False,
+                training=torch.onnx.TrainingMode.PRESERVE,
+            )
     except Exception as exc:
         first_line = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelError(f"ONNX export of the detector failed: {type(exc).__name__}: {first_line}") from None
@@ -135,8 +147,14 @@ def check_photos(n: int = 6, seed: int = 0) -> list[np.ndarray]:
 def check_onnx(detector: FCOSDetector, onnx_detector: FCOSOnnxDetector, photos: Sequence[np.ndarray]) -> dict:
     """Run both detectors on `photos`; the figures the export is judged by (and recorded with)."""
     raw = pre = 0.0
-    worst = {"photos": len(photos), "boxes": 0, "unpaired": 0, "min_iou": 1.0, "max_score_diff": 0.0,
-             "label_mismatches": 0}
+    worst = {
+        "photos": len(photos),
+        "boxes": 0,
+        "unpaired": 0,
+        "min_iou": 1.0,
+        "max_score_diff": 0.0,
+        "label_mismatches": 0,
+    }
     raw_boxes = {"boxes": 0, "unpaired": 0}
     net = _RawOutputs(detector.model).eval()
     for image in photos:
@@ -151,15 +169,19 @@ def check_onnx(detector: FCOSDetector, onnx_detector: FCOSOnnxDetector, photos: 
         raw_boxes["boxes"] += len(torch_raw)
         raw_boxes["unpaired"] += abs(len(torch_raw) - len(onnx_raw))
         a = agreement(detector.apply_thresholds(torch_raw), onnx_detector.apply_thresholds(onnx_raw))
-        worst.update(boxes=worst["boxes"] + a["boxes"], unpaired=worst["unpaired"] + a["unpaired"],
-                     label_mismatches=worst["label_mismatches"] + a["label_mismatches"],
-                     min_iou=min(worst["min_iou"], a["min_iou"]),
-                     max_score_diff=max(worst["max_score_diff"], a["max_score_diff"]))
+        worst.update(
+            boxes=worst["boxes"] + a["boxes"],
+            unpaired=worst["unpaired"] + a["unpaired"],
+            label_mismatches=worst["label_mismatches"] + a["label_mismatches"],
+            min_iou=min(worst["min_iou"], a["min_iou"]),
+            max_score_diff=max(worst["max_score_diff"], a["max_score_diff"]),
+        )
     return {"preprocess_max_abs_diff": pre, "max_abs_diff": raw, "at_thresholds": worst, "before_thresholds": raw_boxes}
 
 
-def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | None = None, source: str = "",
-                            opset: int = 17) -> dict:
+def export_bundled_detector(
+    folder: str | Path, photos: Sequence[np.ndarray] | None = None, source: str = "", opset: int = 17
+) -> dict:
     """Make `folder` a single-copy detector folder: detector.json + detector.onnx, the FCOS network exported to ONNX
     with its weights as the graph's initializers (export_graph), checked against PyTorch, and described by the
     folder's own detector.json (`onnx` section). detector.safetensors, if there, is then removed: the torch FCOS loads
@@ -190,8 +212,13 @@ def export_bundled_detector(folder: str | Path, photos: Sequence[np.ndarray] | N
     if photos is None:
         photos, source = check_photos(), "generated photographs"
     section, figures = _write_checked_export(detector, folder / DETECTOR_ONNX, photos, source, opset)
-    section.update(weights_sha256=digest, exported_from=exported_from, checked_on=f"{len(photos)} {source}", **figures,
-                   versions={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__})
+    section.update(
+        weights_sha256=digest,
+        exported_from=exported_from,
+        checked_on=f"{len(photos)} {source}",
+        **figures,
+        versions={"torch": torch.__version__, "onnxruntime": onnxruntime.__version__},
+    )
     weights_file = meta.get("weights")
     meta["weights"] = None  # kept once, in detector.onnx
     meta["onnx"] = section
@@ -210,12 +237,15 @@ def _exported_from(folder: Path, meta: dict, digest: str) -> dict[str, str]:
         return {meta["weights"]: io.file_sha256(member(folder, meta["weights"], "weights", folder / DETECTOR_METADATA))}
     if previous.get("state_dict") == ONNX_STATE_DICT and previous.get("weights_sha256") == digest:
         return previous.get("exported_from") or {}  # the same weights, already exported once
-    raise ModelError(f"{folder / DETECTOR_ONNX}: its weights are not the ones {DETECTOR_METADATA} records "
-                     f"(weights_sha256); bundle the detector again from its training run")
+    raise ModelError(
+        f"{folder / DETECTOR_ONNX}: its weights are not the ones {DETECTOR_METADATA} records "
+        f"(weights_sha256); bundle the detector again from its training run"
+    )
 
 
-def _write_checked_export(detector: FCOSDetector, target: Path, photos: Sequence[np.ndarray], source: str,
-                          opset: int) -> tuple[dict, dict]:
+def _write_checked_export(
+    detector: FCOSDetector, target: Path, photos: Sequence[np.ndarray], source: str, opset: int
+) -> tuple[dict, dict]:
     """Export to a temporary file, check it (weights by name, outputs, detections), then move it to `target`; returns
     the `onnx` section so far and the check's figures. Nothing is written when a check fails."""
     with tempfile.TemporaryDirectory(prefix="bloodcell-detector-") as work:
@@ -223,18 +253,26 @@ def _write_checked_export(detector: FCOSDetector, target: Path, photos: Sequence
         exporter = export_graph(detector, tmp, opset)
         differ = _same_tensors(detector, graph_tensors(tmp))
         if differ:
-            raise ModelError(f"the detector's ONNX export does not hold its weights under their names "
-                             f"({', '.join(differ[:3])}); nothing written")
+            raise ModelError(
+                f"the detector's ONNX export does not hold its weights under their names "
+                f"({', '.join(differ[:3])}); nothing written"
+            )
         section = {"detector": ONNX_DETECTOR, "file": DETECTOR_ONNX}
         onnx_detector = create_detector(ONNX_DETECTOR, **detector.options)
         onnx_detector.score_thresholds = dict(detector.score_thresholds)
         onnx_detector.load_onnx(tmp, section)
         figures = check_onnx(detector, onnx_detector, photos)
         at = figures["at_thresholds"]
-        if not (figures["max_abs_diff"] <= ONNX_TOLERANCE and at["unpaired"] == 0 and at["label_mismatches"] == 0
-                and at["min_iou"] >= PARITY["min_iou"] and at["max_score_diff"] <= PARITY["max_score_diff"]):
-            raise ModelError(f"the detector's ONNX export differs from PyTorch on {len(photos)} {source}: {figures}; "
-                             "nothing written")
+        if not (
+            figures["max_abs_diff"] <= ONNX_TOLERANCE
+            and at["unpaired"] == 0
+            and at["label_mismatches"] == 0
+            and at["min_iou"] >= PARITY["min_iou"]
+            and at["max_score_diff"] <= PARITY["max_score_diff"]
+        ):
+            raise ModelError(
+                f"the detector's ONNX export differs from PyTorch on {len(photos)} {source}: {figures}; nothing written"
+            )
         onnx_detector.session = None  # let go of the file before it moves
         file_digest = io.file_sha256(tmp)
         with io.atomic_path(target) as final:
@@ -244,7 +282,7 @@ def _write_checked_export(detector: FCOSDetector, target: Path, photos: Sequence
         exporter=exporter,
         input="input",
         input_layout="1 x 3 x H x W float32: the photograph normalised, resized to long_side, zero-padded to a "
-                     "multiple of 32",
+        "multiple of 32",
         outputs=onnx_detector.output_names,
         sha256=file_digest,
         state_dict=ONNX_STATE_DICT,

@@ -94,8 +94,9 @@ def _build_fcos(long_side: int, fpn_channels: int, head_convs: int, trunk: str, 
         detections_per_img=max_detections,
         topk_candidates=TOPK_CANDIDATES,
     )
-    model.transform = _LongSideTransform(long_side, long_side, list(IMAGE_MEAN), list(IMAGE_STD),
-                                         size_divisible=SIZE_DIVISIBLE)
+    model.transform = _LongSideTransform(
+        long_side, long_side, list(IMAGE_MEAN), list(IMAGE_STD), size_divisible=SIZE_DIVISIBLE
+    )
     return model
 
 
@@ -109,13 +110,16 @@ class FCOSDetector(FCOSOptions):
         super().__init__(**options)
         fpn_channels, head_convs = int(self.options["fpn_channels"]), int(self.options["head_convs"])
         if fpn_channels < 32 or fpn_channels % 32:
-            raise ModelError(f"detector 'fcos': fpn_channels must be a multiple of 32 (the head's GroupNorm has 32 "
-                             f"groups), got {fpn_channels}")
+            raise ModelError(
+                f"detector 'fcos': fpn_channels must be a multiple of 32 (the head's GroupNorm has 32 "
+                f"groups), got {fpn_channels}"
+            )
         if not 1 <= head_convs <= 8:
             raise ModelError(f"detector 'fcos': head_convs must be 1..8, got {head_convs}")
         self.bf16 = bool(self.options["bf16"])  # bf16 autocast while training, where the CPU runs it natively
-        self.model = _build_fcos(self.long_side, fpn_channels, head_convs, self.options["trunk"], self.min_score,
-                                 self.max_detections)
+        self.model = _build_fcos(
+            self.long_side, fpn_channels, head_convs, self.options["trunk"], self.min_score, self.max_detections
+        )
         self.model.eval()
         self.fit_summary: dict[str, Any] = {}
 
@@ -164,8 +168,10 @@ class FCOSDetector(FCOSOptions):
                 tensors[k] = torch.from_numpy(a.copy())
         extra = sorted(set(arrays) - set(own))
         if extra:
-            raise ModelError(f"{path}: the graph holds tensors the fcos detector lacks ({', '.join(extra[:3])}): "
-                             "not an export of its weights")
+            raise ModelError(
+                f"{path}: the graph holds tensors the fcos detector lacks ({', '.join(extra[:3])}): "
+                "not an export of its weights"
+            )
         try:
             self.load_tensors(tensors)
         except ModelError as exc:
@@ -176,13 +182,17 @@ class FCOSDetector(FCOSOptions):
         missing = sorted(set(own) - set(tensors))
         extra = sorted(set(tensors) - set(own))
         if missing or extra:
-            raise ModelError(f"fcos weights do not fit this architecture: missing {missing[:3]}, "
-                             f"unexpected {extra[:3]} "
-                             "(check the options in detector.json)")
+            raise ModelError(
+                f"fcos weights do not fit this architecture: missing {missing[:3]}, "
+                f"unexpected {extra[:3]} "
+                "(check the options in detector.json)"
+            )
         bad = [k for k in own if own[k].shape != tensors[k].shape]
         if bad:
-            raise ModelError(f"fcos weights do not fit this architecture: {bad[0]} is {tuple(tensors[bad[0]].shape)}, "
-                             f"expected {tuple(own[bad[0]].shape)}")
+            raise ModelError(
+                f"fcos weights do not fit this architecture: {bad[0]} is {tuple(tensors[bad[0]].shape)}, "
+                f"expected {tuple(own[bad[0]].shape)}"
+            )
         self.model.load_state_dict(tensors)
         self.model.eval()
 

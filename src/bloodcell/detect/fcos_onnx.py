@@ -142,8 +142,9 @@ def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: 
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
     if boxes.size > 4000:
-        kept = np.concatenate([np.flatnonzero(labels == c)[nms(boxes[labels == c], scores[labels == c], iou)]
-                               for c in np.unique(labels)])
+        kept = np.concatenate(
+            [np.flatnonzero(labels == c)[nms(boxes[labels == c], scores[labels == c], iou)] for c in np.unique(labels)]
+        )
         return kept[np.argsort(-scores[kept], kind="stable")]
     offsets = labels.astype(np.float32) * (boxes.max() + np.float32(1))
     return nms(boxes + offsets[:, None], scores, iou)
@@ -226,8 +227,13 @@ class FCOSOptions(FieldDetector):
         bf16: bool = True,
     ) -> None:
         super().__init__(
-            long_side=long_side, fpn_channels=fpn_channels, head_convs=head_convs, trunk=trunk,
-            min_score=min_score, max_detections=max_detections, bf16=bf16,
+            long_side=long_side,
+            fpn_channels=fpn_channels,
+            head_convs=head_convs,
+            trunk=trunk,
+            min_score=min_score,
+            max_detections=max_detections,
+            bf16=bf16,
         )
         if not 64 <= int(long_side) <= 4096:
             raise ModelError(f"detector '{self.name}': long_side must be 64..4096, got {long_side}")
@@ -262,24 +268,28 @@ class FCOSOnnxDetector(FCOSOptions):
         levels = sum(n.startswith(f"{OUTPUTS[0]}_") for n in names)
         want = [f"{o}_{i}" for i in range(levels) for o in OUTPUTS]
         if not levels or sorted(names) != sorted(want):
-            raise ModelError(f"{path}: not an FCOS detector graph (outputs {names[:4]}..., expected {want[:3]}... "
-                             "per level)")
+            raise ModelError(
+                f"{path}: not an FCOS detector graph (outputs {names[:4]}..., expected {want[:3]}... per level)"
+            )
         self.session, self.onnx_file, self.output_names = session, path, want
         self._input = session.get_inputs()[0].name
 
     def network(self, x: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """The graph's outputs for a 1 x 3 x H x W input: per level (cls K x h x w, reg 4 x h x w, ctr 1 x h x w)."""
         if self.session is None:
-            raise ModelError(f"detector '{ONNX_DETECTOR}' has no graph loaded: load it with load_detector from a "
-                             "folder whose detector.json has an onnx section")
+            raise ModelError(
+                f"detector '{ONNX_DETECTOR}' has no graph loaded: load it with load_detector from a "
+                "folder whose detector.json has an onnx section"
+            )
         out = dict(zip(self.output_names, self.session.run(self.output_names, {self._input: x})))
         levels = len(self.output_names) // len(OUTPUTS)
         return [tuple(out[f"{o}_{i}"][0] for o in OUTPUTS) for i in range(levels)]
 
     def detect_one(self, image: np.ndarray) -> Detections:
         x, resized = network_input(image, self.long_side)
-        boxes, labels, scores = postprocess(self.network(x), x.shape[2:], resized, image.shape[:2], self.min_score,
-                                            self.max_detections)
+        boxes, labels, scores = postprocess(
+            self.network(x), x.shape[2:], resized, image.shape[:2], self.min_score, self.max_detections
+        )
         keep = labels > 0  # label 0 is the background; FIELD_CLASSES index i is label i + 1
         return Detections(boxes[keep], labels[keep] - 1, scores[keep])
 
@@ -302,8 +312,13 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def agreement(want: Detections, got: Detections) -> dict:
     """How closely `got` reproduces `want`: boxes paired one-to-one by IoU (Hungarian), then the lowest IoU of a
     pair, the largest score difference and the label disagreements; `unpaired` counts boxes one side lacks."""
-    out = {"boxes": len(want), "unpaired": abs(len(want) - len(got)), "min_iou": 1.0, "max_score_diff": 0.0,
-           "label_mismatches": 0}
+    out = {
+        "boxes": len(want),
+        "unpaired": abs(len(want) - len(got)),
+        "min_iou": 1.0,
+        "max_score_diff": 0.0,
+        "label_mismatches": 0,
+    }
     if len(want) and len(got):
         iou = box_iou(want.boxes, got.boxes)
         rows, cols = linear_sum_assignment(iou, maximize=True)

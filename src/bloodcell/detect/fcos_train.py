@@ -69,8 +69,9 @@ class FCOSModule(L.LightningModule):
         losses = self.model(images, targets)
         loss = sum(losses.values())
         if not torch.isfinite(loss):
-            raise TrainingDiverged(f"fcos: the loss became {loss.item()} in epoch {self.current_epoch + 1}; "
-                                   "lower train.lr")
+            raise TrainingDiverged(
+                f"fcos: the loss became {loss.item()} in epoch {self.current_epoch + 1}; lower train.lr"
+            )
         for k, v in losses.items():
             self._sums[k] = self._sums.get(k, 0.0) + float(v.detach())
         self._sums["loss"] = self._sums.get("loss", 0.0) + float(loss.detach())
@@ -79,8 +80,11 @@ class FCOSModule(L.LightningModule):
 
     def on_train_epoch_end(self):
         row = {k: round(v / max(1, self._n), 5) for k, v in self._sums.items()}
-        row.update(epoch=self.current_epoch + 1, lr=f"{self.optimizers().param_groups[0]['lr']:.3g}",
-                   seconds=round(time.time() - self._t0, 1))
+        row.update(
+            epoch=self.current_epoch + 1,
+            lr=f"{self.optimizers().param_groups[0]['lr']:.3g}",
+            seconds=round(time.time() - self._t0, 1),
+        )
         self.history.append(row)
         _write_log(self.run_dir, self.history)
 
@@ -112,8 +116,9 @@ def _initial_weights(detector: FCOSDetector, source: str) -> str:
         raise ConfigError(f"train.init: {source} is a '{start.name}' detector; only fcos weights can start an fcos run")
     if start.options != detector.options:
         changed = sorted(k for k in detector.options if start.options.get(k) != detector.options[k])
-        raise ConfigError(f"train.init: {source} was built with other options ({', '.join(changed)}); "
-                          "use the same detector.kwargs")
+        raise ConfigError(
+            f"train.init: {source} was built with other options ({', '.join(changed)}); use the same detector.kwargs"
+        )
     detector.load_tensors(start.model.state_dict())
     return str(getattr(start, "source", source))
 
@@ -122,14 +127,22 @@ def _check(detector: FCOSDetector, train: Sequence, settings: DetectorTrainConfi
     if not train:
         raise DataError("fcos: no training photographs")
     if settings.long_side != detector.long_side:
-        raise ConfigError(f"fcos: train.long_side is {settings.long_side} but the detector's long_side option is "
-                          f"{detector.long_side}; set both alike")
+        raise ConfigError(
+            f"fcos: train.long_side is {settings.long_side} but the detector's long_side option is "
+            f"{detector.long_side}; set both alike"
+        )
 
 
 def _trainer(settings: DetectorTrainConfig, precision: str, run_dir: Path, progress: bool) -> L.Trainer:
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_top_k=-1, every_n_epochs=1,
-                        save_on_train_epoch_end=True, enable_version_counter=False)
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="last",
+            save_top_k=-1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        )
     ]
     if progress:
         callbacks.append(RichProgressBar(leave=True))
@@ -149,8 +162,14 @@ def _trainer(settings: DetectorTrainConfig, precision: str, run_dir: Path, progr
     )
 
 
-def fit_fcos(detector: FCOSDetector, train: Sequence[FieldAnnotation], settings: DetectorTrainConfig, run_dir: Path,
-             resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def fit_fcos(
+    detector: FCOSDetector,
+    train: Sequence[FieldAnnotation],
+    settings: DetectorTrainConfig,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Train `detector`'s network in place on the `train` photographs; return the fit's summary (also kept in the
     detector's state as `fit`).
 
@@ -180,12 +199,13 @@ def fit_fcos(detector: FCOSDetector, train: Sequence[FieldAnnotation], settings:
     detector.model.train()
     ckpt = resumable_checkpoint(run_dir / "checkpoints" / "last.ckpt") if resume else None
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore",
-                                message=".*does not have many workers.*|.*exists and is not empty.*|.*LeafSpec.*")
+        warnings.filterwarnings(
+            "ignore", message=".*does not have many workers.*|.*exists and is not empty.*|.*LeafSpec.*"
+        )
         trainer.fit(module, loader, ckpt_path=ckpt)
     detector.model = module.model.float().eval()
     # the epochs of earlier sessions (restored with the checkpoint) count too: a resumed run's time is its whole fit
-    earlier = sum(float(r.get("seconds") or 0) for r in module.history[:module.started_at_epoch])
+    earlier = sum(float(r.get("seconds") or 0) for r in module.history[: module.started_at_epoch])
     detector.fit_summary = {
         "epochs": len(module.history),
         "resumed_from_epoch": module.started_at_epoch,

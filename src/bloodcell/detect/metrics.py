@@ -58,9 +58,14 @@ def class_counts(found: Sequence[Detections], truth: Sequence[FieldAnnotation], 
     f1 = 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else float("nan")
     counted = count_errors(n_found, n_true)
     return {
-        "tp": tp, "fp": fp, "fn": fn,
-        "precision": precision, "recall": recall, "f1": f1,
-        "true_total": int(n_true.sum()), "found_total": int(n_found.sum()),
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "true_total": int(n_true.sum()),
+        "found_total": int(n_found.sum()),
         "count_mae": counted["mae"],
         "count_bias": counted["bias"],
         # the per-photograph error relative to its true count, over photographs that have the class
@@ -86,8 +91,9 @@ def count_errors(found: np.ndarray, truth: np.ndarray) -> dict:
     }
 
 
-def choose_thresholds(raw: Sequence[Detections], truth: Sequence[FieldAnnotation],
-                      match_iou: float = 0.5) -> dict[str, float]:
+def choose_thresholds(
+    raw: Sequence[Detections], truth: Sequence[FieldAnnotation], match_iou: float = 0.5
+) -> dict[str, float]:
     """Per class, the lowest score kept: best F1 for white cells and platelets (boxes matter: they are cropped or
     located), smallest count error for red cells (mean |found - true| over the mean true count: their number is what
     is reported), F1 breaking ties."""
@@ -118,20 +124,33 @@ def mean_average_precision(raw: Sequence[Detections], truth: Sequence[FieldAnnot
     """COCO-style AP at one IoU per class and their mean (torchmetrics; all boxes, before thresholds)."""
     # COCO's rule: the 100 highest-scoring boxes per photograph (BCCD photographs hold at most about 30 cells)
     metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", iou_thresholds=[match_iou], class_metrics=True)
-    preds = [dict(boxes=torch.as_tensor(d.boxes, dtype=torch.float32),
-                  scores=torch.as_tensor(d.scores, dtype=torch.float32),
-                  labels=torch.as_tensor(d.labels, dtype=torch.int64)) for d in raw]
-    target = [dict(boxes=torch.as_tensor(a.boxes, dtype=torch.float32),
-                   labels=torch.as_tensor(a.labels, dtype=torch.int64)) for a in truth]
+    preds = [
+        dict(
+            boxes=torch.as_tensor(d.boxes, dtype=torch.float32),
+            scores=torch.as_tensor(d.scores, dtype=torch.float32),
+            labels=torch.as_tensor(d.labels, dtype=torch.int64),
+        )
+        for d in raw
+    ]
+    target = [
+        dict(boxes=torch.as_tensor(a.boxes, dtype=torch.float32), labels=torch.as_tensor(a.labels, dtype=torch.int64))
+        for a in truth
+    ]
     metric.update(preds, target)
     out = metric.compute()
-    per_class = {FIELD_CLASSES[int(c)]: float(v)
-                 for c, v in zip(out["classes"].reshape(-1), out["map_per_class"].reshape(-1))}
+    per_class = {
+        FIELD_CLASSES[int(c)]: float(v) for c, v in zip(out["classes"].reshape(-1), out["map_per_class"].reshape(-1))
+    }
     return {"per_class": {c: per_class.get(c, float("nan")) for c in FIELD_CLASSES}, "mean": float(out["map"])}
 
 
-def detection_metrics(raw: Sequence[Detections], truth: Sequence[FieldAnnotation], thresholds: dict[str, float],
-                      match_iou: float = 0.5, detector: FieldDetector | None = None) -> dict:
+def detection_metrics(
+    raw: Sequence[Detections],
+    truth: Sequence[FieldAnnotation],
+    thresholds: dict[str, float],
+    match_iou: float = 0.5,
+    detector: FieldDetector | None = None,
+) -> dict:
     """Everything the report shows for one split: AP on all boxes, the rest at the operating thresholds."""
     if len(raw) != len(truth):
         raise ValueError(f"{len(raw)} detection results for {len(truth)} photographs")
@@ -141,13 +160,16 @@ def detection_metrics(raw: Sequence[Detections], truth: Sequence[FieldAnnotation
         "photos": len(truth),
         "match_iou": match_iou,
         "map": ap["mean"],
-        "classes": {c: {"ap": ap["per_class"][c], "threshold": thresholds[c], **class_counts(kept, truth, c, match_iou)}
-                    for c in FIELD_CLASSES},
+        "classes": {
+            c: {"ap": ap["per_class"][c], "threshold": thresholds[c], **class_counts(kept, truth, c, match_iou)}
+            for c in FIELD_CLASSES
+        },
     }
 
 
-def run_detector(detector: FieldDetector, photos: Sequence[FieldAnnotation], progress: bool = False,
-                 description: str = "detecting") -> tuple[list[Detections], float]:
+def run_detector(
+    detector: FieldDetector, photos: Sequence[FieldAnnotation], progress: bool = False, description: str = "detecting"
+) -> tuple[list[Detections], float]:
     """Raw detections for each photograph and the mean seconds per photograph (decode excluded)."""
     out, seconds = [], 0.0
     with progress_bar(len(photos), description, enabled=progress) as advance:
@@ -166,29 +188,38 @@ def machine_line() -> str:
 
 def metrics_table(metrics: dict) -> str:
     """Markdown table of one split's metrics."""
-    rows = ["| class | AP@%.1f | precision | recall | F1 | threshold | count error / photo (abs) | (relative) | bias |"
-            % metrics["match_iou"], "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| class | AP@%.1f | precision | recall | F1 | threshold | count error / photo (abs) | (relative) | bias |"
+        % metrics["match_iou"],
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for cls in FIELD_CLASSES:
         m = metrics["classes"][cls]
-        rows.append(f"| {cls} | {m['ap']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
-                    f"{m['threshold']:.3f} | "
-                    f"{m['count_mae']:.2f} | {100 * m['count_rel_error']:.1f} % | {m['count_bias']:+.2f} |")
+        rows.append(
+            f"| {cls} | {m['ap']:.3f} | {m['precision']:.3f} | {m['recall']:.3f} | {m['f1']:.3f} | "
+            f"{m['threshold']:.3f} | "
+            f"{m['count_mae']:.2f} | {100 * m['count_rel_error']:.1f} % | {m['count_bias']:+.2f} |"
+        )
     return "\n".join(rows)
 
 
 def source_table(by_set: dict[str, dict[str, dict]], left_out: str | None = None) -> str:
     """One row per set and source: red-cell count, white-cell finding and counting, platelet recall, mAP."""
     match_iou = next(iter(next(iter(by_set.values())).values()))["match_iou"]
-    rows = ["| set / source | photos | red cells: count error (bias / photo) | red P / R | white P / R | "
-            "white count exact | platelet P / R | mAP@%.1f |" % match_iou,
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| set / source | photos | red cells: count error (bias / photo) | red P / R | white P / R | "
+        "white count exact | platelet P / R | mAP@%.1f |" % match_iou,
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, groups in by_set.items():
         for src, m in groups.items():
             r, w, p = (m["classes"][c] for c in ("rbc", "wbc", "platelet"))
             label = f"{name} / {src}" if len(groups) > 1 or src != name else name
             label += " (left out)" if left_out and src == left_out else ""
             plt = f"{p['precision']:.3f} / {p['recall']:.3f}" if p["true_total"] else "none boxed"
-            rows.append(f"| {label} | {m['photos']} | {100 * r['count_error_ratio']:.1f} % ({r['count_bias']:+.1f}) | "
-                        f"{r['precision']:.3f} / {r['recall']:.3f} | {w['precision']:.3f} / {w['recall']:.3f} | "
-                        f"{100 * w['count_exact']:.0f} % | {plt} | {m['map']:.3f} |")
+            rows.append(
+                f"| {label} | {m['photos']} | {100 * r['count_error_ratio']:.1f} % ({r['count_bias']:+.1f}) | "
+                f"{r['precision']:.3f} / {r['recall']:.3f} | {w['precision']:.3f} / {w['recall']:.3f} | "
+                f"{100 * w['count_exact']:.0f} % | {plt} | {m['map']:.3f} |"
+            )
     return "\n".join(rows)

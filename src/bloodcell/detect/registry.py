@@ -105,10 +105,14 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     meta_file = path.with_name(DETECTOR_METADATA) if onnx_file else path / DETECTOR_METADATA if path.is_dir() else path
     if not meta_file.is_file():
         if onnx_file:
-            raise ModelError(f"{path}: no {DETECTOR_METADATA} beside it (an ONNX detector is described by the "
-                             f"{DETECTOR_METADATA} of its folder)")
-        raise ModelError(f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe "
-                         f"{DETECTOR_WEIGHTS} or detector.onnx)")
+            raise ModelError(
+                f"{path}: no {DETECTOR_METADATA} beside it (an ONNX detector is described by the "
+                f"{DETECTOR_METADATA} of its folder)"
+            )
+        raise ModelError(
+            f"{path}: no {DETECTOR_METADATA} (a detector folder holds {DETECTOR_METADATA} and maybe "
+            f"{DETECTOR_WEIGHTS} or detector.onnx)"
+        )
     verify(meta_file.parent)
     try:
         meta = json.loads(meta_file.read_text())
@@ -127,14 +131,17 @@ def load_detector(path: str | os.PathLike | None = None) -> FieldDetector:
     if onnx_file is None and section and not has_torch():  # the light install runs the same detector's ONNX export
         onnx_file = meta_file.parent / str(section.get("file"))
     if onnx_file is not None and (not section or section.get("file") != onnx_file.name or not section.get("detector")):
-        raise ModelError(f"{onnx_file}: {meta_file} does not describe it "
-                         f"(no onnx section with file '{onnx_file.name}')")
+        raise ModelError(
+            f"{onnx_file}: {meta_file} does not describe it (no onnx section with file '{onnx_file.name}')"
+        )
     name = section["detector"] if onnx_file else meta["detector"]
     try:
         detector = create_detector(name, **meta["options"])
     except MissingExtra:
-        raise ModelError(f"the field detector ({meta['detector']}, {path}) runs on PyTorch, which this install lacks: "
-                         f"{INSTALL_TRAIN}") from None
+        raise ModelError(
+            f"the field detector ({meta['detector']}, {path}) runs on PyTorch, which this install lacks: "
+            f"{INSTALL_TRAIN}"
+        ) from None
     detector.load_state(meta.get("state") or {})
     thresholds = meta["score_thresholds"]
     if set(thresholds) != set(FIELD_CLASSES):

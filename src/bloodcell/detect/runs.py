@@ -62,8 +62,9 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
     config_file = out / "config.yaml"
     if config_file.exists():
         if not resume:
-            raise ConfigError(f"{out} already holds a detector run: add --resume to continue it, "
-                              "or choose another --out")
+            raise ConfigError(
+                f"{out} already holds a detector run: add --resume to continue it, or choose another --out"
+            )
         if config_file.read_text() != dump_config(cfg):
             raise ConfigError(f"{config_file}: the run in {out} was started with another config; choose another --out")
     io.write_text(config_file, dump_config(cfg))
@@ -98,22 +99,40 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
         "seconds_per_photo": sum(s * n for s, n in seconds) / max(1, sum(n for _, n in seconds)),
         "fit_seconds_this_session": fit_seconds,
         "fit": fit_summary,
-        "photos": {"train": len(train), "val": len(val), "test": {k: len(v) for k, v in sets.tests.items()},
-                   "train_by_source": _source_counts(train), "val_by_source": _source_counts(val),
-                   "removed": sets.removed},
+        "photos": {
+            "train": len(train),
+            "val": len(val),
+            "test": {k: len(v) for k, v in sets.tests.items()},
+            "train_by_source": _source_counts(train),
+            "val_by_source": _source_counts(val),
+            "removed": sets.removed,
+        },
         "machine": machine_line(),
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    save_detector(detector, out, metadata={
-        "trained_on": {"sets": _set_roots(cfg), "photos": len(train), "by_source": _source_counts(train),
-                       "leave_out": cfg.data.leave_out},
-        "thresholds_from": {"photos": len(val), "by_source": _source_counts(val)},
-        "test_by_source": {f"{name}/{src}" if len(groups) > 1 else name: _headline(m)
-                           for name, groups in by_set.items() for src, m in groups.items()},
-        "test": {c: {k: metrics["test"]["classes"][c][k] for k in ("precision", "recall", "ap", "count_rel_error")}
-                 for c in FIELD_CLASSES},
-    })
+    save_detector(
+        detector,
+        out,
+        metadata={
+            "trained_on": {
+                "sets": _set_roots(cfg),
+                "photos": len(train),
+                "by_source": _source_counts(train),
+                "leave_out": cfg.data.leave_out,
+            },
+            "thresholds_from": {"photos": len(val), "by_source": _source_counts(val)},
+            "test_by_source": {
+                f"{name}/{src}" if len(groups) > 1 else name: _headline(m)
+                for name, groups in by_set.items()
+                for src, m in groups.items()
+            },
+            "test": {
+                c: {k: metrics["test"]["classes"][c][k] for k in ("precision", "recall", "ap", "count_rel_error")}
+                for c in FIELD_CLASSES
+            },
+        },
+    )
     weights = out / DETECTOR_WEIGHTS
     weights_size = weights.stat().st_size if weights.exists() else 0
     metrics["size_mb"] = (weights_size + (out / DETECTOR_METADATA).stat().st_size) / 1e6
@@ -123,9 +142,16 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
     return metrics
 
 
-def fit_detector(detector: FieldDetector, train: Sequence[FieldAnnotation], val: Sequence[FieldAnnotation],
-                 settings: DetectorTrainConfig, run_dir: Path, resume: bool = False, progress: bool = True,
-                 match_iou: float = 0.5) -> tuple[dict, list[Detections]]:
+def fit_detector(
+    detector: FieldDetector,
+    train: Sequence[FieldAnnotation],
+    val: Sequence[FieldAnnotation],
+    settings: DetectorTrainConfig,
+    run_dir: Path,
+    resume: bool = False,
+    progress: bool = True,
+    match_iou: float = 0.5,
+) -> tuple[dict, list[Detections]]:
     """Fit `detector` with its trainer (TRAINERS; none: used as built), then choose its operating thresholds on the
     `val` photographs (the one place they are chosen). Returns the fit's summary, which records the thresholds and how
     many photographs chose them, and the raw detections on `val`.
@@ -150,13 +176,18 @@ def field_sets(cfg: DetectorRunConfig) -> FieldSets:
     if cfg.data.sets:
         missing = [name for name, spec in cfg.data.sets.items() if not spec.root]
         if missing:
-            raise ConfigError(f"data.sets.{missing[0]}.root: no folder given "
-                              f"(use --set data.sets.{missing[0]}.root=DIR)")
+            raise ConfigError(
+                f"data.sets.{missing[0]}.root: no folder given (use --set data.sets.{missing[0]}.root=DIR)"
+            )
         return combine_field_sets({name: spec.model_dump() for name, spec in cfg.data.sets.items()}, cfg.data.leave_out)
     if cfg.data.root is None:
         raise ConfigError("data.root: no smear-photograph folder given (use --data DIR, a Pascal VOC or YOLO folder)")
-    spec = {"root": cfg.data.root, "train_split": cfg.data.train_split, "val_split": cfg.data.val_split,
-            "test_split": cfg.data.test_split}
+    spec = {
+        "root": cfg.data.root,
+        "train_split": cfg.data.train_split,
+        "val_split": cfg.data.val_split,
+        "test_split": cfg.data.test_split,
+    }
     return combine_field_sets({Path(cfg.data.root).name.lower(): spec}, cfg.data.leave_out)
 
 
@@ -164,8 +195,10 @@ def per_source_metrics(raw, photos, thresholds: dict, iou: float) -> dict[str, d
     """detection_metrics for each source of a set's photographs (one row, 'all', when they carry no source)."""
     groups = by_source(photos)
     index = {id(a): i for i, a in enumerate(photos)}
-    return {src: detection_metrics([raw[index[id(a)]] for a in items], items, thresholds, iou)
-            for src, items in sorted(groups.items())}
+    return {
+        src: detection_metrics([raw[index[id(a)]] for a in items], items, thresholds, iou)
+        for src, items in sorted(groups.items())
+    }
 
 
 def _headline(m: dict) -> dict:
@@ -203,58 +236,70 @@ def _write_examples(path: Path, detector, photos, raw) -> None:
 
 def report_text(cfg: DetectorRunConfig, metrics: dict) -> str:
     test, val, photos = metrics["test"], metrics["val"], metrics["photos"]
-    left_out = (f" Source `{cfg.data.leave_out}` was left out of training and tuning entirely: its rows say what a new "
-                "lab can expect." if cfg.data.leave_out else "")
-    return "\n".join([
-        f"# Detector run: {cfg.name or cfg.detector.name}",
-        "",
-        f"*{REPORT_NOTE}*",
-        "",
-        f"Detector `{cfg.detector.name}`, fitted on {photos['train']} photographs "
-        f"({_listing(photos['train_by_source'])}) "
-        f"of {_listing(_set_roots(cfg))}; score thresholds chosen on {photos['val']} validation photographs "
-        f"({_listing(photos['val_by_source'])}); measured on each set's test split, never fitted or tuned on. "
-        f"Seed {cfg.seed}.",
-        "Photographs left out so that none crosses from an evaluation split into training: "
-        f"{_listing(photos['removed']) or 'none'}." + left_out,
-        f"A found box counts as a cell when its IoU with a true box of the same class is >= {cfg.eval.match_iou} "
-        "(one-to-one matching); AP is COCO's, at that IoU, over all boxes (torchmetrics).",
-        "Count error: mean |found - true| per photograph over the mean true count; relative: |found - true| over the "
-        "true count, averaged over photographs having the class; bias: mean found - true; exact: photographs counted "
-        "exactly.",
-        "",
-        "## Test, per set and source",
-        "",
-        source_table(metrics["test_sets"], metrics.get("leave_out")),
-        "",
-        f"## Test, {next(iter(metrics['test_sets']))} pooled ({test['photos']} photographs), mAP {test['map']:.3f}",
-        "",
-        metrics_table(test),
-        "",
-        f"## Validation ({val['photos']} photographs; thresholds chosen here), mAP {val['map']:.3f}",
-        "",
-        metrics_table(val),
-        "",
-        "## Cost",
-        "",
-        f"- {metrics['seconds_per_photo']:.3f} s per photograph (detection only, decode excluded), "
-        f"on {metrics['machine']}",
-        f"- fit: {metrics['fit_seconds_this_session'] / 60:.1f} min in this session; {json.dumps(metrics['fit'])}",
-        f"- saved detector: {metrics['size_mb']:.2f} MB",
-        f"- Python {metrics['python']}, torch {metrics['torch']}",
-        "",
-        "![test photographs: found boxes in colour (red cells red, white cells blue, platelets green), "
-        "true boxes thin white](examples.png)",
-        "",
-    ])
+    left_out = (
+        f" Source `{cfg.data.leave_out}` was left out of training and tuning entirely: its rows say what a new "
+        "lab can expect."
+        if cfg.data.leave_out
+        else ""
+    )
+    return "\n".join(
+        [
+            f"# Detector run: {cfg.name or cfg.detector.name}",
+            "",
+            f"*{REPORT_NOTE}*",
+            "",
+            f"Detector `{cfg.detector.name}`, fitted on {photos['train']} photographs "
+            f"({_listing(photos['train_by_source'])}) "
+            f"of {_listing(_set_roots(cfg))}; score thresholds chosen on {photos['val']} validation photographs "
+            f"({_listing(photos['val_by_source'])}); measured on each set's test split, never fitted or tuned on. "
+            f"Seed {cfg.seed}.",
+            "Photographs left out so that none crosses from an evaluation split into training: "
+            f"{_listing(photos['removed']) or 'none'}." + left_out,
+            f"A found box counts as a cell when its IoU with a true box of the same class is >= {cfg.eval.match_iou} "
+            "(one-to-one matching); AP is COCO's, at that IoU, over all boxes (torchmetrics).",
+            "Count error: mean |found - true| per photograph over the mean true count; relative: |found - true| over the "
+            "true count, averaged over photographs having the class; bias: mean found - true; exact: photographs counted "
+            "exactly.",
+            "",
+            "## Test, per set and source",
+            "",
+            source_table(metrics["test_sets"], metrics.get("leave_out")),
+            "",
+            f"## Test, {next(iter(metrics['test_sets']))} pooled ({test['photos']} photographs), mAP {test['map']:.3f}",
+            "",
+            metrics_table(test),
+            "",
+            f"## Validation ({val['photos']} photographs; thresholds chosen here), mAP {val['map']:.3f}",
+            "",
+            metrics_table(val),
+            "",
+            "## Cost",
+            "",
+            f"- {metrics['seconds_per_photo']:.3f} s per photograph (detection only, decode excluded), "
+            f"on {metrics['machine']}",
+            f"- fit: {metrics['fit_seconds_this_session'] / 60:.1f} min in this session; {json.dumps(metrics['fit'])}",
+            f"- saved detector: {metrics['size_mb']:.2f} MB",
+            f"- Python {metrics['python']}, torch {metrics['torch']}",
+            "",
+            "![test photographs: found boxes in colour (red cells red, white cells blue, platelets green), "
+            "true boxes thin white](examples.png)",
+            "",
+        ]
+    )
 
 
 def _listing(counts: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
-def evaluate_detector(detector_path: str | Path, root: str | Path, split: str = "test", match_iou: float = 0.5,
-                      thresholds_split: str | None = None, progress: bool = True) -> dict:
+def evaluate_detector(
+    detector_path: str | Path,
+    root: str | Path,
+    split: str = "test",
+    match_iou: float = 0.5,
+    thresholds_split: str | None = None,
+    progress: bool = True,
+) -> dict:
     """Measure a saved detector on one split of a VOC or YOLO folder, at its own thresholds (or ones chosen on
     thresholds_split): the pooled metrics, and per source (`sources`) when the photographs say where they come from.
 
@@ -272,6 +317,11 @@ def evaluate_detector(detector_path: str | Path, root: str | Path, split: str = 
         detector.score_thresholds = choose_thresholds(raw_tune, tune, match_iou)
     raw, seconds = run_detector(detector, photos, progress, f"detecting ({split})")
     out = detection_metrics(raw, photos, detector.score_thresholds, match_iou)
-    out.update(seconds_per_photo=seconds, machine=machine_line(), split=split, root=str(root),
-               sources=per_source_metrics(raw, photos, detector.score_thresholds, match_iou))
+    out.update(
+        seconds_per_photo=seconds,
+        machine=machine_line(),
+        split=split,
+        root=str(root),
+        sources=per_source_metrics(raw, photos, detector.score_thresholds, match_iou),
+    )
     return out

@@ -5,5 +5,16 @@ Its public names are its modules, imported where they are used, not here: `impor
 """
 
 __all__ = [
-    "annotate", "calibration", "ensemble", "folder", "labs", "machine", "metrics", "ood", "outputs", "plots", "run", "stats"
+    "annotate",
+    "calibration",
+    "ensemble",
+    "folder",
+    "labs",
+    "machine",
+    "metrics",
+    "ood",
+    "outputs",
+    "plots",
+    "run",
+    "stats",
 ]

@@ -40,7 +40,13 @@ def read_predictions(run_dir: str | os.PathLike) -> tuple[list[str], list[str], 
     return [r[0] for r in rows[1:]], [r[1] for r in rows[1:]], classes, probs
 
 
-def ensemble_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike | None = None, *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def ensemble_runs(
+    run_dirs: list[str | os.PathLike],
+    out_dir: str | os.PathLike | None = None,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
     """Average the test probabilities of `run_dirs`; return (and write to out_dir) the ensemble's metrics.
 
     The result holds the ensemble's metrics (classification_metrics, with bootstrap CIs), each member's accuracy,
@@ -52,9 +58,13 @@ def ensemble_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike 
     ref_dir, ref_paths, ref_true, ref_classes, _ = members[0]
     for d, paths, true, classes, _ in members[1:]:
         if classes != ref_classes:
-            raise ConfigError(f"{d} predicts classes {classes}, {ref_dir} predicts {ref_classes}: an ensemble needs one class list")
+            raise ConfigError(
+                f"{d} predicts classes {classes}, {ref_dir} predicts {ref_classes}: an ensemble needs one class list"
+            )
         if paths != ref_paths or true != ref_true:
-            raise ConfigError(f"{d} and {ref_dir} were tested on different images (another split seed or dataset): an ensemble needs one test set")
+            raise ConfigError(
+                f"{d} and {ref_dir} were tested on different images (another split seed or dataset): an ensemble needs one test set"
+            )
     index = {c: i for i, c in enumerate(ref_classes)}
     y = np.array([index[c] for c in ref_true])
     probs = np.mean([m[4] for m in members], axis=0)
@@ -65,13 +75,21 @@ def ensemble_runs(run_dirs: list[str | os.PathLike], out_dir: str | os.PathLike 
         "members": [str(m[0]) for m in members],
         "member_accuracy": member_acc,
         "test": metrics,
-        "vs_best_member": {"member": str(members[best][0]), **mcnemar_test(y, probs.argmax(1), members[best][4].argmax(1))},
+        "vs_best_member": {
+            "member": str(members[best][0]),
+            **mcnemar_test(y, probs.argmax(1), members[best][4].argmax(1)),
+        },
     }
     if out_dir is not None:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         io.write_json(out / "metrics.json", result)
         write_predictions(out / "predictions.csv", ref_paths, ref_true, ref_classes, probs)
-        plot_confusion_matrix(np.asarray(metrics["confusion_matrix"]), ref_classes, out / "figures" / "confusion.png", normalize="both",
-                              title=f"ensemble of {len(members)} runs: test confusion matrix")
+        plot_confusion_matrix(
+            np.asarray(metrics["confusion_matrix"]),
+            ref_classes,
+            out / "figures" / "confusion.png",
+            normalize="both",
+            title=f"ensemble of {len(members)} runs: test confusion matrix",
+        )
     return result

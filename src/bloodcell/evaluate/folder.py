@@ -64,7 +64,9 @@ def match_folders(
     for key, target in (mapping or {}).items():
         folder = key if key in folders else next((f for f in folders if normalise_name(f) == normalise_name(key)), None)
         if folder is None:
-            raise DataError(f"--map {key}={target}: the folder has no class folder '{key}' (its folders: {', '.join(folders)})")
+            raise DataError(
+                f"--map {key}={target}: the folder has no class folder '{key}' (its folders: {', '.join(folders)})"
+            )
         cls = resolve_class(target, class_names)
         if cls is None:
             raise DataError(f"--map {key}={target}: '{target}' is not a class of the model (its classes: {classes})")
@@ -172,7 +174,9 @@ def _classify(predictor, inv, class_map: dict, names: list[str], batch_size: int
     for u in result.get("unreadable", []):  # readable to the scan, not to the model's decoder
         unreadable.append({"path": rel_of.get(str(u["path"]), str(u["path"])), "reason": u["reason"]})
     by_path = {str(p["path"]): p for p in result["predictions"]}
-    rows = [(rel_of[str(f)], class_map[r.label], by_path[str(f)]) for f, r in zip(files, inv.records) if str(f) in by_path]
+    rows = [
+        (rel_of[str(f)], class_map[r.label], by_path[str(f)]) for f, r in zip(files, inv.records) if str(f) in by_path
+    ]
     if not rows:
         raise DataError(f"no image in {inv.root} could be classified ({len(unreadable)} unreadable)")
     preds = [r[2] for r in rows]
@@ -215,8 +219,13 @@ class _Scores:
         if len(present) >= 2:
             restricted = classification_metrics(y_r, probs_r, present_names, n_bootstrap=n_bootstrap, seed=seed)
         else:  # one class: every restricted prediction is right by construction
-            restricted = {"n": cells.n, "class_names": present_names, "accuracy": 1.0, "ci95": None,
-                          "note": "one class present: restricted accuracy is 1 by construction"}
+            restricted = {
+                "n": cells.n,
+                "class_names": present_names,
+                "accuracy": 1.0,
+                "ci95": None,
+                "note": "one class present: restricted accuracy is 1 by construction",
+            }
         restricted["rows_without_mass"] = no_mass
         return cls(full, pred_full, present, present_names, restricted, pred_r)
 
@@ -230,7 +239,8 @@ def _review_block(cells: _Cells, scores: _Scores, threshold: float | None) -> di
         "n_flagged": int(cells.review.sum()),
         "accuracy_unflagged": _accuracy(scores.pred_full == cells.y, unflagged),
         "accuracy_unflagged_restricted": _accuracy(scores.pred_r == cells.y, unflagged)
-        if scores.restricted is not None else None,
+        if scores.restricted is not None
+        else None,
     }
 
 
@@ -245,7 +255,8 @@ def _ood_block(cells: _Cells, scores: _Scores) -> dict:
         "kept_fraction": float(kept.mean()),
         "accuracy_kept": _accuracy(scores.pred_full == cells.y, kept),
         "accuracy_kept_restricted": _accuracy(scores.pred_r == cells.y, kept)
-        if scores.restricted is not None else None,
+        if scores.restricted is not None
+        else None,
     }
 
 
@@ -257,8 +268,16 @@ def _predicted_as(scores: _Scores, names: list[str], n: int) -> dict:
     return {"predicted_as": predicted_as, "predicted_outside_present": {"n": int(outside), "fraction": outside / n}}
 
 
-def _provenance(predictor, inv, n: int, class_map: dict, mapping: Mapping[str, str] | None, model_source: str | None,
-                n_bootstrap: int, seed: int) -> dict:
+def _provenance(
+    predictor,
+    inv,
+    n: int,
+    class_map: dict,
+    mapping: Mapping[str, str] | None,
+    model_source: str | None,
+    n_bootstrap: int,
+    seed: int,
+) -> dict:
     """What was scored, by which model, how the folders were matched, and on which machine."""
     return {
         "folder": str(inv.root),
@@ -284,13 +303,24 @@ def _provenance(predictor, inv, n: int, class_map: dict, mapping: Mapping[str, s
 def _write_predictions(path: Path, cells: _Cells, names: list[str], pred_full, pred_r) -> None:
     buf = _io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "true", "pred", "pred_restricted", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in names])
+    w.writerow(
+        ["path", "true", "pred", "pred_restricted", "confidence", "review", "ood", "ood_score"]
+        + [f"p_{c}" for c in names]
+    )
     for rel, true, p, row, a, b in zip(cells.relpaths, cells.true_names, cells.preds, cells.probs, pred_full, pred_r):
         ood = p.get("ood")
         score = p.get("ood_score")
         w.writerow(
-            [rel, true, names[int(a)], names[int(b)], f"{row.max():.6f}", int(bool(p.get("review", False))),
-             "" if ood is None else int(bool(ood)), "" if score is None else f"{float(score):.6f}"]
+            [
+                rel,
+                true,
+                names[int(a)],
+                names[int(b)],
+                f"{row.max():.6f}",
+                int(bool(p.get("review", False))),
+                "" if ood is None else int(bool(ood)),
+                "" if score is None else f"{float(score):.6f}",
+            ]
             + [f"{v:.6f}" for v in row]
         )
     io.write_text(path, buf.getvalue())
@@ -298,13 +328,23 @@ def _write_predictions(path: Path, cells: _Cells, names: list[str], pred_full, p
 
 def _figures(figures: Path, metrics: dict, probs, y, present, names) -> None:
     label = f"{metrics['provenance']['model_name']} on {Path(metrics['folder']).name}"
-    plot_confusion_matrix(np.asarray(metrics["full"]["confusion_matrix"]), names, figures / "confusion.png",
-                          normalize="both", title=f"{label}: all {len(names)} classes")
+    plot_confusion_matrix(
+        np.asarray(metrics["full"]["confusion_matrix"]),
+        names,
+        figures / "confusion.png",
+        normalize="both",
+        title=f"{label}: all {len(names)} classes",
+    )
     plot_reliability_diagram(probs, y, figures / "reliability.png", title=label)
     r = metrics["restricted"]
     if r is not None and "confusion_matrix" in r:
-        plot_confusion_matrix(np.asarray(r["confusion_matrix"]), r["class_names"], figures / "confusion_restricted.png",
-                              normalize="both", title=f"{label}: {len(present)} classes present")
+        plot_confusion_matrix(
+            np.asarray(r["confusion_matrix"]),
+            r["class_names"],
+            figures / "confusion_restricted.png",
+            normalize="both",
+            title=f"{label}: {len(present)} classes present",
+        )
 
 
 # ---------------------------------------------------------------------- text
@@ -324,21 +364,31 @@ def headline(metrics: dict) -> list[str]:
     """The few lines a person wants first (used by the CLI and report.md)."""
     full, r, rv, ood = metrics["full"], metrics["restricted"], metrics["review"], metrics["ood"]
     k = len(full["class_names"])
-    lines = [f"{metrics['n']} images in {len(metrics['classes_present'])} classes; {len(metrics['unreadable'])} unreadable"]
-    lines.append(f"accuracy over all {k} model classes: {full['accuracy']:.4f}{_ci(full)}, macro F1 {full['f1_macro']:.4f}")
+    lines = [
+        f"{metrics['n']} images in {len(metrics['classes_present'])} classes; {len(metrics['unreadable'])} unreadable"
+    ]
+    lines.append(
+        f"accuracy over all {k} model classes: {full['accuracy']:.4f}{_ci(full)}, macro F1 {full['f1_macro']:.4f}"
+    )
     if r is not None:
-        lines.append(f"accuracy restricted to the {len(r['class_names'])} classes present: {r['accuracy']:.4f}{_ci(r)}"
-                     + (f", macro F1 {r['f1_macro']:.4f}" if "f1_macro" in r else ""))
+        lines.append(
+            f"accuracy restricted to the {len(r['class_names'])} classes present: {r['accuracy']:.4f}{_ci(r)}"
+            + (f", macro F1 {r['f1_macro']:.4f}" if "f1_macro" in r else "")
+        )
     out = metrics["predicted_outside_present"]
     if out["n"]:
         lines.append(f"predicted as a class absent from the folder: {out['n']} ({100 * out['fraction']:.1f}%)")
-    text = f"flagged for review: {100 * rv['fraction']:.1f}%; accuracy of the unflagged {_fmt(rv['accuracy_unflagged'])}"
+    text = (
+        f"flagged for review: {100 * rv['fraction']:.1f}%; accuracy of the unflagged {_fmt(rv['accuracy_unflagged'])}"
+    )
     if r is not None:
         text += f" ({_fmt(rv['accuracy_unflagged_restricted'])} restricted)"
     lines.append(text)
     if ood is not None:
-        text = (f"flagged out-of-distribution: {100 * ood['fraction']:.1f}%; accuracy of cells neither review- nor OOD-flagged "
-                f"({100 * ood['kept_fraction']:.1f}% kept) {_fmt(ood['accuracy_kept'])}")
+        text = (
+            f"flagged out-of-distribution: {100 * ood['fraction']:.1f}%; accuracy of cells neither review- nor OOD-flagged "
+            f"({100 * ood['kept_fraction']:.1f}% kept) {_fmt(ood['accuracy_kept'])}"
+        )
         if r is not None:
             text += f" ({_fmt(ood['accuracy_kept_restricted'])} restricted)"
         lines.append(text)
@@ -369,7 +419,9 @@ def report_markdown(metrics: dict) -> str:
     for c in metrics["classes_present"]:
         pc = full["per_class"][c]
         rr = (r or {}).get("per_class", {}).get(c, {}).get("recall") if r is not None else pc["recall"]
-        lines.append(f"| {c} | {pc['support']} | {pc['recall']:.3f} | {'n/a' if rr is None else f'{rr:.3f}'} | {pc['f1']:.3f} |")
+        lines.append(
+            f"| {c} | {pc['support']} | {pc['recall']:.3f} | {'n/a' if rr is None else f'{rr:.3f}'} | {pc['f1']:.3f} |"
+        )
     lines += ["", "## Predicted as (all classes)", "", "| class | cells |", "|---|---:|"]
     lines += [f"| {c} | {v} |" for c, v in metrics["predicted_as"].items()]
     if metrics["unreadable"]:
@@ -377,6 +429,10 @@ def report_markdown(metrics: dict) -> str:
         lines += [f"- `{u['path']}`: {u['reason']}" for u in metrics["unreadable"][:100]]
         if len(metrics["unreadable"]) > 100:
             lines.append(f"- ... and {len(metrics['unreadable']) - 100} more (metrics.json)")
-    lines += ["", "Files: metrics.json, predictions.csv, figures/confusion.png, figures/reliability.png"
-              + (", figures/confusion_restricted.png" if r is not None and "confusion_matrix" in r else ""), ""]
+    lines += [
+        "",
+        "Files: metrics.json, predictions.csv, figures/confusion.png, figures/reliability.png"
+        + (", figures/confusion_restricted.png" if r is not None and "confusion_matrix" in r else ""),
+        "",
+    ]
     return "\n".join(lines)

@@ -24,8 +24,17 @@ from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled, mahalanobis_score
 from bloodcell.evaluate.outputs import predict_outputs
 
 
-def score_cells(y: np.ndarray, probs: np.ndarray, names: list[str], review_threshold: float,
-                ood_scores: np.ndarray | None, ood_threshold: float | None, *, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def score_cells(
+    y: np.ndarray,
+    probs: np.ndarray,
+    names: list[str],
+    review_threshold: float,
+    ood_scores: np.ndarray | None,
+    ood_threshold: float | None,
+    *,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict:
     """The lab figures of calibrated `probs` against true labels `y` (indices into `names`)."""
     present = sorted(set(int(v) for v in y))
     probs_r = restrict(probs, present)
@@ -33,7 +42,9 @@ def score_cells(y: np.ndarray, probs: np.ndarray, names: list[str], review_thres
     correct_r = probs_r.argmax(1) == y_r
     correct = probs.argmax(1) == y
     review = probs.max(1) < review_threshold
-    ood = (ood_scores > ood_threshold) if ood_scores is not None and ood_threshold is not None else np.zeros(len(y), bool)
+    ood = (
+        (ood_scores > ood_threshold) if ood_scores is not None and ood_threshold is not None else np.zeros(len(y), bool)
+    )
     kept = ~review & ~ood
     if len(present) >= 2:
         m = classification_metrics(y_r, probs_r, [names[i] for i in present], n_bootstrap=n_bootstrap, seed=seed)
@@ -55,13 +66,29 @@ def score_cells(y: np.ndarray, probs: np.ndarray, names: list[str], review_thres
         "n_kept": int(kept.sum()),
         "accuracy_kept": float(correct_r[kept].mean()) if kept.any() else None,
         "accuracy_kept_all_classes": float(correct[kept].mean()) if kept.any() else None,
-        "predicted_as": {names[k]: int(v) for k, v in enumerate(np.bincount(probs.argmax(1), minlength=len(names))) if v},
+        "predicted_as": {
+            names[k]: int(v) for k, v in enumerate(np.bincount(probs.argmax(1), minlength=len(names))) if v
+        },
     }
 
 
-def evaluate_lab(model, images: np.ndarray, y: np.ndarray, names: list[str], *, temperature: float, review_threshold: float,
-                 ood: tuple[np.ndarray, np.ndarray, float] | None, adapt: bool, out_dir: Path, relpaths: list[str],
-                 n_bootstrap: int, seed: int, progress: bool = False, false_alarm: float = 0.01) -> dict:
+def evaluate_lab(
+    model,
+    images: np.ndarray,
+    y: np.ndarray,
+    names: list[str],
+    *,
+    temperature: float,
+    review_threshold: float,
+    ood: tuple[np.ndarray, np.ndarray, float] | None,
+    adapt: bool,
+    out_dir: Path,
+    relpaths: list[str],
+    n_bootstrap: int,
+    seed: int,
+    progress: bool = False,
+    false_alarm: float = 0.01,
+) -> dict:
     """Score `model` on one lab's cells (as is, and adapted when `adapt`); write predictions CSVs into out_dir.
 
     Adapted, the OOD score is the one `bloodcell adapt` gives a lab: fitted on the lab's own unlabelled cells
@@ -80,15 +107,27 @@ def evaluate_lab(model, images: np.ndarray, y: np.ndarray, names: list[str], *, 
         variants["adapted_tent"] = tent
     out: dict = {}
     for key, net in variants.items():
-        logits, features = predict_outputs(net, images, index, progress=progress, desc=f"scoring {out_dir.name} ({key})")
+        logits, features = predict_outputs(
+            net, images, index, progress=progress, desc=f"scoring {out_dir.name} ({key})"
+        )
         probs = apply_temperature(logits, temperature)
         stats = ood
         if key != "as_is" and ood is not None:
             stats = fit_mahalanobis_unlabelled(features, logits, false_alarm, seed=seed)
         scores = mahalanobis_score(features, stats[0], stats[1]) if stats is not None else None
-        out[key] = score_cells(y, probs, names, review_threshold, scores, stats[2] if stats else None, n_bootstrap=n_bootstrap, seed=seed)
-        _write_predictions(out_dir / f"predictions_{key}.csv", relpaths, [names[int(v)] for v in y], probs, names,
-                           scores, review_threshold, stats[2] if stats else None)
+        out[key] = score_cells(
+            y, probs, names, review_threshold, scores, stats[2] if stats else None, n_bootstrap=n_bootstrap, seed=seed
+        )
+        _write_predictions(
+            out_dir / f"predictions_{key}.csv",
+            relpaths,
+            [names[int(v)] for v in y],
+            probs,
+            names,
+            scores,
+            review_threshold,
+            stats[2] if stats else None,
+        )
     io.write_json(out_dir / "metrics.json", out)
     return out
 
@@ -99,13 +138,33 @@ def _write_predictions(path: Path, relpaths, true_names, probs, names, scores, r
     w.writerow(["path", "true", "pred", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in names])
     for i, (rel, true, p) in enumerate(zip(relpaths, true_names, probs)):
         s = None if scores is None else float(scores[i])
-        w.writerow([rel, true, names[int(p.argmax())], f"{p.max():.6f}", int(p.max() < review_threshold),
-                    "" if s is None else int(s > ood_threshold), "" if s is None else f"{s:.4f}"] + [f"{v:.6f}" for v in p])
+        w.writerow(
+            [
+                rel,
+                true,
+                names[int(p.argmax())],
+                f"{p.max():.6f}",
+                int(p.max() < review_threshold),
+                "" if s is None else int(s > ood_threshold),
+                "" if s is None else f"{s:.4f}",
+            ]
+            + [f"{v:.6f}" for v in p]
+        )
     io.write_text(path, buf.getvalue())
 
 
-def evaluate_labs(run_dir: Path, cfg, data, model, temperature: float,
-                  review: float, ood: tuple | None, *, test: tuple | None = None, progress: bool = True) -> dict:
+def evaluate_labs(
+    run_dir: Path,
+    cfg,
+    data,
+    model,
+    temperature: float,
+    review: float,
+    ood: tuple | None,
+    *,
+    test: tuple | None = None,
+    progress: bool = True,
+) -> dict:
     """metrics.json `labs`: each trained-on lab's own test part ("seen") and each eval.labs lab ("held out")."""
     from bloodcell.data.labs import lab_images
 
@@ -115,30 +174,95 @@ def evaluate_labs(run_dir: Path, cfg, data, model, temperature: float,
         logits, features = test
         scores = mahalanobis_score(features, ood[0], ood[1]) if ood is not None else None
         main = Path(str(data.source.get("root") or "main")).name
-        out[main] = {"seen": True, "part": "test", "as_is": score_cells(
-            data.labels[data.parts["test"]], apply_temperature(logits, temperature), names, review, scores,
-            ood[2] if ood else None, n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed)}
-    kwargs = dict(temperature=temperature, review_threshold=review, ood=ood, adapt=cfg.eval.adapt, false_alarm=cfg.eval.ood_false_alarm,
-                  n_bootstrap=cfg.eval.bootstrap, seed=cfg.seed, progress=progress)
+        out[main] = {
+            "seen": True,
+            "part": "test",
+            "as_is": score_cells(
+                data.labels[data.parts["test"]],
+                apply_temperature(logits, temperature),
+                names,
+                review,
+                scores,
+                ood[2] if ood else None,
+                n_bootstrap=cfg.eval.bootstrap,
+                seed=cfg.seed,
+            ),
+        }
+    kwargs = dict(
+        temperature=temperature,
+        review_threshold=review,
+        ood=ood,
+        adapt=cfg.eval.adapt,
+        false_alarm=cfg.eval.ood_false_alarm,
+        n_bootstrap=cfg.eval.bootstrap,
+        seed=cfg.seed,
+        progress=progress,
+    )
     for name, idx in data.lab_tests.items():
         if len(idx):
             images = np.asarray(data.images[idx])
-            out[name] = {"seen": True, "part": "test", **evaluate_lab(model, images, data.labels[idx], names, out_dir=run_dir / "labs" / name,
-                                                                    relpaths=[data.relpaths[i] for i in idx], **kwargs)}
+            out[name] = {
+                "seen": True,
+                "part": "test",
+                **evaluate_lab(
+                    model,
+                    images,
+                    data.labels[idx],
+                    names,
+                    out_dir=run_dir / "labs" / name,
+                    relpaths=[data.relpaths[i] for i in idx],
+                    **kwargs,
+                ),
+            }
     for source in cfg.eval.labs:
         if source.name in out:
             continue  # trained on: only its own test part is fair, scored above
-        lab = lab_images(source, names, size=cfg.data.input_size, interpolation=cfg.data.interpolation,
-                         white_balance=cfg.data.white_balance, max_pixels=cfg.data.max_pixels, progress=progress)
-        out[source.name] = {"seen": False, "part": ",".join(source.parts or ["all"]),
-                            **evaluate_lab(model, lab.images, lab.labels, names, out_dir=run_dir / "labs" / source.name,
-                                           relpaths=lab.relpaths, **kwargs)}
+        lab = lab_images(
+            source,
+            names,
+            size=cfg.data.input_size,
+            interpolation=cfg.data.interpolation,
+            white_balance=cfg.data.white_balance,
+            max_pixels=cfg.data.max_pixels,
+            progress=progress,
+        )
+        out[source.name] = {
+            "seen": False,
+            "part": ",".join(source.parts or ["all"]),
+            **evaluate_lab(
+                model,
+                lab.images,
+                lab.labels,
+                names,
+                out_dir=run_dir / "labs" / source.name,
+                relpaths=lab.relpaths,
+                **kwargs,
+            ),
+        }
     return out
 
 
 def lab_summary(labs: dict) -> dict:
     """model.json `labs`: per lab, whether the model trained on it and its headline figures, as is and adapted."""
-    keys = ("n", "accuracy", "accuracy_ci95", "f1_macro", "kept_fraction", "accuracy_kept", "ood_fraction", "review_fraction")
-    return {name: {"seen": v.get("seen"), "part": v.get("part"),
-                   **{variant: {k: v[variant].get(k) for k in keys} for variant in ("as_is", "adapted", "adapted_tent") if variant in v}}
-            for name, v in labs.items()}
+    keys = (
+        "n",
+        "accuracy",
+        "accuracy_ci95",
+        "f1_macro",
+        "kept_fraction",
+        "accuracy_kept",
+        "ood_fraction",
+        "review_fraction",
+    )
+    return {
+        name: {
+            "seen": v.get("seen"),
+            "part": v.get("part"),
+            **{
+                variant: {k: v[variant].get(k) for k in keys}
+                for variant in ("as_is", "adapted", "adapted_tent")
+                if variant in v
+            },
+        }
+        for name, v in labs.items()
+    }

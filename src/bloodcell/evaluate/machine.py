@@ -54,7 +54,9 @@ def cpu_line() -> str:
     """The CPU model, the flags that change speed (AVX2, AVX-512, VNNI for int8, bf16, AMX) and any cap that makes
     it run as an older CPU (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): every benchmark prints it."""
     try:
-        flags = set(next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split())
+        flags = set(
+            next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+        )
     except (OSError, StopIteration):
         flags = set()
     wanted = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]

@@ -55,20 +55,14 @@ def classification_metrics(
     out: dict = {"n": int(len(y_true)), "class_names": [str(c) for c in class_names]}
     out["accuracy"] = float(accuracy_score(y_true, y_pred))
     for avg in ("weighted", "macro"):
-        p, r, f, _ = precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, average=avg, zero_division=0
-        )
+        p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=avg, zero_division=0)
         out[f"precision_{avg}"], out[f"recall_{avg}"], out[f"f1_{avg}"] = float(p), float(r), float(f)
     # With 2 classes the top-2 set is every class; sklearn warns about that, so say it directly.
-    out["top2_accuracy"] = (
-        float(top_k_accuracy_score(y_true, probs, k=2, labels=labels)) if k > 2 else 1.0
-    )
+    out["top2_accuracy"] = float(top_k_accuracy_score(y_true, probs, k=2, labels=labels)) if k > 2 else 1.0
     out["nll"] = float(log_loss(y_true, probs, labels=labels))
     out["ece"] = expected_calibration_error(probs, y_true, n_bins=15)
 
-    p, r, f, s = precision_recall_fscore_support(
-        y_true, y_pred, labels=labels, average=None, zero_division=0
-    )
+    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, average=None, zero_division=0)
     out["per_class"] = {
         str(name): {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
         for i, name in enumerate(class_names)

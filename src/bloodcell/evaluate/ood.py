@@ -25,7 +25,9 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, num_classes: int) 
     x = np.asarray(features, dtype=np.float64)
     y = np.asarray(labels)
     if x.ndim != 2 or len(x) != len(y) or len(x) < 2:
-        raise DataError(f"OOD fit needs (N, D) features with N >= 2 and one label each, got {x.shape} and {len(y)} labels")
+        raise DataError(
+            f"OOD fit needs (N, D) features with N >= 2 and one label each, got {x.shape} and {len(y)} labels"
+        )
     means = np.stack([x[y == k].mean(0) if (y == k).any() else x.mean(0) for k in range(num_classes)])
     centred = x - means[y]
     # one BLAS thread: the sums then run in one order, so a resumed run fits the very same numbers as an
@@ -65,8 +67,9 @@ def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
     return float(roc_auc_score(y, np.r_[in_scores, out_scores]))
 
 
-def fit_mahalanobis_unlabelled(features: np.ndarray, logits: np.ndarray, false_alarm: float = DEFAULT_FALSE_ALARM,
-                               seed: int = 0) -> tuple[np.ndarray, np.ndarray, float]:
+def fit_mahalanobis_unlabelled(
+    features: np.ndarray, logits: np.ndarray, false_alarm: float = DEFAULT_FALSE_ALARM, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
     """(means, precision, threshold) of the Mahalanobis score for a lab's own unlabelled cells (an adapted model).
 
     A model adapted to a lab (bloodcell.models.adapt) reads that lab's cells; what should be flagged is then what

@@ -10,7 +10,15 @@ from bloodcell.progress import progress_bar
 
 
 @torch.inference_mode()
-def predict_outputs(model: torch.nn.Module, images: np.ndarray, index: np.ndarray, batch_size: int = 128, device: str | None = None, progress: bool = False, desc: str = "predicting") -> tuple[np.ndarray, np.ndarray]:
+def predict_outputs(
+    model: torch.nn.Module,
+    images: np.ndarray,
+    index: np.ndarray,
+    batch_size: int = 128,
+    device: str | None = None,
+    progress: bool = False,
+    desc: str = "predicting",
+) -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, K), OOD features (N, D)) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the model's mean/std."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()

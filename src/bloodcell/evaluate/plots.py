@@ -65,8 +65,14 @@ def _plot_curves(histories: Mapping[str, object], path, title: str | None) -> Pa
                 y = cols[f"{split}_{metric}"]
                 ok = ~np.isnan(y)
                 if ok.any():
-                    ax.plot(epochs[ok], y[ok], style, color=colours[k % len(colours)] if several else None, markersize=3,
-                            label=f"{label}, {split}" if label else split)
+                    ax.plot(
+                        epochs[ok],
+                        y[ok],
+                        style,
+                        color=colours[k % len(colours)] if several else None,
+                        markersize=3,
+                        label=f"{label}, {split}" if label else split,
+                    )
     for ax, name in ((axes[0], "Accuracy"), (axes[1], "Loss")):
         ax.set_xlabel("Epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -106,6 +112,7 @@ def _num(v) -> float:
 
 # ---------------------------------------------------------------- confusion matrix
 
+
 def plot_confusion_matrix(
     cm,
     class_names: Sequence[str],
@@ -135,8 +142,9 @@ def plot_confusion_matrix(
         for i in range(k):
             for j in range(k):
                 text = f"{data[i, j]:.2f}" if norm else f"{int(data[i, j])}"
-                ax.text(j, i, text, ha="center", va="center", fontsize=8,
-                        color="white" if data[i, j] > thresh else "black")
+                ax.text(
+                    j, i, text, ha="center", va="center", fontsize=8, color="white" if data[i, j] > thresh else "black"
+                )
         ax.set_xticks(range(k), class_names, rotation=45, ha="right")
         ax.set_yticks(range(k), class_names)
         ax.set_xlabel("Predicted")
@@ -149,6 +157,7 @@ def plot_confusion_matrix(
 
 
 # ---------------------------------------------------------------- reliability diagram
+
 
 def plot_reliability_diagram(
     probs,
@@ -168,8 +177,7 @@ def plot_reliability_diagram(
     if probs_calibrated is not None:
         series.append(("calibrated", probs_calibrated, "#bf8700"))
 
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True,
-                                   gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(5.5, 6.5), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     width = 1.0 / n_bins / len(series)
     eces = []
     for s, (name, p, color) in enumerate(series):
@@ -178,8 +186,17 @@ def plot_reliability_diagram(
         eces.append(f"{name} {ece:.3f}" if len(series) > 1 else f"{ece:.3f}")
         used = curve["count"] > 0
         left = curve["bin_lower"][used] + s * width
-        ax.bar(left, curve["accuracy"][used], width=width, align="edge", color=color,
-               alpha=0.75, edgecolor="black", linewidth=0.5, label=f"{name} (ECE {ece:.3f})")
+        ax.bar(
+            left,
+            curve["accuracy"][used],
+            width=width,
+            align="edge",
+            color=color,
+            alpha=0.75,
+            edgecolor="black",
+            linewidth=0.5,
+            label=f"{name} (ECE {ece:.3f})",
+        )
         hist.bar(left, curve["count"][used], width=width, align="edge", color=color, alpha=0.75)
     ax.plot([0, 1], [0, 1], "k--", linewidth=1, label="perfect calibration")
     ax.set_xlim(0, 1)
@@ -194,6 +211,7 @@ def plot_reliability_diagram(
 
 # ---------------------------------------------------------------- image grids (paper Fig. 14)
 
+
 def plot_prediction_grid(images, y_true, y_pred, probs, class_names, path, n: int = 16) -> Path:
     """Show the first `n` images titled "pred (p) / true", green if right, red if wrong.
 
@@ -204,8 +222,10 @@ def plot_prediction_grid(images, y_true, y_pred, probs, class_names, path, n: in
     y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
     probs = np.asarray(probs, dtype=float)
     if not len(images) == len(y_true) == len(y_pred) == len(probs):
-        raise DataError(f"images, labels, predictions and probabilities differ in length: "
-                        f"{len(images)}, {len(y_true)}, {len(y_pred)}, {len(probs)}")
+        raise DataError(
+            f"images, labels, predictions and probabilities differ in length: "
+            f"{len(images)}, {len(y_true)}, {len(y_pred)}, {len(probs)}"
+        )
     conf = probs[np.arange(len(probs)), y_pred] if probs.ndim == 2 else probs
     idx = np.arange(min(n, len(images)))
     return _grid(images, idx, y_true, y_pred, conf, class_names, path, "Predictions")
@@ -219,8 +239,10 @@ def plot_confident_mistakes(images, y_true, probs, class_names, path, n: int = 1
     images = _images(images)
     y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)
     if not len(images) == len(y_true) == len(probs) or probs.ndim != 2:
-        raise DataError(f"need (N, K) probabilities and N images and labels, got {probs.shape}, "
-                        f"{len(images)} images, {len(y_true)} labels")
+        raise DataError(
+            f"need (N, K) probabilities and N images and labels, got {probs.shape}, "
+            f"{len(images)} images, {len(y_true)} labels"
+        )
     y_pred = probs.argmax(axis=1)
     conf = probs.max(axis=1)
     wrong = np.flatnonzero(y_pred != y_true)
@@ -231,8 +253,9 @@ def plot_confident_mistakes(images, y_true, probs, class_names, path, n: int = 1
         return _save(fig, path)
     # Stable sort keeps ties in input order, so the figure is reproducible.
     idx = wrong[np.argsort(-conf[wrong], kind="stable")][:n]
-    return _grid(images, idx, y_true, y_pred, conf, class_names, path,
-                 f"Most confident mistakes ({len(idx)} of {len(wrong)})")
+    return _grid(
+        images, idx, y_true, y_pred, conf, class_names, path, f"Most confident mistakes ({len(idx)} of {len(wrong)})"
+    )
 
 
 def _grid(images, idx, y_true, y_pred, conf, class_names, path, title) -> Path:
@@ -246,8 +269,11 @@ def _grid(images, idx, y_true, y_pred, conf, class_names, path, title) -> Path:
     for ax, i in zip(axes.ravel(), idx):
         ax.imshow(images[i], cmap="gray" if images[i].ndim == 2 else None)
         right = y_pred[i] == y_true[i]
-        ax.set_title(f"{class_names[y_pred[i]]} ({conf[i]:.2f})\n/ {class_names[y_true[i]]}",
-                     color=RIGHT if right else WRONG, fontsize=9)
+        ax.set_title(
+            f"{class_names[y_pred[i]]} ({conf[i]:.2f})\n/ {class_names[y_true[i]]}",
+            color=RIGHT if right else WRONG,
+            fontsize=9,
+        )
     fig.suptitle(title)
     fig.tight_layout()
     return _save(fig, path)
@@ -262,6 +288,7 @@ def _images(images) -> np.ndarray:
 
 # ---------------------------------------------------------------- per-class bars
 
+
 def plot_per_class_bars(per_class: Mapping[str, Mapping[str, float]], path, title: str | None = None) -> Path:
     """Grouped precision/recall/F1 bars per class from classification_metrics()["per_class"].
 
@@ -274,8 +301,7 @@ def plot_per_class_bars(per_class: Mapping[str, Mapping[str, float]], path, titl
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names) + 2), 4))
     for s, key in enumerate(("precision", "recall", "f1")):
         ax.bar(x + (s - 1) * 0.27, [per_class[c][key] for c in names], width=0.27, label=key)
-    ax.set_xticks(x, [f"{c}\n(n={per_class[c].get('support', '?')})" for c in names],
-                  fontsize=8)
+    ax.set_xticks(x, [f"{c}\n(n={per_class[c].get('support', '?')})" for c in names], fontsize=8)
     ax.set_ylim(0, 1.15)  # headroom for the legend above the bars
     ax.set_ylabel("Score")
     ax.grid(axis="y", alpha=0.3)

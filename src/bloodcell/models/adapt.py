@@ -20,7 +20,9 @@ def norm_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
 
 
 @torch.no_grad()
-def recompute_norm_statistics(model: nn.Module, images: np.ndarray, *, batch_size: int = 64, device: str | None = None) -> int:
+def recompute_norm_statistics(
+    model: nn.Module, images: np.ndarray, *, batch_size: int = 64, device: str | None = None
+) -> int:
     """Replace every BatchNorm layer's running mean and variance by their average over `images`; return how many.
 
     images: uint8 (N, S, S, 3), preprocessed as the model's input (size, white balance); normalised here with the
@@ -53,8 +55,16 @@ def recompute_norm_statistics(model: nn.Module, images: np.ndarray, *, batch_siz
     return len(layers)
 
 
-def minimise_entropy(model: nn.Module, images: np.ndarray, *, epochs: int = 3, lr: float = 1e-3, batch_size: int = 64,
-                     seed: int = 0, device: str | None = None) -> int:
+def minimise_entropy(
+    model: nn.Module,
+    images: np.ndarray,
+    *,
+    epochs: int = 3,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    seed: int = 0,
+    device: str | None = None,
+) -> int:
     """Tent (Wang et al. 2021) after AdaBN: the normalisation layers' scale and shift learn to make the model's
     predictions on the lab's own images confident; every other weight stays. Returns the optimiser steps taken.
 
@@ -62,7 +72,12 @@ def minimise_entropy(model: nn.Module, images: np.ndarray, *, epochs: int = 3, l
     cells are mostly neutrophils while the model also knows platelets and erythroblasts. Run
     recompute_norm_statistics first: the statistics stay fixed here (eval mode), only the affine parameters move.
     """
-    params = [p for m in model.modules() if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) for p in m.parameters()]
+    params = [
+        p
+        for m in model.modules()
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
+        for p in m.parameters()
+    ]
     if not params or len(images) == 0:
         return 0
     device = device or next(model.parameters()).device.type

@@ -108,7 +108,7 @@ def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike, model_na
     """Load a file whose keys are timm's names for this backbone; classifier keys are ignored."""
     state = read_state_dict(path, model_name)
     if state and all(k.startswith("module.") for k in state):  # saved from DataParallel
-        state = {k[len("module."):]: v for k, v in state.items()}
+        state = {k[len("module.") :]: v for k, v in state.items()}
     expected = backbone.state_dict()
     matched = {k: v for k, v in state.items() if k in expected and v.shape == expected[k].shape}
     missing = [k for k in expected if k not in matched]
@@ -174,7 +174,9 @@ def load_imagenet_weights(backbone: nn.Module, arch: str, model_name: str) -> No
     import timm
 
     cfg = dict(backbone.pretrained_cfg)
-    hint = f"could not fetch ImageNet weights for '{model_name}' (offline?): pass pretrained='path/to/weights.safetensors'"
+    hint = (
+        f"could not fetch ImageNet weights for '{model_name}' (offline?): pass pretrained='path/to/weights.safetensors'"
+    )
     cached = _cached_weight_file(cfg)
     if cached:
         load_backbone_weights(backbone, cached, model_name)

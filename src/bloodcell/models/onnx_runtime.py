@@ -17,7 +17,10 @@ def onnx_session(path: str | os.PathLike, device: str = "cpu"):
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if device.startswith("cuda"):
-        providers = [("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}), "CPUExecutionProvider"]
+        providers = [
+            ("CUDAExecutionProvider", {"device_id": int(device.partition(":")[2] or 0)}),
+            "CPUExecutionProvider",
+        ]
     else:
         providers = ["CPUExecutionProvider"]
     try:

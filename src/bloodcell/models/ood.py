@@ -80,7 +80,10 @@ def save_ood(directory: str | os.PathLike, means, precision) -> Path:
     from safetensors.torch import save
 
     path = Path(directory) / OOD_FILE
-    tensors = {"means": torch.as_tensor(means, dtype=torch.float32).contiguous(), "precision": torch.as_tensor(precision, dtype=torch.float32).contiguous()}
+    tensors = {
+        "means": torch.as_tensor(means, dtype=torch.float32).contiguous(),
+        "precision": torch.as_tensor(precision, dtype=torch.float32).contiguous(),
+    }
     write_bytes(path, save(tensors, metadata={"method": METHOD}))
     return path
 
@@ -110,4 +113,6 @@ def load_ood(path: str | os.PathLike, num_classes: int, num_features: int) -> Ma
     try:
         return MahalanobisScore(means, precision)
     except RuntimeError:  # torch.linalg.cholesky: not positive definite
-        raise ModelError(f"{path}: the precision matrix is not positive definite; re-evaluate the run to refit it") from None
+        raise ModelError(
+            f"{path}: the precision matrix is not positive definite; re-evaluate the run to refit it"
+        ) from None

@@ -58,9 +58,7 @@ def check_input_size(spec: ModelSpec, input_size: Any) -> int:
     if isinstance(input_size, bool) or not isinstance(input_size, int):
         raise ModelError(f"model '{spec.name}': input_size must be an integer (pixels), got {input_size!r}")
     if input_size < spec.min_input_size:
-        raise ModelError(
-            f"model '{spec.name}' needs input_size >= {spec.min_input_size} px, got {input_size}"
-        )
+        raise ModelError(f"model '{spec.name}' needs input_size >= {spec.min_input_size} px, got {input_size}")
     if input_size % spec.input_multiple:
         raise ModelError(
             f"model '{spec.name}' needs input_size to be a multiple of {spec.input_multiple} px "
@@ -86,8 +84,10 @@ MODEL_OPTIONS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "projection_hidden": (_int(1, 65536), "an integer 1..65536"),
     "projection_dim": (_int(1, 65536), "an integer 1..65536"),
     "norm": (lambda v: v in ("batch", "group", "layer"), "one of batch, group, layer"),
-    "widths": (lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8 and all(_int(1, 4096)(w) for w in v),
-               "a list of 1..8 integers 1..4096"),
+    "widths": (
+        lambda v: isinstance(v, (list, tuple)) and 1 <= len(v) <= 8 and all(_int(1, 4096)(w) for w in v),
+        "a list of 1..8 integers 1..4096",
+    ),
 }
 
 
@@ -100,13 +100,18 @@ def check_model_options(name: str, options: Any, where: str) -> dict:
     if not isinstance(options, dict):
         raise ModelError(f"{where} must be an object of model options, got {type(options).__name__}")
     spec = get_spec(name)
-    takes = {k for k, p in inspect.signature(spec.builder).parameters.items()
-             if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)}
+    takes = {
+        k
+        for k, p in inspect.signature(spec.builder).parameters.items()
+        if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    }
     allowed = sorted((takes & set(MODEL_OPTIONS)))
     for key, value in options.items():
         if key not in allowed:
-            raise ModelError(f"{where}: '{key}' is not an option a model folder may set for '{name}' "
-                             f"(allowed: {', '.join(allowed) or 'none'})")
+            raise ModelError(
+                f"{where}: '{key}' is not an option a model folder may set for '{name}' "
+                f"(allowed: {', '.join(allowed) or 'none'})"
+            )
         ok, kind = MODEL_OPTIONS[key]
         if not ok(value):
             shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
@@ -138,8 +143,7 @@ def create_model(
     unknown = [k for k in kwargs if k not in known]
     if unknown and not accepts_any:
         raise ModelError(
-            f"model '{name}' has no option {', '.join(map(repr, unknown))}; "
-            f"its options: {', '.join(known) or 'none'}"
+            f"model '{name}' has no option {', '.join(map(repr, unknown))}; its options: {', '.join(known) or 'none'}"
         )
     model = spec.builder(num_classes=num_classes, input_size=input_size, pretrained=pretrained, **kwargs)
     model.model_name = name

@@ -50,8 +50,16 @@ def member(folder: str | os.PathLike, name: Any, key: str, source: str | os.Path
     key unless it is a plain file name whose path, symlinks resolved, stays inside the folder. Opens nothing."""
     folder = Path(folder)
     where = source if source is not None else folder
-    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name \
-            or os.path.isabs(name) or (len(name) > 1 and name[1] == ":"):
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or os.path.isabs(name)
+        or (len(name) > 1 and name[1] == ":")
+    ):
         raise ModelError(f"{where}: {key} must be a plain file name inside {folder}, got {name!r}")
     path = folder / name
     base = folder.resolve()
@@ -112,17 +120,24 @@ def read_seal(folder: str | os.PathLike) -> dict:
     folder = Path(folder)
     path = folder / SEAL_FILE
     if not path.is_file():
-        raise ModelError(f"model folder {folder} is not sealed (no {SEAL_FILE}): if you trust its files, "
-                         f"run `bloodcell model seal {folder}`")
+        raise ModelError(
+            f"model folder {folder} is not sealed (no {SEAL_FILE}): if you trust its files, "
+            f"run `bloodcell model seal {folder}`"
+        )
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"model folder {folder}: {SEAL_FILE} is not valid JSON ({exc}); {reseal_hint(folder)}") from None
+        raise ModelError(
+            f"model folder {folder}: {SEAL_FILE} is not valid JSON ({exc}); {reseal_hint(folder)}"
+        ) from None
     if not isinstance(manifest, dict) or manifest.get("format") != SEAL_FORMAT:
-        raise ModelError(f"model folder {folder}: {SEAL_FILE} is not a bloodcell seal (format '{SEAL_FORMAT}' expected)")
+        raise ModelError(
+            f"model folder {folder}: {SEAL_FILE} is not a bloodcell seal (format '{SEAL_FORMAT}' expected)"
+        )
     files = manifest.get("files")
     if not isinstance(files, dict) or not all(
-        isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("size"), int) for v in files.values()
+        isinstance(v, dict) and isinstance(v.get("sha256"), str) and isinstance(v.get("size"), int)
+        for v in files.values()
     ):
         raise ModelError(f"model folder {folder}: {SEAL_FILE} lacks a valid `files` table; {reseal_hint(folder)}")
     for name in files:
@@ -168,7 +183,9 @@ def verify(folder: str | os.PathLike) -> dict:
         first = found[0]
         name = first["file"]
         if first["change"] == "changed":
-            what = f"{name} changed since it was sealed (sha256 {first['old'][:12]}... sealed, {first['new'][:12]}... now)"
+            what = (
+                f"{name} changed since it was sealed (sha256 {first['old'][:12]}... sealed, {first['new'][:12]}... now)"
+            )
         elif first["change"] == "removed":
             what = f"{name} is missing (the seal lists it, sha256 {first['old'][:12]}...)"
         else:

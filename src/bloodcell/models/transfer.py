@@ -98,7 +98,7 @@ class HybridClassifier(BloodcellModel):
         # block k of the hybrid is block k of both backbones, so freezing stays symmetric
         a = stage_groups(self.inception, "inception.")
         b = stage_groups(self.xception, "xception.")
-        return [a[i] + b[i] for i in range(min(len(a), len(b)))] + a[len(b):] + b[len(a):]
+        return [a[i] + b[i] for i in range(min(len(a), len(b)))] + a[len(b) :] + b[len(a) :]
 
 
 class SupConModel(TimmClassifier):

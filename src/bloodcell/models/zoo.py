@@ -29,13 +29,22 @@ def _no_published_weights(name: str, pretrained: Any) -> None:
 
 
 @register_model("cnn", paper_row="CNN", default_input_size=128, min_input_size=16, head=DENSE_256)
-def cnn(num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = 256, head_dropout: float = 0.5,
-        norm: str = "batch", widths: tuple[int, ...] = (32, 64, 128, 128)):
+def cnn(
+    num_classes: int,
+    input_size: int,
+    pretrained: Any = False,
+    head_hidden: int = 256,
+    head_dropout: float = 0.5,
+    norm: str = "batch",
+    widths: tuple[int, ...] = (32, 64, 128, 128),
+):
     """4 x [Conv3x3-BN-ReLU-MaxPool] (32/64/128/128) -> GAP -> Dense 256 -> Dropout -> classes.
 
     norm: "batch" (the paper's), "group" or "layer" (per-image statistics: steadier on another lab's cells)."""
     _no_published_weights("cnn", pretrained)
-    return SequentialCNN(num_classes, input_size, widths=tuple(widths), head_hidden=head_hidden, head_dropout=head_dropout, norm=norm)
+    return SequentialCNN(
+        num_classes, input_size, widths=tuple(widths), head_hidden=head_hidden, head_dropout=head_dropout, norm=norm
+    )
 
 
 @register_model(
@@ -53,7 +62,9 @@ def unet(num_classes: int, input_size: int, pretrained: Any = False, head_hidden
 
 
 def _transfer(name: str, arch: str, hidden: int):
-    def build(num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = hidden, head_dropout: float = 0.5):
+    def build(
+        num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = hidden, head_dropout: float = 0.5
+    ):
         return TimmClassifier(arch, num_classes, input_size, pretrained, head_hidden, head_dropout, model_name=name)
 
     build.__name__ = name
@@ -89,7 +100,9 @@ def supcon(
     head_dropout: float = 0.0,
 ):
     """ResNet50V2 encoder with a projection head for the supervised contrastive loss."""
-    return SupConModel(num_classes, input_size, pretrained, projection_hidden, projection_dim, head_hidden, head_dropout)
+    return SupConModel(
+        num_classes, input_size, pretrained, projection_hidden, projection_dim, head_hidden, head_dropout
+    )
 
 
 register_model("mobilenetv2", paper_row="MobileNet-V2", timm_backbones=("mobilenetv2_100",), head=DENSE_256)(
@@ -116,6 +129,8 @@ register_model(
     timm_backbones=("inception_v3", "legacy_xception"),
     head="concat(GAP Inception-V3, GAP Xception) -> Dense 512 ReLU -> Dropout 0.5 -> Dense classes",
 )
-def hybrid(num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = 512, head_dropout: float = 0.5):
+def hybrid(
+    num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = 512, head_dropout: float = 0.5
+):
     """Inception-V3 and Xception side by side; pretrained may name one file per backbone."""
     return HybridClassifier(num_classes, input_size, pretrained, head_hidden, head_dropout)

@@ -25,13 +25,20 @@ REVIEW_LABELS = (UNIDENTIFIED, SMUDGE, ARTEFACT)
 
 # (row, display name, names that mean it); the white cells, in the order a differential is written.
 WBC_ROWS = (
-    ("neutrophil", "Neutrophils", ("neutrophil", "neutrophils", "segmented", "band", "bandneutrophil", "segmentedneutrophil")),
+    (
+        "neutrophil",
+        "Neutrophils",
+        ("neutrophil", "neutrophils", "segmented", "band", "bandneutrophil", "segmentedneutrophil"),
+    ),
     ("lymphocyte", "Lymphocytes", ("lymphocyte", "lymphocytes")),
     ("monocyte", "Monocytes", ("monocyte", "monocytes")),
     ("eosinophil", "Eosinophils", ("eosinophil", "eosinophils")),
     ("basophil", "Basophils", ("basophil", "basophils")),
-    ("ig", "Immature granulocytes", ("ig", "igs", "immaturegranulocyte", "immaturegranulocytes", "metamyelocyte",
-                                     "myelocyte", "promyelocyte")),
+    (
+        "ig",
+        "Immature granulocytes",
+        ("ig", "igs", "immaturegranulocyte", "immaturegranulocytes", "metamyelocyte", "myelocyte", "promyelocyte"),
+    ),
     ("blast", "Blasts / other", ("blast", "blasts", "other", "others")),
 )
 NRBC_NAMES = ("erythroblast", "erythroblasts", "nrbc", "nucleatedredcell", "nucleatedredcells")
@@ -86,8 +93,9 @@ class CountedCell:
     review: bool = False  # the model was unsure
 
 
-def count(cells: Iterable[CountedCell], lab_classes: Mapping[str, str] | None = None,
-          wbc_count: float | None = None) -> dict:
+def count(
+    cells: Iterable[CountedCell], lab_classes: Mapping[str, str] | None = None, wbc_count: float | None = None
+) -> dict:
     """The differential of `cells` (see the module docstring) with its flags.
 
     wbc_count: the analyser's white-cell count (10^9/L); each white-cell row then gets an absolute count.
@@ -105,8 +113,17 @@ def count(cells: Iterable[CountedCell], lab_classes: Mapping[str, str] | None = 
         if cell.review and not cell.reviewed:
             unsure_unreviewed += 1
         role = role_of(cell.label, lab_classes)
-        entry = rows.setdefault(role.row, {"label": role.row, "display": role.display, "kind": role.kind,
-                                           "order": role.order, "cells": 0, "labels": set()})
+        entry = rows.setdefault(
+            role.row,
+            {
+                "label": role.row,
+                "display": role.display,
+                "kind": role.kind,
+                "order": role.order,
+                "cells": 0,
+                "labels": set(),
+            },
+        )
         entry["cells"] += 1
         entry["labels"].add(cell.label)
     wbc_total = sum(r["cells"] for r in rows.values() if r["kind"] == "wbc")
@@ -120,12 +137,33 @@ def count(cells: Iterable[CountedCell], lab_classes: Mapping[str, str] | None = 
         pct = round(100.0 * r["cells"] / wbc_total, 1) if r["kind"] == "wbc" and wbc_total else None
         if r["kind"] == "nrbc":
             pct = nrbc_per_100
-        absolute = round(wbc_count * pct / 100.0, 3) if wbc_count is not None and r["kind"] == "wbc" and pct is not None else None
-        out_rows.append({"label": r["label"], "display": r["display"], "kind": r["kind"], "cells": r["cells"],
-                         "percent": pct, "absolute": absolute, "labels": sorted(r["labels"])})
-    result = {"rows": out_rows, "cells": total, "wbc_total": wbc_total, "nrbc": nrbc, "nrbc_per_100_wbc": nrbc_per_100,
-              "not_counted_ood": ood_uncounted, "unreviewed_unsure": unsure_unreviewed, "wbc_count": wbc_count,
-              "wbc_count_corrected": corrected}
+        absolute = (
+            round(wbc_count * pct / 100.0, 3)
+            if wbc_count is not None and r["kind"] == "wbc" and pct is not None
+            else None
+        )
+        out_rows.append(
+            {
+                "label": r["label"],
+                "display": r["display"],
+                "kind": r["kind"],
+                "cells": r["cells"],
+                "percent": pct,
+                "absolute": absolute,
+                "labels": sorted(r["labels"]),
+            }
+        )
+    result = {
+        "rows": out_rows,
+        "cells": total,
+        "wbc_total": wbc_total,
+        "nrbc": nrbc,
+        "nrbc_per_100_wbc": nrbc_per_100,
+        "not_counted_ood": ood_uncounted,
+        "unreviewed_unsure": unsure_unreviewed,
+        "wbc_count": wbc_count,
+        "wbc_count_corrected": corrected,
+    }
     result["flags"] = flags(result, rows)
     return result
 
@@ -139,9 +177,13 @@ def flags(result: dict, rows: dict) -> list[str]:
         return f"{100.0 * n / wbc:.1f}% of white cells" if wbc else "no white cells counted"
 
     if rows.get("blast", {}).get("cells"):
-        out.append(f"Blasts / other cells: {rows['blast']['cells']} ({share(rows['blast']['cells'])}): a haematologist must review the smear")
+        out.append(
+            f"Blasts / other cells: {rows['blast']['cells']} ({share(rows['blast']['cells'])}): a haematologist must review the smear"
+        )
     if rows.get("ig", {}).get("cells"):
-        out.append(f"Immature granulocytes: {rows['ig']['cells']} ({share(rows['ig']['cells'])}): a haematologist must review the smear")
+        out.append(
+            f"Immature granulocytes: {rows['ig']['cells']} ({share(rows['ig']['cells'])}): a haematologist must review the smear"
+        )
     if result["nrbc"]:
         line = f"Nucleated red cells: {result['nrbc']} ({result['nrbc_per_100_wbc']} per 100 white cells)"
         if result["wbc_count_corrected"] is not None:
@@ -149,11 +191,15 @@ def flags(result: dict, rows: dict) -> list[str]:
         out.append(line + ": a haematologist must review the smear")
     if result["cells"] and result["not_counted_ood"] >= OOD_FLAG_SHARE * result["cells"]:
         n = result["not_counted_ood"]
-        out.append(f"{n} of {result['cells']} cells ({100.0 * n / result['cells']:.0f}%) look unlike the cells the model was "
-                   "trained on and are not counted until a person labels them")
+        out.append(
+            f"{n} of {result['cells']} cells ({100.0 * n / result['cells']:.0f}%) look unlike the cells the model was "
+            "trained on and are not counted until a person labels them"
+        )
     if wbc < MIN_WBC:
-        out.append(f"The differential rests on {wbc} white cells (fewer than {MIN_WBC}): one cell moves a percentage by "
-                   f"more than a point")
+        out.append(
+            f"The differential rests on {wbc} white cells (fewer than {MIN_WBC}): one cell moves a percentage by "
+            f"more than a point"
+        )
     if rows.get(UNIDENTIFIED, {}).get("cells"):
         out.append(f"Unidentified cells: {rows[UNIDENTIFIED]['cells']}")
     if result["unreviewed_unsure"]:

@@ -25,7 +25,9 @@ from bloodcell.review.store import ReviewStore
 _SUFFIX = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/gif": ".gif", "image/bmp": ".bmp"}
 
 
-def exported_cells(store: ReviewStore, sample_id: str, labels: Sequence[str] | None = None) -> Iterator[tuple[str, str, bytes]]:
+def exported_cells(
+    store: ReviewStore, sample_id: str, labels: Sequence[str] | None = None
+) -> Iterator[tuple[str, str, bytes]]:
     """(relative path, label, image bytes) of every cell to export from one sample (see the module docstring).
 
     labels: keep only these labels (e.g. the model's classes); None keeps all."""
@@ -37,7 +39,9 @@ def exported_cells(store: ReviewStore, sample_id: str, labels: Sequence[str] | N
         yield f"{cell['label']}/{sample_id}-cell{cell['id']}{_SUFFIX.get(image_type, '.png')}", cell["label"], image
 
 
-def write_export(store: ReviewStore, sample_ids: Sequence[str], out: str | Path, labels: Sequence[str] | None = None) -> dict:
+def write_export(
+    store: ReviewStore, sample_ids: Sequence[str], out: str | Path, labels: Sequence[str] | None = None
+) -> dict:
     """Write the export of `sample_ids` to the new folder `out` (built beside it, then renamed: never half written).
     Returns {"folder", "csv", "cells", "per_label"}."""
     out = Path(out)
@@ -55,8 +59,10 @@ def write_export(store: ReviewStore, sample_ids: Sequence[str], out: str | Path,
                 (tmp / rel).write_bytes(data)
                 rows.append((rel, label, sid))
         if not rows:
-            raise ReviewError(f"nothing to export from {', '.join(sample_ids)}: no cell has been labelled or confirmed "
-                              "by a person, and no sample is signed off")
+            raise ReviewError(
+                f"nothing to export from {', '.join(sample_ids)}: no cell has been labelled or confirmed "
+                "by a person, and no sample is signed off"
+            )
         (tmp / "labels.csv").write_text(_csv(rows), encoding="utf-8")
         os.replace(tmp, out)
     except OSError as exc:

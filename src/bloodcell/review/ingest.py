@@ -21,7 +21,13 @@ from bloodcell.infer.fields import predict_mixed
 from bloodcell.review.records import NewCell, NewUpload
 
 THUMB_SIDE = 96
-_BROWSER_FORMATS = {"PNG": "image/png", "JPEG": "image/jpeg", "WEBP": "image/webp", "GIF": "image/gif", "BMP": "image/bmp"}
+_BROWSER_FORMATS = {
+    "PNG": "image/png",
+    "JPEG": "image/jpeg",
+    "WEBP": "image/webp",
+    "GIF": "image/gif",
+    "BMP": "image/bmp",
+}
 
 
 def thumbnail(image: Image.Image) -> bytes:
@@ -50,12 +56,23 @@ def unique_names(files: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
 
 
 def _model_said(pred: dict) -> dict:
-    return {"label": pred["label"], "probabilities": pred["probabilities"], "confidence": pred["confidence"],
-            "review": bool(pred["review"]), "ood": bool(pred["ood"]), "ood_score": pred["ood_score"]}
+    return {
+        "label": pred["label"],
+        "probabilities": pred["probabilities"],
+        "confidence": pred["confidence"],
+        "review": bool(pred["review"]),
+        "ood": bool(pred["ood"]),
+        "ood_score": pred["ood_score"],
+    }
 
 
-def classify_uploads(predictor, files: list[tuple[str, bytes]], input_kind: str = "auto",
-                     detector: Any | Callable | None = None, max_pixels: int | None = None) -> tuple[list[NewUpload], list[dict]]:
+def classify_uploads(
+    predictor,
+    files: list[tuple[str, bytes]],
+    input_kind: str = "auto",
+    detector: Any | Callable | None = None,
+    max_pixels: int | None = None,
+) -> tuple[list[NewUpload], list[dict]]:
     """Classify `files` and return (uploads with their cells, unreadable files with reasons).
 
     Args:
@@ -76,9 +93,20 @@ def classify_uploads(predictor, files: list[tuple[str, bytes]], input_kind: str 
         with Image.open(io.BytesIO(raw)) as probe:
             kind = _BROWSER_FORMATS.get(probe.format or "")
         stored, stored_type = (raw, kind) if kind else (png(image), "image/png")
-        cell = NewCell(name=pred["path"], **_model_said(pred), image=stored, image_type=stored_type, thumb=thumbnail(image))
-        uploads.append(NewUpload(pred["path"], "cell", image.size[0], image.size[1], raw, [cell],
-                                 {"input_reason": pred.get("input_reason") or ""}))
+        cell = NewCell(
+            name=pred["path"], **_model_said(pred), image=stored, image_type=stored_type, thumb=thumbnail(image)
+        )
+        uploads.append(
+            NewUpload(
+                pred["path"],
+                "cell",
+                image.size[0],
+                image.size[1],
+                raw,
+                [cell],
+                {"input_reason": pred.get("input_reason") or ""},
+            )
+        )
     for field in result["fields"]:
         raw = data[field["path"]]
         image = open_rgb(raw, max_pixels or predictor.max_pixels)
@@ -88,10 +116,23 @@ def classify_uploads(predictor, files: list[tuple[str, bytes]], input_kind: str 
             if c["kind"] != "wbc":
                 continue
             crop = crop_cell(image, c["box"], c["crop_side"], fill)
-            cells.append(NewCell(name=c["path"], **_model_said(c), image=png(crop), image_type="image/png",
-                                 thumb=thumbnail(crop), box=c["box"]))
-        info = {"counts": field["counts"], "note": field["note"], "withheld": field["withheld"],
-                "problems": field["problems"], "input_reason": field["input_reason"]}
+            cells.append(
+                NewCell(
+                    name=c["path"],
+                    **_model_said(c),
+                    image=png(crop),
+                    image_type="image/png",
+                    thumb=thumbnail(crop),
+                    box=c["box"],
+                )
+            )
+        info = {
+            "counts": field["counts"],
+            "note": field["note"],
+            "withheld": field["withheld"],
+            "problems": field["problems"],
+            "input_reason": field["input_reason"],
+        }
         uploads.append(NewUpload(field["path"], "field", field["size"][0], field["size"][1], raw, cells, info))
     return uploads, result["unreadable"]
 

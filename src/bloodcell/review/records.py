@@ -177,15 +177,19 @@ def now() -> str:
 
 def check_sample_id(sample_id: str) -> str:
     if not isinstance(sample_id, str) or not SAMPLE_ID.fullmatch(sample_id):
-        raise ReviewError(f"sample ID {shown(sample_id)} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
-                          "starting with a letter or digit")
+        raise ReviewError(
+            f"sample ID {shown(sample_id)} is not allowed: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
     return sample_id
 
 
 def check_who(who: str) -> str:
     who = (who or "").strip()
     if not who or len(who) > MAX_WHO or re.search(r"[\x00-\x1f\x7f]", who):
-        raise ReviewError(f"who: give the reviewer's name or initials (1-{MAX_WHO} printable characters), got {shown(who)}")
+        raise ReviewError(
+            f"who: give the reviewer's name or initials (1-{MAX_WHO} printable characters), got {shown(who)}"
+        )
     return who
 
 
@@ -193,6 +197,7 @@ def check_text(value: str, name: str, limit: int) -> str:
     if len(value) > limit:
         raise ReviewError(f"{name}: at most {limit} characters, got {len(value)}")
     return value
+
 
 def check_date(value: str) -> str:
     try:

@@ -30,64 +30,100 @@ def render_report(store: ReviewStore, sample_id: str, model: dict) -> str:
     history = store.history(sample_id)
     signed = [h for h in history if h["action"] == "signed" and h["version"] == sample["version"]]
     if sample["status"] == "signed" and signed:
-        result, status = signed[-1]["snapshot"]["count"], (
-            f'<span class="signed">Signed off by {escape(signed[-1]["who"])} at {escape(signed[-1]["at"])}</span> '
-            f'(version {sample["version"]})')
+        result, status = (
+            signed[-1]["snapshot"]["count"],
+            (
+                f'<span class="signed">Signed off by {escape(signed[-1]["who"])} at {escape(signed[-1]["at"])}</span> '
+                f"(version {sample['version']})"
+            ),
+        )
     else:
         result, status = store.count(sample_id), '<span class="draft">DRAFT: not signed off</span>'
     uploads = store.uploads(sample_id)
     fields = [u for u in uploads if u["kind"] == "field"]
     e = escape
-    parts = [f"<!doctype html><html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'><title>Sample {e(sample['sample_id'])}: differential count</title>",
-             f"<style>{_CSS}</style></head><body>",
-             f"<h1>Differential count: sample {e(sample['sample_id'])}</h1><p>{status}</p>",
-             "<table class='meta'>",
-             f"<tr><td>Sample date</td><td>{e(sample['date'])}</td></tr>",
-             f"<tr><td>Note</td><td>{e(sample['note']) or '-'}</td></tr>",
-             f"<tr><td>Cells</td><td>{sample['cells']} from {sample['uploads']} uploads ({len(fields)} smear photographs); "
-             f"{sample['reviewed']} looked at by a person</td></tr>"]
+    parts = [
+        f"<!doctype html><html lang='en'><head><meta charset='utf-8'><link rel='icon' href='data:,'><title>Sample {e(sample['sample_id'])}: differential count</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>Differential count: sample {e(sample['sample_id'])}</h1><p>{status}</p>",
+        "<table class='meta'>",
+        f"<tr><td>Sample date</td><td>{e(sample['date'])}</td></tr>",
+        f"<tr><td>Note</td><td>{e(sample['note']) or '-'}</td></tr>",
+        f"<tr><td>Cells</td><td>{sample['cells']} from {sample['uploads']} uploads ({len(fields)} smear photographs); "
+        f"{sample['reviewed']} looked at by a person</td></tr>",
+    ]
     if result["wbc_count"] is not None:
         parts.append(f"<tr><td>White-cell count (analyser)</td><td>{result['wbc_count']:g} x10<sup>9</sup>/L</td></tr>")
     if result["wbc_count_corrected"] is not None:
-        parts.append(f"<tr><td>Corrected for nucleated red cells</td><td>{result['wbc_count_corrected']:g} x10<sup>9</sup>/L</td></tr>")
+        parts.append(
+            f"<tr><td>Corrected for nucleated red cells</td><td>{result['wbc_count_corrected']:g} x10<sup>9</sup>/L</td></tr>"
+        )
     parts.append("</table>")
     parts.append("<h2>Flags</h2>")
-    parts.append("<ul class='flags'>" + "".join(f"<li>{e(f)}</li>" for f in result["flags"]) + "</ul>"
-                 if result["flags"] else "<p>None.</p>")
+    parts.append(
+        "<ul class='flags'>" + "".join(f"<li>{e(f)}</li>" for f in result["flags"]) + "</ul>"
+        if result["flags"]
+        else "<p>None.</p>"
+    )
     absolute = result["wbc_count"] is not None
-    parts.append("<h2>White cells</h2><table><thead><tr><th>Class</th><th class='n'>Cells</th><th class='n'>%</th>"
-                 + ("<th class='n'>x10<sup>9</sup>/L</th>" if absolute else "") + "</tr></thead><tbody>")
+    parts.append(
+        "<h2>White cells</h2><table><thead><tr><th>Class</th><th class='n'>Cells</th><th class='n'>%</th>"
+        + ("<th class='n'>x10<sup>9</sup>/L</th>" if absolute else "")
+        + "</tr></thead><tbody>"
+    )
     for row in result["rows"]:
         if row["kind"] != "wbc":
             continue
-        parts.append(f"<tr><td>{e(row['display'])}</td><td class='n'>{row['cells']}</td><td class='n'>{row['percent']:.1f}</td>"
-                     + (f"<td class='n'>{row['absolute']:.2f}</td>" if absolute else "") + "</tr>")
-    parts.append(f"<tr><th>Total white cells</th><th class='n'>{result['wbc_total']}</th><th class='n'>100</th>"
-                 + ("<th></th>" if absolute else "") + "</tr></tbody></table>")
+        parts.append(
+            f"<tr><td>{e(row['display'])}</td><td class='n'>{row['cells']}</td><td class='n'>{row['percent']:.1f}</td>"
+            + (f"<td class='n'>{row['absolute']:.2f}</td>" if absolute else "")
+            + "</tr>"
+        )
+    parts.append(
+        f"<tr><th>Total white cells</th><th class='n'>{result['wbc_total']}</th><th class='n'>100</th>"
+        + ("<th></th>" if absolute else "")
+        + "</tr></tbody></table>"
+    )
     others = [r for r in result["rows"] if r["kind"] != "wbc"]
     if others or result["not_counted_ood"]:
         parts.append("<h2>Not in the differential</h2><table><tbody>")
         for row in others:
-            extra = f" ({row['percent']} per 100 white cells)" if row["kind"] == "nrbc" and row["percent"] is not None else ""
+            extra = (
+                f" ({row['percent']} per 100 white cells)"
+                if row["kind"] == "nrbc" and row["percent"] is not None
+                else ""
+            )
             parts.append(f"<tr><td>{e(row['display'])}</td><td class='n'>{row['cells']}{extra}</td></tr>")
         if result["not_counted_ood"]:
-            parts.append(f"<tr><td>Unlike the model's training cells, not labelled by a person</td>"
-                         f"<td class='n'>{result['not_counted_ood']}</td></tr>")
+            parts.append(
+                f"<tr><td>Unlike the model's training cells, not labelled by a person</td>"
+                f"<td class='n'>{result['not_counted_ood']}</td></tr>"
+            )
         parts.append("</tbody></table>")
     if fields:
         rbc = sum((u.get("counts") or {}).get("rbc", 0) for u in fields)
         plt = sum((u.get("counts") or {}).get("platelet", 0) for u in fields)
         withheld = sum(bool(u.get("withheld")) for u in fields)
-        parts.append(f"<h2>Smear photographs</h2><p>{len(fields)} photographs; found in them: {rbc} red cells, {plt} "
-                     f"platelets{f'; {withheld} withheld by the photograph checks' if withheld else ''}.</p>")
+        parts.append(
+            f"<h2>Smear photographs</h2><p>{len(fields)} photographs; found in them: {rbc} red cells, {plt} "
+            f"platelets{f'; {withheld} withheld by the photograph checks' if withheld else ''}.</p>"
+        )
     if history:
         parts.append("<h2>Versions</h2><table><tbody>")
         for h in history:
             what = "signed off" if h["action"] == "signed" else f"reopened: {e(h['reason'])}"
-            parts.append(f"<tr><td>version {h['version']}</td><td>{what}</td><td>{e(h['who'])}</td><td>{e(h['at'])}</td></tr>")
+            parts.append(
+                f"<tr><td>version {h['version']}</td><td>{what}</td><td>{e(h['who'])}</td><td>{e(h['at'])}</td></tr>"
+            )
         parts.append("</tbody></table>")
-    corrections = [c for c in store.corrections(sample_id) if not c["undone"] and c["undo_of"] is None and c["before"] != c["after"]]
-    parts.append(f"<p class='small'>{len(corrections)} labels changed by a person. Model: {e(model.get('name', '?'))} "
-                 f"(version {e(str(model.get('version', '?')))}); bloodcell {e(str(model.get('bloodcell', '?')))}.</p>")
+    corrections = [
+        c
+        for c in store.corrections(sample_id)
+        if not c["undone"] and c["undo_of"] is None and c["before"] != c["after"]
+    ]
+    parts.append(
+        f"<p class='small'>{len(corrections)} labels changed by a person. Model: {e(model.get('name', '?'))} "
+        f"(version {e(str(model.get('version', '?')))}); bloodcell {e(str(model.get('bloodcell', '?')))}.</p>"
+    )
     parts.append(f"<p class='small'>{e(REPORT_NOTE)}</p></body></html>")
     return "".join(parts)

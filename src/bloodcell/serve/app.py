@@ -60,7 +60,9 @@ _MULTIPART_SCHEMA = {
             "schema": {
                 "type": "object",
                 "required": ["files"],
-                "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}},
+                "properties": {
+                    "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
+                },
             },
             "encoding": {"files": {"contentType": "image/*"}},
         }
@@ -70,7 +72,11 @@ _EXPLAIN_SCHEMA = {
     "required": True,
     "content": {
         "multipart/form-data": {
-            "schema": {"type": "object", "required": ["file"], "properties": {"file": {"type": "string", "format": "binary"}}},
+            "schema": {
+                "type": "object",
+                "required": ["file"],
+                "properties": {"file": {"type": "string", "format": "binary"}},
+            },
             "encoding": {"file": {"contentType": "image/*"}},
         }
     },
@@ -171,9 +177,12 @@ class Service:
         total = sum(w * h for w, h in filter(None, sizes) if w * h <= self.limits.max_pixels)
         budget = self.limits.max_request_pixels
         if total > budget:
-            raise HTTPException(413, f"the images of this request hold {total / 1e6:.1f} million pixels together, over "
-                                     f"the server's budget of {budget / 1e6:g} million per request "
-                                     "(--max-request-pixels): send fewer or smaller images at once")
+            raise HTTPException(
+                413,
+                f"the images of this request hold {total / 1e6:.1f} million pixels together, over "
+                f"the server's budget of {budget / 1e6:g} million per request "
+                "(--max-request-pixels): send fewer or smaller images at once",
+            )
         return sizes
 
     async def classify_upload(self, files, input_kind: str, work: Callable, *args):
@@ -190,8 +199,11 @@ class Service:
 
     async def classify_for_review(self, files, input_kind: str) -> tuple[list, list]:
         """(uploads, unreadable) for the review store (review.ingest.classify_uploads), within the limits."""
-        return await self.classify_upload(files, input_kind, lambda f, kind: classify_uploads(
-            self.predictor, f, kind, self.field_detector, self.limits.max_pixels))
+        return await self.classify_upload(
+            files,
+            input_kind,
+            lambda f, kind: classify_uploads(self.predictor, f, kind, self.field_detector, self.limits.max_pixels),
+        )
 
 
 def _is_heavy(sizes: list[tuple[int, int] | None], input_kind: str) -> bool:
@@ -235,21 +247,32 @@ def health(request: Request) -> Health:
     }
 
 
-@router.post("/predict", openapi_extra={"requestBody": _MULTIPART_SCHEMA}, responses={
-    **_UPLOAD_ERRORS,
-    503: {"model": ErrorMessage, "description": "input=field but the server has no usable field detector"}})
+@router.post(
+    "/predict",
+    openapi_extra={"requestBody": _MULTIPART_SCHEMA},
+    responses={
+        **_UPLOAD_ERRORS,
+        503: {"model": ErrorMessage, "description": "input=field but the server has no usable field detector"},
+    },
+)
 async def predict(
     request: Request,
-    input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]},
-                       description="auto (decide per image), cell or field"),
+    input: str = Query(
+        "auto",
+        json_schema_extra={"enum": ["auto", "cell", "field"]},
+        description="auto (decide per image), cell or field",
+    ),
 ) -> PredictResult:
     """Classify one or more images (multipart field `files`); see docs/inference.md for the result.
 
     input: auto (decide per image), cell (each image is one cell crop) or field (a smear photograph: every
     cell found with its box, the white ones classified, counts; docs/fields.md)."""
     if input not in INPUT_KINDS or len(request.query_params.getlist("input")) > 1:  # our one-line 422
-        raise HTTPException(422, f"input must be given once, one of {', '.join(INPUT_KINDS)}; got "
-                                 f"{', '.join(shown(v) for v in request.query_params.getlist('input'))}")
+        raise HTTPException(
+            422,
+            f"input must be given once, one of {', '.join(INPUT_KINDS)}; got "
+            f"{', '.join(shown(v) for v in request.query_params.getlist('input'))}",
+        )
     service = _service(request)
     files = await service.read_uploads(request, ("files",))
     try:
@@ -262,15 +285,23 @@ async def predict(
     return result  # non-finite OOD scores leave as null (pydantic's JSON)
 
 
-@router.post("/explain", openapi_extra={"requestBody": _EXPLAIN_SCHEMA}, response_class=Response,
-             responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay (PNG)"}, **_UPLOAD_ERRORS,
-                        501: {"model": ErrorMessage, "description": "the server runs an ONNX model: no Grad-CAM"}})
+@router.post(
+    "/explain",
+    openapi_extra={"requestBody": _EXPLAIN_SCHEMA},
+    response_class=Response,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay (PNG)"},
+        **_UPLOAD_ERRORS,
+        501: {"model": ErrorMessage, "description": "the server runs an ONNX model: no Grad-CAM"},
+    },
+)
 async def explain(request: Request) -> Response:
     """Grad-CAM overlay of one image (multipart field `file`) as a PNG."""
     service = _service(request)
     if service.predictor.model is None:
-        raise HTTPException(501, "Grad-CAM needs the PyTorch model: start the server with --model RUN_DIR, "
-                                 "not an .onnx file")
+        raise HTTPException(
+            501, "Grad-CAM needs the PyTorch model: start the server with --model RUN_DIR, not an .onnx file"
+        )
     files = await service.read_uploads(request, ("file", "files"))
     if len(files) != 1:
         raise HTTPException(422, f"/explain takes exactly one image, got {len(files)}")
@@ -286,6 +317,7 @@ async def explain(request: Request) -> Response:
 
 def _add_page(app: FastAPI, path: str, name: str) -> None:
     """GET `path`: static/`name`, read at each request (so an edited page shows on reload), with the page headers."""
+
     def page() -> HTMLResponse:
         return HTMLResponse((STATIC_DIR / name).read_text(encoding="utf-8"), headers=_PAGE_HEADERS)
 
@@ -355,6 +387,9 @@ def _description_file(source: Path) -> Path:
     ONNX export's sidecar, a STEM.json beside STEM.safetensors, else the model.json of the folder."""
     if source.is_dir():
         return source / METADATA_FILE
-    beside = source.with_name(source.name + ONNX_SIDECAR_SUFFIX) if source.suffix.lower() == ".onnx" \
+    beside = (
+        source.with_name(source.name + ONNX_SIDECAR_SUFFIX)
+        if source.suffix.lower() == ".onnx"
         else source.with_suffix(".json")
+    )
     return beside if beside.is_file() else source.parent / METADATA_FILE

@@ -48,20 +48,33 @@ class HostOriginGuard:
             headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
             host = host_name(headers.get("host", ""))
             if host not in self.hosts:
-                return await _refuse(send, 400, f"Host {shown(host)} is not a name of this server: if it is, start it "
-                                                f"with --allow-host {shown(host, quote=False)}")
+                return await _refuse(
+                    send,
+                    400,
+                    f"Host {shown(host)} is not a name of this server: if it is, start it "
+                    f"with --allow-host {shown(host, quote=False)}",
+                )
             origin = headers.get("origin")
             if origin is not None and scope["method"] not in _SAFE_METHODS:
                 if host_name(urlsplit(origin).netloc) not in self.hosts:
-                    return await _refuse(send, 403, f"cross-origin request refused: a page of {shown(origin)} may not "
-                                                    "change anything here (--allow-host names a trusted one)")
+                    return await _refuse(
+                        send,
+                        403,
+                        f"cross-origin request refused: a page of {shown(origin)} may not "
+                        "change anything here (--allow-host names a trusted one)",
+                    )
         await self.app(scope, receive, send)
 
 
 async def _refuse(send, status: int, detail: str) -> None:
     body = json.dumps({"detail": detail}).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})
 
 
@@ -77,10 +90,13 @@ class HeavyGate:
         if self._slots is None:
             self._slots = asyncio.Semaphore(self.workers)
         if self.active >= self.workers and self.waiting >= self.queue:
-            raise HTTPException(503, f"busy: {self.active} smear photographs or Grad-CAM images are being computed and "
-                                     f"{self.waiting} wait (server limits --heavy-workers {self.workers}, --heavy-queue "
-                                     f"{self.queue}); try again in {self.retry_after} s",
-                                headers={"Retry-After": str(self.retry_after)})
+            raise HTTPException(
+                503,
+                f"busy: {self.active} smear photographs or Grad-CAM images are being computed and "
+                f"{self.waiting} wait (server limits --heavy-workers {self.workers}, --heavy-queue "
+                f"{self.queue}); try again in {self.retry_after} s",
+                headers={"Retry-After": str(self.retry_after)},
+            )
         self.waiting += 1
         try:
             await self._slots.acquire()
@@ -119,7 +135,9 @@ def declared_pixels(data: bytes) -> tuple[int, int] | None:
 async def read_body(request, limit: int, idle_seconds: float, total_seconds: float) -> bytes:
     """The whole request body; 413 as soon as it passes `limit` bytes, 408 when it pauses or lasts too long."""
     mb = limit / (1024 * 1024)
-    too_big = HTTPException(413, f"upload too large: more than {mb:.4g} MB in one request (server limit --max-upload-mb {mb:.4g})")
+    too_big = HTTPException(
+        413, f"upload too large: more than {mb:.4g} MB in one request (server limit --max-upload-mb {mb:.4g})"
+    )
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
         raise too_big
@@ -137,9 +155,13 @@ async def read_body(request, limit: int, idle_seconds: float, total_seconds: flo
         except StopAsyncIteration:
             return bytes(buf)
         except TimeoutError:
-            raise HTTPException(408, f"request body too slow: {len(buf):,} bytes received, then nothing for "
-                                     f"{idle_seconds:g} s or not all within {total_seconds:g} s (server limits "
-                                     "--body-idle-seconds, --body-seconds)", headers={"Connection": "close"}) from None
+            raise HTTPException(
+                408,
+                f"request body too slow: {len(buf):,} bytes received, then nothing for "
+                f"{idle_seconds:g} s or not all within {total_seconds:g} s (server limits "
+                "--body-idle-seconds, --body-seconds)",
+                headers={"Connection": "close"},
+            ) from None
         buf += chunk
         if len(buf) > limit:
             raise too_big

@@ -56,5 +56,5 @@ HELP = {
     "body_seconds": "Refuse (408) a request whose body takes longer than this, or pauses longer than --body-idle-seconds.",
     "body_idle_seconds": "Longest pause while a request body is sent.",
     "allow_host": "Another name or address this server answers to (the Host header) and whose pages may post to it; "
-                  "repeatable. The local names and the bound address are always allowed.",
+    "repeatable. The local names and the bound address are always allowed.",
 }

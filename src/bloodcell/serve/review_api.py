@@ -29,14 +29,25 @@ class ErrorDetail(BaseModel):
     detail: str = Field(description="one line: what is wrong, naming the key, sample or cell")
 
 
-_ERRORS = {code: {"model": ErrorDetail, "description": what} for code, what in {
-    400: "a body that cannot be parsed (not JSON; broken multipart)", 404: "no such sample or cell",
-    409: "changed since read, or signed off", 422: "a bad value",
-    507: "disk full: the change was not saved"}.items()}
+_ERRORS = {
+    code: {"model": ErrorDetail, "description": what}
+    for code, what in {
+        400: "a body that cannot be parsed (not JSON; broken multipart)",
+        404: "no such sample or cell",
+        409: "changed since read, or signed off",
+        422: "a bad value",
+        507: "disk full: the change was not saved",
+    }.items()
+}
 # Routes that answer HTML, a zip or an image still answer errors in JSON: said so explicitly, as FastAPI would
 # document them in the route's own media type.
-_ERRORS_IN_JSON = {code: {"description": r["description"], "content": {"application/json": {"schema": ErrorDetail.model_json_schema()}}}
-                   for code, r in _ERRORS.items()}
+_ERRORS_IN_JSON = {
+    code: {
+        "description": r["description"],
+        "content": {"application/json": {"schema": ErrorDetail.model_json_schema()}},
+    }
+    for code, r in _ERRORS.items()
+}
 
 
 # The store checks every value itself (review.records); the schema says the same, so that clients can see it.
@@ -53,11 +64,18 @@ class Body(BaseModel):
 
 
 class NewSample(Body):
-    sample_id: str = Field(description="the lab's ID: 1-64 letters, digits, '.', '_' or '-'", examples=["H26-00417"],
-                           pattern=f"^{SAMPLE_ID.pattern}$")
+    sample_id: str = Field(
+        description="the lab's ID: 1-64 letters, digits, '.', '_' or '-'",
+        examples=["H26-00417"],
+        pattern=f"^{SAMPLE_ID.pattern}$",
+    )
     who: Who_
-    date: str | None = Field(None, description="the sample's date, YYYY-MM-DD (default: today)", pattern=_DATE,
-                             json_schema_extra={"format": "date"})
+    date: str | None = Field(
+        None,
+        description="the sample's date, YYYY-MM-DD (default: today)",
+        pattern=_DATE,
+        json_schema_extra={"format": "date"},
+    )
     note: str = Field("", description="free text", max_length=MAX_NOTE)
 
 
@@ -65,14 +83,20 @@ class SampleEdit(Body):
     who: Who_
     note: str | None = Field(None, max_length=MAX_NOTE)
     date: str | None = Field(None, pattern=_DATE, json_schema_extra={"format": "date"})
-    wbc_count: float | None = Field(None, gt=0, lt=1000, description="the analyser's white-cell count, 10^9/L: gives absolute counts")
+    wbc_count: float | None = Field(
+        None, gt=0, lt=1000, description="the analyser's white-cell count, 10^9/L: gives absolute counts"
+    )
     clear_wbc_count: bool = False
 
 
 class Relabel(Body):
-    label: str = Field(description="a model class, unidentified, smudge, artefact or one of the lab's classes (GET /api/labels)")
+    label: str = Field(
+        description="a model class, unidentified, smudge, artefact or one of the lab's classes (GET /api/labels)"
+    )
     who: Who_
-    rev: int | None = Field(None, description="the cell's revision the change was made on; a stale one is refused (409)")
+    rev: int | None = Field(
+        None, description="the cell's revision the change was made on; a stale one is refused (409)"
+    )
 
 
 class Who(Body):
@@ -81,18 +105,26 @@ class Who(Body):
 
 class SignOff(Body):
     who: Who_
-    rev: int | None = Field(None, description="the sample's revision the reviewer saw; refused (409) when it changed since")
+    rev: int | None = Field(
+        None, description="the sample's revision the reviewer saw; refused (409) when it changed since"
+    )
 
 
 class Reopen(Body):
     who: Who_
-    reason: str = Field(description="why the signed-off sample is changed; kept with the new version",
-                        max_length=MAX_REASON, pattern=_PRINTABLE)
+    reason: str = Field(
+        description="why the signed-off sample is changed; kept with the new version",
+        max_length=MAX_REASON,
+        pattern=_PRINTABLE,
+    )
 
 
 class LabClass(Body):
-    name: str = Field(description="1-40 letters, digits, spaces, '_' or '-'", examples=["reactive lymphocyte"],
-                      pattern=f"^{LAB_CLASS.pattern}$")
+    name: str = Field(
+        description="1-40 letters, digits, spaces, '_' or '-'",
+        examples=["reactive lymphocyte"],
+        pattern=f"^{LAB_CLASS.pattern}$",
+    )
     kind: Literal["wbc", "other"] = Field("wbc", description="wbc: counted as a white cell; other: listed, not counted")
 
 
@@ -131,9 +163,20 @@ class Cell(BaseModel):
 
 
 def _upload_schema() -> dict:
-    return {"required": True, "content": {"multipart/form-data": {"schema": {
-        "type": "object", "required": ["files"],
-        "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}}}}}}
+    return {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["files"],
+                    "properties": {
+                        "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
+                    },
+                }
+            }
+        },
+    }
 
 
 _IMMUTABLE = {"Cache-Control": "private, max-age=86400, immutable"}  # an image never changes under its id
@@ -206,9 +249,13 @@ def edit_sample(sample_id: SampleId, body: SampleEdit, review: Review) -> Sample
 
 
 @router.post("/samples/{sample_id}/uploads", openapi_extra={"requestBody": _upload_schema()})
-async def upload(sample_id: SampleId, request: Request, review: Review,
-                 who: str = Query(..., description="who uploads", max_length=MAX_WHO, pattern=_PRINTABLE),
-                 input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]})) -> dict:
+async def upload(
+    sample_id: SampleId,
+    request: Request,
+    review: Review,
+    who: str = Query(..., description="who uploads", max_length=MAX_WHO, pattern=_PRINTABLE),
+    input: str = Query("auto", json_schema_extra={"enum": ["auto", "cell", "field"]}),
+) -> dict:
     """Add images to the sample (multipart field `files`): single cells or smear photographs, classified and kept.
     Answers the new cells' ids and the files that could not be read."""
     check_who(who)
@@ -230,11 +277,15 @@ def uploads(sample_id: SampleId, review: Review) -> list[dict]:
     return review.store.uploads(sample_id)
 
 
-@router.get("/samples/{sample_id}/uploads/{upload_id}/image", response_class=Response,
-            responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS_IN_JSON})
+@router.get(
+    "/samples/{sample_id}/uploads/{upload_id}/image",
+    response_class=Response,
+    responses={200: {"content": {"application/octet-stream": {}}}, **_ERRORS_IN_JSON},
+)
 def upload_image(sample_id: SampleId, upload_id: int, review: Review) -> Response:
-    return Response(review.store.upload_data(sample_id, upload_id), media_type="application/octet-stream",
-                    headers=_IMMUTABLE)
+    return Response(
+        review.store.upload_data(sample_id, upload_id), media_type="application/octet-stream", headers=_IMMUTABLE
+    )
 
 
 @router.get("/samples/{sample_id}/cells")
@@ -242,10 +293,14 @@ def cells(sample_id: SampleId, review: Review) -> list[Cell]:
     return review.store.cells(sample_id)
 
 
-@router.get("/samples/{sample_id}/cells/{cell_id}/image", response_class=Response,
-            responses={200: {"content": {"image/*": {}}}, **_ERRORS_IN_JSON})
-def cell_image(sample_id: SampleId, cell_id: int, review: Review,
-               thumb: bool = Query(False, description=f"a {THUMB_SIDE} px JPEG")) -> Response:
+@router.get(
+    "/samples/{sample_id}/cells/{cell_id}/image",
+    response_class=Response,
+    responses={200: {"content": {"image/*": {}}}, **_ERRORS_IN_JSON},
+)
+def cell_image(
+    sample_id: SampleId, cell_id: int, review: Review, thumb: bool = Query(False, description=f"a {THUMB_SIDE} px JPEG")
+) -> Response:
     data, kind = review.store.cell_image(sample_id, cell_id, thumb)
     return Response(data, media_type=kind, headers=_IMMUTABLE)
 
@@ -295,19 +350,32 @@ def history(sample_id: SampleId, review: Review) -> list[dict]:
 @router.get("/samples/{sample_id}/report", response_class=HTMLResponse, responses=_ERRORS_IN_JSON)
 def report(sample_id: SampleId, review: Review) -> HTMLResponse:
     """The printable report (HTML; print it from the browser, or save it as PDF there)."""
-    return HTMLResponse(render_report(review.store, sample_id, review.model), headers={
-        "Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"})
+    return HTMLResponse(
+        render_report(review.store, sample_id, review.model),
+        headers={"Content-Security-Policy": "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:"},
+    )
 
 
-@router.get("/samples/{sample_id}/export.zip", response_class=Response,
-            responses={200: {"content": {"application/zip": {}}}, **_ERRORS_IN_JSON})
-def export(sample_id: SampleId, review: Review, labels: Literal["all", "model"] = Query(
-        "all", description="all labels, or only the model's classes (for fine-tuning the same classes)")) -> Response:
+@router.get(
+    "/samples/{sample_id}/export.zip",
+    response_class=Response,
+    responses={200: {"content": {"application/zip": {}}}, **_ERRORS_IN_JSON},
+)
+def export(
+    sample_id: SampleId,
+    review: Review,
+    labels: Literal["all", "model"] = Query(
+        "all", description="all labels, or only the model's classes (for fine-tuning the same classes)"
+    ),
+) -> Response:
     """The sample's reviewed cells as training data: a folder per label and labels.csv (path,label,group)."""
     keep = review.store.classes if labels == "model" else None
     data = export_zip(review.store, sample_id, keep)
-    return Response(data, media_type="application/zip",
-                    headers={"Content-Disposition": f'attachment; filename="{sample_id}-cells.zip"'})
+    return Response(
+        data,
+        media_type="application/zip",
+        headers={"Content-Disposition": f'attachment; filename="{sample_id}-cells.zip"'},
+    )
 
 
 def review_error_handler(request: Request, exc: ReviewError) -> JSONResponse:

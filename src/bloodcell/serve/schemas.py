@@ -17,7 +17,8 @@ class Prediction(BaseModel):
         "and is not counted; null when the model has no OOD score"
     )
     ood_score: float | None = Field(
-        description="the OOD score (higher: less like the training cells); null without an OOD score")
+        description="the OOD score (higher: less like the training cells); null without an OOD score"
+    )
 
 
 class CellPrediction(Prediction):
@@ -44,7 +45,8 @@ class FieldProblem(BaseModel):
     message: str = Field(description="one sentence: what was seen, with the measured number, and what to do")
     severe: bool = Field(description="the counts mean nothing and are withheld")
     value: float = Field(
-        description="the number measured (median brightness, share of white, aspect, red-cell side...)")
+        description="the number measured (median brightness, share of white, aspect, red-cell side...)"
+    )
 
 
 class FieldResult(BaseModel):
@@ -55,10 +57,12 @@ class FieldResult(BaseModel):
     cells: list[FieldCell]
     counts: dict[str, int] | None = Field(description="cells found per kind: rbc, wbc, platelet; null when withheld")
     wbc_classes: dict[str, int] | None = Field(
-        description="white cells per class (OOD ones left out); null when withheld")
+        description="white cells per class (OOD ones left out); null when withheld"
+    )
     scale: str = Field(description="what set the crop size: the red cells' median size, or the white cells'")
     note: str = Field(
-        description="'no cells found[: why]', or the severe problem that withheld the counts; '' otherwise")
+        description="'no cells found[: why]', or the severe problem that withheld the counts; '' otherwise"
+    )
     problems: list[FieldProblem] = Field(default_factory=list, description="what the checks found (docs/fields.md)")
     withheld: bool = Field(False, description="the counts were withheld: a severe problem makes them meaningless")
 
@@ -92,12 +96,16 @@ class PredictResult(BaseModel):
     percent: dict[str, float]
     wbc_percent: dict[str, float]
     flags: list[str]
-    verdict: dict | None = Field(None, description="when most images look unlike every lab the model was trained on: "
-                                 "kind, images, ood_count, ood_fraction, counted, advice, message (also the first "
-                                 "flag); null otherwise")
+    verdict: dict | None = Field(
+        None,
+        description="when most images look unlike every lab the model was trained on: "
+        "kind, images, ood_count, ood_fraction, counted, advice, message (also the first "
+        "flag); null otherwise",
+    )
     unreadable: list[UnreadableUpload]
-    fields: list[FieldResult] = Field(default_factory=list,
-                                      description="smear photographs: every cell found, with its box")
+    fields: list[FieldResult] = Field(
+        default_factory=list, description="smear photographs: every cell found, with its box"
+    )
     field_summary: FieldSummary | None = Field(None, description="totals and WBC differential over all photographs")
 
 
@@ -109,10 +117,12 @@ class Health(BaseModel):
     input_size: int
     temperature: float
     review_threshold: float
-    ood_check: bool = Field(description="whether the model has an OOD score: images unlike its training cells are "
-                            "flagged and not counted")
+    ood_check: bool = Field(
+        description="whether the model has an OOD score: images unlike its training cells are flagged and not counted"
+    )
     ood_threshold: float | None = Field(
-        description="OOD score above which an image is flagged; null without an OOD score")
+        description="OOD score above which an image is flagged; null without an OOD score"
+    )
     explain: bool
     max_upload_bytes: int
     max_files: int

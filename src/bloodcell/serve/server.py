@@ -41,6 +41,11 @@ def protocol_with_header_deadline(seconds: float) -> type:
 
 def run(app, sock: socket.socket, limits: ServerLimits, log_level: str = "info") -> None:
     """Serve `app` on the bound socket `sock` until interrupted."""
-    config = uvicorn.Config(app, log_level=log_level, http=protocol_with_header_deadline(limits.header_seconds),
-                            limit_concurrency=limits.max_connections, timeout_keep_alive=5)
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        http=protocol_with_header_deadline(limits.header_seconds),
+        limit_concurrency=limits.max_connections,
+        timeout_keep_alive=5,
+    )
     uvicorn.Server(config).run(sockets=[sock])

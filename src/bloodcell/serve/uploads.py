@@ -62,9 +62,13 @@ class _PartCollector:
         self._value = bytearray()
 
     def callbacks(self) -> dict:
-        return dict(on_part_begin=self.on_part_begin, on_header_field=self.on_header_field,
-                    on_header_value=self.on_header_value, on_header_end=self.on_header_end,
-                    on_part_data=self.on_part_data)
+        return dict(
+            on_part_begin=self.on_part_begin,
+            on_header_field=self.on_header_field,
+            on_header_value=self.on_header_value,
+            on_header_end=self.on_header_end,
+            on_part_data=self.on_part_data,
+        )
 
     def on_part_begin(self) -> None:
         if len(self.parts) >= self.max_parts:

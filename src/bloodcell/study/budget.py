@@ -62,7 +62,15 @@ def part_sizes(cfg: RunConfig, counts: list[int]) -> tuple[int, int, int, int]:
 
 
 def _probe_key(cfg: RunConfig, objective: str) -> tuple:
-    return (cfg.model.name, repr(sorted(cfg.model.kwargs.items())), cfg.data.input_size, cfg.train.precision, cfg.train.batch_size, cfg.train.channels_last, objective)
+    return (
+        cfg.model.name,
+        repr(sorted(cfg.model.kwargs.items())),
+        cfg.data.input_size,
+        cfg.train.precision,
+        cfg.train.batch_size,
+        cfg.train.channels_last,
+        objective,
+    )
 
 
 def measure_rate(cfg: RunConfig, objective: str = "ce", num_classes: int = 8) -> tuple[float, float]:
@@ -81,10 +89,20 @@ def _epoch_seconds(cfg: RunConfig, objective: str, images: int, num_classes: int
     rng = np.random.default_rng(0)
     imgs = rng.integers(0, 256, (images + 8, s, s, 3), dtype=np.uint8)
     labels = (np.arange(len(imgs)) % num_classes).astype(np.int64)
-    data = PreparedData(imgs, labels, [f"c{k}" for k in range(num_classes)], [str(i) for i in range(len(imgs))],
-                        {"train": np.arange(images), "val": np.arange(images, images + 8), "test": np.arange(0)})
+    data = PreparedData(
+        imgs,
+        labels,
+        [f"c{k}" for k in range(num_classes)],
+        [str(i) for i in range(len(imgs))],
+        {"train": np.arange(images), "val": np.arange(images, images + 8), "test": np.arange(0)},
+    )
     raw = cfg.model_dump()
-    raw["train"].update(epochs=2, stages=[{"epochs": 2, "objective": objective}], early_stopping_patience=None, accelerator="cpu" if cfg.train.accelerator == "auto" else cfg.train.accelerator)
+    raw["train"].update(
+        epochs=2,
+        stages=[{"epochs": 2, "objective": objective}],
+        early_stopping_patience=None,
+        accelerator="cpu" if cfg.train.accelerator == "auto" else cfg.train.accelerator,
+    )
     raw["smote"]["enabled"] = False
     raw["cv"]["folds"] = None
     probe = parse_config(raw)
@@ -113,7 +131,11 @@ def estimate_runs(runs: list[RunSpec], counts: list[int], *, progress=None) -> l
             seconds += stage.epochs * (fixed + train * rate + val * rate * EVAL_COST)
         eval_rate = rates.get(_probe_key(cfg, "ce"), (rate, fixed))[0]
         seconds += (test + val) * eval_rate * EVAL_COST + RUN_OVERHEAD_S  # test evaluation and calibration on val
-        out.append(RunEstimate(run.key, cfg.model.name, cfg.data.input_size, cfg.train.epochs, folds, train, round(seconds * folds, 1)))
+        out.append(
+            RunEstimate(
+                run.key, cfg.model.name, cfg.data.input_size, cfg.train.epochs, folds, train, round(seconds * folds, 1)
+            )
+        )
     return out
 
 

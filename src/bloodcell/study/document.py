@@ -62,8 +62,10 @@ class Doc:
             elif b[0] == "img":
                 data = base64.b64encode(b[1].read_bytes()).decode()
                 caption = html.escape(b[2])
-                parts.append(f"<figure><img alt='{caption}' src='data:image/png;base64,{data}'>"
-                             f"<figcaption>{caption}</figcaption></figure>")
+                parts.append(
+                    f"<figure><img alt='{caption}' src='data:image/png;base64,{data}'>"
+                    f"<figcaption>{caption}</figcaption></figure>"
+                )
         parts.append("</main></body></html>")
         return "\n".join(parts)
 

@@ -22,7 +22,16 @@ from bloodcell.data.prepare import prepare_data
 from bloodcell.evaluate.stats import mean_sd_ci
 from bloodcell.errors import ConfigError
 
-AGGREGATE_KEYS = ["train.accuracy", "test.accuracy", "test.precision_weighted", "test.recall_weighted", "test.f1_weighted", "test.f1_macro", "test.ece", "test.ece_calibrated"]
+AGGREGATE_KEYS = [
+    "train.accuracy",
+    "test.accuracy",
+    "test.precision_weighted",
+    "test.recall_weighted",
+    "test.f1_weighted",
+    "test.f1_macro",
+    "test.ece",
+    "test.ece_calibrated",
+]
 
 
 def read_status(run_dir: str | os.PathLike) -> dict:
@@ -48,7 +57,9 @@ def remove_stale_checkpoints(run_dir: str | os.PathLike) -> None:
 
 def _set_status(run_dir: Path, state: str, **fields) -> None:
     if rank_zero_only.rank == 0:
-        io.write_json(run_dir / "status.json", {"state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields})
+        io.write_json(
+            run_dir / "status.json", {"state": state, "updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+        )
 
 
 def lookup(metrics: dict, dotted: str):
@@ -60,7 +71,9 @@ def lookup(metrics: dict, dotted: str):
     return node
 
 
-def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = None, resume: bool = True, progress: bool = True) -> dict:
+def run_one(
+    cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = None, resume: bool = True, progress: bool = True
+) -> dict:
     """Train and evaluate one run in run_dir; return its metrics. Skips a complete run, resumes an incomplete one."""
     from bloodcell.evaluate.run import evaluate_run
     from bloodcell.train.fit import fit
@@ -90,7 +103,19 @@ def run_one(cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = No
     if model is None:  # a non-zero DDP rank: rank 0 evaluates and writes
         return {}
     train_seconds = earlier + time.perf_counter() - t0
-    metrics = evaluate_run(run_dir, cfg, data, model, progress=progress, extra={"train_seconds": round(train_seconds, 2), "fold": fold, "precision": resolve_precision(cfg, resolve_accelerator(cfg)), "channels_last": resolve_channels_last(cfg, resolve_accelerator(cfg))})
+    metrics = evaluate_run(
+        run_dir,
+        cfg,
+        data,
+        model,
+        progress=progress,
+        extra={
+            "train_seconds": round(train_seconds, 2),
+            "fold": fold,
+            "precision": resolve_precision(cfg, resolve_accelerator(cfg)),
+            "channels_last": resolve_channels_last(cfg, resolve_accelerator(cfg)),
+        },
+    )
     _set_status(run_dir, "complete", seconds=round(time.perf_counter() - t0, 2))
     # only now: a kill before this line leaves the resume checkpoint, never a finished run without either
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final model is model.safetensors
@@ -129,7 +154,9 @@ def run_config(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = Tru
     seeds = cfg.seeds or [cfg.seed]
     folds = list(range(cfg.cv.folds)) if cfg.cv.folds else [None]
     if len(seeds) == 1 and folds == [None]:
-        return run_one(cfg.model_copy(update={"seed": seeds[0], "seeds": None}), out_dir, resume=resume, progress=progress)
+        return run_one(
+            cfg.model_copy(update={"seed": seeds[0], "seeds": None}), out_dir, resume=resume, progress=progress
+        )
     if rank_zero_only.rank == 0:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out_dir / "config.yaml")

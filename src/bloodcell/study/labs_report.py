@@ -41,14 +41,19 @@ def lab_rows(spec, by: dict) -> dict[tuple[str, bool], list[list[str]]]:
                     if not blocks:
                         continue
                     label = (exp.row or exp.name) + ("" if proto == "default" else f" ({proto})")
-                    label += {"as_is": "", "adapted": ", adapted (BatchNorm statistics of the lab)",
-                              "adapted_tent": ", adapted + entropy minimisation (Tent)"}[variant]
+                    label += {
+                        "as_is": "",
+                        "adapted": ", adapted (BatchNorm statistics of the lab)",
+                        "adapted_tent": ", adapted + entropy minimisation (Tent)",
+                    }[variant]
                     single = blocks[0].get("accuracy_ci95") if len(blocks) == 1 else None
                     row = [label, str(len(blocks)), str(blocks[0]["n"])]
                     row += [_cell([b.get(c) for b in blocks], single if c == "accuracy" else None) for c in COLUMNS]
                     kept = [b.get("accuracy_kept") for b in blocks]
                     share = [b.get("kept_fraction") for b in blocks]
-                    ok = all(k is not None and k >= KEPT_TARGET for k in kept) and all(s >= KEPT_SHARE_TARGET for s in share)
+                    ok = all(k is not None and k >= KEPT_TARGET for k in kept) and all(
+                        s >= KEPT_SHARE_TARGET for s in share
+                    )
                     row.append("yes" if ok else "no")
                     tables.setdefault((lab, seen), []).append(row)
     return tables
@@ -65,15 +70,25 @@ def labs_section(doc, spec, by: dict) -> None:
     tables = lab_rows(spec, by)
     if not tables:
         return
-    headers = ["Recipe", "seeds", "cells", "accuracy % (its classes)", "macro F1 %", "kept %", "kept right %",
-               f"kept >= {KEPT_TARGET:.0%} right on >= {KEPT_SHARE_TARGET:.0%} kept"]
+    headers = [
+        "Recipe",
+        "seeds",
+        "cells",
+        "accuracy % (its classes)",
+        "macro F1 %",
+        "kept %",
+        "kept right %",
+        f"kept >= {KEPT_TARGET:.0%} right on >= {KEPT_SHARE_TARGET:.0%} kept",
+    ]
     doc.h(2, "Cells from labs the model never saw (leave one lab out)")
-    doc.p("Each run is scored on every lab it did not train on: accuracy over the classes that lab has (the model's "
-          "probabilities renormalised over them), macro F1, the share of cells neither flagged for review nor OOD "
-          "(kept) and how many of those are right. \"Adapted\": the same model after its BatchNorm statistics were "
-          "re-estimated on that lab's own images, without any of its labels (and its OOD check refitted on them); "
-          "\"+ Tent\": then the prediction entropy minimised. Mean over seeds [Student-t 95 % CI, clipped to 0-100], "
-          "or [bootstrap 95 % CI] for one run.")
+    doc.p(
+        "Each run is scored on every lab it did not train on: accuracy over the classes that lab has (the model's "
+        "probabilities renormalised over them), macro F1, the share of cells neither flagged for review nor OOD "
+        '(kept) and how many of those are right. "Adapted": the same model after its BatchNorm statistics were '
+        "re-estimated on that lab's own images, without any of its labels (and its OOD check refitted on them); "
+        '"+ Tent": then the prediction entropy minimised. Mean over seeds [Student-t 95 % CI, clipped to 0-100], '
+        "or [bootstrap 95 % CI] for one run."
+    )
     for (lab, seen), rows in sorted(tables.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         if seen:
             continue

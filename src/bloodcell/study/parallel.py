@@ -52,7 +52,9 @@ def parse_parallel(value: Parallel | None) -> int | str:
     if text.lower() == "auto" and not isinstance(value, bool):
         return "auto"
     if isinstance(value, bool) or not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
-        raise ConfigError(f"--parallel: expected how many runs to train at once (a whole number, 1 or more) or 'auto', got {str(value)!r}")
+        raise ConfigError(
+            f"--parallel: expected how many runs to train at once (a whole number, 1 or more) or 'auto', got {str(value)!r}"
+        )
     return int(text)
 
 
@@ -92,13 +94,17 @@ def check_single_device(runs: list, k: int) -> None:
     for run in runs:
         t = run.config.train
         if t.num_nodes > 1:
-            raise ConfigError(f"--parallel {k}: run {run.key} sets train.num_nodes: {t.num_nodes} (multi-node DDP); "
-                              "a parallel study trains each run on one device: run it with --parallel 1")
+            raise ConfigError(
+                f"--parallel {k}: run {run.key} sets train.num_nodes: {t.num_nodes} (multi-node DDP); "
+                "a parallel study trains each run on one device: run it with --parallel 1"
+            )
         devices = t.devices
         shown = str(devices).replace(" ", "")
         if shown not in _ONE_DEVICE:
-            raise ConfigError(f"--parallel {k}: run {run.key} sets train.devices: {shown}; a parallel study gives each run "
-                              "one device (its own GPU, seen as device 0): set train.devices: auto or 1, or use --parallel 1")
+            raise ConfigError(
+                f"--parallel {k}: run {run.key} sets train.devices: {shown}; a parallel study gives each run "
+                "one device (its own GPU, seen as device 0): set train.devices: auto or 1, or use --parallel 1"
+            )
 
 
 @dataclass
@@ -122,9 +128,13 @@ def plan_slots(k: int, gpus: list[str], threads: int) -> list[Slot]:
 def slot_warnings(k: int, gpus: list[str], threads: int, on_cuda: bool) -> list[str]:
     notes = []
     if on_cuda and gpus and k > len(gpus):
-        notes.append(f"--parallel {k} with {len(gpus)} visible GPU(s): workers share GPUs round-robin (their memory too)")
+        notes.append(
+            f"--parallel {k} with {len(gpus)} visible GPU(s): workers share GPUs round-robin (their memory too)"
+        )
     if k > threads:
-        notes.append(f"--parallel {k} with {threads} torch thread(s) here: each worker gets 1 thread and the workers share the cores")
+        notes.append(
+            f"--parallel {k} with {threads} torch thread(s) here: each worker gets 1 thread and the workers share the cores"
+        )
     return notes
 
 
@@ -203,12 +213,18 @@ def _start(run, run_dir: Path, slot: Slot, out: Path) -> _Live:
         fh.write(f"== {time.strftime('%Y-%m-%dT%H:%M:%S%z')} {run.key}, {slot.describe()}\n".encode())
         fh.flush()
         # the run key and directory on the command line: `ps` tells which worker trains what
-        proc = subprocess.Popen([sys.executable, "-m", "bloodcell.study.parallel", run.key, str(run_dir)],
-                                stdin=subprocess.PIPE, stdout=fh, stderr=subprocess.STDOUT, env=worker_env(slot))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bloodcell.study.parallel", run.key, str(run_dir)],
+            stdin=subprocess.PIPE,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            env=worker_env(slot),
+        )
     # the job; stdin then stays open until the worker ends: its closing tells the worker that this process is gone
     # JSON, as the run's config.yaml is: the resolved config describes the run, and no pickle crosses the pipe
-    job = json.dumps({"key": run.key, "config": run.config.model_dump(mode="json"), "run_dir": str(run_dir),
-                      "threads": slot.threads}).encode()
+    job = json.dumps(
+        {"key": run.key, "config": run.config.model_dump(mode="json"), "run_dir": str(run_dir), "threads": slot.threads}
+    ).encode()
     try:
         proc.stdin.write(len(job).to_bytes(8, "big") + job)
         proc.stdin.flush()
@@ -229,9 +245,17 @@ def _outcome(w: _Live) -> dict:
     if w.proc.returncode == 0 and status.get("state") == "failed":
         return status
     rc = w.proc.returncode
-    how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 and -rc in signal.valid_signals() else f"exited with status {rc}"
-    record = {"state": "failed", "error": f"WorkerDied: the worker process training this run {how}; its output is in {w.log}",
-              "traceback": "", "seconds": seconds}
+    how = (
+        f"was killed by {signal.Signals(-rc).name}"
+        if rc < 0 and -rc in signal.valid_signals()
+        else f"exited with status {rc}"
+    )
+    record = {
+        "state": "failed",
+        "error": f"WorkerDied: the worker process training this run {how}; its output is in {w.log}",
+        "traceback": "",
+        "seconds": seconds,
+    }
     io.write_json(w.run_dir / "status.json", record)
     return record
 
@@ -274,6 +298,7 @@ def _close(proc: subprocess.Popen) -> None:
 
 def _read_job(fd: int) -> dict:
     """The job the parent wrote: its length (8 bytes), then its JSON; read with os.read, nothing read ahead."""
+
     def exactly(n: int) -> bytes:
         chunks = b""
         while len(chunks) < n:
@@ -310,7 +335,9 @@ def worker_main() -> int:
     from bloodcell.study.runs import train_run
 
     record = train_run(RunConfig.model_validate(job["config"]), Path(job["run_dir"]), progress=False)
-    print(f"{job['key']}: {record['state']}" + (f": {record['error']}" if record["state"] == "failed" else ""), flush=True)
+    print(
+        f"{job['key']}: {record['state']}" + (f": {record['error']}" if record["state"] == "failed" else ""), flush=True
+    )
     return 0
 
 

@@ -75,7 +75,11 @@ def _predictions(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | No
     with open(f) as fh:
         rows = list(csv.DictReader(fh))
     names = {n: i for i, n in enumerate(sorted({r["true"] for r in rows} | {r["pred"] for r in rows}))}
-    return [r["path"] for r in rows], np.array([names[r["true"]] for r in rows]), np.array([names[r["pred"]] for r in rows])
+    return (
+        [r["path"] for r in rows],
+        np.array([names[r["true"]] for r in rows]),
+        np.array([names[r["pred"]] for r in rows]),
+    )
 
 
 # ------------------------------------------------------------------ the report
@@ -98,7 +102,14 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
     done = [(r, m) for r, m in ((r, _metrics(out, r)) for r in runs) if m]
     first = next((m for _, m in done if "provenance" in m), None)
     if first is None:
-        first = next((json.loads((run_dir_for(out, r) / "fold-0" / "metrics.json").read_text()) for r, m in done if (run_dir_for(out, r) / "fold-0" / "metrics.json").exists()), None)
+        first = next(
+            (
+                json.loads((run_dir_for(out, r) / "fold-0" / "metrics.json").read_text())
+                for r, m in done
+                if (run_dir_for(out, r) / "fold-0" / "metrics.json").exists()
+            ),
+            None,
+        )
     prov = (first or {}).get("provenance", {})
     env = prov.get("environment", {})
 
@@ -115,7 +126,9 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
     )
     pretrained = {r.config.model.pretrained for r in runs}
     if pretrained <= {None, False}:
-        doc.p("**Every model was trained from scratch** (no ImageNet weights); the paper's transfer models used ImageNet weights.")
+        doc.p(
+            "**Every model was trained from scratch** (no ImageNet weights); the paper's transfer models used ImageNet weights."
+        )
 
     _compare_section(doc, spec, by, out)
     labs_section(doc, spec, by)
@@ -148,8 +161,10 @@ def _dataset_section(doc: Doc, out: Path, prov: dict) -> None:
     )
     if ds.get("split_groups"):  # a CSV with a group column: patients (slides, smears) never straddle parts
         g = ds["split_groups"]
-        doc.p(f"{ds.get('groups', '?'):,} groups (the CSV's `group` column: patient, slide or smear), each kept whole on one side of every split "
-              f"and fold: {g['train']:,} in train, {g['val']:,} in validation, {g['test']:,} in test; {g['in_more_than_one_part']} in more than one part.")
+        doc.p(
+            f"{ds.get('groups', '?'):,} groups (the CSV's `group` column: patient, slide or smear), each kept whole on one side of every split "
+            f"and fold: {g['train']:,} in train, {g['val']:,} in validation, {g['test']:,} in test; {g['in_more_than_one_part']} in more than one part."
+        )
     for s in skipped[:10]:
         doc.p(f"Skipped `{s['path']}`: {s['reason']}.")
     for d in dropped[:10]:
@@ -157,10 +172,22 @@ def _dataset_section(doc: Doc, out: Path, prov: dict) -> None:
     counts = prov.get("split_counts")
     if counts:
         names = list(next(iter(counts.values())).keys())
-        rows = [[n] + [f"{counts[p][n]:,}" for p in ("train", "val", "test")] + [f"{sum(counts[p][n] for p in counts):,}"] for n in names]
-        rows.append(["total"] + [f"{sum(counts[p].values()):,}" for p in ("train", "val", "test")] + [f"{sum(sum(c.values()) for c in counts.values()):,}"])
+        rows = [
+            [n] + [f"{counts[p][n]:,}" for p in ("train", "val", "test")] + [f"{sum(counts[p][n] for p in counts):,}"]
+            for n in names
+        ]
+        rows.append(
+            ["total"]
+            + [f"{sum(counts[p].values()):,}" for p in ("train", "val", "test")]
+            + [f"{sum(sum(c.values()) for c in counts.values()):,}"]
+        )
         doc.table(["class", "train", "val", "test", "all"], rows)
-        fig = plot_part_counts(counts, names, out / "figures" / "class_distribution.png", "Class distribution per split (first run's split)")
+        fig = plot_part_counts(
+            counts,
+            names,
+            out / "figures" / "class_distribution.png",
+            "Class distribution per split (first run's split)",
+        )
         doc.img(fig, "Class distribution in the training, validation and test parts (paper Fig. 2)")
 
 
@@ -196,25 +223,60 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 te = [_value(m, "test.accuracy") for m in ms]
                 single = lookup(ms[0], "test.ci95.accuracy") if len(ms) == 1 else None
                 state = "" if ms else _missing(out, entries)
-                rows.append([
-                    (exp.row or exp.name) + state,
-                    _mean_sd(tr), _mean_sd(te), _ci(te, single),
-                    f"{paper[0]:.2f}" if paper else "–", f"{paper[1]:.2f}" if paper else "–",
-                    f"{100 * np.mean([v for v in te if v is not None]) - paper[1]:+.2f}" if paper and any(v is not None for v in te) else "–",
-                ])
+                rows.append(
+                    [
+                        (exp.row or exp.name) + state,
+                        _mean_sd(tr),
+                        _mean_sd(te),
+                        _ci(te, single),
+                        f"{paper[0]:.2f}" if paper else "–",
+                        f"{paper[1]:.2f}" if paper else "–",
+                        f"{100 * np.mean([v for v in te if v is not None]) - paper[1]:+.2f}"
+                        if paper and any(v is not None for v in te)
+                        else "–",
+                    ]
+                )
             if rows:
-                doc.table(["Model", "Train acc % (ours)", "Test acc % (ours)", "95% CI test", "Train % (paper)", "Test % (paper)", "Δ test (ours − paper)"], rows)
+                doc.table(
+                    [
+                        "Model",
+                        "Train acc % (ours)",
+                        "Test acc % (ours)",
+                        "95% CI test",
+                        "Train % (paper)",
+                        "Test % (paper)",
+                        "Δ test (ours − paper)",
+                    ],
+                    rows,
+                )
             for exp, ms, paper in cv_rows:
-                keys = [("Training Accuracy", "train.accuracy"), ("Test Accuracy", "test.accuracy"), ("Precision", "test.precision_weighted"), ("Recall", "test.recall_weighted"), ("F1 Score", "test.f1_weighted")]
+                keys = [
+                    ("Training Accuracy", "train.accuracy"),
+                    ("Test Accuracy", "test.accuracy"),
+                    ("Precision", "test.precision_weighted"),
+                    ("Recall", "test.recall_weighted"),
+                    ("F1 Score", "test.f1_weighted"),
+                ]
                 paper_m = spec.paper_metrics.get(exp.name, {})
                 crow = []
                 for label, key in keys:
                     per_fold = [v for m in ms for v in (m["per_run"].get(key) or [])]
-                    crow.append([label, _mean_sd(per_fold), _ci(per_fold, None, "folds"), f"{paper_m[label]:.2f}" if label in paper_m else "–"])
+                    crow.append(
+                        [
+                            label,
+                            _mean_sd(per_fold),
+                            _ci(per_fold, None, "folds"),
+                            f"{paper_m[label]:.2f}" if label in paper_m else "–",
+                        ]
+                    )
                 n_folds = len(ms[0]["runs"])
-                doc.p(f"**{exp.row or exp.name}**: {n_folds}-fold cross-validation on the training part, each fold's model scored on the same held-out test part; mean ± sd over folds{' and seeds' if len(ms) > 1 else ''}.")
+                doc.p(
+                    f"**{exp.row or exp.name}**: {n_folds}-fold cross-validation on the training part, each fold's model scored on the same held-out test part; mean ± sd over folds{' and seeds' if len(ms) > 1 else ''}."
+                )
                 doc.table(["Metric", "Ours %", "95% CI", "Paper %"], crow)
-            doc.p("Ours: mean ± sd over seeds (one value when n=1). Precision / recall / F1 are weighted, as in the paper.")
+            doc.p(
+                "Ours: mean ± sd over seeds (one value when n=1). Precision / recall / F1 are weighted, as in the paper."
+            )
 
 
 def _seeds_text(spec: StudySpec) -> str:
@@ -276,8 +338,14 @@ def _paired(by: dict, out: Path, exp, a: str, b: str) -> dict | None:
         if pa and pb and pa[0] == pb[0]:  # the same test images in the same order: a paired test applies
             pvals.append(mcnemar_test(pa[1], pa[2], pb[2])["p_value"])
     diffs = [y - x for x, y in zip(acc_a, acc_b)]
-    return {"seeds": seeds, "a": acc_a, "b": acc_b, "diffs": diffs, "mcnemar": pvals,
-            "paired": paired_difference_summary(acc_b, acc_a) if len(seeds) >= 2 else None}
+    return {
+        "seeds": seeds,
+        "a": acc_a,
+        "b": acc_b,
+        "diffs": diffs,
+        "mcnemar": pvals,
+        "paired": paired_difference_summary(acc_b, acc_a) if len(seeds) >= 2 else None,
+    }
 
 
 def _compare_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
@@ -302,17 +370,40 @@ def _compare_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
     for exp, r in found:
         n = len(r["seeds"])
         paired = r["paired"]
-        ci = f"{100 * paired['mean_difference']:+.2f} [{100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f}]" if paired else f"{100 * r['diffs'][0]:+.2f}"
+        ci = (
+            f"{100 * paired['mean_difference']:+.2f} [{100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f}]"
+            if paired
+            else f"{100 * r['diffs'][0]:+.2f}"
+        )
         paper_a, paper_b = exp.paper.get(a), exp.paper.get(b)
         paper_d = paper_b[1] - paper_a[1] if paper_a and paper_b else None
         n_sig = sum(p < 0.05 for p in r["mcnemar"])
-        rows.append([exp.row or exp.name, str(n), _mean_sd(r["a"]), _mean_sd(r["b"]), ci,
-                     f"{n_sig} of {len(r['mcnemar'])}" if r["mcnemar"] else "–",
-                     _p(paired["p_value"]) if paired and paired.get("p_value") is not None else "–",
-                     f"{paper_d:+.2f}" if paper_d is not None else "–"])
+        rows.append(
+            [
+                exp.row or exp.name,
+                str(n),
+                _mean_sd(r["a"]),
+                _mean_sd(r["b"]),
+                ci,
+                f"{n_sig} of {len(r['mcnemar'])}" if r["mcnemar"] else "–",
+                _p(paired["p_value"]) if paired and paired.get("p_value") is not None else "–",
+                f"{paper_d:+.2f}" if paper_d is not None else "–",
+            ]
+        )
         sentences.append(_verdict(exp.row or exp.name, r, paper_d))
-    doc.table(["Model", "seeds", f"{a} test % (mean ± sd)", f"{b} test % (mean ± sd)", f"Δ {b} − {a}, points [95% CI]",
-               "McNemar p < 0.05", "paired t p", "paper Δ (one run each)"], rows)
+    doc.table(
+        [
+            "Model",
+            "seeds",
+            f"{a} test % (mean ± sd)",
+            f"{b} test % (mean ± sd)",
+            f"Δ {b} − {a}, points [95% CI]",
+            "McNemar p < 0.05",
+            "paired t p",
+            "paper Δ (one run each)",
+        ],
+        rows,
+    )
     for text in sentences:
         doc.p(text)
 
@@ -322,18 +413,25 @@ def _verdict(name: str, r: dict, paper_d: float | None) -> str:
     n, diffs = len(r["seeds"]), [100 * d for d in r["diffs"]]
     sig = sum(p < 0.05 for p in r["mcnemar"])
     if n < 2:
-        return (f"**{name}**: one seed only, a difference of {diffs[0]:+.2f} points "
-                f"(McNemar p = {_p(r['mcnemar'][0]) if r['mcnemar'] else '–'}); a single pair of runs cannot separate shuffling from chance.")
+        return (
+            f"**{name}**: one seed only, a difference of {diffs[0]:+.2f} points "
+            f"(McNemar p = {_p(r['mcnemar'][0]) if r['mcnemar'] else '–'}); a single pair of runs cannot separate shuffling from chance."
+        )
     paired = r["paired"]
     lo, hi = 100 * paired["ci95"][0], 100 * paired["ci95"][1]
     within = lo <= 0 <= hi
     spread = f"single-seed differences ranged from {min(diffs):+.2f} to {max(diffs):+.2f} points"
-    text = (f"**{name}**: over {n} seeds shuffling changed test accuracy by {100 * paired['mean_difference']:+.2f} points "
-            f"(95% CI {lo:+.2f} to {hi:+.2f}; McNemar p < 0.05 on {sig} of {len(r['mcnemar'])} seeds); "
-            + ("no evidence of an effect: " if within else "an effect beyond seed-to-seed noise: ") + spread)
+    text = (
+        f"**{name}**: over {n} seeds shuffling changed test accuracy by {100 * paired['mean_difference']:+.2f} points "
+        f"(95% CI {lo:+.2f} to {hi:+.2f}; McNemar p < 0.05 on {sig} of {len(r['mcnemar'])} seeds); "
+        + ("no evidence of an effect: " if within else "an effect beyond seed-to-seed noise: ")
+        + spread
+    )
     if paper_d is not None:
         inside = min(diffs) <= paper_d <= max(diffs)
-        text += f"; the paper's {paper_d:+.2f} points from one run each " + ("is inside that range." if inside else "is outside that range.")
+        text += f"; the paper's {paper_d:+.2f} points from one run each " + (
+            "is inside that range." if inside else "is outside that range."
+        )
     else:
         text += "."
     return text
@@ -341,7 +439,9 @@ def _verdict(name: str, r: dict, paper_d: float | None) -> str:
 
 def _ablation_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
     """Protocols that reproduce no table of the paper: each in its own section, beside the same model's Table runs."""
-    reference = next((name for name, p in spec.protocols.items() if p.table and name in (spec.compare or ("no_shuffle",))), None)
+    reference = next(
+        (name for name, p in spec.protocols.items() if p.table and name in (spec.compare or ("no_shuffle",))), None
+    )
     for proto, p in spec.protocols.items():
         if p.table:
             continue
@@ -359,17 +459,43 @@ def _ablation_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 continue
             m = ms[0]
             recalled = [k for k, v in m["test"]["per_class"].items() if v["recall"] > 0.5]
-            ref = [mm["test"]["accuracy"] for e in spec.experiments if (e.row or e.name) == (exp.row or exp.name) and reference in e.protocols
-                   for _, mm in by.get((e.name, reference), []) if mm and "test" in mm]
-            rows.append([exp.row or exp.name, _mean_sd([x["train"]["accuracy"] for x in ms]), _mean_sd([x["test"]["accuracy"] for x in ms]),
-                         _mean_sd(ref) if ref else "–", f"{len(recalled)} of {len(m['test']['per_class'])}" + (f" ({', '.join(recalled)})" if recalled else ""), ""])
-        doc.table(["Model", "Train acc %", "Test acc %", f"Test acc % under {reference}" if reference else "reference", "classes with recall > 50 %", ""], rows)
+            ref = [
+                mm["test"]["accuracy"]
+                for e in spec.experiments
+                if (e.row or e.name) == (exp.row or exp.name) and reference in e.protocols
+                for _, mm in by.get((e.name, reference), [])
+                if mm and "test" in mm
+            ]
+            rows.append(
+                [
+                    exp.row or exp.name,
+                    _mean_sd([x["train"]["accuracy"] for x in ms]),
+                    _mean_sd([x["test"]["accuracy"] for x in ms]),
+                    _mean_sd(ref) if ref else "–",
+                    f"{len(recalled)} of {len(m['test']['per_class'])}"
+                    + (f" ({', '.join(recalled)})" if recalled else ""),
+                    "",
+                ]
+            )
+        doc.table(
+            [
+                "Model",
+                "Train acc %",
+                "Test acc %",
+                f"Test acc % under {reference}" if reference else "reference",
+                "classes with recall > 50 %",
+                "",
+            ],
+            rows,
+        )
 
 
 def _paper_figures_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
     """The paper's run figures rebuilt from our runs: SupCon curves (Figs 7-9), the hybrid's predictions (Fig 14)."""
     doc.h(2, "The paper's figures, from these runs")
-    doc.p("Fig. 2 (class distribution) is in the Dataset section; every run's training curves and confusion matrix are under Per run.")
+    doc.p(
+        "Fig. 2 (class distribution) is in the Dataset section; every run's training curves and confusion matrix are under Per run."
+    )
     figures = out / "figures"
     tables = [name for name, p in spec.protocols.items() if p.table and name != "cv"]
     for exp in spec.experiments:
@@ -378,15 +504,25 @@ def _paper_figures_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> No
             for proto in tables:
                 runs = [r for r, m in by.get((exp.name, proto), []) if m]
                 if runs and (run_dir_for(out, runs[0]) / "history.csv").exists():
-                    histories[spec.protocols[proto].title.replace("Classification accuracies ", "")] = run_dir_for(out, runs[0]) / "history.csv"
+                    histories[spec.protocols[proto].title.replace("Classification accuracies ", "")] = (
+                        run_dir_for(out, runs[0]) / "history.csv"
+                    )
             if histories:
-                fig = plot_protocol_curves(histories, figures / f"{exp.name}_curves.png", f"{exp.row or exp.name}: accuracy and loss per epoch")
-                doc.img(fig, f"{exp.row or exp.name} without and with shuffling: accuracy (paper Figs 7 and 8) and loss (paper Fig. 9), first seed")
+                fig = plot_protocol_curves(
+                    histories, figures / f"{exp.name}_curves.png", f"{exp.row or exp.name}: accuracy and loss per epoch"
+                )
+                doc.img(
+                    fig,
+                    f"{exp.row or exp.name} without and with shuffling: accuracy (paper Figs 7 and 8) and loss (paper Fig. 9), first seed",
+                )
         if exp.name.startswith("hybrid"):
             for proto in tables:
                 runs = [r for r, m in by.get((exp.name, proto), []) if m]
                 if runs:
-                    doc.img(run_dir_for(out, runs[0]) / "figures" / "predictions.png", f"{exp.row or exp.name} ({spec.protocols[proto].title.lower()}): test images with predicted and true labels (paper Fig. 14)")
+                    doc.img(
+                        run_dir_for(out, runs[0]) / "figures" / "predictions.png",
+                        f"{exp.row or exp.name} ({spec.protocols[proto].title.lower()}): test images with predicted and true labels (paper Fig. 14)",
+                    )
 
 
 def _per_run_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
@@ -412,25 +548,62 @@ def _per_run_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 if single is None:
                     continue
                 t = single["test"]
-                rows.append([f"seed {r.seed}" + (" (fold 0)" if run_dir.name == "fold-0" else ""), _pct(t["accuracy"]), _pct(t["precision_weighted"]), _pct(t["recall_weighted"]), _pct(t["f1_weighted"]), _pct(t["f1_macro"]),
-                             f"{t['ece']:.3f} → {t.get('ece_calibrated', float('nan')):.3f}", f"{read_status(run_dir_for(out, r)).get('seconds', '–')}"])
+                rows.append(
+                    [
+                        f"seed {r.seed}" + (" (fold 0)" if run_dir.name == "fold-0" else ""),
+                        _pct(t["accuracy"]),
+                        _pct(t["precision_weighted"]),
+                        _pct(t["recall_weighted"]),
+                        _pct(t["f1_weighted"]),
+                        _pct(t["f1_macro"]),
+                        f"{t['ece']:.3f} → {t.get('ece_calibrated', float('nan')):.3f}",
+                        f"{read_status(run_dir_for(out, r)).get('seconds', '–')}",
+                    ]
+                )
                 fig_dir = fig_dir or run_dir / "figures"
                 per_class = t["per_class"]
             if rows:
-                doc.table(["run", "test acc %", "precision (w) %", "recall (w) %", "F1 (w) %", "F1 (macro) %", "ECE raw → calibrated", "seconds"], rows)
-                doc.table(["per-class recall %"] + list(per_class), [["last run"] + [_pct(v["recall"]) for v in per_class.values()]])
+                doc.table(
+                    [
+                        "run",
+                        "test acc %",
+                        "precision (w) %",
+                        "recall (w) %",
+                        "F1 (w) %",
+                        "F1 (macro) %",
+                        "ECE raw → calibrated",
+                        "seconds",
+                    ],
+                    rows,
+                )
+                doc.table(
+                    ["per-class recall %"] + list(per_class),
+                    [["last run"] + [_pct(v["recall"]) for v in per_class.values()]],
+                )
             for r, st in failed:
-                doc.p(f"**Run {r.key} {st.get('state', 'not run')}**" + (f": `{st.get('error')}`" if st.get("error") else "."))
+                doc.p(
+                    f"**Run {r.key} {st.get('state', 'not run')}**"
+                    + (f": `{st.get('error')}`" if st.get("error") else ".")
+                )
             if fig_dir is not None:
                 doc.img(fig_dir / "curves.png", f"{exp.row or exp.name} ({proto}): accuracy and loss per epoch")
-                doc.img(fig_dir / "confusion.png", f"{exp.row or exp.name} ({proto}): confusion matrix on the test part")
+                doc.img(
+                    fig_dir / "confusion.png", f"{exp.row or exp.name} ({proto}): confusion matrix on the test part"
+                )
 
 
 def _environment_section(doc: Doc, out: Path, runs: list[RunSpec], prov: dict, summary: dict) -> None:
     doc.h(2, "Environment")
     env = prov.get("environment", {})
-    doc.table(["", ""], [[k, str(v)] for k, v in env.items()] + [["git commit", str(summary.get("git_commit"))], ["data fingerprint", str(prov.get("data_fingerprint"))],
-                                                                ["runs at once (--parallel)", str(summary.get("parallel", 1))]])
+    doc.table(
+        ["", ""],
+        [[k, str(v)] for k, v in env.items()]
+        + [
+            ["git commit", str(summary.get("git_commit"))],
+            ["data fingerprint", str(prov.get("data_fingerprint"))],
+            ["runs at once (--parallel)", str(summary.get("parallel", 1))],
+        ],
+    )
     estimated = {e["run"]: e["seconds"] for e in (_budget(out) or {}).get("runs", [])}
     rows, total = [], 0.0
     for r in runs:
@@ -439,7 +612,16 @@ def _environment_section(doc: Doc, out: Path, runs: list[RunSpec], prov: dict, s
         if secs is not None:
             total += secs
         est = estimated.get(r.key)
-        rows.append([r.key, st.get("state", "not run"), f"{secs:.1f}" if secs is not None else "–", f"{est:.0f}" if est is not None else "–"])
+        rows.append(
+            [
+                r.key,
+                st.get("state", "not run"),
+                f"{secs:.1f}" if secs is not None else "–",
+                f"{est:.0f}" if est is not None else "–",
+            ]
+        )
     doc.table(["run", "state", "wall seconds", "estimated seconds (--estimate)"], rows)
-    doc.p(f"Total wall time of finished runs: {total / 60:.1f} min. Estimates come from `bloodcell study --estimate`, "
-          "which times two short epochs of each model on random images before anything runs.")
+    doc.p(
+        f"Total wall time of finished runs: {total / 60:.1f} min. Estimates come from `bloodcell study --estimate`, "
+        "which times two short epochs of each model on random images before anything runs."
+    )

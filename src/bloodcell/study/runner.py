@@ -21,7 +21,12 @@ from bloodcell.study.spec import RunSpec, expand_runs, load_study
 def git_commit() -> str | None:
     try:
         here = Path(__file__).resolve().parent
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5).stdout.strip() or None
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -59,7 +64,15 @@ def run_study(
     t_start = time.perf_counter()
     results: dict[str, dict] = {}
     show = progress and enabled_by_default()
-    columns = [TextColumn("[bold]study {task.fields[name]}"), BarColumn(), MofNCompleteColumn(), TextColumn("runs"), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+    columns = [
+        TextColumn("[bold]study {task.fields[name]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("runs"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    ]
     with Progress(*columns, console=console(), disable=not show) as bar:
         task = bar.add_task("runs", total=len(runs), name=spec.name)
 
@@ -79,8 +92,15 @@ def run_study(
             else:
                 pending.append((run, run_dir))
         if workers > 1:
-            run_parallel(pending, out, workers, on_done=done,
-                         on_start=lambda run, slot: console().print(f"[bold]{run.key}[/bold] ({_describe(run)}) on {slot.describe()}") if show else None)
+            run_parallel(
+                pending,
+                out,
+                workers,
+                on_done=done,
+                on_start=lambda run, slot: (
+                    console().print(f"[bold]{run.key}[/bold] ({_describe(run)}) on {slot.describe()}") if show else None
+                ),
+            )
         for run, run_dir in [] if workers > 1 else pending:
             console().print(f"[bold]{run.key}[/bold] ({_describe(run)})") if show else None
             done(run, train_run(run.config, run_dir, progress=show))
@@ -88,7 +108,9 @@ def run_study(
         "study": spec.name,
         "runs": len(runs),
         "complete": sum(1 for r in runs if is_complete(run_dir_for(out, r))),
-        "failed": [r.key for r in runs if results.get(r.key, {}).get("state") == "failed"],  # study order, not finishing order
+        "failed": [
+            r.key for r in runs if results.get(r.key, {}).get("state") == "failed"
+        ],  # study order, not finishing order
         "parallel": workers,
         "wall_seconds_this_invocation": round(time.perf_counter() - t_start, 1),
         "git_commit": git_commit(),
@@ -97,7 +119,13 @@ def run_study(
     for r in runs:
         m = run_state(out, r).get("metrics", {})
         if "test" in m:
-            summary["results"].append({"run": r.key, "accuracy": m["test"]["accuracy"], "per_class_recall": {k: v["recall"] for k, v in m["test"]["per_class"].items()}})
+            summary["results"].append(
+                {
+                    "run": r.key,
+                    "accuracy": m["test"]["accuracy"],
+                    "per_class_recall": {k: v["recall"] for k, v in m["test"]["per_class"].items()},
+                }
+            )
     io.write_json(out / "study_status.json", summary)
     report = write_report(spec, runs, out, summary)
     summary["report"] = str(report)

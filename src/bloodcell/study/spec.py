@@ -81,7 +81,9 @@ class RunSpec:
 
 
 def _flat_overrides(d: dict[str, Any]) -> list[str]:
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in d.items()]
+    return [
+        f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().removesuffix('...').strip()}" for k, v in d.items()
+    ]
 
 
 def load_study(path: str | os.PathLike) -> tuple[StudySpec, Path]:
@@ -112,12 +114,16 @@ def load_study(path: str | os.PathLike) -> tuple[StudySpec, Path]:
     return spec, path.parent
 
 
-def expand_runs(spec: StudySpec, base_dir: Path, overrides: list[str] | None = None, only: list[str] | None = None) -> list[RunSpec]:
+def expand_runs(
+    spec: StudySpec, base_dir: Path, overrides: list[str] | None = None, only: list[str] | None = None
+) -> list[RunSpec]:
     """Every (experiment, protocol, seed) as a validated RunConfig; `only` keeps the named experiments."""
     if only:
         unknown = sorted(set(only) - {e.name for e in spec.experiments})
         if unknown:
-            raise ConfigError(f"--only: unknown experiment(s) {', '.join(unknown)}; known: {', '.join(e.name for e in spec.experiments)}")
+            raise ConfigError(
+                f"--only: unknown experiment(s) {', '.join(unknown)}; known: {', '.join(e.name for e in spec.experiments)}"
+            )
     runs = []
     for exp in spec.experiments:
         if only and exp.name not in only:

@@ -28,14 +28,16 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.
 
 
 def _rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
-    return (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
+    return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
 
 
 def _hue_shift(x: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """Rotate hue by `shift` turns (per sample) with the YIQ rotation: cheap and differentiable."""
     theta = shift * 2 * math.pi
     cos, sin = torch.cos(theta), torch.sin(theta)
-    to_yiq = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device, dtype=x.dtype)
+    to_yiq = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], device=x.device, dtype=x.dtype
+    )
     to_rgb = torch.linalg.inv(to_yiq)
     b = x.shape[0]
     rot = torch.zeros(b, 3, 3, device=x.device, dtype=x.dtype)

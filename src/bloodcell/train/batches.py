@@ -76,8 +76,9 @@ class ArrayBatches(Dataset):
         a = state["images"]
         if isinstance(a, tuple):
             _, filename, offset, shape, dtype, fortran = a
-            state["images"] = np.memmap(filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape,
-                                        order="F" if fortran else "C")
+            state["images"] = np.memmap(
+                filename, dtype=np.dtype(dtype), mode="r", offset=offset, shape=shape, order="F" if fortran else "C"
+            )
         self.__dict__.update(state)
 
     def __getitem__(self, positions):
@@ -89,5 +90,3 @@ class ArrayBatches(Dataset):
         x = np.empty((len(idx),) + self.images.shape[1:], dtype=np.uint8)
         x[order] = self.images[idx[order]]
         return torch.from_numpy(x), y
-
-

@@ -104,7 +104,12 @@ class SafetensorsCheckpointIO(CheckpointIO):
         _remove_tensor_files(path, keep=current)  # leftovers of a save that was killed: room for this one
         io.write_bytes(tensor_file, data)
         try:
-            io.write_text(path, json.dumps({"format": FORMAT, "tensors_file": tensor_file.name, "tensors_sha256": digest, "tree": tree}))
+            io.write_text(
+                path,
+                json.dumps(
+                    {"format": FORMAT, "tensors_file": tensor_file.name, "tensors_sha256": digest, "tree": tree}
+                ),
+            )
         except BaseException:
             if tensor_file != current:
                 tensor_file.unlink(missing_ok=True)
@@ -134,7 +139,9 @@ def read_checkpoint(path, map_location=None) -> dict[str, Any]:
     tensor_file = path.with_name(name)
     if not tensor_file.exists() or io.file_sha256(tensor_file) != meta.get("tensors_sha256"):
         raise ModelError(f"checkpoint {path} is incomplete: {tensor_file.name} is missing or does not match")
-    tensors = load_file(str(tensor_file), device=str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu")
+    tensors = load_file(
+        str(tensor_file), device=str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    )
     return _decode(meta["tree"], tensors)
 
 
@@ -146,7 +153,8 @@ def resumable_checkpoint(path: Path) -> str | None:
         read_checkpoint(path)
     except ModelError as exc:
         if rank_zero_only.rank == 0:
-            console().print(f"warning: {exc}; training starts again from epoch 1", markup=False, highlight=False,
-                            soft_wrap=True)
+            console().print(
+                f"warning: {exc}; training starts again from epoch 1", markup=False, highlight=False, soft_wrap=True
+            )
         return None
     return str(path)

@@ -65,5 +65,3 @@ def resolve_accelerator(cfg: RunConfig) -> str:
     if a in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"train.accelerator is '{a}' but no CUDA device is available")
     return "gpu" if a == "cuda" else a
-
-

@@ -30,19 +30,33 @@ def epoch_seed(seed: int, epoch: int, salt: int = 0) -> int:
 
 
 class Classifier(L.LightningModule):
-    def __init__(self, model: torch.nn.Module, cfg: RunConfig, class_weights: torch.Tensor | None = None, device_images: np.ndarray | None = None):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        cfg: RunConfig,
+        class_weights: torch.Tensor | None = None,
+        device_images: np.ndarray | None = None,
+    ):
         super().__init__()
         self.model = model
         self.cfg = cfg
         # torch's AveragedModel keeps the weight EMA as a submodule: it is in the state dict, so checkpoints and an
         # exact resume carry it; no gradients, so neither the optimizer nor DDP sees it.
-        self.ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True) if cfg.train.ema_decay else None
+        self.ema = (
+            AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+            if cfg.train.ema_decay
+            else None
+        )
         if self.ema is not None:
             self.ema.requires_grad_(False)
         self.stages = cfg.train.resolved_stages()
         self.register_buffer("mean", torch.tensor(model.mean).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(model.std).view(1, 3, 1, 1) * 255, persistent=False)
-        self.register_buffer("class_weights", class_weights if class_weights is not None else torch.ones(model.num_classes), persistent=False)
+        self.register_buffer(
+            "class_weights",
+            class_weights if class_weights is not None else torch.ones(model.num_classes),
+            persistent=False,
+        )
         self.use_class_weights = class_weights is not None
         self.stage_index = 0
         self.history: list[dict] = []
@@ -84,7 +98,10 @@ class Classifier(L.LightningModule):
     def configure_optimizers(self):
         self._apply_freezing()
         s, t = self.stage, self.cfg.train
-        name, lr = s.optimizer or t.optimizer, (s.lr or t.lr) * (self.trainer.world_size if t.lr_scaling == "linear" else 1)
+        name, lr = (
+            s.optimizer or t.optimizer,
+            (s.lr or t.lr) * (self.trainer.world_size if t.lr_scaling == "linear" else 1),
+        )
         params = [p for p in self.model.parameters() if p.requires_grad]
         fused = {"fused": True} if torch.cuda.is_available() and self.device.type == "cuda" else {}
         if name == "adam":
@@ -143,7 +160,10 @@ class Classifier(L.LightningModule):
 
     def _ce(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(
-            logits.float(), y, weight=self.class_weights if self.use_class_weights else None, label_smoothing=self.cfg.train.label_smoothing
+            logits.float(),
+            y,
+            weight=self.class_weights if self.use_class_weights else None,
+            label_smoothing=self.cfg.train.label_smoothing,
         )
 
     def _log_step(self, split: str, loss: torch.Tensor, correct: int | None, n: int) -> None:
@@ -174,7 +194,9 @@ class Classifier(L.LightningModule):
         finite = bool(torch.isfinite(loss))
         # Under DDP every rank must stop at the same step: one that stopped alone would leave the others waiting in
         # the gradient all-reduce for ever. One boolean all-reduce per step; `float(loss)` below syncs anyway.
-        finite_everywhere = finite if self.trainer.world_size == 1 else self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        finite_everywhere = (
+            finite if self.trainer.world_size == 1 else self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        )
         if not finite_everywhere:
             value = float(loss.detach()) if not finite else "not finite on another process"
             self._diverged(f"training loss is {value} at epoch {self.current_epoch + 1}, step {batch_idx}")

@@ -51,7 +51,9 @@ def check_smote_fits(labels: np.ndarray, cfg: SmoteConfig, num_classes: int) -> 
     return need
 
 
-def smote_oversample(images: np.ndarray, labels: np.ndarray, cfg: SmoteConfig, num_classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def smote_oversample(
+    images: np.ndarray, labels: np.ndarray, cfg: SmoteConfig, num_classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Return (images, labels) of the training part with every class raised to the largest class's count.
 
     The originals come first, unchanged; synthetic images follow.
@@ -67,6 +69,8 @@ def smote_oversample(images: np.ndarray, labels: np.ndarray, cfg: SmoteConfig, n
     small = _resize(images, cfg.size)
     flat = small.reshape(len(small), -1).astype(np.float32)
     x_res, y_res = SMOTE(k_neighbors=k, random_state=seed).fit_resample(flat, labels)
-    synthetic = np.clip(np.rint(x_res[len(flat):]), 0, 255).astype(np.uint8).reshape(-1, cfg.size, cfg.size, 3)
+    synthetic = np.clip(np.rint(x_res[len(flat) :]), 0, 255).astype(np.uint8).reshape(-1, cfg.size, cfg.size, 3)
     synthetic = _resize(synthetic, images.shape[1])
-    return np.concatenate([np.asarray(images), synthetic]), np.concatenate([labels, y_res[len(flat):]]).astype(np.int64)
+    return np.concatenate([np.asarray(images), synthetic]), np.concatenate([labels, y_res[len(flat) :]]).astype(
+        np.int64
+    )
