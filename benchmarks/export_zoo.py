@@ -94,11 +94,10 @@ def zoo_run(name: str, directory: Path, size: int, bn_stats: bool = False) -> tu
 
     # the threshold flags 2 of the 200 sample images, as tests/test_quantize.py's does (a real one flags about 1 %)
     scores = np.sort(mahalanobis_score(feats, means, precision))
-    meta = json.loads((directory / "model.json").read_text())
-    meta["ood"] = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(scores[-3] + scores[-2]) / 2}
-    from bloodcell.models.metadata import write_model_json
+    from bloodcell.models.description import update_description
 
-    write_model_json(directory, meta)  # and re-seal the folder
+    ood = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(scores[-3] + scores[-2]) / 2}
+    update_description(directory, ood=ood)  # and re-seal the folder
     return directory, s
 
 
@@ -138,6 +137,7 @@ def main() -> int:
     import bloodcell
     from bloodcell.infer import Predictor
     from bloodcell.infer import export as ex
+    from bloodcell.models.description import read_onnx_description
 
     timed = {}
     real_export = ex._export
@@ -179,7 +179,7 @@ def main() -> int:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 continue
-            side = json.loads(report.sidecar.read_text())["onnx"]
+            side = read_onnx_description(report.path).to_dict()["onnx"]
             row.update(exporter=report.exporter, fallback_reason=side.get("fallback_reason"), opset=side["opset"],
                        outputs=side["outputs"], export_s=round(timed["export_s"], 1),
                        export_onnx_s=round(time.perf_counter() - t, 1), parity=report.max_abs_diff,

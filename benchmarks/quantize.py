@@ -166,10 +166,11 @@ def main() -> None:
     from bloodcell.infer import Predictor
     from bloodcell.infer import quantize as q
     from bloodcell.infer.export import export_onnx
+    from bloodcell.models.description import read_description
     from bloodcell.models.metadata import bundled_model_dir
 
     model = bundled_model_dir()
-    meta = json.loads((model / "model.json").read_text())
+    meta = read_description(model)
     n_calib = args.calibration_images or q.DEFAULT_CALIBRATION_IMAGES
     print(f"machine: {cpu_line()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}; "
           f"onnxruntime intra-op threads {args.threads}; load average at start {os.getloadavg()[0]:.1f}")
@@ -178,11 +179,12 @@ def main() -> None:
     print(f"versions: python {platform.python_version()}, onnxruntime {ort.__version__}, bloodcell {__version__}")
     print("ISA: onnxruntime selects its kernels from CPUID and has no setting to limit them (no AVX2-only timing here)")
 
-    cfg = parse_config(meta["training_config"])
-    files, names = split_files(cfg, args.data, "test", fingerprint=meta["data_fingerprint"])
-    if len(files) != meta["bundled"]["test_n"]:
-        raise SystemExit(f"the test part of {args.data} has {len(files)} images, the bundled model's {meta['bundled']['test_n']}")
-    y = np.asarray([meta["class_names"].index(c) for c in names])
+    cfg = parse_config(meta.training_config)
+    files, names = split_files(cfg, args.data, "test", fingerprint=meta.data_fingerprint)
+    if len(files) != meta.bundled["test_n"]:
+        raise SystemExit(f"the test part of {args.data} has {len(files)} images, "
+                         f"the bundled model's {meta.bundled['test_n']}")
+    y = np.asarray([meta.names.index(c) for c in names])
 
     result: dict = {"machine": cpu_line(), "threads": args.threads, "onnxruntime": ort.__version__}
     with tempfile.TemporaryDirectory(prefix="bloodcell-quantize-") as tmp:
@@ -192,7 +194,8 @@ def main() -> None:
         shipped = export_onnx(model, work / "int8.onnx", quantize="int8", calibration_images=n_calib, data_root=args.data)
         export_s = time.perf_counter() - t0
         qz = shipped.quantization
-        print(f"model: bundled {meta['model_name']} at {meta['input_size']} px; data {args.data.resolve()}, split seed "
+        print(f"model: bundled {meta.model_name} at {meta.preprocessing.input_size} px; "
+              f"data {args.data.resolve()}, split seed "
               f"{cfg.split_seed}, test part {len(files):,} images; calibration: {qz['calibration']}")
         print(f"export --quantize int8: {export_s:.1f} s including the fp32 export; guard on {qz['check']['on']}: top-1 "
               f"{100 * qz['check']['top1_agreement']:.1f} %, OOD flags {100 * qz['check']['ood_flag_agreement']:.1f} %")
@@ -202,7 +205,8 @@ def main() -> None:
         assert bad == 0 and len(images) == len(files)
         ref_out = outputs(ref, images)
         acc0 = float((ref_out[0].argmax(1) == y).mean())
-        print(f"fp32 ONNX: accuracy {100 * acc0:.2f} % on the test part ({meta['bundled']['test_accuracy'] * 100:.2f} % recorded), "
+        recorded = meta.bundled["test_accuracy"]
+        print(f"fp32 ONNX: accuracy {100 * acc0:.2f} % on the test part ({recorded * 100:.2f} % recorded), "
               f"{fp32.stat().st_size / 1e3:,.0f} kB")
         print()
 

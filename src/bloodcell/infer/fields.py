@@ -20,6 +20,7 @@ gate: it let 26 of the 72 BCCD test photographs through as cells.)
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +29,16 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from bloodcell.data.fields import DEFAULT_VIEW, FIELD_CLASSES, background_colour, crop_cell, crop_side
+from bloodcell.data.fields import FIELD_CLASSES, background_colour, crop_cell, crop_side
 from bloodcell.data.images import UnreadableImage, open_rgb
 from bloodcell.errors import DataError, ModelError
+from bloodcell.evaluate.annotate import draw_cells
 from bloodcell.infer.field_checks import Problem, answer, check_field, detector_scale, withheld
 from bloodcell.infer.predictor import Predictor, collect_images, summarize
+from bloodcell.io import atomic_path
+from bloodcell.models.description import ModelDescription, parse_description
 from bloodcell.models.detector import Detections, FieldDetector, load_detector
+from bloodcell.progress import progress_bar
 
 INPUT_KINDS = ("auto", "cell", "field")
 # A photograph larger than this is refused (it would be a stitched scan or a camera far from BCCD's scale)
@@ -42,11 +47,11 @@ DEFAULT_MAX_FIELD_PIXELS = 16_000_000
 CROP_MAX_ASPECT = 1.15
 
 
-def field_of_view(meta: dict) -> dict:
-    """How much of a smear the classifier saw per image: model.json `preprocess.field_of_view`, else PBC's."""
-    view = dict(DEFAULT_VIEW)
-    view.update((meta.get("preprocess") or {}).get("field_of_view") or {})
-    return view
+def field_of_view(meta: dict | ModelDescription) -> dict:
+    """How much of a smear the classifier saw per image: model.json `preprocess.field_of_view`, else PBC's
+    (ModelDescription.preprocessing resolves it)."""
+    description = meta if isinstance(meta, ModelDescription) else parse_description(meta)
+    return dict(description.preprocessing.field_of_view)
 
 
 @dataclass
@@ -59,7 +64,7 @@ class FieldReader:
     view: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.view = self.view or field_of_view(self.predictor.metadata)
+        self.view = self.view or field_of_view(self.predictor.description or self.predictor.metadata)
 
     @classmethod
     def load(cls, predictor: Predictor, detector: str | os.PathLike | None = None) -> "FieldReader":
@@ -135,8 +140,6 @@ class FieldReader:
 
 def _image_size(source: Any) -> tuple[int, int]:
     """Width and height from the image header (no decode); (1, 1) when unknown (it decoded once already)."""
-    import io
-
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
             return img.size
@@ -254,8 +257,6 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
         candidates = [(n, by_name[n]) for n in names if not _squarish(_image_size(by_name[n]))]
         for n in names:
             cell_reasons[n] = "a square-ish image: read as a single-cell crop (use --input field for a square photograph)"
-    from bloodcell.progress import progress_bar
-
     if candidates and input_kind == "auto":
         try:
             get_reader()
@@ -308,8 +309,6 @@ def predict_paths_mixed(predictor: Predictor, paths, input_kind: str = "auto", d
 
 def annotate_fields(result: dict, sources: dict[str, Any], out: str | os.PathLike) -> list[Path]:
     """Write each field photograph with its cells drawn (white cells labelled with class and confidence) as PNG."""
-    from bloodcell.evaluate.annotate import draw_cells
-    from bloodcell.io import atomic_path
 
     out = Path(out)
     written = []

@@ -141,7 +141,8 @@ def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], 
         )
     pre = described.preprocessing
     if pre.input_size != int(input_size):
-        raise ModelError(f"model.pretrained {source} was trained at {pre.input_size} px: set data.input_size={pre.input_size}")
+        raise ModelError(f"model.pretrained {source} was trained at {pre.input_size} px: "
+                         f"set data.input_size={pre.input_size}")
     if pre.white_balance != white_balance:
         raise ModelError(f"model.pretrained {source} was trained with white balance '{pre.white_balance}': "
                          f"set data.white_balance={pre.white_balance}")

@@ -39,7 +39,7 @@ from bloodcell.data.fields import DEFAULT_VIEW
 from bloodcell.data.images import INTERPOLATIONS, WHITE_BALANCES
 from bloodcell.errors import ModelError
 from bloodcell.io import write_json
-from bloodcell.models.seal import seal
+from bloodcell.models.seal import member, seal
 
 WEIGHTS_FILE = "model.safetensors"
 METADATA_FILE = "model.json"
@@ -185,17 +185,16 @@ class Preprocessing:
     field_of_view: dict[str, float]
 
 
-@dataclass(frozen=True)
-class Provenance:
-    """Where a model came from (flat keys of model.json, grouped)."""
+class Provenance(Section):
+    """Where a model came from: top-level keys of model.json, read as one section (see `provenance`)."""
 
-    training_config: dict[str, Any] | None
-    data_fingerprint: str | None
-    split_seed: int | None
-    epochs_trained: int | None
-    accelerator: str | None
-    precision: str | None
-    bloodcell_version: str | None
+    training_config: dict[str, Any] | None = None
+    data_fingerprint: str | None = None
+    split_seed: int | None = None
+    epochs_trained: int | None = None
+    accelerator: str | None = None
+    precision: str | int | None = None
+    bloodcell_version: str | None = None
 
 
 # ---------------------------------------------------------------------------------------------- the description
@@ -293,9 +292,7 @@ class ModelDescription(Section):
 
     @property
     def provenance(self) -> Provenance:
-        return Provenance(self.training_config, self.data_fingerprint, self.split_seed, self.epochs_trained,
-                          self.accelerator, None if self.precision is None else str(self.precision),
-                          self.bloodcell_version)
+        return Provenance(**{key: getattr(self, key) for key in Provenance.model_fields})
 
     def to_dict(self) -> dict:
         """The description as the file holds it (a copy): every key, known or not, in its order."""
@@ -340,6 +337,16 @@ def parse_description(data: Any, source: str | os.PathLike = "", required: tuple
     description._raw = copy.deepcopy(data)
     description._source = str(source)
     return description
+
+
+def provenance(meta: dict | ModelDescription, source: str | os.PathLike = "") -> Provenance:
+    """Where a model came from, from its description or from a dict holding only those keys (a partial model.json)."""
+    if isinstance(meta, ModelDescription):
+        return meta.provenance
+    try:
+        return Provenance.model_validate({key: meta[key] for key in Provenance.model_fields if key in meta})
+    except ValidationError as exc:
+        raise ModelError(f"{source or 'the model description'}: {_first_problem(exc)}") from None
 
 
 def _first_problem(exc: ValidationError) -> str:
@@ -416,6 +423,9 @@ def read_onnx_description(path: str | os.PathLike) -> ModelDescription:
     if not described_by.is_file():
         raise ModelError(f"{path}: metadata sidecar {onnx_sidecar(path)} not found (written by 'bloodcell export')")
     description = parse_description(read_json_object(described_by, SIDECAR_REQUIRED), described_by, SIDECAR_REQUIRED)
+    for key, section in (("onnx", description.onnx), ("ood", description.ood)):
+        if section is not None and section.file not in (None, ""):
+            member(path.parent, section.file, f"{key}.file", described_by)
     if described_by.name == METADATA_FILE and (description.onnx is None or description.onnx.file != path.name):
         raise ModelError(f"{path}: no sidecar {onnx_sidecar(path).name}, and {described_by} does not describe it "
                          f"(no onnx.file '{path.name}')")
