@@ -17,6 +17,7 @@ flagged `ood` (it looks unlike the cells the model was trained on) and left out 
 
 from __future__ import annotations
 
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -153,13 +154,11 @@ class Predictor:
         return self.engine.name
 
     @property
-    def model(self) -> Any:
-        """The PyTorch model (a BloodcellModel), or None on ONNX Runtime."""
+    def model(self) -> Any:  # the PyTorch model (a BloodcellModel), or None on ONNX Runtime
         return self.engine.model
 
     @property
-    def session(self) -> Any:
-        """The onnxruntime.InferenceSession, or None on PyTorch."""
+    def session(self) -> Any:  # the onnxruntime.InferenceSession, or None on PyTorch
         return self.engine.session
 
     @property
@@ -172,8 +171,7 @@ class Predictor:
         self.engine.scored_model = value
 
     @property
-    def device(self) -> str:
-        """Where the model runs: cpu, or cuda (PyTorch, or ONNX Runtime's CUDA provider)."""
+    def device(self) -> str:  # where the model runs: cpu, or cuda (PyTorch, or ONNX Runtime's CUDA provider)
         return self.engine.device
 
     @property
@@ -251,16 +249,7 @@ class Predictor:
         probs: list[np.ndarray] = []
         scores: list[np.ndarray] = []
         unreadable: list[dict] = []
-
-        def decode(item):
-            name, source = item
-            try:
-                return name, self.decode(source, max_pixels), None
-            except UnreadableImage as exc:
-                return name, None, str(exc)
-            except OSError as exc:  # vanished or unreadable on disk
-                return name, None, f"cannot read file: {exc.strerror or exc}"
-
+        decode = functools.partial(_decode_item, self, max_pixels=max_pixels)
         # decode a window of images in parallel (PIL releases the GIL), then run the model on it;
         # the window bounds memory for folders of any size
         window = batch_size * max(1, self.workers) * 2
@@ -387,6 +376,17 @@ def _pct(n: int, total: int) -> float:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _decode_item(predictor: Predictor, item: tuple[str, Any], max_pixels: int | None) -> tuple[str, Any, str | None]:
+    """(name, decoded image or None, why it is unreadable or None) of a (name, path-or-bytes) item."""
+    name, source = item
+    try:
+        return name, predictor.decode(source, max_pixels), None
+    except UnreadableImage as exc:
+        return name, None, str(exc)
+    except OSError as exc:  # vanished or unreadable on disk
+        return name, None, f"cannot read file: {exc.strerror or exc}"
 
 
 def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
