@@ -72,17 +72,24 @@ def export_onnx(
     min_agreement: float | None = None,
     settings=None,
 ) -> ExportReport:
-    """Export the run / model directory `model` to `out` (.onnx) plus `out.onnx.json`.
+    """Export the run / model directory `model` to `out` (.onnx) plus `out.onnx.json` and its card.
 
-    The parity check runs PyTorch and onnxruntime on `check_images` (default: up to 8 images of the
-    embedded sample, else seeded random pixels), at batch 1 and at the full batch, and raises
-    ModelError when an output differs by more than `tolerance` (see `output_difference`). Nothing is written unless
-    it passes.
+    The parity check runs PyTorch and onnxruntime at batch 1 and at the full batch and raises ModelError when an
+    output differs by more than `tolerance` (see `output_difference`). Nothing is written unless it passes.
 
-    quantize="int8": write the int8 static quantization of the checked fp32 graph instead, calibrated on
-    `calibration_images` validation images of the model's split (its training data, or `data_root`) or
-    images of `calibration_dir`, and refused unless it agrees with fp32 on `min_agreement` of held-out
-    images (see bloodcell.infer.quantize; `settings` a QuantSettings).
+    Args:
+        model: the run / model folder (PyTorch weights).
+        out: the .onnx file to write; its sidecar is `<out>.json`, its card `<out>.card.md`.
+        opset: the ONNX opset (below DYNAMO_MIN_OPSET the deprecated TorchScript exporter writes it).
+        check_images: images for the parity check (default: up to 8 of the embedded sample, else seeded random pixels).
+        tolerance: the largest output difference accepted.
+        quantize: "int8" writes the int8 static quantization of the checked fp32 graph instead
+            (bloodcell.infer.quantize), refused unless it agrees with fp32 on `min_agreement` of held-out images.
+        calibration_images: with int8, how many validation images of the model's split calibrate it.
+        calibration_dir: with int8, calibrate on images of this folder instead.
+        data_root: with int8, the training data folder, when not where model.json says.
+        min_agreement: with int8, the share of check images on which int8 and fp32 must agree.
+        settings: with int8, a quantize.QuantSettings (default: what `bloodcell export` ships).
     """
     out = Path(out)
     _check_request(model, out, quantize, calibration_images, calibration_dir, data_root, min_agreement)
@@ -122,7 +129,8 @@ def export_onnx(
         quantization = None
         if quantize:
             limit = q.MIN_AGREEMENT if min_agreement is None else min_agreement
-            quantization = q.quantize_checked(predictor, tmp, final, calib, settings or q.QuantSettings(), limit, str(model))
+            quantization = q.quantize_checked(predictor, tmp, final, calib, settings or q.QuantSettings(), limit,
+                                              str(model))
     sidecar = onnx_sidecar(out)
     description = predictor.description.replace(onnx=section, quantization=quantization)
     write_description(sidecar, description)  # and seal out's folder: the .onnx and its sidecar (bloodcell.models.seal)
