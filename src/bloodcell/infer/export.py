@@ -37,7 +37,7 @@ from bloodcell.models.description import (
     update_description,
     write_description,
 )
-from bloodcell.models.onnx_runtime import onnx_session
+from bloodcell.models import onnx_runtime  # called as onnx_runtime.onnx_session: tests wrap it there
 from bloodcell.models.seal import member
 
 PARITY_TOLERANCE = 1e-4
@@ -107,7 +107,7 @@ def export_onnx(
     with atomic_path(out) as final, tempfile.TemporaryDirectory(prefix="bloodcell-export-") as work:
         tmp = Path(work) / "fp32.onnx" if quantize else final  # int8: the checked fp32 graph is quantized into `final`
         exporter, fallback_reason = _export(net, dummy, tmp, opset, outputs)
-        session = onnx_session(tmp)
+        session = onnx_runtime.onnx_session(tmp)
         diff = _parity(net, session, x, outputs, model)
         if not np.isfinite(diff) or diff > tolerance:
             raise ModelError(

@@ -128,7 +128,7 @@ class FieldReader:
         fill = self.background(arr)
         crops = np.stack([self.predictor.prepare(self.crop(image, b, side, fill)) for b in wbc.boxes])
         logits, ood = self.predictor.outputs(crops)
-        from bloodcell.evaluate.calibration import apply_temperature
+        from bloodcell.evaluate.calibration import apply_temperature  # start-up time: it imports scipy.optimize
 
         probs = apply_temperature(logits, self.predictor.temperature)
         labels = [f"{name}#wbc{i + 1}" for i in range(len(wbc))]
