@@ -27,10 +27,9 @@ from bloodcell.models.description import (  # the torch-free half of a checkpoin
     ModelDescription,
     locate,
     read_description,
-    read_metadata,  # noqa: F401 - re-exported: its old home
     write_description,
 )
-from bloodcell.models.metadata import bundled_model_dir
+from bloodcell.models.metadata import bundled_model_dir, read_metadata  # noqa: F401 - read_metadata: its old home
 from bloodcell.models import registry  # called as registry.create_model: tests replace it there
 from bloodcell.models.seal import verify
 

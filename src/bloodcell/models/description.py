@@ -472,26 +472,3 @@ def _description_file(path: str | os.PathLike) -> Path:
     """A .json path as it is; a model folder's model.json (the folder may not exist yet)."""
     path = Path(path)
     return path if path.suffix == ".json" else path / METADATA_FILE
-
-
-# ---------------------------------------------------------------------------------------------- dict faces
-
-
-def read_metadata(path: str | os.PathLike) -> dict:
-    """The model.json of a checkpoint (folder or .safetensors path), checked, as a dict."""
-    return read_description(path).to_dict()
-
-
-def write_model_json(folder: str | os.PathLike, meta: dict) -> Path:
-    """Write folder/model.json as given, unchecked, and re-seal the folder: what `bloodcell model seal` does to a file
-    edited by hand (tests make damaged models so). Code writes through write_description, which checks first; every
-    read checks."""
-    return write_sealed_json(Path(folder) / METADATA_FILE, meta)
-
-
-def preprocessing(meta: dict | ModelDescription) -> dict:
-    """How a model wants its images, as a dict (ModelDescription.preprocessing)."""
-    description = meta if isinstance(meta, ModelDescription) else parse_description(meta)
-    pre = description.preprocessing
-    return {"input_size": pre.input_size, "interpolation": pre.interpolation, "white_balance": pre.white_balance,
-            "mean": list(pre.mean), "std": list(pre.std)}
