@@ -84,21 +84,24 @@ def zoo_run(name: str, directory: Path, size: int, bn_stats: bool = False) -> tu
     with torch.no_grad():
         model.head[-1].weight.mul_(25)  # the logits Linear of every BloodcellModel: logits spread as a trained model's
     save_checkpoint(model, directory, {"class_names": CLASSES, "temperature": 1.0, "review_threshold": 0.6})
-    p = Predictor.load(directory)  # OOD features fitted on the first 80 sample images, as tests/conftest.py's with_ood does
+    p = Predictor.load(
+        directory
+    )  # OOD features fitted on the first 80 sample images, as tests/conftest.py's with_ood does
     x = p.normalise(np.stack([p.decode(f) for f in files]))
     with torch.no_grad():
         feats = ood_features(p.model, torch.from_numpy(x))[1].numpy()
-    means, precision = fit_mahalanobis(feats[:80], np.asarray([CLASSES.index(f.parent.name) for f in files[:80]]), len(CLASSES))
+    means, precision = fit_mahalanobis(
+        feats[:80], np.asarray([CLASSES.index(f.parent.name) for f in files[:80]]), len(CLASSES)
+    )
     save_ood(directory, means, precision)
     from bloodcell.evaluate.ood import mahalanobis_score
 
     # the threshold flags 2 of the 200 sample images, as tests/test_quantize.py's does (a real one flags about 1 %)
     scores = np.sort(mahalanobis_score(feats, means, precision))
-    meta = json.loads((directory / "model.json").read_text())
-    meta["ood"] = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(scores[-3] + scores[-2]) / 2}
-    from bloodcell.models.metadata import write_model_json
+    from bloodcell.models.description import update_description
 
-    write_model_json(directory, meta)  # and re-seal the folder
+    ood = {"method": "mahalanobis", "file": "ood.safetensors", "threshold": float(scores[-3] + scores[-2]) / 2}
+    update_description(directory, ood=ood)  # and re-seal the folder
     return directory, s
 
 
@@ -124,13 +127,23 @@ def main() -> int:
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="*", default=list_models() + ["bundled"])
-    parser.add_argument("--size", type=int, default=32, help="input size of the zoo models (raised to each one's minimum)")
-    parser.add_argument("--init", choices=("default", "bn-stats"), default="default",
-                        help="bn-stats: batch-norm statistics of sample images instead of the initial mean 0, variance 1")
+    parser.add_argument(
+        "--size", type=int, default=32, help="input size of the zoo models (raised to each one's minimum)"
+    )
+    parser.add_argument(
+        "--init",
+        choices=("default", "bn-stats"),
+        default="default",
+        help="bn-stats: batch-norm statistics of sample images instead of the initial mean 0, variance 1",
+    )
     parser.add_argument("--exporter", choices=("auto", "torchscript"), default="auto")
     parser.add_argument("--opset", type=int, default=None, help="default: export_onnx's default")
-    parser.add_argument("--tolerance", type=float, default=1e-2,
-                        help="parity tolerance given to export_onnx (each row still says whether it is within PARITY_TOLERANCE)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-2,
+        help="parity tolerance given to export_onnx (each row still says whether it is within PARITY_TOLERANCE)",
+    )
     parser.add_argument("--int8", action="store_true", help="also export int8 and give its agreement with fp32")
     parser.add_argument("--json", type=Path, help="write the rows here too")
     args = parser.parse_args()
@@ -138,6 +151,7 @@ def main() -> int:
     import bloodcell
     from bloodcell.infer import Predictor
     from bloodcell.infer import export as ex
+    from bloodcell.models.description import read_onnx_description
 
     timed = {}
     real_export = ex._export
@@ -174,30 +188,49 @@ def main() -> int:
                 report = ex.export_onnx(run, work / "m.onnx", **kwargs)
             except Exception as exc:  # noqa: BLE001 - a benchmark reports every failure and goes on
                 if "exporter" in timed:  # written, then refused by the parity check
-                    row.update(exporter=timed["exporter"], fallback_reason=timed["reason"], export_s=round(timed["export_s"], 1))
+                    row.update(
+                        exporter=timed["exporter"],
+                        fallback_reason=timed["reason"],
+                        export_s=round(timed["export_s"], 1),
+                    )
                 row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 continue
-            side = json.loads(report.sidecar.read_text())["onnx"]
-            row.update(exporter=report.exporter, fallback_reason=side.get("fallback_reason"), opset=side["opset"],
-                       outputs=side["outputs"], export_s=round(timed["export_s"], 1),
-                       export_onnx_s=round(time.perf_counter() - t, 1), parity=report.max_abs_diff,
-                       parity_ok=report.max_abs_diff <= ex.PARITY_TOLERANCE,
-                       batch5_vs_1=batch_consistency(report.path, predictor), mb=round(report.path.stat().st_size / 1e6, 2))
+            side = read_onnx_description(report.path).to_dict()["onnx"]
+            row.update(
+                exporter=report.exporter,
+                fallback_reason=side.get("fallback_reason"),
+                opset=side["opset"],
+                outputs=side["outputs"],
+                export_s=round(timed["export_s"], 1),
+                export_onnx_s=round(time.perf_counter() - t, 1),
+                parity=report.max_abs_diff,
+                parity_ok=report.max_abs_diff <= ex.PARITY_TOLERANCE,
+                batch5_vs_1=batch_consistency(report.path, predictor),
+                mb=round(report.path.stat().st_size / 1e6, 2),
+            )
             if args.int8:
                 t = time.perf_counter()
                 try:
-                    q = ex.export_onnx(run, work / "q.onnx", quantize="int8", calibration_images=64, calibration_dir=SAMPLE, **kwargs)
+                    q = ex.export_onnx(
+                        run, work / "q.onnx", quantize="int8", calibration_images=64, calibration_dir=SAMPLE, **kwargs
+                    )
                     c = q.quantization["check"]
-                    row.update(int8_exporter=q.exporter, int8_top1=c["top1_agreement"], int8_ood=c.get("ood_flag_agreement"),
-                               int8_s=round(time.perf_counter() - t, 1))
+                    row.update(
+                        int8_exporter=q.exporter,
+                        int8_top1=c["top1_agreement"],
+                        int8_ood=c.get("ood_flag_agreement"),
+                        int8_s=round(time.perf_counter() - t, 1),
+                    )
                 except Exception as exc:  # noqa: BLE001
                     row.update(int8_error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             print(json.dumps(row), flush=True)
             rows.append(row)
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine(), "exporter": args.exporter, "init": args.init, "rows": rows}, indent=1))
+        args.json.write_text(
+            json.dumps({"machine": machine(), "exporter": args.exporter, "init": args.init, "rows": rows}, indent=1)
+        )
     return 1 if any("error" in r or "int8_error" in r or not r.get("parity_ok") for r in rows) else 0
 
 

@@ -361,6 +361,7 @@ def run_model(predictor, args, detector, say) -> dict:
     meta = predictor.metadata
     progress = not args.no_progress
     labs: dict = {}
+
     def skip(key: str, reason: str) -> None:
         labs[key] = {"skipped": reason}
         say(f"{LAB_TITLES[key]}: {reason}: skipped")

@@ -139,7 +139,16 @@ def emulate_avx2(paths: list[Path], x: np.ndarray, work: Path) -> dict | None:
         return None
     np.save(work / "x.npy", x)
     (work / "emulated.py").write_text(EMULATED)
-    cmd = [qemu, "-cpu", "Haswell", sys.executable, str(work / "emulated.py"), str(work / "x.npy"), str(work / "out.npz"), *map(str, paths)]
+    cmd = [
+        qemu,
+        "-cpu",
+        "Haswell",
+        sys.executable,
+        str(work / "emulated.py"),
+        str(work / "x.npy"),
+        str(work / "out.npz"),
+        *map(str, paths),
+    ]
     subprocess.run(cmd, check=True, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     got = np.load(work / "out.npz")
     return {k: got[k] for k in got.files}
@@ -166,44 +175,59 @@ def main() -> None:
     from bloodcell.infer import Predictor
     from bloodcell.infer import quantize as q
     from bloodcell.infer.export import export_onnx
+    from bloodcell.models.description import read_description
     from bloodcell.models.metadata import bundled_model_dir
 
     model = bundled_model_dir()
-    meta = json.loads((model / "model.json").read_text())
+    meta = read_description(model)
     n_calib = args.calibration_images or q.DEFAULT_CALIBRATION_IMAGES
-    print(f"machine: {cpu_line()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}; "
-          f"onnxruntime intra-op threads {args.threads}; load average at start {os.getloadavg()[0]:.1f}")
+    print(
+        f"machine: {cpu_line()}, {os.cpu_count()} logical cores, {platform.system()} {platform.machine()}; "
+        f"onnxruntime intra-op threads {args.threads}; load average at start {os.getloadavg()[0]:.1f}"
+    )
     print(f"date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     print(f"versions: python {platform.python_version()}, onnxruntime {ort.__version__}, bloodcell {__version__}")
     print("ISA: onnxruntime selects its kernels from CPUID and has no setting to limit them (no AVX2-only timing here)")
 
-    cfg = parse_config(meta["training_config"])
-    files, names = split_files(cfg, args.data, "test", fingerprint=meta["data_fingerprint"])
-    if len(files) != meta["bundled"]["test_n"]:
-        raise SystemExit(f"the test part of {args.data} has {len(files)} images, the bundled model's {meta['bundled']['test_n']}")
-    y = np.asarray([meta["class_names"].index(c) for c in names])
+    cfg = parse_config(meta.training_config)
+    files, names = split_files(cfg, args.data, "test", fingerprint=meta.data_fingerprint)
+    if len(files) != meta.bundled["test_n"]:
+        raise SystemExit(
+            f"the test part of {args.data} has {len(files)} images, the bundled model's {meta.bundled['test_n']}"
+        )
+    y = np.asarray([meta.names.index(c) for c in names])
 
     result: dict = {"machine": cpu_line(), "threads": args.threads, "onnxruntime": ort.__version__}
     with tempfile.TemporaryDirectory(prefix="bloodcell-quantize-") as tmp:
         work = Path(tmp)
         fp32 = export_onnx(model, work / "fp32.onnx").path
         t0 = time.perf_counter()
-        shipped = export_onnx(model, work / "int8.onnx", quantize="int8", calibration_images=n_calib, data_root=args.data)
+        shipped = export_onnx(
+            model, work / "int8.onnx", quantize="int8", calibration_images=n_calib, data_root=args.data
+        )
         export_s = time.perf_counter() - t0
         qz = shipped.quantization
-        print(f"model: bundled {meta['model_name']} at {meta['input_size']} px; data {args.data.resolve()}, split seed "
-              f"{cfg.split_seed}, test part {len(files):,} images; calibration: {qz['calibration']}")
-        print(f"export --quantize int8: {export_s:.1f} s including the fp32 export; guard on {qz['check']['on']}: top-1 "
-              f"{100 * qz['check']['top1_agreement']:.1f} %, OOD flags {100 * qz['check']['ood_flag_agreement']:.1f} %")
+        print(
+            f"model: bundled {meta.model_name} at {meta.preprocessing.input_size} px; "
+            f"data {args.data.resolve()}, split seed "
+            f"{cfg.split_seed}, test part {len(files):,} images; calibration: {qz['calibration']}"
+        )
+        print(
+            f"export --quantize int8: {export_s:.1f} s including the fp32 export; guard on {qz['check']['on']}: top-1 "
+            f"{100 * qz['check']['top1_agreement']:.1f} %, OOD flags {100 * qz['check']['ood_flag_agreement']:.1f} %"
+        )
         ref = Predictor.load(fp32)
         ref.session = session(fp32, args.threads)
         images, bad = q.decode_all(ref, files)
         assert bad == 0 and len(images) == len(files)
         ref_out = outputs(ref, images)
         acc0 = float((ref_out[0].argmax(1) == y).mean())
-        print(f"fp32 ONNX: accuracy {100 * acc0:.2f} % on the test part ({meta['bundled']['test_accuracy'] * 100:.2f} % recorded), "
-              f"{fp32.stat().st_size / 1e3:,.0f} kB")
+        recorded = meta.bundled["test_accuracy"]
+        print(
+            f"fp32 ONNX: accuracy {100 * acc0:.2f} % on the test part ({recorded * 100:.2f} % recorded), "
+            f"{fp32.stat().st_size / 1e3:,.0f} kB"
+        )
         print()
 
         # ---- accuracy and quick speed of every setting
@@ -216,10 +240,14 @@ def main() -> None:
                 path = work / f"grid{k}.onnx"
                 q.quantize_file(ref, fp32, path, cal_images, q.QuantSettings(**over), keep_fp32=[] if ood_too else None)
                 variants.append((label, path))
-        print("| int8 setting | size kB | accuracy % | change, points | fixed / broken | top-1 agreement % | review-flag agreement % | OOD flags % (agreement %) | speed-up b1 | speed-up b32 |")
+        print(
+            "| int8 setting | size kB | accuracy % | change, points | fixed / broken | top-1 agreement % | review-flag agreement % | OOD flags % (agreement %) | speed-up b1 | speed-up b32 |"
+        )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-        print(f"| fp32 ONNX (reference) | {fp32.stat().st_size / 1e3:,.0f} | {100 * acc0:.2f} | - | - | - | - | "
-              f"{100 * (ref_out[1] > ref.ood_threshold).mean():.2f} | 1 | 1 |")
+        print(
+            f"| fp32 ONNX (reference) | {fp32.stat().st_size / 1e3:,.0f} | {100 * acc0:.2f} | - | - | - | - | "
+            f"{100 * (ref_out[1] > ref.ood_threshold).mean():.2f} | 1 | 1 |"
+        )
         rows = []
         batches = {bs: images[:bs] for bs in (1, 32)}
         for label, path in variants:
@@ -229,16 +257,21 @@ def main() -> None:
             f["speedup"] = {bs: interleaved(ref, p, b, 3, args.iters)[2] for bs, b in batches.items()}
             f.update(label=label, kB=path.stat().st_size / 1e3)
             rows.append(f)
-            print(f"| {label} | {f['kB']:,.0f} | {100 * f['accuracy']:.2f} | {f['delta_points']:+.2f} | {f['fixed']} / {f['broken']} | "
-                  f"{100 * f['top1_agreement']:.2f} | {100 * f['review_agreement']:.2f} | {100 * f['ood_rate']:.2f} ({100 * f['ood_agreement']:.2f}) | "
-                  f"{f['speedup'][1]:.2f}x | {f['speedup'][32]:.2f}x |", flush=True)
+            print(
+                f"| {label} | {f['kB']:,.0f} | {100 * f['accuracy']:.2f} | {f['delta_points']:+.2f} | {f['fixed']} / {f['broken']} | "
+                f"{100 * f['top1_agreement']:.2f} | {100 * f['review_agreement']:.2f} | {100 * f['ood_rate']:.2f} ({100 * f['ood_agreement']:.2f}) | "
+                f"{f['speedup'][1]:.2f}x | {f['speedup'][32]:.2f}x |",
+                flush=True,
+            )
         result["variants"] = rows
 
         # ---- the shipped int8 against fp32, timed carefully
         int8 = Predictor.load(work / "int8.onnx")
         int8.session = session(work / "int8.onnx", args.threads)
         print()
-        print(f"Speed, shipped int8 vs fp32 ONNX Runtime ({args.rounds} interleaved rounds of {args.iters} runs, medians):")
+        print(
+            f"Speed, shipped int8 vs fp32 ONNX Runtime ({args.rounds} interleaved rounds of {args.iters} runs, medians):"
+        )
         print()
         print("| batch | fp32 ms | int8 ms | fp32 img/s | int8 img/s | int8 speed-up |")
         print("|---:|---:|---:|---:|---:|---:|")
@@ -246,18 +279,22 @@ def main() -> None:
         for bs, b in batches.items():
             a, c, ratio = interleaved(ref, int8, b, args.rounds, args.iters)
             result["speed"][bs] = {"fp32_ms": a, "int8_ms": c, "speedup": ratio}
-            print(f"| {bs} | {a:.2f} | {c:.2f} | {1000 * bs / a:,.0f} | {1000 * bs / c:,.0f} | {ratio:.2f}x |", flush=True)
+            print(
+                f"| {bs} | {a:.2f} | {c:.2f} | {1000 * bs / a:,.0f} | {1000 * bs / c:,.0f} | {ratio:.2f}x |", flush=True
+            )
         if SAMPLE.is_dir():
             jpegs = sorted(SAMPLE.rglob("*.jpg"))
             rates: dict[str, list[float]] = {"fp32": [], "int8": []}
             for r in range(3):
-                for name, p in ((("fp32", ref), ("int8", int8)) if r % 2 == 0 else (("int8", int8), ("fp32", ref))):
+                for name, p in (("fp32", ref), ("int8", int8)) if r % 2 == 0 else (("int8", int8), ("fp32", ref)):
                     t0 = time.perf_counter()
                     p.predict_paths(jpegs, batch_size=32, progress=False)
                     rates[name].append(len(jpegs) / (time.perf_counter() - t0))
             a, c = statistics.median(rates["fp32"]), statistics.median(rates["int8"])
             result["speed"]["predict_paths"] = {"fp32_img_s": a, "int8_img_s": c}
-            print(f"| predict_paths, {len(jpegs)} sample JPEGs (decode + resize + forward, {ref.workers} decode threads) | - | - | {a:,.0f} | {c:,.0f} | {c / a:.2f}x |")
+            print(
+                f"| predict_paths, {len(jpegs)} sample JPEGs (decode + resize + forward, {ref.workers} decode threads) | - | - | {a:,.0f} | {c:,.0f} | {c / a:.2f}x |"
+            )
 
         # ---- what the AVX2 kernels compute
         if args.avx2_images:
@@ -272,9 +309,13 @@ def main() -> None:
                 print("AVX2 emulation: qemu-x86_64 not found; skipped")
             else:
                 n = len(x)
-                print(f"Under QEMU's Haswell CPU (AVX2, no AVX-512, no VNNI), {n} test images (seeded random subset), 1 thread:")
+                print(
+                    f"Under QEMU's Haswell CPU (AVX2, no AVX-512, no VNNI), {n} test images (seeded random subset), 1 thread:"
+                )
                 print()
-                print("| int8 setting | max abs logit diff vs same file on this CPU | top-1 agreement with fp32 % | accuracy % (this CPU) | accuracy % (AVX2) |")
+                print(
+                    "| int8 setting | max abs logit diff vs same file on this CPU | top-1 agreement with fp32 % | accuracy % (this CPU) | accuracy % (AVX2) |"
+                )
                 print("|---|---:|---:|---:|---:|")
                 result["avx2"] = []
                 for k, (label, path) in enumerate(nodes):
@@ -282,11 +323,18 @@ def main() -> None:
                     p.session = session(path, args.threads)
                     here = outputs(p, images[pick])[0]
                     there = emulated[f"logits{k}"]
-                    row = {"label": label, "images": n, "max_abs_diff": float(np.abs(there - here).max()),
-                           "top1_agreement": float((there.argmax(1) == ref_out[0][pick].argmax(1)).mean()),
-                           "accuracy_here": float((here.argmax(1) == y[pick]).mean()), "accuracy_avx2": float((there.argmax(1) == y[pick]).mean())}
+                    row = {
+                        "label": label,
+                        "images": n,
+                        "max_abs_diff": float(np.abs(there - here).max()),
+                        "top1_agreement": float((there.argmax(1) == ref_out[0][pick].argmax(1)).mean()),
+                        "accuracy_here": float((here.argmax(1) == y[pick]).mean()),
+                        "accuracy_avx2": float((there.argmax(1) == y[pick]).mean()),
+                    }
                     result["avx2"].append(row)
-                    print(f"| {label} | {row['max_abs_diff']:.3g} | {100 * row['top1_agreement']:.2f} | {100 * row['accuracy_here']:.2f} | {100 * row['accuracy_avx2']:.2f} |")
+                    print(
+                        f"| {label} | {row['max_abs_diff']:.3g} | {100 * row['top1_agreement']:.2f} | {100 * row['accuracy_here']:.2f} | {100 * row['accuracy_avx2']:.2f} |"
+                    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))
 

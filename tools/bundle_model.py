@@ -28,7 +28,7 @@ from bloodcell import io
 from bloodcell.infer.card import BUNDLED_SOURCE, model_card
 from bloodcell.infer.export import export_bundled
 from bloodcell.models.checkpoint import load_checkpoint
-from bloodcell.models.metadata import write_model_json
+from bloodcell.models.description import read_description, write_description
 
 
 def protocol_rows(study: Path) -> list[dict]:
@@ -41,8 +41,12 @@ def protocol_rows(study: Path) -> list[dict]:
     by: dict = {}
     for r in expand_runs(spec, base):
         by.setdefault((r.experiment.name, r.protocol), []).append((r, _metrics(study, r)))
-    return [{"lab": lab, "recipe": row[0], "seeds": row[1], "accuracy": row[3], "kept": row[5], "kept_right": row[6]}
-            for (lab, seen), rows in sorted(lab_rows(spec, by).items()) if not seen for row in rows]
+    return [
+        {"lab": lab, "recipe": row[0], "seeds": row[1], "accuracy": row[3], "kept": row[5], "kept_right": row[6]}
+        for (lab, seen), rows in sorted(lab_rows(spec, by).items())
+        if not seen
+        for row in rows
+    ]
 
 
 def main() -> None:
@@ -56,13 +60,17 @@ def main() -> None:
         sys.exit(f"error: {run} is not a finished run (status {status.get('state')})")
     load_checkpoint(run)  # refuses a broken or mismatched pair before it ships
     metrics = json.loads((run / "metrics.json").read_text())
-    meta = json.loads((run / "model.json").read_text())
+    description = read_description(run)
     test = metrics["test"]
-    labs = [lab["name"] for lab in (meta.get("training_config") or {}).get("data", {}).get("labs") or []]
-    meta["bundled"] = {
+    labs = [lab["name"] for lab in ((description.training_config or {}).get("data") or {}).get("labs") or []]
+    bundled = {
         "trained_on": "PBC (Acevedo et al. 2020), training part of the default split"
-                      + (f"; and the train and validation parts of {', '.join(labs)}'s own split (white cells cut from its "
-                         "smear photographs by the field path's crop rule)" if labs else ""),
+        + (
+            f"; and the train and validation parts of {', '.join(labs)}'s own split (white cells cut from its "
+            "smear photographs by the field path's crop rule)"
+            if labs
+            else ""
+        ),
         "split": {"seed": metrics["provenance"]["split_seed"], "test_size": 0.3, "val_size": 0.2, "dedup": True},
         "data_fingerprint": metrics["provenance"]["data_fingerprint"],
         "test_accuracy": test["accuracy"],
@@ -77,28 +85,30 @@ def main() -> None:
         "retrain": "make default-model PBC=/path/to/PBC_dataset_normal_DIB",
     }
     if study is not None:
-        meta["bundled"]["lab_protocol"] = protocol_rows(study)
-    previous = dest / "model.json"
-    if previous.exists():
-        meta["bundled"]["known_limits"] = json.loads(previous.read_text()).get("bundled", {}).get("known_limits", [])
+        bundled["lab_protocol"] = protocol_rows(study)
+    if (dest / "model.json").exists():
+        bundled["known_limits"] = (read_description(dest).bundled or {}).get("known_limits", [])
+    description = description.replace(bundled=bundled)
     dest.mkdir(parents=True, exist_ok=True)
     for name in ("model.safetensors", "ood.safetensors"):
-        if name == "ood.safetensors" and not meta.get("ood"):
+        if name == "ood.safetensors" and description.ood is None:
             (dest / name).unlink(missing_ok=True)  # a model without an OOD score must not inherit the old one's
             continue
         with io.atomic_path(dest / name) as tmp:
             shutil.copyfile(run / name, tmp)
-    write_model_json(dest, meta)  # and seal dest (bloodcell.models.seal); export_bundled re-seals with model.onnx
+    write_description(dest, description)  # and seal dest (bloodcell.models.seal); export_bundled re-seals it
     finish(dest)
-    print(f"bundled {meta['model_name']} ({(dest / 'model.safetensors').stat().st_size / 1e6:.1f} MB), test accuracy {test['accuracy']:.4f}, into {dest}")
+    size = (dest / "model.safetensors").stat().st_size / 1e6
+    print(f"bundled {description.model_name} ({size:.1f} MB), test accuracy {test['accuracy']:.4f}, into {dest}")
 
 
 def finish(dest: Path) -> None:
     """model.onnx beside the weights (recorded in model.json), then the card from the final model.json."""
     report = export_bundled(dest)
-    print(f"exported {report.path} ({report.exporter}); largest logit difference vs PyTorch {report.max_abs_diff:.2g} on {report.images} {report.image_source}")
-    meta = json.loads((dest / "model.json").read_text())
-    io.write_text(dest / "MODEL_CARD.md", model_card(meta, source=BUNDLED_SOURCE))
+    print(
+        f"exported {report.path} ({report.exporter}); largest logit difference vs PyTorch {report.max_abs_diff:.2g} on {report.images} {report.image_source}"
+    )
+    io.write_text(dest / "MODEL_CARD.md", model_card(read_description(dest), source=BUNDLED_SOURCE))
 
 
 if __name__ == "__main__":

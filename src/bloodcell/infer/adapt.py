@@ -24,17 +24,25 @@ from typing import Any
 
 import numpy as np
 
-from bloodcell import io
+from bloodcell import __version__, io
 from bloodcell.data.images import UnreadableImage
 from bloodcell.errors import DataError, ModelError
+from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled
+from bloodcell.evaluate.outputs import predict_outputs
+from bloodcell.infer.export import export_bundled
 from bloodcell.infer.predictor import BUNDLED_ONNX, Predictor, collect_images
-from bloodcell.models.adapt import MIN_ADAPT_IMAGES, minimise_entropy, norm_layers, recompute_norm_statistics  # needs torch
-from bloodcell.models.ood import OOD_FILE, save_ood
-from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE, _locate, bundled_model_dir, read_metadata, write_model_json
+from bloodcell.models.adapt import MIN_ADAPT_IMAGES, minimise_entropy, norm_layers, recompute_norm_statistics  # torch
+from bloodcell.models.checkpoint import save_checkpoint
+from bloodcell.models.description import METADATA_FILE, WEIGHTS_FILE, locate, update_description
+from bloodcell.models.metadata import bundled_model_dir
+from bloodcell.models.ood import OOD_FILE, MahalanobisScore, ScoredModel, save_ood
 from bloodcell.models.seal import SEAL_FILE, sealed_names
+from bloodcell.progress import progress_bar
 
 METHOD = "batchnorm statistics re-estimated (AdaBN)"
-METHOD_TENT = "batchnorm statistics re-estimated (AdaBN), then entropy minimisation of the norm layers' scale and shift (Tent)"
+METHOD_TENT = (
+    "batchnorm statistics re-estimated (AdaBN), then entropy minimisation of the norm layers' scale and shift (Tent)"
+)
 # Statistics settle long before this many cells; a larger folder is subsampled (seeded) so memory stays bounded
 # (5,000 images at 224 px are 750 MB).
 MAX_ADAPT_IMAGES = 5000
@@ -53,6 +61,7 @@ LAB_GAP_SD = 7.0
 MIN_LAB_SHARE = 0.10  # the smaller group holds at least this share of the images (a few odd images are not a lab)
 MIN_LAB_GAP = 10.0  # grey levels (0-255): closer backgrounds are one lab whatever their spread
 
+
 def _dir_mode() -> int:
     umask = os.umask(0)
     os.umask(umask)
@@ -61,8 +70,10 @@ def _dir_mode() -> int:
 
 _DIR_MODE = _dir_mode()  # mkdtemp makes 0700 folders; the model folder gets the mode mkdir would give it
 
-ONE_KIND_WARNING = ("{what}: statistics re-estimated from one kind of cell shift every class; "
-                    "adapt on a folder of mixed cells as a smear gives them")
+ONE_KIND_WARNING = (
+    "{what}: statistics re-estimated from one kind of cell shift every class; "
+    "adapt on a folder of mixed cells as a smear gives them"
+)
 
 
 def adapt_model(
@@ -79,74 +90,41 @@ def adapt_model(
 ) -> dict:
     """Re-estimate `model`'s BatchNorm statistics on the images under `folder`; write the adapted model to `out_dir`.
 
-    model: None or "default" (the bundled model), a run / model folder or its model.safetensors.
-    force: write into an `out_dir` that holds files (its model files are replaced; a model.onnx or MODEL_CARD.md
-    there, which would describe other weights, is removed). onnx: also write model.onnx (bloodcell.infer.export,
-    checked against PyTorch) and describe it in model.json, for installs without PyTorch. tent: after AdaBN, also
-    train the norm layers' scale and shift to make the predictions on the folder confident (models.adapt.minimise_entropy;
-    docs/labs.md has what it adds in the leave-one-lab-out study).
+    Args:
+        folder: the new lab's unlabelled cells (searched recursively).
+        out_dir: where the adapted model folder goes (not the source's, not inside the package).
+        model: None or "default" (the bundled model), a run / model folder or its model.safetensors.
+        device: cpu, cuda, cuda:N or auto.
+        progress: show progress bars.
+        force: write into an `out_dir` that holds files (its model files are replaced; a model.onnx or MODEL_CARD.md
+            there, which would describe other weights, is removed).
+        onnx: also write model.onnx (bloodcell.infer.export, checked against PyTorch) and describe it in model.json,
+            for installs without PyTorch.
+        batch_size: images per forward pass.
+        max_images: a larger folder is subsampled (seeded) to this many images.
+        tent: after AdaBN, also train the norm layers' scale and shift to make the predictions on the folder
+            confident (models.adapt.minimise_entropy; docs/labs.md has what it adds in the leave-one-lab-out study).
 
-    Returns {"out", "images", "images_found", "unreadable" (list of {path, reason}), "norm_layers",
-    "ood_before", "ood_after" (shares flagged OOD; None without an OOD score), "predicted_after" (class -> images),
-    "warnings" (one line each), "adaptation" (the section written into model.json)}.
+    Returns:
+        {"out", "images", "images_found", "unreadable" (list of {path, reason}), "norm_layers", "ood_before",
+        "ood_after" (shares flagged OOD; None without an OOD score), "predicted_after" (class -> images),
+        "warnings" (one line each), "adaptation" (the section written into model.json)}.
     """
-    from bloodcell import __version__
-    from bloodcell.models.checkpoint import save_checkpoint
-
     folder, out_dir = Path(folder), Path(out_dir)
     source = _source_folder(model)
     _check_out_dir(out_dir, source, force)
     if not folder.is_dir():
         raise DataError(f"image folder not found: {folder}" if not folder.exists() else f"{folder} is not a folder")
-    predictor = Predictor.load(source, device=device)
-    net = predictor.model
-    if not norm_layers(net):
-        kwargs = predictor.metadata.get("model_kwargs") or {}
-        raise ModelError(f"{_label(model)}: a '{predictor.model_name}'{f' with {kwargs}' if kwargs else ''} has no BatchNorm "
-                         "layers (GroupNorm / LayerNorm normalise each image by itself): nothing to adapt")
+    predictor = _adaptable(source, model, device)
+    found, images, unreadable = _read_folder(predictor, folder, max_images, progress)
 
-    found = collect_images(folder)
-    files = found
-    if len(found) > max_images:
-        keep = np.sort(np.random.default_rng(0).choice(len(found), max_images, replace=False))
-        files = [found[i] for i in keep]
-    images, unreadable = _decode_all(predictor, files, progress)
-    if len(images) < MIN_ADAPT_IMAGES:
-        raise DataError(f"{folder}: {len(images)} readable images ({len(unreadable)} unreadable); adaptation needs at least "
-                        f"{MIN_ADAPT_IMAGES} of the new lab's cells, fewer give statistics noisier than the training lab's")
-
-    warnings: list[str] = []
-    lab_split = mixed_labs(background_colours(images))
-    if lab_split:
-        warnings.append(f"{folder} looks like more than one lab or stain: its backgrounds form two groups "
-                        f"({lab_split[0]} and {lab_split[1]} images, colours {lab_split[2]} and {lab_split[3]}); "
-                        "adapt on each lab's cells separately")
+    warnings = _mixed_labs_warning(folder, images)
     labels_before, ood_before = _score(predictor, images, batch_size, progress, "scoring (source model)")
-    layers = recompute_norm_statistics(net, images, batch_size=batch_size, device=predictor.device)
-    if tent:
-        minimise_entropy(net, images, batch_size=batch_size, device=predictor.device)
-    # The adapted model reads this lab's cells, every one of which differs from the training lab's stain and camera:
-    # its OOD check is refitted to flag what looks unlike *them* (the lab's own cells, named by the model's
-    # predictions, no labels), or it would leave every cell of the lab out of the count.
-    ood_stats = _refit_ood(predictor, images, batch_size) if predictor.has_ood else None
-    if ood_stats is not None:
-        predictor.scored_model = _scored(net, ood_stats).to(predictor.device).eval()
-        predictor.ood_threshold = ood_stats[2]
+    layers, ood_stats = _adapt(predictor, images, batch_size, tent)
     labels_after, ood_after = _score(predictor, images, batch_size, progress, "scoring (adapted model)")
-
-    one_kind = one_kind_of_cell(labels_before, ood_before, labels_after, len(predictor.class_names))
-    if one_kind:
-        warnings.append(ONE_KIND_WARNING.format(what=f"{folder}: {one_kind}"))
-    if ood_before is not None and ood_before.mean() < ALREADY_LIKE_TRAINING:
-        changed = float((labels_before != labels_after)[~ood_before].mean())
-        warnings.append(f"{folder}: {100 * (1 - ood_before.mean()):.0f} % of its images already look like the training "
-                        f"cells of {_label(model)}: adapting is not needed, and it changed the class of {100 * changed:.0f} % of them")
+    warnings += _result_warnings(folder, model, predictor, labels_before, ood_before, labels_after)
 
     predicted = np.bincount(labels_after, minlength=len(predictor.class_names))
-    meta = dict(predictor.metadata)
-    meta.pop("onnx", None)  # described the source's model.onnx, which is not copied (rewritten below with --onnx)
-    meta.pop("quantization", None)
-    source_weights, _ = _locate(source)
     adaptation: dict[str, Any] = {
         "method": METHOD_TENT if tent else METHOD,
         "folder": str(folder.resolve()),
@@ -155,38 +133,18 @@ def adapt_model(
         "unreadable": int(len(unreadable)),
         "norm_layers": int(layers),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {"model": _name(model), "model_name": predictor.model_name, "weights_sha256": io.file_sha256(source_weights)},
+        "source": {
+            "model": _name(model),
+            "model_name": predictor.model_name,
+            "weights_sha256": io.file_sha256(locate(source)[0]),
+        },
         "ood_fraction_before": None if ood_before is None else round(float(ood_before.mean()), 4),
         "ood_fraction_after": None if ood_after is None else round(float(ood_after.mean()), 4),
         "predicted_after": {c: int(k) for c, k in zip(predictor.class_names, predicted)},
         "warnings": warnings,
         "bloodcell_version": __version__,
     }
-    meta["adaptation"] = adaptation
-
-    # the folder is built beside out_dir and moved in file by file, model.json last: an interrupted run leaves
-    # no folder, or one without model.json, never new weights under the old description
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.adapt-", dir=out_dir.parent))
-    try:
-        os.chmod(work, _DIR_MODE)
-        save_checkpoint(net, work, meta)
-        adaptation["weights_sha256"] = io.file_sha256(work / WEIGHTS_FILE)
-        written = dict(read_metadata(work), adaptation=adaptation)
-        write_model_json(work, written)  # and re-seal (bloodcell.models.seal)
-        if ood_stats is not None:
-            save_ood(work, ood_stats[0], ood_stats[1])
-            written["ood"] = {**(meta.get("ood") or {}), "file": OOD_FILE, "threshold": ood_stats[2],
-                              "fitted_on": f"{len(images)} unlabelled cells of {folder.name} after adaptation (classes as the "
-                                           "adapted model names them; statistics on one half, threshold on the other)"}
-            write_model_json(work, written)
-        if onnx:
-            from bloodcell.infer.export import export_bundled
-
-            export_bundled(work)  # model.onnx, checked, and model.json's `onnx` section with the new weights' hashes
-        _move_into(work, out_dir)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    _write_adapted(predictor, adaptation, ood_stats, out_dir, onnx, f"{len(images)} unlabelled cells of {folder.name}")
     return {
         "out": str(out_dir),
         "images": int(len(images)),
@@ -199,6 +157,116 @@ def adapt_model(
         "warnings": warnings,
         "adaptation": adaptation,
     }
+
+
+def _adapt(predictor: Predictor, images: np.ndarray, batch_size: int, tent: bool) -> tuple[int, tuple | None]:
+    """AdaBN (then Tent) on the lab's images, and the OOD score refitted: (norm layers, OOD statistics or None)."""
+    layers = recompute_norm_statistics(predictor.model, images, batch_size=batch_size, device=predictor.device)
+    if tent:
+        minimise_entropy(predictor.model, images, batch_size=batch_size, device=predictor.device)
+    # The adapted model reads this lab's cells, every one of which differs from the training lab's stain and camera:
+    # its OOD check is refitted to flag what looks unlike *them* (the lab's own cells, named by the model's
+    # predictions, no labels), or it would leave every cell of the lab out of the count.
+    ood_stats = _refit_ood(predictor, images, batch_size) if predictor.has_ood else None
+    if ood_stats is not None:
+        predictor.scored_model = _scored(predictor.model, ood_stats).to(predictor.device).eval()
+        predictor.ood_threshold = ood_stats[2]
+    return layers, ood_stats
+
+
+def _adaptable(source: Path, model: str | os.PathLike | None, device: str) -> Predictor:
+    """The source model, loaded on PyTorch; a one-line ModelError when it has no BatchNorm layer to adapt."""
+    predictor = Predictor.load(source, device=device)
+    if not norm_layers(predictor.model):
+        kwargs = predictor.description.model_kwargs or {}
+        raise ModelError(
+            f"{_label(model)}: a '{predictor.model_name}'{f' with {kwargs}' if kwargs else ''} has no BatchNorm "
+            "layers (GroupNorm / LayerNorm normalise each image by itself): nothing to adapt"
+        )
+    return predictor
+
+
+def _read_folder(predictor: Predictor, folder: Path, max_images: int, progress: bool) -> tuple[list, np.ndarray, list]:
+    """(the images found, the readable ones decoded (at most max_images, seeded), the unreadable with reasons)."""
+    found = collect_images(folder)
+    files = found
+    if len(found) > max_images:
+        keep = np.sort(np.random.default_rng(0).choice(len(found), max_images, replace=False))
+        files = [found[i] for i in keep]
+    images, unreadable = _decode_all(predictor, files, progress)
+    if len(images) < MIN_ADAPT_IMAGES:
+        raise DataError(
+            f"{folder}: {len(images)} readable images ({len(unreadable)} unreadable); adaptation needs at least "
+            f"{MIN_ADAPT_IMAGES} of the new lab's cells, fewer give statistics noisier than the training lab's"
+        )
+    return found, images, unreadable
+
+
+def _mixed_labs_warning(folder: Path, images: np.ndarray) -> list[str]:
+    lab_split = mixed_labs(background_colours(images))
+    if not lab_split:
+        return []
+    return [
+        f"{folder} looks like more than one lab or stain: its backgrounds form two groups "
+        f"({lab_split[0]} and {lab_split[1]} images, colours {lab_split[2]} and {lab_split[3]}); "
+        "adapt on each lab's cells separately"
+    ]
+
+
+def _result_warnings(
+    folder: Path,
+    model,
+    predictor: Predictor,
+    labels_before: np.ndarray,
+    ood_before: np.ndarray | None,
+    labels_after: np.ndarray,
+) -> list[str]:
+    """One kind of cell in the folder; a folder that already looked like the training cells."""
+    warnings = []
+    one_kind = one_kind_of_cell(labels_before, ood_before, labels_after, len(predictor.class_names))
+    if one_kind:
+        warnings.append(ONE_KIND_WARNING.format(what=f"{folder}: {one_kind}"))
+    if ood_before is not None and ood_before.mean() < ALREADY_LIKE_TRAINING:
+        changed = float((labels_before != labels_after)[~ood_before].mean())
+        warnings.append(
+            f"{folder}: {100 * (1 - ood_before.mean()):.0f} % of its images already look like the training "
+            f"cells of {_label(model)}: adapting is not needed, and it changed the class of {100 * changed:.0f} % of them"
+        )
+    return warnings
+
+
+def _write_adapted(
+    predictor: Predictor, adaptation: dict, ood_stats: tuple | None, out_dir: Path, onnx: bool, cells: str
+) -> None:
+    """The adapted model folder: weights, model.json (the source's, with `adaptation` and the refitted `ood`),
+    ood.safetensors and, with `onnx`, model.onnx.
+
+    The folder is built beside out_dir and moved in file by file, model.json last: an interrupted run leaves no
+    folder, or one without model.json, never new weights under the old description."""
+    # the source's onnx and quantization sections described its model.onnx, which is not copied
+    meta = predictor.description.replace(onnx=None, quantization=None, adaptation=adaptation).to_dict()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.adapt-", dir=out_dir.parent))
+    try:
+        os.chmod(work, _DIR_MODE)
+        save_checkpoint(predictor.model, work, meta)
+        adaptation["weights_sha256"] = io.file_sha256(work / WEIGHTS_FILE)
+        sections: dict[str, Any] = {"adaptation": adaptation}
+        if ood_stats is not None:
+            save_ood(work, ood_stats[0], ood_stats[1])
+            sections["ood"] = {
+                **(meta.get("ood") or {}),
+                "file": OOD_FILE,
+                "threshold": ood_stats[2],
+                "fitted_on": f"{cells} after adaptation (classes as the adapted model names them; "
+                "statistics on one half, threshold on the other)",
+            }
+        update_description(work, **sections)  # and re-seal (bloodcell.models.seal)
+        if onnx:
+            export_bundled(work)  # model.onnx, checked, and model.json's `onnx` section with the new weights' hashes
+        _move_into(work, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------- the checks
@@ -259,7 +327,9 @@ def mixed_labs(colours: np.ndarray) -> tuple[int, int, str, str] | None:
     return int(sizes[0]), int(sizes[1]), rgb(centres[0]), rgb(centres[1])
 
 
-def one_kind_of_cell(labels_before: np.ndarray, ood_before: np.ndarray | None, labels_after: np.ndarray, classes: int) -> str | None:
+def one_kind_of_cell(
+    labels_before: np.ndarray, ood_before: np.ndarray | None, labels_after: np.ndarray, classes: int
+) -> str | None:
     """Why the folder looks like one kind of cell, or None.
 
     Two signs, either enough. (1) The source model reads at least half the folder as cells like its training cells
@@ -298,7 +368,9 @@ def _source_folder(model: str | os.PathLike | None) -> Path:
         return bundled_model_dir()
     path = Path(model)
     if path.suffix.lower() == ".onnx":
-        raise ModelError(f"{path} is an ONNX export: adapting needs the PyTorch weights (the run directory with {WEIGHTS_FILE})")
+        raise ModelError(
+            f"{path} is an ONNX export: adapting needs the PyTorch weights (the run directory with {WEIGHTS_FILE})"
+        )
     if path.is_file() and path.suffix == ".safetensors":
         path = path.parent
     if not path.is_dir():
@@ -319,7 +391,9 @@ def _check_out_dir(out_dir: Path, source: Path, force: bool) -> None:
     if out_dir.exists() and not out_dir.is_dir():
         raise DataError(f"--out {out_dir} is a file, not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise DataError(f"--out {out_dir} exists and holds files: choose an empty or new folder, or add --force to replace its model")
+        raise DataError(
+            f"--out {out_dir} exists and holds files: choose an empty or new folder, or add --force to replace its model"
+        )
 
 
 def _has_bundled() -> bool:
@@ -337,7 +411,11 @@ def _move_into(work: Path, out_dir: Path) -> None:
         os.replace(work, out_dir)
         return
     (out_dir / METADATA_FILE).unlink(missing_ok=True)  # until the new one lands, the folder is no model at all
-    for stale in (BUNDLED_ONNX, "MODEL_CARD.md", *sealed_names(out_dir)):  # would describe other weights, or be unsealed
+    for stale in (
+        BUNDLED_ONNX,
+        "MODEL_CARD.md",
+        *sealed_names(out_dir),
+    ):  # would describe other weights, or be unsealed
         if not (work / stale).exists():
             (out_dir / stale).unlink(missing_ok=True)
     for item in sorted(work.iterdir(), key=lambda p: (p.name == SEAL_FILE, p.name == METADATA_FILE)):
@@ -346,7 +424,6 @@ def _move_into(work: Path, out_dir: Path) -> None:
 
 def _decode_all(predictor: Predictor, files: list[Path], progress: bool) -> tuple[np.ndarray, list[dict]]:
     """The readable files as the model's input (uint8 N x S x S x 3) and the unreadable ones with reasons."""
-    from bloodcell.progress import progress_bar
 
     def decode(path: Path):
         try:
@@ -357,7 +434,10 @@ def _decode_all(predictor: Predictor, files: list[Path], progress: bool) -> tupl
             return None, f"cannot read file: {exc.strerror or exc}"
 
     arrays, unreadable = [], []
-    with progress_bar(len(files), "reading images", enabled=progress) as advance, ThreadPoolExecutor(predictor.workers) as pool:
+    with (
+        progress_bar(len(files), "reading images", enabled=progress) as advance,
+        ThreadPoolExecutor(predictor.workers) as pool,
+    ):
         for path, (array, reason) in zip(files, pool.map(decode, files)):
             if array is None:
                 unreadable.append({"path": str(path), "reason": reason})
@@ -370,24 +450,21 @@ def _decode_all(predictor: Predictor, files: list[Path], progress: bool) -> tupl
 
 def _refit_ood(predictor: Predictor, images: np.ndarray, batch_size: int) -> tuple:
     """(means, precision, threshold) of the Mahalanobis score on the adapted model's features of the lab's cells."""
-    from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled
-    from bloodcell.evaluate.outputs import predict_outputs
-
-    logits, features = predict_outputs(predictor.model, images, np.arange(len(images)), batch_size=batch_size, device=predictor.device)
-    false_alarm = float((predictor.metadata.get("ood") or {}).get("false_alarm_target") or 0.01)
+    logits, features = predict_outputs(
+        predictor.model, images, np.arange(len(images)), batch_size=batch_size, device=predictor.device
+    )
+    false_alarm = float(predictor.description.ood.false_alarm_target or 0.01)
     return fit_mahalanobis_unlabelled(features, logits, false_alarm)
 
 
 def _scored(net, stats: tuple):
-    from bloodcell.models.ood import MahalanobisScore, ScoredModel
-
     return ScoredModel(net, MahalanobisScore(stats[0], stats[1]))
 
 
-def _score(predictor: Predictor, images: np.ndarray, batch_size: int, progress: bool, what: str) -> tuple[np.ndarray, np.ndarray | None]:
+def _score(
+    predictor: Predictor, images: np.ndarray, batch_size: int, progress: bool, what: str
+) -> tuple[np.ndarray, np.ndarray | None]:
     """(predicted class per image, OOD flag per image or None) of decoded images."""
-    from bloodcell.progress import progress_bar
-
     labels, flags = [], []
     with progress_bar(len(images), what, enabled=progress) as advance:
         for start in range(0, len(images), batch_size):

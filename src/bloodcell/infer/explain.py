@@ -56,15 +56,15 @@ def _last_feature_map_module(model, within):
         for h in handles:
             h.remove()
     if not fired:
-        raise ModelError(f"model '{getattr(model, 'model_name', type(model).__name__)}' has no convolutional feature map for Grad-CAM")
+        raise ModelError(
+            f"model '{getattr(model, 'model_name', type(model).__name__)}' has no convolutional feature map for Grad-CAM"
+        )
     return fired[-1]
 
 
 def _require_torch(predictor):
     if predictor.model is None:
-        raise ModelError(
-            f"Grad-CAM needs the PyTorch model (a run directory), not the ONNX export {predictor.source}"
-        )
+        raise ModelError(f"Grad-CAM needs the PyTorch model (a run directory), not the ONNX export {predictor.source}")
 
 
 def gradcam(predictor, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -10,22 +10,40 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
+import onnx
+import torch
 
+from bloodcell.data.images import UnreadableImage
 from bloodcell.errors import ModelError
+from bloodcell.infer import quantize as q
 from bloodcell.infer.card import model_card
+from bloodcell.infer.predictor import BUNDLED_ONNX, Predictor
 from bloodcell.io import atomic_path, file_sha256, write_text
-from bloodcell.models.metadata import write_sealed_json
+from bloodcell.models.description import (
+    METADATA_FILE,
+    WEIGHTS_FILE,
+    onnx_sidecar,
+    read_description,
+    read_onnx_description,
+    update_description,
+    write_description,
+)
+from bloodcell.models import onnx_runtime  # called as onnx_runtime.onnx_session: tests wrap it there
+from bloodcell.models.seal import member
 
 PARITY_TOLERANCE = 1e-4
-DYNAMO_MIN_OPSET = 18  # torch's dynamo exporter writes opset 18 and up (lower: a version conversion that fails on ReduceMean)
+DYNAMO_MIN_OPSET = (
+    18  # torch's dynamo exporter writes opset 18 and up (lower: a version conversion that fails on ReduceMean)
+)
 DEFAULT_OPSET = DYNAMO_MIN_OPSET
 SAMPLE_DIR = Path(__file__).resolve().parents[3] / "examples" / "pbc-sample"  # in a source checkout
 
@@ -56,76 +74,54 @@ def export_onnx(
     min_agreement: float | None = None,
     settings=None,
 ) -> ExportReport:
-    """Export the run / model directory `model` to `out` (.onnx) plus `out.onnx.json`.
+    """Export the run / model directory `model` to `out` (.onnx) plus `out.onnx.json` and its card.
 
-    The parity check runs PyTorch and onnxruntime on `check_images` (default: up to 8 images of the
-    embedded sample, else seeded random pixels), at batch 1 and at the full batch, and raises
-    ModelError when an output differs by more than `tolerance` (see `output_difference`). Nothing is written unless
-    it passes.
+    The parity check runs PyTorch and onnxruntime at batch 1 and at the full batch and raises ModelError when an
+    output differs by more than `tolerance` (see `output_difference`). Nothing is written unless it passes.
 
-    quantize="int8": write the int8 static quantization of the checked fp32 graph instead, calibrated on
-    `calibration_images` validation images of the model's split (its training data, or `data_root`) or
-    images of `calibration_dir`, and refused unless it agrees with fp32 on `min_agreement` of held-out
-    images (see bloodcell.infer.quantize; `settings` a QuantSettings).
+    Args:
+        model: the run / model folder (PyTorch weights).
+        out: the .onnx file to write; its sidecar is `<out>.json`, its card `<out>.card.md`.
+        opset: the ONNX opset (below DYNAMO_MIN_OPSET the deprecated TorchScript exporter writes it).
+        check_images: images for the parity check (default: up to 8 of the embedded sample, else seeded random pixels).
+        tolerance: the largest output difference accepted.
+        quantize: "int8" writes the int8 static quantization of the checked fp32 graph instead
+            (bloodcell.infer.quantize), refused unless it agrees with fp32 on `min_agreement` of held-out images.
+        calibration_images: with int8, how many validation images of the model's split calibrate it.
+        calibration_dir: with int8, calibrate on images of this folder instead.
+        data_root: with int8, the training data folder, when not where model.json says.
+        min_agreement: with int8, the share of check images on which int8 and fp32 must agree.
+        settings: with int8, a quantize.QuantSettings (default: what `bloodcell export` ships).
     """
-    import torch
-
-    from bloodcell.infer import quantize as q
-    from bloodcell.infer.predictor import Predictor, onnx_sidecar
-    from bloodcell.models.onnx_runtime import onnx_session
-
     out = Path(out)
-    if out.suffix.lower() != ".onnx":
-        raise ModelError(f"export target {out} must end in .onnx")
-    if Path(model).suffix.lower() == ".onnx":
-        raise ModelError(f"{model} is already an ONNX model: export takes a run directory")
-    if quantize is not None and quantize not in q.MODES:
-        raise ModelError(f"--quantize must be one of {', '.join(q.MODES)}, got {quantize!r}")
-    if quantize is None and any(v is not None for v in (calibration_images, calibration_dir, data_root, min_agreement)):
-        raise ModelError("--calibration-images / --calibration-dir / --data / --min-agreement only apply with --quantize int8")
-    if min_agreement is not None:  # a bad value fails before the export, as a missing folder does below
-        q.check_min_agreement(min_agreement)
+    _check_request(model, out, quantize, calibration_images, calibration_dir, data_root, min_agreement)
     predictor = Predictor.load(model)
     calib = None
     if quantize:  # find the calibration images first: a missing folder should fail before minutes of work
-        calib = q.calibration_set(predictor.metadata, str(model), q.DEFAULT_CALIBRATION_IMAGES if calibration_images is None else calibration_images,
-                                  calibration_dir, data_root)
+        wanted = q.DEFAULT_CALIBRATION_IMAGES if calibration_images is None else calibration_images
+        calib = q.calibration_set(predictor.description, str(model), wanted, calibration_dir, data_root)
     net = (predictor.scored_model or predictor.model).eval()
     outputs = ["logits", "ood_score"] if predictor.scored_model is not None else ["logits"]
     images, source = _check_batch(predictor, check_images)
     x = predictor.normalise(images)
-    size = predictor.input_size
-    dummy = torch.zeros(1, 3, size, size)
+    dummy = torch.zeros(1, 3, predictor.input_size, predictor.input_size)
 
     with atomic_path(out) as final, tempfile.TemporaryDirectory(prefix="bloodcell-export-") as work:
         tmp = Path(work) / "fp32.onnx" if quantize else final  # int8: the checked fp32 graph is quantized into `final`
         exporter, fallback_reason = _export(net, dummy, tmp, opset, outputs)
-        session = onnx_session(tmp)
-        name = session.get_inputs()[0].name
-        with torch.inference_mode():
-            expected = net(torch.from_numpy(x))
-        expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
-        got_full = session.run(None, {name: x})
-        got_single = [session.run(None, {name: x[i : i + 1]}) for i in range(len(x))]
-        diff = 0.0
-        for k, (out_name, want) in enumerate(zip(outputs, expected)):
-            full, single = got_full[k], np.concatenate([g[k] for g in got_single])
-            if full.shape != want.shape:
-                raise ModelError(f"ONNX export of {model} gives {out_name} of shape {full.shape}, PyTorch {want.shape}")
-            # np.max, not max(): max(0.0, nan) is 0.0, so a NaN output would pass as a perfect match
-            diff = float(np.max([diff, output_difference(want, full), output_difference(want, single)]))
+        session = onnx_runtime.onnx_session(tmp)
+        diff = _parity(net, session, x, outputs, model)
         if not np.isfinite(diff) or diff > tolerance:
             raise ModelError(
                 f"ONNX export of {model} differs from PyTorch by up to {diff:.3g} on {len(x)} {source} "
                 f"(tolerance {tolerance:g}); nothing written"
             )
-        meta = dict(predictor.metadata)
-        meta["onnx"] = {
+        section = {
             "exported_from": str(model),
             "opset": file_opset(tmp),
             "exporter": exporter,
             **({"fallback_reason": fallback_reason} if fallback_reason else {}),
-            "input": name,
+            "input": session.get_inputs()[0].name,
             "input_layout": "N x 3 x H x W float32, normalised with mean/std",
             "output": session.get_outputs()[0].name,
             "outputs": [o.name for o in session.get_outputs()],
@@ -135,12 +131,48 @@ def export_onnx(
         quantization = None
         if quantize:
             limit = q.MIN_AGREEMENT if min_agreement is None else min_agreement
-            quantization = q.quantize_checked(predictor, tmp, final, calib, settings or q.QuantSettings(), limit, str(model))
-            meta["quantization"] = quantization
+            quantization = q.quantize_checked(
+                predictor, tmp, final, calib, settings or q.QuantSettings(), limit, str(model)
+            )
     sidecar = onnx_sidecar(out)
-    write_sealed_json(sidecar, meta)  # and seal out's folder: the .onnx and its sidecar (bloodcell.models.seal)
-    write_text(card_path(out), model_card(meta, source=out.name))  # the card travels with the file
-    return ExportReport(out, sidecar, diff, len(x), source, exporter, quantization, fallback_reason, meta["onnx"]["opset"])
+    description = predictor.description.replace(onnx=section, quantization=quantization)
+    write_description(sidecar, description)  # and seal out's folder: the .onnx and its sidecar (bloodcell.models.seal)
+    write_text(card_path(out), model_card(description, source=out.name))  # the card travels with the file
+    return ExportReport(out, sidecar, diff, len(x), source, exporter, quantization, fallback_reason, section["opset"])
+
+
+def _check_request(model, out: Path, quantize, calibration_images, calibration_dir, data_root, min_agreement) -> None:
+    """Refuse what cannot be exported before any work: the target's name, an ONNX source, int8 options."""
+    if out.suffix.lower() != ".onnx":
+        raise ModelError(f"export target {out} must end in .onnx")
+    if Path(model).suffix.lower() == ".onnx":
+        raise ModelError(f"{model} is already an ONNX model: export takes a run directory")
+    if quantize is not None and quantize not in q.MODES:
+        raise ModelError(f"--quantize must be one of {', '.join(q.MODES)}, got {quantize!r}")
+    if quantize is None and any(v is not None for v in (calibration_images, calibration_dir, data_root, min_agreement)):
+        raise ModelError(
+            "--calibration-images / --calibration-dir / --data / --min-agreement only apply with --quantize int8"
+        )
+    if min_agreement is not None:  # a bad value fails before the export, as a missing folder does
+        q.check_min_agreement(min_agreement)
+
+
+def _parity(net, session: Any, x: np.ndarray, outputs: Sequence[str], model) -> float:
+    """The largest output_difference between PyTorch and onnxruntime on `x`, at the full batch and at batch 1."""
+    name = session.get_inputs()[0].name
+    with torch.inference_mode():
+        expected = net(torch.from_numpy(x))
+    expected = [t.float().numpy() for t in (expected if isinstance(expected, tuple) else (expected,))]
+    got_full = session.run(None, {name: x})
+    got_single = [session.run(None, {name: x[i : i + 1]}) for i in range(len(x))]
+    diff = 0.0
+    for k, (out_name, want) in enumerate(zip(outputs, expected)):
+        full, single = got_full[k], np.concatenate([g[k] for g in got_single])
+        if full.shape != want.shape:
+            raise ModelError(f"ONNX export of {model} gives {out_name} of shape {full.shape}, PyTorch {want.shape}")
+        # np.max, not max(): max(0.0, nan) is 0.0, so a NaN output would pass as a perfect match
+        diff = float(np.max([diff, output_difference(want, full), output_difference(want, single)]))
+    return diff
 
 
 def output_difference(want: np.ndarray, got: np.ndarray) -> float:
@@ -166,8 +198,6 @@ def dynamo_unavailable() -> str | None:
 
 def file_opset(path: str | os.PathLike) -> int:
     """The default-domain opset an .onnx file declares."""
-    import onnx
-
     imports = onnx.load(str(path), load_external_data=False).opset_import
     return next(int(o.version) for o in imports if o.domain in ("", "ai.onnx"))
 
@@ -184,8 +214,6 @@ def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logit
     the one it writes, or it fails on this model; then the deprecated TorchScript exporter writes the file, and the
     reason is returned and printed as one warning line on stderr.
     """
-    import torch
-
     common = dict(input_names=["input"], output_names=list(outputs), opset_version=opset)
     reason = dynamo_unavailable()
     if reason is None and opset < DYNAMO_MIN_OPSET:
@@ -194,8 +222,16 @@ def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logit
         try:
             batch = torch.export.Dim("batch", min=1)
             # verbose=False: no progress lines on stdout; a warning it gives still shows
-            torch.onnx.export(net, (dummy,), str(path), dynamo=True, external_data=False, verbose=False,
-                              dynamic_shapes=({0: batch},), **common)
+            torch.onnx.export(
+                net,
+                (dummy,),
+                str(path),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+                dynamic_shapes=({0: batch},),
+                **common,
+            )
             written = file_opset(path)
             if written != opset:
                 raise ModelError(f"it wrote opset {written}, not the {opset} asked")
@@ -207,14 +243,27 @@ def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logit
     try:
         with warnings.catch_warnings():
             # its deprecation notices (its own, and one of its internals calling another): the line above says so once
-            warnings.filterwarnings("ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning)
-            warnings.filterwarnings("ignore", "The feature will be removed", DeprecationWarning, r"torch\.onnx\._internal\.torchscript_exporter")
+            warnings.filterwarnings(
+                "ignore", "You are using the legacy TorchScript-based ONNX export", DeprecationWarning
+            )
+            warnings.filterwarnings(
+                "ignore",
+                "The feature will be removed",
+                DeprecationWarning,
+                r"torch\.onnx\._internal\.torchscript_exporter",
+            )
             # the tracer's note on every `if x.shape...` of our models (unet's size check, ood's channel count): a
             # shape fixed by the model and its input size, so the traced branch is right for every batch
-            warnings.filterwarnings("ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning, r"bloodcell\.models\.")
+            warnings.filterwarnings(
+                "ignore", "Converting a tensor to a Python boolean", torch.jit.TracerWarning, r"bloodcell\.models\."
+            )
             torch.onnx.export(
-                net, (dummy,), str(path), dynamo=False,
-                dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}}, **common,
+                net,
+                (dummy,),
+                str(path),
+                dynamo=False,
+                dynamic_axes={"input": {0: "batch"}, **{o: {0: "batch"} for o in outputs}},
+                **common,
             )
     except Exception as exc:
         raise ModelError(f"ONNX export failed: {_first_line(exc)} (dynamo not used: {reason})") from None
@@ -222,8 +271,6 @@ def _export(net, dummy, path: Path, opset: int, outputs: Sequence[str] = ("logit
 
 
 def _check_batch(predictor, check_images) -> tuple[np.ndarray, str]:
-    from bloodcell.data.images import UnreadableImage
-
     if check_images:
         arrays = []
         for p in check_images:
@@ -233,7 +280,9 @@ def _check_batch(predictor, check_images) -> tuple[np.ndarray, str]:
                 raise ModelError(f"cannot use {p} to check the export: {exc}") from None
         return np.stack(arrays), "given images"
     if SAMPLE_DIR.is_dir():
-        files = [sorted(d.glob("*.jpg"))[0] for d in sorted(SAMPLE_DIR.iterdir()) if d.is_dir() and any(d.glob("*.jpg"))]
+        files = [
+            sorted(d.glob("*.jpg"))[0] for d in sorted(SAMPLE_DIR.iterdir()) if d.is_dir() and any(d.glob("*.jpg"))
+        ]
         if files:
             return np.stack([predictor.decode(f) for f in files[:8]]), "sample images"
     rng = np.random.default_rng(0)
@@ -245,26 +294,27 @@ def export_bundled(folder: str | os.PathLike, opset: int = DEFAULT_OPSET) -> Exp
     """Export a model folder (model.safetensors + model.json) to `folder/model.onnx`, checked as `export_onnx` checks,
     and describe it in the folder's own model.json (`onnx` section, with the hashes of the weights it was made from),
     so the light install runs the same model and no second copy of its metadata exists."""
-    import json
-    import shutil
-
-    from bloodcell.infer.predictor import BUNDLED_ONNX
-    from bloodcell.models.metadata import METADATA_FILE, WEIGHTS_FILE, write_model_json
-    from bloodcell.models.seal import member
-
     folder = Path(folder)
     with tempfile.TemporaryDirectory(prefix="bloodcell-bundle-") as work:
         report = export_onnx(folder, Path(work) / BUNDLED_ONNX, opset=opset)
-        section = json.loads(report.sidecar.read_text(encoding="utf-8"))["onnx"]
+        section = read_onnx_description(report.path).to_dict()["onnx"]  # as written, in its order
         with atomic_path(folder / BUNDLED_ONNX) as tmp:
             shutil.copyfile(report.path, tmp)
-    meta = json.loads((folder / METADATA_FILE).read_text(encoding="utf-8"))
-    weights = [WEIGHTS_FILE] + ([meta["ood"].get("file") or "ood.safetensors"] if meta.get("ood") else [])
+    own = read_description(folder)
+    weights = [WEIGHTS_FILE] + ([own.ood.file or "ood.safetensors"] if own.ood is not None else [])
     section.update(
         file=BUNDLED_ONNX,
         exported_from={name: file_sha256(member(folder, name, "ood.file")) for name in weights},
     )
-    meta["onnx"] = section
-    write_model_json(folder, meta)  # and re-seal: model.onnx is new
-    return ExportReport(folder / BUNDLED_ONNX, folder / METADATA_FILE, report.max_abs_diff, report.images,
-                        report.image_source, report.exporter, None, report.fallback_reason, report.opset)
+    update_description(folder, onnx=section)  # and re-seal: model.onnx is new
+    return ExportReport(
+        folder / BUNDLED_ONNX,
+        folder / METADATA_FILE,
+        report.max_abs_diff,
+        report.images,
+        report.image_source,
+        report.exporter,
+        None,
+        report.fallback_reason,
+        report.opset,
+    )

@@ -75,8 +75,12 @@ MIN_RED_CELLS = 3  # as the crop ruler (data.fields.crop_side): a median of fewe
 # The red-cell box sides (sqrt of the area, in the detector's pixels) of the bundled detector's photographs, used
 # where the detector's state has no `cell_scale` of its own: every red-cell box the bundled detector keeps on the
 # training photographs of BCCD (train, 205) and TXL-PBC (train, 1,008), as detect.base.cell_scale writes it
-FALLBACK_CELL_SCALE = {"rbc_side_px": {"p05": 57.9, "p50": 74.3, "p95": 93.8}, "long_side": 384, "photos": 1213,
-                       "boxes": 9263}
+FALLBACK_CELL_SCALE = {
+    "rbc_side_px": {"p05": 57.9, "p50": 74.3, "p95": 93.8},
+    "long_side": 384,
+    "photos": 1213,
+    "boxes": 9263,
+}
 # A photograph's median red-cell side is accepted from BAND_LOW to BAND_HIGH times the reference's p50. The p50, not
 # p05 / p95: those of single boxes are set by cells cut by the photograph's edge (p05 39 px as labelled, where the
 # smallest photograph median is 51).
@@ -118,19 +122,45 @@ def exposure_problems(seen: dict[str, float]) -> list[Problem]:
     of it is blown-out white (`seen`: what exposure() measured)."""
     y, white = seen["median_luminance"], seen["white_fraction"]
     if y < DARK_MEDIAN:
-        return [Problem("dark", f"too dark to count: median brightness {y:.0f} of 255, below {DARK_MEDIAN:.0f}; "
-                                "retake it with more light or a longer exposure", True, round(y, 1))]
+        return [
+            Problem(
+                "dark",
+                f"too dark to count: median brightness {y:.0f} of 255, below {DARK_MEDIAN:.0f}; "
+                "retake it with more light or a longer exposure",
+                True,
+                round(y, 1),
+            )
+        ]
     if y < DIM_MEDIAN:
-        return [Problem("dark", f"dim: median brightness {y:.0f} of 255; below {DIM_MEDIAN:.0f} the detector misses "
-                                "red cells, so the counts may be low: use more light next time", False, round(y, 1))]
+        return [
+            Problem(
+                "dark",
+                f"dim: median brightness {y:.0f} of 255; below {DIM_MEDIAN:.0f} the detector misses "
+                "red cells, so the counts may be low: use more light next time",
+                False,
+                round(y, 1),
+            )
+        ]
     if white >= OVEREXPOSED_SEVERE:
-        return [Problem("overexposed", f"overexposed: {100 * white:.0f}% of the photograph is blown-out white, which "
-                                       "washes the cells out; retake it with less light or a shorter exposure",
-                        True, round(white, 3))]
+        return [
+            Problem(
+                "overexposed",
+                f"overexposed: {100 * white:.0f}% of the photograph is blown-out white, which "
+                "washes the cells out; retake it with less light or a shorter exposure",
+                True,
+                round(white, 3),
+            )
+        ]
     if white >= OVEREXPOSED_WARN:
-        return [Problem("overexposed", f"partly overexposed: {100 * white:.0f}% of the photograph is blown-out white; "
-                                       "counts given, but red cells may be missed: use less light next time",
-                        False, round(white, 3))]
+        return [
+            Problem(
+                "overexposed",
+                f"partly overexposed: {100 * white:.0f}% of the photograph is blown-out white; "
+                "counts given, but red cells may be missed: use less light next time",
+                False,
+                round(white, 3),
+            )
+        ]
     return []
 
 
@@ -139,9 +169,16 @@ def check_shape(width: int, height: int) -> list[Problem]:
     aspect = max(width, height) / max(1, min(width, height))
     if aspect <= PANORAMA_ASPECT:
         return []
-    return [Problem("panorama", f"a stitched panorama or strip, not one field: {width}x{height} px is {aspect:.1f} "
-                                f"times as long as wide (one camera field is at most {PANORAMA_ASPECT}); "
-                                "give each field of view as its own photograph", True, round(aspect, 2))]
+    return [
+        Problem(
+            "panorama",
+            f"a stitched panorama or strip, not one field: {width}x{height} px is {aspect:.1f} "
+            f"times as long as wide (one camera field is at most {PANORAMA_ASPECT}); "
+            "give each field of view as its own photograph",
+            True,
+            round(aspect, 2),
+        )
+    ]
 
 
 # ------------------------------------------------------------------ the cells found
@@ -155,7 +192,9 @@ def detector_scale(detector: Any) -> tuple[int | None, dict | None]:
     return (int(long_side) if long_side else None), (state or {}).get("cell_scale")
 
 
-def red_cell_side(boxes: np.ndarray, labels: np.ndarray, size: tuple[int, int], long_side: int | None) -> tuple[float | None, int]:
+def red_cell_side(
+    boxes: np.ndarray, labels: np.ndarray, size: tuple[int, int], long_side: int | None
+) -> tuple[float | None, int]:
     """Median red-cell box side in the detector's pixels (the photograph's when it does not resize) and how many
     red cells it rests on; None when there are none. Labels index FIELD_CLASSES (red cells are 0)."""
     rbc = np.asarray(boxes, np.float64).reshape(-1, 4)[np.asarray(labels) == 0]
@@ -172,8 +211,9 @@ def magnification_band(cell_scale: dict) -> tuple[float, float]:
     return p50 * BAND_LOW, p50 * BAND_HIGH
 
 
-def check_magnification(boxes: np.ndarray, labels: np.ndarray, size: tuple[int, int], long_side: int | None,
-                        cell_scale: dict | None) -> list[Problem]:
+def check_magnification(
+    boxes: np.ndarray, labels: np.ndarray, size: tuple[int, int], long_side: int | None, cell_scale: dict | None
+) -> list[Problem]:
     """`magnification` when the red cells are far smaller or larger than the detector knows; `few_red_cells` (no
     verdict) when too few were found to tell. Nothing when there is no reference to compare with: a detector
     without `cell_scale` that does not resize photographs to a fixed long side (the fallback is in that scale)."""
@@ -183,34 +223,58 @@ def check_magnification(boxes: np.ndarray, labels: np.ndarray, size: tuple[int, 
         cell_scale = FALLBACK_CELL_SCALE
     side, n = red_cell_side(boxes, labels, size, long_side)
     if n < MIN_RED_CELLS:
-        return [Problem("few_red_cells", f"only {n} red cell{'' if n == 1 else 's'} found, too few to check the "
-                                         f"magnification (at least {MIN_RED_CELLS} needed); if it shows more, it may be "
-                                         "blurred, dim or magnified more than the detector reads", False, float(n))]
+        return [
+            Problem(
+                "few_red_cells",
+                f"only {n} red cell{'' if n == 1 else 's'} found, too few to check the "
+                f"magnification (at least {MIN_RED_CELLS} needed); if it shows more, it may be "
+                "blurred, dim or magnified more than the detector reads",
+                False,
+                float(n),
+            )
+        ]
     lo, hi = magnification_band(cell_scale)
     if lo <= side <= hi:
         return []
     small = side < lo
     # the red-cell side the detector knows best, as a share of the photograph's long side: what to aim for
     share = (long_side or max(size)) / float(cell_scale["rbc_side_px"]["p50"])
-    return [Problem("magnification", f"wrong magnification: the red cells measure {side:.0f} px at the detector's scale "
-                                     f"(median of {n}), where it reads {lo:.0f}-{hi:.0f} px, so they look too "
-                                     f"{'small' if small else 'large'}; photograph at a {'higher' if small else 'lower'} "
-                                     f"magnification (a red cell about 1/{share:.0f} of the photograph's long side)",
-                    True, round(side, 1))]
+    return [
+        Problem(
+            "magnification",
+            f"wrong magnification: the red cells measure {side:.0f} px at the detector's scale "
+            f"(median of {n}), where it reads {lo:.0f}-{hi:.0f} px, so they look too "
+            f"{'small' if small else 'large'}; photograph at a {'higher' if small else 'lower'} "
+            f"magnification (a red cell about 1/{share:.0f} of the photograph's long side)",
+            True,
+            round(side, 1),
+        )
+    ]
 
 
 # ------------------------------------------------------------------ all of them
 
 
-def check_field(image: np.ndarray, boxes: np.ndarray, labels: np.ndarray, long_side: int | None = None,
-                cell_scale: dict | None = None) -> list[Problem]:
+def check_field(
+    image: np.ndarray,
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    long_side: int | None = None,
+    cell_scale: dict | None = None,
+) -> list[Problem]:
     """Every problem of one photograph (H x W x 3 uint8) and the boxes kept in it, severe ones first."""
     h, w = image.shape[:2]
     return field_problems((w, h), exposure(image), boxes, labels, long_side, cell_scale)
 
 
-def field_problems(size: tuple[int, int], seen: dict[str, float], boxes: np.ndarray, labels: np.ndarray,
-                   long_side: int | None, cell_scale: dict | None) -> list[Problem]:
+def field_problems(
+    size: tuple[int, int],
+    seen: dict[str, float],
+    boxes: np.ndarray,
+    labels: np.ndarray,
+    long_side: int | None,
+    cell_scale: dict | None,
+) -> list[Problem]:
     """check_field from the photograph's size (width, height) and exposure() instead of its pixels."""
     found = check_shape(*size) + exposure_problems(seen)
     if not any(p.code == "panorama" for p in found):  # a strip's cells look small because it is a strip

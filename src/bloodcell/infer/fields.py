@@ -20,6 +20,7 @@ gate: it let 26 of the 72 BCCD test photographs through as cells.)
 
 from __future__ import annotations
 
+import io
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +29,15 @@ from typing import Any, Callable, Sequence
 import numpy as np
 from PIL import Image
 
-from bloodcell.data.fields import DEFAULT_VIEW, FIELD_CLASSES, background_colour, crop_cell, crop_side
+from bloodcell.data.fields import FIELD_CLASSES, background_colour, crop_cell, crop_side
 from bloodcell.data.images import UnreadableImage, open_rgb
 from bloodcell.errors import DataError, ModelError
+from bloodcell.evaluate.annotate import draw_cells
 from bloodcell.infer.field_checks import Problem, answer, check_field, detector_scale, withheld
 from bloodcell.infer.predictor import Predictor, collect_images, summarize
+from bloodcell.io import atomic_path
+from bloodcell.models.description import ModelDescription, parse_description
+from bloodcell.progress import progress_bar
 from bloodcell.detect.base import Detections, FieldDetector
 from bloodcell.detect.registry import load_detector
 
@@ -43,11 +48,11 @@ DEFAULT_MAX_FIELD_PIXELS = 16_000_000
 CROP_MAX_ASPECT = 1.15
 
 
-def field_of_view(meta: dict) -> dict:
-    """How much of a smear the classifier saw per image: model.json `preprocess.field_of_view`, else PBC's."""
-    view = dict(DEFAULT_VIEW)
-    view.update((meta.get("preprocess") or {}).get("field_of_view") or {})
-    return view
+def field_of_view(meta: dict | ModelDescription) -> dict:
+    """How much of a smear the classifier saw per image: model.json `preprocess.field_of_view`, else PBC's
+    (ModelDescription.preprocessing resolves it)."""
+    description = meta if isinstance(meta, ModelDescription) else parse_description(meta)
+    return dict(description.preprocessing.field_of_view)
 
 
 @dataclass
@@ -60,7 +65,7 @@ class FieldReader:
     view: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        self.view = self.view or field_of_view(self.predictor.metadata)
+        self.view = self.view or field_of_view(self.predictor.description or self.predictor.metadata)
 
     @classmethod
     def load(cls, predictor: Predictor, detector: str | os.PathLike | None = None) -> "FieldReader":
@@ -77,7 +82,10 @@ class FieldReader:
         if len(det) == 0:
             return "cell", "the detector found no cells in it"
         counts = det.counts()
-        return "field", f"the detector found {counts['wbc']} white, {counts['rbc']} red cells, {counts['platelet']} platelets"
+        return (
+            "field",
+            f"the detector found {counts['wbc']} white, {counts['rbc']} red cells, {counts['platelet']} platelets",
+        )
 
     @staticmethod
     def background(image: np.ndarray) -> tuple[int, int, int]:
@@ -96,16 +104,26 @@ class FieldReader:
         arr = np.asarray(image)
         det = self.detector.detect([arr])[0] if det is None else det
         problems = self.check(arr, det)
-        said = {"path": name, "input": "field", "input_reason": reason or "treated as a field (--input field)",
-                "size": [w, h]}
-        checked = {"note": answer(problems), "problems": [p.to_dict() for p in problems], "withheld": withheld(problems)}
+        said = {
+            "path": name,
+            "input": "field",
+            "input_reason": reason or "treated as a field (--input field)",
+            "size": [w, h],
+        }
+        checked = {
+            "note": answer(problems),
+            "problems": [p.to_dict() for p in problems],
+            "withheld": withheld(problems),
+        }
         if checked["withheld"]:  # counts that mean nothing are not given, not even as zeros
             return {**said, "cells": [], "counts": None, "wbc_classes": None, "scale": "", **checked}
         side, ruler = self.crop_side(det)
         cells = self.classify_white_cells(name, image, arr, det.of_class("wbc"), side)
         for kind in ("rbc", "platelet"):
             sub = det.of_class(kind)
-            cells += [{"kind": kind, "box": _box(b), "score": round(float(s), 4)} for b, s in zip(sub.boxes, sub.scores)]
+            cells += [
+                {"kind": kind, "box": _box(b), "score": round(float(s), 4)} for b, s in zip(sub.boxes, sub.scores)
+            ]
         wbc_classes = {c: 0 for c in self.predictor.class_names}
         for c in cells:
             if c["kind"] == "wbc" and not c.get("ood"):
@@ -117,27 +135,36 @@ class FieldReader:
         long_side, cell_scale = detector_scale(self.detector)
         return check_field(image, det.boxes, det.labels, long_side, cell_scale)
 
-    def classify_white_cells(self, name: str, image: Image.Image, arr: np.ndarray, wbc: Detections, side: float) -> list[dict]:
+    def classify_white_cells(
+        self, name: str, image: Image.Image, arr: np.ndarray, wbc: Detections, side: float
+    ) -> list[dict]:
         """Each white cell cropped at the classifier's scale and classified (class, review and OOD flags)."""
         if not len(wbc):
             return []
         fill = self.background(arr)
         crops = np.stack([self.predictor.prepare(self.crop(image, b, side, fill)) for b in wbc.boxes])
         logits, ood = self.predictor.outputs(crops)
-        from bloodcell.evaluate.calibration import apply_temperature
+        from bloodcell.evaluate.calibration import apply_temperature  # start-up time: it imports scipy.optimize
 
         probs = apply_temperature(logits, self.predictor.temperature)
         labels = [f"{name}#wbc{i + 1}" for i in range(len(wbc))]
-        classified = summarize(labels, probs, self.predictor.class_names, self.predictor.review_threshold, [],
-                               ood, self.predictor.ood_threshold)["predictions"]
-        return [{"kind": "wbc", "box": _box(b), "score": round(float(s), 4), **pred, "crop_side": round(side, 1)}
-                for b, s, pred in zip(wbc.boxes, wbc.scores, classified)]
+        classified = summarize(
+            labels,
+            probs,
+            self.predictor.class_names,
+            self.predictor.review_threshold,
+            [],
+            ood,
+            self.predictor.ood_threshold,
+        )["predictions"]
+        return [
+            {"kind": "wbc", "box": _box(b), "score": round(float(s), 4), **pred, "crop_side": round(side, 1)}
+            for b, s, pred in zip(wbc.boxes, wbc.scores, classified)
+        ]
 
 
 def _image_size(source: Any) -> tuple[int, int]:
     """Width and height from the image header (no decode); (1, 1) when unknown (it decoded once already)."""
-    import io
-
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as img:
             return img.size
@@ -152,8 +179,10 @@ def _squarish(size: tuple[int, int]) -> bool:
 def check_field_size(size: tuple[int, int], limit: int) -> None:
     w, h = size
     if w * h > limit:
-        raise UnreadableImage(f"photograph of {w}x{h} px is larger than the {limit:,}-pixel limit for fields; "
-                              "crop it, or scale it to the magnification of a 640x480 field (red cells about 100 px wide)")
+        raise UnreadableImage(
+            f"photograph of {w}x{h} px is larger than the {limit:,}-pixel limit for fields; "
+            "crop it, or scale it to the magnification of a 640x480 field (red cells about 100 px wide)"
+        )
 
 
 def _box(b: np.ndarray) -> list[float]:
@@ -167,10 +196,18 @@ def field_summary(fields: Sequence[dict], predictor: Predictor) -> dict:
     fields = [f for f in fields if f["counts"] is not None]
     wbc = [c for f in fields for c in f["cells"] if c["kind"] == "wbc"]
     names = [c["path"] for c in wbc]
-    probs = np.array([[c["probabilities"][k] for k in predictor.class_names] for c in wbc]).reshape(len(wbc), len(predictor.class_names))
+    probs = np.array([[c["probabilities"][k] for k in predictor.class_names] for c in wbc]).reshape(
+        len(wbc), len(predictor.class_names)
+    )
     has_ood = predictor.has_ood
-    scores = np.array([np.nan if c["ood_score"] is None else c["ood_score"] for c in wbc], dtype=np.float64) if has_ood else None
-    diff = summarize(names, probs, predictor.class_names, predictor.review_threshold, [], scores, predictor.ood_threshold)
+    scores = (
+        np.array([np.nan if c["ood_score"] is None else c["ood_score"] for c in wbc], dtype=np.float64)
+        if has_ood
+        else None
+    )
+    diff = summarize(
+        names, probs, predictor.class_names, predictor.review_threshold, [], scores, predictor.ood_threshold
+    )
     totals = {k: sum(f["counts"][k] for f in fields) for k in FIELD_CLASSES}
     n = len(fields)
     return {
@@ -225,7 +262,9 @@ def predict_mixed(
 
     # two uploads may share a name: items are tracked by position, names given back unchanged at the end
     items = [(f"{i}\x00{name}", source) for i, (name, source) in enumerate(items)]
-    result = _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progress, max_pixels, max_field_pixels)
+    result = _predict_tagged(
+        predictor, items, input_kind, get_reader, batch_size, progress, max_pixels, max_field_pixels
+    )
     untag = lambda n: n.split("\x00", 1)[1]  # noqa: E731
     for group in (result["predictions"], result["unreadable"], result["fields"]):
         for entry in group:
@@ -239,7 +278,9 @@ def predict_mixed(
     return result
 
 
-def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progress, max_pixels, max_field_pixels) -> dict:
+def _predict_tagged(
+    predictor, items, input_kind, get_reader, batch_size, progress, max_pixels, max_field_pixels
+) -> dict:
     limit = max_pixels or predictor.max_pixels
     fields: list[dict] = []
     unreadable: list[dict] = []
@@ -254,9 +295,9 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
         # BCCD photographs through as cells, benchmarks/fields.py)
         candidates = [(n, by_name[n]) for n in names if not _squarish(_image_size(by_name[n]))]
         for n in names:
-            cell_reasons[n] = "a square-ish image: read as a single-cell crop (use --input field for a square photograph)"
-    from bloodcell.progress import progress_bar
-
+            cell_reasons[n] = (
+                "a square-ish image: read as a single-cell crop (use --input field for a square photograph)"
+            )
     if candidates and input_kind == "auto":
         try:
             get_reader()
@@ -269,7 +310,9 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
             try:
                 image = open_rgb(source, max_pixels=limit)
                 if input_kind == "auto" and image.size[0] * image.size[1] > max_field_pixels:
-                    cell_reasons[name] = f"a rectangular image, but at {image.size[0]}x{image.size[1]} px too large to read as a field: read as one cell"
+                    cell_reasons[name] = (
+                        f"a rectangular image, but at {image.size[0]}x{image.size[1]} px too large to read as a field: read as one cell"
+                    )
                     advance()
                     continue
                 check_field_size(image.size, max_field_pixels)
@@ -282,35 +325,50 @@ def _predict_tagged(predictor, items, input_kind, get_reader, batch_size, progre
                     fields.append(r.read(name, image, det, reason))
                 else:  # say why the detector may have found nothing (too dark, a strip...) when a check tells
                     hint = next((p.message for p in r.check(arr, det) if p.severe), "")
-                    cell_reasons[name] = f"a rectangular image, but {reason}{f' ({hint})' if hint else ''}: read as one cell"
+                    cell_reasons[name] = (
+                        f"a rectangular image, but {reason}{f' ({hint})' if hint else ''}: read as one cell"
+                    )
             except UnreadableImage as exc:
                 unreadable.append({"path": name, "reason": str(exc)})
             except OSError as exc:
                 unreadable.append({"path": name, "reason": f"cannot read file: {exc.strerror or exc}"})
             advance()
     if input_kind == "field":
-        result = summarize([], np.zeros((0, len(predictor.class_names))), predictor.class_names, predictor.review_threshold,
-                           unreadable, np.zeros(0) if predictor.has_ood else None, predictor.ood_threshold)
+        result = summarize(
+            [],
+            np.zeros((0, len(predictor.class_names))),
+            predictor.class_names,
+            predictor.review_threshold,
+            unreadable,
+            np.zeros(0) if predictor.has_ood else None,
+            predictor.ood_threshold,
+        )
     else:
         field_names = {f["path"] for f in fields}
         keep = [i for i, n in enumerate(names) if n not in field_names]
-        result = summarize([names[i] for i in keep], probs[keep], predictor.class_names, predictor.review_threshold, unreadable,
-                           None if ood is None else ood[keep], predictor.ood_threshold)
+        result = summarize(
+            [names[i] for i in keep],
+            probs[keep],
+            predictor.class_names,
+            predictor.review_threshold,
+            unreadable,
+            None if ood is None else ood[keep],
+            predictor.ood_threshold,
+        )
         for p in result["predictions"]:
             p.update(input="cell", input_reason=cell_reasons.get(p["path"], ""))
     return {**result, "fields": fields, "field_summary": field_summary(fields, predictor) if fields else None}
 
 
-def predict_paths_mixed(predictor: Predictor, paths, input_kind: str = "auto", detector=None, batch_size: int = 32,
-                        progress: bool = True) -> dict:
+def predict_paths_mixed(
+    predictor: Predictor, paths, input_kind: str = "auto", detector=None, batch_size: int = 32, progress: bool = True
+) -> dict:
     files = collect_images(paths)
     return predict_mixed(predictor, [(str(p), p) for p in files], input_kind, detector, batch_size, progress)
 
 
 def annotate_fields(result: dict, sources: dict[str, Any], out: str | os.PathLike) -> list[Path]:
     """Write each field photograph with its cells drawn (white cells labelled with class and confidence) as PNG."""
-    from bloodcell.evaluate.annotate import draw_cells
-    from bloodcell.io import atomic_path
 
     out = Path(out)
     written = []
@@ -321,8 +379,12 @@ def annotate_fields(result: dict, sources: dict[str, Any], out: str | os.PathLik
         for c in f["cells"]:
             label = None
             if c["kind"] == "wbc":
-                label = f"{c['label']} {100 * c['confidence']:.0f}%" + (" OOD" if c.get("ood") else " review" if c.get("review") else "")
-            cells.append({"box": c["box"], "kind": c["kind"], "label": label, "flagged": bool(c.get("ood") or c.get("review"))})
+                label = f"{c['label']} {100 * c['confidence']:.0f}%" + (
+                    " OOD" if c.get("ood") else " review" if c.get("review") else ""
+                )
+            cells.append(
+                {"box": c["box"], "kind": c["kind"], "label": label, "flagged": bool(c.get("ood") or c.get("review"))}
+            )
         stem = Path(f["path"]).stem
         name = stem
         k = 1

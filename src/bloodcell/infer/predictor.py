@@ -17,8 +17,8 @@ flagged `ood` (it looks unlike the cells the model was trained on) and left out 
 
 from __future__ import annotations
 
+import functools
 import os
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +29,6 @@ import numpy as np
 from bloodcell.data.images import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
-    INTERPOLATIONS,
-    WHITE_BALANCES,
     UnreadableImage,
     check_cell_size,
     is_image_name,
@@ -38,18 +36,22 @@ from bloodcell.data.images import (
     prepare_array,
 )
 from bloodcell.errors import DataError, ModelError
-from bloodcell.extras import INSTALL_TRAIN, has_torch, missing_train_module
-from bloodcell.models.metadata import METADATA_FILE, bundled_model_dir, preprocessing, read_json_object
-from bloodcell.models.onnx_runtime import onnx_session
-from bloodcell.models.seal import member, verify
+from bloodcell.extras import has_torch
+from bloodcell.infer.backends import OnnxBackend, TorchBackend
+from bloodcell.models.description import (  # noqa: F401 - ONNX_SIDECAR_SUFFIX, onnx_sidecar: their old home
+    DEFAULT_INTERPOLATION,
+    ONNX_SIDECAR_SUFFIX,
+    ModelDescription,
+    onnx_sidecar,
+)
+from bloodcell.models.metadata import bundled_model_dir
+from bloodcell.progress import progress_bar
 
 if TYPE_CHECKING:
     from PIL import Image
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_REVIEW_THRESHOLD = 0.9
-DEFAULT_INTERPOLATION = "bilinear"
-ONNX_SIDECAR_SUFFIX = ".json"  # model.onnx -> model.onnx.json
 BUNDLED_ONNX = "model.onnx"  # beside the bundled model.safetensors; described by model.json's `onnx` section
 
 # The white cells of a differential count; platelets, erythroblasts (nucleated red cells) and
@@ -71,7 +73,11 @@ MANUAL_DIFFERENTIAL_CELLS = 100
 
 @dataclass
 class Predictor:
-    """A loaded classifier plus everything needed to preprocess and calibrate its inputs."""
+    """A loaded classifier plus everything needed to preprocess and calibrate its inputs.
+
+    The model runs in `engine`, a TorchBackend or an OnnxBackend (bloodcell.infer.backends); `model`, `session`,
+    `scored_model` and `device` are the engine's.
+    """
 
     class_names: list[str]
     input_size: int
@@ -81,16 +87,13 @@ class Predictor:
     review_threshold: float = DEFAULT_REVIEW_THRESHOLD
     interpolation: str = DEFAULT_INTERPOLATION
     white_balance: str = "none"
-    metadata: dict = field(default_factory=dict, repr=False)
+    metadata: dict = field(default_factory=dict, repr=False)  # model.json as a dict; typed: `description`
     source: str = ""
-    model: Any = field(default=None, repr=False)  # a BloodcellModel (PyTorch) ...
-    session: Any = field(default=None, repr=False)  # ... or an onnxruntime.InferenceSession
+    engine: TorchBackend | OnnxBackend | None = field(default=None, repr=False)
+    description: ModelDescription | None = field(default=None, repr=False)
     max_pixels: int = DEFAULT_MAX_PIXELS
     ood_threshold: float | None = None  # None: this model has no OOD score
-    scored_model: Any = field(default=None, repr=False)  # ScoredModel: logits and OOD score in one pass (PyTorch)
     workers: int = field(default_factory=lambda: min(8, os.cpu_count() or 1))
-    device: str = "cpu"  # where the PyTorch model runs, or "cuda" for ONNX Runtime's CUDA provider
-    _lock: Any = field(default_factory=threading.Lock, repr=False)
 
     # ------------------------------------------------------------------ loading
 
@@ -105,95 +108,41 @@ class Predictor:
     ) -> "Predictor":
         """Load a run directory, a .safetensors file, an .onnx file or (None) the bundled model.
 
-        review_threshold: overrides the threshold stored with the model (0 < t <= 1).
-        device: "cpu", "cuda", "cuda:N", or "auto" (CUDA when this machine has it); a CUDA device that is not there
-        is an error, not a silent fallback.
+        Args:
+            model: what to load; None is the bundled model (its ONNX export where this install has no PyTorch).
+            review_threshold: overrides the threshold stored with the model (0 < t <= 1).
+            max_pixels: the largest image decoded (a decompression bomb is refused as unreadable).
+            device: "cpu", "cuda", "cuda:N", or "auto" (CUDA when this machine has it); a CUDA device that is not
+                there is an error, not a silent fallback.
         """
-        if model is None:
-            path = bundled_model_dir()
-            if not has_torch():  # the light install: the same model, shipped as ONNX (model.json says so)
-                path = path / BUNDLED_ONNX
-        else:
-            path = Path(model)
-            if not path.exists():
-                raise ModelError(f"model not found: {path} (pass a run directory, its model.safetensors, or an .onnx file)")
-        if path.is_dir() and not (path / "model.safetensors").exists() and (path / "model.onnx").is_file():
-            path = path / "model.onnx"  # a folder holding only an exported model
-
-        if path.suffix.lower() == ".onnx":
-            verify(path.parent)  # the .onnx, its sidecar and the rest of the folder are what was sealed
-            meta = _read_onnx_sidecar(path)
-            device = _onnx_device(device)
-            session = onnx_session(path, device)
-            predictor = cls._from_metadata(meta, str(path), session=session)
-            _check_onnx_shapes(session, predictor, path)
-            if meta.get("ood") and "ood_score" in [o.name for o in session.get_outputs()]:
-                predictor.ood_threshold = _ood_threshold(meta, str(path))
-        else:
-            try:
-                from bloodcell.models.checkpoint import load_checkpoint
-                from bloodcell.models.ood import ScoredModel, load_ood, ood_feature_dim
-            except ModuleNotFoundError as exc:
-                if missing_train_module(exc) is None:
-                    raise
-                raise ModelError(
-                    f"{path} is a PyTorch model and this install has no PyTorch: {INSTALL_TRAIN}, "
-                    "or use its ONNX export (bloodcell export, where PyTorch is installed)"
-                ) from None
-
-            device = _torch_device(device)
-            net, meta = load_checkpoint(path)  # checks the folder's seal first
-            net = net.to(device)
-            predictor = cls._from_metadata(meta, str(path), model=net)
-            if meta.get("ood"):
-                folder = path if path.is_dir() else path.parent
-                ood_file = member(folder, meta["ood"].get("file") or "ood.safetensors", "ood.file", _meta_path(path))
-                scorer = load_ood(ood_file, net.num_classes, ood_feature_dim(net))
-                predictor.scored_model = ScoredModel(net, scorer).to(device).eval()
-                predictor.ood_threshold = _ood_threshold(meta, str(path))
-        predictor.device = device
+        path = _model_path(model)
+        backend = OnnxBackend if path.suffix.lower() == ".onnx" else TorchBackend
+        engine, description = backend.load(path, device)
+        predictor = cls.from_description(description, str(path), engine)
         predictor.max_pixels = int(max_pixels)
         if review_threshold is not None:
             predictor.review_threshold = _check_threshold(review_threshold, "--threshold")
         return predictor
 
     @classmethod
-    def _from_metadata(cls, meta: dict, source: str, model: Any = None, session: Any = None) -> "Predictor":
-        try:
-            num_classes = int(meta["num_classes"])
-            names = meta.get("class_names") or [f"class_{i}" for i in range(num_classes)]
-            input_size = int(meta["input_size"])
-            mean = tuple(float(v) for v in meta.get("mean") or (0.485, 0.456, 0.406))
-            std = tuple(float(v) for v in meta.get("std") or (0.229, 0.224, 0.225))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise ModelError(f"model metadata of {source} lacks or mangles {exc}: re-export or re-train it") from None
-        if len(names) != num_classes or len(mean) != 3 or len(std) != 3:
-            raise ModelError(f"model metadata of {source} is inconsistent: {len(names)} class names for {num_classes} classes")
-        temperature = meta.get("temperature")
-        temperature = DEFAULT_TEMPERATURE if temperature is None else float(temperature)
-        if not np.isfinite(temperature) or temperature <= 0:
-            raise ModelError(f"model metadata of {source}: temperature must be > 0, got {temperature}")
-        threshold = meta.get("review_threshold")
-        threshold = DEFAULT_REVIEW_THRESHOLD if threshold is None else _check_threshold(threshold, f"review_threshold in {source}")
-        pre = preprocessing(meta)
-        interpolation, white_balance = pre["interpolation"], pre["white_balance"]
-        if interpolation not in INTERPOLATIONS:
-            raise ModelError(f"model metadata of {source}: unknown interpolation '{interpolation}'")
-        if white_balance not in WHITE_BALANCES:
-            raise ModelError(f"model metadata of {source}: unknown white_balance '{white_balance}'")
+    def from_description(cls, description: ModelDescription, source: str, engine: Any) -> "Predictor":
+        """A Predictor for a loaded engine (TorchBackend / OnnxBackend) and its model's description."""
+        pre = description.preprocessing
+        threshold = description.review_threshold
         return cls(
-            class_names=[str(c) for c in names],
-            input_size=input_size,
-            mean=mean,
-            std=std,
-            temperature=temperature,
-            review_threshold=threshold,
-            interpolation=interpolation,
-            white_balance=white_balance,
-            metadata=dict(meta),
+            class_names=description.names,
+            input_size=pre.input_size,
+            mean=pre.mean,
+            std=pre.std,
+            temperature=DEFAULT_TEMPERATURE if description.temperature is None else description.temperature,
+            review_threshold=DEFAULT_REVIEW_THRESHOLD if threshold is None else threshold,
+            interpolation=pre.interpolation,
+            white_balance=pre.white_balance,
+            metadata=description.to_dict(),
             source=source,
-            model=model,
-            session=session,
+            engine=engine,
+            description=description,
+            ood_threshold=description.ood.threshold if description.ood is not None and engine.scores_ood else None,
         )
 
     @property
@@ -202,7 +151,32 @@ class Predictor:
 
     @property
     def backend(self) -> str:
-        return "onnxruntime" if self.session is not None else "pytorch"
+        return self.engine.name
+
+    @property
+    def model(self) -> Any:  # the PyTorch model (a BloodcellModel), or None on ONNX Runtime
+        return self.engine.model
+
+    @property
+    def session(self) -> Any:  # the onnxruntime.InferenceSession, or None on PyTorch
+        return self.engine.session
+
+    @property
+    def scored_model(self) -> Any:
+        """PyTorch: the model and its OOD scorer in one pass (ScoredModel), or None."""
+        return self.engine.scored_model
+
+    @scored_model.setter
+    def scored_model(self, value: Any) -> None:  # bloodcell.infer.adapt refits the OOD score of an adapted model
+        self.engine.scored_model = value
+
+    @property
+    def device(self) -> str:  # where the model runs: cpu, or cuda (PyTorch, or ONNX Runtime's CUDA provider)
+        return self.engine.device
+
+    @property
+    def _lock(self) -> Any:  # one PyTorch pass at a time: a forward or Grad-CAM (bloodcell.infer.explain)
+        return self.engine.lock
 
     # ------------------------------------------------------------------ the pipeline
 
@@ -230,20 +204,8 @@ class Predictor:
 
     def outputs(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """(raw logits (N, K) float32, OOD scores (N,) or None) of uint8 images (N, input_size, input_size, 3)."""
-        x = self.normalise(images)
-        if self.session is not None:
-            name = self.session.get_inputs()[0].name
-            got = self.session.run(None, {name: x})
-            scores = np.asarray(got[1], dtype=np.float32) if self.has_ood and len(got) > 1 else None
-            return np.asarray(got[0], dtype=np.float32), scores
-        import torch
-
-        with self._lock, torch.inference_mode():
-            x = torch.from_numpy(x).to(self.device)
-            if self.scored_model is not None:
-                logits, scores = self.scored_model(x)
-                return logits.float().cpu().numpy(), scores.float().cpu().numpy()
-            return self.model(x).float().cpu().numpy(), None
+        logits, scores = self.engine.outputs(self.normalise(images))
+        return logits, scores if self.has_ood else None
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """Raw logits (N, K) float32 of uint8 images (N, input_size, input_size, 3)."""
@@ -251,7 +213,7 @@ class Predictor:
 
     def probabilities(self, images: np.ndarray) -> np.ndarray:
         """Calibrated probabilities (N, K) float64: softmax(logits / temperature)."""
-        from bloodcell.evaluate.calibration import apply_temperature
+        from bloodcell.evaluate.calibration import apply_temperature  # start-up time: it imports scipy.optimize
 
         return apply_temperature(self.logits(images), self.temperature)
 
@@ -270,7 +232,9 @@ class Predictor:
         """Classify in-memory images given as (name, bytes); the name is only echoed back."""
         return self._predict(list(images), batch_size, progress=False, max_pixels=max_pixels)
 
-    def _predict(self, items: list[tuple[str, Any]], batch_size: int, progress: bool, max_pixels: int | None = None) -> dict:
+    def _predict(
+        self, items: list[tuple[str, Any]], batch_size: int, progress: bool, max_pixels: int | None = None
+    ) -> dict:
         names, p, ood, unreadable = self.classify(items, batch_size, progress, max_pixels)
         return summarize(names, p, self.class_names, self.review_threshold, unreadable, ood, self.ood_threshold)
 
@@ -278,30 +242,23 @@ class Predictor:
         self, items: list[tuple[str, Any]], batch_size: int = 32, progress: bool = False, max_pixels: int | None = None
     ) -> tuple[list[str], np.ndarray, np.ndarray | None, list[dict]]:
         """(names, calibrated probabilities, OOD scores or None, unreadable) of (name, path-or-bytes) items."""
-        from bloodcell.progress import progress_bar
+        from bloodcell.evaluate.calibration import apply_temperature  # start-up time: it imports scipy.optimize
 
         if batch_size < 1:
             raise DataError(f"batch size must be >= 1, got {batch_size}")
-        from bloodcell.evaluate.calibration import apply_temperature
 
         names: list[str] = []
         probs: list[np.ndarray] = []
         scores: list[np.ndarray] = []
         unreadable: list[dict] = []
-
-        def decode(item):
-            name, source = item
-            try:
-                return name, self.decode(source, max_pixels), None
-            except UnreadableImage as exc:
-                return name, None, str(exc)
-            except OSError as exc:  # vanished or unreadable on disk
-                return name, None, f"cannot read file: {exc.strerror or exc}"
-
+        decode = functools.partial(_decode_item, self, max_pixels=max_pixels)
         # decode a window of images in parallel (PIL releases the GIL), then run the model on it;
         # the window bounds memory for folders of any size
         window = batch_size * max(1, self.workers) * 2
-        with progress_bar(len(items), "classifying", enabled=progress) as advance, ThreadPoolExecutor(self.workers) as pool:
+        with (
+            progress_bar(len(items), "classifying", enabled=progress) as advance,
+            ThreadPoolExecutor(self.workers) as pool,
+        ):
             for start in range(0, len(items), window):
                 decoded = list(pool.map(decode, items[start : start + window]))
                 ok = [(n, a) for n, a, err in decoded if err is None]
@@ -381,8 +338,10 @@ def summarize(
     # a differential read from a sample of images: say when it rests on fewer cells than a manual one counts. One image
     # is a question about that cell, not a count, so the line needs at least two classified images.
     if len(predictions) >= 2 and 0 < wbc_total < MANUAL_DIFFERENTIAL_CELLS:
-        flags.append(f"the differential rests on {wbc_total} white cells (fewer than {MANUAL_DIFFERENTIAL_CELLS}): "
-                     "read the percentages with care")
+        flags.append(
+            f"the differential rests on {wbc_total} white cells (fewer than {MANUAL_DIFFERENTIAL_CELLS}): "
+            "read the percentages with care"
+        )
     return {
         "predictions": predictions,
         "counted": total,
@@ -409,14 +368,28 @@ def folder_verdict(images: int, ood_count: int) -> dict | None:
         return None
     share = ood_count / images
     counted = images - ood_count
-    count = ("no cell was counted" if counted == 0 else
-             f"the count leaves them out and rests on the {counted} other{'s' if counted > 1 else ''} only")
-    advice = (f"adapt the model to this lab's unlabelled cells ({ADAPT_COMMAND}, then predict with --model ADAPTED), "
-              f"or label about 5 cells per class and fine-tune ({FINETUNE_COMMAND})")
-    message = (f"these images as a whole look unlike every lab this model was trained on: {ood_count} of {images} "
-               f"({100 * share:.0f}%) are out of distribution, so {count}. Next: {advice}")
-    return {"kind": "unlike_training_labs", "images": images, "ood_count": ood_count, "ood_fraction": round(share, 4),
-            "counted": counted, "advice": advice, "message": message}
+    count = (
+        "no cell was counted"
+        if counted == 0
+        else f"the count leaves them out and rests on the {counted} other{'s' if counted > 1 else ''} only"
+    )
+    advice = (
+        f"adapt the model to this lab's unlabelled cells ({ADAPT_COMMAND}, then predict with --model ADAPTED), "
+        f"or label about 5 cells per class and fine-tune ({FINETUNE_COMMAND})"
+    )
+    message = (
+        f"these images as a whole look unlike every lab this model was trained on: {ood_count} of {images} "
+        f"({100 * share:.0f}%) are out of distribution, so {count}. Next: {advice}"
+    )
+    return {
+        "kind": "unlike_training_labs",
+        "images": images,
+        "ood_count": ood_count,
+        "ood_fraction": round(share, 4),
+        "counted": counted,
+        "advice": advice,
+        "message": message,
+    }
 
 
 def _pct(n: int, total: int) -> float:
@@ -424,6 +397,17 @@ def _pct(n: int, total: int) -> float:
 
 
 # ---------------------------------------------------------------------- helpers
+
+
+def _decode_item(predictor: Predictor, item: tuple[str, Any], max_pixels: int | None) -> tuple[str, Any, str | None]:
+    """(name, decoded image or None, why it is unreadable or None) of a (name, path-or-bytes) item."""
+    name, source = item
+    try:
+        return name, predictor.decode(source, max_pixels), None
+    except UnreadableImage as exc:
+        return name, None, str(exc)
+    except OSError as exc:  # vanished or unreadable on disk
+        return name, None, f"cannot read file: {exc.strerror or exc}"
 
 
 def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
@@ -434,7 +418,9 @@ def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and is_image_name(p) and not p.name.startswith("."))
+            found = sorted(
+                p for p in path.rglob("*") if p.is_file() and is_image_name(p) and not p.name.startswith(".")
+            )
             if not found:
                 raise DataError(f"no image files found in {path} (looked for {' '.join(sorted(IMAGE_SUFFIXES))})")
             files += found
@@ -447,20 +433,17 @@ def collect_images(paths: str | os.PathLike | Sequence[str | os.PathLike]) -> li
     return files
 
 
-def _meta_path(path: Path) -> Path:
-    from bloodcell.models.metadata import _locate
-
-    return _locate(path)[1]
-
-
-def _ood_threshold(meta: dict, source: str) -> float:
-    try:
-        t = float(meta["ood"]["threshold"])
-    except (KeyError, TypeError, ValueError):
-        raise ModelError(f"model metadata of {source}: 'ood' section lacks a numeric threshold") from None
-    if not np.isfinite(t):
-        raise ModelError(f"model metadata of {source}: ood threshold must be finite, got {t}")
-    return t
+def _model_path(model: str | os.PathLike | None) -> Path:
+    """The file or folder to load: the bundled model (its ONNX export without PyTorch), or `model` checked."""
+    if model is None:
+        path = bundled_model_dir()
+        return path if has_torch() else path / BUNDLED_ONNX  # the same model, shipped as ONNX (model.json says so)
+    path = Path(model)
+    if not path.exists():
+        raise ModelError(f"model not found: {path} (pass a run directory, its model.safetensors, or an .onnx file)")
+    if path.is_dir() and not (path / "model.safetensors").exists() and (path / BUNDLED_ONNX).is_file():
+        return path / BUNDLED_ONNX  # a folder holding only an exported model
+    return path
 
 
 def _check_threshold(value: Any, what: str) -> float:
@@ -471,62 +454,3 @@ def _check_threshold(value: Any, what: str) -> float:
     if not 0.0 < t <= 1.0:
         raise ModelError(f"{what} must be in (0, 1], got {t}")
     return t
-
-
-def onnx_sidecar(path: str | os.PathLike) -> Path:
-    path = Path(path)
-    return path.with_name(path.name + ONNX_SIDECAR_SUFFIX)
-
-
-def _read_onnx_sidecar(path: Path) -> dict:
-    """The .onnx file's `<file>.onnx.json`; else the model.json beside it when its `onnx` section names this file
-    (a model folder shipping both backends, like the bundled one, describes itself once)."""
-    sidecar = onnx_sidecar(path)
-    if not sidecar.is_file() and path.with_name(METADATA_FILE).is_file():
-        sidecar = path.with_name(METADATA_FILE)
-    if not sidecar.is_file():
-        raise ModelError(f"{path}: metadata sidecar {onnx_sidecar(path)} not found (written by 'bloodcell export')")
-    meta = read_json_object(sidecar, ("num_classes", "input_size"))
-    for section in ("onnx", "ood"):
-        if isinstance(meta.get(section), dict) and meta[section].get("file") not in (None, ""):
-            member(path.parent, meta[section]["file"], f"{section}.file", sidecar)
-    if sidecar.name == METADATA_FILE and (meta.get("onnx") or {}).get("file") != path.name:
-        raise ModelError(f"{path}: no sidecar {onnx_sidecar(path).name}, and {sidecar} does not describe it (no onnx.file '{path.name}')")
-    return meta
-
-
-def _check_onnx_shapes(session, predictor: "Predictor", path: Path) -> None:
-    """The sidecar must describe this graph: its input size and class count (a sidecar from another export is caught)."""
-    in_shape = list(session.get_inputs()[0].shape)
-    out_shape = list(session.get_outputs()[0].shape)
-    size = predictor.input_size
-    # static dimensions are ints; dynamic ones (the batch) are names or None
-    if len(in_shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(in_shape[1:], (3, size, size))):
-        raise ModelError(f"{onnx_sidecar(path)} says input 3 x {size} x {size} but {path.name} takes {in_shape[1:]}")
-    k = len(predictor.class_names)
-    if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != k):
-        raise ModelError(f"{onnx_sidecar(path)} lists {k} classes but {path.name} outputs {out_shape[1:]}")
-
-
-def _torch_device(device: str) -> str:
-    import torch
-
-    return _chosen_device(device, torch.cuda.is_available(), "no CUDA device is visible to PyTorch here")
-
-
-def _onnx_device(device: str) -> str:
-    import onnxruntime as ort
-
-    has_cuda = "CUDAExecutionProvider" in ort.get_available_providers()
-    return _chosen_device(device, has_cuda, "this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
-
-
-def _chosen_device(device: str, has_cuda: bool, why_not: str) -> str:
-    """`device` checked against what the backend has: auto -> cuda when it has one; a missing CUDA is an error."""
-    if not (device in ("auto", "cpu") or device.startswith("cuda")):
-        raise ModelError(f"--device must be cpu, cuda, cuda:N or auto, got '{device}'")
-    if device == "auto":
-        return "cuda" if has_cuda else "cpu"
-    if device.startswith("cuda") and not has_cuda:
-        raise ModelError(f"--device {device}: {why_not}; use --device cpu")
-    return device

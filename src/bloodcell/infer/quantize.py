@@ -23,13 +23,24 @@ import contextlib
 import io
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
+import onnx
+import onnxruntime
+from onnxruntime import quantization as ortq  # called as ortq.quantize_static: tests spy on it there
 
+from bloodcell.config import parse_config
+from bloodcell.data.images import UnreadableImage
+from bloodcell.data.prepare import split_files
 from bloodcell.errors import DataError, ModelError
+from bloodcell.evaluate.calibration import apply_temperature
+from bloodcell.infer.predictor import collect_images
+from bloodcell.models.description import ModelDescription, provenance
+from bloodcell.models import onnx_runtime  # called as onnx_runtime.onnx_session: tests wrap it there
 
 MODES = ("int8",)
 DEFAULT_CALIBRATION_IMAGES = 256  # 32 images moved the OOD flags of the bundled model (benchmarks/quantize.py)
@@ -50,7 +61,11 @@ class QuantSettings:
     activations: str = "uint8"  # u8 activations x s8 weights is the fast pair on x86; "int8" is slower there
 
     def check(self) -> None:
-        choices = {"fmt": ("QDQ", "QOperator"), "method": ("MinMax", "Entropy", "Percentile"), "activations": ("uint8", "int8")}
+        choices = {
+            "fmt": ("QDQ", "QOperator"),
+            "method": ("MinMax", "Entropy", "Percentile"),
+            "activations": ("uint8", "int8"),
+        }
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ModelError(f"quantization {key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
@@ -65,21 +80,32 @@ class CalibrationSet:
 
 
 def calibration_set(
-    meta: dict,
+    meta: ModelDescription | dict,
     source: str,
     n: int = DEFAULT_CALIBRATION_IMAGES,
     calibration_dir: str | os.PathLike | None = None,
     data_root: str | os.PathLike | None = None,
     check: int = DEFAULT_CHECK_IMAGES,
 ) -> CalibrationSet:
-    """The calibration and check images for the model whose model.json is `meta` (`source` names it in errors)."""
-    if n < 1 or check < 1:
-        raise ModelError(f"--calibration-images must be >= 1, got {n}" if n < 1 else f"check images must be >= 1, got {check}")
-    if calibration_dir is not None and data_root is not None:
-        raise ModelError("give --calibration-dir (any images) or --data (the training data, for its validation part), not both")
-    if calibration_dir is not None:
-        from bloodcell.infer.predictor import collect_images
+    """The calibration and check images for a model.
 
+    Args:
+        meta: the model's description (or a dict with its training_config and data_fingerprint).
+        source: what names the model in errors.
+        n: how many images calibrate.
+        calibration_dir: calibrate on images of this folder instead of the model's validation part.
+        data_root: the training data folder, when not where model.json says.
+        check: how many other images the guard compares fp32 and int8 on.
+    """
+    if n < 1 or check < 1:
+        raise ModelError(
+            f"--calibration-images must be >= 1, got {n}" if n < 1 else f"check images must be >= 1, got {check}"
+        )
+    if calibration_dir is not None and data_root is not None:
+        raise ModelError(
+            "give --calibration-dir (any images) or --data (the training data, for its validation part), not both"
+        )
+    if calibration_dir is not None:
         root = Path(calibration_dir)
         if not root.is_dir():
             raise DataError(f"--calibration-dir {root} is not a folder")
@@ -98,36 +124,43 @@ def calibration_set(
     return CalibrationSet(calib, rest, described, checked)
 
 
-def _validation_part(meta: dict, source: str, data_root) -> tuple[list[Path], int, str]:
-    from bloodcell.config import parse_config
-    from bloodcell.data.prepare import split_files
-
+def _validation_part(meta: ModelDescription | dict, source: str, data_root) -> tuple[list[Path], int, str]:
     hint = "pass --data DIR (the training data) or --calibration-dir DIR (images like the ones it will classify)"
-    trained = meta.get("training_config")
+    recorded = provenance(meta, f"model.json of {source}")
+    trained = recorded.training_config
     if not isinstance(trained, dict):
-        raise ModelError(f"model.json of {source} records no training_config, so no validation part to calibrate on: {hint}")
+        raise ModelError(
+            f"model.json of {source} records no training_config, so no validation part to calibrate on: {hint}"
+        )
     cfg = parse_config(trained, source=f"training_config of {source}")
     if data_root is None:
         if cfg.data.npz or not cfg.data.root:
-            raise ModelError(f"model.json of {source} records no training data folder (training_config.data.root): {hint}")
+            raise ModelError(
+                f"model.json of {source} records no training data folder (training_config.data.root): {hint}"
+            )
         data_root = cfg.data.root
     root = Path(data_root).expanduser()
     if not root.is_dir():
-        raise DataError(f"the training data of {source} is not at {root.resolve()} (training_config.data.root or --data): {hint}")
-    fingerprint = meta.get("data_fingerprint")
+        raise DataError(
+            f"the training data of {source} is not at {root.resolve()} (training_config.data.root or --data): {hint}"
+        )
+    fingerprint = recorded.data_fingerprint
     if not fingerprint:
-        raise ModelError(f"model.json of {source} has no data_fingerprint, so its validation part cannot be told apart from its test part: {hint}")
+        raise ModelError(
+            f"model.json of {source} has no data_fingerprint, so its validation part cannot be told apart from its test part: {hint}"
+        )
     files, _ = split_files(cfg, root, "val", fingerprint=fingerprint)
     if not files:
         raise DataError(f"the split of {source} has no validation part (val_size 0): pass --calibration-dir DIR")
-    return files, cfg.split_seed, f"validation images of split seed {cfg.split_seed} ({root.resolve()}, data fingerprint {fingerprint[:8]})"
+    return (
+        files,
+        cfg.split_seed,
+        f"validation images of split seed {cfg.split_seed} ({root.resolve()}, data fingerprint {fingerprint[:8]})",
+    )
 
 
 def decode_all(predictor, files: Sequence[Path]) -> tuple[np.ndarray, int]:
     """(uint8 images as Predictor decodes them, how many were unreadable and left out)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    from bloodcell.data.images import UnreadableImage
 
     def one(path):
         try:
@@ -143,8 +176,6 @@ def decode_all(predictor, files: Sequence[Path]) -> tuple[np.ndarray, int]:
 
 def fp32_only_nodes(model_path: str | os.PathLike, output: str = "logits") -> list[str]:
     """Names of the nodes `output` does not depend on (the OOD score's own computation)."""
-    import onnx
-
     graph = onnx.load(str(model_path)).graph
     needed, used = {output}, set()
     for node in reversed(graph.node):  # ONNX nodes are topologically sorted
@@ -155,17 +186,20 @@ def fp32_only_nodes(model_path: str | os.PathLike, output: str = "logits") -> li
 
 
 def quantize_file(
-    predictor, fp32_path: Path, out_path: Path, images: np.ndarray, settings: QuantSettings, keep_fp32: Sequence[str] | None = None
+    predictor,
+    fp32_path: Path,
+    out_path: Path,
+    images: np.ndarray,
+    settings: QuantSettings,
+    keep_fp32: Sequence[str] | None = None,
 ) -> None:
     """Write the int8 graph of `fp32_path` to `out_path`, calibrated on uint8 `images` normalised by `predictor`.
 
     keep_fp32: names of nodes left in fp32 (default: `fp32_only_nodes`, the OOD score's own nodes).
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     settings.check()
 
-    class Batches(CalibrationDataReader):
+    class Batches(ortq.CalibrationDataReader):
         # one image a batch: the Entropy and Percentile calibrators of onnxruntime 1.32 fail on a shorter last batch
         def __init__(self) -> None:
             self._batches: Iterator = (predictor.normalise(images[i : i + 1]) for i in range(len(images)))
@@ -178,15 +212,17 @@ def quantize_file(
     # neither means anything to a user of `bloodcell export` (pre-processing changed nothing here)
     with _quiet():
         try:
-            quantize_static(
-                str(fp32_path), str(out_path), Batches(),
-                quant_format=getattr(QuantFormat, settings.fmt),
+            ortq.quantize_static(
+                str(fp32_path),
+                str(out_path),
+                Batches(),
+                quant_format=getattr(ortq.QuantFormat, settings.fmt),
                 per_channel=settings.per_channel,
                 reduce_range=settings.reduce_range,
-                activation_type=QuantType.QUInt8 if settings.activations == "uint8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8,
+                activation_type=ortq.QuantType.QUInt8 if settings.activations == "uint8" else ortq.QuantType.QInt8,
+                weight_type=ortq.QuantType.QInt8,
                 nodes_to_exclude=fp32_only_nodes(fp32_path) if keep_fp32 is None else list(keep_fp32),
-                calibrate_method=getattr(CalibrationMethod, settings.method),
+                calibrate_method=getattr(ortq.CalibrationMethod, settings.method),
             )
         except Exception as exc:  # onnxruntime raises its own types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -206,12 +242,11 @@ def _quiet():
 
 def compare(predictor, fp32_session, int8_session, images: np.ndarray) -> dict:
     """Agreement of two graphs' top-1 labels, review flags and OOD flags, and their largest logit difference, on uint8 `images`."""
+
     def run(session):
         name = session.get_inputs()[0].name
         outs = [session.run(None, {name: predictor.normalise(images[i : i + 64])}) for i in range(0, len(images), 64)]
         return [np.concatenate([o[k] for o in outs]) for k in range(len(outs[0]))]
-
-    from bloodcell.evaluate.calibration import apply_temperature
 
     ref, got = run(fp32_session), run(int8_session)
     confidence = [apply_temperature(r[0], predictor.temperature).max(1) for r in (ref, got)]
@@ -220,7 +255,9 @@ def compare(predictor, fp32_session, int8_session, images: np.ndarray) -> dict:
         "images": int(len(images)),
         "top1_agreement": float((ref[0].argmax(1) == got[0].argmax(1)).mean()),
         "max_abs_logit_diff": float(np.abs(ref[0] - got[0]).max()),
-        "review_flag_agreement": float((review[0] == review[1]).mean()),  # reported, not guarded: flags sit on a threshold
+        "review_flag_agreement": float(
+            (review[0] == review[1]).mean()
+        ),  # reported, not guarded: flags sit on a threshold
     }
     if predictor.ood_threshold is not None and len(ref) > 1:
         t = predictor.ood_threshold
@@ -235,13 +272,15 @@ def check_min_agreement(min_agreement: float) -> None:
 
 
 def quantize_checked(
-    predictor, fp32_path: Path, out_path: Path, calib: CalibrationSet, settings: QuantSettings, min_agreement: float, source: str
+    predictor,
+    fp32_path: Path,
+    out_path: Path,
+    calib: CalibrationSet,
+    settings: QuantSettings,
+    min_agreement: float,
+    source: str,
 ) -> dict:
     """Quantize, run the guard, and return the sidecar's `quantization` section; ModelError when the guard refuses."""
-    import onnxruntime
-
-    from bloodcell.models.onnx_runtime import onnx_session
-
     check_min_agreement(min_agreement)
     images, bad = decode_all(predictor, calib.calibration)
     if not len(images):
@@ -250,7 +289,8 @@ def quantize_checked(
     check_images, _ = decode_all(predictor, calib.check)
     if not len(check_images):
         raise DataError(f"none of the {len(calib.check)} check images ({calib.check_description}) could be read")
-    result = compare(predictor, onnx_session(fp32_path), onnx_session(out_path), check_images)
+    sessions = onnx_runtime.onnx_session(fp32_path), onnx_runtime.onnx_session(out_path)
+    result = compare(predictor, *sessions, check_images)
     for key, what in (("top1_agreement", "top-1 labels"), ("ood_flag_agreement", "OOD flags")):
         if key in result and result[key] < min_agreement:
             raise ModelError(

@@ -25,20 +25,35 @@ def to_csv(result: dict) -> str:
     fields = result.get("fields") or []
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["path", "label", "confidence", "review", "ood", "ood_score"] + [f"p_{c}" for c in classes]
-               + (["input", "box"] if fields else []))
+    w.writerow(
+        ["path", "label", "confidence", "review", "ood", "ood_score"]
+        + [f"p_{c}" for c in classes]
+        + (["input", "box"] if fields else [])
+    )
     rows = [(p, "cell", "") for p in result["predictions"]]
-    rows += [(c, "field", " ".join(f"{v:.1f}" for v in c["box"])) for f in fields for c in f["cells"] if c["kind"] == "wbc"]
+    rows += [
+        (c, "field", " ".join(f"{v:.1f}" for v in c["box"])) for f in fields for c in f["cells"] if c["kind"] == "wbc"
+    ]
     for p, kind, box in rows:
         ood, score = p.get("ood"), p.get("ood_score")
-        w.writerow([p["path"], p["label"], f"{p['confidence']:.6f}", str(p["review"]).lower(),
-                    "" if ood is None else str(ood).lower(), "" if score is None else f"{score:.3f}"]
-                   + [f"{p['probabilities'][c]:.6f}" for c in classes] + ([kind, box] if fields else []))
+        w.writerow(
+            [
+                p["path"],
+                p["label"],
+                f"{p['confidence']:.6f}",
+                str(p["review"]).lower(),
+                "" if ood is None else str(ood).lower(),
+                "" if score is None else f"{score:.3f}",
+            ]
+            + [f"{p['probabilities'][c]:.6f}" for c in classes]
+            + ([kind, box] if fields else [])
+        )
     return buf.getvalue()
 
 
 def json_safe(result: dict) -> dict:
     """The result with non-finite OOD scores (nan / inf: such an image is flagged `ood`) as null, fit for strict JSON."""
+
     def fix(p: dict) -> dict:
         bad = isinstance(p.get("ood_score"), float) and not math.isfinite(p["ood_score"])
         return {**p, "ood_score": None} if bad else p
@@ -59,8 +74,10 @@ def ood_summary(result: dict) -> str | None:
     if not out:
         return None
     if out == n:
-        return (f"ALL {n} images look unlike the cells this model was trained on (OOD): no cell was counted. "
-                "Check the image source (stain, magnification, camera) or use a model trained on such images.")
+        return (
+            f"ALL {n} images look unlike the cells this model was trained on (OOD): no cell was counted. "
+            "Check the image source (stain, magnification, camera) or use a model trained on such images."
+        )
     return f"{out} of {n} images look unlike the cells this model was trained on (OOD): marked OOD and not counted"
 
 
@@ -119,8 +136,13 @@ def tables(result: dict, review_threshold: float | None = None, per_image: bool 
         diff.add_column(name, justify=justify)
     for c in classes:
         wbc = result["wbc_percent"].get(c)
-        diff.add_row(c, str(result["counts"][c]), f"{result['percent'][c]:.1f}", "-" if wbc is None else f"{wbc:.1f}",
-                     style=None if result["counts"][c] else "dim")
+        diff.add_row(
+            c,
+            str(result["counts"][c]),
+            f"{result['percent'][c]:.1f}",
+            "-" if wbc is None else f"{wbc:.1f}",
+            style=None if result["counts"][c] else "dim",
+        )
     wbc_total = sum(result["counts"][c] for c in classes if c in WBC_CLASSES)
     diff.add_section()
     diff.add_row("total", str(total), "100.0" if total else "-", f"{wbc_total} WBC")
@@ -151,28 +173,50 @@ def field_tables(result: dict) -> list:
 
     fields, summary = result["fields"], result["field_summary"]
     per_photo = Table(title="smear photographs (fields)", title_justify="left")
-    for name, justify in (("photograph", "left"), ("red cells", "right"), ("platelets", "right"), ("white cells", "left")):
+    for name, justify in (
+        ("photograph", "left"),
+        ("red cells", "right"),
+        ("platelets", "right"),
+        ("white cells", "left"),
+    ):
         per_photo.add_column(name, justify=justify, overflow="fold")
     for f in fields:
         wbc = [c for c in f["cells"] if c["kind"] == "wbc"]
-        said = ", ".join(f"{c['label']} {100 * c['confidence']:.0f}%" + (" OOD" if c.get("ood") else " review" if c["review"] else "")
-                         for c in wbc) or (f["note"] or "none found")
+        said = ", ".join(
+            f"{c['label']} {100 * c['confidence']:.0f}%"
+            + (" OOD" if c.get("ood") else " review" if c["review"] else "")
+            for c in wbc
+        ) or (f["note"] or "none found")
         counts = f["counts"] or {}  # None: withheld (infer.field_checks), the note says why
-        per_photo.add_row(f["path"], str(counts.get("rbc", "-")), str(counts.get("platelet", "-")),
-                          Text(said, style="bold red") if f.get("withheld") else said)
+        per_photo.add_row(
+            f["path"],
+            str(counts.get("rbc", "-")),
+            str(counts.get("platelet", "-")),
+            Text(said, style="bold red") if f.get("withheld") else said,
+        )
     out: list = [per_photo]
     for f in fields:  # warnings that did not withhold the counts (the note above says the rest)
-        out += [Text(f"warning: {f['path']}: {p['message']}", style="yellow") for p in f.get("problems") or []
-                if not p["severe"] and p["code"] != "no_cells" and p["message"] not in f["note"]]
+        out += [
+            Text(f"warning: {f['path']}: {p['message']}", style="yellow")
+            for p in f.get("problems") or []
+            if not p["severe"] and p["code"] != "no_cells" and p["message"] not in f["note"]
+        ]
     t = summary["totals"]
     n = summary["photos"]
     if summary.get("withheld"):
-        out.append(Text(f"counts withheld for {summary['withheld']} photograph{'s' if summary['withheld'] != 1 else ''} "
-                        "(see above): left out of the figures below", style="bold red"))
+        out.append(
+            Text(
+                f"counts withheld for {summary['withheld']} photograph{'s' if summary['withheld'] != 1 else ''} "
+                "(see above): left out of the figures below",
+                style="bold red",
+            )
+        )
     if not n:
         return out
-    title = (f"over {n} photograph{'s' if n != 1 else ''}: {t['rbc']} red cells ({summary['per_photo']['rbc']:.1f} per photo), "
-             f"{t['platelet']} platelets, {t['wbc']} white cells")
+    title = (
+        f"over {n} photograph{'s' if n != 1 else ''}: {t['rbc']} red cells ({summary['per_photo']['rbc']:.1f} per photo), "
+        f"{t['platelet']} platelets, {t['wbc']} white cells"
+    )
     diff = Table(title=f"WBC differential ({summary['wbc_counted']} white cells counted)", title_justify="left")
     for name, justify in (("class", "left"), ("cells", "right"), ("% of WBC", "right")):
         diff.add_column(name, justify=justify)
@@ -181,8 +225,12 @@ def field_tables(result: dict) -> list:
         diff.add_row(c, str(k), "-" if pct is None else f"{pct:.1f}", style=None if k else "dim")
     out += [Text(title, style="bold"), diff]
     if summary["wbc_ood"]:
-        out.append(Text(f"{summary['wbc_ood']} white cells look unlike the classifier's training cells (OOD): not counted",
-                        style="bold yellow"))
+        out.append(
+            Text(
+                f"{summary['wbc_ood']} white cells look unlike the classifier's training cells (OOD): not counted",
+                style="bold yellow",
+            )
+        )
     if summary["wbc_review"]:
         out.append(Text(f"{summary['wbc_review']} white cells need review", style="yellow"))
     return out

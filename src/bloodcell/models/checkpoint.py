@@ -6,40 +6,45 @@ Weights are never unpickled: `.pt`/`.pth`/`.ckpt`/pickle files are refused outri
 from __future__ import annotations
 
 import os
+import pickletools
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
+from bloodcell import __version__
 from bloodcell.data.classes import resolve_class
 from bloodcell.errors import ModelError
 from bloodcell.io import write_bytes
 from bloodcell.models.base import BloodcellModel
-
-from bloodcell.models.metadata import (  # the torch-free half of a checkpoint; read_metadata re-exported
+from bloodcell.models.description import (  # the torch-free half of a checkpoint
     FORMAT,
     FORMAT_VERSION,
     WEIGHTS_FILE,
-    _locate,
-    bundled_model_dir,
-    preprocessing,
-    read_metadata,
-    write_model_json,
+    ModelDescription,
+    locate,
+    read_description,
+    write_description,
 )
+from bloodcell.models.metadata import bundled_model_dir, read_metadata  # noqa: F401 - read_metadata: its old home
+from bloodcell.models import registry  # called as registry.create_model: tests replace it there
 from bloodcell.models.seal import verify
 
 
 def save_checkpoint(model: BloodcellModel, directory: str | os.PathLike, metadata: dict | None = None) -> Path:
     """Write `directory/model.safetensors` and `directory/model.json` atomically; return directory.
 
-    metadata: anything JSON-able to keep beside the weights (class_names, epoch, metrics...).
-    The facts needed to rebuild the model (name, classes, input size, normalisation, options)
-    are filled in from the model itself and win over same-named keys in `metadata`.
+    The facts needed to rebuild the model (name, classes, input size, normalisation, options) are filled in from the
+    model itself and win over same-named keys in `metadata`; the whole is checked as a ModelDescription first.
+
+    Args:
+        model: the network to save (its weights go to model.safetensors).
+        directory: the model folder, created if needed.
+        metadata: the rest of model.json, JSON-able (class_names, preprocess, training_config, ...).
     """
-    from safetensors.torch import save
-
-    from bloodcell import __version__
-
     directory = Path(directory)
     meta: dict[str, Any] = dict(metadata or {})
     class_names = meta.get("class_names")
@@ -64,26 +69,33 @@ def save_checkpoint(model: BloodcellModel, directory: str | os.PathLike, metadat
     )
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
     # the header repeats what model.json must agree with, so a model.json swapped in from elsewhere is caught
-    header = {"model_name": model.model_name, "num_classes": str(model.num_classes), "input_size": str(model.input_size)}
+    header = {
+        "model_name": model.model_name,
+        "num_classes": str(model.num_classes),
+        "input_size": str(model.input_size),
+    }
     write_bytes(directory / WEIGHTS_FILE, save(state, metadata=header))
-    write_model_json(directory, meta)  # and seal the folder (bloodcell.models.seal)
+    write_description(directory, meta)  # checked, and the folder sealed (bloodcell.models.seal)
     return directory
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> tuple[BloodcellModel, dict]:
-    """Rebuild the model named in model.json, load its weights strictly; return (model, metadata).
+    """Rebuild the model named in model.json, load its weights strictly; return (model, metadata as a dict).
 
     The model comes back in eval mode on `map_location`. The folder must match its seal (bloodcell.models.seal), and
     model.json's model_kwargs must be options the model takes, with plain values (registry.check_model_options).
     """
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    model, description = load_described(path, map_location)
+    return model, description.to_dict()
 
-    from bloodcell.models.registry import check_model_options, create_model
 
-    weights_path, meta_path = _locate(Path(path))
+def load_described(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu"
+) -> tuple[BloodcellModel, ModelDescription]:
+    """load_checkpoint, with the model's description typed (bloodcell.models.description)."""
+    weights_path, meta_path = locate(Path(path))
     verify(weights_path.parent)
-    meta = read_metadata(path)
+    description = read_description(path)
     if not weights_path.is_file():
         raise ModelError(f"checkpoint weights not found: {weights_path}")
     try:
@@ -98,24 +110,28 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
             ) from None
         raise ModelError(f"checkpoint weights {weights_path} are truncated or corrupt ({exc})") from None
 
-    name = meta["model_name"]
+    name = description.model_name
     saved_from = header.get("model_name")
     if saved_from and saved_from != name:
         raise ModelError(f"{meta_path} names model '{name}' but {weights_path.name} holds weights of '{saved_from}'")
     saved_size = header.get("input_size")  # absent in checkpoints written before it was recorded
-    if saved_size and str(meta.get("input_size")) != saved_size:
+    if saved_size and str(description.input_size) != saved_size:
         raise ModelError(
-            f"{meta_path} says input size {meta.get('input_size')} but {weights_path.name} was saved from a model "
+            f"{meta_path} says input size {description.input_size} but {weights_path.name} was saved from a model "
             f"at {saved_size} px; the two files come from different checkpoints"
         )
-    options = check_model_options(name, meta.get("model_kwargs"), f"{meta_path} model_kwargs")
-    model = create_model(name, num_classes=meta["num_classes"], input_size=meta.get("input_size"), **options)
-    _check_fit(model, state, weights_path, meta)
+    options = registry.check_model_options(name, description.model_kwargs, f"{meta_path} model_kwargs")
+    model = registry.create_model(
+        name, num_classes=description.num_classes, input_size=description.input_size, **options
+    )
+    _check_fit(model, state, weights_path)
     model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval(), meta
+    return model.to(map_location).eval(), description
 
 
-def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], input_size: int, white_balance: str = "none") -> dict:
+def init_from_model(
+    model: BloodcellModel, source: Any, class_names: list[str], input_size: int, white_balance: str = "none"
+) -> dict:
     """Start `model` from a trained bloodcell model: every weight, and the output rows of the classes both share.
 
     `source`: 'default' (the bundled model) or a run / model folder. A lab fine-tuning on its own cells keeps what
@@ -123,21 +139,27 @@ def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], 
     Returns the source's metadata. Refuses another architecture, input size or white balance with one line naming both.
     """
     folder = bundled_model_dir() if source == "default" else Path(source)
-    base, meta = load_checkpoint(folder)
-    if meta["model_name"] != model.model_name or dict(meta.get("model_kwargs") or {}) != dict(model.model_kwargs):
+    base, described = load_described(folder)
+    kwargs = dict(described.model_kwargs or {})
+    if described.model_name != model.model_name or kwargs != dict(model.model_kwargs):
         raise ModelError(
-            f"model.pretrained {source}: it is a '{meta['model_name']}' with options {meta.get('model_kwargs') or {}}, "
+            f"model.pretrained {source}: it is a '{described.model_name}' with options {kwargs}, "
             f"the config builds '{model.model_name}' with {model.model_kwargs or {}}: set model.name to match"
         )
-    if int(meta["input_size"]) != int(input_size):
-        raise ModelError(f"model.pretrained {source} was trained at {meta['input_size']} px: set data.input_size={meta['input_size']}")
-    base_balance = preprocessing(meta)["white_balance"]
-    if base_balance != white_balance:
-        raise ModelError(f"model.pretrained {source} was trained with white balance '{base_balance}': set data.white_balance={base_balance}")
+    pre = described.preprocessing
+    if pre.input_size != int(input_size):
+        raise ModelError(
+            f"model.pretrained {source} was trained at {pre.input_size} px: set data.input_size={pre.input_size}"
+        )
+    if pre.white_balance != white_balance:
+        raise ModelError(
+            f"model.pretrained {source} was trained with white balance '{pre.white_balance}': "
+            f"set data.white_balance={pre.white_balance}"
+        )
     src_state, state = base.state_dict(), model.state_dict()
     logits_layer = [n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]
     out_keys = {f"head.{logits_layer}.weight", f"head.{logits_layer}.bias"}
-    src_names = [str(c) for c in (meta.get("class_names") or [])]
+    src_names = list(described.class_names or [])
     with torch.no_grad():
         for key, value in state.items():
             if key in out_keys:
@@ -147,7 +169,7 @@ def init_from_model(model: BloodcellModel, source: Any, class_names: list[str], 
                         value[row] = src_state[key][src_names.index(same)]
             else:
                 value.copy_(src_state[key])
-    return meta
+    return described.to_dict()
 
 
 def _is_pickle(path: Path) -> bool:
@@ -155,9 +177,6 @@ def _is_pickle(path: Path) -> bool:
 
     pickletools.genops only walks the opcodes (it builds no object), so it is safe on hostile files.
     """
-    import pickletools
-    import zipfile
-
     if zipfile.is_zipfile(path):
         try:
             with zipfile.ZipFile(path) as archive:
@@ -174,7 +193,7 @@ def _is_pickle(path: Path) -> bool:
     return last == "STOP"
 
 
-def _check_fit(model: BloodcellModel, state: dict, weights_path: Path, meta: dict) -> None:
+def _check_fit(model: BloodcellModel, state: dict, weights_path: Path) -> None:
     """Explain, in one line, why weights do not fit the model rebuilt from model.json."""
     expected = model.state_dict()
     logits_layer = [n for n, m in model.head.named_modules() if isinstance(m, torch.nn.Linear)][-1]

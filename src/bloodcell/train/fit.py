@@ -40,6 +40,7 @@ from bloodcell.train.hardware import resolve_accelerator, resolve_channels_last,
 from bloodcell.train.module import Classifier
 from bloodcell.train.smote import smote_oversample
 
+
 class _NoAdverts(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:  # Lightning's start-up "Tip: ... litlogger" line
         return "litlogger" not in record.getMessage()
@@ -70,7 +71,9 @@ def _kept_checkpoint(path: Path, exc: Exception) -> str:
         epoch = int(read_checkpoint(path)["epoch"]) + 1
     except ModelError:
         return "no epoch finished, so no checkpoint was kept"
-    then = "; a resumed run continues from it" if isinstance(exc, WriteError) else ""  # a diverged one would diverge again
+    then = (
+        "; a resumed run continues from it" if isinstance(exc, WriteError) else ""
+    )  # a diverged one would diverge again
     return f"the checkpoint of epoch {epoch}, the last good one, is kept: {path}{then}"
 
 
@@ -80,7 +83,11 @@ def _deterministic_state_restorer():
     filling cost 12 % of a ResNet-50 fp32 step on an AVX2 CPU (profiled: aten::fill_ under aten::empty) and changes
     no result, so it is off while bloodcell trains; afterwards (evaluation, the user's own code) torch's flags are
     put back as they were. Returns the function that puts them back."""
-    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    saved = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.utils.deterministic.fill_uninitialized_memory,
+    )
 
     def restore() -> None:
         torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
@@ -96,7 +103,9 @@ def make_logger(kind: str, run_dir: Path):
     if kind == "csv":
         return CSVLogger(str(run_dir), name="logs")
     # the package is named as the logger (TensorBoard's also writes through tensorboardX)
-    if importlib.util.find_spec(kind) is None and not (kind == "tensorboard" and importlib.util.find_spec("tensorboardX")):
+    if importlib.util.find_spec(kind) is None and not (
+        kind == "tensorboard" and importlib.util.find_spec("tensorboardX")
+    ):
         raise ConfigError(f"train.logger is '{kind}' but {kind} is not installed: pip install {kind}")
     if kind == "tensorboard":
         return TensorBoardLogger(str(run_dir), name="logs")
@@ -107,14 +116,26 @@ def build_model(cfg: RunConfig, num_classes: int, class_names: list[str] | None 
     """The run's model: from scratch, from ImageNet backbone weights, or from a trained bloodcell model (fine-tuning)."""
     pretrained = cfg.model.pretrained if cfg.model.pretrained not in (None,) else False
     if is_bloodcell_model(pretrained):
-        model = create_model(cfg.model.name, num_classes=num_classes, pretrained=False, input_size=cfg.data.input_size, **cfg.model.kwargs)
+        model = create_model(
+            cfg.model.name,
+            num_classes=num_classes,
+            pretrained=False,
+            input_size=cfg.data.input_size,
+            **cfg.model.kwargs,
+        )
         names = class_names or [f"class_{i}" for i in range(num_classes)]
         try:
             init_from_model(model, pretrained, names, cfg.data.input_size, cfg.data.white_balance)
         except ModelError as exc:
             raise ConfigError(str(exc)) from None
         return model
-    return create_model(cfg.model.name, num_classes=num_classes, pretrained=pretrained, input_size=cfg.data.input_size, **cfg.model.kwargs)
+    return create_model(
+        cfg.model.name,
+        num_classes=num_classes,
+        pretrained=pretrained,
+        input_size=cfg.data.input_size,
+        **cfg.model.kwargs,
+    )
 
 
 def _training_arrays(cfg: RunConfig, data: PreparedData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -145,12 +166,20 @@ def _images_on_device(cfg: RunConfig, accelerator: str, images: np.ndarray) -> b
     return images.nbytes < 0.4 * torch.cuda.get_device_properties(0).total_memory
 
 
-def _trainer(cfg: RunConfig, accelerator: str, run_dir: Path, progress: bool, has_val: bool,
-             train_size: int) -> L.Trainer:
+def _trainer(
+    cfg: RunConfig, accelerator: str, run_dir: Path, progress: bool, has_val: bool, train_size: int
+) -> L.Trainer:
     """The Lightning trainer: a checkpoint every epoch (safetensors), early stopping on val, the run's precision."""
     callbacks = [
-        ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last", save_last=False, save_top_k=-1,
-                        every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False),
+        ModelCheckpoint(
+            dirpath=run_dir / "checkpoints",
+            filename="last",
+            save_last=False,
+            save_top_k=-1,
+            every_n_epochs=1,
+            save_on_train_epoch_end=True,
+            enable_version_counter=False,
+        ),
     ]
     if progress and rank_zero_only.rank == 0:
         callbacks.append(RichProgressBar(leave=True))
@@ -177,17 +206,29 @@ def _trainer(cfg: RunConfig, accelerator: str, run_dir: Path, progress: bool, ha
     )
 
 
-def _loaders(cfg: RunConfig, trainer: L.Trainer, accelerator: str, images: np.ndarray | None, labels: np.ndarray,
-             train_idx: np.ndarray, val_idx: np.ndarray) -> tuple[DataLoader, DataLoader | None]:
+def _loaders(
+    cfg: RunConfig,
+    trainer: L.Trainer,
+    accelerator: str,
+    images: np.ndarray | None,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    val_idx: np.ndarray,
+) -> tuple[DataLoader, DataLoader | None]:
     """Train and val loaders, sharded by the trainer's rank; `images` None when they live on the device."""
     # The trainer knows the real world size and this process's rank (also with devices="auto" on many GPUs).
     rank, world = trainer.global_rank, trainer.world_size
     workers = cfg.train.workers if cfg.train.workers is not None else 0
-    loader_args = dict(batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                       pin_memory=accelerator == "gpu" and images is not None)
+    loader_args = dict(
+        batch_size=None,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        pin_memory=accelerator == "gpu" and images is not None,
+    )
     if workers:  # spawned, never forked (a trainer has threads: see bloodcell.data.workers), and they die with it
-        loader_args.update(multiprocessing_context=pool_context(),
-                           worker_init_fn=functools.partial(loader_worker_init, rank=rank))
+        loader_args.update(
+            multiprocessing_context=pool_context(), worker_init_fn=functools.partial(loader_worker_init, rank=rank)
+        )
     train_loader = DataLoader(
         ArrayBatches(images, labels, train_idx),
         sampler=EpochBatches(len(train_idx), cfg.train.batch_size, cfg.train.epoch_shuffle, cfg.seed, rank, world),
@@ -199,8 +240,14 @@ def _loaders(cfg: RunConfig, trainer: L.Trainer, accelerator: str, images: np.nd
     return train_loader, DataLoader(ArrayBatches(images, labels, val_idx), sampler=val_sampler, **loader_args)
 
 
-def _train(trainer: L.Trainer, module: Classifier, loaders: tuple, run_dir: Path, resume: bool,
-           restore_torch_flags: Callable[[], None]) -> None:
+def _train(
+    trainer: L.Trainer,
+    module: Classifier,
+    loaders: tuple,
+    run_dir: Path,
+    resume: bool,
+    restore_torch_flags: Callable[[], None],
+) -> None:
     """trainer.fit from the last checkpoint when resuming; a diverged or failed write names the checkpoint kept."""
     ckpt_path = run_dir / "checkpoints" / "last.ckpt"
     resume_from = resumable_checkpoint(ckpt_path) if resume else None
