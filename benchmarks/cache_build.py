@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/cache_build.py ../shared/data/pbc --size 224
 
-Scans the folder (validation and hashing, timed separately), rescans it (the scan cache: stat only), then builds the uint8 cache into a fresh
-temporary cache root so nothing is reused, and prints images/s with the machine it ran on.
+Scans the folder (validation and hashing, timed separately), rescans it (the scan cache: stat only), then builds the
+uint8 cache into a fresh temporary cache root so nothing is reused, and prints images/s with the machine it ran on.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def main() -> None:
     print(f"scan (decode + sha256 + validate): {scan_s:.1f} s = {n / scan_s:,.0f} img/s")
     print(f"rescan with the scan cache (stat only): {rescan_s:.2f} s")
     print(
-        f"cache build at {args.size}px {args.interpolation}: {cache.build_seconds:.1f} s = {n / cache.build_seconds:,.0f} img/s"
+        f"cache build at {args.size}px {args.interpolation}: "
+        f"{cache.build_seconds:.1f} s = {n / cache.build_seconds:,.0f} img/s"
     )
     print(f"cache reuse check: {reuse_s * 1000:.0f} ms")
 

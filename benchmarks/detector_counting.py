@@ -7,7 +7,7 @@ detector's own, chosen on validation when it was fitted), then prints the count 
 TXL-PBC's test photographs and on BCCD's test split with BCCD's own labels. With --nms, the PyTorch detector is also
 run with red-cell-friendly non-maximum suppression IoUs (its thresholds re-chosen on validation for each), since
 NMS at IoU 0.5 can merge two overlapping red cells into one box. Prints the CPU model and flags first.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -75,7 +75,8 @@ def main() -> None:
         print(f"\n## {name}: thresholds {json.dumps({k: round(v, 3) for k, v in thresholds.items()})}")
         for cls in ("rbc", "wbc", "platelet"):
             print(
-                f"\n{cls}: count error (mean |found - true| / mean true), bias per photograph; factors fitted on {len(sets.val)} val photographs"
+                f"\n{cls}: count error (mean |found - true| / mean true), bias per photograph; "
+                f"factors fitted on {len(sets.val)} val photographs"
             )
             print("| rule (factor) | " + " | ".join(groups) + " |")
             print("|---|" + "---|" * len(groups))

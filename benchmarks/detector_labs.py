@@ -87,7 +87,8 @@ def main() -> None:
             "median_seconds": float(np.median(seconds)),
         }
         print(
-            f"{label}: {len(photos)} photographs, {np.mean(seconds):.3f} s per photograph end to end (median {np.median(seconds):.3f})"
+            f"{label}: {len(photos)} photographs, {np.mean(seconds):.3f} s per photograph end to end "
+            f"(median {np.median(seconds):.3f})"
         )
     print()
     print(source_table({"": results["sources"]}).replace("|  / ", "| "))

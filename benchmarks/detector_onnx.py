@@ -56,7 +56,8 @@ def main() -> None:
     splits = ("train", "val", "test") if args.split == "all" else (args.split,)
     photos = [a for s in splits for a in load_voc(args.bccd, s)]
     print(
-        f"machine: {cpu_line()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, {args.threads} threads"
+        f"machine: {cpu_line()}; torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, "
+        f"{args.threads} threads"
     )
 
     for det in (torch_det, onnx_det):  # warm-up: first-call allocations

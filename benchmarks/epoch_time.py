@@ -3,8 +3,8 @@
     .venv/bin/python benchmarks/epoch_time.py --sizes 64 224 --images 112
 
 One epoch = one pass over `--images` training images (default: the 112-image training part of the embedded
-sample's default split), batch 32, Adam, fp32 unless --precision says otherwise, through bloodcell's own Lightning loop, after one warm-up batch.
-Prints seconds per epoch and images per second, with the machine and versions.
+sample's default split), batch 32, Adam, fp32 unless --precision says otherwise, through bloodcell's own Lightning loop,
+after one warm-up batch. Prints seconds per epoch and images per second, with the machine and versions.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     env = environment()
     print(
-        f"machine: {cpu_line()}, {env['cpus']} cores, torch threads {torch.get_num_threads()}; torch {env['torch']}, lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}"
+        f"machine: {cpu_line()}, {env['cpus']} cores, torch threads {torch.get_num_threads()}; "
+        f"torch {env['torch']}, lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}"
     )
     print(f"epoch = {args.images} images, batch 32, Adam, {args.precision}, CPU\n")
     print(f"{'model':12s} {'size':>5s} {'s/epoch':>9s} {'img/s':>8s}")

@@ -22,7 +22,7 @@ graph, and the opset in the file. `--int8` also writes the int8 export (calibrat
 the other 136) and gives its top-1 and OOD-flag agreement with fp32. `--exporter torchscript` forces the legacy
 exporter, for comparison. Timings depend on the machine and on whatever else runs on it: say which, and whether
 it was idle, beside any figure taken from here.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 

@@ -113,10 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
             rows.setdefault(k, []).append(acc)
             print(f"k={k:>2} seed={seed}: {100 * acc:.1f} % of {n} test cells", flush=True)
     print(
-        f"\n# Few-shot adaptation, {time.strftime('%Y-%m-%d')}, {cpu_line()}, {os.cpu_count()} cpus, torch {torch.__version__}"
+        f"\n# Few-shot adaptation, {time.strftime('%Y-%m-%d')}, {cpu_line()}, {os.cpu_count()} cpus, "
+        f"torch {torch.__version__}"
     )
     print(
-        f"base {args.base}, folder {args.folder}, config {args.config.name}, seeds {args.seeds}, {time.perf_counter() - t0:.0f} s in all\n"
+        f"base {args.base}, folder {args.folder}, config {args.config.name}, seeds {args.seeds}, "
+        f"{time.perf_counter() - t0:.0f} s in all\n"
     )
     print("| k per class | accuracy (mean) | sd | 95 % t-interval | seeds |")
     print("|---:|---:|---:|---|---:|")

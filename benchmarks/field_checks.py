@@ -161,7 +161,8 @@ def scale_report(rows: list[dict]) -> None:
     medians = [np.median(sides(r)) for r in train if len(sides(r)) >= MIN_RED_CELLS]
     print(
         f"   per photograph, median of {MIN_RED_CELLS}+ red cells ({len(medians)} photographs): "
-        f"min {min(medians):.1f}, p05 {np.percentile(medians, 5):.1f}, p95 {np.percentile(medians, 95):.1f}, max {max(medians):.1f}"
+        f"min {min(medians):.1f}, p05 {np.percentile(medians, 5):.1f}, "
+        f"p95 {np.percentile(medians, 95):.1f}, max {max(medians):.1f}"
     )
     labelled = load_fields(SHARED / "txl_pbc", "train") + load_fields(SHARED / "bccd", "train")
     print(f"   as labelled (detect.base.cell_scale): {cell_scale(labelled, 384)}")
@@ -215,7 +216,8 @@ def bad_report(rows: list[dict], cell_scale: dict | None) -> None:
         n = Counter(r["lab"] for r in by[v])
         total = f"{sum(caught.values())}/{len(by[v])}"
         print(
-            f"   {v:8s} {'as ' + want if want else 'as the original':20s} {total:8s} withheld {sum(withheld.values())}/{len(by[v])}  "
+            f"   {v:8s} {'as ' + want if want else 'as the original':20s} {total:8s} "
+            f"withheld {sum(withheld.values())}/{len(by[v])}  "
             + " ".join(f"{lab} {caught[lab]}/{n[lab]}" for lab in sorted(n))
             + f"  codes {dict(codes)}"
         )
@@ -239,7 +241,8 @@ def exposure_report(rows: list[dict]) -> None:
             ]
             if ratio:
                 print(
-                    f"   {key} {lo}-{hi}: {len(ratio)} photographs, ratio {np.median(ratio):.2f} (p10 {np.percentile(ratio, 10):.2f})"
+                    f"   {key} {lo}-{hi}: {len(ratio)} photographs, "
+                    f"ratio {np.median(ratio):.2f} (p10 {np.percentile(ratio, 10):.2f})"
                 )
 
 
@@ -253,7 +256,8 @@ def dim_report(rows: list[dict]) -> None:
         if sel:
             found, true = sum(len(sides(r)) for r in sel), sum(labelled[r["name"]] for r in sel)
             print(
-                f"   {lo}-{hi}: {len(sel)} photographs ({dict(Counter(r['lab'] for r in sel))}), {found}/{true} = {found / true:.2f}"
+                f"   {lo}-{hi}: {len(sel)} photographs ({dict(Counter(r['lab'] for r in sel))}), "
+                f"{found}/{true} = {found / true:.2f}"
             )
 
 

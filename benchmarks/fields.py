@@ -108,7 +108,8 @@ def main() -> None:
     for cls, m in metrics["classes"].items():
         print(
             f"   {cls:9s} precision {m['precision']:.3f} recall {m['recall']:.3f} AP {m['ap']:.3f}  "
-            f"count error {m['count_mae']:.2f} / photo ({100 * m['count_rel_error']:.1f} %), bias {m['count_bias']:+.2f}"
+            f"count error {m['count_mae']:.2f} / photo ({100 * m['count_rel_error']:.1f} %), "
+            f"bias {m['count_bias']:+.2f}"
         )
 
     predictor = Predictor.load(args.model)
@@ -127,7 +128,8 @@ def main() -> None:
         f"{per_photo:.3f} s per photograph"
     )
     print(
-        f"   white cells found {s['totals']['wbc']}, counted {s['wbc_counted']}, OOD {s['wbc_ood']}, review {s['wbc_review']}"
+        f"   white cells found {s['totals']['wbc']}, counted {s['wbc_counted']}, "
+        f"OOD {s['wbc_ood']}, review {s['wbc_review']}"
     )
 
     decisions = {}

@@ -96,7 +96,8 @@ def main() -> None:
             f"torch threads {torch.get_num_threads()}, onnxruntime intra-op threads {args.threads or 'default'}"
         )
         print(
-            f"versions: python {platform.python_version()}, torch {torch.__version__}, onnxruntime {ort.__version__}, bloodcell {__version__}"
+            f"versions: python {platform.python_version()}, torch {torch.__version__}, "
+            f"onnxruntime {ort.__version__}, bloodcell {__version__}"
         )
         print(
             f"model: {pt.model_name} ({label}), {params:,} parameters, input {pt.input_size}x{pt.input_size}; "
@@ -119,7 +120,8 @@ def main() -> None:
                 predictor.predict_paths(files, batch_size=32, progress=False)
                 dt = time.perf_counter() - t0
                 print(
-                    f"| {name}, predict_paths (decode + resize + forward) on {len(files)} sample JPEGs | 32 | {len(files) / dt:,.1f} | - |"
+                    f"| {name}, predict_paths (decode + resize + forward) on {len(files)} sample JPEGs | 32 | "
+                    f"{len(files) / dt:,.1f} | - |"
                 )
 
 

@@ -791,7 +791,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
         models_info[n] = info
         say(
-            f"- model {n}: {p.source} ({p.model_name}, {p.input_size} px, {p.backend}); weights {w.name} sha256 {info['sha256']}; "
+            f"- model {n}: {p.source} ({p.model_name}, {p.input_size} px, {p.backend}); "
+            f"weights {w.name} sha256 {info['sha256']}; "
             f"trained on PBC" + (f" + {', '.join(map(str, info['trained_labs']))}" if info["trained_labs"] else " only")
         )
     say(
@@ -833,8 +834,10 @@ def main(argv: list[str] | None = None) -> dict:
                         "sha256": info["weights_sha256"],
                     }
                     say(
-                        f"- model {label}: {info['adapted_on']}, {info['images']} images, {info['norm_layers']} BatchNorm layers; "
-                        f"OOD {_pct(info['ood_before'])} % -> {_pct(info['ood_after'])} % of them; weights sha256 {info['weights_sha256']}"
+                        f"- model {label}: {info['adapted_on']}, {info['images']} images, "
+                        f"{info['norm_layers']} BatchNorm layers; "
+                        f"OOD {_pct(info['ood_before'])} % -> {_pct(info['ood_after'])} % of them; "
+                        f"weights sha256 {info['weights_sha256']}"
                     )
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -846,7 +849,8 @@ def main(argv: list[str] | None = None) -> dict:
     say(cells_table(results))
     say()
     say(
-        f"## BCCD photographs end to end (labelled white cell = the detected one with the largest IoU >= {MATCH_IOU}; kept: neither review nor OOD)"
+        f"## BCCD photographs end to end (labelled white cell = the detected one with the largest IoU >= {MATCH_IOU}; "
+        "kept: neither review nor OOD)"
     )
     say()
     say(photos_table(results))

@@ -44,7 +44,8 @@ for model in sys.argv[1:] or [None]:
     for s, c in sorted(by.items()):
         n = max(c["wbc"], 1)
         print(
-            f"| {s} | {c['photos']} | {c['boxed_wbc']} | {c['wbc']} | {100 * c['ood'] / n:.0f} | {100 * c['review'] / n:.0f} | {100 * c['kept'] / n:.0f} | "
+            f"| {s} | {c['photos']} | {c['boxed_wbc']} | {c['wbc']} | "
+            f"{100 * c['ood'] / n:.0f} | {100 * c['review'] / n:.0f} | {100 * c['kept'] / n:.0f} | "
             + ", ".join(f"{k} {v}" for k, v in preds[s].most_common())
             + " |"
         )

@@ -169,13 +169,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {name} | {r['n'][name]} | " + " | ".join(f"{a[m]:.4f}" for m in r["methods"]) + " |")
     if "pbc_false_alarm" in r:
         print(
-            f"\nPBC test cells flagged OOD at the model's threshold ({r['ood_threshold']:.1f}): {100 * r['pbc_false_alarm']:.2f} %"
+            f"\nPBC test cells flagged OOD at the model's threshold ({r['ood_threshold']:.1f}): "
+            f"{100 * r['pbc_false_alarm']:.2f} %"
         )
     if "tecom" in r:
         t = r["tecom"]
         kept = "-" if t["accuracy_kept"] is None else f"{100 * t['accuracy_kept']:.1f} %"
         print(
-            f"Tecom ({t['n']} cells, another lab): accuracy {100 * t['accuracy']:.1f} %; flagged OOD {100 * t['ood_flagged']:.1f} %, "
+            f"Tecom ({t['n']} cells, another lab): accuracy {100 * t['accuracy']:.1f} %; "
+            f"flagged OOD {100 * t['ood_flagged']:.1f} %, "
             f"review {100 * t['review_flagged']:.1f} %; of the {t['kept']} neither flagged, {kept} right; "
             f"wrong cells flagged: {100 * (t['wrong_flagged'] or 0):.1f} %; AUROC vs PBC: "
             + ", ".join(f"{m} {v:.3f}" for m, v in t["auroc_vs_pbc"].items())

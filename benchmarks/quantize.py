@@ -21,11 +21,11 @@ method grid is timed the same way with 3 rounds. A last row times `predict_paths
 the 200 sample JPEGs.
 
 ISA: onnxruntime picks its kernels from CPUID when it starts and has no option to limit the instruction set, so
-"as on an AVX2 laptop" cannot be timed here. `--avx2-images N` instead runs the int8 graphs on N test images (a seeded random subset) under
-QEMU user-mode emulation of a Haswell CPU (AVX2 + FMA, no AVX-512, no VNNI), when `qemu-x86_64` is installed:
-that shows what the AVX2 kernels compute (without VNNI, u8 x s8 products are summed in 16 bits and can saturate),
-not how fast (emulated time means nothing).
-"""
+"as on an AVX2 laptop" cannot be timed here. `--avx2-images N` instead runs the int8 graphs on N test images
+(a seeded random subset) under QEMU user-mode emulation of a Haswell CPU (AVX2 + FMA, no AVX-512, no VNNI), when
+`qemu-x86_64` is installed: that shows what the AVX2 kernels compute (without VNNI, u8 x s8 products are summed in
+16 bits and can saturate), not how fast (emulated time means nothing).
+"""  # noqa: E501
 
 from __future__ import annotations
 
@@ -48,7 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = Path(os.environ.get("BLOODCELL_PBC", REPO.parent / "shared" / "data" / "pbc"))
 SAMPLE = REPO / "examples" / "pbc-sample"
 
-# the method grid: (label, QuantSettings overrides, calibration images (None: --calibration-images), OOD score quantized too)
+# the method grid: (label, QuantSettings overrides, calibration images (None: --calibration-images),
+# OOD score quantized too)
 GRID = [
     ("QDQ, per-tensor, 7-bit weights", dict(per_channel=False), None, False),
     ("QDQ, per-channel, 8-bit weights", dict(reduce_range=False), None, False),
@@ -241,7 +242,8 @@ def main() -> None:
                 q.quantize_file(ref, fp32, path, cal_images, q.QuantSettings(**over), keep_fp32=[] if ood_too else None)
                 variants.append((label, path))
         print(
-            "| int8 setting | size kB | accuracy % | change, points | fixed / broken | top-1 agreement % | review-flag agreement % | OOD flags % (agreement %) | speed-up b1 | speed-up b32 |"
+            "| int8 setting | size kB | accuracy % | change, points | fixed / broken | top-1 agreement % | "
+            "review-flag agreement % | OOD flags % (agreement %) | speed-up b1 | speed-up b32 |"
         )
         print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         print(
@@ -258,8 +260,10 @@ def main() -> None:
             f.update(label=label, kB=path.stat().st_size / 1e3)
             rows.append(f)
             print(
-                f"| {label} | {f['kB']:,.0f} | {100 * f['accuracy']:.2f} | {f['delta_points']:+.2f} | {f['fixed']} / {f['broken']} | "
-                f"{100 * f['top1_agreement']:.2f} | {100 * f['review_agreement']:.2f} | {100 * f['ood_rate']:.2f} ({100 * f['ood_agreement']:.2f}) | "
+                f"| {label} | {f['kB']:,.0f} | {100 * f['accuracy']:.2f} | {f['delta_points']:+.2f} | "
+                f"{f['fixed']} / {f['broken']} | "
+                f"{100 * f['top1_agreement']:.2f} | {100 * f['review_agreement']:.2f} | "
+                f"{100 * f['ood_rate']:.2f} ({100 * f['ood_agreement']:.2f}) | "
                 f"{f['speedup'][1]:.2f}x | {f['speedup'][32]:.2f}x |",
                 flush=True,
             )
@@ -270,7 +274,8 @@ def main() -> None:
         int8.session = session(work / "int8.onnx", args.threads)
         print()
         print(
-            f"Speed, shipped int8 vs fp32 ONNX Runtime ({args.rounds} interleaved rounds of {args.iters} runs, medians):"
+            f"Speed, shipped int8 vs fp32 ONNX Runtime "
+            f"({args.rounds} interleaved rounds of {args.iters} runs, medians):"
         )
         print()
         print("| batch | fp32 ms | int8 ms | fp32 img/s | int8 img/s | int8 speed-up |")
@@ -293,7 +298,9 @@ def main() -> None:
             a, c = statistics.median(rates["fp32"]), statistics.median(rates["int8"])
             result["speed"]["predict_paths"] = {"fp32_img_s": a, "int8_img_s": c}
             print(
-                f"| predict_paths, {len(jpegs)} sample JPEGs (decode + resize + forward, {ref.workers} decode threads) | - | - | {a:,.0f} | {c:,.0f} | {c / a:.2f}x |"
+                f"| predict_paths, {len(jpegs)} sample JPEGs "
+                f"(decode + resize + forward, {ref.workers} decode threads) | "
+                f"- | - | {a:,.0f} | {c:,.0f} | {c / a:.2f}x |"
             )
 
         # ---- what the AVX2 kernels compute
@@ -310,11 +317,13 @@ def main() -> None:
             else:
                 n = len(x)
                 print(
-                    f"Under QEMU's Haswell CPU (AVX2, no AVX-512, no VNNI), {n} test images (seeded random subset), 1 thread:"
+                    f"Under QEMU's Haswell CPU (AVX2, no AVX-512, no VNNI), "
+                    f"{n} test images (seeded random subset), 1 thread:"
                 )
                 print()
                 print(
-                    "| int8 setting | max abs logit diff vs same file on this CPU | top-1 agreement with fp32 % | accuracy % (this CPU) | accuracy % (AVX2) |"
+                    "| int8 setting | max abs logit diff vs same file on this CPU | top-1 agreement with fp32 % | "
+                    "accuracy % (this CPU) | accuracy % (AVX2) |"
                 )
                 print("|---|---:|---:|---:|---:|")
                 result["avx2"] = []
@@ -333,7 +342,8 @@ def main() -> None:
                     }
                     result["avx2"].append(row)
                     print(
-                        f"| {label} | {row['max_abs_diff']:.3g} | {100 * row['top1_agreement']:.2f} | {100 * row['accuracy_here']:.2f} | {100 * row['accuracy_avx2']:.2f} |"
+                        f"| {label} | {row['max_abs_diff']:.3g} | {100 * row['top1_agreement']:.2f} | "
+                        f"{100 * row['accuracy_here']:.2f} | {100 * row['accuracy_avx2']:.2f} |"
                     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))

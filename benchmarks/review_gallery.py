@@ -172,7 +172,8 @@ def main() -> None:
     )
     print("| measure | n | median | max | target |\n|---|---|---|---|---|")
     print(
-        f"| gallery open, {args.cells} cells (navigation -> all cells placed, visible thumbnails loaded) | {len(opens)} | "
+        f"| gallery open, {args.cells} cells (navigation -> all cells placed, visible thumbnails loaded) | "
+        f"{len(opens)} | "
         f"{statistics.median(opens):.0f} ms | {max(opens):.0f} ms | <= 1000 ms |"
     )
     print(

@@ -191,7 +191,8 @@ def load_test_part(data_root: Path, split_meta: dict, progress: bool) -> tuple[l
     expected = (split_meta.get("bundled") or {}).get("test_n")
     if expected and inv.fingerprint() == split_meta.get("data_fingerprint") and len(paths) != expected:
         raise SystemExit(
-            f"the test part of {inv.root} has {len(paths)} images, the bundled model's has {expected}: the split is not reproduced"
+            f"the test part of {inv.root} has {len(paths)} images, the bundled model's has {expected}: "
+            "the split is not reproduced"
         )
     info["matches_bundled"] = bool(expected and inv.fingerprint() == split_meta.get("data_fingerprint"))
     return paths, labels, info
@@ -322,14 +323,16 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"- date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     print(f"- command: {' '.join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:]))}")
     print(
-        f"- data: {info['root']} ({info['images']:,} images); test part of the split {info['split']}: {info['test']:,} images"
+        f"- data: {info['root']} ({info['images']:,} images); "
+        f"test part of the split {info['split']}: {info['test']:,} images"
         + (" (= the bundled model's recorded test part)" if info["matches_bundled"] else "")
     )
     sub = (
         f"a stratified subset of {len(keep):,} (seed {args.seed})" if len(keep) < len(labels) else f"all {len(keep):,}"
     )
     print(
-        f"- images scored: {sub}; noise seeded per image with (seed {args.seed}, index); 95% CI: percentile bootstrap, {args.bootstrap} resamples"
+        f"- images scored: {sub}; noise seeded per image with (seed {args.seed}, index); "
+        f"95% CI: percentile bootstrap, {args.bootstrap} resamples"
     )
     for n, p in predictors.items():
         print(f"- model {n}: {p.source} ({p.model_name}, input {p.input_size} px, {p.backend})")
@@ -355,7 +358,8 @@ def main(argv: list[str] | None = None) -> dict:
                     out = p.predict_images(items, batch_size=args.batch_size)
                     if out["unreadable"]:
                         raise SystemExit(
-                            f"shift {s!r}: {len(out['unreadable'])} shifted image(s) unreadable, e.g. {out['unreadable'][0]}"
+                            f"shift {s!r}: {len(out['unreadable'])} shifted image(s) unreadable, "
+                            f"e.g. {out['unreadable'][0]}"
                         )
                     for r in out["predictions"]:
                         preds[s][n][start + int(r["path"])] = p.class_names.index(r["label"])

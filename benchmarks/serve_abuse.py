@@ -262,7 +262,8 @@ def main() -> None:
             rows += CASES[name](server.url, server.process.pid)
     print(f"date: {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
     print(
-        f"machine: {cpu_line()}, {os.cpu_count()} cores, {platform.platform()}; bloodcell {__version__}, python {platform.python_version()}"
+        f"machine: {cpu_line()}, {os.cpu_count()} cores, {platform.platform()}; "
+        f"bloodcell {__version__}, python {platform.python_version()}"
     )
     print("server: `bloodcell serve` with default limits, bundled model, one uvicorn process on 127.0.0.1\n")
     print("| case | answer | figures |\n|---|---|---|")

@@ -239,12 +239,14 @@ def main() -> None:
     )
     print()
     print(
-        "| requests | concurrency | files/request | errors | p50 ms | p90 ms | p99 ms | max ms | requests/s | images/s |"
+        "| requests | concurrency | files/request | errors | "
+        "p50 ms | p90 ms | p99 ms | max ms | requests/s | images/s |"
     )
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     print(
         f"| {s['requests']} | {args.concurrency} | {args.files_per_request} | {s['errors']} | {s['p50_ms']:.0f} | "
-        f"{s['p90_ms']:.0f} | {s['p99_ms']:.0f} | {s['max_ms']:.0f} | {s['requests_per_s']:.1f} | {s['images_per_s']:.1f} |"
+        f"{s['p90_ms']:.0f} | {s['p99_ms']:.0f} | {s['max_ms']:.0f} | "
+        f"{s['requests_per_s']:.1f} | {s['images_per_s']:.1f} |"
     )
     for a in answers:
         if not a.ok:

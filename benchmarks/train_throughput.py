@@ -186,18 +186,21 @@ def main() -> None:
     ours = resolve_precision(base, resolve_accelerator(base))
     usual = "16-mixed" if device == "cuda" else "32-true"  # torchvision reference --amp: CUDA fp16 autocast only
     print(
-        f"machine: {cpu_line()}, {env['cpus']} cores, device {env['device']}; torch {env['torch']} ({torch.get_num_threads()} threads), "
+        f"machine: {cpu_line()}, {env['cpus']} cores, device {env['device']}; "
+        f"torch {env['torch']} ({torch.get_num_threads()} threads), "
         f"lightning {env.get('lightning')}; {time.strftime('%Y-%m-%d')}"
     )
     print(
-        f"{args.images} PBC images per epoch at {args.size}px, batch {args.batch}, SGD, best of {args.timed_epochs} timed epoch(s) after a warm-up; reference DataLoader workers {args.workers}; "
+        f"{args.images} PBC images per epoch at {args.size}px, batch {args.batch}, SGD, "
+        f"best of {args.timed_epochs} timed epoch(s) after a warm-up; reference DataLoader workers {args.workers}; "
         f"bloodcell precision {ours}, reference usual {usual}"
         + (f"; bloodcell train options {train_extra}" if train_extra else "")
         + "\n"
     )
     cache = build_cache(scan(args.root, progress=False), args.size, "bilinear", progress=False)
     print(
-        f"| model | reference, usual ({usual}) img/s | reference, {ours} img/s | bloodcell ({ours}) img/s | vs usual | vs same precision |"
+        f"| model | reference, usual ({usual}) img/s | reference, {ours} img/s | bloodcell ({ours}) img/s | "
+        "vs usual | vs same precision |"
     )
     print("|---|---:|---:|---:|---:|---:|")
     for name in models:
@@ -230,7 +233,8 @@ def main() -> None:
         )
         usual_cells = ("-", "-") if ref_usual is None else (f"{ref_usual:.1f}", f"{rate / ref_usual:.2f}x")
         print(
-            f"| {name}{'' if size == args.size else f' ({size}px)'} | {usual_cells[0]} | {ref_same:.1f} | {rate:.1f} | {usual_cells[1]} | {rate / ref_same:.2f}x |",
+            f"| {name}{'' if size == args.size else f' ({size}px)'} | {usual_cells[0]} | {ref_same:.1f} | "
+            f"{rate:.1f} | {usual_cells[1]} | {rate / ref_same:.2f}x |",
             flush=True,
         )
 

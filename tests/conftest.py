@@ -56,7 +56,9 @@ os.environ.setdefault("BLOODCELL_PROGRESS", "0")
 # The only skips CI accepts, each with why. Under CI=true any other skip (a missing Chromium, PBC copy, setpriv...)
 # fails the test instead: a tool that did not install must not turn into a quietly green run.
 CI_ALLOWED_SKIPS = {
-    "mount -t tmpfs is not permitted here": "a container without CAP_SYS_ADMIN cannot mount; the disk-full test then has no real full disk",
+    "mount -t tmpfs is not permitted here": (
+        "a container without CAP_SYS_ADMIN cannot mount; the disk-full test then has no real full disk"
+    ),
     "the kernel refused to reset the memory high-water mark": "some kernels and containers forbid /proc/PID/clear_refs",
     "not root: the permission tests above already run": "without root the chmod 000 tests above already cover it",
 }
@@ -154,7 +156,8 @@ def with_ood(run: Path, threshold: float | None = None) -> Path:
 
 
 def set_ood_threshold(run: Path, files, flagged: int) -> float:
-    """Set the OOD threshold of a run made by `with_ood` so that exactly the `flagged` highest-scoring `files` are OOD."""
+    """Set the OOD threshold of a run made by `with_ood` so that exactly the `flagged` highest-scoring `files`
+    are OOD."""
     import json
 
     from bloodcell.infer import Predictor

@@ -283,7 +283,8 @@ def confidences(groups: list[tuple[int, float, bool]]) -> tuple[np.ndarray, np.n
 
 
 def test_review_threshold_is_the_lowest_confidence_above_which_99_percent_are_right():
-    # at t <= 0.40 all 200 kept, 195 right (97.5 %); at t <= 0.70 105 kept, 100 right (95 %); above 0.70 only the 100 right
+    # at t <= 0.40 all 200 kept, 195 right (97.5 %); at t <= 0.70 105 kept, 100 right (95 %);
+    # above 0.70 only the 100 right
     probs, y = confidences([(100, 0.95, True), (5, 0.70, False), (95, 0.40, True)])
     assert choose_review_threshold(probs, y) == pytest.approx(0.71)
 

@@ -122,11 +122,12 @@ def test_bundled_model_headline_figures_recomputed_on_its_test_part():
     lo, hi = m["ci95"]["accuracy"]
     readme = " ".join((REPO / "README.md").read_text().split())
     assert (
-        f"**accuracy {100 * m['accuracy']:.2f} %** (bootstrap 95 % CI {100 * lo:.2f}-{100 * hi:.2f}), macro F1 {100 * m['f1_macro']:.2f} %"
-        in readme
+        f"**accuracy {100 * m['accuracy']:.2f} %** (bootstrap 95 % CI {100 * lo:.2f}-{100 * hi:.2f}), "
+        f"macro F1 {100 * m['f1_macro']:.2f} %" in readme
     )
     assert (
-        f"Its review threshold ({meta['review_threshold']:.2f}) flags {100 * flagged.mean():.1f} % of test cells; the other "
+        f"Its review threshold ({meta['review_threshold']:.2f}) flags {100 * flagged.mean():.1f} % of test cells; "
+        "the other "
         f"{100 * (1 - flagged.mean()):.1f} % are {100 * correct[~flagged].mean():.2f} % right"
     ) in readme
     recalls = ", ".join(f"{c} {100 * correct[y_true == k].mean():.1f}" for k, c in enumerate(names))

@@ -24,7 +24,7 @@ while not Path(sys.argv[2]).exists():  # start together
     time.sleep(0.001)
 cache = build_cache(inv, 24, "bilinear", sys.argv[3], workers=1, progress=False)
 print(json.dumps({"built": cache.build_seconds is not None, "sum": int(cache.images.sum(dtype="int64")), "path": str(cache.path)}))
-"""
+"""  # noqa: E501
 
 
 def test_concurrent_builders_of_one_cache_build_it_once_and_agree(tmp_path):

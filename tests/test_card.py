@@ -28,8 +28,9 @@ def test_the_bundled_card_states_use_figures_and_the_other_lab():
     b = meta["bundled"]
     assert INTENDED_USE in card and "not a diagnosis" in card
     assert (
-        f"Accuracy: {100 * b['test_accuracy']:.2f} % (95 % bootstrap CI {100 * b['test_accuracy_ci95'][0]:.2f} % to {100 * b['test_accuracy_ci95'][1]:.2f} %) on {b['test_n']:,} images"
-        in card
+        f"Accuracy: {100 * b['test_accuracy']:.2f} % "
+        f"(95 % bootstrap CI {100 * b['test_accuracy_ci95'][0]:.2f} % to {100 * b['test_accuracy_ci95'][1]:.2f} %) "
+        f"on {b['test_n']:,} images" in card
     )
     assert (
         f"Review threshold {meta['review_threshold']:.2f}" in card
@@ -67,7 +68,8 @@ def test_export_writes_the_card_beside_the_onnx_file(tmp_path):
 
 
 def test_the_bundled_detector_card_is_what_its_detector_json_gives():
-    """Retraining or re-exporting the detector without rebuilding DETECTOR_CARD.md (tools/bundle_detector.py) fails here."""
+    """Retraining or re-exporting the detector without rebuilding DETECTOR_CARD.md (tools/bundle_detector.py) fails
+    here."""
     from bloodcell.infer.card import DETECTOR_CARD, detector_card_for
     from bloodcell.detect.registry import bundled_detector_dir
 

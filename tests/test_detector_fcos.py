@@ -178,7 +178,8 @@ def _log(run_dir):
 
 
 class _SlowClock:
-    """time for detect.fcos_train in which every reading is a minute after the last: the first session's epoch looks long."""
+    """time for detect.fcos_train in which every reading is a minute after the last: the first session's epoch looks
+    long."""
 
     def __init__(self) -> None:
         import time
@@ -486,8 +487,9 @@ def test_without_pytorch_load_detector_takes_the_onnx_export(monkeypatch):
 
 
 def test_the_bundled_detector_keeps_its_trained_weights_once_in_its_onnx():
-    """detector.json + detector.onnx, nothing else: the file is the one exported (its SHA-256), and the weights the torch
-    FCOS reads from it are the trained ones (weights_sha256, taken from the run's detector.safetensors at export)."""
+    """detector.json + detector.onnx, nothing else: the file is the one exported (its SHA-256), and the weights the
+    torch FCOS reads from it are the trained ones (weights_sha256, taken from the run's detector.safetensors at
+    export)."""
     folder = bundled_detector_dir()
     assert sorted(p.name for p in folder.iterdir() if p.name != "__pycache__") == [
         "DETECTOR_CARD.md",
@@ -500,7 +502,8 @@ def test_the_bundled_detector_keeps_its_trained_weights_once_in_its_onnx():
     assert section["file"] == "detector.onnx" and section["detector"] == "fcos-onnx"
     assert meta["weights"] is None and section["state_dict"] == "initializers"
     assert section["sha256"] == _sha256(folder / "detector.onnx"), (
-        "detector.onnx is not the file detector.json describes: tools/bundle_detector.py RUN src/bloodcell/assets/default_detector"
+        "detector.onnx is not the file detector.json describes: "
+        "tools/bundle_detector.py RUN src/bloodcell/assets/default_detector"
     )
     assert weights_digest(load_detector(folder).tensors()) == section["weights_sha256"]
     assert (
@@ -518,7 +521,8 @@ def bundled_pair():
 
 
 def assert_same_detections(torch_det, onnx_det, image: np.ndarray, what: str) -> int:
-    """Same counts per class at the operating thresholds, boxes paired with IoU > 0.99, same labels, scores within 1e-3."""
+    """Same counts per class at the operating thresholds, boxes paired with IoU > 0.99, same labels, scores within
+    1e-3."""
     want, got = torch_det.detect([image])[0], onnx_det.detect([image])[0]
     assert got.counts() == want.counts(), what
     a = agreement(want, got)

@@ -1,4 +1,5 @@
-"""Which ONNX exporter writes an export: the dynamo one (torch.export + onnxscript), else a visible TorchScript fallback."""
+"""Which ONNX exporter writes an export: the dynamo one (torch.export + onnxscript), else a visible TorchScript
+fallback."""
 
 from __future__ import annotations
 

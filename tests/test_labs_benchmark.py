@@ -1,4 +1,5 @@
-"""benchmarks/labs.py: its scoring pieces on synthetic arrays, and one small real run checked against `bloodcell evaluate`."""
+"""benchmarks/labs.py: its scoring pieces on synthetic arrays, and one small real run checked against
+`bloodcell evaluate`."""
 
 from __future__ import annotations
 

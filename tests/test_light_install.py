@@ -217,7 +217,7 @@ client.post("/api/samples/L1/signoff", json={{"who": "AB"}})
 names = zipfile.ZipFile(io.BytesIO(client.get("/api/samples/L1/export.zip").content)).namelist()
 print(json.dumps([client.get("/api/samples/L1/count").json()["wbc_total"], client.get("/api/samples/L1/report").status_code,
                   sorted(n.split("/")[1] for n in names if n.count("/") == 2)]))
-"""
+"""  # noqa: E501
     proc = run(code=code)
     assert proc.returncode == 0, proc.stderr
     wbc_total, report_status, folders = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -295,7 +295,7 @@ from bloodcell.serve.app import create_app
 client = TestClient(create_app(Predictor.load(None)))
 with open({str(photo)!r}, "rb") as fh:
     print(json.dumps(client.post("/predict?input=field", files={{"files": ("smear.jpg", fh.read(), "image/jpeg")}}).json()))
-"""
+"""  # noqa: E501
     served = run(code=code)
     assert served.returncode == 0, served.stderr
     for proc in (forced, auto, served):
@@ -340,7 +340,8 @@ def test_a_pytorch_run_directory_without_pytorch_is_one_line(torchless, tmp_path
 
 @pytest.mark.slow
 def test_a_real_install_without_torch(tmp_path, pytorch_result):
-    """`pip install .` into a fresh venv (PyPI, or pip's cache): no torch arrives, and predict gives the same answers."""
+    """`pip install .` into a fresh venv (PyPI, or pip's cache): no torch arrives, and predict gives the same
+    answers."""
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     py = env_dir / "bin" / "python"

@@ -258,7 +258,8 @@ def _prepared(n_per_part=(30, 18, 24), classes=3, size=32, seed=0):
 
 
 def test_evaluate_run_scores_the_training_and_validation_parts_too(tmp_path):
-    """Sampled mutation 11 (evaluate/run.py): `if part in logits` negated dropped metrics.json's train and val sections."""
+    """Sampled mutation 11 (evaluate/run.py): `if part in logits` negated dropped metrics.json's train and val
+    sections."""
     import json
 
     import torch

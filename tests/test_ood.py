@@ -1,4 +1,5 @@
-"""Out-of-distribution score: fitting, the score in PyTorch / numpy / ONNX, flags and counts, fine-tuning from a model."""
+"""Out-of-distribution score: fitting, the score in PyTorch / numpy / ONNX, flags and counts, fine-tuning from a
+model."""
 
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ def test_predictions_carry_the_score_and_ood_cells_are_not_counted(ood_run):
         assert result["verdict"] is None
         assert (
             result["flags"][0]
-            == f"{flagged.sum()} of {len(files)} images look unlike the cells this model was trained on (OOD): not counted"
+            == f"{flagged.sum()} of {len(files)} images look unlike the cells this model was trained on (OOD): "
+            "not counted"
         )
 
 

@@ -191,7 +191,8 @@ def test_bad_quantize_input_is_one_line(run, tmp_path, extra, expected):
 
 @needs_pbc()
 def test_bundled_model_calibrates_on_its_validation_part_only():
-    """The real split: calibration and check images of the bundled model are validation images, none of its 5,130 test images."""
+    """The real split: calibration and check images of the bundled model are validation images, none of its 5,130
+    test images."""
     from bloodcell.config import parse_config
     from bloodcell.data.prepare import split_files
     from bloodcell.models.metadata import bundled_model_dir

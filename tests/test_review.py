@@ -315,7 +315,7 @@ for seed in range(100):
 resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))  # room again: the same server goes on
 after = client.post("/api/samples/FULL-1/uploads?who=AB&input=cell", files=[("files", ("after.png", cell(999), "image/png"))])
 print(json.dumps({"saved": saved, "refused": refused, "after": after.status_code}))
-"""
+"""  # noqa: E501
 
 
 @pytest.mark.slow

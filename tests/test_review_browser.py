@@ -261,7 +261,8 @@ def test_a_whole_sample_survives_a_restart(predictor, tmp_path):
 
 
 def test_the_gallery_benchmark_runs(tmp_path):
-    """benchmarks/review_gallery.py at a small scale: it fills a sample, opens it and times relabels (no figure checked)."""
+    """benchmarks/review_gallery.py at a small scale: it fills a sample, opens it and times relabels (no figure
+    checked)."""
     import subprocess
     import sys
 

@@ -119,7 +119,7 @@ def test_an_unsealed_model_is_refused_until_sealed(run):
     Predictor.load(run)
 
 
-# ------------------------------------------------------------------------------------------ bloodcell model seal / verify
+# ---------------------------------------------------------------------------------------- bloodcell model seal / verify
 
 
 def test_model_seal_after_a_deliberate_edit_says_what_changed_and_loads_again(run):
@@ -163,7 +163,7 @@ def test_writers_leave_sealed_folders(run, tmp_path):
     assert sorted(verify(detector)["files"]) == ["detector.json"]
 
 
-# ------------------------------------------------------------------------------------------ paths stay inside the folder
+# ---------------------------------------------------------------------------------------- paths stay inside the folder
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Studies: a tiny study writes both reports with every section; kill -9 and re-run skips finished runs; a failing run is reported."""
+"""Studies: a tiny study writes both reports with every section; kill -9 and re-run skips finished runs; a failing run
+is reported."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Training engine on the embedded sample: learning, resume after kill -9, DDP, k-fold, SMOTE, SupCon, staged runs, configs."""
+"""Training engine on the embedded sample: learning, resume after kill -9, DDP, k-fold, SMOTE, SupCon, staged runs,
+configs."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def test_same_seed_repeats_exactly_on_cpu(tmp_path):
 
 
 def checkpoint_epoch(run: Path) -> int:
-    """Epochs saved in checkpoints/last.ckpt (0 if none); the JSON is replaced atomically, so a read sees a whole one."""
+    """Epochs saved in checkpoints/last.ckpt (0 if none); the JSON is replaced atomically, so a read sees a whole
+    one."""
     try:
         return json.loads((run / "checkpoints" / "last.ckpt").read_text())["tree"]["__dict__"]["epoch"] + 1
     except (OSError, ValueError, KeyError):
@@ -513,7 +515,8 @@ def test_supcon_under_ddp_contrasts_the_global_batch(tmp_path):
             "eval": {"bootstrap": 0, "grid_images": 0},
             "augment": {"enabled": False},
             "smote": {"enabled": False},
-            # the SupCon stage leaves the classifier head unused, which plain "ddp" refuses (Lightning says so in one line)
+            # the SupCon stage leaves the classifier head unused, which plain "ddp" refuses
+            # (Lightning says so in one line)
             "train": {
                 "batch_size": 8,
                 "devices": 2,

@@ -120,7 +120,8 @@ def test_step_schedule_multiplies_the_lr_by_gamma_every_step_size_epochs(tmp_pat
 
 
 def test_device_cache_on_cpu_trains_exactly_as_without_it(tmp_path):
-    """device_cache on: batches are gathered from one uploaded array instead of copied per batch; same images, same run."""
+    """device_cache on: batches are gathered from one uploaded array instead of copied per batch; same images, same
+    run."""
     data = prepare_data(config(), progress=False)
     cached = fit(config(epochs=2, device_cache="on"), data, tmp_path / "on", progress=False)
     plain = fit(config(epochs=2, device_cache="off"), data, tmp_path / "off", progress=False)

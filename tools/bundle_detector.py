@@ -5,12 +5,13 @@
 
 Copies detector.json (+ detector.safetensors when the detector has weights) and adds where it came from: the
 config, the test figures of its run (pooled, and per set and source), the machine, and with --loso the rows of
-leave-one-source-out runs (each trained without one source: what a new lab can expect). Refuses a run without metrics.json (unfinished) or a
-detector that does not load. An FCOS detector is then exported to detector.onnx (what an install without PyTorch
-runs; bloodcell.detect.fcos_onnx), checked against PyTorch and described by detector.json's `onnx` section, and
-its detector.safetensors removed (DETECTOR_CARD.md is written last, from the final detector.json): the bundled folder keeps the weights once, as the graph's initializers, and the
-torch FCOS loads them from detector.onnx. The section records the hashes of detector.onnx, of the weights it holds
-and of the run's detector.safetensors it was exported from.
+leave-one-source-out runs (each trained without one source: what a new lab can expect). Refuses a run without
+metrics.json (unfinished) or a detector that does not load. An FCOS detector is then exported to detector.onnx (what an
+install without PyTorch runs; bloodcell.detect.fcos_onnx), checked against PyTorch and described by detector.json's
+`onnx` section, and its detector.safetensors removed (DETECTOR_CARD.md is written last, from the final detector.json):
+the bundled folder keeps the weights once, as the graph's initializers, and the torch FCOS loads them from
+detector.onnx. The section records the hashes of detector.onnx, of the weights it holds and of the run's
+detector.safetensors it was exported from.
 
     .venv/bin/python tools/bundle_detector.py --refresh src/bloodcell/assets/default_detector
 
@@ -159,9 +160,11 @@ def finish(dest: Path, check_photos: Path | None, limit: int) -> None:
     section = export_bundled_detector(dest, photos, source)
     at = section["at_thresholds"]
     print(
-        f"exported {dest / DETECTOR_ONNX} ({(dest / DETECTOR_ONNX).stat().st_size / 1e6:.1f} MB, {section['exporter']}), "
+        f"exported {dest / DETECTOR_ONNX} "
+        f"({(dest / DETECTOR_ONNX).stat().st_size / 1e6:.1f} MB, {section['exporter']}), "
         f"checked on {section['checked_on']}: largest output difference vs PyTorch {section['max_abs_diff']:.2g}; "
-        f"{at['boxes']} boxes at the thresholds, lowest IoU {at['min_iou']:.6f}, largest score difference {at['max_score_diff']:.2g}; "
+        f"{at['boxes']} boxes at the thresholds, lowest IoU {at['min_iou']:.6f}, "
+        f"largest score difference {at['max_score_diff']:.2g}; "
         f"{dest} holds {', '.join(sorted(p.name for p in dest.iterdir()))}"
     )
 

@@ -3,10 +3,10 @@
     .venv/bin/python tools/bundle_model.py runs/default-model src/bloodcell/assets/default_model
 
 Copies model.safetensors, ood.safetensors (its out-of-distribution statistics) and model.json (which already
-carries classes, input size, normalisation, temperature, review and OOD thresholds, training config and test metrics) and adds where the model came from,
-keeps the known limits measured for the model it replaces (edit them in model.json when they change), exports it to
-model.onnx (checked against PyTorch; what the light install without PyTorch runs, described by model.json's `onnx`
-section) and writes MODEL_CARD.md from all of it. Refuses an unfinished run.
+carries classes, input size, normalisation, temperature, review and OOD thresholds, training config and test metrics)
+and adds where the model came from, keeps the known limits measured for the model it replaces (edit them in model.json
+when they change), exports it to model.onnx (checked against PyTorch; what the light install without PyTorch runs,
+described by model.json's `onnx` section) and writes MODEL_CARD.md from all of it. Refuses an unfinished run.
 
     .venv/bin/python tools/bundle_model.py --refresh src/bloodcell/assets/default_model
 
@@ -106,7 +106,8 @@ def finish(dest: Path) -> None:
     """model.onnx beside the weights (recorded in model.json), then the card from the final model.json."""
     report = export_bundled(dest)
     print(
-        f"exported {report.path} ({report.exporter}); largest logit difference vs PyTorch {report.max_abs_diff:.2g} on {report.images} {report.image_source}"
+        f"exported {report.path} ({report.exporter}); largest logit difference vs PyTorch {report.max_abs_diff:.2g} "
+        f"on {report.images} {report.image_source}"
     )
     io.write_text(dest / "MODEL_CARD.md", model_card(read_description(dest), source=BUNDLED_SOURCE))
 

@@ -9,7 +9,7 @@ Starts the server on a free 127.0.0.1 port in headless Chromium (Debian's chromi
 an OOD score flags), waits for the cards. --workstation: the review workstation (/) with a fresh data folder: a sample
 of 4 cells per class and the --photo smear photograph, two cells relabelled by key, the analyser's WBC count entered,
 one cell selected. Saves a screenshot.
-"""
+"""  # noqa: E501
 
 from __future__ import annotations
 

@@ -302,7 +302,8 @@ def test_data_path_that_is_a_file_is_one_line_error(tmp_path):
 
 
 def test_symlinks_inside_class_folders(tree, tmp_path):
-    """A link to an image is that image (so a duplicate of its target); a dangling link is unreadable; a loop is not followed."""
+    """A link to an image is that image (so a duplicate of its target); a dangling link is unreadable; a loop is not
+    followed."""
     (tree / "alpha" / "again.png").symlink_to(tree / "alpha" / "alpha_0000.png")
     (tree / "beta" / "dangling.png").symlink_to(tree / "gone.png")
     (tree / "gamma" / "loop").symlink_to(tree / "gamma", target_is_directory=True)
@@ -569,7 +570,8 @@ def test_disk_full_while_building_the_cache_is_one_line_error(tree, monkeypatch)
     with pytest.raises(DataError) as err:
         build_cache(inv, SIZE, progress=False, workers=1)
     assert str(err.value) == (
-        f"cannot write the preprocessing cache in {cache_root() / 'arrays'} (No space left on device; it needs {need:.2f} GB): "
+        f"cannot write the preprocessing cache in {cache_root() / 'arrays'} "
+        f"(No space left on device; it needs {need:.2f} GB): "
         f"free space there or set BLOODCELL_CACHE to another folder"
     )
     assert leftovers(cache_root()) == [] and load_cache(inv, SIZE) is None

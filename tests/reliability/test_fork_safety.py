@@ -83,7 +83,8 @@ def test_a_killed_process_leaves_no_pool_worker_behind(tmp_path, what):
         t0 = time.time()
         while True:  # the pool's workers are there (a scan's pool: the whole scan; a build's: build after build)
             assert proc.poll() is None, (
-                f"the process ended (rc {proc.returncode}) before its pool started: {proc.stderr.read().decode()[-2000:]}"
+                f"the process ended (rc {proc.returncode}) before its pool started: "
+                f"{proc.stderr.read().decode()[-2000:]}"
             )
             workers |= (
                 {
@@ -108,7 +109,8 @@ def test_a_killed_process_leaves_no_pool_worker_behind(tmp_path, what):
         ) and time.time() < deadline:
             time.sleep(0.05)
         assert left == [], (
-            f"left behind after kill -9 of the process: {[Path(f'/proc/{p}/cmdline').read_bytes()[:120] for p in left if alive(p)]}"
+            "left behind after kill -9 of the process: "
+            f"{[Path(f'/proc/{p}/cmdline').read_bytes()[:120] for p in left if alive(p)]}"
         )
     finally:
         if proc.poll() is None:

@@ -2,7 +2,8 @@
 uninterrupted run exactly (CPU, same seed): metrics.json, history.csv (but for wall times) and the model's bytes.
 
 The points are events the run reports (a batch starts, a file is written), drawn from random.Random(BLOODCELL_KILL_SEED)
-(default 8) and printed with the state the run was in when it was killed, so a failure can be replayed: BLOODCELL_KILL_SEED=8 pytest -s tests/reliability/test_kill_resume.py
+(default 8) and printed with the state the run was in when it was killed, so a failure can be replayed:
+BLOODCELL_KILL_SEED=8 pytest -s tests/reliability/test_kill_resume.py
 """
 
 from __future__ import annotations

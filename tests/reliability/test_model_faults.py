@@ -120,7 +120,8 @@ def test_weights_of_another_model(run, tmp_path):
     sealed_as_is(run, "model.safetensors")
     with pytest.raises(
         ModelError,
-        match=rf"^weights {run / 'model.safetensors'} do not fit model 'cnn' named in model.json: \d+ missing, \d+ unexpected",
+        match=rf"^weights {run / 'model.safetensors'} do not fit model 'cnn' named in model.json: "
+        rf"\d+ missing, \d+ unexpected",
     ):
         load_checkpoint(run)
 

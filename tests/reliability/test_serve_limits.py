@@ -142,7 +142,8 @@ def test_oversize_upload_is_413_without_reading_it(server):
     )
     assert peak["mb"] < MEMORY_BOUND_MB - LIMIT_MB  # refused on its Content-Length: the body is never buffered
     print(
-        f"\noversize upload ({len(body) / 2**20:.0f} MB, Content-Length): server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB"
+        f"\noversize upload ({len(body) / 2**20:.0f} MB, Content-Length): "
+        f"server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB"
     )
 
 
@@ -161,7 +162,8 @@ def test_oversize_upload_streamed_without_length_is_413(server):
     assert r.status_code == 413 and r.json()["detail"].startswith(f"upload too large: more than {LIMIT_MB} MB")
     assert peak["mb"] < MEMORY_BOUND_MB
     print(
-        f"\noversize upload ({LIMIT_MB + 5} MB, chunked): server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB"
+        f"\noversize upload ({LIMIT_MB + 5} MB, chunked): "
+        f"server peak RSS {peak['peak_mb']:.0f} MB, +{peak['mb']:.1f} MB"
     )
 
 
@@ -174,16 +176,19 @@ BOMBS = {
     # over PIL's MAX_IMAGE_PIXELS: PIL's DecompressionBombWarning, turned into an error, stops it in Image.open
     "bomb-10000.png": (
         lambda: png_bomb(10000, 10000),
-        f"too many pixels; possible decompression bomb (Image size (100000000 pixels) exceeds limit of {Image.MAX_IMAGE_PIXELS} pixels",
+        "too many pixels; possible decompression bomb "
+        f"(Image size (100000000 pixels) exceeds limit of {Image.MAX_IMAGE_PIXELS} pixels",
     ),
     # over twice PIL's limit: PIL's DecompressionBombError stops it in Image.open
     "bomb-30000.png": (
         lambda: png_bomb(30000, 30000),
-        f"too many pixels; possible decompression bomb (Image size (900000000 pixels) exceeds limit of {2 * Image.MAX_IMAGE_PIXELS} pixels",
+        "too many pixels; possible decompression bomb "
+        f"(Image size (900000000 pixels) exceeds limit of {2 * Image.MAX_IMAGE_PIXELS} pixels",
     ),
     "bomb-30000.jpg": (
         lambda: jpeg_declaring(30000, 30000),
-        f"too many pixels; possible decompression bomb (Image size (900000000 pixels) exceeds limit of {2 * Image.MAX_IMAGE_PIXELS} pixels",
+        "too many pixels; possible decompression bomb "
+        f"(Image size (900000000 pixels) exceeds limit of {2 * Image.MAX_IMAGE_PIXELS} pixels",
     ),
 }
 

@@ -73,7 +73,8 @@ def _report_cases():
 @settings(max_examples=MAX_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck))
 def test_schema_cases_get_no_server_error_and_conform(case):
     # The review API refuses some schema-valid values by the lab's state (a label that is not a class here, a sample
-    # signed off or unknown, a stale revision): every other check holds there too; tests/test_review.py tests those refusals.
+    # signed off or unknown, a stale revision): every other check holds there too; tests/test_review.py tests those
+    # refusals.
     review = case.operation.path.startswith("/api/")
     response = case.call_and_validate(excluded_checks=[positive_data_acceptance] if review else None)
     ANSWERS[case.operation.label, response.status_code] += 1
