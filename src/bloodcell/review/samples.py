@@ -64,6 +64,14 @@ class SampleStore(ReviewDatabase):
     # ------------------------------------------------------------------ samples
 
     def create_sample(self, sample_id: str, who: str, sample_date: str | None = None, note: str = "") -> dict:
+        """A new, empty sample; Conflict when the ID is taken.
+
+        Args:
+            sample_id: the lab's ID of the sample.
+            who: the reviewer's name or initials.
+            sample_date: YYYY-MM-DD (default: today).
+            note: free text shown with the sample and on its report.
+        """
         check_sample_id(sample_id)
         who = check_who(who)
         day = check_date(sample_date) if sample_date else Date.today().isoformat()
@@ -131,6 +139,16 @@ class SampleStore(ReviewDatabase):
         wbc_count: float | None = None,
         clear_wbc_count: bool = False,
     ) -> dict:
+        """Change a sample that is not signed off; None leaves a field as it is.
+
+        Args:
+            sample_id: the lab's ID of the sample.
+            who: the reviewer's name or initials.
+            note: the new note.
+            sample_date: the new date, YYYY-MM-DD.
+            wbc_count: the analyser's white-cell count, 10^9/L.
+            clear_wbc_count: forget the analyser's count (wbc_count None alone leaves it).
+        """
         row = self._open_sample(sample_id)
         check_who(who)
         if wbc_count is not None and not (0 < wbc_count < 1000):
@@ -266,6 +284,7 @@ class SampleStore(ReviewDatabase):
         return _cell(rows[0])
 
     def cell_image(self, sample_id: str, cell_id: int, thumb: bool = False) -> tuple[bytes, str]:
+        """A cell's image as stored, or its JPEG thumbnail (`thumb`), with its media type."""
         row = self._sample_row(sample_id)
         rows = self._read(
             f"SELECT {'thumb' if thumb else 'image'} AS data, image_type FROM cells WHERE id = ? AND sample = ?",
