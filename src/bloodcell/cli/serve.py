@@ -70,8 +70,6 @@ def serve_cmd(
     JSON API at /api, /predict and /explain, docs at /docs. Limits: bloodcell/serve/limits.py, docs/reliability.md."""
     from bloodcell.infer import Predictor
     from bloodcell.review.records import default_data_dir
-    from bloodcell.serve.app import create_app
-    from bloodcell.serve.server import run
 
     predictor = Predictor.load(model, max_pixels=max_pixels, device=device)
     _check_detector_seal(detector)  # the detector loads with the first photograph; its seal is checked now
@@ -88,6 +86,24 @@ def serve_cmd(
         body_seconds=body_seconds,
         allowed_hosts=_served_names(host, allow_host),
     )
+    _listen_and_serve(predictor, detector, data_dir, limits, host, port)
+
+
+def _listen_and_serve(
+    predictor, detector: Optional[Path], data_dir: Path, limits: ServerLimits, host: str, port: int
+) -> None:
+    """Build the app, bind host:port, say where it listens, and serve until stopped.
+
+    Args:
+        predictor: the loaded model (bloodcell.infer.Predictor).
+        detector: --detector as given (None: the bundled one).
+        data_dir: the review database's folder.
+        limits: the server's limits, its Host names among them.
+        host, port: where to listen (--host, --port; port 0 lets the system pick).
+    """
+    from bloodcell.serve.app import create_app
+    from bloodcell.serve.server import run
+
     app_ = create_app(predictor, detector=detector, data_dir=data_dir, limits=limits)
     if host not in ("127.0.0.1", "localhost", "::1"):
         typer.echo(

@@ -15,7 +15,8 @@ FORMATS = ("table", "summary", "csv", "json")  # summary: the table without its 
 
 
 def to_csv(result: dict) -> str:
-    """One row per classified image: path,label,confidence,review,ood,ood_score,p_<class>... (class order of the model).
+    """One row per classified image: path,label,confidence,review,ood,ood_score,p_<class>... (the model's class
+    order).
 
     ood is true / false, ood_score has 3 decimals; both are empty when the model has no OOD score.
     White cells found in field photographs get a row each too, named `<photo>#wbc<k>`, with two more columns at
@@ -52,7 +53,8 @@ def to_csv(result: dict) -> str:
 
 
 def json_safe(result: dict) -> dict:
-    """The result with non-finite OOD scores (nan / inf: such an image is flagged `ood`) as null, fit for strict JSON."""
+    """The result with non-finite OOD scores (nan / inf: such an image is flagged `ood`) as null, fit for strict
+    JSON."""
 
     def fix(p: dict) -> dict:
         bad = isinstance(p.get("ood_score"), float) and not math.isfinite(p["ood_score"])
@@ -87,8 +89,12 @@ def tables(result: dict, review_threshold: float | None = None, per_image: bool 
 
     Images flagged OOD are marked (column "OOD", dimmed) and the count's title says how many cells it rests on;
     a model without an OOD score gets one line saying so.
+
+    Args:
+        result: a prediction result (Predictor).
+        review_threshold: the calibrated confidence below which a cell needs review, named in the review line.
+        per_image: whether to draw the table with one row per image.
     """
-    from rich.table import Table
     from rich.text import Text
 
     out: list = []
@@ -97,6 +103,38 @@ def tables(result: dict, review_threshold: float | None = None, per_image: bool 
         if not result["predictions"]:
             out += [Text(f"unreadable: {u['path']}: {u['reason']}", style="red") for u in result["unreadable"]]
             return out
+    if per_image:
+        out.append(_image_table(result))
+    n = len(result["predictions"])
+    ood_count = int(result.get("ood_count") or 0)
+    verdict = result.get("verdict")
+    if verdict:  # the folder as a whole is unlike the training labs: said first, before the count it undermines
+        out.append(Text(verdict["message"], style="bold white on red"))
+    out.append(_differential_table(result))
+
+    line = None if verdict else ood_summary(result)
+    if line:
+        out.append(Text(line, style="bold white on red" if ood_count == n else "bold yellow"))
+    elif not result.get("ood_check"):
+        out.append(Text("no OOD check for this model: images unlike its training cells are counted too", style="dim"))
+    review = sum(p["review"] for p in result["predictions"])
+    if review:
+        rule = f" (calibrated confidence below {100 * review_threshold:.0f}%)" if review_threshold else ""
+        out.append(Text(f"{review} of {n} cells need review{rule}", style="yellow"))
+    for flag in result["flags"]:
+        if (ood_count and "(OOD)" in flag) or (verdict and flag == verdict["message"]):
+            continue  # said above by ood_summary or the verdict
+        out.append(Text(f"flag: {flag}", style="bold yellow"))
+    for u in result["unreadable"]:
+        out.append(Text(f"unreadable: {u['path']}: {u['reason']}", style="red"))
+    return out
+
+
+def _image_table(result: dict):
+    """One row per image: its class, probability, runner-up, and its review and OOD marks (OOD rows dimmed)."""
+    from rich.table import Table
+    from rich.text import Text
+
     classes = list(result["counts"])
     image_table = Table(title="cells", title_justify="left")
     image_table.add_column("image", overflow="fold")
@@ -120,15 +158,17 @@ def tables(result: dict, review_threshold: float | None = None, per_image: bool 
         if ood_check:
             row.append(Text("OOD", style="bold red") if p.get("ood") else "")
         image_table.add_row(*row, style="dim" if p.get("ood") else None)
-    if per_image:
-        out.append(image_table)
+    return image_table
 
+
+def _differential_table(result: dict):
+    """The differential count: cells and percentages per class, the title saying how many cells it rests on."""
+    from rich.table import Table
+
+    classes = list(result["counts"])
     n = len(result["predictions"])
     ood_count = int(result.get("ood_count") or 0)
     total = int(result.get("counted", n - ood_count))  # the cells the counts rest on
-    verdict = result.get("verdict")
-    if verdict:  # the folder as a whole is unlike the training labs: said first, before the count it undermines
-        out.append(Text(verdict["message"], style="bold white on red"))
     title = f"{total} of {n} images; {ood_count} OOD not counted" if ood_count else f"{total} cells"
     title = f"differential count ({title})"
     diff = Table(title=title, title_justify="left", min_width=len(title))  # the title fits on one line
@@ -146,24 +186,7 @@ def tables(result: dict, review_threshold: float | None = None, per_image: bool 
     wbc_total = sum(result["counts"][c] for c in classes if c in WBC_CLASSES)
     diff.add_section()
     diff.add_row("total", str(total), "100.0" if total else "-", f"{wbc_total} WBC")
-    out.append(diff)
-
-    line = None if verdict else ood_summary(result)
-    if line:
-        out.append(Text(line, style="bold white on red" if ood_count == n else "bold yellow"))
-    elif not ood_check:
-        out.append(Text("no OOD check for this model: images unlike its training cells are counted too", style="dim"))
-    review = sum(p["review"] for p in result["predictions"])
-    if review:
-        rule = f" (calibrated confidence below {100 * review_threshold:.0f}%)" if review_threshold else ""
-        out.append(Text(f"{review} of {n} cells need review{rule}", style="yellow"))
-    for flag in result["flags"]:
-        if (ood_count and "(OOD)" in flag) or (verdict and flag == verdict["message"]):
-            continue  # said above by ood_summary or the verdict
-        out.append(Text(f"flag: {flag}", style="bold yellow"))
-    for u in result["unreadable"]:
-        out.append(Text(f"unreadable: {u['path']}: {u['reason']}", style="red"))
-    return out
+    return diff
 
 
 def field_tables(result: dict) -> list:
@@ -214,7 +237,8 @@ def field_tables(result: dict) -> list:
     if not n:
         return out
     title = (
-        f"over {n} photograph{'s' if n != 1 else ''}: {t['rbc']} red cells ({summary['per_photo']['rbc']:.1f} per photo), "
+        f"over {n} photograph{'s' if n != 1 else ''}: "
+        f"{t['rbc']} red cells ({summary['per_photo']['rbc']:.1f} per photo), "
         f"{t['platelet']} platelets, {t['wbc']} white cells"
     )
     diff = Table(title=f"WBC differential ({summary['wbc_counted']} white cells counted)", title_justify="left")

@@ -56,7 +56,8 @@ OOD_FLAG_SHARE = 0.10
 
 @dataclass(frozen=True)
 class Role:
-    """Where a label goes in the count: `kind` is 'wbc', 'nrbc' or 'other'; `row` its clinical row; `order` its place."""
+    """Where a label goes in the count: `kind` is 'wbc', 'nrbc' or 'other'; `row` its clinical row; `order` its
+    place."""
 
     kind: str
     row: str
@@ -178,11 +179,13 @@ def flags(result: dict, rows: dict) -> list[str]:
 
     if rows.get("blast", {}).get("cells"):
         out.append(
-            f"Blasts / other cells: {rows['blast']['cells']} ({share(rows['blast']['cells'])}): a haematologist must review the smear"
+            f"Blasts / other cells: {rows['blast']['cells']} ({share(rows['blast']['cells'])}): "
+            "a haematologist must review the smear"
         )
     if rows.get("ig", {}).get("cells"):
         out.append(
-            f"Immature granulocytes: {rows['ig']['cells']} ({share(rows['ig']['cells'])}): a haematologist must review the smear"
+            f"Immature granulocytes: {rows['ig']['cells']} ({share(rows['ig']['cells'])}): "
+            "a haematologist must review the smear"
         )
     if result["nrbc"]:
         line = f"Nucleated red cells: {result['nrbc']} ({result['nrbc_per_100_wbc']} per 100 white cells)"

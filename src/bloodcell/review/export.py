@@ -4,8 +4,8 @@ the CSV with its groups (a sample's cells then never straddle a split); `bloodce
 `evaluate --model` read the folders too.
 
 Which cells: those a person labelled or confirmed, and, once a sample is signed off, every cell its count rests on
-(the sign-off vouches for them, and still does after a reopening). Cells the model flagged out-of-distribution that nobody labelled are never
-exported: no person said what they are.
+(the sign-off vouches for them, and still does after a reopening). Cells the model flagged out-of-distribution that
+nobody labelled are never exported: no person said what they are.
 """
 
 from __future__ import annotations

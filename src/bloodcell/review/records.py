@@ -194,6 +194,7 @@ def check_who(who: str) -> str:
 
 
 def check_text(value: str, name: str, limit: int) -> str:
+    """`value` if it has at most `limit` characters; else a ReviewError naming the field `name`."""
     if len(value) > limit:
         raise ReviewError(f"{name}: at most {limit} characters, got {len(value)}")
     return value

@@ -53,7 +53,8 @@ HELP = {
     "heavy_workers": "Smear photographs and Grad-CAM computed at once (each 0.1-0.5 GB).",
     "heavy_queue": "Such requests waiting beyond those; more get 503 with Retry-After.",
     "header_seconds": "Close a connection that has not sent its request headers within this time.",
-    "body_seconds": "Refuse (408) a request whose body takes longer than this, or pauses longer than --body-idle-seconds.",
+    "body_seconds": "Refuse (408) a request whose body takes longer than this, "
+    "or pauses longer than --body-idle-seconds.",
     "body_idle_seconds": "Longest pause while a request body is sent.",
     "allow_host": "Another name or address this server answers to (the Host header) and whose pages may post to it; "
     "repeatable. The local names and the bound address are always allowed.",
