@@ -1,4 +1,5 @@
-"""Run a study: every (experiment, protocol, seed) in turn or K at once, resumable, one failure never stopping the rest."""
+"""Run a study: every (experiment, protocol, seed) in turn or K at once, resumable, one failure never stopping
+the rest."""
 
 from __future__ import annotations
 
