@@ -164,7 +164,7 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 ms = [m for _, m in entries if m]
                 paper = exp.paper.get(proto)
                 if ms and "summary" in ms[0]:
-                    cv_rows.append((exp, ms, paper))
+                    cv_rows.append((exp, ms))
                     continue
                 tr = [metric_value(m, "train.accuracy") for m in ms]
                 te = [metric_value(m, "test.accuracy") for m in ms]
@@ -196,37 +196,42 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                     ],
                     rows,
                 )
-            for exp, ms, paper in cv_rows:
-                keys = [
-                    ("Training Accuracy", "train.accuracy"),
-                    ("Test Accuracy", "test.accuracy"),
-                    ("Precision", "test.precision_weighted"),
-                    ("Recall", "test.recall_weighted"),
-                    ("F1 Score", "test.f1_weighted"),
-                ]
-                paper_m = spec.paper_metrics.get(exp.name, {})
-                crow = []
-                for label, key in keys:
-                    per_fold = [v for m in ms for v in (m["per_run"].get(key) or [])]
-                    crow.append(
-                        [
-                            label,
-                            mean_sd(per_fold),
-                            ci_text(per_fold, None, "folds"),
-                            f"{paper_m[label]:.2f}" if label in paper_m else "–",
-                        ]
-                    )
-                n_folds = len(ms[0]["runs"])
-                doc.p(
-                    f"**{exp.row or exp.name}**: {n_folds}-fold cross-validation on the training part, "
-                    "each fold's model scored on the same held-out test part; "
-                    f"mean ± sd over folds{' and seeds' if len(ms) > 1 else ''}."
-                )
-                doc.table(["Metric", "Ours %", "95% CI", "Paper %"], crow)
+            for exp, ms in cv_rows:
+                _cv_table(doc, spec, exp, ms)
             doc.p(
                 "Ours: mean ± sd over seeds (one value when n=1). "
                 "Precision / recall / F1 are weighted, as in the paper."
             )
+
+
+def _cv_table(doc: Doc, spec: StudySpec, exp, ms: list[dict]) -> None:
+    """A cross-validated experiment's table: each metric over its folds (and seeds) beside the paper's."""
+    keys = [
+        ("Training Accuracy", "train.accuracy"),
+        ("Test Accuracy", "test.accuracy"),
+        ("Precision", "test.precision_weighted"),
+        ("Recall", "test.recall_weighted"),
+        ("F1 Score", "test.f1_weighted"),
+    ]
+    paper_m = spec.paper_metrics.get(exp.name, {})
+    crow = []
+    for label, key in keys:
+        per_fold = [v for m in ms for v in (m["per_run"].get(key) or [])]
+        crow.append(
+            [
+                label,
+                mean_sd(per_fold),
+                ci_text(per_fold, None, "folds"),
+                f"{paper_m[label]:.2f}" if label in paper_m else "–",
+            ]
+        )
+    n_folds = len(ms[0]["runs"])
+    doc.p(
+        f"**{exp.row or exp.name}**: {n_folds}-fold cross-validation on the training part, "
+        "each fold's model scored on the same held-out test part; "
+        f"mean ± sd over folds{' and seeds' if len(ms) > 1 else ''}."
+    )
+    doc.table(["Metric", "Ours %", "95% CI", "Paper %"], crow)
 
 
 def _seeds_text(spec: StudySpec) -> str:
