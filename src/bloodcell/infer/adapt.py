@@ -124,26 +124,17 @@ def adapt_model(
     labels_after, ood_after = _score(predictor, images, batch_size, progress, "scoring (adapted model)")
     warnings += _result_warnings(folder, model, predictor, labels_before, ood_before, labels_after)
 
-    predicted = np.bincount(labels_after, minlength=len(predictor.class_names))
-    adaptation: dict[str, Any] = {
-        "method": METHOD_TENT if tent else METHOD,
-        "folder": str(folder.resolve()),
-        "images": int(len(images)),
-        "images_found": int(len(found)),
-        "unreadable": int(len(unreadable)),
-        "norm_layers": int(layers),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            "model": _name(model),
-            "model_name": predictor.model_name,
-            "weights_sha256": io.file_sha256(locate(source)[0]),
-        },
-        "ood_fraction_before": None if ood_before is None else round(float(ood_before.mean()), 4),
-        "ood_fraction_after": None if ood_after is None else round(float(ood_after.mean()), 4),
-        "predicted_after": {c: int(k) for c, k in zip(predictor.class_names, predicted)},
-        "warnings": warnings,
-        "bloodcell_version": __version__,
-    }
+    adaptation = _adaptation_record(
+        predictor,
+        folder,
+        model,
+        source,
+        tent=tent,
+        counts=(len(images), len(found), len(unreadable), layers),
+        ood=(ood_before, ood_after),
+        labels_after=labels_after,
+        warnings=warnings,
+    )
     _write_adapted(predictor, adaptation, ood_stats, out_dir, onnx, f"{len(images)} unlabelled cells of {folder.name}")
     return {
         "out": str(out_dir),
@@ -156,6 +147,44 @@ def adapt_model(
         "predicted_after": adaptation["predicted_after"],
         "warnings": warnings,
         "adaptation": adaptation,
+    }
+
+
+def _adaptation_record(
+    predictor: Predictor,
+    folder: Path,
+    model: str | os.PathLike | None,
+    source: Path,
+    *,
+    tent: bool,
+    counts: tuple[int, int, int, int],
+    ood: tuple[np.ndarray | None, np.ndarray | None],
+    labels_after: np.ndarray,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """model.json's `adaptation`: how, on what (`counts`: images used, found, unreadable; norm layers), from which
+    weights, and the OOD shares and predicted classes it left (`ood`: flags before and after)."""
+    images, found, unreadable, layers = counts
+    ood_before, ood_after = ood
+    predicted = np.bincount(labels_after, minlength=len(predictor.class_names))
+    return {
+        "method": METHOD_TENT if tent else METHOD,
+        "folder": str(folder.resolve()),
+        "images": int(images),
+        "images_found": int(found),
+        "unreadable": int(unreadable),
+        "norm_layers": int(layers),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "model": _name(model),
+            "model_name": predictor.model_name,
+            "weights_sha256": io.file_sha256(locate(source)[0]),
+        },
+        "ood_fraction_before": None if ood_before is None else round(float(ood_before.mean()), 4),
+        "ood_fraction_after": None if ood_after is None else round(float(ood_after.mean()), 4),
+        "predicted_after": {c: int(k) for c, k in zip(predictor.class_names, predicted)},
+        "warnings": warnings,
+        "bloodcell_version": __version__,
     }
 
 
@@ -230,7 +259,8 @@ def _result_warnings(
         changed = float((labels_before != labels_after)[~ood_before].mean())
         warnings.append(
             f"{folder}: {100 * (1 - ood_before.mean()):.0f} % of its images already look like the training "
-            f"cells of {_label(model)}: adapting is not needed, and it changed the class of {100 * changed:.0f} % of them"
+            f"cells of {_label(model)}: adapting is not needed, "
+            f"and it changed the class of {100 * changed:.0f} % of them"
         )
     return warnings
 
@@ -392,7 +422,8 @@ def _check_out_dir(out_dir: Path, source: Path, force: bool) -> None:
         raise DataError(f"--out {out_dir} is a file, not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise DataError(
-            f"--out {out_dir} exists and holds files: choose an empty or new folder, or add --force to replace its model"
+            f"--out {out_dir} exists and holds files: "
+            "choose an empty or new folder, or add --force to replace its model"
         )
 
 
