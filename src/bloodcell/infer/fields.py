@@ -311,7 +311,8 @@ def _predict_tagged(
                 image = open_rgb(source, max_pixels=limit)
                 if input_kind == "auto" and image.size[0] * image.size[1] > max_field_pixels:
                     cell_reasons[name] = (
-                        f"a rectangular image, but at {image.size[0]}x{image.size[1]} px too large to read as a field: read as one cell"
+                        f"a rectangular image, but at {image.size[0]}x{image.size[1]} px too large to read as a field: "
+                        "read as one cell"
                     )
                     advance()
                     continue
