@@ -294,10 +294,9 @@ def _predict_tagged(
         # only rectangular images are shown to the detector (the classifier's OOD score alone let a third of the
         # BCCD photographs through as cells, benchmarks/fields.py)
         candidates = [(n, by_name[n]) for n in names if not _squarish(_image_size(by_name[n]))]
-        for n in names:
-            cell_reasons[n] = (
-                "a square-ish image: read as a single-cell crop (use --input field for a square photograph)"
-            )
+        cell_reasons = dict.fromkeys(
+            names, "a square-ish image: read as a single-cell crop (use --input field for a square photograph)"
+        )
     if candidates and input_kind == "auto":
         try:
             get_reader()
