@@ -27,7 +27,8 @@ LearningRate = Annotated[float, AfterValidator(_fits_float32)]
 
 
 class StrictSection(BaseModel):
-    """A config section: unknown keys and wrong types are errors (the detector's sections too: bloodcell.detect.config)."""
+    """A config section: unknown keys and wrong types are errors (the detector's sections too:
+    bloodcell.detect.config)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
@@ -92,7 +93,8 @@ class DataConfig(_Strict):
 
 
 class AugmentConfig(_Strict):
-    """Augmentation for single-cell images, applied in batches on the training device. Off by default (the paper had none)."""
+    """Augmentation for single-cell images, applied in batches on the training device. Off by default (the paper had
+    none)."""
 
     enabled: bool = False
     hflip: bool = True

@@ -2,8 +2,8 @@
 
 `pip install bloodcell` is the inference install: predict, serve, the differential count, smear-field photographs and
 `evaluate --model` on a labelled folder, all on ONNX Runtime (the bundled model ships as model.onnx too, the bundled
-field detector as detector.onnx), with no PyTorch. Training, studies, export, Grad-CAM and field detectors without an ONNX
-export need PyTorch: `pip install 'bloodcell[train]'`.
+field detector as detector.onnx), with no PyTorch. Training, studies, export, Grad-CAM and field detectors without an
+ONNX export need PyTorch: `pip install 'bloodcell[train]'`.
 """
 
 from __future__ import annotations

@@ -295,7 +295,8 @@ def _fill(
 
 def _unwritable(arrays_dir: Path, exc: OSError, nbytes: int) -> DataError:
     return DataError(
-        f"cannot write the preprocessing cache in {arrays_dir} ({exc.strerror or exc}; it needs {nbytes / 1e9:.2f} GB): "
+        f"cannot write the preprocessing cache in {arrays_dir} "
+        f"({exc.strerror or exc}; it needs {nbytes / 1e9:.2f} GB): "
         f"free space there or set BLOODCELL_CACHE to another folder"
     )
 

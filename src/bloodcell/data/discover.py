@@ -1,14 +1,14 @@
 """Find, validate and fingerprint the images of a dataset: a class-per-folder tree (ImageFolder / PBC layout) or a
 CSV of `path,label[,group]`.
 
-`scan(root)` walks `root/<class>/**` (or reads the CSV's rows), decodes every image once (in parallel), hashes its bytes and returns an
-`Inventory`: readable images in dataset order (class, then path), files skipped with a reason, and groups of
-byte-identical files. Per-file results are cached so a second scan only stats the files; a file is hashed again
-when its size, mtime, ctime, inode or mode changed. ctime and inode matter: tools that copy or restore files
-(`cp -p`, `rsync -t`, `touch -d`) can give new content the old size and mtime, but they cannot set ctime, and a
-replacement by rename brings a new inode, so the scan does not reuse the hash of content that is gone. The one
-change it cannot see is a rewrite within the same file-system clock tick (a few ms) as its own read that also keeps
-size and mtime (git's stat cache has the same limit); deleting `<cache>/scans/` forces a full rescan.
+`scan(root)` walks `root/<class>/**` (or reads the CSV's rows), decodes every image once (in parallel), hashes its bytes
+and returns an `Inventory`: readable images in dataset order (class, then path), files skipped with a reason, and groups
+of byte-identical files. Per-file results are cached so a second scan only stats the files; a file is hashed again when
+its size, mtime, ctime, inode or mode changed. ctime and inode matter: tools that copy or restore files (`cp -p`,
+`rsync -t`, `touch -d`) can give new content the old size and mtime, but they cannot set ctime, and a replacement by
+rename brings a new inode, so the scan does not reuse the hash of content that is gone. The one change it cannot see is
+a rewrite within the same file-system clock tick (a few ms) as its own read that also keeps size and mtime (git's stat
+cache has the same limit); deleting `<cache>/scans/` forces a full rescan.
 """
 
 from __future__ import annotations
@@ -336,7 +336,8 @@ def _csv_entries(csv_path: Path) -> _Listing:
     for column in ("path", "label"):
         if column not in header:
             raise DataError(
-                f"dataset CSV {csv_path} has no '{column}' column (header: {','.join(rows[0])}; expected path,label[,group])"
+                f"dataset CSV {csv_path} has no '{column}' column "
+                f"(header: {','.join(rows[0])}; expected path,label[,group])"
             )
     unknown = [h for h in header if h not in CSV_COLUMNS]
     if unknown:
@@ -434,7 +435,8 @@ def _scan_entries(listing: _Listing, *, max_pixels: int, workers: int | None, pr
     empty = [name for name in listing.classes if name not in present]
     for name in empty:
         warnings.append(
-            f"{name}{'' if listing.csv else '/'}: class {'label' if listing.csv else 'folder'} has no readable images; class left out"
+            f"{name}{'' if listing.csv else '/'}: class {'label' if listing.csv else 'folder'} "
+            "has no readable images; class left out"
         )
     return Inventory(
         root=root,

@@ -352,7 +352,7 @@ def by_source(items: list[FieldAnnotation]) -> dict[str, list[FieldAnnotation]]:
     return groups
 
 
-# ---------------------------------------------------------------------- the crop rule: a white cell as a classifier sees it
+# ------------------------------------------------------------ the crop rule: a white cell as a classifier sees it
 # One rule for every path that cuts a white cell out of a photograph (the field reader at inference, the labelled
 # cells of another lab built for training and for the leave-one-lab-out protocol), so both see cells at one scale.
 

@@ -236,7 +236,7 @@ def lab_images(
     split_config=None,
     progress: bool = True,
 ) -> LabImages:
-    """Every cell of `source` (a config LabSource) the model's way: cut, scanned, resized and balanced as in training."""
+    """Every cell of `source` (a config LabSource) the model's way: cut, scanned, resized, balanced as in training."""
     from bloodcell.data.cache import build_cache
 
     parts = lab_parts(

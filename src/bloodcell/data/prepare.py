@@ -56,7 +56,8 @@ def split_files(
     inv = scan(root, max_pixels=cfg.data.max_pixels, progress=progress)
     if fingerprint is not None and inv.fingerprint() != fingerprint:
         raise DataError(
-            f"{inv.root} is not the data the model was trained on (its fingerprint differs from model.json's data_fingerprint)"
+            f"{inv.root} is not the data the model was trained on "
+            "(its fingerprint differs from model.json's data_fingerprint)"
         )
     split = make_split(inv, _split_config(cfg))
     idx = split.part(part)
@@ -122,7 +123,8 @@ def prepare_data(
 
 
 def _add_labs(data: PreparedData, cfg: RunConfig, progress: bool) -> PreparedData:
-    """data.labs: each lab's train and val cells join ours (mixed into the training order), its test part is kept apart."""
+    """data.labs: each lab's train and val cells join ours (mixed into the training order); its test part is kept
+    apart."""
     from bloodcell.data.labs import lab_images
 
     images, labels, relpaths = [np.asarray(data.images)], [data.labels], list(data.relpaths)

@@ -59,15 +59,7 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
     """
     out = Path(out)
     sets = field_sets(cfg)
-    config_file = out / "config.yaml"
-    if config_file.exists():
-        if not resume:
-            raise ConfigError(
-                f"{out} already holds a detector run: add --resume to continue it, or choose another --out"
-            )
-        if config_file.read_text() != dump_config(cfg):
-            raise ConfigError(f"{config_file}: the run in {out} was started with another config; choose another --out")
-    io.write_text(config_file, dump_config(cfg))
+    _claim_folder(out, dump_config(cfg), resume)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
@@ -111,28 +103,7 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    save_detector(
-        detector,
-        out,
-        metadata={
-            "trained_on": {
-                "sets": _set_roots(cfg),
-                "photos": len(train),
-                "by_source": _source_counts(train),
-                "leave_out": cfg.data.leave_out,
-            },
-            "thresholds_from": {"photos": len(val), "by_source": _source_counts(val)},
-            "test_by_source": {
-                f"{name}/{src}" if len(groups) > 1 else name: _headline(m)
-                for name, groups in by_set.items()
-                for src, m in groups.items()
-            },
-            "test": {
-                c: {k: metrics["test"]["classes"][c][k] for k in ("precision", "recall", "ap", "count_rel_error")}
-                for c in FIELD_CLASSES
-            },
-        },
-    )
+    save_detector(detector, out, metadata=_detector_metadata(cfg, train, val, by_set, metrics["test"]))
     weights = out / DETECTOR_WEIGHTS
     weights_size = weights.stat().st_size if weights.exists() else 0
     metrics["size_mb"] = (weights_size + (out / DETECTOR_METADATA).stat().st_size) / 1e6
@@ -140,6 +111,41 @@ def run_detector_config(cfg: DetectorRunConfig, out: str | Path, resume: bool = 
     _write_examples(out / "examples.png", detector, test[: cfg.eval.annotated_examples], raw_test)
     io.write_text(out / "report.md", report_text(cfg, metrics))
     return metrics
+
+
+def _claim_folder(out: Path, config_text: str, resume: bool) -> None:
+    """Write the run's config.yaml into `out`; refuse a folder holding another run (or this one, unless resuming)."""
+    config_file = out / "config.yaml"
+    if config_file.exists():
+        if not resume:
+            raise ConfigError(
+                f"{out} already holds a detector run: add --resume to continue it, or choose another --out"
+            )
+        if config_file.read_text() != config_text:
+            raise ConfigError(f"{config_file}: the run in {out} was started with another config; choose another --out")
+    io.write_text(config_file, config_text)
+
+
+def _detector_metadata(cfg: DetectorRunConfig, train, val, by_set: dict, test: dict) -> dict:
+    """What the saved detector says of itself: the photos it was trained and thresholded on, and its test scores."""
+    return {
+        "trained_on": {
+            "sets": _set_roots(cfg),
+            "photos": len(train),
+            "by_source": _source_counts(train),
+            "leave_out": cfg.data.leave_out,
+        },
+        "thresholds_from": {"photos": len(val), "by_source": _source_counts(val)},
+        "test_by_source": {
+            f"{name}/{src}" if len(groups) > 1 else name: _headline(m)
+            for name, groups in by_set.items()
+            for src, m in groups.items()
+        },
+        "test": {
+            c: {k: test["classes"][c][k] for k in ("precision", "recall", "ap", "count_rel_error")}
+            for c in FIELD_CLASSES
+        },
+    }
 
 
 def fit_detector(
@@ -257,8 +263,10 @@ def report_text(cfg: DetectorRunConfig, metrics: dict) -> str:
             f"{_listing(photos['removed']) or 'none'}." + left_out,
             f"A found box counts as a cell when its IoU with a true box of the same class is >= {cfg.eval.match_iou} "
             "(one-to-one matching); AP is COCO's, at that IoU, over all boxes (torchmetrics).",
-            "Count error: mean |found - true| per photograph over the mean true count; relative: |found - true| over the "
-            "true count, averaged over photographs having the class; bias: mean found - true; exact: photographs counted "
+            "Count error: mean |found - true| per photograph over the mean true count; "
+            "relative: |found - true| over the "
+            "true count, averaged over photographs having the class; bias: mean found - true; "
+            "exact: photographs counted "
             "exactly.",
             "",
             "## Test, per set and source",

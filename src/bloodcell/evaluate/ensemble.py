@@ -63,7 +63,8 @@ def ensemble_runs(
             )
         if paths != ref_paths or true != ref_true:
             raise ConfigError(
-                f"{d} and {ref_dir} were tested on different images (another split seed or dataset): an ensemble needs one test set"
+                f"{d} and {ref_dir} were tested on different images (another split seed or dataset): "
+                "an ensemble needs one test set"
             )
     index = {c: i for i, c in enumerate(ref_classes)}
     y = np.array([index[c] for c in ref_true])

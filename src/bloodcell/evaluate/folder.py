@@ -386,7 +386,8 @@ def headline(metrics: dict) -> list[str]:
     lines.append(text)
     if ood is not None:
         text = (
-            f"flagged out-of-distribution: {100 * ood['fraction']:.1f}%; accuracy of cells neither review- nor OOD-flagged "
+            f"flagged out-of-distribution: {100 * ood['fraction']:.1f}%; "
+            "accuracy of cells neither review- nor OOD-flagged "
             f"({100 * ood['kept_fraction']:.1f}% kept) {_fmt(ood['accuracy_kept'])}"
         )
         if r is not None:

@@ -165,29 +165,23 @@ def evaluate_labs(
     test: tuple | None = None,
     progress: bool = True,
 ) -> dict:
-    """metrics.json `labs`: each trained-on lab's own test part ("seen") and each eval.labs lab ("held out")."""
-    from bloodcell.data.labs import lab_images
+    """metrics.json `labs`: each trained-on lab's own test part ("seen") and each eval.labs lab ("held out").
 
+    Args:
+        run_dir: the run's folder; each lab's predictions go under run_dir/labs/<lab>.
+        cfg: the run's RunConfig (eval.labs, eval.adapt, eval.bootstrap, the data's preprocessing, the seed).
+        data: the run's loaded dataset (its parts and the test parts of the labs it trained on).
+        model: the trained classifier.
+        temperature: the calibration temperature fitted on validation.
+        review: the review threshold (answers less confident are flagged).
+        ood: the out-of-distribution score fitted on training cells (its two arrays, then its threshold), or None.
+        test: (logits, features) of the main dataset's test part, to score it as one more lab row.
+    """
     names = data.class_names
     out: dict = {}
     if test is not None:  # the main dataset's own test part, scored the same way, so every lab has one row format
-        logits, features = test
-        scores = mahalanobis_score(features, ood[0], ood[1]) if ood is not None else None
         main = Path(str(data.source.get("root") or "main")).name
-        out[main] = {
-            "seen": True,
-            "part": "test",
-            "as_is": score_cells(
-                data.labels[data.parts["test"]],
-                apply_temperature(logits, temperature),
-                names,
-                review,
-                scores,
-                ood[2] if ood else None,
-                n_bootstrap=cfg.eval.bootstrap,
-                seed=cfg.seed,
-            ),
-        }
+        out[main] = {"seen": True, "part": "test", "as_is": _main_test(cfg, data, test, temperature, review, ood)}
     kwargs = dict(
         temperature=temperature,
         review_threshold=review,
@@ -217,29 +211,53 @@ def evaluate_labs(
     for source in cfg.eval.labs:
         if source.name in out:
             continue  # trained on: only its own test part is fair, scored above
-        lab = lab_images(
-            source,
-            names,
-            size=cfg.data.input_size,
-            interpolation=cfg.data.interpolation,
-            white_balance=cfg.data.white_balance,
-            max_pixels=cfg.data.max_pixels,
-            progress=progress,
-        )
-        out[source.name] = {
-            "seen": False,
-            "part": ",".join(source.parts or ["all"]),
-            **evaluate_lab(
-                model,
-                lab.images,
-                lab.labels,
-                names,
-                out_dir=run_dir / "labs" / source.name,
-                relpaths=lab.relpaths,
-                **kwargs,
-            ),
-        }
+        out[source.name] = _held_out_lab(source, run_dir, cfg, model, names, **kwargs)
     return out
+
+
+def _held_out_lab(source, run_dir: Path, cfg, model, names: list[str], *, progress: bool, **kwargs) -> dict:
+    """An eval.labs lab the run never trained on: all its cells (or the parts named), read as the run reads its own."""
+    from bloodcell.data.labs import lab_images
+
+    lab = lab_images(
+        source,
+        names,
+        size=cfg.data.input_size,
+        interpolation=cfg.data.interpolation,
+        white_balance=cfg.data.white_balance,
+        max_pixels=cfg.data.max_pixels,
+        progress=progress,
+    )
+    return {
+        "seen": False,
+        "part": ",".join(source.parts or ["all"]),
+        **evaluate_lab(
+            model,
+            lab.images,
+            lab.labels,
+            names,
+            out_dir=run_dir / "labs" / source.name,
+            relpaths=lab.relpaths,
+            progress=progress,
+            **kwargs,
+        ),
+    }
+
+
+def _main_test(cfg, data, test: tuple, temperature: float, review: float, ood: tuple | None) -> dict:
+    """The main dataset's test part scored from its (logits, features) as a lab's `as_is` block."""
+    logits, features = test
+    scores = mahalanobis_score(features, ood[0], ood[1]) if ood is not None else None
+    return score_cells(
+        data.labels[data.parts["test"]],
+        apply_temperature(logits, temperature),
+        data.class_names,
+        review,
+        scores,
+        ood[2] if ood else None,
+        n_bootstrap=cfg.eval.bootstrap,
+        seed=cfg.seed,
+    )
 
 
 def lab_summary(labs: dict) -> dict:

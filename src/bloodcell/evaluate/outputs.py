@@ -19,7 +19,8 @@ def predict_outputs(
     progress: bool = False,
     desc: str = "predicting",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(logits (N, K), OOD features (N, D)) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the model's mean/std."""
+    """(logits (N, K), OOD features (N, D)) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the
+    model's mean/std."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1) * 255

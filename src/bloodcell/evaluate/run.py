@@ -69,7 +69,8 @@ def fit_ood_score(
         "file": OOD_FILE,
         "threshold": threshold,
         "false_alarm_target": false_alarm,
-        "fitted_on": f"{len(y['train'])} training images (means, Ledoit-Wolf covariance); threshold: validation quantile {1 - false_alarm:g} of {len(y['val'])} images",
+        "fitted_on": f"{len(y['train'])} training images (means, Ledoit-Wolf covariance); "
+        f"threshold: validation quantile {1 - false_alarm:g} of {len(y['val'])} images",
         "val_flagged": float((scores["val"] > threshold).mean()),
     }
     if "test" in scores:

@@ -30,6 +30,7 @@ from bloodcell.errors import DataError, ModelError
 from bloodcell.evaluate.ood import fit_mahalanobis_unlabelled
 from bloodcell.evaluate.outputs import predict_outputs
 from bloodcell.infer.export import export_bundled
+from bloodcell.infer.lab_mix import background_colours, mixed_labs
 from bloodcell.infer.predictor import BUNDLED_ONNX, Predictor, collect_images
 from bloodcell.models.adapt import MIN_ADAPT_IMAGES, minimise_entropy, norm_layers, recompute_norm_statistics  # torch
 from bloodcell.models.checkpoint import save_checkpoint
@@ -50,16 +51,6 @@ MAX_ADAPT_IMAGES = 5000
 ONE_CLASS_SHARE = 0.9
 # The folder already looks like the training cells when fewer than this share is flagged OOD before adapting.
 ALREADY_LIKE_TRAINING = 0.10
-# The adapted model still reads the folder as unlike its training cells when at least this share is flagged OOD.
-
-# Mixed labs, from the background colour (see background_colours and mixed_labs).
-BACKGROUND_BRIGHTEST = 0.05  # the brightest 5 % of a cell image's pixels are background, whatever the cell
-# Two groups whose centres lie this many within-group (robust) sds apart. Measured with the bundled model's input
-# (80 px): single sources reach 3.1-4.9 (PBC classes, Raabin, BCCD, Tecom's yellow-background part), mixes of two or
-# three of them 9.0-257; 7 sits between. (Splitting one normal spread in two gives about 2.9.)
-LAB_GAP_SD = 7.0
-MIN_LAB_SHARE = 0.10  # the smaller group holds at least this share of the images (a few odd images are not a lab)
-MIN_LAB_GAP = 10.0  # grey levels (0-255): closer backgrounds are one lab whatever their spread
 
 
 def _dir_mode() -> int:
@@ -124,26 +115,17 @@ def adapt_model(
     labels_after, ood_after = _score(predictor, images, batch_size, progress, "scoring (adapted model)")
     warnings += _result_warnings(folder, model, predictor, labels_before, ood_before, labels_after)
 
-    predicted = np.bincount(labels_after, minlength=len(predictor.class_names))
-    adaptation: dict[str, Any] = {
-        "method": METHOD_TENT if tent else METHOD,
-        "folder": str(folder.resolve()),
-        "images": int(len(images)),
-        "images_found": int(len(found)),
-        "unreadable": int(len(unreadable)),
-        "norm_layers": int(layers),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "source": {
-            "model": _name(model),
-            "model_name": predictor.model_name,
-            "weights_sha256": io.file_sha256(locate(source)[0]),
-        },
-        "ood_fraction_before": None if ood_before is None else round(float(ood_before.mean()), 4),
-        "ood_fraction_after": None if ood_after is None else round(float(ood_after.mean()), 4),
-        "predicted_after": {c: int(k) for c, k in zip(predictor.class_names, predicted)},
-        "warnings": warnings,
-        "bloodcell_version": __version__,
-    }
+    adaptation = _adaptation_record(
+        predictor,
+        folder,
+        model,
+        source,
+        tent=tent,
+        counts=(len(images), len(found), len(unreadable), layers),
+        ood=(ood_before, ood_after),
+        labels_after=labels_after,
+        warnings=warnings,
+    )
     _write_adapted(predictor, adaptation, ood_stats, out_dir, onnx, f"{len(images)} unlabelled cells of {folder.name}")
     return {
         "out": str(out_dir),
@@ -156,6 +138,44 @@ def adapt_model(
         "predicted_after": adaptation["predicted_after"],
         "warnings": warnings,
         "adaptation": adaptation,
+    }
+
+
+def _adaptation_record(
+    predictor: Predictor,
+    folder: Path,
+    model: str | os.PathLike | None,
+    source: Path,
+    *,
+    tent: bool,
+    counts: tuple[int, int, int, int],
+    ood: tuple[np.ndarray | None, np.ndarray | None],
+    labels_after: np.ndarray,
+    warnings: list[str],
+) -> dict[str, Any]:
+    """model.json's `adaptation`: how, on what (`counts`: images used, found, unreadable; norm layers), from which
+    weights, and the OOD shares and predicted classes it left (`ood`: flags before and after)."""
+    images, found, unreadable, layers = counts
+    ood_before, ood_after = ood
+    predicted = np.bincount(labels_after, minlength=len(predictor.class_names))
+    return {
+        "method": METHOD_TENT if tent else METHOD,
+        "folder": str(folder.resolve()),
+        "images": int(images),
+        "images_found": int(found),
+        "unreadable": int(unreadable),
+        "norm_layers": int(layers),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {
+            "model": _name(model),
+            "model_name": predictor.model_name,
+            "weights_sha256": io.file_sha256(locate(source)[0]),
+        },
+        "ood_fraction_before": None if ood_before is None else round(float(ood_before.mean()), 4),
+        "ood_fraction_after": None if ood_after is None else round(float(ood_after.mean()), 4),
+        "predicted_after": {c: int(k) for c, k in zip(predictor.class_names, predicted)},
+        "warnings": warnings,
+        "bloodcell_version": __version__,
     }
 
 
@@ -230,7 +250,8 @@ def _result_warnings(
         changed = float((labels_before != labels_after)[~ood_before].mean())
         warnings.append(
             f"{folder}: {100 * (1 - ood_before.mean()):.0f} % of its images already look like the training "
-            f"cells of {_label(model)}: adapting is not needed, and it changed the class of {100 * changed:.0f} % of them"
+            f"cells of {_label(model)}: adapting is not needed, "
+            f"and it changed the class of {100 * changed:.0f} % of them"
         )
     return warnings
 
@@ -270,61 +291,6 @@ def _write_adapted(
 
 
 # ---------------------------------------------------------------------- the checks
-
-
-def background_colours(images: np.ndarray) -> np.ndarray:
-    """(N, 3) float: per image, the mean colour of its brightest BACKGROUND_BRIGHTEST of pixels (by R + G + B).
-
-    A single-cell image is mostly smear background around one cell, and its brightest pixels are that background:
-    the lamp, camera and stain of the lab show there, not the cell's class.
-    """
-    n = len(images)
-    pixels = np.asarray(images).reshape(n, -1, 3)
-    k = max(1, int(np.ceil(BACKGROUND_BRIGHTEST * pixels.shape[1])))
-    brightness = pixels.astype(np.int32).sum(axis=2)
-    brightest = np.argpartition(-brightness, k - 1, axis=1)[:, :k]
-    return np.take_along_axis(pixels, brightest[:, :, None], axis=1).astype(np.float64).mean(axis=1)
-
-
-def mixed_labs(colours: np.ndarray) -> tuple[int, int, str, str] | None:
-    """(size of each group, their colours) when the background colours form two well-separated groups, else None.
-
-    Two-means on the colours, started from the two extremes along their main axis (deterministic). The groups count
-    as two labs when (a) their centres lie more than LAB_GAP_SD within-group spreads apart, the spread measured
-    along the line joining the centres as 1.4826 x the median absolute deviation from each group's median (a sd
-    that a few odd images do not inflate, so a third lab in the folder does not hide the split); (b) the smaller
-    group holds at least MIN_LAB_SHARE of the images, so a few odd images are not a lab (3 % of PBC's own cells
-    have a lavender background, 37 grey levels from the rest); and (c) the centres are at least MIN_LAB_GAP grey
-    levels apart, so a lab whose backgrounds barely vary is not split over a shade. A model that white-balances its
-    input has the cast removed before it sees the cells; this looks at the images as the model gets them.
-    """
-    x = np.asarray(colours, dtype=np.float64)
-    if len(x) < 4:
-        return None
-    centred = x - x.mean(axis=0)
-    axis = np.linalg.svd(centred, full_matrices=False)[2][0]
-    proj = centred @ axis
-    centres = np.stack([x[proj.argmin()], x[proj.argmax()]])
-    assign = np.full(len(x), -1)
-    for _ in range(100):
-        new = ((x[:, None, :] - centres[None]) ** 2).sum(axis=2).argmin(axis=1)
-        if (new == assign).all():
-            break
-        assign = new
-        if assign.min() == assign.max():  # everything in one group: one lab
-            return None
-        centres = np.stack([x[assign == g].mean(axis=0) for g in (0, 1)])
-    gap = float(np.linalg.norm(centres[1] - centres[0]))
-    sizes = np.bincount(assign, minlength=2)
-    if gap < MIN_LAB_GAP or sizes.min() < MIN_LAB_SHARE * len(x):
-        return None
-    along = x @ ((centres[1] - centres[0]) / gap)
-    medians = np.array([np.median(along[assign == g]) for g in (0, 1)])
-    spread = 1.4826 * float(np.median(np.abs(along - medians[assign])))
-    if gap <= LAB_GAP_SD * spread:
-        return None
-    rgb = lambda c: "RGB " + " ".join(str(int(round(v))) for v in c)  # noqa: E731
-    return int(sizes[0]), int(sizes[1]), rgb(centres[0]), rgb(centres[1])
 
 
 def one_kind_of_cell(
@@ -392,7 +358,8 @@ def _check_out_dir(out_dir: Path, source: Path, force: bool) -> None:
         raise DataError(f"--out {out_dir} is a file, not a folder")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise DataError(
-            f"--out {out_dir} exists and holds files: choose an empty or new folder, or add --force to replace its model"
+            f"--out {out_dir} exists and holds files: "
+            "choose an empty or new folder, or add --force to replace its model"
         )
 
 

@@ -149,8 +149,8 @@ def _calibration_lines(d: ModelDescription) -> list[str]:
         ood = d.ood
         lines.append(
             f"- Out-of-distribution score: {ood.method} distance in feature space, threshold "
-            f"{ood.threshold:.1f} (about {_pct(ood.false_alarm_target)} of its own validation cells flagged); fitted on "
-            f"{ood.fitted_on or '?'}."
+            f"{ood.threshold:.1f} (about {_pct(ood.false_alarm_target)} of its own validation cells flagged); "
+            f"fitted on {ood.fitted_on or '?'}."
         )
     return lines + [""]
 
@@ -257,15 +257,18 @@ def _fixed(x, digits: int = 3) -> str:
 
 def _source_rows(rows: dict) -> list[str]:
     out = [
-        "| set / source | photos | red cells: count error (bias / photo) | white P / R | white count exact | platelet recall | AP@0.5 red / white / platelet |",
+        "| set / source | photos | red cells: count error (bias / photo) | white P / R | white count exact "
+        "| platelet recall | AP@0.5 red / white / platelet |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         c = row["classes"]
         r, w, p = c["rbc"], c["wbc"], c["platelet"]
         out.append(
-            f"| {name} | {row['photos']} | {_ratio(r.get('count_error_ratio'))} ({float(r.get('count_bias', 0)):+.1f}) | "
-            f"{_fixed(w['precision'])} / {_fixed(w['recall'])} | {_ratio(w.get('count_exact'))} | {_fixed(p['recall'])} | "
+            f"| {name} | {row['photos']} | {_ratio(r.get('count_error_ratio'))} "
+            f"({float(r.get('count_bias', 0)):+.1f}) | "
+            f"{_fixed(w['precision'])} / {_fixed(w['recall'])} | {_ratio(w.get('count_exact'))} "
+            f"| {_fixed(p['recall'])} | "
             f"{_fixed(r['ap'])} / {_fixed(w['ap'])} / {_fixed(p['ap'])} |"
         )
     return out
@@ -274,10 +277,6 @@ def _source_rows(rows: dict) -> list[str]:
 def detector_card(meta: dict, source: str = "") -> str:
     """The card (markdown) of a saved detector from its detector.json."""
     bundled = meta.get("bundled") or {}
-    trained = meta.get("trained_on") or {}
-    fit = (meta.get("state") or {}).get("fit") or {}
-    scale = ((meta.get("state") or {}).get("cell_scale") or {}).get("rbc_side_px") or {}
-    opts = meta.get("options") or {}
     lines = [f"# Detector card: {meta.get('detector', '?')}" + (f" ({source})" if source else ""), ""]
     lines += [
         "## What it does",
@@ -287,14 +286,47 @@ def detector_card(meta: dict, source: str = "") -> str:
         "support: not a diagnosis and not a medical device; counts are to be checked by a qualified person.",
         "",
     ]
-    lines += ["## Training data", ""]
+    lines += _detector_training_lines(meta)
+    rows = bundled.get("test_by_source") or meta.get("test_by_source")
+    if rows:
+        lines += [
+            "## Test photographs, per source",
+            "",
+            "Never trained or tuned on. IoU 0.5, one-to-one matching. "
+            "Red-cell count error: mean |counted - boxed| over the mean boxed count.",
+            "",
+        ]
+        lines += _source_rows(rows) + [""]
+    lines += _leave_one_source_out_lines(bundled.get("leave_one_source_out") or {})
+    if bundled.get("seconds_per_photo"):
+        lines += [
+            "## Cost",
+            "",
+            f"- {float(bundled['seconds_per_photo']):.3f} s per photograph, detection only, "
+            f"on {bundled.get('machine', '?')}.",
+            "",
+        ]
+    lines += ["## Known limits", ""] + [f"- {x}" for x in DETECTOR_LIMITS] + [""]
+    if bundled.get("retrain"):
+        lines += ["## Retraining", "", f"`{bundled['retrain']}` (docs/fields.md).", ""]
+    return "\n".join(lines)
+
+
+def _detector_training_lines(meta: dict) -> list[str]:
+    """The card's training data: sets and photographs, thresholds, the fit, the cell scale it learnt, its ONNX."""
+    trained = meta.get("trained_on") or {}
+    fit = (meta.get("state") or {}).get("fit") or {}
+    scale = ((meta.get("state") or {}).get("cell_scale") or {}).get("rbc_side_px") or {}
+    opts = meta.get("options") or {}
+    lines = ["## Training data", ""]
     sets = trained.get("sets") or ({"data": trained["root"]} if trained.get("root") else {})
     lines.append(f"- Sets: {', '.join(f'{k} ({v})' for k, v in sets.items()) or 'not recorded'}.")
     if trained.get("by_source"):
         lines.append(
             f"- {trained.get('photos')} training photographs: "
             + ", ".join(f"{k} {v}" for k, v in trained["by_source"].items())
-            + ". No photograph in any set's validation or test split was trained on (one photograph in two sets is one photograph)."
+            + ". No photograph in any set's validation or test split was trained on "
+            "(one photograph in two sets is one photograph)."
         )
     thr = meta.get("thresholds_from") or {}
     lines.append(
@@ -305,59 +337,44 @@ def detector_card(meta: dict, source: str = "") -> str:
     lines.append(
         f"- Training: {fit.get('epochs', '?')} epochs"
         + (f" starting from {fit['initial_weights']}" if fit.get("initial_weights") else " from scratch")
-        + f", {fit.get('precision', '?')}; input long side {opts.get('long_side', '?')} px; bloodcell {meta.get('bloodcell_version', '?')}."
+        + f", {fit.get('precision', '?')}; input long side {opts.get('long_side', '?')} px; "
+        f"bloodcell {meta.get('bloodcell_version', '?')}."
     )
     if scale:
         lines.append(
-            f"- Red cells as it learnt them: {scale.get('p05')}-{scale.get('p95')} px wide (5th-95th percentile, median "
-            f"{scale.get('p50')}) in the photograph resized to {opts.get('long_side', '?')} px."
+            f"- Red cells as it learnt them: {scale.get('p05')}-{scale.get('p95')} px wide "
+            f"(5th-95th percentile, median {scale.get('p50')}) "
+            f"in the photograph resized to {opts.get('long_side', '?')} px."
         )
     onnx = meta.get("onnx") or {}
     if onnx:
         lines.append(
-            f"- {onnx.get('file')}: what an install without PyTorch runs; it finds the same cells (checked on {onnx.get('checked_on', '?')})."
+            f"- {onnx.get('file')}: what an install without PyTorch runs; "
+            f"it finds the same cells (checked on {onnx.get('checked_on', '?')})."
         )
-    lines.append("")
-    rows = bundled.get("test_by_source") or meta.get("test_by_source")
-    if rows:
-        lines += [
-            "## Test photographs, per source",
-            "",
-            "Never trained or tuned on. IoU 0.5, one-to-one matching. Red-cell count error: mean |counted - boxed| over the mean boxed count.",
-            "",
-        ]
-        lines += _source_rows(rows) + [""]
-    loso = bundled.get("leave_one_source_out") or {}
-    if loso:
-        lines += [
-            "## A lab it never saw: leave one source out",
-            "",
-            "Each row is a run trained without that source (neither trained nor tuned on it), measured on its test photographs"
-            + (
-                f"; each started from {', '.join(sorted({str(r['initial_weights']) for r in loso.values() if r.get('initial_weights')}))}"
-                if any(r.get("initial_weights") for r in loso.values())
-                else ""
-            )
-            + ". A source those starting weights learnt from is not left out.",
-            "",
-        ]
-        flat = {
-            f"{name} left out ({row.get('epochs', '?')} epochs)": v
-            for name, row in loso.items()
-            for v in row["test"].values()
-        }
-        lines += _source_rows(flat) + [""]
-    if bundled.get("seconds_per_photo"):
-        lines += [
-            "## Cost",
-            "",
-            f"- {float(bundled['seconds_per_photo']):.3f} s per photograph, detection only, on {bundled.get('machine', '?')}.",
-            "",
-        ]
-    lines += ["## Known limits", ""] + [f"- {x}" for x in DETECTOR_LIMITS] + [""]
-    if bundled.get("retrain"):
-        lines += ["## Retraining", "", f"`{bundled['retrain']}` (docs/fields.md).", ""]
-    return "\n".join(lines)
+    return lines + [""]
+
+
+def _leave_one_source_out_lines(loso: dict) -> list[str]:
+    """The card's leave-one-source-out section: per left-out source, the run trained without it, on its photographs."""
+    if not loso:
+        return []
+    starts = sorted({str(r["initial_weights"]) for r in loso.values() if r.get("initial_weights")})
+    lines = [
+        "## A lab it never saw: leave one source out",
+        "",
+        "Each row is a run trained without that source (neither trained nor tuned on it), "
+        "measured on its test photographs"
+        + (f"; each started from {', '.join(starts)}" if starts else "")
+        + ". A source those starting weights learnt from is not left out.",
+        "",
+    ]
+    flat = {
+        f"{name} left out ({row.get('epochs', '?')} epochs)": v
+        for name, row in loso.items()
+        for v in row["test"].values()
+    }
+    return lines + _source_rows(flat) + [""]
 
 
 def detector_card_for(path: str | os.PathLike) -> str:

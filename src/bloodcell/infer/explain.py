@@ -57,7 +57,8 @@ def _last_feature_map_module(model, within):
             h.remove()
     if not fired:
         raise ModelError(
-            f"model '{getattr(model, 'model_name', type(model).__name__)}' has no convolutional feature map for Grad-CAM"
+            f"model '{getattr(model, 'model_name', type(model).__name__)}' "
+            "has no convolutional feature map for Grad-CAM"
         )
     return fired[-1]
 

@@ -1,9 +1,10 @@
 """Export a trained model to ONNX and prove the export computes what PyTorch computes.
 
-The .onnx file takes the normalised image batch `input` (float32, N x 3 x S x S, N free) and returns
-`logits` (N x K) and, for a model with an out-of-distribution score, `ood_score` (N) computed in the graph. Preprocessing, temperature and class names live in the sidecar `<file>.onnx.json`
-(model.json plus an `onnx` section), which `Predictor.load("<file>.onnx")` reads. With `quantize="int8"` the file
-holds the int8 graph of the checked fp32 one (bloodcell.infer.quantize) and the sidecar a `quantization` section.
+The .onnx file takes the normalised image batch `input` (float32, N x 3 x S x S, N free) and returns `logits` (N x K)
+and, for a model with an out-of-distribution score, `ood_score` (N) computed in the graph. Preprocessing, temperature
+and class names live in the sidecar `<file>.onnx.json` (model.json plus an `onnx` section), which
+`Predictor.load("<file>.onnx")` reads. With `quantize="int8"` the file holds the int8 graph of the checked fp32 one
+(bloodcell.infer.quantize) and the sidecar a `quantization` section.
 """
 
 from __future__ import annotations

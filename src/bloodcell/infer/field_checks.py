@@ -32,10 +32,10 @@ photograph (364). Spoiled: 25 val/test photographs per lab (BCCD's own test spli
   it. At twice the size it finds fewer red cells (medians 56-84 px, inside the real range, whose largest is 99.6),
   so cells too large show as few_red_cells, not as a verdict. The upper bound, 1.8 x p50, is set by the labelled
   boxes (their largest photograph median is 1.71 x their p50) for a detector that boxes large cells as large.
-- Fallback reference (a detector without `cell_scale` in its state, as the BCCD-only detector bundled before this one): FALLBACK_CELL_SCALE, every
-  red-cell box the bundled detector keeps on BCCD train + TXL-PBC train (1,213 photographs, 9,263 boxes): p05 57.9,
-  p50 74.3, p95 93.8 px at its 384 px scale. The labelled boxes of the same photographs (detect.base.cell_scale)
-  give p50 67.1.
+- Fallback reference (a detector without `cell_scale` in its state, as the BCCD-only detector bundled before this one):
+  FALLBACK_CELL_SCALE, every red-cell box the bundled detector keeps on BCCD train + TXL-PBC train (1,213 photographs,
+  9,263 boxes): p05 57.9, p50 74.3, p95 93.8 px at its 384 px scale. The labelled boxes of the same photographs
+  (detect.base.cell_scale) give p50 67.1.
 
 Figures (benchmarks/field_checks.py):
 - good photographs: none withheld (0 of 796); warnings on 21 of the 432 TXL-PBC ones (few_red_cells on 20, dim on

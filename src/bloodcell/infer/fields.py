@@ -294,10 +294,9 @@ def _predict_tagged(
         # only rectangular images are shown to the detector (the classifier's OOD score alone let a third of the
         # BCCD photographs through as cells, benchmarks/fields.py)
         candidates = [(n, by_name[n]) for n in names if not _squarish(_image_size(by_name[n]))]
-        for n in names:
-            cell_reasons[n] = (
-                "a square-ish image: read as a single-cell crop (use --input field for a square photograph)"
-            )
+        cell_reasons = dict.fromkeys(
+            names, "a square-ish image: read as a single-cell crop (use --input field for a square photograph)"
+        )
     if candidates and input_kind == "auto":
         try:
             get_reader()
@@ -311,7 +310,8 @@ def _predict_tagged(
                 image = open_rgb(source, max_pixels=limit)
                 if input_kind == "auto" and image.size[0] * image.size[1] > max_field_pixels:
                     cell_reasons[name] = (
-                        f"a rectangular image, but at {image.size[0]}x{image.size[1]} px too large to read as a field: read as one cell"
+                        f"a rectangular image, but at {image.size[0]}x{image.size[1]} px too large to read as a field: "
+                        "read as one cell"
                     )
                     advance()
                     continue

@@ -188,7 +188,7 @@ class Predictor:
         return self.prepare(image)
 
     def prepare(self, image: "Image.Image") -> np.ndarray:
-        """A decoded RGB image (e.g. a cell cropped from a photograph) -> uint8 (input_size, input_size, 3), as decode does."""
+        """A decoded RGB image (a cell cut from a photograph) -> uint8 (input_size, input_size, 3), as decode does."""
         return prepare_array(image, self.input_size, self.interpolation, self.white_balance)
 
     def normalise(self, images: np.ndarray) -> np.ndarray:

@@ -1,4 +1,5 @@
-"""int8 static quantization of an exported classifier with ONNX Runtime, calibrated on images the model was not tested on.
+"""int8 static quantization of an exported classifier with ONNX Runtime, calibrated on images the model was not
+tested on.
 
 Calibration measures the range of every activation on real inputs, fed exactly as Predictor feeds them (decode,
 resize, white balance, normalise: `Predictor.decode` then `Predictor.normalise`). The images come from either
@@ -147,7 +148,8 @@ def _validation_part(meta: ModelDescription | dict, source: str, data_root) -> t
     fingerprint = recorded.data_fingerprint
     if not fingerprint:
         raise ModelError(
-            f"model.json of {source} has no data_fingerprint, so its validation part cannot be told apart from its test part: {hint}"
+            f"model.json of {source} has no data_fingerprint, "
+            f"so its validation part cannot be told apart from its test part: {hint}"
         )
     files, _ = split_files(cfg, root, "val", fingerprint=fingerprint)
     if not files:
@@ -241,7 +243,8 @@ def _quiet():
 
 
 def compare(predictor, fp32_session, int8_session, images: np.ndarray) -> dict:
-    """Agreement of two graphs' top-1 labels, review flags and OOD flags, and their largest logit difference, on uint8 `images`."""
+    """Agreement of two graphs' top-1 labels, review flags and OOD flags, and their largest logit difference, on uint8
+    `images`."""
 
     def run(session):
         name = session.get_inputs()[0].name

@@ -11,7 +11,8 @@ from bloodcell.errors import ModelError
 
 
 def onnx_session(path: str | os.PathLike, device: str = "cpu"):
-    """An ONNX Runtime session for `path` on the CPU, or CUDA for device "cuda[:N]"; a file it cannot load is one line."""
+    """An ONNX Runtime session for `path` on the CPU, or CUDA for device "cuda[:N]"; a file it cannot load is one
+    line."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()

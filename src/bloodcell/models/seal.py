@@ -216,7 +216,8 @@ def seal(folder: str | os.PathLike) -> dict:
 
 
 def reseal(folder: str | os.PathLike) -> tuple[dict, list[dict]]:
-    """Seal a folder edited on purpose: (new manifest, what changed since the old seal; all 'added' if there was none)."""
+    """Seal a folder edited on purpose: (new manifest, what changed since the old seal; all 'added' if there was
+    none)."""
     try:
         old = read_seal(folder)
     except ModelError:  # no seal, or a broken one: every file is new to it

@@ -3,4 +3,4 @@
 Its public names are its modules, imported where they are used, not here: `import bloodcell.study` stays light.
 """
 
-__all__ = ["budget", "experiment", "labs_report", "parallel", "report", "runner", "runs", "spec"]
+__all__ = ["budget", "compare", "experiment", "labs_report", "parallel", "report", "results", "runner", "runs", "spec"]

@@ -4,8 +4,9 @@ Every distinct (model, input size, precision, batch, objective) of the study is 
 random images through the real `fit` (the second epoch is timed), twice, with two numbers of images: the
 difference gives seconds per training image on this machine, the rest the fixed cost of an epoch (checkpoint,
 Lightning's hooks). A run then costs, per stage, epochs x (fixed + training images x that rate + validation
-images x the evaluation rate), plus its test evaluation. Evaluation (forward only, no gradient) is taken as a third of a training step per
-image, which `benchmarks/epoch_time.py`-style measurements support within the precision an estimate needs.
+images x the evaluation rate), plus its test evaluation. Evaluation (forward only, no gradient) is taken as a
+third of a training step per image, which `benchmarks/epoch_time.py`-style measurements support within the
+precision an estimate needs.
 Image counts come from the dataset folder (images per class folder) and the split fractions; SMOTE raises every
 class of the training part to the largest one.
 """

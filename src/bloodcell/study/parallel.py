@@ -53,7 +53,8 @@ def parse_parallel(value: Parallel | None) -> int | str:
         return "auto"
     if isinstance(value, bool) or not re.fullmatch(r"[0-9]+", text) or int(text) < 1:
         raise ConfigError(
-            f"--parallel: expected how many runs to train at once (a whole number, 1 or more) or 'auto', got {str(value)!r}"
+            "--parallel: expected how many runs to train at once (a whole number, 1 or more) or 'auto', "
+            f"got {str(value)!r}"
         )
     return int(text)
 
@@ -133,7 +134,8 @@ def slot_warnings(k: int, gpus: list[str], threads: int, on_cuda: bool) -> list[
         )
     if k > threads:
         notes.append(
-            f"--parallel {k} with {threads} torch thread(s) here: each worker gets 1 thread and the workers share the cores"
+            f"--parallel {k} with {threads} torch thread(s) here: "
+            "each worker gets 1 thread and the workers share the cores"
         )
     return notes
 

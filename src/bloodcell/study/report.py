@@ -6,7 +6,6 @@ read from the study config and always labelled as the paper's.
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -15,74 +14,25 @@ import numpy as np
 from bloodcell import io
 from bloodcell.data.figures import plot_part_counts
 from bloodcell.evaluate.plots import plot_protocol_curves
-from bloodcell.evaluate.stats import mcnemar_test, mean_sd_ci, paired_difference_summary
+from bloodcell.intended_use import REPORT_NOTE
+from bloodcell.study.compare import compare_section
 from bloodcell.study.document import Doc
 from bloodcell.study.experiment import lookup, read_status
 from bloodcell.study.labs_report import labs_section
+from bloodcell.study.results import (
+    ci_text,
+    mean_sd,
+    metric_value,
+    missing_note,
+    pct,
+    read_budget,
+    run_metrics,
+    run_seconds,
+)
 from bloodcell.study.runs import run_dir_for
-from bloodcell.intended_use import REPORT_NOTE
 from bloodcell.study.spec import RunSpec, StudySpec
 
-# ------------------------------------------------------------------ reading runs
-
-
-def _pct(v) -> str:
-    return "–" if v is None else f"{100 * v:.2f}"
-
-
-def _mean_sd(values: list[float]) -> str:
-    vals = [v for v in values if v is not None]
-    if not vals:
-        return "–"
-    if len(vals) == 1:
-        return f"{100 * vals[0]:.2f}"
-    s = mean_sd_ci(vals)
-    return f"{100 * s['mean']:.2f} ± {100 * s['sd']:.2f}"
-
-
-def _ci(values: list[float], single_ci, unit: str = "seeds") -> str:
-    vals = [v for v in values if v is not None]
-    if len(vals) >= 2:
-        lo, hi = mean_sd_ci(vals)["ci95"]
-        return f"[{100 * lo:.2f}, {100 * hi:.2f}] (t, n={len(vals)} {unit})"
-    if len(vals) == 1 and single_ci:
-        return f"[{100 * single_ci[0]:.2f}, {100 * single_ci[1]:.2f}] (bootstrap)"
-    return "–"
-
-
-def _metrics(out: Path, run: RunSpec) -> dict | None:
-    d = run_dir_for(out, run)
-    if read_status(d).get("state") != "complete":
-        return None
-    for name in ("metrics.json", "aggregate.json"):
-        if (d / name).exists():
-            return json.loads((d / name).read_text())
-    return None
-
-
-def _value(m: dict, key: str):
-    """A metric from a single run (metrics.json) or the mean over folds (aggregate.json)."""
-    if "summary" in m:
-        s = m["summary"].get(key)
-        return None if s is None else s["mean"]
-    return lookup(m, key)
-
-
-def _predictions(run_dir: Path) -> tuple[list[str], np.ndarray, np.ndarray] | None:
-    f = run_dir / "predictions.csv"
-    if not f.exists():
-        return None
-    with open(f) as fh:
-        rows = list(csv.DictReader(fh))
-    names = {n: i for i, n in enumerate(sorted({r["true"] for r in rows} | {r["pred"] for r in rows}))}
-    return (
-        [r["path"] for r in rows],
-        np.array([names[r["true"]] for r in rows]),
-        np.array([names[r["pred"]] for r in rows]),
-    )
-
-
-# ------------------------------------------------------------------ the report
+_metrics = run_metrics  # the name tools/bundle_model.py reads a run's metrics by
 
 
 def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict) -> Path:
@@ -98,8 +48,8 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
     doc = Doc()
     by = {}  # (experiment, protocol) -> list of (run, metrics)
     for r in runs:
-        by.setdefault((r.experiment.name, r.protocol), []).append((r, _metrics(out, r)))
-    done = [(r, m) for r, m in ((r, _metrics(out, r)) for r in runs) if m]
+        by.setdefault((r.experiment.name, r.protocol), []).append((r, run_metrics(out, r)))
+    done = [(r, m) for r, m in ((r, run_metrics(out, r)) for r in runs) if m]
     first = next((m for _, m in done if "provenance" in m), None)
     if first is None:
         first = next(
@@ -118,7 +68,8 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
     if spec.description:
         doc.p(spec.description)
     doc.p(
-        f"**How these numbers were obtained.** Data: `{prov.get('data', '?')}` (fingerprint `{str(prov.get('data_fingerprint', '?'))[:16]}`); "
+        f"**How these numbers were obtained.** Data: `{prov.get('data', '?')}` "
+        f"(fingerprint `{str(prov.get('data_fingerprint', '?'))[:16]}`); "
         f"split seed = run seed; {_seeds_text(spec)}; "
         f"machine: {env.get('device', '?')} / {env.get('processor', '?')} ({env.get('cpus', '?')} CPUs). "
         f"Scale: {spec.scale or 'as configured'}. Runs complete: {summary['complete']} of {summary['runs']}. "
@@ -127,10 +78,11 @@ def write_report(spec: StudySpec, runs: list[RunSpec], out: Path, summary: dict)
     pretrained = {r.config.model.pretrained for r in runs}
     if pretrained <= {None, False}:
         doc.p(
-            "**Every model was trained from scratch** (no ImageNet weights); the paper's transfer models used ImageNet weights."
+            "**Every model was trained from scratch** (no ImageNet weights); "
+            "the paper's transfer models used ImageNet weights."
         )
 
-    _compare_section(doc, spec, by, out)
+    compare_section(doc, spec, by, out)
     labs_section(doc, spec, by)
     _dataset_section(doc, out, prov)
     _paper_tables(doc, spec, by, out)
@@ -156,14 +108,17 @@ def _dataset_section(doc: Doc, out: Path, prov: dict) -> None:
     doc.p(
         f"{ds.get('images', '?'):,} readable images in {len(ds.get('classes', {}))} classes"
         + (f" out of {ds['files']:,} files" if "files" in ds else "")
-        + f"; {len(skipped)} file(s) skipped; {ds.get('duplicate_groups', 0)} groups of byte-identical images kept on one side of every split; "
+        + f"; {len(skipped)} file(s) skipped; {ds.get('duplicate_groups', 0)} groups of byte-identical images "
+        "kept on one side of every split; "
         f"{len(dropped)} image(s) dropped because identical copies carry different labels."
     )
     if ds.get("split_groups"):  # a CSV with a group column: patients (slides, smears) never straddle parts
         g = ds["split_groups"]
         doc.p(
-            f"{ds.get('groups', '?'):,} groups (the CSV's `group` column: patient, slide or smear), each kept whole on one side of every split "
-            f"and fold: {g['train']:,} in train, {g['val']:,} in validation, {g['test']:,} in test; {g['in_more_than_one_part']} in more than one part."
+            f"{ds.get('groups', '?'):,} groups (the CSV's `group` column: patient, slide or smear), "
+            "each kept whole on one side of every split "
+            f"and fold: {g['train']:,} in train, {g['val']:,} in validation, {g['test']:,} in test; "
+            f"{g['in_more_than_one_part']} in more than one part."
         )
     for s in skipped[:10]:
         doc.p(f"Skipped `{s['path']}`: {s['reason']}.")
@@ -191,14 +146,6 @@ def _dataset_section(doc: Doc, out: Path, prov: dict) -> None:
         doc.img(fig, "Class distribution in the training, validation and test parts (paper Fig. 2)")
 
 
-def _missing(out: Path, entries: list) -> str:
-    """Why a row has no numbers: '(failed)', '(interrupted)' or '(not run yet)'."""
-    states = {read_status(run_dir_for(out, r)).get("state") for r, _ in entries}
-    if "failed" in states:
-        return " (failed)"
-    return " (interrupted)" if "running" in states else " (not run yet)"
-
-
 def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
     tables = sorted({p.table for p in spec.protocols.values() if p.table})
     for t in tables:
@@ -217,18 +164,18 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 ms = [m for _, m in entries if m]
                 paper = exp.paper.get(proto)
                 if ms and "summary" in ms[0]:
-                    cv_rows.append((exp, ms, paper))
+                    cv_rows.append((exp, ms))
                     continue
-                tr = [_value(m, "train.accuracy") for m in ms]
-                te = [_value(m, "test.accuracy") for m in ms]
+                tr = [metric_value(m, "train.accuracy") for m in ms]
+                te = [metric_value(m, "test.accuracy") for m in ms]
                 single = lookup(ms[0], "test.ci95.accuracy") if len(ms) == 1 else None
-                state = "" if ms else _missing(out, entries)
+                state = "" if ms else missing_note(out, entries)
                 rows.append(
                     [
                         (exp.row or exp.name) + state,
-                        _mean_sd(tr),
-                        _mean_sd(te),
-                        _ci(te, single),
+                        mean_sd(tr),
+                        mean_sd(te),
+                        ci_text(te, single),
                         f"{paper[0]:.2f}" if paper else "–",
                         f"{paper[1]:.2f}" if paper else "–",
                         f"{100 * np.mean([v for v in te if v is not None]) - paper[1]:+.2f}"
@@ -249,34 +196,42 @@ def _paper_tables(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                     ],
                     rows,
                 )
-            for exp, ms, paper in cv_rows:
-                keys = [
-                    ("Training Accuracy", "train.accuracy"),
-                    ("Test Accuracy", "test.accuracy"),
-                    ("Precision", "test.precision_weighted"),
-                    ("Recall", "test.recall_weighted"),
-                    ("F1 Score", "test.f1_weighted"),
-                ]
-                paper_m = spec.paper_metrics.get(exp.name, {})
-                crow = []
-                for label, key in keys:
-                    per_fold = [v for m in ms for v in (m["per_run"].get(key) or [])]
-                    crow.append(
-                        [
-                            label,
-                            _mean_sd(per_fold),
-                            _ci(per_fold, None, "folds"),
-                            f"{paper_m[label]:.2f}" if label in paper_m else "–",
-                        ]
-                    )
-                n_folds = len(ms[0]["runs"])
-                doc.p(
-                    f"**{exp.row or exp.name}**: {n_folds}-fold cross-validation on the training part, each fold's model scored on the same held-out test part; mean ± sd over folds{' and seeds' if len(ms) > 1 else ''}."
-                )
-                doc.table(["Metric", "Ours %", "95% CI", "Paper %"], crow)
+            for exp, ms in cv_rows:
+                _cv_table(doc, spec, exp, ms)
             doc.p(
-                "Ours: mean ± sd over seeds (one value when n=1). Precision / recall / F1 are weighted, as in the paper."
+                "Ours: mean ± sd over seeds (one value when n=1). "
+                "Precision / recall / F1 are weighted, as in the paper."
             )
+
+
+def _cv_table(doc: Doc, spec: StudySpec, exp, ms: list[dict]) -> None:
+    """A cross-validated experiment's table: each metric over its folds (and seeds) beside the paper's."""
+    keys = [
+        ("Training Accuracy", "train.accuracy"),
+        ("Test Accuracy", "test.accuracy"),
+        ("Precision", "test.precision_weighted"),
+        ("Recall", "test.recall_weighted"),
+        ("F1 Score", "test.f1_weighted"),
+    ]
+    paper_m = spec.paper_metrics.get(exp.name, {})
+    crow = []
+    for label, key in keys:
+        per_fold = [v for m in ms for v in (m["per_run"].get(key) or [])]
+        crow.append(
+            [
+                label,
+                mean_sd(per_fold),
+                ci_text(per_fold, None, "folds"),
+                f"{paper_m[label]:.2f}" if label in paper_m else "–",
+            ]
+        )
+    n_folds = len(ms[0]["runs"])
+    doc.p(
+        f"**{exp.row or exp.name}**: {n_folds}-fold cross-validation on the training part, "
+        "each fold's model scored on the same held-out test part; "
+        f"mean ± sd over folds{' and seeds' if len(ms) > 1 else ''}."
+    )
+    doc.table(["Metric", "Ours %", "95% CI", "Paper %"], crow)
 
 
 def _seeds_text(spec: StudySpec) -> str:
@@ -293,148 +248,15 @@ def _seeds_text(spec: StudySpec) -> str:
 def _wall_text(out: Path, runs: list[RunSpec]) -> str:
     """The sum of the finished runs' wall times (runs in parallel processes overlap), and the estimate made before
     they ran (budget.json)."""
-    done = [s for s in (_run_seconds(out, r) for r in runs) if s is not None]
+    done = [s for s in (run_seconds(out, r) for r in runs) if s is not None]
     text = f"Sum of the finished runs' wall times: {sum(done) / 60:.0f} min" if done else ""
-    budget = _budget(out)
+    budget = read_budget(out)
     if budget and text:
-        text += f" (estimated beforehand from measured epoch rates: {budget['total_seconds'] / 60:.0f} min for all runs, on {budget['machine']})"
+        text += (
+            " (estimated beforehand from measured epoch rates: "
+            f"{budget['total_seconds'] / 60:.0f} min for all runs, on {budget['machine']})"
+        )
     return text + "." if text else ""
-
-
-def _run_seconds(out: Path, run: RunSpec) -> float | None:
-    """A run's wall seconds: its status, or the sum over its fold / seed sub-runs."""
-    d = run_dir_for(out, run)
-    secs = read_status(d).get("seconds")
-    if isinstance(secs, (int, float)):
-        return float(secs)
-    subs = [read_status(p.parent).get("seconds") for p in d.glob("*/status.json")]
-    subs = [s for s in subs if isinstance(s, (int, float))]
-    return float(sum(subs)) if subs and read_status(d).get("state") == "complete" else None
-
-
-def _budget(out: Path) -> dict | None:
-    try:
-        return json.loads((out / "budget.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _p(p: float) -> str:
-    return "< 1e-16" if p < 1e-16 else f"{p:.3g}"  # below double precision's resolution near 1
-
-
-def _paired(by: dict, out: Path, exp, a: str, b: str) -> dict | None:
-    """Seeds run under both protocols: accuracies, per-seed McNemar p-values and the paired difference b - a."""
-    ra = {r.seed: (r, m) for r, m in by.get((exp.name, a), []) if m and "test" in m}
-    rb = {r.seed: (r, m) for r, m in by.get((exp.name, b), []) if m and "test" in m}
-    seeds = sorted(set(ra) & set(rb))
-    if not seeds:
-        return None
-    acc_a = [ra[s][1]["test"]["accuracy"] for s in seeds]
-    acc_b = [rb[s][1]["test"]["accuracy"] for s in seeds]
-    pvals = []
-    for s in seeds:
-        pa, pb = _predictions(run_dir_for(out, ra[s][0])), _predictions(run_dir_for(out, rb[s][0]))
-        if pa and pb and pa[0] == pb[0]:  # the same test images in the same order: a paired test applies
-            pvals.append(mcnemar_test(pa[1], pa[2], pb[2])["p_value"])
-    diffs = [y - x for x, y in zip(acc_a, acc_b)]
-    return {
-        "seeds": seeds,
-        "a": acc_a,
-        "b": acc_b,
-        "diffs": diffs,
-        "mcnemar": pvals,
-        "paired": paired_difference_summary(acc_b, acc_a) if len(seeds) >= 2 else None,
-    }
-
-
-def _compare_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
-    """The protocol pair of `compare` (the paper's shuffling question), seed by seed, at the top of the report."""
-    pair = spec.compare or (("no_shuffle", "shuffle") if {"no_shuffle", "shuffle"} <= set(spec.protocols) else None)
-    if not pair:
-        return
-    a, b = pair
-    ta, tb = spec.protocols[a], spec.protocols[b]
-    found = [(e, _paired(by, out, e, a, b)) for e in spec.experiments if {a, b} <= set(e.protocols)]
-    found = [(e, r) for e, r in found if r]
-    if not found:
-        return
-    doc.h(2, f"The shuffling question: {ta.title.lower()} vs {tb.title.lower()}")
-    doc.p(
-        f"The paper reads the differences between its Tables {ta.table or '?'} and {tb.table or '?'} (1-8 points) as effects of "
-        f"shuffling, from one run each. Here both protocols run with the same seeds; a seed fixes the test part, so "
-        f"each seed's two models are scored on the same test images and compared pairwise (McNemar's test), and the "
-        f"difference {b} − {a} is averaged over seeds with a t confidence interval."
-    )
-    rows, sentences = [], []
-    for exp, r in found:
-        n = len(r["seeds"])
-        paired = r["paired"]
-        ci = (
-            f"{100 * paired['mean_difference']:+.2f} [{100 * paired['ci95'][0]:+.2f}, {100 * paired['ci95'][1]:+.2f}]"
-            if paired
-            else f"{100 * r['diffs'][0]:+.2f}"
-        )
-        paper_a, paper_b = exp.paper.get(a), exp.paper.get(b)
-        paper_d = paper_b[1] - paper_a[1] if paper_a and paper_b else None
-        n_sig = sum(p < 0.05 for p in r["mcnemar"])
-        rows.append(
-            [
-                exp.row or exp.name,
-                str(n),
-                _mean_sd(r["a"]),
-                _mean_sd(r["b"]),
-                ci,
-                f"{n_sig} of {len(r['mcnemar'])}" if r["mcnemar"] else "–",
-                _p(paired["p_value"]) if paired and paired.get("p_value") is not None else "–",
-                f"{paper_d:+.2f}" if paper_d is not None else "–",
-            ]
-        )
-        sentences.append(_verdict(exp.row or exp.name, r, paper_d))
-    doc.table(
-        [
-            "Model",
-            "seeds",
-            f"{a} test % (mean ± sd)",
-            f"{b} test % (mean ± sd)",
-            f"Δ {b} − {a}, points [95% CI]",
-            "McNemar p < 0.05",
-            "paired t p",
-            "paper Δ (one run each)",
-        ],
-        rows,
-    )
-    for text in sentences:
-        doc.p(text)
-
-
-def _verdict(name: str, r: dict, paper_d: float | None) -> str:
-    """One plain sentence: is the difference beyond what another seed gives?"""
-    n, diffs = len(r["seeds"]), [100 * d for d in r["diffs"]]
-    sig = sum(p < 0.05 for p in r["mcnemar"])
-    if n < 2:
-        return (
-            f"**{name}**: one seed only, a difference of {diffs[0]:+.2f} points "
-            f"(McNemar p = {_p(r['mcnemar'][0]) if r['mcnemar'] else '–'}); a single pair of runs cannot separate shuffling from chance."
-        )
-    paired = r["paired"]
-    lo, hi = 100 * paired["ci95"][0], 100 * paired["ci95"][1]
-    within = lo <= 0 <= hi
-    spread = f"single-seed differences ranged from {min(diffs):+.2f} to {max(diffs):+.2f} points"
-    text = (
-        f"**{name}**: over {n} seeds shuffling changed test accuracy by {100 * paired['mean_difference']:+.2f} points "
-        f"(95% CI {lo:+.2f} to {hi:+.2f}; McNemar p < 0.05 on {sig} of {len(r['mcnemar'])} seeds); "
-        + ("no evidence of an effect: " if within else "an effect beyond seed-to-seed noise: ")
-        + spread
-    )
-    if paper_d is not None:
-        inside = min(diffs) <= paper_d <= max(diffs)
-        text += f"; the paper's {paper_d:+.2f} points from one run each " + (
-            "is inside that range." if inside else "is outside that range."
-        )
-    else:
-        text += "."
-    return text
 
 
 def _ablation_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
@@ -455,7 +277,7 @@ def _ablation_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
         for exp in exps:
             ms = [m for _, m in by.get((exp.name, proto), []) if m and "test" in m]
             if not ms:
-                rows.append([exp.row or exp.name, "–", "–", "–", "–", _missing(out, by.get((exp.name, proto), []))])
+                rows.append([exp.row or exp.name, "–", "–", "–", "–", missing_note(out, by.get((exp.name, proto), []))])
                 continue
             m = ms[0]
             recalled = [k for k, v in m["test"]["per_class"].items() if v["recall"] > 0.5]
@@ -469,9 +291,9 @@ def _ablation_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
             rows.append(
                 [
                     exp.row or exp.name,
-                    _mean_sd([x["train"]["accuracy"] for x in ms]),
-                    _mean_sd([x["test"]["accuracy"] for x in ms]),
-                    _mean_sd(ref) if ref else "–",
+                    mean_sd([x["train"]["accuracy"] for x in ms]),
+                    mean_sd([x["test"]["accuracy"] for x in ms]),
+                    mean_sd(ref) if ref else "–",
                     f"{len(recalled)} of {len(m['test']['per_class'])}"
                     + (f" ({', '.join(recalled)})" if recalled else ""),
                     "",
@@ -494,7 +316,8 @@ def _paper_figures_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> No
     """The paper's run figures rebuilt from our runs: SupCon curves (Figs 7-9), the hybrid's predictions (Fig 14)."""
     doc.h(2, "The paper's figures, from these runs")
     doc.p(
-        "Fig. 2 (class distribution) is in the Dataset section; every run's training curves and confusion matrix are under Per run."
+        "Fig. 2 (class distribution) is in the Dataset section; "
+        "every run's training curves and confusion matrix are under Per run."
     )
     figures = out / "figures"
     tables = [name for name, p in spec.protocols.items() if p.table and name != "cv"]
@@ -513,7 +336,8 @@ def _paper_figures_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> No
                 )
                 doc.img(
                     fig,
-                    f"{exp.row or exp.name} without and with shuffling: accuracy (paper Figs 7 and 8) and loss (paper Fig. 9), first seed",
+                    f"{exp.row or exp.name} without and with shuffling: "
+                    "accuracy (paper Figs 7 and 8) and loss (paper Fig. 9), first seed",
                 )
         if exp.name.startswith("hybrid"):
             for proto in tables:
@@ -521,7 +345,8 @@ def _paper_figures_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> No
                 if runs:
                     doc.img(
                         run_dir_for(out, runs[0]) / "figures" / "predictions.png",
-                        f"{exp.row or exp.name} ({spec.protocols[proto].title.lower()}): test images with predicted and true labels (paper Fig. 14)",
+                        f"{exp.row or exp.name} ({spec.protocols[proto].title.lower()}): "
+                        "test images with predicted and true labels (paper Fig. 14)",
                     )
 
 
@@ -551,11 +376,11 @@ def _per_run_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 rows.append(
                     [
                         f"seed {r.seed}" + (" (fold 0)" if run_dir.name == "fold-0" else ""),
-                        _pct(t["accuracy"]),
-                        _pct(t["precision_weighted"]),
-                        _pct(t["recall_weighted"]),
-                        _pct(t["f1_weighted"]),
-                        _pct(t["f1_macro"]),
+                        pct(t["accuracy"]),
+                        pct(t["precision_weighted"]),
+                        pct(t["recall_weighted"]),
+                        pct(t["f1_weighted"]),
+                        pct(t["f1_macro"]),
                         f"{t['ece']:.3f} → {t.get('ece_calibrated', float('nan')):.3f}",
                         f"{read_status(run_dir_for(out, r)).get('seconds', '–')}",
                     ]
@@ -578,7 +403,7 @@ def _per_run_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
                 )
                 doc.table(
                     ["per-class recall %"] + list(per_class),
-                    [["last run"] + [_pct(v["recall"]) for v in per_class.values()]],
+                    [["last run"] + [pct(v["recall"]) for v in per_class.values()]],
                 )
             for r, st in failed:
                 doc.p(
@@ -604,11 +429,11 @@ def _environment_section(doc: Doc, out: Path, runs: list[RunSpec], prov: dict, s
             ["runs at once (--parallel)", str(summary.get("parallel", 1))],
         ],
     )
-    estimated = {e["run"]: e["seconds"] for e in (_budget(out) or {}).get("runs", [])}
+    estimated = {e["run"]: e["seconds"] for e in (read_budget(out) or {}).get("runs", [])}
     rows, total = [], 0.0
     for r in runs:
         st = read_status(run_dir_for(out, r))
-        secs = _run_seconds(out, r)
+        secs = run_seconds(out, r)
         if secs is not None:
             total += secs
         est = estimated.get(r.key)

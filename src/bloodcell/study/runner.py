@@ -1,4 +1,5 @@
-"""Run a study: every (experiment, protocol, seed) in turn or K at once, resumable, one failure never stopping the rest."""
+"""Run a study: every (experiment, protocol, seed) in turn or K at once, resumable, one failure never stopping
+the rest."""
 
 from __future__ import annotations
 
@@ -62,8 +63,19 @@ def run_study(
         io.remove_leftover_temporaries(out)  # an interrupted study's half-written files
         io.write_text(out / "study.yaml", Path(config).read_text())
     t_start = time.perf_counter()
-    results: dict[str, dict] = {}
     show = progress and enabled_by_default()
+    results = _train_runs(runs, out, workers, name=spec.name, show=show, train=not report_only)
+    summary = _summary(spec.name, runs, out, results, workers, seconds=time.perf_counter() - t_start)
+    io.write_json(out / "study_status.json", summary)
+    report = write_report(spec, runs, out, summary)
+    summary["report"] = str(report)
+    return summary
+
+
+def _train_runs(runs: list[RunSpec], out: Path, workers: int, *, name: str, show: bool, train: bool) -> dict[str, dict]:
+    """Train the runs not yet complete, in turn or `workers` at once, under one progress bar; {run key: record}.
+    With `train` false (report only) the bar is shown and nothing runs."""
+    results: dict[str, dict] = {}
     columns = [
         TextColumn("[bold]study {task.fields[name]}"),
         BarColumn(),
@@ -74,7 +86,7 @@ def run_study(
         TimeRemainingColumn(),
     ]
     with Progress(*columns, console=console(), disable=not show) as bar:
-        task = bar.add_task("runs", total=len(runs), name=spec.name)
+        task = bar.add_task("runs", total=len(runs), name=name)
 
         def done(run: RunSpec, record: dict) -> None:
             results[run.key] = record
@@ -83,7 +95,7 @@ def run_study(
             bar.advance(task)
 
         pending = []
-        for run in [] if report_only else runs:
+        for run in runs if train else []:
             run_dir = run_dir_for(out, run)
             if is_complete(run_dir):
                 remove_stale_checkpoints(run_dir)
@@ -104,15 +116,18 @@ def run_study(
         for run, run_dir in [] if workers > 1 else pending:
             console().print(f"[bold]{run.key}[/bold] ({_describe(run)})") if show else None
             done(run, train_run(run.config, run_dir, progress=show))
+    return results
+
+
+def _summary(name: str, runs: list[RunSpec], out: Path, results: dict, workers: int, *, seconds: float) -> dict:
+    """study_status.json: counts, failures in study order, and each finished run's test accuracy and recalls."""
     summary = {
-        "study": spec.name,
+        "study": name,
         "runs": len(runs),
         "complete": sum(1 for r in runs if is_complete(run_dir_for(out, r))),
-        "failed": [
-            r.key for r in runs if results.get(r.key, {}).get("state") == "failed"
-        ],  # study order, not finishing order
+        "failed": [r.key for r in runs if results.get(r.key, {}).get("state") == "failed"],  # study order
         "parallel": workers,
-        "wall_seconds_this_invocation": round(time.perf_counter() - t_start, 1),
+        "wall_seconds_this_invocation": round(seconds, 1),
         "git_commit": git_commit(),
     }
     summary["results"] = []
@@ -126,9 +141,6 @@ def run_study(
                     "per_class_recall": {k: v["recall"] for k, v in m["test"]["per_class"].items()},
                 }
             )
-    io.write_json(out / "study_status.json", summary)
-    report = write_report(spec, runs, out, summary)
-    summary["report"] = str(report)
     return summary
 
 

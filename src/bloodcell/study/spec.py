@@ -122,7 +122,8 @@ def expand_runs(
         unknown = sorted(set(only) - {e.name for e in spec.experiments})
         if unknown:
             raise ConfigError(
-                f"--only: unknown experiment(s) {', '.join(unknown)}; known: {', '.join(e.name for e in spec.experiments)}"
+                f"--only: unknown experiment(s) {', '.join(unknown)}; "
+                f"known: {', '.join(e.name for e in spec.experiments)}"
             )
     runs = []
     for exp in spec.experiments:

@@ -113,7 +113,8 @@ def make_logger(kind: str, run_dir: Path):
 
 
 def build_model(cfg: RunConfig, num_classes: int, class_names: list[str] | None = None):
-    """The run's model: from scratch, from ImageNet backbone weights, or from a trained bloodcell model (fine-tuning)."""
+    """The run's model: from scratch, from ImageNet backbone weights, or from a trained bloodcell model
+    (fine-tuning)."""
     pretrained = cfg.model.pretrained if cfg.model.pretrained not in (None,) else False
     if is_bloodcell_model(pretrained):
         model = create_model(

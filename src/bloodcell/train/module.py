@@ -269,7 +269,7 @@ class Classifier(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         train_loss, train_acc = self._reduced("train")
         val_loss, val_acc = self._reduced("val")
-        # A finite loss on the last batch can still be followed by a step to inf/nan weights: stop before they are saved.
+        # A finite loss on the last batch can still be followed by a step to inf/nan weights: stop before saving them.
         if not bool(torch.stack([torch.isfinite(p).all() for p in self.model.parameters()]).all()):
             self._diverged(f"weights became inf or nan in epoch {self.current_epoch + 1}")
         if val_loss is not None and not math.isfinite(val_loss):
