@@ -26,6 +26,7 @@ demo: $(STAMP)
 	@echo "reports: $(DEMO_OUT)/report.html (study)  $(DEMO_OUT)/bundled-model/report.md (bundled model)"
 
 test: $(STAMP)
+	$(VENV)/bin/ruff format --check src tests benchmarks tools
 	$(VENV)/bin/ruff check src tests benchmarks tools
 	$(PY) -m pytest -q
 

@@ -111,7 +111,6 @@ def _too_long(tree: ast.Module):
                 yield node.lineno, node.name, lines
 
 
-@pytest.mark.xfail(strict=True, reason="issue 28 in progress")
 @pytest.mark.parametrize("limit", ["module", "function"])
 def test_modules_and_functions_stay_small(limit):
     over = []

@@ -329,6 +329,8 @@ def test_the_card_says_how_the_model_does_on_each_lab():
     }
     meta = {
         "model_name": "cnn",
+        "num_classes": 8,  # a model.json always has both: the card reads them through the typed description
+        "input_size": 64,
         "labs": lab_summary(labs),
         "bundled": {
             "lab_protocol": [
@@ -349,4 +351,4 @@ def test_the_card_says_how_the_model_does_on_each_lab():
     assert "| bccd | yes (scored on its test part) | 64 | 90.00 % |" in card
     assert "| tecom | BN | 2 | 9.7 [1, 2] | 0.0 | – |" in card
     assert "recall" not in meta["labs"]["tecom"]["as_is"]  # the summary keeps the headline figures only
-    assert "## Cells from other labs" not in model_card({"model_name": "cnn"})
+    assert "## Cells from other labs" not in model_card({"model_name": "cnn", "num_classes": 8, "input_size": 64})
