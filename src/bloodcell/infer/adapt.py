@@ -305,6 +305,13 @@ def one_kind_of_cell(
     smear-like ones (14-58 %); sign (2) caught none of them (26-82 %: statistics of one kind of cell scatter the
     classes rather than gather them). A folder of one kind of cell from a lab the model does not know (all OOD) is
     caught by neither.
+
+    Args:
+        labels_before: The class index the source model gives each image, one per image.
+        ood_before: The source model's OOD flag per image (True: unlike its training cells); None counts every image
+            as known.
+        labels_after: The class index the adapted model gives each image.
+        classes: The number of classes (minlength of the class counts).
     """
     known = np.ones(len(labels_before), bool) if ood_before is None else ~ood_before
     if known.sum() >= max(1, len(labels_before) / 2):

@@ -142,6 +142,13 @@ def explain_paths(
 
     Folders are searched recursively like `predict`. Unreadable files are skipped and, when
     `skipped` is a list, appended to it as {"path", "reason"}.
+
+    Args:
+        predictor: A Predictor with the PyTorch weights loaded (Grad-CAM needs torch; an ONNX one raises).
+        paths: Image files and/or folders (searched recursively).
+        out_dir: Folder the overlays are written into.
+        batch_size: Images per Grad-CAM forward/backward pass.
+        skipped: A list to append the unreadable files to; None drops them silently.
     """
     _require_torch(predictor)
     out_dir = Path(out_dir)

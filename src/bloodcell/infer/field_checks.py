@@ -196,7 +196,14 @@ def red_cell_side(
     boxes: np.ndarray, labels: np.ndarray, size: tuple[int, int], long_side: int | None
 ) -> tuple[float | None, int]:
     """Median red-cell box side in the detector's pixels (the photograph's when it does not resize) and how many
-    red cells it rests on; None when there are none. Labels index FIELD_CLASSES (red cells are 0)."""
+    red cells it rests on; None when there are none. Labels index FIELD_CLASSES (red cells are 0).
+
+    Args:
+        boxes: The boxes kept, (N, 4) as x1, y1, x2, y2 in the photograph's pixels.
+        labels: The FIELD_CLASSES index of each box (N,).
+        size: The photograph's (width, height) in pixels.
+        long_side: The long side the detector resizes photographs to (sides are scaled to it); None: no scaling.
+    """
     rbc = np.asarray(boxes, np.float64).reshape(-1, 4)[np.asarray(labels) == 0]
     if not len(rbc):
         return None, 0
@@ -216,7 +223,16 @@ def check_magnification(
 ) -> list[Problem]:
     """`magnification` when the red cells are far smaller or larger than the detector knows; `few_red_cells` (no
     verdict) when too few were found to tell. Nothing when there is no reference to compare with: a detector
-    without `cell_scale` that does not resize photographs to a fixed long side (the fallback is in that scale)."""
+    without `cell_scale` that does not resize photographs to a fixed long side (the fallback is in that scale).
+
+    Args:
+        boxes: The boxes kept, (N, 4) as x1, y1, x2, y2 in the photograph's pixels.
+        labels: The FIELD_CLASSES index of each box (N,); red cells are 0.
+        size: The photograph's (width, height) in pixels.
+        long_side: The long side the detector resizes photographs to; None when it reads them at their own size.
+        cell_scale: The detector's `cell_scale` state (red-cell side percentiles); None uses FALLBACK_CELL_SCALE when
+            long_side is set, else the check is skipped.
+    """
     if cell_scale is None:
         if long_side is None:
             return []
@@ -262,7 +278,15 @@ def check_field(
     long_side: int | None = None,
     cell_scale: dict | None = None,
 ) -> list[Problem]:
-    """Every problem of one photograph (H x W x 3 uint8) and the boxes kept in it, severe ones first."""
+    """Every problem of one photograph (H x W x 3 uint8) and the boxes kept in it, severe ones first.
+
+    Args:
+        image: The photograph, H x W x 3 uint8 RGB.
+        boxes: The boxes kept, (N, 4) as x1, y1, x2, y2 in the photograph's pixels.
+        labels: The FIELD_CLASSES index of each box (N,); red cells are 0.
+        long_side: The long side the detector resizes photographs to (see detector_scale); None: its own size.
+        cell_scale: The detector's `cell_scale` state; None: FALLBACK_CELL_SCALE (see check_magnification).
+    """
     h, w = image.shape[:2]
     return field_problems((w, h), exposure(image), boxes, labels, long_side, cell_scale)
 
@@ -275,7 +299,16 @@ def field_problems(
     long_side: int | None,
     cell_scale: dict | None,
 ) -> list[Problem]:
-    """check_field from the photograph's size (width, height) and exposure() instead of its pixels."""
+    """check_field from the photograph's size (width, height) and exposure() instead of its pixels.
+
+    Args:
+        size: The photograph's (width, height) in pixels.
+        seen: What exposure() measured on it (median_luminance, white_fraction).
+        boxes: The boxes kept, (N, 4) as x1, y1, x2, y2 in the photograph's pixels.
+        labels: The FIELD_CLASSES index of each box (N,); empty adds `no_cells`.
+        long_side: The long side the detector resizes photographs to; None when it reads them at their own size.
+        cell_scale: The detector's `cell_scale` state; None: FALLBACK_CELL_SCALE (see check_magnification).
+    """
     found = check_shape(*size) + exposure_problems(seen)
     if not any(p.code == "panorama" for p in found):  # a strip's cells look small because it is a strip
         found += check_magnification(boxes, labels, size, long_side, cell_scale)

@@ -92,13 +92,28 @@ class FieldReader:
         return background_colour(image)
 
     def crop(self, image: Image.Image, box: np.ndarray, side: float, fill: tuple[int, int, int]) -> Image.Image:
+        """The square crop of one cell the classifier sees (data.fields.crop_cell).
+
+        Args:
+            image: The whole photograph.
+            box: The cell's box, x1, y1, x2, y2 in the photograph's pixels; the crop is centred on it.
+            side: Side of the square in pixels (at least 8), as crop_side measured it.
+            fill: RGB colour for the parts outside the photograph (its background, see `background`).
+        """
         return crop_cell(image, box, side, fill)
 
     # ------------------------------------------------------------------ one photograph
 
     def read(self, name: str, image: Image.Image, det: Detections | None = None, reason: str = "") -> dict:
         """The field result for one photograph (see docs/fields.md for its keys). A photograph with a severe
-        problem (infer.field_checks) has its counts withheld: no cells, counts null, the problem as its note."""
+        problem (infer.field_checks) has its counts withheld: no cells, counts null, the problem as its note.
+
+        Args:
+            name: Echoed back as the result's `path`; white cells are named `<name>#wbc<i>`.
+            image: The photograph (RGB); larger than max_field_pixels raises UnreadableImage.
+            det: The detector's boxes for it when already found; None runs the detector.
+            reason: Why it is read as a field (the result's `input_reason`); '' says --input field.
+        """
         w, h = image.size
         check_field_size(image.size, self.max_field_pixels)
         arr = np.asarray(image)
@@ -138,7 +153,15 @@ class FieldReader:
     def classify_white_cells(
         self, name: str, image: Image.Image, arr: np.ndarray, wbc: Detections, side: float
     ) -> list[dict]:
-        """Each white cell cropped at the classifier's scale and classified (class, review and OOD flags)."""
+        """Each white cell cropped at the classifier's scale and classified (class, review and OOD flags).
+
+        Args:
+            name: The photograph's name; each cell's `path` is `<name>#wbc<i>`, counted from 1.
+            image: The photograph the cells are cropped from.
+            arr: The same photograph as an H x W x 3 uint8 array (for the background colour).
+            wbc: The white-cell detections only.
+            side: Side in pixels of the square cropped around each cell (see crop_side).
+        """
         if not len(wbc):
             return []
         fill = self.background(arr)
@@ -238,6 +261,19 @@ def predict_mixed(
 
     The result is `Predictor.predict_*`'s (for the single-cell images, each with `input` and `input_reason`)
     plus `fields` (one result per photograph) and `field_summary`.
+
+    Args:
+        predictor: The cell classifier.
+        items: (name, path or encoded bytes) pairs; names are echoed back and may repeat.
+        input_kind: One of INPUT_KINDS: 'cell' (all single-cell crops), 'field' (all photographs) or 'auto'
+            (rectangular images the detector finds cells in are fields, the rest cells).
+        detector: A FieldDetector, a zero-argument loader of one (called once, when first needed), or a path for
+            load_detector; None or 'default': the bundled one. Without one, 'auto' reads every image as a cell.
+        batch_size: Images per classifier batch.
+        progress: Show progress bars.
+        max_pixels: Largest image decoded, in pixels; None: the predictor's max_pixels.
+        max_field_pixels: Largest photograph read as a field, in pixels (width x height); larger ones are a cell
+            with 'auto' and unreadable with 'field'.
     """
     if input_kind not in INPUT_KINDS:
         raise DataError(f"--input must be one of {', '.join(INPUT_KINDS)}, got '{input_kind}'")
@@ -363,6 +399,16 @@ def _predict_tagged(
 def predict_paths_mixed(
     predictor: Predictor, paths, input_kind: str = "auto", detector=None, batch_size: int = 32, progress: bool = True
 ) -> dict:
+    """predict_mixed on image files and folders (searched recursively for image files).
+
+    Args:
+        predictor: The cell classifier.
+        paths: Image files and/or folders.
+        input_kind: One of INPUT_KINDS ('auto', 'cell', 'field'); see predict_mixed.
+        detector: A FieldDetector, a loader of one, or a path for load_detector; None: the bundled one.
+        batch_size: Images per classifier batch.
+        progress: Show progress bars.
+    """
     files = collect_images(paths)
     return predict_mixed(predictor, [(str(p), p) for p in files], input_kind, detector, batch_size, progress)
 

@@ -241,7 +241,14 @@ class Predictor:
     def classify(
         self, items: list[tuple[str, Any]], batch_size: int = 32, progress: bool = False, max_pixels: int | None = None
     ) -> tuple[list[str], np.ndarray, np.ndarray | None, list[dict]]:
-        """(names, calibrated probabilities, OOD scores or None, unreadable) of (name, path-or-bytes) items."""
+        """(names, calibrated probabilities, OOD scores or None, unreadable) of (name, path-or-bytes) items.
+
+        Args:
+            items: (name, path or encoded bytes) pairs; the name is only echoed back.
+            batch_size: Images per model batch (at least 1).
+            progress: Show a progress bar.
+            max_pixels: Largest image decoded, in pixels (width x height); None: this predictor's max_pixels.
+        """
         from bloodcell.evaluate.calibration import apply_temperature  # start-up time: it imports scipy.optimize
 
         if batch_size < 1:
@@ -294,6 +301,16 @@ def summarize(
     With OOD scores, an image scoring above `ood_threshold` is flagged `ood` and not counted: `counts` and the
     percentages rest on the `counted` images, and `ood_count` says how many were left out. When most images of a
     folder are OOD, `verdict` (folder_verdict) says so once, as the first flag too; otherwise it is None.
+
+    Args:
+        names: One name per image, echoed back as each prediction's `path`.
+        probs: Calibrated probabilities, (len(names), len(class_names)).
+        class_names: The model's classes, in the order of probs' columns.
+        review_threshold: An image whose top probability is below this is flagged `review`.
+        unreadable: The {"path", "reason"} entries of images that could not be read, passed through.
+        ood_scores: One OOD score per image (higher: less like the training cells; NaN counts as OOD); None: no
+            OOD check.
+        ood_threshold: Scores above this are OOD and not counted; None: no OOD check.
     """
     probs = np.asarray(probs, dtype=np.float64).reshape(len(names), len(class_names))
     has_ood = ood_scores is not None and ood_threshold is not None

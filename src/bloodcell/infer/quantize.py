@@ -198,6 +198,14 @@ def quantize_file(
     """Write the int8 graph of `fp32_path` to `out_path`, calibrated on uint8 `images` normalised by `predictor`.
 
     keep_fp32: names of nodes left in fp32 (default: `fp32_only_nodes`, the OOD score's own nodes).
+
+    Args:
+        predictor: The model's Predictor; its `normalise` turns the images into the graph's input.
+        fp32_path: The fp32 ONNX file to quantize.
+        out_path: Where the int8 ONNX file is written.
+        images: Calibration images, uint8 (N, S, S, 3), fed one a batch.
+        settings: How quantize_static is called (format, per-channel, reduced range, method, activation type).
+        keep_fp32: Node names left in fp32; None: fp32_only_nodes(fp32_path).
     """
     settings.check()
 
@@ -244,7 +252,14 @@ def _quiet():
 
 def compare(predictor, fp32_session, int8_session, images: np.ndarray) -> dict:
     """Agreement of two graphs' top-1 labels, review flags and OOD flags, and their largest logit difference, on uint8
-    `images`."""
+    `images`.
+
+    Args:
+        predictor: The model's Predictor: its normalisation, temperature, review and OOD thresholds.
+        fp32_session: ONNX Runtime session of the fp32 graph (the reference).
+        int8_session: ONNX Runtime session of the int8 graph.
+        images: Check images, uint8 (N, S, S, 3), run 64 at a time.
+    """
 
     def run(session):
         name = session.get_inputs()[0].name
@@ -283,7 +298,18 @@ def quantize_checked(
     min_agreement: float,
     source: str,
 ) -> dict:
-    """Quantize, run the guard, and return the sidecar's `quantization` section; ModelError when the guard refuses."""
+    """Quantize, run the guard, and return the sidecar's `quantization` section; ModelError when the guard refuses.
+
+    Args:
+        predictor: The model's Predictor (decodes and normalises the images).
+        fp32_path: The fp32 ONNX file to quantize.
+        out_path: Where the int8 ONNX file is written.
+        calib: The calibration images and the separate check images, with their descriptions.
+        settings: How quantize_static is called.
+        min_agreement: Share in (0, 1] of check images on which int8 must agree with fp32 (top-1 labels and OOD
+            flags), else ModelError.
+        source: The model's name, for the refusal's message.
+    """
     check_min_agreement(min_agreement)
     images, bad = decode_all(predictor, calib.calibration)
     if not len(images):

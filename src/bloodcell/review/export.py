@@ -43,7 +43,14 @@ def write_export(
     store: ReviewStore, sample_ids: Sequence[str], out: str | Path, labels: Sequence[str] | None = None
 ) -> dict:
     """Write the export of `sample_ids` to the new folder `out` (built beside it, then renamed: never half written).
-    Returns {"folder", "csv", "cells", "per_label"}."""
+    Returns {"folder", "csv", "cells", "per_label"}.
+
+    Args:
+        store: The review store the samples are read from.
+        sample_ids: The lab's sample IDs to export (at least one).
+        out: The folder to create; it must not exist yet.
+        labels: Keep only cells with these labels (e.g. the model's classes); None keeps all.
+    """
     out = Path(out)
     if out.exists():
         raise ReviewError(f"{out} exists: export into a new folder")

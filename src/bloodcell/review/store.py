@@ -44,7 +44,15 @@ class ReviewStore(SampleStore):
 
     def relabel(self, sample_id: str, cell_id: int, label: str, who: str, rev: int | None = None) -> dict:
         """Give a cell a label (its own label again confirms it). `rev`: the cell's revision the change was made on;
-        a stale one is refused (Conflict), so a second tab never overwrites a change it has not seen."""
+        a stale one is refused (Conflict), so a second tab never overwrites a change it has not seen.
+
+        Args:
+            sample_id: The lab's sample ID; a signed-off sample is refused (reopen it first).
+            cell_id: The cell's id within the sample.
+            label: The new label: one of the store's labels().
+            who: The reviewer's name or initials, recorded with the correction (1-MAX_WHO printable characters).
+            rev: The cell's revision the change was made on; None skips the staleness check.
+        """
         who = check_who(who)
         if label not in self.labels():
             raise ReviewError(f"label {shown(label)} is not a class here: one of {', '.join(self.labels())}")

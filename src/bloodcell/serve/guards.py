@@ -133,7 +133,14 @@ def declared_pixels(data: bytes) -> tuple[int, int] | None:
 
 
 async def read_body(request, limit: int, idle_seconds: float, total_seconds: float) -> bytes:
-    """The whole request body; 413 as soon as it passes `limit` bytes, 408 when it pauses or lasts too long."""
+    """The whole request body; 413 as soon as it passes `limit` bytes, 408 when it pauses or lasts too long.
+
+    Args:
+        request: The Starlette/FastAPI request whose body is streamed.
+        limit: Largest body accepted, in bytes (a larger Content-Length is refused before reading).
+        idle_seconds: Longest pause between two chunks, in seconds.
+        total_seconds: Longest time for the whole body, in seconds.
+    """
     mb = limit / (1024 * 1024)
     too_big = HTTPException(
         413, f"upload too large: more than {mb:.4g} MB in one request (server limit --max-upload-mb {mb:.4g})"

@@ -40,7 +40,14 @@ def protocol_with_header_deadline(seconds: float) -> type:
 
 
 def run(app, sock: socket.socket, limits: ServerLimits, log_level: str = "info") -> None:
-    """Serve `app` on the bound socket `sock` until interrupted."""
+    """Serve `app` on the bound socket `sock` until interrupted.
+
+    Args:
+        app: The ASGI application.
+        sock: A TCP socket the caller has already bound (to the host and port to serve on).
+        limits: The server's limits; header_seconds and max_connections are used here.
+        log_level: uvicorn's log level ('critical', 'error', 'warning', 'info', 'debug', 'trace').
+    """
     config = uvicorn.Config(
         app,
         log_level=log_level,

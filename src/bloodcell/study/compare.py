@@ -13,7 +13,15 @@ from bloodcell.study.spec import StudySpec
 
 
 def paired_runs(by: dict, out: Path, exp, a: str, b: str) -> dict | None:
-    """Seeds run under both protocols: accuracies, per-seed McNemar p-values and the paired difference b - a."""
+    """Seeds run under both protocols: accuracies, per-seed McNemar p-values and the paired difference b - a.
+
+    Args:
+        by: The study's runs grouped as {(experiment name, protocol): [(RunSpec, metrics or None), ...]}.
+        out: The study's output folder (its runs' predictions are read for McNemar's test).
+        exp: The experiment (its `name` is looked up in `by`).
+        a: The first protocol's name (the reference of the difference).
+        b: The second protocol's name.
+    """
     ra = {r.seed: (r, m) for r, m in by.get((exp.name, a), []) if m and "test" in m}
     rb = {r.seed: (r, m) for r, m in by.get((exp.name, b), []) if m and "test" in m}
     seeds = sorted(set(ra) & set(rb))
@@ -38,7 +46,14 @@ def paired_runs(by: dict, out: Path, exp, a: str, b: str) -> dict | None:
 
 
 def compare_section(doc: Doc, spec: StudySpec, by: dict, out: Path) -> None:
-    """The protocol pair of `compare` (the paper's shuffling question), seed by seed, at the top of the report."""
+    """The protocol pair of `compare` (the paper's shuffling question), seed by seed, at the top of the report.
+
+    Args:
+        doc: The report being written; nothing is added when no experiment has runs under both protocols.
+        spec: The study; its `compare` pair, else (no_shuffle, shuffle) when it defines both.
+        by: The study's runs grouped as {(experiment name, protocol): [(RunSpec, metrics or None), ...]}.
+        out: The study's output folder.
+    """
     pair = spec.compare or (("no_shuffle", "shuffle") if {"no_shuffle", "shuffle"} <= set(spec.protocols) else None)
     if not pair:
         return

@@ -74,7 +74,15 @@ def lookup(metrics: dict, dotted: str):
 def run_one(
     cfg: RunConfig, run_dir: str | os.PathLike, *, fold: int | None = None, resume: bool = True, progress: bool = True
 ) -> dict:
-    """Train and evaluate one run in run_dir; return its metrics. Skips a complete run, resumes an incomplete one."""
+    """Train and evaluate one run in run_dir; return its metrics. Skips a complete run, resumes an incomplete one.
+
+    Args:
+        cfg: The run's config (one seed); a resumed run_dir must hold the same config.
+        run_dir: The run's folder (config, split, checkpoints, model and metrics).
+        fold: With cv.folds, the cross-validation fold whose train/val split is used; None: no cross-validation.
+        resume: Continue from run_dir's last checkpoint and check its config; False trains from the start.
+        progress: Show progress bars.
+    """
     from bloodcell.evaluate.run import evaluate_run
     from bloodcell.train.fit import fit
     from bloodcell.train.hardware import resolve_accelerator, resolve_channels_last, resolve_precision
@@ -147,7 +155,14 @@ def aggregate(metrics_list: list[dict], labels: list[str]) -> dict:
 
 
 def run_config(cfg: RunConfig, out_dir: str | os.PathLike, *, resume: bool = True, progress: bool = True) -> dict:
-    """Run `cfg` in out_dir: directly, or one sub-run per seed (seed-S/) and fold (fold-K/), plus aggregate.json."""
+    """Run `cfg` in out_dir: directly, or one sub-run per seed (seed-S/) and fold (fold-K/), plus aggregate.json.
+
+    Args:
+        cfg: The config; its `seeds` (else `seed`) and cv.folds decide the sub-runs.
+        out_dir: The output folder.
+        resume: Resume incomplete runs from their last checkpoint (complete ones are always skipped).
+        progress: Show progress bars.
+    """
     out_dir = Path(out_dir)
     if rank_zero_only.rank == 0 and out_dir.is_dir():
         io.remove_leftover_temporaries(out_dir)  # an interrupted run's half-written files

@@ -127,6 +127,14 @@ def plan_slots(k: int, gpus: list[str], threads: int) -> list[Slot]:
 
 
 def slot_warnings(k: int, gpus: list[str], threads: int, on_cuda: bool) -> list[str]:
+    """Warnings when K workers must share GPUs or cores; [] when each has its own.
+
+    Args:
+        k: The number of workers (--parallel).
+        gpus: The visible CUDA devices, as CUDA_VISIBLE_DEVICES entries (see visible_gpus).
+        threads: Torch threads of this process, shared out among the workers.
+        on_cuda: Whether any run trains on CUDA.
+    """
     notes = []
     if on_cuda and gpus and k > len(gpus):
         notes.append(
@@ -172,6 +180,13 @@ def run_parallel(jobs: list, out: Path, k: int, *, on_start: Callable, on_done: 
 
     on_start(run, slot) when a run is handed to a worker; on_done(run, record) when it ends, with record the
     sequential study's result record ({"state": "complete"|"failed", ...}).
+
+    Args:
+        jobs: (RunSpec, run directory) pairs, in study order.
+        out: The study's output folder (each worker's log goes to out/logs/<run key>.log).
+        k: Workers at once (at most len(jobs)); GPUs are shared out round-robin.
+        on_start: Called as on_start(run, slot) when a run is handed to a worker.
+        on_done: Called as on_done(run, record) when its worker ends.
     """
     import torch
 

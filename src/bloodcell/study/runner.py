@@ -48,6 +48,16 @@ def run_study(
     `report_only`: train nothing; write the report from the runs already in `out` (e.g. while a study is paused).
     `parallel`: how many runs train at once, each in its own worker process on one device (bloodcell.study.parallel);
     'auto': one per visible CUDA device (1 without CUDA). 1: one after the other in this process.
+
+    Args:
+        config: The study YAML file.
+        out: The study's output folder (runs/, logs, study.yaml, study_status.json, the report).
+        data: The data folder, set as data.root on every run (after the other overrides); None keeps the configs'.
+        overrides: `key=value` config overrides (dotted keys) applied to every run.
+        only: Names of the experiments to run; None runs them all.
+        progress: Show the study's progress bar.
+        report_only: Train nothing, only write the report.
+        parallel: Runs at once: a number or 'auto'.
     """
     from bloodcell.study.report import write_report
 

@@ -117,7 +117,15 @@ def load_study(path: str | os.PathLike) -> tuple[StudySpec, Path]:
 def expand_runs(
     spec: StudySpec, base_dir: Path, overrides: list[str] | None = None, only: list[str] | None = None
 ) -> list[RunSpec]:
-    """Every (experiment, protocol, seed) as a validated RunConfig; `only` keeps the named experiments."""
+    """Every (experiment, protocol, seed) as a validated RunConfig; `only` keeps the named experiments.
+
+    Args:
+        spec: The loaded study.
+        base_dir: The study file's folder: experiments' relative config paths are read from it (else from the
+            working directory).
+        overrides: `key=value` overrides (dotted keys), applied last, over the protocol's and experiment's `set`.
+        only: Names of the experiments to keep; an unknown name raises ConfigError. None keeps all.
+    """
     if only:
         unknown = sorted(set(only) - {e.name for e in spec.experiments})
         if unknown:

@@ -267,7 +267,15 @@ def _train(
 
 
 def fit(cfg: RunConfig, data: PreparedData, run_dir: str | os.PathLike, *, resume: bool = False, progress: bool = True):
-    """Train `cfg.model` on `data`; return the trained model (on CPU, eval mode) or None on non-zero DDP ranks."""
+    """Train `cfg.model` on `data`; return the trained model (on CPU, eval mode) or None on non-zero DDP ranks.
+
+    Args:
+        cfg: The run's config (model, training, hardware).
+        data: The prepared images, labels and split.
+        run_dir: The run's folder: checkpoints, history.csv and the final model are written there.
+        resume: Continue from run_dir/checkpoints/last.ckpt when one can be resumed; False starts afresh.
+        progress: Show progress bars (unless turned off by default, e.g. BLOODCELL_PROGRESS=0).
+    """
     run_dir = Path(run_dir)
     progress = progress and enabled_by_default()
     L.seed_everything(cfg.seed, workers=True, verbose=False)

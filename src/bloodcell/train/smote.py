@@ -57,6 +57,13 @@ def smote_oversample(
     """Return (images, labels) of the training part with every class raised to the largest class's count.
 
     The originals come first, unchanged; synthetic images follow.
+
+    Args:
+        images: The training images, uint8 (N, H, W, 3).
+        labels: Their class indices (N,).
+        cfg: smote.size (the side synthetic images are made at), k_neighbors and max_memory_gb.
+        num_classes: The number of classes.
+        seed: SMOTE's random state.
     """
     from imblearn.over_sampling import SMOTE
 
