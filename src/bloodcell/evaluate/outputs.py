@@ -23,7 +23,7 @@ def predict_outputs(
     model's mean/std.
 
     Args:
-        model: the network; its mean and std (fractions of 255) normalise the images.
+        model: the network; its mean and std (on a 0-1 scale) normalise the images.
         images: (M, H, W, 3) uint8, e.g. a memory-mapped cache.
         index: (N,) the rows of `images` to predict; the outputs are in this order.
         batch_size: images a forward pass.
