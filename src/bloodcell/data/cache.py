@@ -54,6 +54,14 @@ class ImageCache:
 
 
 def cache_key(inv: Inventory, size: int, interpolation: str, white_balance: str = "none") -> str:
+    """The name of the cache folder for this inventory at this size, interpolation and white balance.
+
+    Args:
+        inv: the scanned dataset; its fingerprint (paths and content hashes) goes into the key.
+        size: the side in pixels every image is resized to.
+        interpolation: a key of data.images.INTERPOLATIONS (nearest, bilinear, bicubic, lanczos, area).
+        white_balance: "none" or "background"; "none" adds nothing, so caches made before the option keep their key.
+    """
     step = "" if white_balance == "none" else f"|wb={white_balance}"  # caches made before the option keep their key
     h = hashlib.sha256(f"v{CACHE_VERSION}|{inv.fingerprint()}|{size}|{interpolation}{step}".encode()).hexdigest()
     return f"{size}-{interpolation}{'-' + white_balance if step else ''}-{h[:24]}"
@@ -94,7 +102,15 @@ def load_cache(
     cache_root: str | os.PathLike | None = None,
     white_balance: str = "none",
 ) -> ImageCache | None:
-    """The cache for this inventory if a complete, matching one exists, else None."""
+    """The cache for this inventory if a complete, matching one exists, else None.
+
+    Args:
+        inv: the scanned dataset; the cache must hold exactly its files, in its order, with the same hashes.
+        size: the side in pixels of the cached images.
+        interpolation: a key of data.images.INTERPOLATIONS.
+        cache_root: the cache folder; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell.
+        white_balance: "none" or "background" (data.images.WHITE_BALANCES).
+    """
     folder = Path(cache_root or default_cache_dir()) / "arrays" / cache_key(inv, size, interpolation, white_balance)
     manifest_path = folder / "manifest.json"
     try:
@@ -128,7 +144,19 @@ def build_cache(
     force: bool = False,
     white_balance: str = "none",
 ) -> ImageCache:
-    """Return the cache for `inv`, building it (in parallel, with a progress bar) unless a valid one exists."""
+    """Return the cache for `inv`, building it (in parallel, with a progress bar) unless a valid one exists.
+
+    Args:
+        inv: the scanned dataset to cache, in its order.
+        size: the side in pixels every image is resized to (at least 8).
+        interpolation: a key of data.images.INTERPOLATIONS.
+        cache_root: the cache folder; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell.
+        workers: decoding processes; None: one per CPU. Below 1,024 images one process does it all.
+        progress: show a progress bar.
+        max_pixels: a larger image (width x height) fails as a possible decompression bomb.
+        force: rebuild even when a valid cache exists.
+        white_balance: "none" or "background" (data.images.WHITE_BALANCES).
+    """
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"unknown interpolation '{interpolation}'; choose one of {sorted(INTERPOLATIONS)}")
     if white_balance not in WHITE_BALANCES:
@@ -338,7 +366,17 @@ def resized_array_cache(
 ) -> np.ndarray:
     """`images` (N, H, W, 3 uint8, e.g. a MedMNIST .npz) at size x size, as a memory-mapped uint8 cache resized image
     by image exactly as folder images are (Pillow), so a 224 px copy of a large set never exists as float32 in
-    memory. `fingerprint` names the source content; a complete cache is reused."""
+    memory. `fingerprint` names the source content; a complete cache is reused.
+
+    Args:
+        images: (N, H, W, 3) uint8 array, read image by image (it may be memory-mapped).
+        fingerprint: a string naming the source content; it goes into the cache key and the manifest.
+        size: the side in pixels every image is resized to.
+        interpolation: a key of data.images.INTERPOLATIONS.
+        white_balance: "none" or "background" (data.images.WHITE_BALANCES).
+        cache_root: the cache folder; None: $BLOODCELL_CACHE, else ~/.cache/bloodcell.
+        progress: show a progress bar.
+    """
     if interpolation not in INTERPOLATIONS:
         raise DataError(f"unknown interpolation '{interpolation}'; choose one of {sorted(INTERPOLATIONS)}")
     arrays_dir = Path(cache_root or default_cache_dir()) / "arrays"

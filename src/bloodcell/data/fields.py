@@ -207,7 +207,14 @@ def read_yolo(
     label_path: Path, image_path: Path, classes: list[int], size: tuple[int, int] | None = None
 ) -> FieldAnnotation:
     """One YOLO label file; `classes` maps its class numbers to FIELD_CLASSES indices; size (w, h) read from the
-    image when not given."""
+    image when not given.
+
+    Args:
+        label_path: the .txt labels, one 'class cx cy w h' line a box (fractions of the size); missing: no cells.
+        image_path: the photograph; its size is read from it when `size` is None.
+        classes: for each YOLO class number, its index in FIELD_CLASSES.
+        size: the photograph's (width, height) in pixels; None: read from `image_path`.
+    """
     if size is None:
         try:
             with Image.open(image_path) as im:
@@ -385,7 +392,14 @@ def background_colour(image: np.ndarray) -> tuple[int, int, int]:
 
 
 def crop_cell(image: Image.Image, box, side: float, fill: tuple[int, int, int]) -> Image.Image:
-    """The square of `side` px centred on `box`; parts outside the photograph are `fill` (its background)."""
+    """The square of `side` px centred on `box`; parts outside the photograph are `fill` (its background).
+
+    Args:
+        image: the whole photograph.
+        box: the cell's (x0, y0, x1, y1) in pixels; the crop is centred on its centre.
+        side: the crop's side in pixels (at least 8), e.g. from crop_side.
+        fill: the RGB colour of the parts outside the photograph, e.g. background_colour's.
+    """
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     half = max(side, 8.0) / 2
     left, top = int(round(cx - half)), int(round(cy - half))

@@ -37,7 +37,14 @@ def plot_class_distribution(split: Split, path: str | Path) -> Path:
 
 
 def plot_part_counts(counts: dict[str, dict[str, int]], names: list[str], path: str | Path, title: str) -> Path:
-    """Grouped bars: images per class in each of train / val / test (paper Fig. 2)."""
+    """Grouped bars: images per class in each of train / val / test (paper Fig. 2).
+
+    Args:
+        counts: images per class name in each part: {"train" | "val" | "test": {class name: count}}.
+        names: the classes to plot, in order (each must be in every part's counts).
+        path: the PNG written (atomically).
+        title: the figure's title.
+    """
     x = np.arange(len(names))
     width = 0.27
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 4))
@@ -53,6 +60,15 @@ def plot_part_counts(counts: dict[str, dict[str, int]], names: list[str], path: 
 
 
 def plot_sample_grid(inv: Inventory, path: str | Path, per_class: int = 6, seed: int = 0, size: int = 128) -> Path:
+    """A grid of random sample images, one row per class of `inv`, written as a PNG to `path`.
+
+    Args:
+        inv: the scanned dataset; each row's title gives its class's image count.
+        path: the PNG written (atomically).
+        per_class: images (columns) a class; a class with fewer shows all it has.
+        seed: the random picks' seed.
+        size: the side in pixels each image is resized to (bilinear).
+    """
     rng = np.random.default_rng(seed)
     by_class: dict[str, list[int]] = {name: [] for name in inv.class_names}
     for i, r in enumerate(inv.records):

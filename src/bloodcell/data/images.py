@@ -131,14 +131,29 @@ def load_array(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     white_balance: str = "none",
 ) -> np.ndarray:
-    """Decode to a uint8 (H, W, 3) array, resized to size x size when `size` is given, then white-balanced."""
+    """Decode to a uint8 (H, W, 3) array, resized to size x size when `size` is given, then white-balanced.
+
+    Args:
+        source: a file path or the file's bytes.
+        size: the side in pixels of the square output; None: the image's own size.
+        interpolation: a key of INTERPOLATIONS (nearest, bilinear, bicubic, lanczos, area).
+        max_pixels: a larger image (width x height) is an UnreadableImage (possible decompression bomb).
+        white_balance: "none", or "background" (balance_background, after resizing).
+    """
     return prepare_array(open_rgb(source, max_pixels=max_pixels), size, interpolation, white_balance)
 
 
 def prepare_array(
     img: Image.Image, size: int | None = None, interpolation: str = "nearest", white_balance: str = "none"
 ) -> np.ndarray:
-    """An RGB image as a model sees it: resized to size x size when `size` is given, then white-balanced."""
+    """An RGB image as a model sees it: resized to size x size when `size` is given, then white-balanced.
+
+    Args:
+        img: an RGB image (e.g. open_rgb's).
+        size: the side in pixels of the square output; None: the image's own size.
+        interpolation: a key of INTERPOLATIONS (nearest, bilinear, bicubic, lanczos, area).
+        white_balance: "none", or "background" (balance_background, after resizing); anything else is a ValueError.
+    """
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), INTERPOLATIONS[interpolation])
     arr = np.asarray(img, dtype=np.uint8)

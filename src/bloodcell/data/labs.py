@@ -73,6 +73,12 @@ def cut_smear_cells(
     cell; the crop is the square the field reader would show the classifier (data.fields.crop_side with the
     photograph's annotated red cells as the ruler), padded with the photograph's background. Done once per
     content: a finished folder (its manifest.json) is reused.
+
+    Args:
+        root: the smear set (Pascal VOC, with wbc_subtypes.csv).
+        view: overrides of data.fields.DEFAULT_VIEW (rbc_diameters, wbc_sides): how large a crop is.
+        cache_dir: where the cut folder goes (under labs/); None: $BLOODCELL_CACHE, else ~/.cache/bloodcell.
+        progress: show a progress bar.
     """
     root = Path(root)
     subtypes = root / SUBTYPES_FILE
@@ -156,6 +162,17 @@ def lab_parts(
     A smear set keeps its own split; a folder or CSV with `split_config` is split by it (a lab a run trains on),
     and without one it is a single part, "all" (a held-out lab). `parts` keeps the named parts only, `classes`
     the images of the named classes only.
+
+    Args:
+        name: the lab's name, used in error messages and in each LabPart.
+        root: the lab's smear set, class-per-folder dataset or CSV.
+        class_names: the model's classes; every class of the lab must match one.
+        parts: the parts kept (train, val, test); None: all.
+        split_config: a data.split.SplitConfig splitting a folder or CSV; None: one part, "all".
+        view: a smear set's crop view (cut_smear_cells); None: data.fields.DEFAULT_VIEW.
+        progress: show progress bars.
+        max_pixels: the scan's decompression bomb limit; None: the scan's default.
+        classes: the lab's classes kept (matched by data.classes.resolve_class); None: all.
     """
     root = Path(root)
     if not root.exists():
@@ -236,7 +253,18 @@ def lab_images(
     split_config=None,
     progress: bool = True,
 ) -> LabImages:
-    """Every cell of `source` (a config LabSource) the model's way: cut, scanned, resized, balanced as in training."""
+    """Every cell of `source` (a config LabSource) the model's way: cut, scanned, resized, balanced as in training.
+
+    Args:
+        source: a config.LabSource (name, root, parts, classes).
+        class_names: the model's classes; the labels are indices into them.
+        size: the side in pixels every cell is resized to (the model's input size).
+        interpolation: a key of data.images.INTERPOLATIONS.
+        white_balance: "none" or "background" (data.images.WHITE_BALANCES).
+        max_pixels: a larger image (width x height) is skipped as a possible decompression bomb.
+        split_config: a data.split.SplitConfig for a folder lab the run trains on; None: one part, "all".
+        progress: show progress bars.
+    """
     from bloodcell.data.cache import build_cache
 
     parts = lab_parts(

@@ -52,6 +52,13 @@ def split_files(
     Pass `parse_config(model_json["training_config"])` to get exactly the images a trained model never saw, and
     model.json's `data_fingerprint` as `fingerprint` to refuse a folder that is not the data it was trained on
     (other images would split differently, and its parts would not be the model's).
+
+    Args:
+        cfg: the run's config; its data.split section and split seed make the split.
+        root: the class-per-folder dataset (or CSV) to scan.
+        part: "train", "val" or "test".
+        progress: show the scan's progress bar.
+        fingerprint: the inventory fingerprint `root` must have (a DataError otherwise); None: no check.
     """
     inv = scan(root, max_pixels=cfg.data.max_pixels, progress=progress)
     if fingerprint is not None and inv.fingerprint() != fingerprint:
@@ -69,8 +76,11 @@ def prepare_data(
 ) -> PreparedData:
     """Load, validate, split and cache the data of `cfg` (see module docstring).
 
-    `split_file`: reuse this saved split when it exists (a resumed or re-evaluated run keeps its images).
-    `fold`: with cv.folds, train/val come from fold `fold` of the training pool; test stays the same.
+    Args:
+        cfg: the run's config (data, split seed, cv.folds).
+        split_file: reuse this saved split when it exists (a resumed or re-evaluated run keeps its images).
+        fold: with cv.folds, train/val come from fold `fold` of the training pool; test stays the same.
+        progress: show progress bars.
     """
     if cfg.data.npz:
         return _prepare_npz(cfg, progress)

@@ -248,6 +248,14 @@ class ClassicalDetector(FieldDetector):
         return reds
 
     def assemble(self, prep, whites, platelets, reds) -> Detections:
+        """Every cell found as one Detections in the photograph's pixels, scores clipped to [0, 1].
+
+        Args:
+            prep: prepare's output; its "shape" (the photograph's height, width) clips the boxes.
+            whites: white cells, (box in working px, score, ...) each, as white_and_platelets returns them.
+            platelets: platelets, (box in working px, score, ...) each.
+            reds: red cells, (box in working px, score, area) each, as red_cells returns them.
+        """
         f = float(self.params["downscale"])
         boxes, labels, scores = [], [], []
         for cls, cells in ((RBC, reds), (WBC, whites), (PLT, platelets)):

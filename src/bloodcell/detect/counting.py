@@ -52,6 +52,15 @@ def fit_count_rules(raw: Sequence[Detections], photos: Sequence[FieldAnnotation]
 
 
 def predict_counts(raw: Sequence[Detections], cls: str, threshold: float, rule: str, factor: float) -> np.ndarray:
+    """Per photograph, the count of `cls` that `rule` gives (see the module docstring).
+
+    Args:
+        raw: each photograph's detections, every candidate box (no threshold).
+        cls: a FIELD_CLASSES name (rbc, wbc, platelet).
+        threshold: the class's operating score threshold; the boxes counted score at least this.
+        rule: one of COUNT_RULES: "boxes", "scaled" or "score_sum"; anything else is a ValueError.
+        factor: the rule's fitted factor (fit_count_rules); unused by "boxes".
+    """
     boxes, scores = raw_counts(raw, cls, threshold)
     if rule not in COUNT_RULES:
         raise ValueError(f"unknown count rule '{rule}'; known: {', '.join(COUNT_RULES)}")

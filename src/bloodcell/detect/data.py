@@ -35,7 +35,14 @@ def resized_photo(image: np.ndarray, long_side: int) -> tuple[np.ndarray, float,
 
 
 def rot90_boxes(boxes: np.ndarray, k: int, width: int, height: int) -> np.ndarray:
-    """Boxes of a W x H image after np.rot90(image, k) (k quarter turns counter-clockwise)."""
+    """Boxes of a W x H image after np.rot90(image, k) (k quarter turns counter-clockwise).
+
+    Args:
+        boxes: (N, 4) float (x0, y0, x1, y1) in pixels of the unturned image.
+        k: quarter turns counter-clockwise, as np.rot90's k (taken modulo 4).
+        width: the unturned image's width in pixels.
+        height: the unturned image's height in pixels.
+    """
     boxes = boxes.copy()
     for _ in range(k % 4):
         x0, y0, x1, y1 = boxes.T

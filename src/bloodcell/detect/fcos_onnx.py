@@ -138,7 +138,14 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
 def batched_nms(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, iou: float) -> np.ndarray:
     """NMS within each label, best score first (torchvision.ops.batched_nms). Like torchvision on CPU, up to 1000
     boxes are shifted apart by label * (largest coordinate + 1) and suppressed together (the same float32 sums), more
-    are suppressed class by class."""
+    are suppressed class by class.
+
+    Args:
+        boxes: (N, 4) float32 (x0, y0, x1, y1).
+        scores: (N,) float32.
+        labels: (N,) int class of each box; boxes of different labels never suppress each other.
+        iou: a box is dropped when its IoU with a kept, better one of its label is above this.
+    """
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
     if boxes.size > 4000:
@@ -162,10 +169,20 @@ def postprocess(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """torchvision FCOS's postprocess_detections + the transform's box rescaling, for one image.
 
-    levels: per FPN level, finest first, the network's (cls K x h x w, reg 4 x h x w, ctr 1 x h x w).
-    padded / resized / original: (height, width) of the network's input, of the resized image inside it, and of
-    the photograph. Returns boxes (N x 4 float32, the photograph's pixels), labels (N, 0 = background) and scores,
-    best first, as FCOS returns them."""
+    Args:
+        levels: per FPN level, finest first, the network's (cls K x h x w, reg 4 x h x w, ctr 1 x h x w).
+        padded: (height, width) of the network's input.
+        resized: (height, width) of the resized image inside it (boxes are clipped to it).
+        original: (height, width) of the photograph, whose pixels the boxes are returned in.
+        min_score: candidates scoring this or less are dropped before NMS.
+        max_detections: at most this many boxes are returned, the best.
+        topk: the best-scoring candidates kept per level before NMS.
+        nms_iou: the IoU above which a box of the same label as a better one is suppressed.
+
+    Returns:
+        boxes (N x 4 float32, the photograph's pixels), labels (N, 0 = background) and scores, best first, as FCOS
+        returns them.
+    """
     all_boxes, all_scores, all_labels = [], [], []
     for size, (cls, reg, ctr) in zip(level_sizes(len(levels)), levels):
         k, h, w = cls.shape

@@ -151,7 +151,15 @@ def detection_metrics(
     match_iou: float = 0.5,
     detector: FieldDetector | None = None,
 ) -> dict:
-    """Everything the report shows for one split: AP on all boxes, the rest at the operating thresholds."""
+    """Everything the report shows for one split: AP on all boxes, the rest at the operating thresholds.
+
+    Args:
+        raw: each photograph's detections, every candidate box (AP uses them all), in the order of `truth`.
+        truth: the annotated photographs, as many as `raw`.
+        thresholds: the operating score threshold per FIELD_CLASSES name, for precision, recall and counts.
+        match_iou: the IoU at which a box matches a true one.
+        detector: unused.
+    """
     if len(raw) != len(truth):
         raise ValueError(f"{len(raw)} detection results for {len(truth)} photographs")
     kept = [keep_above(d, thresholds) for d in raw]
@@ -170,7 +178,14 @@ def detection_metrics(
 def run_detector(
     detector: FieldDetector, photos: Sequence[FieldAnnotation], progress: bool = False, description: str = "detecting"
 ) -> tuple[list[Detections], float]:
-    """Raw detections for each photograph and the mean seconds per photograph (decode excluded)."""
+    """Raw detections for each photograph and the mean seconds per photograph (decode excluded).
+
+    Args:
+        detector: any FieldDetector; its raw() gives every candidate box, before thresholds.
+        photos: the annotated photographs, decoded from their paths.
+        progress: show a progress bar.
+        description: the progress bar's label.
+    """
     out, seconds = [], 0.0
     with progress_bar(len(photos), description, enabled=progress) as advance:
         for ann in photos:

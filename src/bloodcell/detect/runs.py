@@ -198,7 +198,14 @@ def field_sets(cfg: DetectorRunConfig) -> FieldSets:
 
 
 def per_source_metrics(raw, photos, thresholds: dict, iou: float) -> dict[str, dict]:
-    """detection_metrics for each source of a set's photographs (one row, 'all', when they carry no source)."""
+    """detection_metrics for each source of a set's photographs (one row, 'all', when they carry no source).
+
+    Args:
+        raw: each photograph's detections (every candidate box), in the order of `photos`.
+        photos: the annotated photographs; each one's source groups it (data.fields.by_source).
+        thresholds: the operating score threshold per FIELD_CLASSES name.
+        iou: the IoU at which a box matches a true one.
+    """
     groups = by_source(photos)
     index = {id(a): i for i, a in enumerate(photos)}
     return {

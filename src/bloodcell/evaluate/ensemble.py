@@ -51,6 +51,12 @@ def ensemble_runs(
 
     The result holds the ensemble's metrics (classification_metrics, with bootstrap CIs), each member's accuracy,
     and McNemar's test of the ensemble against its best member on the same images.
+
+    Args:
+        run_dirs: at least 2 finished runs (each with predictions.csv) tested on the same images and classes.
+        out_dir: where metrics.json, predictions.csv and figures/confusion.png are written; None: nothing is written.
+        n_bootstrap: resamples of the 95 % confidence intervals (0: none).
+        seed: the bootstrap's seed.
     """
     if len(run_dirs) < 2:
         raise ConfigError(f"an ensemble needs at least 2 runs, got {len(run_dirs)}")

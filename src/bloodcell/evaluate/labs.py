@@ -35,7 +35,18 @@ def score_cells(
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict:
-    """The lab figures of calibrated `probs` against true labels `y` (indices into `names`)."""
+    """The lab figures of calibrated `probs` against true labels `y` (indices into `names`).
+
+    Args:
+        y: (N,) true class indices into `names`.
+        probs: (N, K) calibrated probabilities over `names`.
+        names: the model's class names.
+        review_threshold: an answer less confident than this is flagged for review.
+        ood_scores: (N,) OOD scores; None: no cell is out of distribution.
+        ood_threshold: a score above this is out of distribution; None: no cell is.
+        n_bootstrap: resamples of the accuracy's 95 % confidence interval (0: none).
+        seed: the bootstrap's seed.
+    """
     present = sorted(set(int(v) for v in y))
     probs_r = restrict(probs, present)
     y_r = np.asarray([present.index(int(v)) for v in y])
@@ -93,6 +104,23 @@ def evaluate_lab(
 
     Adapted, the OOD score is the one `bloodcell adapt` gives a lab: fitted on the lab's own unlabelled cells
     (evaluate.ood.fit_mahalanobis_unlabelled), so it flags what looks unlike them.
+
+    Args:
+        model: the trained classifier (its mean/std normalise the images).
+        images: (N, S, S, 3) uint8 cells at the model's input size.
+        y: (N,) true class indices into `names`.
+        names: the model's class names.
+        temperature: the calibration temperature applied to the logits.
+        review_threshold: an answer less confident than this is flagged for review.
+        ood: the training cells' OOD score (means, precision, threshold); None: no OOD score, adapted or not.
+        adapt: also score the model adapted to these cells (batch-norm statistics, then entropy minimisation),
+            when it has norm layers and there are models.adapt.MIN_ADAPT_IMAGES cells or more.
+        out_dir: an existing folder; predictions_<variant>.csv and metrics.json are written there.
+        relpaths: each cell's path, written in the predictions CSVs.
+        n_bootstrap: resamples of the accuracy's 95 % confidence interval (0: none).
+        seed: the bootstrap's, the adaptation's and the unlabelled OOD fit's seed.
+        progress: show progress bars.
+        false_alarm: the fraction of the lab's own cells an adapted model's OOD threshold flags.
     """
     from bloodcell.models.adapt import MIN_ADAPT_IMAGES, minimise_entropy, norm_layers, recompute_norm_statistics
 

@@ -44,6 +44,13 @@ def classification_metrics(
     Every class in `class_names` counts, present in the data or not: a class absent from both
     y_true and predictions scores 0 and is included in the macro averages (sklearn's behaviour
     with labels=range(K), zero_division=0), and never yields NaN or a warning.
+
+    Args:
+        y_true: (N,) true class indices.
+        probs: (N, K) class probabilities; predictions are their argmax.
+        class_names: K names, in the order of the columns of `probs`.
+        n_bootstrap: resamples of ci95 (0: ci95 is None).
+        seed: the bootstrap's seed.
     """
     y_true, probs = _check(y_true, probs)
     k = probs.shape[1]
@@ -148,6 +155,15 @@ def bootstrap_ci(
     callable f(y_true, y_pred) -> float (called once per resample: slower). For "f1_macro",
     classes are range(n_classes) (default: max label + 1), absent classes scoring 0 like
     classification_metrics. The same seed always gives the same interval.
+
+    Args:
+        y_true: (N,) true class indices.
+        y_pred: (N,) predicted class indices.
+        metric_fn: "accuracy", "f1_macro" or a callable f(y_true, y_pred) -> float.
+        n: the number of resamples (at least 1).
+        seed: the resampling's seed.
+        alpha: 1 - the interval's coverage (0.05: a 95 % interval).
+        n_classes: for "f1_macro", the classes are range(n_classes); None: max label + 1.
     """
     y_true = np.asarray(y_true).astype(int).ravel()
     y_pred = np.asarray(y_pred).astype(int).ravel()

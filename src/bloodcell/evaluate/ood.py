@@ -77,6 +77,12 @@ def fit_mahalanobis_unlabelled(
     labels, the model's own predictions name the classes; the statistics are fitted on one half of the cells and
     the threshold is the (1 - false_alarm) quantile of the other half's scores, so it is not set on the cells that
     shaped it.
+
+    Args:
+        features: (N, D) the model's OOD features of the lab's cells.
+        logits: (N, K) the model's logits of the same cells; their argmax are the pseudo-labels.
+        false_alarm: the fraction of the held-out half's scores above the threshold.
+        seed: the random split of the cells into the fitting and the threshold halves.
     """
     x = np.asarray(features, np.float64)
     pseudo = np.asarray(logits).argmax(1)

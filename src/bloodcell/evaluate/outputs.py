@@ -20,7 +20,17 @@ def predict_outputs(
     desc: str = "predicting",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(logits (N, K), OOD features (N, D)) of `model` on images[index]; uint8 (N, H, W, 3) in, normalised with the
-    model's mean/std."""
+    model's mean/std.
+
+    Args:
+        model: the network; its mean and std (on a 0-1 scale) normalise the images.
+        images: (M, H, W, 3) uint8, e.g. a memory-mapped cache.
+        index: (N,) the rows of `images` to predict; the outputs are in this order.
+        batch_size: images a forward pass.
+        device: a torch device; None: cuda when available, else cpu.
+        progress: show a progress bar.
+        desc: the progress bar's label.
+    """
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = model.to(device).eval()
     mean = torch.tensor(model.mean, device=device).view(1, 3, 1, 1) * 255

@@ -122,7 +122,12 @@ def plot_confusion_matrix(
 ) -> Path:
     """Plot a confusion matrix (rows = true, columns = predicted); return the PNG path.
 
-    normalize=False draws counts, True draws row-normalised rates, "both" draws the two side by side.
+    Args:
+        cm: (K, K) counts, rows = true, columns = predicted.
+        class_names: the K class names, in the matrix's order.
+        path: the PNG written (atomically).
+        normalize: False draws counts, True row-normalised rates, "both" the two side by side.
+        title: the figure's title; None: none.
     """
     cm = np.asarray(cm)
     k = len(class_names)
@@ -172,6 +177,14 @@ def plot_reliability_diagram(
 
     ECE is shown in the title. With `probs_calibrated` (e.g. after temperature scaling) the raw
     and calibrated curves are drawn side by side in each bin. Returns the PNG path.
+
+    Args:
+        probs: (N, K) class probabilities (the raw curve).
+        y_true: (N,) true class indices.
+        path: the PNG written (atomically).
+        title: put before the ECE in the title; None: the ECE alone.
+        probs_calibrated: (N, K) calibrated probabilities; None: the raw curve alone.
+        n_bins: equal-width confidence bins over [0, 1].
     """
     series = [("raw", probs, "#0969da")]
     if probs_calibrated is not None:
@@ -215,8 +228,17 @@ def plot_reliability_diagram(
 def plot_prediction_grid(images, y_true, y_pred, probs, class_names, path, n: int = 16) -> Path:
     """Show the first `n` images titled "pred (p) / true", green if right, red if wrong.
 
-    `images` is uint8 (N, H, W, 3) or (N, H, W); `probs` is (N, K) class probabilities or (N,)
-    confidences of the predicted class. Returns the PNG path.
+    Args:
+        images: uint8 (N, H, W, 3) or (N, H, W).
+        y_true: (N,) true class indices into `class_names`.
+        y_pred: (N,) predicted class indices into `class_names`.
+        probs: (N, K) class probabilities, or (N,) confidences of the predicted class.
+        class_names: the class names the titles show.
+        path: the PNG written (atomically).
+        n: how many images, from the first.
+
+    Returns:
+        the PNG path.
     """
     images = _images(images)
     y_true, y_pred = np.asarray(y_true).astype(int), np.asarray(y_pred).astype(int)
@@ -235,6 +257,14 @@ def plot_confident_mistakes(images, y_true, probs, class_names, path, n: int = 1
     """Show the `n` wrong predictions with the highest confidence, most confident first.
 
     With no mistakes the figure says so. Returns the PNG path.
+
+    Args:
+        images: uint8 (N, H, W, 3) or (N, H, W).
+        y_true: (N,) true class indices into `class_names`.
+        probs: (N, K) class probabilities; the prediction is their argmax, the confidence their max.
+        class_names: the class names the titles show.
+        path: the PNG written (atomically).
+        n: at most this many mistakes are shown.
     """
     images = _images(images)
     y_true, probs = np.asarray(y_true).astype(int), np.asarray(probs, dtype=float)

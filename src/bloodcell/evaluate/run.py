@@ -57,6 +57,13 @@ def fit_ood_score(
 
     Returns the `ood` section of metrics.json and (means, precision, threshold), or None without a training and a
     validation part. The energy score's false alarms at its own validation threshold are reported beside it.
+
+    Args:
+        run_dir: the run's folder; ood.safetensors is written there.
+        outputs: {part: (logits, features)} of the run's parts (train, val, and test when there).
+        y: {part: (N,) true class indices}; the training part's fit the class means.
+        num_classes: the model's number of classes.
+        false_alarm: the fraction of validation images the threshold flags.
     """
     if "train" not in outputs or "val" not in outputs or len(y["train"]) < 2:
         return None
@@ -83,7 +90,15 @@ def fit_ood_score(
 def write_predictions(
     path: Path, paths: list[str], true_names: list[str], class_names: list[str], probs: np.ndarray
 ) -> None:
-    """predictions.csv: path, true class, predicted class, confidence, then one probability column per class."""
+    """predictions.csv: path, true class, predicted class, confidence, then one probability column per class.
+
+    Args:
+        path: the CSV written (atomically).
+        paths: each image's path, one row each.
+        true_names: each image's true class name.
+        class_names: the model's classes, in the order of the columns of `probs`.
+        probs: (N, K) probabilities; the predicted class is their argmax.
+    """
     buf = _io.StringIO()
     w = csv.writer(buf)
     w.writerow(["path", "true", "pred", "confidence"] + [f"p_{c}" for c in class_names])

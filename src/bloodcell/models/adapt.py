@@ -25,9 +25,14 @@ def recompute_norm_statistics(
 ) -> int:
     """Replace every BatchNorm layer's running mean and variance by their average over `images`; return how many.
 
-    images: uint8 (N, S, S, 3), preprocessed as the model's input (size, white balance); normalised here with the
-    model's mean and std. The batches are equal-sized (the last short one is dropped unless it is all there is),
-    so each batch's statistics weigh the same. The model is left in eval mode.
+    The batches are equal-sized (the last short one is dropped unless it is all there is), so each batch's
+    statistics weigh the same. The model is left in eval mode.
+
+    Args:
+        model: the network, changed in place; its mean and std (on a 0-1 scale) normalise the images.
+        images: uint8 (N, S, S, 3), preprocessed as the model's input (size, white balance).
+        batch_size: images a batch (fewer when there are fewer images).
+        device: a torch device; None: the device of the model's parameters.
     """
     layers = norm_layers(model)
     if not layers or len(images) == 0:
@@ -71,6 +76,15 @@ def minimise_entropy(
     Entropy alone, without SHOT's diversity term: that term assumes every class equally common, and a lab's white
     cells are mostly neutrophils while the model also knows platelets and erythroblasts. Run
     recompute_norm_statistics first: the statistics stay fixed here (eval mode), only the affine parameters move.
+
+    Args:
+        model: the network, changed in place; its mean and std (on a 0-1 scale) normalise the images.
+        images: uint8 (N, S, S, 3), preprocessed as the model's input (size, white balance).
+        epochs: passes over the images.
+        lr: Adam's learning rate.
+        batch_size: images an optimiser step.
+        seed: the order the images are shuffled into each epoch.
+        device: a torch device; None: the device of the model's parameters.
     """
     params = [
         p

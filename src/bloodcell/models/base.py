@@ -16,8 +16,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 def make_head(in_features: int, num_classes: int, hidden: int = 0, dropout: float = 0.0) -> nn.Sequential:
     """Classifier head: [Linear(hidden) -> ReLU] -> [Dropout] -> Linear(num_classes).
 
-    `hidden=0` gives a linear classifier (with optional dropout in front). The last module is
-    always the Linear that produces the logits; checkpoints rely on that.
+    The last module is always the Linear that produces the logits; checkpoints rely on that.
+
+    Args:
+        in_features: the width of the pooled features the head reads.
+        num_classes: the number of logits.
+        hidden: the hidden Linear's width; 0: none (a linear classifier, with optional dropout in front).
+        dropout: the dropout rate before the last Linear; 0: no Dropout module.
     """
     layers: list[nn.Module] = []
     width = in_features

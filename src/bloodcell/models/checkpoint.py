@@ -134,9 +134,16 @@ def init_from_model(
 ) -> dict:
     """Start `model` from a trained bloodcell model: every weight, and the output rows of the classes both share.
 
-    `source`: 'default' (the bundled model) or a run / model folder. A lab fine-tuning on its own cells keeps what
-    the model knows of each class it names the same way; a class the source lacks starts from random rows.
-    Returns the source's metadata. Refuses another architecture, input size or white balance with one line naming both.
+    A lab fine-tuning on its own cells keeps what the model knows of each class it names the same way; a class the
+    source lacks starts from random rows. Returns the source's metadata. Refuses another architecture, input size or
+    white balance with one line naming both.
+
+    Args:
+        model: the freshly built model (its model_name and model_kwargs must be the source's); changed in place.
+        source: 'default' (the bundled model) or a run / model folder.
+        class_names: the classes of `model`'s outputs, matched to the source's by data.classes.resolve_class.
+        input_size: the config's input size in pixels; must be the source's.
+        white_balance: the config's white balance ("none" or "background"); must be the source's.
     """
     folder = bundled_model_dir() if source == "default" else Path(source)
     base, described = load_described(folder)

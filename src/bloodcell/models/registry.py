@@ -128,10 +128,15 @@ def create_model(
 ):
     """Build a registered model.
 
-    pretrained: False; True for timm's published ImageNet weights (needs internet or a warm
-    cache); or a path to a local weights file (safetensors, or a state dict read with
-    `torch.load(weights_only=True)`) whose keys are timm's names for the backbone.
-    kwargs: model options (e.g. `head_hidden`, `head_dropout`), see docs/models.md.
+    Args:
+        name: a registered model's name (list_models).
+        num_classes: the number of output classes (a positive integer).
+        pretrained: False; True for timm's published ImageNet weights (needs internet or a warm
+            cache); or a path to a local weights file (safetensors, or a state dict read with
+            `torch.load(weights_only=True)`) whose keys are timm's names for the backbone.
+        input_size: the square input side in pixels, checked against the model's minimum and multiple;
+            None: the model's default.
+        kwargs: model options (e.g. `head_hidden`, `head_dropout`), see docs/models.md.
     """
     spec = get_spec(name)
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:

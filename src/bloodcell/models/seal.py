@@ -47,7 +47,14 @@ def reseal_hint(folder: Path) -> str:
 
 def member(folder: str | os.PathLike, name: Any, key: str, source: str | os.PathLike | None = None) -> Path:
     """`folder / name` for a file name read from a model's description under `key`; a one-line ModelError naming the
-    key unless it is a plain file name whose path, symlinks resolved, stays inside the folder. Opens nothing."""
+    key unless it is a plain file name whose path, symlinks resolved, stays inside the folder. Opens nothing.
+
+    Args:
+        folder: the model (or detector) folder the file must be in.
+        name: the value read from the description; anything but a plain file name is refused.
+        key: the description's key it was read under, named in the error.
+        source: what the error names as the description; None: `folder`.
+    """
     folder = Path(folder)
     where = source if source is not None else folder
     if (

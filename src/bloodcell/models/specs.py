@@ -36,7 +36,17 @@ def register_model(
     timm_backbones: tuple[str, ...] = (),
     head: str = "",
 ) -> Callable:
-    """Decorator: register `builder(num_classes, input_size, pretrained, **options)` as `name`."""
+    """Decorator: register `builder(num_classes, input_size, pretrained, **options)` as `name`.
+
+    Args:
+        name: the model's name (bloodcell models, model.name); registering it twice is a ValueError.
+        paper_row: the row(s) of the paper's Table 2 the model stands for.
+        default_input_size: the square input side in pixels when the config gives none.
+        min_input_size: the smallest input side in pixels the model accepts.
+        input_multiple: the input side must be a multiple of this (1: any).
+        timm_backbones: the timm architectures whose ImageNet weights the model loads (empty: none).
+        head: the classifier head, in words, as `bloodcell models` describes it.
+    """
 
     def decorate(builder: Callable) -> Callable:
         if name in _REGISTRY:

@@ -40,7 +40,15 @@ def cnn(
 ):
     """4 x [Conv3x3-BN-ReLU-MaxPool] (32/64/128/128) -> GAP -> Dense 256 -> Dropout -> classes.
 
-    norm: "batch" (the paper's), "group" or "layer" (per-image statistics: steadier on another lab's cells)."""
+    Args:
+        num_classes: the number of output classes.
+        input_size: the square input side in pixels.
+        pretrained: must be False: there are no published weights.
+        head_hidden: the head's hidden Dense width; 0: a linear head.
+        head_dropout: the dropout rate before the last Dense.
+        norm: "batch" (the paper's), "group" or "layer" (per-image statistics: steadier on another lab's cells).
+        widths: the output channels of each conv block, input side first (one block each).
+    """
     _no_published_weights("cnn", pretrained)
     return SequentialCNN(
         num_classes, input_size, widths=tuple(widths), head_hidden=head_hidden, head_dropout=head_dropout, norm=norm
@@ -56,7 +64,15 @@ def cnn(
     head="decoder map -> GAP -> Dense 128 ReLU -> Dropout 0.5 -> Dense classes",
 )
 def unet(num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = 128, head_dropout: float = 0.5):
-    """U-Net 32-64-128-256 + 512 bottleneck with skips, classifying from the decoder output."""
+    """U-Net 32-64-128-256 + 512 bottleneck with skips, classifying from the decoder output.
+
+    Args:
+        num_classes: the number of output classes.
+        input_size: the square input side in pixels (a multiple of 16).
+        pretrained: must be False: there are no published weights.
+        head_hidden: the head's hidden Dense width; 0: a linear head.
+        head_dropout: the dropout rate before the last Dense.
+    """
     _no_published_weights("unet", pretrained)
     return UNetClassifier(num_classes, input_size, head_hidden=head_hidden, head_dropout=head_dropout)
 
@@ -99,7 +115,17 @@ def supcon(
     head_hidden: int = 0,
     head_dropout: float = 0.0,
 ):
-    """ResNet50V2 encoder with a projection head for the supervised contrastive loss."""
+    """ResNet50V2 encoder with a projection head for the supervised contrastive loss.
+
+    Args:
+        num_classes: the number of output classes.
+        input_size: the square input side in pixels.
+        pretrained: False; True for timm's ImageNet weights; or a path to a local weights file of the backbone.
+        projection_hidden: the projection head's hidden width.
+        projection_dim: the width of the L2-normalised projection the contrastive loss sees.
+        head_hidden: the classifier head's hidden Dense width; 0: a linear head.
+        head_dropout: the dropout rate before the last Dense.
+    """
     return SupConModel(
         num_classes, input_size, pretrained, projection_hidden, projection_dim, head_hidden, head_dropout
     )
@@ -132,5 +158,14 @@ register_model(
 def hybrid(
     num_classes: int, input_size: int, pretrained: Any = False, head_hidden: int = 512, head_dropout: float = 0.5
 ):
-    """Inception-V3 and Xception side by side; pretrained may name one file per backbone."""
+    """Inception-V3 and Xception side by side; pretrained may name one file per backbone.
+
+    Args:
+        num_classes: the number of output classes.
+        input_size: the square input side in pixels (at least 75).
+        pretrained: True/False for both backbones; or one weights file each: "inception_file,xception_file", a pair,
+            or {"inception": ..., "xception": ...}.
+        head_hidden: the head's hidden Dense width; 0: a linear head.
+        head_dropout: the dropout rate before the last Dense.
+    """
     return HybridClassifier(num_classes, input_size, pretrained, head_hidden, head_dropout)
