@@ -149,7 +149,6 @@ def detection_metrics(
     truth: Sequence[FieldAnnotation],
     thresholds: dict[str, float],
     match_iou: float = 0.5,
-    detector: FieldDetector | None = None,
 ) -> dict:
     """Everything the report shows for one split: AP on all boxes, the rest at the operating thresholds.
 
@@ -158,7 +157,6 @@ def detection_metrics(
         truth: the annotated photographs, as many as `raw`.
         thresholds: the operating score threshold per FIELD_CLASSES name, for precision, recall and counts.
         match_iou: the IoU at which a box matches a true one.
-        detector: unused.
     """
     if len(raw) != len(truth):
         raise ValueError(f"{len(raw)} detection results for {len(truth)} photographs")
