@@ -2,7 +2,8 @@
 
 - imports flow down the pipeline: a package never imports one that stands later in PIPELINE;
 - no import circle between modules (imports at module level: those run when a module is imported);
-- no module over 500 lines, no function over 80 (nested functions count towards the function that holds them).
+- no module over 500 lines, no function over 80 (nested functions count towards the function that holds them; its
+  docstring does not).
 
 A new package gets its place in PIPELINE; the test fails until it has one.
 """
@@ -104,9 +105,18 @@ def test_no_import_circle():
 
 
 def _too_long(tree: ast.Module):
+    """(line, name, lines) of each function over the limit. Its docstring does not count: an `Args:` block must
+    never be what pushes a function over."""
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             lines = node.end_lineno - node.lineno + 1
+            first = node.body[0]
+            if (
+                isinstance(first, ast.Expr)
+                and isinstance(first.value, ast.Constant)
+                and isinstance(first.value.value, str)
+            ):
+                lines -= first.end_lineno - first.lineno + 1
             if lines > MAX_FUNCTION_LINES:
                 yield node.lineno, node.name, lines
 
