@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from bloodcell.errors import BloodcellError, MissingExtra
-from bloodcell.extras import INSTALL_TRAIN, needs_train_extra, optional, require
+from bloodcell.extras import INSTALL_TRAIN, lazy_face, needs_train_extra, optional, require
 
 
 def test_optional_gives_none_only_for_an_absent_module(monkeypatch, tmp_path):
@@ -38,3 +38,14 @@ def test_needs_train_extra_passes_other_missing_modules_through():
     with pytest.raises(MissingExtra, match="^Grad-CAM needs"):
         with needs_train_extra("Grad-CAM"):
             raise ModuleNotFoundError("No module named 'pytorch_grad_cam'", name="pytorch_grad_cam")
+
+
+def test_lazy_face_imports_a_name_on_first_use_only(monkeypatch, tmp_path):
+    (tmp_path / "lazy_target_for_bloodcell.py").write_text("VALUE = 42\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "lazy_target_for_bloodcell", raising=False)
+    face = lazy_face("pkg", {"VALUE": "lazy_target_for_bloodcell"})
+    assert "lazy_target_for_bloodcell" not in sys.modules
+    assert face("VALUE") == 42 and "lazy_target_for_bloodcell" in sys.modules
+    with pytest.raises(AttributeError, match="^module 'pkg' has no attribute 'other'$"):
+        face("other")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import ModuleType
+from typing import Any
 
 from bloodcell.errors import MissingExtra
 
@@ -92,3 +93,20 @@ def needs_train_extra(feature: str) -> Iterator[None]:
         raise MissingExtra(
             f"{feature} needs PyTorch and the training install ({missing} is not installed): {INSTALL_TRAIN}"
         ) from None
+
+
+def lazy_face(package: str, exports: dict[str, str]) -> Callable[[str], Any]:
+    """A package face's module-level `__getattr__` (PEP 562) that imports each exported name from its module on first
+    use, so importing the package costs nothing and its light parts work without the [train] extra.
+
+    Args:
+        package: the package's dotted name, for the AttributeError.
+        exports: exported name -> the dotted module that defines it.
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name in exports:
+            return getattr(importlib.import_module(exports[name]), name)
+        raise AttributeError(f"module '{package}' has no attribute '{name}'")
+
+    return __getattr__

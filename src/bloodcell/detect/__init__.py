@@ -17,7 +17,7 @@ Names are imported on first use, so `import bloodcell.detect` stays light and ne
 registry's and base's run in the light install.
 """
 
-from importlib import import_module
+from bloodcell.extras import lazy_face
 
 _EXPORTS = {
     "Detections": "bloodcell.detect.base",
@@ -40,8 +40,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bloodcell.detect' has no attribute '{name}'")
+__getattr__ = lazy_face("bloodcell.detect", _EXPORTS)

@@ -4,7 +4,7 @@ Names are imported on first use, so `bloodcell.models.metadata` (model.json, no 
 light inference install; the rest needs `bloodcell[train]`.
 """
 
-from importlib import import_module
+from bloodcell.extras import lazy_face
 
 _EXPORTS = {
     "BloodcellModel": "bloodcell.models.base",
@@ -20,8 +20,4 @@ _EXPORTS = {
 
 __all__ = sorted(_EXPORTS)
 
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'bloodcell.models' has no attribute '{name}'")
+__getattr__ = lazy_face("bloodcell.models", _EXPORTS)

@@ -48,26 +48,12 @@ from bloodcell.serve import review_api
 from bloodcell.serve.guards import HeavyGate, HostOriginGuard, declared_pixels, read_body
 from bloodcell.serve.limits import ServerLimits
 from bloodcell.serve.schemas import ErrorMessage, Health, PredictResult
-from bloodcell.serve.uploads import parse_multipart
+from bloodcell.serve.uploads import files_body_schema, parse_multipart
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_BYTES = ServerLimits.max_upload_bytes
 DEFAULT_MAX_FILES = ServerLimits.max_files
-_MULTIPART_SCHEMA = {
-    "required": True,
-    "content": {
-        "multipart/form-data": {
-            "schema": {
-                "type": "object",
-                "required": ["files"],
-                "properties": {
-                    "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
-                },
-            },
-            "encoding": {"files": {"contentType": "image/*"}},
-        }
-    },
-}
+_MULTIPART_SCHEMA = files_body_schema("image/*")
 _EXPLAIN_SCHEMA = {
     "required": True,
     "content": {

@@ -23,6 +23,7 @@ from bloodcell.review.ingest import THUMB_SIDE
 from bloodcell.review.records import LAB_CLASS, MAX_NOTE, MAX_REASON, MAX_WHO, SAMPLE_ID, ReviewError, check_who
 from bloodcell.review.report import render_report
 from bloodcell.review.store import ReviewStore
+from bloodcell.serve.uploads import files_body_schema
 
 
 class ErrorDetail(BaseModel):
@@ -162,23 +163,6 @@ class Cell(BaseModel):
     sample_rev: int | None = Field(None, description="after a change: the sample's revision it left")
 
 
-def _upload_schema() -> dict:
-    return {
-        "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["files"],
-                    "properties": {
-                        "files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}
-                    },
-                }
-            }
-        },
-    }
-
-
 _IMMUTABLE = {"Cache-Control": "private, max-age=86400, immutable"}  # an image never changes under its id
 
 
@@ -248,7 +232,7 @@ def edit_sample(sample_id: SampleId, body: SampleEdit, review: Review) -> Sample
     return review.store.update_sample(sample_id, body.who, body.note, body.date, body.wbc_count, body.clear_wbc_count)
 
 
-@router.post("/samples/{sample_id}/uploads", openapi_extra={"requestBody": _upload_schema()})
+@router.post("/samples/{sample_id}/uploads", openapi_extra={"requestBody": files_body_schema()})
 async def upload(
     sample_id: SampleId,
     request: Request,

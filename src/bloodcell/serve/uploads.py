@@ -15,6 +15,21 @@ except ImportError:  # python-multipart < 0.0.13 names its module `multipart`
     from multipart.multipart import MultipartParser, parse_options_header
 
 
+def files_body_schema(content_type: str | None = None) -> dict:
+    """OpenAPI's requestBody for one or more files in the multipart field `files` (FastAPI cannot infer it: the body
+    is parsed by hand); `content_type` names what each part should be, e.g. "image/*"."""
+    part = {
+        "schema": {
+            "type": "object",
+            "required": ["files"],
+            "properties": {"files": {"type": "array", "minItems": 1, "items": {"type": "string", "format": "binary"}}},
+        }
+    }
+    if content_type:
+        part["encoding"] = {"files": {"contentType": content_type}}
+    return {"required": True, "content": {"multipart/form-data": part}}
+
+
 def parse_multipart(content_type: str, body: bytes, fields: tuple[str, ...], max_files: int) -> list[tuple[str, bytes]]:
     """(file name, content) of every part named in `fields`, in order; all in memory.
 
